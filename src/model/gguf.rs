@@ -1,0 +1,466 @@
+//! GGUF v2/v3 reader over a memory map.
+//!
+//! The header (metadata and tensor infos) is parsed eagerly into owned values; tensor
+//! data stays in the map and is handed out as byte slices. Every count, length and
+//! offset read from the file is checked against the bytes that remain *before*
+//! anything is allocated, so a truncated or hostile file is an error naming the byte
+//! offset, never a panic or a huge allocation.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use super::ggml_type::GgmlType;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+/// Deepest nesting of arrays accepted (arrays of arrays are legal, unbounded depth is not).
+const MAX_ARRAY_DEPTH: usize = 8;
+const MAX_DIMS: u32 = 4;
+
+/// Why a GGUF file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("cannot open {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("not a GGUF file: bad magic {found:?} at byte 0")]
+    BadMagic { found: [u8; 4] },
+    #[error("unsupported GGUF version {0} (supported: 2, 3)")]
+    UnsupportedVersion(u32),
+    #[error("truncated file: needed {needed} bytes for {what} at byte {offset}, only {available} remain")]
+    Truncated { what: &'static str, offset: u64, needed: u64, available: u64 },
+    #[error("{what} count {count} at byte {offset} cannot fit in the {remaining} bytes that remain")]
+    CountTooLarge { what: &'static str, count: u64, offset: u64, remaining: u64 },
+    #[error("invalid UTF-8 in {what} at byte {offset}")]
+    BadUtf8 { what: &'static str, offset: u64 },
+    #[error("unknown metadata value type {type_id} for key `{key}` at byte {offset}")]
+    UnknownValueType { key: String, type_id: u32, offset: u64 },
+    #[error("arrays nested deeper than {MAX_ARRAY_DEPTH} for key `{key}` at byte {offset}")]
+    TooDeep { key: String, offset: u64 },
+    #[error("tensor `{name}` has unknown ggml type {type_id}")]
+    UnknownTensorType { name: String, type_id: u32 },
+    #[error("tensor `{name}` has {n_dims} dimensions (at most {MAX_DIMS} supported)")]
+    TooManyDims { name: String, n_dims: u32 },
+    #[error(
+        "tensor `{name}` has shape {dims:?} that is empty, overflows, or is not a whole number of {ggml_type} blocks"
+    )]
+    BadShape { name: String, dims: Vec<u64>, ggml_type: GgmlType },
+    #[error("tensor `{name}` data offset {offset} is not a multiple of the alignment {alignment}")]
+    Misaligned { name: String, offset: u64, alignment: u64 },
+    #[error("tensor `{name}` data [{start}, {end}) lies outside the file ({file_len} bytes)")]
+    DataOutOfBounds { name: String, start: u64, end: u64, file_len: u64 },
+    #[error("duplicate {what} `{name}`")]
+    Duplicate { what: &'static str, name: String },
+    #[error("general.alignment must be a non-zero power of two, found {0}")]
+    BadAlignment(u64),
+    #[error("metadata key `{0}` is missing")]
+    MissingKey(String),
+    #[error("metadata key `{key}` has type {found}, expected {expected}")]
+    WrongType { key: String, expected: &'static str, found: &'static str },
+}
+
+/// One metadata value, in any of GGUF's value types.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GgufValue {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    Array(Vec<GgufValue>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl GgufValue {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            GgufValue::U8(_) => "u8",
+            GgufValue::I8(_) => "i8",
+            GgufValue::U16(_) => "u16",
+            GgufValue::I16(_) => "i16",
+            GgufValue::U32(_) => "u32",
+            GgufValue::I32(_) => "i32",
+            GgufValue::F32(_) => "f32",
+            GgufValue::Bool(_) => "bool",
+            GgufValue::String(_) => "string",
+            GgufValue::Array(_) => "array",
+            GgufValue::U64(_) => "u64",
+            GgufValue::I64(_) => "i64",
+            GgufValue::F64(_) => "f64",
+        }
+    }
+
+    /// Any integer value that is non-negative.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            GgufValue::U8(v) => Some(v.into()),
+            GgufValue::U16(v) => Some(v.into()),
+            GgufValue::U32(v) => Some(v.into()),
+            GgufValue::U64(v) => Some(v),
+            GgufValue::I8(v) => u64::try_from(v).ok(),
+            GgufValue::I16(v) => u64::try_from(v).ok(),
+            GgufValue::I32(v) => u64::try_from(v).ok(),
+            GgufValue::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// Any integer value.
+    pub fn as_i64(&self) -> Option<i64> {
+        match *self {
+            GgufValue::I8(v) => Some(v.into()),
+            GgufValue::I16(v) => Some(v.into()),
+            GgufValue::I32(v) => Some(v.into()),
+            GgufValue::I64(v) => Some(v),
+            _ => self.as_u64().and_then(|v| i64::try_from(v).ok()),
+        }
+    }
+
+    /// Any float value (integers are not silently converted).
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            GgufValue::F32(v) => Some(v.into()),
+            GgufValue::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            GgufValue::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            GgufValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[GgufValue]> {
+        match self {
+            GgufValue::Array(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// Where one tensor lives and what it holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// ggml order: `dims[0]` is the innermost (contiguous) dimension, i.e. the row length.
+    pub dims: Vec<u64>,
+    pub ggml_type: GgmlType,
+    /// Offset of the data from the start of the data section.
+    pub offset: u64,
+    /// Size of the data in bytes.
+    pub n_bytes: u64,
+}
+
+impl TensorInfo {
+    pub fn n_elems(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// Everything before the tensor data: version, metadata in file order, tensor infos.
+#[derive(Clone, Debug)]
+pub struct GgufHeader {
+    pub version: u32,
+    pub metadata: Vec<(String, GgufValue)>,
+    pub tensors: Vec<TensorInfo>,
+    pub alignment: u64,
+    /// Absolute offset of the data section in the file.
+    pub data_offset: u64,
+}
+
+impl GgufHeader {
+    pub fn get(&self, key: &str) -> Option<&GgufValue> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    fn require(&self, key: &str) -> Result<&GgufValue, GgufError> {
+        self.get(key).ok_or_else(|| GgufError::MissingKey(key.to_owned()))
+    }
+
+    fn wrong(key: &str, expected: &'static str, v: &GgufValue) -> GgufError {
+        GgufError::WrongType { key: key.to_owned(), expected, found: v.type_name() }
+    }
+
+    pub fn get_u64(&self, key: &str) -> Result<u64, GgufError> {
+        let v = self.require(key)?;
+        v.as_u64().ok_or_else(|| Self::wrong(key, "unsigned integer", v))
+    }
+
+    pub fn get_u32(&self, key: &str) -> Result<u32, GgufError> {
+        let v = self.require(key)?;
+        v.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(|| Self::wrong(key, "u32", v))
+    }
+
+    pub fn get_f32(&self, key: &str) -> Result<f32, GgufError> {
+        let v = self.require(key)?;
+        v.as_f64().map(|x| x as f32).ok_or_else(|| Self::wrong(key, "float", v))
+    }
+
+    pub fn get_bool(&self, key: &str) -> Result<bool, GgufError> {
+        let v = self.require(key)?;
+        v.as_bool().ok_or_else(|| Self::wrong(key, "bool", v))
+    }
+
+    pub fn get_str(&self, key: &str) -> Result<&str, GgufError> {
+        let v = self.require(key)?;
+        v.as_str().ok_or_else(|| Self::wrong(key, "string", v))
+    }
+
+    pub fn get_array(&self, key: &str) -> Result<&[GgufValue], GgufError> {
+        let v = self.require(key)?;
+        v.as_array().ok_or_else(|| Self::wrong(key, "array", v))
+    }
+
+    /// An array whose every element is a string.
+    pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>, GgufError> {
+        self.get_array(key)?.iter().map(|v| v.as_str().ok_or_else(|| Self::wrong(key, "array of string", v))).collect()
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}
+
+/// A parsed GGUF file whose tensor data stays memory-mapped.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub header: GgufHeader,
+    map: Mmap,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("version", &self.header.version)
+            .field("tensors", &self.header.tensors.len())
+            .finish()
+    }
+}
+
+impl GgufFile {
+    /// Maps `path` and parses its header; tensor ranges are checked against the file size.
+    pub fn open(path: &Path) -> Result<Self, GgufError> {
+        let io = |source| GgufError::Io { path: path.to_owned(), source };
+        let file = File::open(path).map_err(io)?;
+        let map = map_file(&file).map_err(io)?;
+        let header = parse_header(&map)?;
+        Ok(GgufFile { path: path.to_owned(), header, map })
+    }
+
+    /// The whole file's length in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// The bytes of one tensor (in range: `parse_header` checked it).
+    pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
+        let start = (self.header.data_offset + info.offset) as usize;
+        &self.map[start..start + info.n_bytes as usize]
+    }
+}
+
+/// The one unsafe step of the reader, kept to a single line in a single function.
+#[allow(unsafe_code)]
+fn map_file(file: &File) -> std::io::Result<Mmap> {
+    // SAFETY: the map is read-only and private to this process; Starling never writes
+    // model files it serves. Another process truncating the file while it is mapped is
+    // outside what any mmap-based loader (llama.cpp included) can defend against.
+    unsafe { Mmap::map(file) }
+}
+
+/// Parses everything up to the tensor data, checking every range against `bytes.len()`.
+pub fn parse_header(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
+    let mut r = Reader { bytes, pos: 0 };
+    let magic: [u8; 4] = r.take(4, "magic")?.try_into().expect("4 bytes");
+    if &magic != MAGIC {
+        return Err(GgufError::BadMagic { found: magic });
+    }
+    let version = r.u32("version")?;
+    if version != 2 && version != 3 {
+        return Err(GgufError::UnsupportedVersion(version));
+    }
+    let n_tensors = r.u64("tensor count")?;
+    let n_kv = r.u64("metadata count")?;
+    // Each metadata entry needs at least 8 (key length) + 4 (type) bytes; each tensor
+    // info at least 8 + 4 + 4 + 8. Refuse counts that cannot possibly fit.
+    r.check_count(n_kv, 12, "metadata")?;
+    let mut metadata: Vec<(String, GgufValue)> = Vec::with_capacity(n_kv as usize);
+    for _ in 0..n_kv {
+        let key = r.string("metadata key")?;
+        if metadata.iter().any(|(k, _)| *k == key) {
+            return Err(GgufError::Duplicate { what: "metadata key", name: key });
+        }
+        let type_offset = r.pos as u64;
+        let type_id = r.u32("metadata value type")?;
+        let value = r.value(&key, type_id, type_offset, 0)?;
+        metadata.push((key, value));
+    }
+
+    let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+        Some((_, v)) => {
+            let a = v.as_u64().unwrap_or(0);
+            if a == 0 || !a.is_power_of_two() {
+                return Err(GgufError::BadAlignment(a));
+            }
+            a
+        }
+        None => DEFAULT_ALIGNMENT,
+    };
+
+    r.check_count(n_tensors, 24, "tensor")?;
+    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors as usize);
+    for _ in 0..n_tensors {
+        let name = r.string("tensor name")?;
+        let n_dims = r.u32("tensor dimension count")?;
+        if n_dims == 0 || n_dims > MAX_DIMS {
+            return Err(GgufError::TooManyDims { name, n_dims });
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(r.u64("tensor dimension")?);
+        }
+        let type_id = r.u32("tensor type")?;
+        let ggml_type =
+            GgmlType::from_id(type_id).ok_or_else(|| GgufError::UnknownTensorType { name: name.clone(), type_id })?;
+        let offset = r.u64("tensor offset")?;
+        let n_elems = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).filter(|&n| n > 0);
+        let n_bytes =
+            n_elems.filter(|_| dims[0] % ggml_type.block_elems() as u64 == 0).and_then(|n| ggml_type.bytes_for(n));
+        let Some(n_bytes) = n_bytes else {
+            return Err(GgufError::BadShape { name, dims, ggml_type });
+        };
+        if offset % alignment != 0 {
+            return Err(GgufError::Misaligned { name, offset, alignment });
+        }
+        if tensors.iter().any(|t| t.name == name) {
+            return Err(GgufError::Duplicate { what: "tensor", name });
+        }
+        tensors.push(TensorInfo { name, dims, ggml_type, offset, n_bytes });
+    }
+
+    let data_offset = (r.pos as u64).div_ceil(alignment) * alignment;
+    let file_len = bytes.len() as u64;
+    for t in &tensors {
+        let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(t.n_bytes));
+        if !end.is_some_and(|end| end <= file_len) {
+            return Err(GgufError::DataOutOfBounds {
+                name: t.name.clone(),
+                start: data_offset.saturating_add(t.offset),
+                end: data_offset.saturating_add(t.offset).saturating_add(t.n_bytes),
+                file_len,
+            });
+        }
+    }
+    Ok(GgufHeader { version, metadata, tensors, alignment, data_offset })
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> u64 {
+        (self.bytes.len() - self.pos) as u64
+    }
+
+    fn take(&mut self, n: u64, what: &'static str) -> Result<&'a [u8], GgufError> {
+        if n > self.remaining() {
+            return Err(GgufError::Truncated { what, offset: self.pos as u64, needed: n, available: self.remaining() });
+        }
+        let s = &self.bytes[self.pos..self.pos + n as usize];
+        self.pos += n as usize;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], GgufError> {
+        Ok(self.take(N as u64, what)?.try_into().expect("exact length"))
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, GgufError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, GgufError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    /// Refuses a count of items of at least `min_item_bytes` each that cannot fit.
+    fn check_count(&self, count: u64, min_item_bytes: u64, what: &'static str) -> Result<(), GgufError> {
+        if count.saturating_mul(min_item_bytes) > self.remaining() {
+            return Err(GgufError::CountTooLarge { what, count, offset: self.pos as u64, remaining: self.remaining() });
+        }
+        Ok(())
+    }
+
+    fn string(&mut self, what: &'static str) -> Result<String, GgufError> {
+        let len = self.u64(what)?;
+        let offset = self.pos as u64;
+        let raw = self.take(len, what)?;
+        String::from_utf8(raw.to_vec()).map_err(|_| GgufError::BadUtf8 { what, offset })
+    }
+
+    fn value(&mut self, key: &str, type_id: u32, offset: u64, depth: usize) -> Result<GgufValue, GgufError> {
+        Ok(match type_id {
+            0 => GgufValue::U8(u8::from_le_bytes(self.array("u8 value")?)),
+            1 => GgufValue::I8(i8::from_le_bytes(self.array("i8 value")?)),
+            2 => GgufValue::U16(u16::from_le_bytes(self.array("u16 value")?)),
+            3 => GgufValue::I16(i16::from_le_bytes(self.array("i16 value")?)),
+            4 => GgufValue::U32(u32::from_le_bytes(self.array("u32 value")?)),
+            5 => GgufValue::I32(i32::from_le_bytes(self.array("i32 value")?)),
+            6 => GgufValue::F32(f32::from_le_bytes(self.array("f32 value")?)),
+            7 => GgufValue::Bool(self.array::<1>("bool value")?[0] != 0),
+            8 => GgufValue::String(self.string("string value")?),
+            9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(GgufError::TooDeep { key: key.to_owned(), offset });
+                }
+                let elem_offset = self.pos as u64;
+                let elem_type = self.u32("array element type")?;
+                let len = self.u64("array length")?;
+                let min = match elem_type {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    10..=12 => 8,
+                    8 => 8,
+                    9 => 12,
+                    _ => {
+                        return Err(GgufError::UnknownValueType {
+                            key: key.to_owned(),
+                            type_id: elem_type,
+                            offset: elem_offset,
+                        });
+                    }
+                };
+                self.check_count(len, min, "array element")?;
+                let mut items = Vec::with_capacity(len as usize);
+                for _ in 0..len {
+                    items.push(self.value(key, elem_type, elem_offset, depth + 1)?);
+                }
+                GgufValue::Array(items)
+            }
+            10 => GgufValue::U64(u64::from_le_bytes(self.array("u64 value")?)),
+            11 => GgufValue::I64(i64::from_le_bytes(self.array("i64 value")?)),
+            12 => GgufValue::F64(f64::from_le_bytes(self.array("f64 value")?)),
+            _ => return Err(GgufError::UnknownValueType { key: key.to_owned(), type_id, offset }),
+        })
+    }
+}

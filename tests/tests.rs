@@ -1,0 +1,1 @@
+//! The one integration-test binary: one `mod` per area (one link step on a 2-core machine).
