@@ -341,12 +341,13 @@ pub fn parse_header(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
             GgmlType::from_id(type_id).ok_or_else(|| GgufError::UnknownTensorType { name: name.clone(), type_id })?;
         let offset = r.u64("tensor offset")?;
         let n_elems = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).filter(|&n| n > 0);
-        let n_bytes =
-            n_elems.filter(|_| dims[0] % ggml_type.block_elems() as u64 == 0).and_then(|n| ggml_type.bytes_for(n));
+        let n_bytes = n_elems
+            .filter(|_| dims[0].is_multiple_of(ggml_type.block_elems() as u64))
+            .and_then(|n| ggml_type.bytes_for(n));
         let Some(n_bytes) = n_bytes else {
             return Err(GgufError::BadShape { name, dims, ggml_type });
         };
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(GgufError::Misaligned { name, offset, alignment });
         }
         if tensors.iter().any(|t| t.name == name) {
@@ -359,7 +360,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
     let file_len = bytes.len() as u64;
     for t in &tensors {
         let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(t.n_bytes));
-        if !end.is_some_and(|end| end <= file_len) {
+        if end.is_none_or(|end| end > file_len) {
             return Err(GgufError::DataOutOfBounds {
                 name: t.name.clone(),
                 start: data_offset.saturating_add(t.offset),
