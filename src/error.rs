@@ -10,7 +10,7 @@ use serde::Serialize;
 pub enum ErrorKind {
     /// 400: the request could not be parsed or is structurally wrong.
     InvalidRequest,
-    /// 400/413: the prompt does not fit the context or the prompt limit.
+    /// 413: the prompt does not fit the context, the prompt limit, or the KV cache.
     ContextLengthExceeded,
     /// 400: a prompt matched an input content rule.
     ContentPolicy,
@@ -22,6 +22,8 @@ pub enum ErrorKind {
     NotFound,
     /// 405: the route exists with another method.
     MethodNotAllowed,
+    /// 409: the resource is busy (e.g. a session with a request in flight).
+    Conflict,
     /// 413: the body is larger than the configured limit.
     PayloadTooLarge,
     /// 422: a parameter is outside its valid range.
@@ -38,11 +40,12 @@ impl ErrorKind {
     pub fn status(self) -> u16 {
         match self {
             ErrorKind::InvalidRequest | ErrorKind::ContentPolicy => 400,
-            ErrorKind::ContextLengthExceeded => 400,
+            ErrorKind::ContextLengthExceeded => 413,
             ErrorKind::Unauthorized => 401,
             ErrorKind::Forbidden => 403,
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
+            ErrorKind::Conflict => 409,
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::InvalidParameter => 422,
             ErrorKind::RateLimited => 429,
@@ -60,6 +63,7 @@ impl ErrorKind {
             ErrorKind::Forbidden => "forbidden",
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::Conflict => "conflict",
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::InvalidParameter => "invalid_parameter",
             ErrorKind::RateLimited => "rate_limited",

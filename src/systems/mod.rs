@@ -1,1 +1,33 @@
-//! (filled in by its issue)
+//! The tick's stages, one file each; each a plain function over queries and resources.
+//! `engine::schedule` strings them together in the order the pipeline file gives.
+
+mod admit;
+mod batch;
+mod emit;
+mod evict;
+mod forward;
+mod policy;
+mod sample;
+mod tokenize;
+
+pub use admit::admit_requests;
+pub use batch::assemble_batch;
+pub use emit::emit_events;
+pub use evict::evict_finished;
+pub use forward::run_forward;
+pub use policy::{check_input_policy, check_output_policy};
+pub use sample::sample_next_tokens;
+pub use tokenize::tokenize_prompts;
+
+use bevy_ecs::prelude::*;
+
+use crate::components::{Outbox, Phase};
+use crate::error::ApiError;
+use crate::protocol::{FinishReason, StreamEvent};
+
+/// Ends a request with an error event; evict frees it once the event is out.
+pub(crate) fn fail(phase: &mut Phase, outbox: &mut Outbox, error: ApiError) {
+    *phase = Phase::Finished(FinishReason::Error);
+    outbox.pending.push_back(StreamEvent::Error(error));
+    outbox.closed = true;
+}

@@ -1,0 +1,147 @@
+//! Engine resources: what the stages share within a tick.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bevy_ecs::prelude::*;
+
+use crate::engine::pipeline::StageParams;
+use crate::kv::arena::KvArena;
+use crate::model::llama::LlamaModel;
+use crate::protocol::EngineCommand;
+use crate::sampler::PolicyRules;
+use crate::tokenizer::GgufTokenizer;
+use crate::types::{SessionId, TenantId, Timestamp};
+
+/// Commands received since the last tick. Filled by the engine loop; drained by admit.
+#[derive(Resource, Default)]
+pub struct Inbox(pub VecDeque<EngineCommand>);
+
+/// The engine's notion of now. Set by the engine loop before each tick (tests set it by
+/// hand); read by admit (timestamps), evict (deadlines, TTL) and emit (timings).
+#[derive(Resource, Clone, Copy, Debug, Default)]
+pub struct TickClock {
+    pub now: Timestamp,
+    pub tick: u64,
+}
+
+/// The model runtime. Read by tokenize (vocabulary bounds), forward.
+#[derive(Resource, Clone)]
+pub struct Model(pub Arc<LlamaModel>);
+
+/// The tokenizer. Read by tokenize, input_policy and emit.
+#[derive(Resource, Clone)]
+pub struct TokenizerRes(pub Arc<GgufTokenizer>);
+
+/// The KV arena. Blocks are reserved by batch, written by forward, released by evict.
+#[derive(Resource)]
+pub struct Kv(pub KvArena);
+
+/// Limits the stages enforce, from the model's config.
+#[derive(Resource, Clone, Debug)]
+pub struct EngineLimits {
+    pub max_batch: usize,
+    pub max_batch_tokens: usize,
+    /// Longest accepted prompt (≤ the model context).
+    pub max_prompt_tokens: usize,
+    /// The model's context length.
+    pub n_ctx: usize,
+    /// Queued requests at which admission closes, and at which it reopens.
+    pub high_watermark: usize,
+    pub low_watermark: usize,
+    pub max_sessions: usize,
+    pub session_ttl: Duration,
+}
+
+/// One planned piece of work: run `n_tokens` of `entity` starting at its KV length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanItem {
+    pub entity: Entity,
+    pub start_pos: usize,
+    pub n_tokens: usize,
+    /// The chunk ends at the last known token: the sequence gets a logits row and samples.
+    pub samples: bool,
+}
+
+/// This tick's batch. Written by batch; read by forward and sample.
+#[derive(Resource, Default, Debug)]
+pub struct BatchPlan {
+    pub items: Vec<PlanItem>,
+}
+
+impl BatchPlan {
+    pub fn total_tokens(&self) -> usize {
+        self.items.iter().map(|i| i.n_tokens).sum()
+    }
+}
+
+/// Logits rows for the plan items that sample, in plan order. Written by forward; read by sample.
+#[derive(Resource, Default)]
+pub struct Logits(pub Vec<f32>);
+
+/// Session entities by (tenant, name). Written by admit and evict.
+#[derive(Resource, Default)]
+pub struct SessionIndex(pub HashMap<(TenantId, SessionId), Entity>);
+
+/// Whether admission is open (closes at the high watermark, reopens at the low one).
+#[derive(Resource, Debug)]
+pub struct AdmissionGate {
+    pub open: bool,
+}
+
+/// Per-stage parameters from the pipeline file.
+#[derive(Resource, Default, Clone)]
+pub struct PipelineParams(pub HashMap<&'static str, StageParams>);
+
+/// Content-policy rules for the optional policy stages.
+#[derive(Resource, Default, Clone)]
+pub struct Policies {
+    pub input: Vec<(Option<Vec<TenantId>>, Arc<PolicyRules>)>,
+    pub output: Vec<(Option<Vec<TenantId>>, Arc<PolicyRules>)>,
+}
+
+/// The stages that ran, in order, when recording is on (tests and debugging).
+#[derive(Resource, Default, Debug)]
+pub struct StageLog {
+    pub enabled: bool,
+    pub names: Vec<&'static str>,
+}
+
+/// What the last tick did; the loop uses it to decide whether to sleep.
+#[derive(Resource, Default, Debug, Clone, Copy)]
+pub struct TickReport {
+    pub planned_tokens: usize,
+    pub events_sent: usize,
+    pub forward_calls: u64,
+    pub stop_requested: bool,
+}
+
+/// Counters and gauges the engine publishes for the gateway (readiness, stats, metrics).
+/// Shared read-only with the gateway through an `Arc`; only the engine thread writes.
+#[derive(Debug, Default)]
+pub struct EngineStatus {
+    pub ticks: AtomicU64,
+    /// Milliseconds since the engine clock origin at the last tick start.
+    pub last_tick_ms: AtomicU64,
+    pub queued: AtomicUsize,
+    pub running: AtomicUsize,
+    pub sessions: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    pub forward_calls: AtomicU64,
+    pub admission_open: AtomicBool,
+    pub stopped: AtomicBool,
+}
+
+impl EngineStatus {
+    pub fn kv_usage(&self) -> f64 {
+        let total = self.kv_blocks_total.load(Ordering::Relaxed);
+        if total == 0 { 0.0 } else { self.kv_blocks_used.load(Ordering::Relaxed) as f64 / total as f64 }
+    }
+}
+
+/// The status handle as a resource, so stages can publish.
+#[derive(Resource, Clone)]
+pub struct Status(pub Arc<EngineStatus>);

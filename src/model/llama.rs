@@ -1,0 +1,465 @@
+//! The llama-family forward pass over a batch of sequences.
+//!
+//! Weights stay in the memory-mapped GGUF file in their stored (quantized) form; only the
+//! small norm vectors are copied. K/V live outside the model, in the [`KvArena`] the caller
+//! passes in. One call runs any mix of sequences: some prefilling many tokens, some decoding
+//! one. Every per-row computation (norms, RoPE, attention, and the kernels' matmul) is done
+//! the same way whatever else is in the batch, so a sequence's logits are bit-identical
+//! alone or batched.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+
+use super::arch::{LlamaHparams, validate_llama};
+use super::ggml_type::GgmlType;
+use super::gguf::{GgufError, GgufFile, TensorInfo};
+use super::kernels::{Kernels, MatmulScratch, QMatrix};
+use crate::kv::arena::{BlockId, KvArena, KvLayout};
+use crate::types::TokenId;
+
+/// Why a model could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Arch(#[from] super::arch::ArchError),
+    #[error("tensor `{name}`: {message}")]
+    Tensor { name: String, message: String },
+    #[error("token id {id} is outside the vocabulary ({vocab} tokens)")]
+    TokenOutOfRange { id: TokenId, vocab: usize },
+    #[error("position {pos} is past the context length {n_ctx}")]
+    ContextOverflow { pos: usize, n_ctx: usize },
+    #[error("sequence {seq}: block table holds {capacity} positions, {needed} needed")]
+    KvTooSmall { seq: usize, capacity: usize, needed: usize },
+    #[error("KV layout {found:?} does not match the model's {expected:?}")]
+    KvLayoutMismatch { expected: KvLayout, found: KvLayout },
+    #[error("cannot start the model thread pool: {0}")]
+    ThreadPool(String),
+}
+
+/// Which logits a sequence wants back from a forward call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsWanted {
+    None,
+    /// Only after the last token of the chunk (generation).
+    Last,
+    /// After every token of the chunk (perplexity, prompt logprobs).
+    All,
+}
+
+/// One sequence's share of a forward call.
+#[derive(Clone, Debug)]
+pub struct SeqChunk {
+    /// Tokens to run, at positions `start_pos..start_pos + tokens.len()`.
+    pub tokens: Vec<TokenId>,
+    pub start_pos: usize,
+    /// The sequence's blocks; must already hold `start_pos + tokens.len()` positions.
+    pub blocks: Vec<BlockId>,
+    pub logits: LogitsWanted,
+}
+
+/// Where a weight matrix lives in the file.
+#[derive(Clone, Debug)]
+struct MatrixRef {
+    info: TensorInfo,
+    rows: usize,
+    cols: usize,
+}
+
+struct LayerWeights {
+    attn_norm: Vec<f32>,
+    wq: MatrixRef,
+    wk: MatrixRef,
+    wv: MatrixRef,
+    wo: MatrixRef,
+    ffn_norm: Vec<f32>,
+    w_gate: MatrixRef,
+    w_up: MatrixRef,
+    w_down: MatrixRef,
+}
+
+/// Reusable buffers for one forward call (grown, never shrunk).
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    rows: Vec<RowInfo>,
+    matmul: MatmulScratch,
+}
+
+#[derive(Clone, Copy)]
+struct RowInfo {
+    seq: usize,
+    pos: usize,
+}
+
+/// A loaded llama-family model: hyper-parameters, weight locations, kernels, thread pool.
+pub struct LlamaModel {
+    pub hparams: LlamaHparams,
+    file: GgufFile,
+    embeddings: MatrixRef,
+    output: MatrixRef,
+    output_norm: Vec<f32>,
+    layers: Vec<LayerWeights>,
+    /// RoPE inverse frequencies, one per rotated pair.
+    inv_freq: Vec<f64>,
+    kernels: Kernels,
+    pool: rayon::ThreadPool,
+    scratch: Mutex<Scratch>,
+}
+
+impl LlamaModel {
+    /// Maps, validates and prepares a GGUF model; `threads` sizes the model's own pool.
+    pub fn load(path: &Path, threads: usize) -> Result<Self, ModelError> {
+        let file = GgufFile::open(path)?;
+        Self::from_file(file, threads, Kernels::detect())
+    }
+
+    /// Builds the model over an opened file with the given kernels (tests pass `portable`).
+    pub fn from_file(file: GgufFile, threads: usize, kernels: Kernels) -> Result<Self, ModelError> {
+        let hp = validate_llama(&file.header)?;
+        let matrix = |name: &str| matrix_ref(&file, name);
+        let vector = |name: &str| f32_vector(&file, name);
+        let mut layers = Vec::with_capacity(hp.n_layer);
+        for i in 0..hp.n_layer {
+            layers.push(LayerWeights {
+                attn_norm: vector(&format!("blk.{i}.attn_norm.weight"))?,
+                wq: matrix(&format!("blk.{i}.attn_q.weight"))?,
+                wk: matrix(&format!("blk.{i}.attn_k.weight"))?,
+                wv: matrix(&format!("blk.{i}.attn_v.weight"))?,
+                wo: matrix(&format!("blk.{i}.attn_output.weight"))?,
+                ffn_norm: vector(&format!("blk.{i}.ffn_norm.weight"))?,
+                w_gate: matrix(&format!("blk.{i}.ffn_gate.weight"))?,
+                w_up: matrix(&format!("blk.{i}.ffn_up.weight"))?,
+                w_down: matrix(&format!("blk.{i}.ffn_down.weight"))?,
+            });
+        }
+        let embeddings = matrix("token_embd.weight")?;
+        let output = if hp.tied_output { embeddings.clone() } else { matrix("output.weight")? };
+        let output_norm = vector("output_norm.weight")?;
+        let inv_freq = (0..hp.rope_dim / 2)
+            .map(|i| (hp.rope_freq_base as f64).powf(-2.0 * i as f64 / hp.rope_dim as f64))
+            .collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("starling-model-{i}"))
+            .build()
+            .map_err(|e| ModelError::ThreadPool(e.to_string()))?;
+        Ok(LlamaModel {
+            hparams: hp,
+            file,
+            embeddings,
+            output,
+            output_norm,
+            layers,
+            inv_freq,
+            kernels,
+            pool,
+            scratch: Mutex::new(Scratch::default()),
+        })
+    }
+
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// The KV geometry this model needs, with the given block size.
+    pub fn kv_layout(&self, block_tokens: usize) -> KvLayout {
+        KvLayout { n_layer: self.hparams.n_layer, kv_dim: self.hparams.n_head_kv * self.hparams.head_dim, block_tokens }
+    }
+
+    fn qmatrix(&self, m: &MatrixRef) -> QMatrix<'_> {
+        QMatrix::new(m.info.ggml_type, m.rows, m.cols, self.file.tensor_data(&m.info)).expect("shape checked at load")
+    }
+
+    /// Runs the batch, appending K/V for every token, and writes logits into `logits`:
+    /// one `n_vocab` row per position asked for, in batch order.
+    pub fn forward(&self, batch: &[SeqChunk], kv: &mut KvArena, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+        self.check_batch(batch, kv)?;
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut *guard;
+        let hp = &self.hparams;
+        let (d, kvd) = (hp.n_embd, hp.n_head_kv * hp.head_dim);
+        s.rows.clear();
+        for (seq, c) in batch.iter().enumerate() {
+            s.rows.extend((0..c.tokens.len()).map(|i| RowInfo { seq, pos: c.start_pos + i }));
+        }
+        let t = s.rows.len();
+        logits.clear();
+        if t == 0 {
+            return Ok(());
+        }
+        resize(&mut s.x, t * d);
+        let emb = self.qmatrix(&self.embeddings);
+        for (row, tok) in s.x.chunks_exact_mut(d).zip(batch.iter().flat_map(|c| c.tokens.iter())) {
+            self.kernels.dequantize_row(emb.ggml_type, emb.row(*tok as usize), row);
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            self.attention_block(li, layer, batch, kv, s, d, kvd);
+            self.ffn_block(layer, s, d);
+        }
+        self.output_logits(batch, s, d, logits);
+        Ok(())
+    }
+
+    fn check_batch(&self, batch: &[SeqChunk], kv: &KvArena) -> Result<(), ModelError> {
+        let expected = self.kv_layout(kv.layout().block_tokens);
+        if kv.layout() != expected {
+            return Err(ModelError::KvLayoutMismatch { expected, found: kv.layout() });
+        }
+        for (seq, c) in batch.iter().enumerate() {
+            if let Some(&id) = c.tokens.iter().find(|&&id| id as usize >= self.hparams.n_vocab) {
+                return Err(ModelError::TokenOutOfRange { id, vocab: self.hparams.n_vocab });
+            }
+            let end = c.start_pos + c.tokens.len();
+            if end > self.hparams.n_ctx_train {
+                return Err(ModelError::ContextOverflow { pos: end - 1, n_ctx: self.hparams.n_ctx_train });
+            }
+            let capacity = c.blocks.len() * expected.block_tokens;
+            if capacity < end {
+                return Err(ModelError::KvTooSmall { seq, capacity, needed: end });
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_block(
+        &self,
+        li: usize,
+        layer: &LayerWeights,
+        batch: &[SeqChunk],
+        kv: &mut KvArena,
+        s: &mut Scratch,
+        d: usize,
+        kvd: usize,
+    ) {
+        let t = s.rows.len();
+        let hp = &self.hparams;
+        resize(&mut s.h, t * d);
+        rms_norm_rows(&s.x, &layer.attn_norm, hp.rms_eps, &mut s.h);
+        resize(&mut s.q, t * d);
+        resize(&mut s.k, t * kvd);
+        resize(&mut s.v, t * kvd);
+        self.matmul(&layer.wq, &s.h, t, &mut s.q, &mut s.matmul);
+        self.matmul(&layer.wk, &s.h, t, &mut s.k, &mut s.matmul);
+        self.matmul(&layer.wv, &s.h, t, &mut s.v, &mut s.matmul);
+        let hd = hp.head_dim;
+        for (r, info) in s.rows.iter().enumerate() {
+            for q_head in s.q[r * d..(r + 1) * d].chunks_exact_mut(hd) {
+                rope(q_head, info.pos, &self.inv_freq);
+            }
+            for k_head in s.k[r * kvd..(r + 1) * kvd].chunks_exact_mut(hd) {
+                rope(k_head, info.pos, &self.inv_freq);
+            }
+        }
+        let bt = kv.layout().block_tokens;
+        for (r, info) in s.rows.iter().enumerate() {
+            let block = batch[info.seq].blocks[info.pos / bt];
+            kv.write(block, li, info.pos % bt, &s.k[r * kvd..(r + 1) * kvd], &s.v[r * kvd..(r + 1) * kvd]);
+        }
+        resize(&mut s.attn, t * d);
+        let kv_ref: &KvArena = kv;
+        let (rows, q) = (&s.rows, &s.q);
+        self.pool.install(|| {
+            s.attn.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores, (r, out)| {
+                let info = rows[r];
+                let blocks = &batch[info.seq].blocks;
+                attend_row(hp.n_head, hp.n_head_kv, hd, li, &q[r * d..(r + 1) * d], info.pos, blocks, kv_ref, scores, out);
+            })
+        });
+        self.matmul(&layer.wo, &s.attn, t, &mut s.h, &mut s.matmul);
+        for (x, o) in s.x.iter_mut().zip(&s.h) {
+            *x += o;
+        }
+    }
+
+    fn ffn_block(&self, layer: &LayerWeights, s: &mut Scratch, d: usize) {
+        let t = s.rows.len();
+        let ff = self.hparams.n_ff;
+        rms_norm_rows(&s.x, &layer.ffn_norm, self.hparams.rms_eps, &mut s.h);
+        resize(&mut s.gate, t * ff);
+        resize(&mut s.up, t * ff);
+        self.matmul(&layer.w_gate, &s.h, t, &mut s.gate, &mut s.matmul);
+        self.matmul(&layer.w_up, &s.h, t, &mut s.up, &mut s.matmul);
+        for (g, u) in s.gate.iter_mut().zip(&s.up) {
+            *g = silu(*g) * u;
+        }
+        self.matmul(&layer.w_down, &s.gate, t, &mut s.h, &mut s.matmul);
+        for (x, o) in s.x.iter_mut().zip(&s.h) {
+            *x += o;
+        }
+    }
+
+    /// Final norm and output head for the rows that want logits, in batch order.
+    fn output_logits(&self, batch: &[SeqChunk], s: &mut Scratch, d: usize, logits: &mut Vec<f32>) {
+        let (mut n, mut r) = (0, 0);
+        for c in batch {
+            let len = c.tokens.len();
+            let wanted = match c.logits {
+                LogitsWanted::None => 0..0,
+                LogitsWanted::Last => len - 1..len,
+                LogitsWanted::All => 0..len,
+            };
+            for i in wanted {
+                let row = &s.x[(r + i) * d..(r + i + 1) * d];
+                rms_norm(row, &self.output_norm, self.hparams.rms_eps, &mut s.h[n * d..(n + 1) * d]);
+                n += 1;
+            }
+            r += len;
+        }
+        if n == 0 {
+            return;
+        }
+        logits.resize(n * self.hparams.n_vocab, 0.0);
+        let h = std::mem::take(&mut s.h);
+        self.matmul(&self.output, &h[..n * d], n, logits, &mut s.matmul);
+        s.h = h;
+    }
+
+    fn matmul(&self, m: &MatrixRef, x: &[f32], n: usize, y: &mut [f32], scratch: &mut MatmulScratch) {
+        let w = self.qmatrix(m);
+        self.kernels.matmul(&w, &x[..n * m.cols], n, &mut y[..n * m.rows], scratch, &self.pool);
+    }
+}
+
+/// Attention for one query row: every head over positions `0..=pos` of its sequence.
+#[allow(clippy::too_many_arguments)]
+fn attend_row(
+    n_head: usize,
+    n_head_kv: usize,
+    hd: usize,
+    layer: usize,
+    q: &[f32],
+    pos: usize,
+    blocks: &[BlockId],
+    kv: &KvArena,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let bt = kv.layout().block_tokens;
+    let kvd = n_head_kv * hd;
+    let group = n_head / n_head_kv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let n_pos = pos + 1;
+    scores.resize(n_pos, 0.0);
+    for h in 0..n_head {
+        let kh = h / group;
+        let qh = &q[h * hd..(h + 1) * hd];
+        let mut max = f32::NEG_INFINITY;
+        for (j, sc) in scores.iter_mut().enumerate() {
+            let keys = kv.keys(blocks[j / bt], layer);
+            let k = &keys[(j % bt) * kvd + kh * hd..][..hd];
+            *sc = dot(qh, k) * scale;
+            max = max.max(*sc);
+        }
+        let mut sum = 0.0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += *sc;
+        }
+        let inv = 1.0 / sum;
+        let o = &mut out[h * hd..(h + 1) * hd];
+        o.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            let values = kv.values(blocks[j / bt], layer);
+            let v = &values[(j % bt) * kvd + kh * hd..][..hd];
+            let w = p * inv;
+            for (oi, vi) in o.iter_mut().zip(v) {
+                *oi += w * vi;
+            }
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent partial sums: vectorizes, and the order is fixed per call.
+    let mut acc = [0.0f32; 8];
+    let (ac, ar) = a.split_at(a.len() / 8 * 8);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ss = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let k = 1.0 / (ss + eps).sqrt();
+    for ((o, xi), wi) in out.iter_mut().zip(x).zip(w) {
+        *o = xi * k * wi;
+    }
+}
+
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        rms_norm(xr, w, eps, or);
+    }
+}
+
+/// Rotates adjacent pairs `(x[2i], x[2i+1])` by `pos * inv_freq[i]` (ggml's normal mode).
+fn rope(x: &mut [f32], pos: usize, inv_freq: &[f64]) {
+    for (i, f) in inv_freq.iter().enumerate() {
+        let theta = pos as f64 * f;
+        let (sin, cos) = (theta.sin() as f32, theta.cos() as f32);
+        let (a, b) = (x[2 * i], x[2 * i + 1]);
+        x[2 * i] = a * cos - b * sin;
+        x[2 * i + 1] = a * sin + b * cos;
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn resize(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+fn matrix_ref(file: &GgufFile, name: &str) -> Result<MatrixRef, ModelError> {
+    let info = tensor(file, name)?;
+    if info.dims.len() != 2 {
+        return Err(ModelError::Tensor { name: name.into(), message: format!("expected 2 dims, found {:?}", info.dims) });
+    }
+    Ok(MatrixRef { info: info.clone(), cols: info.dims[0] as usize, rows: info.dims[1] as usize })
+}
+
+fn f32_vector(file: &GgufFile, name: &str) -> Result<Vec<f32>, ModelError> {
+    let info = tensor(file, name)?;
+    if info.ggml_type != GgmlType::F32 {
+        return Err(ModelError::Tensor { name: name.into(), message: format!("expected F32, found {}", info.ggml_type) });
+    }
+    Ok(file.tensor_data(info).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
+}
+
+fn tensor<'a>(file: &'a GgufFile, name: &str) -> Result<&'a TensorInfo, ModelError> {
+    file.header
+        .tensor(name)
+        .ok_or_else(|| ModelError::Tensor { name: name.into(), message: "missing from the file".into() })
+}

@@ -1,0 +1,76 @@
+//! `evict`: deadlines, cancellations, finished requests, and idle sessions.
+
+use bevy_ecs::prelude::*;
+
+use crate::components::*;
+use crate::engine::resources::*;
+use crate::protocol::FinishReason;
+
+type RequestQuery<'w, 's> = Query<
+    'w,
+    's,
+    (
+        Entity,
+        &'static mut Phase,
+        &'static mut Outbox,
+        &'static StreamTx,
+        &'static Deadline,
+        &'static mut KvHandle,
+        Option<&'static Tokens>,
+        Option<&'static SessionLink>,
+    ),
+>;
+
+/// Ends requests past their deadline (`deadline`) or whose client left (`cancelled`),
+/// despawns delivered requests (their blocks go back to the arena, or to their session),
+/// and frees sessions that were closed or idle past the TTL.
+#[allow(clippy::too_many_arguments)]
+pub fn evict_finished(
+    mut commands: Commands,
+    mut requests: RequestQuery,
+    mut sessions: Query<(Entity, &mut SessionCache, &mut LastUsed, &SessionName, Has<CloseRequested>)>,
+    mut index: ResMut<SessionIndex>,
+    mut kv: ResMut<Kv>,
+    clock: Res<TickClock>,
+    limits: Res<EngineLimits>,
+) {
+    for (entity, mut phase, mut outbox, tx, deadline, mut handle, tokens, link) in &mut requests {
+        if tx.0.is_closed() {
+            if !matches!(*phase, Phase::Finished(_)) {
+                *phase = Phase::Finished(FinishReason::Cancelled);
+            }
+            outbox.pending.clear();
+            outbox.closed = true;
+        } else if !matches!(*phase, Phase::Finished(_)) && clock.now >= deadline.0 {
+            *phase = Phase::Finished(FinishReason::Deadline);
+        }
+        if !outbox.delivered() {
+            continue;
+        }
+        match link.and_then(|l| sessions.get_mut(l.0).ok()) {
+            Some((_, mut cache, mut last_used, _, _)) => {
+                let table = std::mem::take(&mut handle.0);
+                let known = tokens.map_or(&[][..], |t| &t.ids[..table.len.min(t.ids.len())]);
+                cache.tokens = known.to_vec();
+                cache.table.release_all(&mut kv.0);
+                cache.table = table;
+                cache.in_flight = false;
+                last_used.0 = clock.now;
+            }
+            None => handle.0.release_all(&mut kv.0),
+        }
+        commands.entity(entity).despawn();
+    }
+    for (entity, mut cache, last_used, name, close) in &mut sessions {
+        let expired = clock.now.saturating_since(last_used.0) >= limits.session_ttl;
+        if cache.in_flight || !(close || expired) {
+            continue;
+        }
+        cache.table.release_all(&mut kv.0);
+        let key = (name.tenant.clone(), name.id.clone());
+        if index.0.get(&key) == Some(&entity) {
+            index.0.remove(&key);
+        }
+        commands.entity(entity).despawn();
+    }
+}
