@@ -206,11 +206,18 @@ fn check_tensor(h: &GgufHeader, name: &str, expected: &[u64], role: Role) -> Res
         d[..keep.min(d.len())].to_vec()
     };
     if trim(&t.dims) != trim(expected) {
-        return Err(ArchError::WrongShape { name: name.to_owned(), expected: expected.to_vec(), found: t.dims.clone() });
+        return Err(ArchError::WrongShape {
+            name: name.to_owned(),
+            expected: expected.to_vec(),
+            found: t.dims.clone(),
+        });
     }
     let (ok, wanted) = match role {
         Role::Norm => (t.ggml_type == GgmlType::F32, "F32"),
-        Role::Matrix => (t.ggml_type.has_kernels(), "a type with kernels (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)"),
+        Role::Matrix => (
+            t.ggml_type.has_kernels(),
+            "a type with kernels (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)",
+        ),
     };
     if !ok {
         return Err(ArchError::WrongType { name: name.to_owned(), expected: wanted, found: t.ggml_type });

@@ -176,7 +176,14 @@ impl GgufWriter {
             put_u32(&mut out, t.ggml_type.id());
             let offset_at = out.len();
             put_u64(&mut out, rel as u64);
-            tensor_layout.push(TensorLayout { name: t.name.clone(), name_at, n_dims_at, type_at, offset_at, data_at: 0 });
+            tensor_layout.push(TensorLayout {
+                name: t.name.clone(),
+                name_at,
+                n_dims_at,
+                type_at,
+                offset_at,
+                data_at: 0,
+            });
         }
 
         let data_offset = out.len().next_multiple_of(align);

@@ -173,7 +173,11 @@ impl fmt::Display for InspectReport {
         }
         writeln!(f, "\ntotals per type")?;
         for t in &self.totals {
-            writeln!(f, "  {:6}  {:>5} tensors  {:>12} elems  {:>12} bytes", t.ggml_type, t.tensors, t.elems, t.n_bytes)?;
+            writeln!(
+                f,
+                "  {:6}  {:>5} tensors  {:>12} elems  {:>12} bytes",
+                t.ggml_type, t.tensors, t.elems, t.n_bytes
+            )?;
         }
         match (&self.llama, &self.validation_error) {
             (Some(hp), _) => write_hparams(f, hp),
