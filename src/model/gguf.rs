@@ -26,7 +26,7 @@ pub enum GgufError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("not a GGUF file: bad magic {found:?} at byte 0")]
     BadMagic { found: [u8; 4] },
-    #[error("unsupported GGUF version {0} (supported: 2, 3)")]
+    #[error("unsupported GGUF version {0} at byte 4 (supported: 2, 3)")]
     UnsupportedVersion(u32),
     #[error("truncated file: needed {needed} bytes for {what} at byte {offset}, only {available} remain")]
     Truncated { what: &'static str, offset: u64, needed: u64, available: u64 },
@@ -40,7 +40,7 @@ pub enum GgufError {
     TooDeep { key: String, offset: u64 },
     #[error("tensor `{name}` has unknown ggml type {type_id}")]
     UnknownTensorType { name: String, type_id: u32 },
-    #[error("tensor `{name}` has {n_dims} dimensions (at most {MAX_DIMS} supported)")]
+    #[error("tensor `{name}` has {n_dims} dimensions (expected 1 to {MAX_DIMS})")]
     TooManyDims { name: String, n_dims: u32 },
     #[error(
         "tensor `{name}` has shape {dims:?} that is empty, overflows, or is not a whole number of {ggml_type} blocks"
@@ -54,6 +54,8 @@ pub enum GgufError {
     Duplicate { what: &'static str, name: String },
     #[error("general.alignment must be a non-zero power of two, found {0}")]
     BadAlignment(u64),
+    #[error("tensor `{second}` data [{second_start}, ..) overlaps tensor `{first}` data [.., {first_end})")]
+    Overlap { first: String, first_end: u64, second: String, second_start: u64 },
     #[error("metadata key `{0}` is missing")]
     MissingKey(String),
     #[error("metadata key `{key}` has type {found}, expected {expected}")]
@@ -296,11 +298,14 @@ pub fn parse_header(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
     if version != 2 && version != 3 {
         return Err(GgufError::UnsupportedVersion(version));
     }
+    let n_tensors_at = r.pos as u64;
     let n_tensors = r.u64("tensor count")?;
+    let n_kv_at = r.pos as u64;
     let n_kv = r.u64("metadata count")?;
-    // Each metadata entry needs at least 8 (key length) + 4 (type) bytes; each tensor
-    // info at least 8 + 4 + 4 + 8. Refuse counts that cannot possibly fit.
-    r.check_count(n_kv, 12, "metadata")?;
+    // Each metadata entry needs at least 8 (key length) + 4 (type) + 1 (value) bytes;
+    // each tensor info at least 8 + 4 + 8 + 4 + 8. Refuse counts that cannot possibly fit.
+    r.check_count(n_kv, 13, "metadata", n_kv_at)?;
+    r.check_count(n_tensors, 32, "tensor", n_tensors_at)?;
     let mut metadata: Vec<(String, GgufValue)> = Vec::with_capacity(n_kv as usize);
     for _ in 0..n_kv {
         let key = r.string("metadata key")?;
@@ -314,8 +319,8 @@ pub fn parse_header(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
     }
 
     let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
-        Some((_, v)) => {
-            let a = v.as_u64().unwrap_or(0);
+        Some((key, v)) => {
+            let a = v.as_u64().ok_or_else(|| GgufHeader::wrong(key, "unsigned integer", v))?;
             if a == 0 || !a.is_power_of_two() {
                 return Err(GgufError::BadAlignment(a));
             }
@@ -324,7 +329,6 @@ pub fn parse_header(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
         None => DEFAULT_ALIGNMENT,
     };
 
-    r.check_count(n_tensors, 24, "tensor")?;
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors as usize);
     for _ in 0..n_tensors {
         let name = r.string("tensor name")?;
@@ -357,8 +361,13 @@ pub fn parse_header(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
     }
 
     let data_offset = (r.pos as u64).div_ceil(alignment) * alignment;
-    let file_len = bytes.len() as u64;
-    for t in &tensors {
+    check_data_ranges(&tensors, data_offset, bytes.len() as u64)?;
+    Ok(GgufHeader { version, metadata, tensors, alignment, data_offset })
+}
+
+/// Every tensor's data lies inside the file, and no two tensors share bytes.
+fn check_data_ranges(tensors: &[TensorInfo], data_offset: u64, file_len: u64) -> Result<(), GgufError> {
+    for t in tensors {
         let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(t.n_bytes));
         if end.is_none_or(|end| end > file_len) {
             return Err(GgufError::DataOutOfBounds {
@@ -369,7 +378,20 @@ pub fn parse_header(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
             });
         }
     }
-    Ok(GgufHeader { version, metadata, tensors, alignment, data_offset })
+    let mut by_offset: Vec<&TensorInfo> = tensors.iter().collect();
+    by_offset.sort_by_key(|t| t.offset);
+    for pair in by_offset.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        if b.offset < a.offset + a.n_bytes {
+            return Err(GgufError::Overlap {
+                first: a.name.clone(),
+                first_end: data_offset + a.offset + a.n_bytes,
+                second: b.name.clone(),
+                second_start: data_offset + b.offset,
+            });
+        }
+    }
+    Ok(())
 }
 
 struct Reader<'a> {
@@ -404,9 +426,10 @@ impl<'a> Reader<'a> {
     }
 
     /// Refuses a count of items of at least `min_item_bytes` each that cannot fit.
-    fn check_count(&self, count: u64, min_item_bytes: u64, what: &'static str) -> Result<(), GgufError> {
+    /// `offset` is where the count itself was read.
+    fn check_count(&self, count: u64, min_item_bytes: u64, what: &'static str, offset: u64) -> Result<(), GgufError> {
         if count.saturating_mul(min_item_bytes) > self.remaining() {
-            return Err(GgufError::CountTooLarge { what, count, offset: self.pos as u64, remaining: self.remaining() });
+            return Err(GgufError::CountTooLarge { what, count, offset, remaining: self.remaining() });
         }
         Ok(())
     }
@@ -435,6 +458,7 @@ impl<'a> Reader<'a> {
                 }
                 let elem_offset = self.pos as u64;
                 let elem_type = self.u32("array element type")?;
+                let len_offset = self.pos as u64;
                 let len = self.u64("array length")?;
                 let min = match elem_type {
                     0 | 1 | 7 => 1,
@@ -451,7 +475,7 @@ impl<'a> Reader<'a> {
                         });
                     }
                 };
-                self.check_count(len, min, "array element")?;
+                self.check_count(len, min, "array element", len_offset)?;
                 let mut items = Vec::with_capacity(len as usize);
                 for _ in 0..len {
                     items.push(self.value(key, elem_type, elem_offset, depth + 1)?);

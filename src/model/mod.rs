@@ -1,5 +1,8 @@
 //! The model runtime: GGUF files, quantized kernels, and the llama-family forward pass.
 
+pub mod arch;
 pub mod ggml_type;
 pub mod gguf;
+pub mod gguf_writer;
+pub mod inspect;
 pub mod kernels;

@@ -1,0 +1,234 @@
+//! A summary of a GGUF file for people (`Display`) and scripts (`serde` JSON):
+//! what `starling inspect` prints.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::arch::{LlamaHparams, validate_llama};
+use super::gguf::{GgufFile, GgufValue};
+
+/// Array items shown before the rest is summarised by its length.
+const ARRAY_PREVIEW: usize = 5;
+/// Characters of a string shown before it is cut.
+const STRING_PREVIEW: usize = 80;
+
+/// Everything `inspect` reports about one file.
+#[derive(Clone, Debug, Serialize)]
+pub struct InspectReport {
+    pub path: String,
+    pub version: u32,
+    pub alignment: u64,
+    /// Absolute offset of the tensor data section.
+    pub data_offset: u64,
+    pub file_size: u64,
+    pub metadata: Vec<MetadataEntry>,
+    pub tensors: Vec<TensorEntry>,
+    /// Per ggml type: tensor count, elements, bytes (sorted by type name).
+    pub totals: Vec<TypeTotal>,
+    /// The llama hyperparameters, when the file validates as a llama model.
+    pub llama: Option<LlamaHparams>,
+    /// Why validation failed, when it did.
+    pub validation_error: Option<String>,
+}
+
+/// One metadata key, its value summarised.
+#[derive(Clone, Debug, Serialize)]
+pub struct MetadataEntry {
+    pub key: String,
+    /// `u32`, `string`, `array<string>`, ...
+    pub value_type: String,
+    /// For arrays: the number of items.
+    pub len: Option<usize>,
+    /// Scalars as themselves; arrays as their first few items; long strings cut with `…`.
+    pub value: Value,
+}
+
+/// One tensor's info.
+#[derive(Clone, Debug, Serialize)]
+pub struct TensorEntry {
+    pub name: String,
+    pub ggml_type: String,
+    pub dims: Vec<u64>,
+    pub n_bytes: u64,
+    /// Absolute offset of the data in the file.
+    pub offset: u64,
+}
+
+/// How much of the file one ggml type accounts for.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TypeTotal {
+    pub ggml_type: String,
+    pub tensors: usize,
+    pub elems: u64,
+    pub n_bytes: u64,
+}
+
+/// Summarises `file`: header, metadata, tensors, per-type totals and llama validation.
+pub fn inspect(file: &GgufFile) -> InspectReport {
+    let h = &file.header;
+    let tensors: Vec<TensorEntry> = h
+        .tensors
+        .iter()
+        .map(|t| TensorEntry {
+            name: t.name.clone(),
+            ggml_type: t.ggml_type.name().to_owned(),
+            dims: t.dims.clone(),
+            n_bytes: t.n_bytes,
+            offset: h.data_offset + t.offset,
+        })
+        .collect();
+    let mut totals: BTreeMap<&str, TypeTotal> = BTreeMap::new();
+    for t in &h.tensors {
+        let name = t.ggml_type.name();
+        let e = totals.entry(name).or_insert_with(|| TypeTotal {
+            ggml_type: name.to_owned(),
+            tensors: 0,
+            elems: 0,
+            n_bytes: 0,
+        });
+        e.tensors += 1;
+        e.elems += t.n_elems();
+        e.n_bytes += t.n_bytes;
+    }
+    let (llama, validation_error) = match validate_llama(h) {
+        Ok(hp) => (Some(hp), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    InspectReport {
+        path: file.path.display().to_string(),
+        version: h.version,
+        alignment: h.alignment,
+        data_offset: h.data_offset,
+        file_size: file.file_len(),
+        metadata: h.metadata.iter().map(|(k, v)| summarise(k, v)).collect(),
+        tensors,
+        totals: totals.into_values().collect(),
+        llama,
+        validation_error,
+    }
+}
+
+fn summarise(key: &str, v: &GgufValue) -> MetadataEntry {
+    let (value_type, len) = match v {
+        GgufValue::Array(items) => {
+            let elem = items.first().map_or("u8", GgufValue::type_name);
+            (format!("array<{elem}>"), Some(items.len()))
+        }
+        _ => (v.type_name().to_owned(), None),
+    };
+    let value = match v {
+        GgufValue::Array(items) => Value::Array(items.iter().take(ARRAY_PREVIEW).map(preview).collect()),
+        _ => preview(v),
+    };
+    MetadataEntry { key: key.to_owned(), value_type, len, value }
+}
+
+/// One value as JSON; nested arrays become `"array<type>[len]"`, long strings are cut.
+fn preview(v: &GgufValue) -> Value {
+    match v {
+        GgufValue::String(s) => Value::String(cut(s)),
+        GgufValue::Bool(b) => Value::Bool(*b),
+        GgufValue::F32(x) => serde_json::Number::from_f64(f64::from(*x)).map_or(Value::Null, Value::Number),
+        GgufValue::F64(x) => serde_json::Number::from_f64(*x).map_or(Value::Null, Value::Number),
+        GgufValue::Array(items) => {
+            let elem = items.first().map_or("u8", GgufValue::type_name);
+            Value::String(format!("array<{elem}>[{}]", items.len()))
+        }
+        other => other.as_i64().map(Value::from).or_else(|| other.as_u64().map(Value::from)).unwrap_or(Value::Null),
+    }
+}
+
+/// `s` up to [`STRING_PREVIEW`] characters, then `…(N more chars)`.
+fn cut(s: &str) -> String {
+    match s.char_indices().nth(STRING_PREVIEW) {
+        None => s.to_owned(),
+        Some((at, _)) => format!("{}…({} more chars)", &s[..at], s[at..].chars().count()),
+    }
+}
+
+impl fmt::Display for InspectReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}", self.path)?;
+        writeln!(
+            f,
+            "GGUF v{}  alignment {}  data at byte {}  file {} bytes",
+            self.version, self.alignment, self.data_offset, self.file_size
+        )?;
+        writeln!(f, "\nmetadata ({} keys)", self.metadata.len())?;
+        let key_w = self.metadata.iter().map(|m| m.key.len()).max().unwrap_or(0);
+        for m in &self.metadata {
+            let len = m.len.map(|n| format!("[{n}]")).unwrap_or_default();
+            let ty = format!("{}{len}", m.value_type);
+            writeln!(f, "  {:key_w$}  {ty:18}  {}", m.key, m.value)?;
+        }
+        writeln!(f, "\ntensors ({})", self.tensors.len())?;
+        let name_w = self.tensors.iter().map(|t| t.name.len()).max().unwrap_or(0).max(4);
+        writeln!(f, "  {:name_w$}  {:6}  {:20}  {:>12}  {:>12}", "name", "type", "dims", "bytes", "offset")?;
+        for t in &self.tensors {
+            let dims = format!("{:?}", t.dims);
+            writeln!(f, "  {:name_w$}  {:6}  {dims:20}  {:>12}  {:>12}", t.name, t.ggml_type, t.n_bytes, t.offset)?;
+        }
+        writeln!(f, "\ntotals per type")?;
+        for t in &self.totals {
+            writeln!(
+                f,
+                "  {:6}  {:>5} tensors  {:>12} elems  {:>12} bytes",
+                t.ggml_type, t.tensors, t.elems, t.n_bytes
+            )?;
+        }
+        match (&self.llama, &self.validation_error) {
+            (Some(hp), _) => write_hparams(f, hp),
+            (None, Some(err)) => writeln!(f, "\nnot a runnable llama model: {err}"),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+fn write_hparams(f: &mut fmt::Formatter<'_>, hp: &LlamaHparams) -> fmt::Result {
+    writeln!(f, "\nllama: valid")?;
+    writeln!(
+        f,
+        "  vocab {}  embd {}  layers {}  heads {} (kv {}, dim {})  ffn {}  ctx {}",
+        hp.n_vocab, hp.n_embd, hp.n_layer, hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_ff, hp.n_ctx_train
+    )?;
+    writeln!(
+        f,
+        "  rope base {} dims {}  rms eps {:e}  output head {}",
+        hp.rope_freq_base,
+        hp.rope_dim,
+        hp.rms_eps,
+        if hp.tied_output { "tied to token_embd" } else { "output.weight" }
+    )?;
+    if !hp.extra_tensors.is_empty() {
+        writeln!(f, "  unused tensors: {}", hp.extra_tensors.join(", "))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_strings_are_cut_on_a_char_boundary() {
+        let s = "é".repeat(STRING_PREVIEW + 7);
+        let c = cut(&s);
+        assert!(c.starts_with(&"é".repeat(STRING_PREVIEW)));
+        assert!(c.ends_with("…(7 more chars)"), "{c}");
+        assert_eq!(cut("short"), "short");
+    }
+
+    #[test]
+    fn arrays_are_summarised_by_type_length_and_first_items() {
+        let v = GgufValue::Array((0..100u32).map(GgufValue::U32).collect());
+        let m = summarise("k", &v);
+        assert_eq!(m.value_type, "array<u32>");
+        assert_eq!(m.len, Some(100));
+        assert_eq!(m.value, serde_json::json!([0, 1, 2, 3, 4]));
+        let nested = GgufValue::Array(vec![GgufValue::Array(vec![GgufValue::I8(-1); 3])]);
+        assert_eq!(summarise("n", &nested).value, serde_json::json!(["array<i8>[3]"]));
+    }
+}
