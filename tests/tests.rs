@@ -1,2 +1,3 @@
 //! The one integration-test binary: one `mod` per area (one link step on a 2-core machine).
 mod gguf;
+mod kernels;

@@ -1,1 +1,345 @@
-//! Quantized kernels (filled in by the model runtime issue).
+//! Quantized kernels: dequantize a row, and `y = x · Wᵀ` over weights kept in their ggml
+//! block layout (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K).
+//!
+//! For block-quantized weights, each x row is quantized once per matmul to 8 bits per 32
+//! values (kept in [`MatmulScratch`]) and dotted with integer arithmetic; Q4_1 and Q8_0
+//! have AVX2 and AVX-512 VNNI kernels picked at run time by [`Kernels::detect`].
+//!
+//! **Batch invariance.** Every output `y[i][r]` is computed by one kernel call whose float
+//! operations depend only on `W[r]` and x row `i`: tiling x rows, chunking rows over
+//! threads and batch size change which calls run where, never what a call computes.
+#![allow(unsafe_code)]
+
+mod blocks;
+mod portable;
+mod q8;
+pub mod reference;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use rayon::prelude::*;
+
+use crate::model::ggml_type::GgmlType;
+use portable::ActRow;
+use q8::{QK, Q8Acts};
+
+/// A shape or type problem in a kernel call, naming what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    /// The tensor type has no kernels (Q8_1, Q2_K, Q3_K, Q8_K).
+    #[error("no kernels for tensor type {0}")]
+    Unsupported(GgmlType),
+    /// A row length is not a whole number of blocks.
+    #[error("{cols} values is not a whole number of {ggml_type} blocks of {block}")]
+    RaggedColumns { ggml_type: GgmlType, cols: usize, block: usize },
+    /// The bytes given do not match the shape.
+    #[error("{ggml_type} data for {rows}x{cols} needs {expected} bytes, got {actual}")]
+    DataLength { ggml_type: GgmlType, rows: usize, cols: usize, expected: usize, actual: usize },
+    /// The matmul input is not `n * cols` values.
+    #[error("matmul input has {actual} values, expected {expected} ({n} rows of {cols})")]
+    InputLength { n: usize, cols: usize, expected: usize, actual: usize },
+    /// The matmul output is not `n * rows` values.
+    #[error("matmul output has {actual} values, expected {expected} ({n} rows of {rows})")]
+    OutputLength { n: usize, rows: usize, expected: usize, actual: usize },
+}
+
+/// A row-major matrix of `rows` rows, each `cols` values stored in `ggml_type` (ggml's [cols, rows]).
+#[derive(Clone, Copy, Debug)]
+pub struct QMatrix<'a> {
+    pub ggml_type: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> QMatrix<'a> {
+    /// Checks the type has kernels, `cols` is a whole number of blocks and
+    /// `data.len() == rows * row_bytes`.
+    pub fn new(ggml_type: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, KernelError> {
+        let row_bytes = row_bytes(ggml_type, cols)?;
+        let expected = rows.checked_mul(row_bytes).unwrap_or(usize::MAX);
+        if data.len() != expected {
+            let actual = data.len();
+            return Err(KernelError::DataLength { ggml_type, rows, cols, expected, actual });
+        }
+        Ok(QMatrix { ggml_type, rows, cols, data })
+    }
+
+    /// Bytes of one stored row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.ggml_type.block_elems() * self.ggml_type.block_bytes()
+    }
+
+    /// The stored bytes of row `r` (panics if `r >= rows`).
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+}
+
+/// Bytes of a row of `cols` values of `t`, or why there is no such row.
+fn row_bytes(t: GgmlType, cols: usize) -> Result<usize, KernelError> {
+    if !t.has_kernels() {
+        return Err(KernelError::Unsupported(t));
+    }
+    let block = t.block_elems();
+    if !cols.is_multiple_of(block) {
+        return Err(KernelError::RaggedColumns { ggml_type: t, cols, block });
+    }
+    Ok(cols / block * t.block_bytes())
+}
+
+/// Reusable buffers for [`Kernels::matmul`]: the 8-bit activations and a transposed
+/// output for small batches. Grows to the largest call, then never allocates.
+#[derive(Default, Debug)]
+pub struct MatmulScratch {
+    acts: Q8Acts,
+    out: Vec<f32>,
+}
+
+/// The instruction set a [`Kernels`] runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Portable,
+    Avx2,
+    Avx512Vnni,
+}
+
+/// Kernels chosen once at run time for this CPU (`is_x86_feature_detected!`), with a
+/// portable fallback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernels {
+    isa: Isa,
+}
+
+/// Where a block of outputs goes: `out[(r - r0) * row_stride + (i - i0) * x_stride]`.
+#[derive(Clone, Copy)]
+struct Layout {
+    row_stride: usize,
+    x_stride: usize,
+}
+
+/// The activations of a matmul: 8-bit blocks for quantized weights, f32 for float weights.
+#[derive(Clone, Copy)]
+enum Acts<'a> {
+    Quantized(&'a Q8Acts),
+    Float(&'a [f32]),
+}
+
+/// X rows per kernel call (each weight block is decoded once for this many rows).
+const X_TILE: usize = 4;
+/// Weight bytes visited per pass over a tile of x rows (kept in L1).
+const ROW_GROUP_BYTES: usize = 16 * 1024;
+
+impl Kernels {
+    /// The best kernels this CPU runs.
+    pub fn detect() -> Self {
+        Self::available().into_iter().last().unwrap_or_else(Self::portable)
+    }
+
+    /// Kernels with no SIMD intrinsics (for comparison tests and other CPUs).
+    pub fn portable() -> Self {
+        Kernels { isa: Isa::Portable }
+    }
+
+    /// Every variant this CPU runs, portable first, best last.
+    pub fn available() -> Vec<Self> {
+        let mut all = vec![Self::portable()];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if avx2 {
+                all.push(Kernels { isa: Isa::Avx2 });
+            }
+            let vnni = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni");
+            if avx2 && vnni {
+                all.push(Kernels { isa: Isa::Avx512Vnni });
+            }
+        }
+        all
+    }
+
+    /// A short name: "avx512-vnni", "avx2" or "portable".
+    pub fn name(&self) -> &'static str {
+        match self.isa {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    /// Dequantizes one row (`dst.len()` values) stored in `t`.
+    ///
+    /// # Panics
+    /// If [`Kernels::try_dequantize_row`] would return an error.
+    pub fn dequantize_row(&self, t: GgmlType, src: &[u8], dst: &mut [f32]) {
+        if let Err(e) = self.try_dequantize_row(t, src, dst) {
+            panic!("dequantize_row: {e}");
+        }
+    }
+
+    /// Dequantizes one row, or says why `src` and `dst` do not fit `t`.
+    pub fn try_dequantize_row(&self, t: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), KernelError> {
+        let expected = row_bytes(t, dst.len())?;
+        if src.len() != expected {
+            let (cols, actual) = (dst.len(), src.len());
+            return Err(KernelError::DataLength { ggml_type: t, rows: 1, cols, expected, actual });
+        }
+        portable::dequantize_row(t, src, dst);
+        Ok(())
+    }
+
+    /// `y[i*rows + r] = Σ_c x[i*cols + c] · W[r][c]` for `i in 0..n` (`y = x · Wᵀ`), on `pool`.
+    /// Uses and grows `scratch` (no allocation once warmed up).
+    ///
+    /// # Panics
+    /// If [`Kernels::try_matmul`] would return an error (`x` or `y` of the wrong length).
+    pub fn matmul(&self, w: &QMatrix, x: &[f32], n: usize, y: &mut [f32], scratch: &mut MatmulScratch, pool: &rayon::ThreadPool) {
+        if let Err(e) = self.try_matmul(w, x, n, y, scratch, pool) {
+            panic!("matmul: {e}");
+        }
+    }
+
+    /// [`Kernels::matmul`], returning an error instead of panicking on bad lengths.
+    pub fn try_matmul(
+        &self,
+        w: &QMatrix,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        scratch: &mut MatmulScratch,
+        pool: &rayon::ThreadPool,
+    ) -> Result<(), KernelError> {
+        check_lengths(w, x.len(), n, y.len())?;
+        if n == 0 || w.rows == 0 {
+            return Ok(());
+        }
+        let MatmulScratch { acts, out } = scratch;
+        let acts = if w.ggml_type.block_elems() > 1 {
+            acts.quantize(x);
+            Acts::Quantized(acts)
+        } else {
+            Acts::Float(x)
+        };
+        let threads = pool.current_num_threads().max(1);
+        if n >= 8 * threads {
+            self.split_x_rows(w, acts, n, y, threads, pool);
+        } else if n == 1 {
+            self.split_w_rows(w, acts, n, y, threads, pool);
+        } else {
+            out.resize(w.rows * n, 0.0);
+            self.split_w_rows(w, acts, n, out, threads, pool);
+            for (r, outs) in out.chunks_exact(n).enumerate() {
+                for (i, &v) in outs.iter().enumerate() {
+                    y[i * w.rows + r] = v;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Parallel over chunks of x rows; each chunk writes its own rows of `y`.
+    fn split_x_rows(&self, w: &QMatrix, acts: Acts, n: usize, y: &mut [f32], threads: usize, pool: &rayon::ThreadPool) {
+        let tiles = n.div_ceil(X_TILE);
+        let chunks = tiles.min(4 * threads);
+        let chunk_x = tiles.div_ceil(chunks) * X_TILE;
+        let layout = Layout { row_stride: 1, x_stride: w.rows };
+        pool.install(|| {
+            y.par_chunks_mut(chunk_x * w.rows).enumerate().for_each(|(c, out)| {
+                let xs = c * chunk_x..c * chunk_x + out.len() / w.rows;
+                self.compute(w, acts, 0..w.rows, xs, out, layout);
+            });
+        });
+    }
+
+    /// Parallel over chunks of weight rows; `out` is row-major over weight rows (`out[r*n + i]`).
+    fn split_w_rows(&self, w: &QMatrix, acts: Acts, n: usize, out: &mut [f32], threads: usize, pool: &rayon::ThreadPool) {
+        let work = w.rows * w.row_bytes() * n;
+        let chunks = if work < (1 << 20) { threads } else { 4 * threads };
+        let chunk_rows = w.rows.div_ceil(chunks.min(w.rows));
+        let layout = Layout { row_stride: n, x_stride: 1 };
+        pool.install(|| {
+            out.par_chunks_mut(chunk_rows * n).enumerate().for_each(|(c, out)| {
+                let rows = c * chunk_rows..c * chunk_rows + out.len() / n;
+                self.compute(w, acts, rows, 0..n, out, layout);
+            });
+        });
+    }
+
+    /// Computes every `(r, i)` of `rows × xs` into `out`, in row groups that stay in L1
+    /// while tiles of x rows pass over them.
+    fn compute(&self, w: &QMatrix, acts: Acts, rows: std::ops::Range<usize>, xs: std::ops::Range<usize>, out: &mut [f32], at: Layout) {
+        let group = (ROW_GROUP_BYTES / w.row_bytes().max(1)).max(1);
+        for g0 in rows.clone().step_by(group) {
+            let g1 = (g0 + group).min(rows.end);
+            for i0 in xs.clone().step_by(X_TILE) {
+                let nx = X_TILE.min(xs.end - i0);
+                for r in g0..g1 {
+                    let vals = self.tile(w, acts, r, i0, nx);
+                    for (j, &v) in vals[..nx].iter().enumerate() {
+                        out[(r - rows.start) * at.row_stride + (i0 + j - xs.start) * at.x_stride] = v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `W[r] · x[i0 + j]` for `j in 0..nx` (`nx <= X_TILE`).
+    fn tile(&self, w: &QMatrix, acts: Acts, r: usize, i0: usize, nx: usize) -> [f32; X_TILE] {
+        let mut vals = [0.0; X_TILE];
+        match nx {
+            4 => vals.copy_from_slice(&self.tile_n::<4>(w, acts, r, i0)),
+            3 => vals[..3].copy_from_slice(&self.tile_n::<3>(w, acts, r, i0)),
+            2 => vals[..2].copy_from_slice(&self.tile_n::<2>(w, acts, r, i0)),
+            _ => vals[..1].copy_from_slice(&self.tile_n::<1>(w, acts, r, i0)),
+        }
+        vals
+    }
+
+    fn tile_n<const NX: usize>(&self, w: &QMatrix, acts: Acts, r: usize, i0: usize) -> [f32; NX] {
+        let (t, row, cols) = (w.ggml_type, w.row(r), w.cols);
+        let acts = match acts {
+            Acts::Float(x) => {
+                return std::array::from_fn(|j| portable::dot_float(t, row, &x[(i0 + j) * cols..(i0 + j + 1) * cols]));
+            }
+            Acts::Quantized(a) => a,
+        };
+        let nb = cols / QK;
+        let xs: [ActRow; NX] = std::array::from_fn(|j| {
+            let b = (i0 + j) * nb;
+            ActRow { q: &acts.q[b * QK..(b + nb) * QK], d: &acts.d[b..b + nb], s: &acts.s[b..b + nb] }
+        });
+        #[cfg(target_arch = "x86_64")]
+        match (self.isa, t) {
+            // SAFETY: `Avx512Vnni` is only built by `available()` after detecting its features.
+            (Isa::Avx512Vnni, GgmlType::Q4_1) => return unsafe { x86::vnni::q4_1(row, &xs) },
+            // SAFETY: as above.
+            (Isa::Avx512Vnni, GgmlType::Q8_0) => return unsafe { x86::vnni::q8_0(row, &xs) },
+            // SAFETY: `Avx2` is only built by `available()` after detecting avx2, fma and f16c.
+            (Isa::Avx2, GgmlType::Q4_1) => return unsafe { x86::avx2::q4_1(row, &xs) },
+            // SAFETY: as above.
+            (Isa::Avx2, GgmlType::Q8_0) => return unsafe { x86::avx2::q8_0(row, &xs) },
+            _ => {}
+        }
+        xs.map(|x| portable::dot_quantized(t, row, x))
+    }
+}
+
+/// Checks `x` is `n * cols` values and `y` is `n * rows` values.
+fn check_lengths(w: &QMatrix, x_len: usize, n: usize, y_len: usize) -> Result<(), KernelError> {
+    let expected = n.saturating_mul(w.cols);
+    if x_len != expected {
+        return Err(KernelError::InputLength { n, cols: w.cols, expected, actual: x_len });
+    }
+    let expected = n.saturating_mul(w.rows);
+    if y_len != expected {
+        return Err(KernelError::OutputLength { n, rows: w.rows, expected, actual: y_len });
+    }
+    Ok(())
+}
+

@@ -1,0 +1,247 @@
+//! Kernels against the scalar reference: dequantization, quantization round trips,
+//! every fast matmul path on ragged shapes, and bit-exact batch invariance.
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::ThreadPool;
+use starling::model::ggml_type::GgmlType;
+use starling::model::kernels::{KernelError, Kernels, MatmulScratch, QMatrix, reference};
+
+const ALL: [GgmlType; 11] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+];
+
+fn values(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+fn pool(threads: usize) -> ThreadPool {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool")
+}
+
+/// A row length of 1..=3 blocks of `t` (at least 32 values, the activation block).
+fn cols_for(t: GgmlType, blocks: usize) -> usize {
+    t.block_elems().max(32) * blocks
+}
+
+fn same_bits(a: f32, b: f32) -> bool {
+    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+}
+
+#[test]
+fn fast_dequantize_matches_reference_bit_for_bit() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for t in ALL {
+        let cols = cols_for(t, 3);
+        let quantized = reference::quantize_row(t, &values(&mut rng, cols, 2.0));
+        // Raw random bytes reach encodings a quantizer never writes (Q8_0 -128, odd scales).
+        let raw: Vec<u8> = (0..quantized.len()).map(|_| rng.random()).collect();
+        for src in [quantized, raw] {
+            let mut want = vec![0.0; cols];
+            reference::dequantize_row(t, &src, &mut want);
+            for k in Kernels::available() {
+                let mut got = vec![0.0; cols];
+                k.dequantize_row(t, &src, &mut got);
+                for (c, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    assert!(same_bits(g, w), "{t} {} col {c}: {g} vs {w}", k.name());
+                }
+            }
+        }
+    }
+}
+
+/// Largest |x - dequant(quant(x))| allowed, as a fraction of the block's max |x|.
+fn round_trip_bound(t: GgmlType) -> f32 {
+    match t {
+        GgmlType::F32 => 0.0,
+        GgmlType::F16 => 1.0 / 1024.0,
+        GgmlType::BF16 => 1.0 / 128.0,
+        // Half a step plus the f16 rounding of the scale.
+        GgmlType::Q8_0 => 0.5 / 127.0 + 128.0 / 2048.0 / 127.0,
+        // The largest magnitude maps to -8 (-16); the other sign can only reach +7 (+15).
+        GgmlType::Q4_0 => 1.0 / 8.0 + 0.01,
+        GgmlType::Q5_0 => 1.0 / 16.0 + 0.01,
+        // Half a step of range / levels, range <= 2 * max.
+        GgmlType::Q4_1 => 1.0 / 15.0 + 0.01,
+        GgmlType::Q5_1 => 1.0 / 31.0 + 0.01,
+        // 6-bit (8-bit) sub-block scales add their own rounding to the value step.
+        GgmlType::Q4K => 0.2,
+        GgmlType::Q5K => 0.1,
+        GgmlType::Q6K => 0.05,
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn quantize_round_trip_is_within_the_type_bound() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    for t in ALL {
+        let cols = cols_for(t, 4);
+        let x = values(&mut rng, cols, 3.0);
+        let q = reference::quantize_row(t, &x);
+        assert_eq!(q.len(), t.bytes_for(cols as u64).unwrap() as usize, "{t} size");
+        let mut back = vec![0.0; cols];
+        reference::dequantize_row(t, &q, &mut back);
+        let be = t.block_elems().max(32);
+        for (xb, yb) in x.chunks(be).zip(back.chunks(be)) {
+            let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let worst = xb.iter().zip(yb).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            let bound = round_trip_bound(t) * amax;
+            assert!(worst <= bound, "{t}: error {worst} > bound {bound} (amax {amax})");
+            let mean: f32 = xb.iter().zip(yb).map(|(a, b)| (a - b).abs()).sum::<f32>() / be as f32;
+            assert!(mean <= bound / 2.0 + f32::EPSILON, "{t}: mean error {mean} vs bound {bound}");
+        }
+    }
+}
+
+/// Σ|w·x| for a tolerance scaled to the magnitude of the terms.
+fn abs_dot(t: GgmlType, row: &[u8], x: &[f32]) -> f64 {
+    let mut w = vec![0.0; x.len()];
+    reference::dequantize_row(t, row, &mut w);
+    w.iter().zip(x).map(|(a, b)| (a * b).abs() as f64).sum()
+}
+
+/// Proven bound on |dot(W, x) - dot(W, q8(x))|: each activation moves by at most half a
+/// step, `max|x_block| / 254`, so the dot moves by at most Σ_block step/2 · Σ|w|.
+fn activation_bound(t: GgmlType, row: &[u8], x: &[f32]) -> f64 {
+    let mut w = vec![0.0; x.len()];
+    reference::dequantize_row(t, row, &mut w);
+    let blocks = x.chunks(32).zip(w.chunks(32));
+    blocks.map(|(xb, wb)| xb.iter().fold(0.0f32, |a, v| a.max(v.abs())) as f64 / 254.0 * wb.iter().map(|v| v.abs() as f64).sum::<f64>()).sum()
+}
+
+#[test]
+fn every_matmul_path_matches_the_reference_on_ragged_shapes() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let pools = [pool(1), pool(2)];
+    for t in ALL {
+        for (rows, n, blocks) in [(1, 1, 1), (5, 3, 2), (37, 9, 3), (13, 17, 1), (3, 33, 2)] {
+            let cols = cols_for(t, blocks);
+            let data = reference::quantize_row(t, &values(&mut rng, rows * cols, 1.0));
+            let w = QMatrix::new(t, rows, cols, &data).unwrap();
+            let x = values(&mut rng, n * cols, 4.0);
+            for k in Kernels::available() {
+                for p in &pools {
+                    let mut y = vec![f32::NAN; n * rows];
+                    k.matmul(&w, &x, n, &mut y, &mut MatmulScratch::default(), p);
+                    check_against_reference(k, &w, &x, &y);
+                }
+            }
+        }
+    }
+}
+
+fn check_against_reference(k: Kernels, w: &QMatrix, x: &[f32], y: &[f32]) {
+    let (t, cols) = (w.ggml_type, w.cols);
+    for (i, xi) in x.chunks(cols).enumerate() {
+        for r in 0..w.rows {
+            let got = y[i * w.rows + r] as f64;
+            let want = reference::dot_q8(t, w.row(r), xi) as f64;
+            let tol = 1e-5 * abs_dot(t, w.row(r), &reference::quantized_activations(xi)) + 1e-6;
+            assert!((got - want).abs() <= tol, "{t} {} r{r} i{i}: {got} vs q8 reference {want}", k.name());
+            let exact = reference::dot(t, w.row(r), xi) as f64;
+            let bound = if t.block_elems() > 1 { activation_bound(t, w.row(r), xi) } else { 0.0 };
+            let tol = bound + 1e-5 * abs_dot(t, w.row(r), xi) + 1e-6;
+            assert!((got - exact).abs() <= tol, "{t} {} r{r} i{i}: {got} vs f32 dot {exact}", k.name());
+        }
+    }
+}
+
+#[test]
+fn matmul_is_batch_invariant_bit_for_bit() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let pools = [pool(1), pool(2)];
+    for t in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q5_0, GgmlType::F16] {
+        let (rows, cols, total) = (37, cols_for(t, 2), 37);
+        let data = reference::quantize_row(t, &values(&mut rng, rows * cols, 1.0));
+        let w = QMatrix::new(t, rows, cols, &data).unwrap();
+        let xs = values(&mut rng, total * cols, 3.0);
+        for k in Kernels::available() {
+            let alone: Vec<Vec<f32>> = xs.chunks(cols).map(|xi| matmul(k, &w, xi, 1, &pools[0])).collect();
+            for p in &pools {
+                for n in 1..=total {
+                    // x rows `start .. start + n` (wrapping), so each row sits at many positions.
+                    let start = (n * 7) % total;
+                    let idx: Vec<usize> = (0..n).map(|j| (start + j) % total).collect();
+                    let batch: Vec<f32> = idx.iter().flat_map(|&i| xs[i * cols..(i + 1) * cols].to_vec()).collect();
+                    let y = matmul(k, &w, &batch, n, p);
+                    for (pos, &i) in idx.iter().enumerate() {
+                        for r in 0..rows {
+                            let (a, b) = (y[pos * rows + r], alone[i][r]);
+                            assert_eq!(a.to_bits(), b.to_bits(), "{t} {} n={n} pos={pos} row {r}", k.name());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn matmul(k: Kernels, w: &QMatrix, x: &[f32], n: usize, p: &ThreadPool) -> Vec<f32> {
+    let mut y = vec![0.0; n * w.rows];
+    k.matmul(w, x, n, &mut y, &mut MatmulScratch::default(), p);
+    y
+}
+
+#[test]
+fn scratch_is_reused_across_shapes() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let t = GgmlType::Q4_1;
+    let data = reference::quantize_row(t, &values(&mut rng, 8 * 64, 1.0));
+    let w = QMatrix::new(t, 8, 64, &data).unwrap();
+    let p = pool(2);
+    let mut scratch = MatmulScratch::default();
+    let k = Kernels::detect();
+    // A large call, then a smaller one: stale scratch contents must not leak into results.
+    let big = values(&mut rng, 5 * 64, 1.0);
+    let mut y = vec![0.0; 5 * 8];
+    k.matmul(&w, &big, 5, &mut y, &mut scratch, &p);
+    let small = &big[64..128];
+    let mut y1 = vec![0.0; 8];
+    k.matmul(&w, small, 1, &mut y1, &mut scratch, &p);
+    assert_eq!(y1, matmul(k, &w, small, 1, &p));
+    assert_eq!(&y[8..16], &y1[..]);
+}
+
+#[test]
+fn detect_picks_the_best_available_kernels() {
+    let all = Kernels::available();
+    assert_eq!(all[0].name(), "portable");
+    assert_eq!(Kernels::portable().name(), "portable");
+    assert_eq!(Kernels::detect().name(), all.last().unwrap().name());
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+        assert_ne!(Kernels::detect().name(), "portable");
+    }
+}
+
+#[test]
+fn bad_shapes_are_named_errors() {
+    let data = vec![0u8; 2 * 20];
+    assert_eq!(
+        QMatrix::new(GgmlType::Q4_1, 2, 48, &data).unwrap_err(),
+        KernelError::RaggedColumns { ggml_type: GgmlType::Q4_1, cols: 48, block: 32 }
+    );
+    let err = QMatrix::new(GgmlType::Q4_1, 3, 32, &data).unwrap_err();
+    assert!(matches!(err, KernelError::DataLength { expected: 60, actual: 40, .. }), "{err}");
+    assert_eq!(QMatrix::new(GgmlType::Q2K, 1, 256, &[0; 84]).unwrap_err(), KernelError::Unsupported(GgmlType::Q2K));
+
+    let w = QMatrix::new(GgmlType::Q4_1, 2, 32, &data).unwrap();
+    let (k, p, mut s) = (Kernels::detect(), pool(1), MatmulScratch::default());
+    let err = k.try_matmul(&w, &[0.0; 31], 1, &mut [0.0; 2], &mut s, &p).unwrap_err();
+    assert_eq!(err, KernelError::InputLength { n: 1, cols: 32, expected: 32, actual: 31 });
+    let err = k.try_matmul(&w, &[0.0; 64], 2, &mut [0.0; 2], &mut s, &p).unwrap_err();
+    assert_eq!(err, KernelError::OutputLength { n: 2, rows: 2, expected: 4, actual: 2 });
+    let err = k.try_dequantize_row(GgmlType::Q8_0, &[0; 33], &mut [0.0; 32]).unwrap_err();
+    assert!(err.to_string().contains("needs 34 bytes, got 33"), "{err}");
+}
