@@ -2,3 +2,4 @@
 mod gguf;
 mod kernels;
 mod tokenizer;
+mod config;

@@ -1,0 +1,232 @@
+//! The configuration the rest of Starling reads: concrete types, units applied, bounds checked.
+//! Built from [`super::raw`] by [`super::build`]; cross-field rules live in [`super::checks`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::types::{ModelId, TenantId};
+
+/// The tenant every request belongs to when auth is off, and the default for keys without one.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// A validated Starling configuration (see `config/starling.yaml` for every field's meaning).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    /// Every tenant, always including `anonymous` (added with defaults if not listed).
+    pub tenants: Vec<TenantConfig>,
+    /// At least one model; `models[0]` is the one `--model` overrides.
+    pub models: Vec<ModelConfig>,
+    pub queue: QueueConfig,
+    pub limits: LimitsConfig,
+    pub telemetry: TelemetryConfig,
+    pub policy: PolicyConfig,
+}
+
+/// The HTTP listener.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub bind: SocketAddr,
+    /// Largest request body accepted; larger bodies get 413.
+    pub max_body_bytes: NonZeroUsize,
+    /// Interval between SSE keep-alive comments on an idle stream.
+    pub sse_keepalive: Duration,
+    /// How long shutdown waits for in-flight requests (zero: stop at once).
+    pub shutdown_grace: Duration,
+    /// Routes served without an API key.
+    pub public_routes: Vec<String>,
+}
+
+/// API keys and the admin key. No API keys means auth is off.
+#[derive(Clone, PartialEq, Default)]
+pub struct AuthConfig {
+    /// Keys clients send as `Authorization: Bearer <key>`; empty = every request is `anonymous`.
+    pub api_keys: Vec<ApiKey>,
+    /// Key for `/admin/*` routes; `None` disables them.
+    pub admin_key: Option<String>,
+}
+
+/// One client API key and the tenant it bills to.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub key: String,
+    pub tenant: TenantId,
+}
+
+/// Scheduling share and limits of one tenant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantConfig {
+    pub name: TenantId,
+    /// Fair-share weight, 1..=1000.
+    pub weight: u32,
+    /// Requests of this tenant running at once.
+    pub max_concurrent: u32,
+    /// Requests of this tenant waiting in the queue; more get 429.
+    pub max_queued: u32,
+    /// Request rate limit; `None` = unlimited.
+    pub requests_per_minute: Option<u32>,
+    /// Token rate limit (prompt + completion); `None` = unlimited.
+    pub tokens_per_minute: Option<u32>,
+}
+
+/// One served model and its engine's limits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub id: ModelId,
+    /// GGUF file, relative paths resolved against the process's current directory.
+    pub path: PathBuf,
+    /// Pipeline file naming the tick's stages.
+    pub pipeline: PathBuf,
+    /// Threads of this model's matrix thread pool.
+    pub threads: NonZeroUsize,
+    /// Sequences in one forward pass.
+    pub max_batch: NonZeroUsize,
+    /// Tokens (prefill chunks + decode steps) in one forward pass.
+    pub max_batch_tokens: NonZeroUsize,
+    /// Sessions kept at once (active or idle).
+    pub max_sessions: NonZeroUsize,
+    /// Longest prompt accepted; `None` = the model's context length.
+    pub max_prompt_tokens: Option<NonZeroUsize>,
+    pub kv_cache: KvCacheConfig,
+}
+
+/// The model's KV block arena.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvCacheConfig {
+    /// Arena size cap in bytes.
+    pub max_bytes: u64,
+    /// Positions per block.
+    pub block_tokens: NonZeroUsize,
+    /// Element type of cached keys and values.
+    pub dtype: KvDtype,
+    /// Idle sessions older than this are evicted.
+    pub session_ttl: Duration,
+    /// Where evicted blocks spill to; `None` = evicted blocks are dropped.
+    pub spill: Option<SpillConfig>,
+}
+
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvDtype {
+    F32,
+    F16,
+}
+
+/// Disk spill of evicted KV blocks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpillConfig {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+}
+
+/// Admission control: above the high watermark new work gets 429 until the queue drains
+/// below the low one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Queued requests at which admission stops.
+    pub high_watermark: usize,
+    /// Queued requests at which admission resumes (≤ `high_watermark`).
+    pub low_watermark: usize,
+    /// Queued prompt tokens at which admission stops.
+    pub high_watermark_tokens: usize,
+    /// Longest a tick waits to fill a batch (zero: never waits).
+    pub max_queue_delay: Duration,
+}
+
+/// Per-request defaults and caps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Deadline of a request that sets none.
+    pub default_timeout: Duration,
+    /// `max_tokens` of a request that sets none.
+    pub default_max_tokens: u32,
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens_cap: u32,
+    /// Most stop strings in one request.
+    pub max_stop_strings: usize,
+    /// Most logprobs alternatives per token.
+    pub max_logprobs: u32,
+}
+
+/// Logs and traces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    pub log_format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive such as `info` or `starling=debug`.
+    pub log_level: String,
+    /// Write a Chrome trace of ticks here; `None` = no trace.
+    pub trace_chrome: Option<PathBuf>,
+    /// Log prompt and output text (off by default: prompts may be private).
+    pub log_prompts: bool,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Content rules checked on prompts (`input`) and on generated text (`output`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct PolicyConfig {
+    pub input: Vec<PolicyRule>,
+    pub output: Vec<PolicyRule>,
+}
+
+/// One content rule: matching text is refused. Regexes are checked to compile at load.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct PolicyRule {
+    /// Tenants the rule applies to; `None` = all.
+    pub tenants: Option<Vec<TenantId>>,
+    /// Case-insensitive substrings.
+    pub phrases: Vec<String>,
+    /// Regular expressions (Rust `regex` syntax).
+    pub regexes: Vec<String>,
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("api_keys", &self.api_keys)
+            .field("admin_key", &self.admin_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey").field("key", &"<redacted>").field("tenant", &self.tenant).finish()
+    }
+}
+
+impl TenantConfig {
+    /// A tenant with the default share and limits.
+    pub fn with_defaults(name: TenantId) -> Self {
+        TenantConfig {
+            name,
+            weight: 1,
+            max_concurrent: 16,
+            max_queued: 64,
+            requests_per_minute: None,
+            tokens_per_minute: None,
+        }
+    }
+}
+
+impl Config {
+    /// The tenant named `name`, if configured.
+    pub fn tenant(&self, name: &str) -> Option<&TenantConfig> {
+        self.tenants.iter().find(|t| t.name.as_str() == name)
+    }
+
+    /// The model served as `id`, if configured.
+    pub fn model(&self, id: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.id.as_str() == id)
+    }
+}
