@@ -1,3 +1,333 @@
-fn main() {
-    println!("starling");
+//! The `starling` command: serve, generate, tokenize, inspect, perplexity.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use starling::config::{Config, LogFormat, Overrides};
+use starling::engine::load::start_model;
+use starling::gateway::{AppState, serve};
+use starling::model::gguf::GgufFile;
+use starling::protocol::{EngineCommand, GenerateRequest, PromptInput, StreamEvent};
+use starling::sampler::{SamplerLimits, SamplingParams};
+use starling::telemetry::{self, LogStyle};
+use starling::types::{RequestId, TenantId};
+
+#[derive(Parser)]
+#[command(name = "starling", version, about = "CPU-first LLM inference server")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
+    /// Write a Chrome trace of engine ticks to FILE (open it in Perfetto or chrome://tracing).
+    #[arg(long, global = true, value_name = "FILE")]
+    trace_chrome: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the configured models over HTTP.
+    Serve(ServeArgs),
+    /// Generate a continuation of a prompt, streaming text to stdout.
+    Generate(GenerateArgs),
+    /// Print the token ids of TEXT.
+    Tokenize(TokenizeArgs),
+    /// Print a GGUF file's metadata and tensor table.
+    Inspect(InspectArgs),
+    /// Perplexity of a text file under the model.
+    Perplexity(PerplexityArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Config file (YAML, or JSON by extension).
+    #[arg(long, default_value = "config/starling.yaml")]
+    config: PathBuf,
+    /// Address to listen on (overrides the config and STARLING_BIND).
+    #[arg(long, value_name = "HOST:PORT")]
+    bind: Option<String>,
+    /// GGUF model for the first configured model slot.
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    #[arg(long)]
+    min_tokens: Option<u32>,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_k: Option<u32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    min_p: Option<f32>,
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    #[arg(long)]
+    repeat_last_n: Option<u32>,
+    #[arg(long)]
+    frequency_penalty: Option<f32>,
+    #[arg(long)]
+    presence_penalty: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Threads for the model's matrix work.
+    #[arg(long, default_value_t = default_threads())]
+    threads: usize,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Match special tokens such as `<|im_start|>` in the text.
+    #[arg(long)]
+    parse_special: bool,
+    /// Also print byte offsets of each token.
+    #[arg(long)]
+    offsets: bool,
+    #[arg(long)]
+    json: bool,
+    text: String,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    path: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    file: PathBuf,
+    /// Tokens of the file to score.
+    #[arg(long, default_value_t = 512)]
+    tokens: usize,
+    #[arg(long, default_value_t = default_threads())]
+    threads: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let style = match cli.log_format.as_deref() {
+        Some("json") => Some(LogStyle::Json),
+        Some(_) => Some(LogStyle::Text),
+        None => None,
+    };
+    match cli.command {
+        Command::Serve(args) => cmd_serve(args, style, cli.trace_chrome),
+        Command::Generate(args) => {
+            let _guard = telemetry::init(style.unwrap_or(LogStyle::Text), "warn", cli.trace_chrome.as_deref())?;
+            cmd_generate(args)
+        }
+        Command::Tokenize(args) => cmd_tokenize(args),
+        Command::Inspect(args) => cmd_inspect(args),
+        Command::Perplexity(args) => cmd_perplexity(args),
+    }
+}
+
+fn cmd_serve(args: ServeArgs, style: Option<LogStyle>, trace: Option<PathBuf>) -> Result<()> {
+    let overrides = Overrides { bind: args.bind, model: args.model, ..Default::default() }.or(Overrides::from_env());
+    let config = Config::load_with_overrides(&args.config, &overrides)?;
+    let style = style.unwrap_or(match config.telemetry.log_format {
+        LogFormat::Json => LogStyle::Json,
+        LogFormat::Text => LogStyle::Text,
+    });
+    let trace = trace.or(config.telemetry.trace_chrome.clone());
+    let _guard = telemetry::init(style, &config.telemetry.log_level, trace.as_deref())?;
+    let models = (0..config.models.len()).map(|i| start_model(&config, i)).collect::<Result<Vec<_>, _>>()?;
+    let bind = config.server.bind;
+    let state = Arc::new(AppState::new(Arc::new(config), models));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("cannot listen on {bind}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "listening");
+        serve(listener, state, shutdown_signal()).await;
+        anyhow::Ok(())
+    })?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return ctrl_c.await.unwrap_or(()),
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.unwrap_or(());
+}
+
+/// Runs one request through a real engine (the same path the server uses).
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let mut config = Config::from_str("{}", starling::config::Format::Json)?;
+    config.models[0].path = a.model.clone();
+    config.models[0].threads = std::num::NonZeroUsize::new(a.threads.max(1)).expect("non-zero");
+    let loaded = start_model(&config, 0)?;
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        repeat_last_n: a.repeat_last_n,
+        frequency_penalty: a.frequency_penalty,
+        presence_penalty: a.presence_penalty,
+        seed: a.seed,
+        max_tokens: a.max_tokens,
+        min_tokens: a.min_tokens,
+        ignore_eos: Some(a.ignore_eos),
+        stop: (!a.stop.is_empty()).then(|| a.stop.clone()),
+        ..Default::default()
+    };
+    let sampling = params
+        .validate(&SamplerLimits {
+            vocab_size: loaded.tokenizer.vocab_size(),
+            max_stop_strings: config.limits.max_stop_strings,
+            default_max_tokens: config.limits.default_max_tokens,
+            max_tokens_cap: config.limits.max_tokens_cap,
+        })
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let request = GenerateRequest {
+        id: RequestId::next(),
+        tenant: TenantId::from("cli"),
+        session: None,
+        input: PromptInput::Text { text: a.prompt.clone(), parse_special: true },
+        sampling,
+        timeout: config.limits.default_timeout,
+        received_at: std::time::Instant::now(),
+        events: tx,
+    };
+    loaded.engine.send(EngineCommand::Generate(Box::new(request))).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let (mut ids, mut text) = (Vec::new(), String::new());
+    let mut stdout = std::io::stdout().lock();
+    while let Some(event) = rx.blocking_recv() {
+        match event {
+            StreamEvent::Started { .. } => {}
+            StreamEvent::Token { id, text: piece, .. } => {
+                ids.push(id);
+                text.push_str(&piece);
+                if !a.json {
+                    write!(stdout, "{piece}")?;
+                    stdout.flush()?;
+                }
+            }
+            StreamEvent::Done { finish_reason, seed, text: tail, usage, .. } => {
+                text.push_str(&tail);
+                if a.json {
+                    let v = serde_json::json!({"tokens": ids, "text": text, "finish_reason": finish_reason, "seed": seed, "usage": usage});
+                    writeln!(stdout, "{v}")?;
+                } else {
+                    writeln!(stdout, "{tail}")?;
+                }
+                return Ok(());
+            }
+            StreamEvent::Error(e) => bail!("{} ({})", e.message, e.kind.as_str()),
+        }
+    }
+    bail!("the engine stopped before the generation finished")
+}
+
+fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
+    let file = GgufFile::open(&a.model)?;
+    let tok = starling::tokenizer::GgufTokenizer::from_gguf(&file.header)?;
+    let enc = tok.encode_with_offsets(&a.text, a.parse_special)?;
+    if a.json {
+        let mut v = serde_json::json!({"ids": enc.ids});
+        if a.offsets {
+            v["offsets"] = serde_json::json!(enc.offsets);
+        }
+        println!("{v}");
+    } else {
+        for (i, id) in enc.ids.iter().enumerate() {
+            match a.offsets {
+                true => println!("{id}\t{:?}\t{}..{}", enc.pieces[i], enc.offsets[i].0, enc.offsets[i].1),
+                false => println!("{id}\t{:?}", enc.pieces[i]),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    let file = GgufFile::open(&a.path)?;
+    let report = starling::model::inspect::inspect(&file);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
+}
+
+fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
+    let model = starling::model::llama::LlamaModel::load(&a.model, a.threads)?;
+    let tok = starling::tokenizer::GgufTokenizer::from_gguf(&model.file().header)?;
+    let ids = tok.encode(&text, false)?;
+    let n = a.tokens.min(ids.len());
+    if n < 2 {
+        bail!("{} has {} tokens; perplexity needs at least 2", a.file.display(), ids.len());
+    }
+    let ppl = starling::model::eval::perplexity(&model, &ids[..n])?;
+    if a.json {
+        println!("{}", serde_json::json!({"perplexity": ppl, "tokens": n}));
+    } else {
+        println!("perplexity over {n} tokens of {}: {ppl:.4}", display(&a.file));
+    }
+    Ok(())
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
 }

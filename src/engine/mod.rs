@@ -14,7 +14,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bevy_ecs::prelude::*;
-use bevy_ecs::schedule::{ScheduleConfigs, ScheduleSystem};
+use bevy_ecs::schedule::ScheduleConfigs;
+use bevy_ecs::system::ScheduleSystem;
 use bevy_ecs::system::SystemId;
 
 use crate::components::{Outbox, Phase, Request, SessionCache};

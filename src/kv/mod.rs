@@ -1,1 +1,3 @@
-//! (filled in by its issue)
+//! The KV cache: a bounded block arena per model and the block tables sequences own.
+
+pub mod arena;

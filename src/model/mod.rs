@@ -6,3 +6,5 @@ pub mod gguf;
 pub mod gguf_writer;
 pub mod inspect;
 pub mod kernels;
+pub mod llama;
+pub mod eval;

@@ -1,0 +1,100 @@
+//! Loading a configured model: map and validate the GGUF, build its tokenizer and KV
+//! arena, read its pipeline, and start its engine thread.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::pipeline::{PipelineError, PipelineSpec};
+use super::resources::{EngineLimits, Policies};
+use super::{EngineHandle, EngineParts};
+use crate::config::{Config, ConfigError, ModelConfig, PolicyRule};
+use crate::kv::arena::{KvArena, KvError};
+use crate::model::llama::{LlamaModel, ModelError};
+use crate::sampler::{PolicyError, PolicyRules};
+use crate::tokenizer::{GgufTokenizer, TokenizerError};
+use crate::types::ModelId;
+
+/// Why a model could not be brought up.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("model `{id}` ({path}): {source}")]
+    Model { id: ModelId, path: PathBuf, source: ModelError },
+    #[error("model `{id}`: tokenizer: {source}")]
+    Tokenizer { id: ModelId, source: TokenizerError },
+    #[error("model `{id}`: {source}")]
+    Config { id: ModelId, source: ConfigError },
+    #[error("model `{id}`: {source}")]
+    Pipeline { id: ModelId, source: PipelineError },
+    #[error("model `{id}`: KV cache: {source}")]
+    Kv { id: ModelId, source: KvError },
+    #[error("policy rule: {0}")]
+    Policy(#[from] PolicyError),
+    #[error("model `{id}`: cannot start the engine thread: {source}")]
+    Thread { id: ModelId, source: std::io::Error },
+}
+
+/// A model that is loaded and has a running engine.
+pub struct LoadedModel {
+    pub id: ModelId,
+    pub model: Arc<LlamaModel>,
+    pub tokenizer: Arc<GgufTokenizer>,
+    pub engine: EngineHandle,
+    pub config: ModelConfig,
+}
+
+/// Loads model `index` of `config` and starts its engine.
+pub fn start_model(config: &Config, index: usize) -> Result<LoadedModel, LoadError> {
+    let mc = &config.models[index];
+    let id = mc.id.clone();
+    let model = LlamaModel::load(&mc.path, mc.threads.get())
+        .map_err(|source| LoadError::Model { id: id.clone(), path: mc.path.clone(), source })?;
+    let tokenizer = GgufTokenizer::from_gguf(&model.file().header)
+        .map_err(|source| LoadError::Tokenizer { id: id.clone(), source })?;
+    let n_ctx = model.hparams.n_ctx_train;
+    config.check_against_model(index, n_ctx).map_err(|source| LoadError::Config { id: id.clone(), source })?;
+    let pipeline = PipelineSpec::load(&mc.pipeline).map_err(|source| LoadError::Pipeline { id: id.clone(), source })?;
+    let kv = KvArena::new(model.kv_layout(mc.kv_cache.block_tokens.get()), mc.kv_cache.max_bytes)
+        .map_err(|source| LoadError::Kv { id: id.clone(), source })?;
+    let limits = EngineLimits {
+        max_batch: mc.max_batch.get(),
+        max_batch_tokens: mc.max_batch_tokens.get(),
+        max_prompt_tokens: mc.max_prompt_tokens.map_or(n_ctx, |n| n.get()),
+        n_ctx,
+        high_watermark: config.queue.high_watermark,
+        low_watermark: config.queue.low_watermark,
+        max_sessions: mc.max_sessions.get(),
+        session_ttl: mc.kv_cache.session_ttl,
+    };
+    let policies = Policies { input: compile(&config.policy.input)?, output: compile(&config.policy.output)? };
+    let model = Arc::new(model);
+    let tokenizer = Arc::new(tokenizer);
+    let parts = EngineParts {
+        model: model.clone(),
+        tokenizer: tokenizer.clone(),
+        kv,
+        limits,
+        pipeline,
+        policies,
+        inbox_capacity: config.queue.high_watermark.max(16) * 2,
+        max_queue_delay: config.queue.max_queue_delay,
+    };
+    let engine = EngineHandle::spawn(parts).map_err(|source| LoadError::Thread { id: id.clone(), source })?;
+    tracing::info!(
+        model = %id,
+        path = %mc.path.display(),
+        kernels = model.kernels().name(),
+        threads = model.threads(),
+        kv_blocks = engine.status.kv_blocks_total.load(std::sync::atomic::Ordering::Relaxed),
+        "model loaded"
+    );
+    Ok(LoadedModel { id, model, tokenizer, engine, config: mc.clone() })
+}
+
+type CompiledRules = Vec<(Option<Vec<crate::types::TenantId>>, Arc<PolicyRules>)>;
+
+fn compile(rules: &[PolicyRule]) -> Result<CompiledRules, PolicyError> {
+    rules
+        .iter()
+        .map(|r| Ok((r.tenants.clone(), Arc::new(PolicyRules::new(&r.phrases, &r.regexes)?))))
+        .collect()
+}

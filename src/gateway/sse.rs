@@ -1,0 +1,70 @@
+//! Server-Sent Events: a request's event channel turned into a streaming body.
+//!
+//! Each engine event is rendered to zero or more SSE frames by a route-specific renderer
+//! (native or OpenAI shapes). While no event arrives, a comment line keeps the connection
+//! alive. Dropping the body (the client left) drops the receiver, which the engine sees as
+//! a cancellation.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use futures_util::stream;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Bytes, Frame};
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::{Response, StatusCode};
+use tokio::sync::mpsc;
+
+use super::http::Body;
+use crate::error::{ApiError, ErrorKind};
+use crate::protocol::StreamEvent;
+
+/// Turns one event into SSE text; `true` ends the stream after it.
+pub trait Render: Send + 'static {
+    fn render(&mut self, event: StreamEvent) -> (String, bool);
+}
+
+/// One SSE frame with an event name and a JSON payload.
+pub fn frame(event: Option<&str>, data: &str) -> String {
+    match event {
+        Some(name) => format!("event: {name}\ndata: {data}\n\n"),
+        None => format!("data: {data}\n\n"),
+    }
+}
+
+struct State<R> {
+    rx: mpsc::Receiver<StreamEvent>,
+    render: R,
+    keepalive: Duration,
+    done: bool,
+}
+
+/// A `text/event-stream` response fed by `rx` until the renderer says the stream is over.
+pub fn response<R: Render>(rx: mpsc::Receiver<StreamEvent>, render: R, keepalive: Duration) -> Response<Body> {
+    let state = State { rx, render, keepalive, done: false };
+    let frames = stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let text = match tokio::time::timeout(s.keepalive, s.rx.recv()).await {
+            Err(_) => ": keep-alive\n\n".to_owned(),
+            Ok(Some(event)) => {
+                let (text, end) = s.render.render(event);
+                s.done = end;
+                text
+            }
+            Ok(None) => {
+                s.done = true;
+                let lost = ApiError::new(ErrorKind::Internal, "the engine ended the stream without a final event");
+                s.render.render(StreamEvent::Error(lost)).0
+            }
+        };
+        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(text))), s))
+    });
+    let mut r = Response::new(StreamBody::new(frames).boxed());
+    *r.status_mut() = StatusCode::OK;
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
