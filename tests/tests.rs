@@ -1,1 +1,2 @@
 //! The one integration-test binary: one `mod` per area (one link step on a 2-core machine).
+mod sampler;
