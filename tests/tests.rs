@@ -3,3 +3,4 @@ mod gguf;
 mod kernels;
 mod tokenizer;
 mod config;
+mod sampler;

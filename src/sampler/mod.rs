@@ -1,8 +1,22 @@
-//! Placeholder until the sampler branch lands (replaced wholesale by it).
+//! Sampling: from one logits row to the next token, and from decoded text to what a
+//! client may see.
+//!
+//! - [`params`]: wire-level [`SamplingParams`], validated once into a [`SamplingConfig`].
+//! - [`steps`]: the sampling steps as pure functions over a [`Candidates`] list.
+//! - [`state`]: [`SamplerState`], one per sequence: config, seeded `ChaCha8Rng`, buffers.
+//!   The chain is: logit bias → stop/EOS masking → the configurable steps in order
+//!   (default: penalties → temperature → top-k → top-p → min-p) → draw.
+//! - [`gate`]: [`TextGate`], hold-back matching of stop strings and output rules.
+//! - [`policy`]: [`PolicyRules`], the phrases and regexes of the content policy.
 
-/// Validated sampling parameters.
-#[derive(Clone, Debug)]
-pub struct SamplingConfig {
-    pub seed: u64,
-    pub max_tokens: u32,
-}
+pub mod gate;
+pub mod params;
+pub mod policy;
+pub mod state;
+pub mod steps;
+
+pub use gate::{GateEnd, GateStep, TextGate};
+pub use params::{SamplerLimits, SamplerStep, SamplingConfig, SamplingParams};
+pub use policy::{PolicyError, PolicyRules, TenantPolicies};
+pub use state::{Sampled, SamplerState, TokenFinish};
+pub use steps::{Candidate, Candidates};
