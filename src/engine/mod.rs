@@ -4,6 +4,7 @@
 //! The gateway talks to it only through a bounded command channel (in) and per-request
 //! bounded event channels (out), plus the read-only [`EngineStatus`].
 
+pub mod load;
 pub mod pipeline;
 pub mod resources;
 

@@ -20,7 +20,7 @@ use crate::error::{ApiError, ErrorKind};
 use crate::protocol::StreamEvent;
 
 /// Turns one event into SSE text; `true` ends the stream after it.
-pub trait Render: Send + 'static {
+pub trait Render: Send + Sync + 'static {
     fn render(&mut self, event: StreamEvent) -> (String, bool);
 }
 

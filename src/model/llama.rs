@@ -213,7 +213,7 @@ impl LlamaModel {
         }
         for (li, layer) in self.layers.iter().enumerate() {
             self.attention_block(li, layer, batch, kv, s, d, kvd);
-            self.ffn_block(layer, s, d);
+            self.ffn_block(layer, s);
         }
         self.output_logits(batch, s, d, logits);
         Ok(())
@@ -291,7 +291,7 @@ impl LlamaModel {
         }
     }
 
-    fn ffn_block(&self, layer: &LayerWeights, s: &mut Scratch, d: usize) {
+    fn ffn_block(&self, layer: &LayerWeights, s: &mut Scratch) {
         let t = s.rows.len();
         let ff = self.hparams.n_ff;
         rms_norm_rows(&s.x, &layer.ffn_norm, self.hparams.rms_eps, &mut s.h);
@@ -436,10 +436,9 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// Sets a scratch buffer to exactly `n` values (keeps its capacity when shrinking).
 fn resize(v: &mut Vec<f32>, n: usize) {
-    if v.len() < n {
-        v.resize(n, 0.0);
-    }
+    v.resize(n, 0.0);
 }
 
 fn matrix_ref(file: &GgufFile, name: &str) -> Result<MatrixRef, ModelError> {

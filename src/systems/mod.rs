@@ -19,7 +19,7 @@ pub use policy::{check_input_policy, check_output_policy};
 pub use sample::sample_next_tokens;
 pub use tokenize::tokenize_prompts;
 
-use bevy_ecs::prelude::*;
+
 
 use crate::components::{Outbox, Phase};
 use crate::error::ApiError;
