@@ -124,7 +124,7 @@ fn unknown_yaml_field_names_its_path_line_and_column() {
     };
     assert_eq!(field, "models[0].kv_cache.max_bytez");
     assert_eq!((*line, *column), (5, 7), "{err}");
-    assert!(message.contains("unknown field"), "{message}");
+    assert!(message.starts_with("unknown field `max_bytez`"), "{message}");
     assert!(err.to_string().contains("line 5, column 7"), "{err}");
 }
 
@@ -144,6 +144,21 @@ fn unknown_json_field_names_its_path_line_and_column() {
 fn wrong_type_names_the_field() {
     let err = with(|v| v["limits"] = json!({"max_logprobs": "lots"})).unwrap_err();
     assert_eq!(err.field(), Some("limits.max_logprobs"), "{err}");
+    let err = Config::from_str("{\"queue\": 5}", Format::Json).unwrap_err();
+    assert_eq!(err.field(), Some("queue"), "{err}");
+    assert!(err.to_string().contains("expected a queue mapping"), "{err}");
+    let err = Config::from_str("queue:\n  high_watermark: [1]\n", Format::Yaml).unwrap_err();
+    assert_eq!(err.field(), Some("queue.high_watermark"), "{err}");
+    assert!(err.to_string().contains("line 2, column 19"), "{err}");
+}
+
+#[test]
+fn malformed_yaml_is_a_parse_error_at_the_root() {
+    let err = Config::from_str("queue: : :\n", Format::Yaml).unwrap_err();
+    let ConfigError::Parse { field, line, .. } = &err else { panic!("expected a parse error, got {err}") };
+    assert_eq!((field.as_str(), *line), (".", 1), "{err}");
+    let err = Config::from_str("- a\n- b\n", Format::Yaml).unwrap_err();
+    assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
 }
 
 #[test]

@@ -149,7 +149,9 @@ impl Config {
             self.server.bind = build::parse_bind("server.bind", bind)?;
         }
         if let Some(model) = &o.model {
-            self.models[0].path = model.clone();
+            let count = self.models.len();
+            let first = self.models.first_mut().ok_or(ConfigError::NoSuchModel { index: 0, count })?;
+            first.path = model.clone();
         }
         if let Some(list) = &o.api_keys {
             self.auth.api_keys = parse_api_keys(list)?;
@@ -195,7 +197,7 @@ fn parse(text: &str, format: Format) -> Result<RawConfig, ConfigError> {
             });
             result.map_err(|e| {
                 let (line, column) = e.location().map_or((0, 0), |l| (l.line() as usize, l.column() as usize));
-                let message = e.to_string();
+                let message = strip_yaml_position(&e.without_snippet().to_string(), line, column);
                 parse_error("YAML", track.path().to_string(), line, column, message)
             })
         }
@@ -212,4 +214,10 @@ fn strip_json_position(message: &str) -> String {
         Some(i) => message[..i].to_owned(),
         None => message.to_owned(),
     }
+}
+
+/// serde-saphyr appends " at line L, column C"; the error shows them separately.
+fn strip_yaml_position(message: &str, line: usize, column: usize) -> String {
+    let position = format!(" at line {line}, column {column}");
+    message.strip_suffix(&position).unwrap_or(message).to_owned()
 }
