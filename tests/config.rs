@@ -474,3 +474,28 @@ fn debug_output_redacts_keys() {
     assert!(!shown.contains("sk-live-123") && !shown.contains("adm-456"), "{shown}");
     assert!(shown.contains("<redacted>"));
 }
+
+#[test]
+fn every_field_in_the_default_file_has_a_comment() {
+    let text = std::fs::read_to_string(repo("config/starling.yaml")).unwrap();
+    let leaf = regex::Regex::new(r"^\s*(- )?[a-z_]+: \S").unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate().filter(|(_, l)| leaf.is_match(l)) {
+        let above = lines[i - 1].trim_start().trim_start_matches("- ");
+        assert!(above.starts_with('#'), "line {}: {line:?} has no comment above it", i + 1);
+    }
+}
+
+#[test]
+fn commented_out_examples_in_the_default_file_are_valid() {
+    let text = std::fs::read_to_string(repo("config/starling.yaml")).unwrap();
+    let example = regex::Regex::new(r"(?m)^(\s{2,})# (\s*[a-z_]+:.*)$").unwrap();
+    let uncommented = example.replace_all(&text, "$1$2");
+    let c = Config::from_str(&uncommented, Format::Yaml).unwrap();
+    assert_eq!(c.auth.admin_key.as_deref(), Some("change-me"));
+    assert_eq!(c.tenants[0].requests_per_minute, Some(600));
+    assert_eq!(c.models[0].threads.get(), 2);
+    assert_eq!(c.models[0].max_prompt_tokens.map(NonZeroUsize::get), Some(2048));
+    assert_eq!(c.models[0].kv_cache.spill.as_ref().unwrap().max_bytes, 4 * GIB);
+    assert_eq!(c.telemetry.trace_chrome, Some(PathBuf::from("traces/starling.json")));
+}

@@ -1,6 +1,6 @@
 //! Value validation: each raw field becomes its typed form, with its default when absent,
 //! or a [`ConfigError`] naming its dotted path and the bound it broke.
-//! Rules between fields (watermarks, tenants, files, memory) are in [`super::checks`].
+//! Rules between fields (watermarks, tenants, files, memory) are in `checks.rs`.
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;

@@ -1,6 +1,6 @@
 //! Typed configuration: `config/starling.yaml` (or JSON) read into raw serde structs
-//! ([`raw`]), turned into typed values with bounds ([`build`]), then checked across fields
-//! ([`checks`]). Every error names the field as a dotted path and the bound it broke.
+//! ([`raw`]), turned into typed values with bounds (`build.rs`), then checked across fields
+//! (`checks.rs`). Every error names the field as a dotted path and the bound it broke.
 //!
 //! Relative paths in the file (model, pipeline, spill dir, trace file) are resolved against
 //! the process's current directory, not the config file's directory: run `starling` from the
@@ -118,7 +118,7 @@ impl Config {
         Ok(config)
     }
 
-    /// Applies CLI/env overrides (bind, model path for models[0], API keys, admin key),
+    /// Applies CLI/env overrides (bind, model path for `models[0]`, API keys, admin key),
     /// re-validating.
     pub fn apply_overrides(&mut self, o: &Overrides) -> Result<(), ConfigError> {
         let mut next = self.clone();

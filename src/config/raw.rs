@@ -1,5 +1,5 @@
 //! The configuration exactly as written in the file: every field optional, no unit
-//! conversion, no bounds. [`super::validated`] turns it into the typed [`super::Config`].
+//! conversion, no bounds. The `build` step turns it into the typed [`super::Config`].
 //!
 //! What each field means is documented on the validated types and in `config/starling.yaml`.
 //!

@@ -1,5 +1,5 @@
 //! The configuration the rest of Starling reads: concrete types, units applied, bounds checked.
-//! Built from [`super::raw`] by [`super::build`]; cross-field rules live in [`super::checks`].
+//! Built from [`super::raw`] by `build.rs`; cross-field rules live in `checks.rs`.
 
 use std::fmt;
 use std::net::SocketAddr;
