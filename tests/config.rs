@@ -124,7 +124,7 @@ fn unknown_yaml_field_names_its_path_line_and_column() {
     };
     assert_eq!(field, "models[0].kv_cache.max_bytez");
     assert_eq!((*line, *column), (5, 7), "{err}");
-    assert!(message.contains("unknown field"), "{message}");
+    assert!(message.starts_with("unknown field `max_bytez`"), "{message}");
     assert!(err.to_string().contains("line 5, column 7"), "{err}");
 }
 
@@ -144,6 +144,21 @@ fn unknown_json_field_names_its_path_line_and_column() {
 fn wrong_type_names_the_field() {
     let err = with(|v| v["limits"] = json!({"max_logprobs": "lots"})).unwrap_err();
     assert_eq!(err.field(), Some("limits.max_logprobs"), "{err}");
+    let err = Config::from_str("{\"queue\": 5}", Format::Json).unwrap_err();
+    assert_eq!(err.field(), Some("queue"), "{err}");
+    assert!(err.to_string().contains("expected a queue mapping"), "{err}");
+    let err = Config::from_str("queue:\n  high_watermark: [1]\n", Format::Yaml).unwrap_err();
+    assert_eq!(err.field(), Some("queue.high_watermark"), "{err}");
+    assert!(err.to_string().contains("line 2, column 19"), "{err}");
+}
+
+#[test]
+fn malformed_yaml_is_a_parse_error_at_the_root() {
+    let err = Config::from_str("queue: : :\n", Format::Yaml).unwrap_err();
+    let ConfigError::Parse { field, line, .. } = &err else { panic!("expected a parse error, got {err}") };
+    assert_eq!((field.as_str(), *line), (".", 1), "{err}");
+    let err = Config::from_str("- a\n- b\n", Format::Yaml).unwrap_err();
+    assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
 }
 
 #[test]
@@ -458,4 +473,29 @@ fn debug_output_redacts_keys() {
     let shown = format!("{c:?}");
     assert!(!shown.contains("sk-live-123") && !shown.contains("adm-456"), "{shown}");
     assert!(shown.contains("<redacted>"));
+}
+
+#[test]
+fn every_field_in_the_default_file_has_a_comment() {
+    let text = std::fs::read_to_string(repo("config/starling.yaml")).unwrap();
+    let leaf = regex::Regex::new(r"^\s*(- )?[a-z_]+: \S").unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate().filter(|(_, l)| leaf.is_match(l)) {
+        let above = lines[i - 1].trim_start().trim_start_matches("- ");
+        assert!(above.starts_with('#'), "line {}: {line:?} has no comment above it", i + 1);
+    }
+}
+
+#[test]
+fn commented_out_examples_in_the_default_file_are_valid() {
+    let text = std::fs::read_to_string(repo("config/starling.yaml")).unwrap();
+    let example = regex::Regex::new(r"(?m)^(\s{2,})# (\s*[a-z_]+:.*)$").unwrap();
+    let uncommented = example.replace_all(&text, "$1$2");
+    let c = Config::from_str(&uncommented, Format::Yaml).unwrap();
+    assert_eq!(c.auth.admin_key.as_deref(), Some("change-me"));
+    assert_eq!(c.tenants[0].requests_per_minute, Some(600));
+    assert_eq!(c.models[0].threads.get(), 2);
+    assert_eq!(c.models[0].max_prompt_tokens.map(NonZeroUsize::get), Some(2048));
+    assert_eq!(c.models[0].kv_cache.spill.as_ref().unwrap().max_bytes, 4 * GIB);
+    assert_eq!(c.telemetry.trace_chrome, Some(PathBuf::from("traces/starling.json")));
 }

@@ -1,6 +1,6 @@
 //! Value validation: each raw field becomes its typed form, with its default when absent,
 //! or a [`ConfigError`] naming its dotted path and the bound it broke.
-//! Rules between fields (watermarks, tenants, files, memory) are in [`super::checks`].
+//! Rules between fields (watermarks, tenants, files, memory) are in `checks.rs`.
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -86,7 +86,7 @@ pub fn api_key(field: &str, key: &str, tenant: &str) -> Result<ApiKey> {
     if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c == ',') {
         return Err(invalid(&format!("{field}.key"), key, "a non-empty key without spaces or commas"));
     }
-    Ok(ApiKey { key: key.to_owned(), tenant: name(&format!("{field}.tenant"), tenant)? })
+    Ok(ApiKey { key: key.to_owned(), tenant: TenantId(name(&format!("{field}.tenant"), tenant)?) })
 }
 
 fn tenants(raw: Vec<RawTenant>) -> Result<Vec<TenantConfig>> {
@@ -95,7 +95,7 @@ fn tenants(raw: Vec<RawTenant>) -> Result<Vec<TenantConfig>> {
         .map(|(i, t)| {
             let f = |key: &str| format!("tenants[{i}].{key}");
             Ok(TenantConfig {
-                name: name(&f("name"), &t.name)?,
+                name: TenantId(name(&f("name"), &t.name)?),
                 weight: ranged(&f("weight"), t.weight, 1, 1..=1000)? as u32,
                 max_concurrent: ranged(&f("max_concurrent"), t.max_concurrent, 16, ANY_U32)? as u32,
                 max_queued: ranged(&f("max_queued"), t.max_queued, 64, ANY_U32)? as u32,
@@ -117,7 +117,7 @@ fn model(raw: RawModel, prefix: &str, machine: &Machine) -> Result<ModelConfig> 
         Some(v) => Some(nonzero(&f("max_prompt_tokens"), Some(v), 1, ANY_POSITIVE)?),
     };
     Ok(ModelConfig {
-        id: ModelId(name(&f("id"), id)?.0),
+        id: ModelId(name(&f("id"), id)?),
         path: non_empty_path(&f("path"), path)?,
         pipeline: non_empty_path(&f("pipeline"), pipeline)?,
         threads: nonzero(&f("threads"), raw.threads, threads, 1..=1024)?,
@@ -204,9 +204,12 @@ fn rules(raw: Vec<RawPolicyRule>, prefix: &str) -> Result<Vec<PolicyRule>> {
         let f = |key: &str, j: usize| format!("{prefix}[{i}].{key}[{j}]");
         let tenants = match r.tenants {
             None => None,
-            Some(list) => {
-                Some(list.iter().enumerate().map(|(j, t)| name(&f("tenants", j), t)).collect::<Result<Vec<_>>>()?)
-            }
+            Some(list) => Some(
+                list.iter()
+                    .enumerate()
+                    .map(|(j, t)| name(&f("tenants", j), t).map(TenantId))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
         };
         let phrases = r.phrases.unwrap_or_default();
         if let Some(j) = phrases.iter().position(|p| p.trim().is_empty()) {
@@ -224,12 +227,12 @@ fn rules(raw: Vec<RawPolicyRule>, prefix: &str) -> Result<Vec<PolicyRule>> {
 }
 
 /// A tenant or model name: 1..=64 characters from `[A-Za-z0-9._:/-]`.
-fn name(field: &str, text: &str) -> Result<TenantId> {
+fn name(field: &str, text: &str) -> Result<String> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || "._:/-".contains(c);
     if text.is_empty() || text.len() > 64 || !text.chars().all(ok_char) {
         return Err(invalid(field, text, "a name of 1 to 64 characters from A-Z a-z 0-9 . _ : / -"));
     }
-    Ok(TenantId(text.to_owned()))
+    Ok(text.to_owned())
 }
 
 fn non_empty_path(field: &str, text: &str) -> Result<PathBuf> {

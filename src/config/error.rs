@@ -38,7 +38,11 @@ pub enum ConfigError {
     Order { field: String, value: u64, bound_field: String, bound: u64 },
 
     /// A KV cache cap (or the sum of them) larger than the machine's memory.
-    #[error("`{field}` is {bytes} bytes, more than this machine's memory ({mem_total} bytes)")]
+    #[error(
+        "`{field}` is {bytes} bytes ({}), more than this machine's memory ({mem_total} bytes, {})",
+        gib(*bytes),
+        gib(*mem_total)
+    )]
     ExceedsMemory { field: String, bytes: u64, mem_total: u64 },
 
     /// `max_prompt_tokens` longer than the context the loaded model supports.
@@ -79,4 +83,9 @@ impl ConfigError {
             | ConfigError::UnknownTenant { field, .. } => Some(field),
         }
     }
+}
+
+/// A byte count in GiB with two decimals, for messages.
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }

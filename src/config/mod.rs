@@ -1,6 +1,6 @@
 //! Typed configuration: `config/starling.yaml` (or JSON) read into raw serde structs
-//! ([`raw`]), turned into typed values with bounds ([`build`]), then checked across fields
-//! ([`checks`]). Every error names the field as a dotted path and the bound it broke.
+//! ([`raw`]), turned into typed values with bounds (`build.rs`), then checked across fields
+//! (`checks.rs`). Every error names the field as a dotted path and the bound it broke.
 //!
 //! Relative paths in the file (model, pipeline, spill dir, trace file) are resolved against
 //! the process's current directory, not the config file's directory: run `starling` from the
@@ -118,7 +118,7 @@ impl Config {
         Ok(config)
     }
 
-    /// Applies CLI/env overrides (bind, model path for models[0], API keys, admin key),
+    /// Applies CLI/env overrides (bind, model path for `models[0]`, API keys, admin key),
     /// re-validating.
     pub fn apply_overrides(&mut self, o: &Overrides) -> Result<(), ConfigError> {
         let mut next = self.clone();
@@ -149,7 +149,9 @@ impl Config {
             self.server.bind = build::parse_bind("server.bind", bind)?;
         }
         if let Some(model) = &o.model {
-            self.models[0].path = model.clone();
+            let count = self.models.len();
+            let first = self.models.first_mut().ok_or(ConfigError::NoSuchModel { index: 0, count })?;
+            first.path = model.clone();
         }
         if let Some(list) = &o.api_keys {
             self.auth.api_keys = parse_api_keys(list)?;
@@ -195,7 +197,7 @@ fn parse(text: &str, format: Format) -> Result<RawConfig, ConfigError> {
             });
             result.map_err(|e| {
                 let (line, column) = e.location().map_or((0, 0), |l| (l.line() as usize, l.column() as usize));
-                let message = e.to_string();
+                let message = strip_yaml_position(&e.without_snippet().to_string(), line, column);
                 parse_error("YAML", track.path().to_string(), line, column, message)
             })
         }
@@ -212,4 +214,10 @@ fn strip_json_position(message: &str) -> String {
         Some(i) => message[..i].to_owned(),
         None => message.to_owned(),
     }
+}
+
+/// serde-saphyr appends " at line L, column C"; the error shows them separately.
+fn strip_yaml_position(message: &str, line: usize, column: usize) -> String {
+    let position = format!(" at line {line}, column {column}");
+    message.strip_suffix(&position).unwrap_or(message).to_owned()
 }

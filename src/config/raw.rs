@@ -1,5 +1,7 @@
 //! The configuration exactly as written in the file: every field optional, no unit
-//! conversion, no bounds. [`super::validated`] turns it into the typed [`super::Config`].
+//! conversion, no bounds. The `build` step turns it into the typed [`super::Config`].
+//!
+//! What each field means is documented on the validated types and in `config/starling.yaml`.
 //!
 //! Integers are read as `i64` so that a negative limit reaches validation and gets an error
 //! naming the field and its bound instead of a generic "expected u32".
@@ -11,7 +13,7 @@ use serde::de::{self, Visitor};
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a config mapping")]
 pub struct RawConfig {
     pub server: Option<RawServer>,
     pub auth: Option<RawAuth>,
@@ -25,7 +27,7 @@ pub struct RawConfig {
 
 /// `server:` — the HTTP listener.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a server mapping")]
 pub struct RawServer {
     pub bind: Option<String>,
     pub max_body_bytes: Option<RawBytes>,
@@ -36,7 +38,7 @@ pub struct RawServer {
 
 /// `auth:` — API keys and the admin key.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an auth mapping")]
 pub struct RawAuth {
     pub api_keys: Option<Vec<RawApiKey>>,
     pub admin_key: Option<String>,
@@ -44,7 +46,7 @@ pub struct RawAuth {
 
 /// One `auth.api_keys[]` entry.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an api key mapping")]
 pub struct RawApiKey {
     pub key: String,
     pub tenant: Option<String>,
@@ -52,7 +54,7 @@ pub struct RawApiKey {
 
 /// One `tenants[]` entry.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a tenant mapping")]
 pub struct RawTenant {
     pub name: String,
     pub weight: Option<i64>,
@@ -64,7 +66,7 @@ pub struct RawTenant {
 
 /// One `models[]` entry.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a model mapping")]
 pub struct RawModel {
     pub id: Option<String>,
     pub path: Option<String>,
@@ -79,7 +81,7 @@ pub struct RawModel {
 
 /// `models[].kv_cache:`.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a kv_cache mapping")]
 pub struct RawKvCache {
     pub max_bytes: Option<RawBytes>,
     pub block_tokens: Option<i64>,
@@ -90,7 +92,7 @@ pub struct RawKvCache {
 
 /// `models[].kv_cache.spill:`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a spill mapping")]
 pub struct RawSpill {
     pub dir: String,
     pub max_bytes: RawBytes,
@@ -98,7 +100,7 @@ pub struct RawSpill {
 
 /// `queue:` — admission watermarks.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a queue mapping")]
 pub struct RawQueue {
     pub high_watermark: Option<i64>,
     pub low_watermark: Option<i64>,
@@ -108,7 +110,7 @@ pub struct RawQueue {
 
 /// `limits:` — per-request defaults and caps.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a limits mapping")]
 pub struct RawLimits {
     pub default_timeout_secs: Option<i64>,
     pub default_max_tokens: Option<i64>,
@@ -119,7 +121,7 @@ pub struct RawLimits {
 
 /// `telemetry:` — logs and traces.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a telemetry mapping")]
 pub struct RawTelemetry {
     pub log_format: Option<String>,
     pub log_level: Option<String>,
@@ -129,7 +131,7 @@ pub struct RawTelemetry {
 
 /// `policy:` — content rules on prompts (`input`) and generated text (`output`).
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a policy mapping")]
 pub struct RawPolicy {
     pub input: Option<Vec<RawPolicyRule>>,
     pub output: Option<Vec<RawPolicyRule>>,
@@ -137,7 +139,7 @@ pub struct RawPolicy {
 
 /// One `policy.input[]` / `policy.output[]` rule.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a policy rule mapping")]
 pub struct RawPolicyRule {
     pub tenants: Option<Vec<String>>,
     pub phrases: Option<Vec<String>>,

@@ -1,5 +1,5 @@
 //! The configuration the rest of Starling reads: concrete types, units applied, bounds checked.
-//! Built from [`super::raw`] by [`super::build`]; cross-field rules live in [`super::checks`].
+//! Built from [`super::raw`] by `build.rs`; cross-field rules live in `checks.rs`.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -15,15 +15,21 @@ pub const ANONYMOUS: &str = "anonymous";
 /// A validated Starling configuration (see `config/starling.yaml` for every field's meaning).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
+    /// `server:` — the HTTP listener.
     pub server: ServerConfig,
+    /// `auth:` — API keys and the admin key.
     pub auth: AuthConfig,
     /// Every tenant, always including `anonymous` (added with defaults if not listed).
     pub tenants: Vec<TenantConfig>,
     /// At least one model; `models[0]` is the one `--model` overrides.
     pub models: Vec<ModelConfig>,
+    /// `queue:` — admission watermarks.
     pub queue: QueueConfig,
+    /// `limits:` — per-request defaults and caps.
     pub limits: LimitsConfig,
+    /// `telemetry:` — logs and traces.
     pub telemetry: TelemetryConfig,
+    /// `policy:` — content rules.
     pub policy: PolicyConfig,
 }
 
@@ -54,13 +60,16 @@ pub struct AuthConfig {
 /// One client API key and the tenant it bills to.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ApiKey {
+    /// The secret itself (never shown by `Debug`).
     pub key: String,
+    /// Tenant the key's requests belong to (listed under `tenants`, or `anonymous`).
     pub tenant: TenantId,
 }
 
 /// Scheduling share and limits of one tenant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TenantConfig {
+    /// Unique tenant name, 1..=64 characters from `[A-Za-z0-9._:/-]`.
     pub name: TenantId,
     /// Fair-share weight, 1..=1000.
     pub weight: u32,
@@ -77,6 +86,7 @@ pub struct TenantConfig {
 /// One served model and its engine's limits.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
+    /// Unique id clients name in `"model"`.
     pub id: ModelId,
     /// GGUF file, relative paths resolved against the process's current directory.
     pub path: PathBuf,
@@ -92,6 +102,7 @@ pub struct ModelConfig {
     pub max_sessions: NonZeroUsize,
     /// Longest prompt accepted; `None` = the model's context length.
     pub max_prompt_tokens: Option<NonZeroUsize>,
+    /// The model's KV block arena.
     pub kv_cache: KvCacheConfig,
 }
 
@@ -113,14 +124,18 @@ pub struct KvCacheConfig {
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvDtype {
+    /// 4 bytes per element (`"f32"`, the default).
     F32,
+    /// 2 bytes per element (`"f16"`): half the memory per cached token.
     F16,
 }
 
 /// Disk spill of evicted KV blocks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpillConfig {
+    /// Directory of the spill file (created if missing).
     pub dir: PathBuf,
+    /// Cap on the spill file's size in bytes.
     pub max_bytes: u64,
 }
 
@@ -156,6 +171,7 @@ pub struct LimitsConfig {
 /// Logs and traces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TelemetryConfig {
+    /// Log line format.
     pub log_format: LogFormat,
     /// A `tracing_subscriber::EnvFilter` directive such as `info` or `starling=debug`.
     pub log_level: String,
@@ -168,14 +184,18 @@ pub struct TelemetryConfig {
 /// Log line format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
+    /// Human-readable lines (`"text"`, the default).
     Text,
+    /// One JSON object per line (`"json"`).
     Json,
 }
 
 /// Content rules checked on prompts (`input`) and on generated text (`output`).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PolicyConfig {
+    /// Rules on prompts: a match refuses the request.
     pub input: Vec<PolicyRule>,
+    /// Rules on generated text: a match stops generation.
     pub output: Vec<PolicyRule>,
 }
 
