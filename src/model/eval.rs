@@ -64,3 +64,28 @@ pub fn log_softmax_at(row: &[f32], index: usize) -> f64 {
     let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
     row[index] as f64 - max - sum.ln()
 }
+
+/// Greedy (argmax) continuation of `ids` for up to `n_new` tokens, stopping after `stop`.
+/// Prefills the prompt in one call, then decodes one token per call.
+pub fn greedy(model: &LlamaModel, ids: &[TokenId], n_new: usize, stop: Option<TokenId>) -> Result<Vec<TokenId>, ModelError> {
+    let (mut arena, table) = arena_for(model, ids.len() + n_new)?;
+    let mut logits = Vec::new();
+    let mut out = Vec::with_capacity(n_new);
+    let mut chunk = SeqChunk { tokens: ids.to_vec(), start_pos: 0, blocks: table.blocks.clone(), logits: LogitsWanted::Last };
+    while out.len() < n_new {
+        model.forward(std::slice::from_ref(&chunk), &mut arena, &mut logits)?;
+        let next = argmax(&logits) as TokenId;
+        out.push(next);
+        if Some(next) == stop {
+            break;
+        }
+        chunk.start_pos += chunk.tokens.len();
+        chunk.tokens = vec![next];
+    }
+    Ok(out)
+}
+
+/// Index of the largest value (the first one on ties).
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0
+}
