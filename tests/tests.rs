@@ -4,3 +4,4 @@ mod kernels;
 mod tokenizer;
 mod config;
 mod sampler;
+mod model;

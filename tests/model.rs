@@ -1,0 +1,147 @@
+//! The llama forward pass against llama.cpp's reference outputs (tests/fixtures/smollm2),
+//! and batch invariance.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use serde_json::Value;
+use starling::kv::arena::{BlockTable, KvArena};
+use starling::model::eval::{argmax, greedy, last_logits, log_softmax_at, perplexity};
+use starling::model::llama::{LlamaModel, LogitsWanted, SeqChunk};
+use starling::tokenizer::GgufTokenizer;
+
+pub fn model_path() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh (make test does)", p.display());
+    p
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2").join(name)
+}
+
+/// The real model, loaded once per test binary (2 threads, like the references).
+pub fn smollm2() -> &'static LlamaModel {
+    static MODEL: OnceLock<LlamaModel> = OnceLock::new();
+    MODEL.get_or_init(|| LlamaModel::load(&model_path(), 2).expect("default model loads"))
+}
+
+fn jsonl(name: &str) -> Vec<Value> {
+    std::fs::read_to_string(fixture(name))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn next_token_logprobs_match_the_references() {
+    let model = smollm2();
+    let lines = jsonl("prompt_logprobs.jsonl");
+    let mut worst = 0.0f64;
+    let mut prompts = 0;
+    for f32_ref in lines.iter().filter(|l| l["reference"] == "f32") {
+        let prompt = f32_ref["prompt"].as_str().unwrap();
+        let cpp = lines.iter().find(|l| l["reference"] == "llama.cpp" && l["prompt"] == prompt).unwrap();
+        let logits = last_logits(model, &ids(&f32_ref["ids"])).unwrap();
+        let ours_top1 = argmax(&logits) as u64;
+        let ref_top1 = |r: &Value| r["last_position_top20"][0][0].as_u64().unwrap();
+        assert!(
+            ours_top1 == ref_top1(f32_ref) || ours_top1 == ref_top1(cpp),
+            "{prompt:?}: our top-1 {ours_top1} is neither reference's ({} / {})",
+            ref_top1(f32_ref),
+            ref_top1(cpp)
+        );
+        for pair in f32_ref["last_position_top20"].as_array().unwrap().iter().take(10) {
+            let (id, want) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap());
+            let diff = (log_softmax_at(&logits, id) - want).abs();
+            worst = worst.max(diff);
+            assert!(diff <= 0.3, "{prompt:?}: token {id} logprob off by {diff:.4} from the f32 reference");
+        }
+        prompts += 1;
+    }
+    assert!(prompts >= 3, "fixture has {prompts} prompts");
+    eprintln!("max |logprob - f32 reference| over top-10 of {prompts} prompts: {worst:.4}");
+}
+
+#[test]
+fn greedy_continuations_match_llama_cpp_up_to_the_first_near_tie() {
+    let model = smollm2();
+    for line in jsonl("greedy.jsonl") {
+        let want = ids(&line["greedy_ids"]);
+        let margins: Vec<f64> = line["top1_margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
+        let comparable = margins.iter().position(|&m| m < 0.1).unwrap_or(want.len());
+        let got = greedy(model, &ids(&line["prompt_ids"]), comparable, Some(2)).unwrap();
+        assert_eq!(got[..], want[..comparable], "prompt {:?} (compared {comparable} steps)", line["prompt"]);
+    }
+}
+
+#[test]
+fn perplexity_of_the_reference_text_is_within_one_percent_of_llama_cpp() {
+    let model = smollm2();
+    let tok = GgufTokenizer::from_gguf(&model.file().header).unwrap();
+    let text = std::fs::read_to_string(fixture("ppl_text.txt")).unwrap();
+    let ids = tok.encode(&text, false).unwrap();
+    let ppl = perplexity(model, &ids[..512]).unwrap();
+    let reference = 16.3148;
+    eprintln!("perplexity over 512 tokens: {ppl:.4} (llama.cpp {reference})");
+    assert!((ppl - reference).abs() / reference < 0.01, "perplexity {ppl} vs llama.cpp {reference}");
+}
+
+/// Runs chunks in one forward call, each sequence with its own fresh blocks.
+fn run_batch(model: &LlamaModel, chunks: &mut [SeqChunk], arena: &mut KvArena) -> Vec<Vec<f32>> {
+    let mut logits = Vec::new();
+    model.forward(chunks, arena, &mut logits).unwrap();
+    logits.chunks_exact(model.hparams.n_vocab).map(<[f32]>::to_vec).collect()
+}
+
+fn chunk(arena: &mut KvArena, tokens: Vec<u32>) -> SeqChunk {
+    let mut table = BlockTable::default();
+    table.reserve(arena, tokens.len() + 1).unwrap();
+    SeqChunk { tokens, start_pos: 0, blocks: table.blocks, logits: LogitsWanted::Last }
+}
+
+#[test]
+fn logits_are_bit_identical_alone_or_next_to_seven_others() {
+    let model = smollm2();
+    let tok = GgufTokenizer::from_gguf(&model.file().header).unwrap();
+    let prompts = [
+        "The capital of France is",
+        "Once upon a time, there was a",
+        "def fibonacci(n):",
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+        "In 1969, astronauts",
+        "The quick brown fox",
+        "Rust is a systems programming language that",
+        "Bonjour",
+    ];
+    let layout = model.kv_layout(16);
+    let mut arena = KvArena::new(layout, (layout.block_bytes() * 64) as u64).unwrap();
+    let all: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p, true).unwrap()).collect();
+
+    let mut alone = Vec::new();
+    for ids in &all {
+        let mut c = [chunk(&mut arena, ids.clone())];
+        alone.push(run_batch(model, &mut c, &mut arena).remove(0));
+    }
+    let mut batch: Vec<SeqChunk> = all.iter().map(|ids| chunk(&mut arena, ids.clone())).collect();
+    let together = run_batch(model, &mut batch, &mut arena);
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "prompt {i} ({:?}) differs alone vs batched", prompts[i]);
+    }
+
+    // A decode step batched with a long prefill equals the same step alone.
+    let first = argmax(&alone[0]) as u32;
+    let mut step_alone = [SeqChunk { tokens: vec![first], start_pos: all[0].len(), ..batch[0].clone() }];
+    let decode_alone = run_batch(model, &mut step_alone, &mut arena).remove(0);
+    let long: Vec<u32> = all.concat();
+    let mut mixed = [step_alone[0].clone(), chunk(&mut arena, long)];
+    let decode_mixed = run_batch(model, &mut mixed, &mut arena).remove(0);
+    assert!(decode_alone.iter().zip(&decode_mixed).all(|(x, y)| x.to_bits() == y.to_bits()));
+}
