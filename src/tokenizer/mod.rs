@@ -294,9 +294,31 @@ impl GgufTokenizer {
             }
         } else {
             let at = |o: usize| base + o.saturating_sub(shift);
+            let start = offsets.len();
             offsets.extend(enc.get_offsets().iter().map(|&(s, e)| (at(s), at(e))));
+            self.split_shared_ranges(&ids[first..], &mut offsets[start..]);
         }
         Ok(())
+    }
+
+    /// Byte-fallback tokens of one character all report the character's range; give each
+    /// its own byte instead, when their bytes add up to exactly that range.
+    fn split_shared_ranges(&self, ids: &[TokenId], offsets: &mut [(usize, usize)]) {
+        let mut i = 0;
+        while i < offsets.len() {
+            let range = offsets[i];
+            let run = offsets[i..].iter().take_while(|&&o| o == range).count();
+            let len = |id: &TokenId| self.bytes.get(*id as usize).map_or(0, <[u8]>::len);
+            let group = &ids[i..i + run];
+            if run > 1 && group.iter().map(len).sum::<usize>() == range.1 - range.0 {
+                let mut pos = range.0;
+                for (o, id) in offsets[i..i + run].iter_mut().zip(group) {
+                    *o = (pos, pos + len(id));
+                    pos += len(id);
+                }
+            }
+            i += run;
+        }
     }
 
     fn check(&self, id: TokenId) -> Result<usize, TokenizerError> {
