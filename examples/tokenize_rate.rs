@@ -8,7 +8,8 @@ use starling::tokenizer::GgufTokenizer;
 
 fn main() -> anyhow::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let model = std::env::args().nth(1).map(PathBuf::from).unwrap_or(root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let model =
+        std::env::args().nth(1).map(PathBuf::from).unwrap_or(root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     let seed = std::fs::read_to_string(root.join("tests/fixtures/smollm2/ppl_text.txt"))?;
     let mut text = String::with_capacity(1 << 20);
     while text.len() < 1 << 20 {

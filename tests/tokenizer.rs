@@ -170,7 +170,7 @@ fn stream_decoder_handles_a_split_at_every_byte_boundary() {
         // Whatever came out so far is a prefix of the text ending on a char boundary.
         out.push_str(&piece);
         assert!(text.starts_with(&out), "after byte {i}: {out:?}");
-        assert!(out.len() <= i + 1 && out.len() + 3 >= i + 1, "holds at most 3 bytes");
+        assert!(out.len() <= i + 1 && out.len() + 3 > i, "holds at most 3 bytes");
     }
     assert_eq!(dec.finish(), "");
     assert_eq!(out, text);
@@ -327,8 +327,7 @@ fn spm_merges_follow_scores_not_vocabulary_order() {
 
 /// A WordPiece vocabulary as llama.cpp's converter writes it (`▁` marks word starts).
 fn bert(tokens: &[&str], extra: Vec<(&str, GgufValue)>) -> GgufTokenizer {
-    let types: Vec<GgufValue> =
-        tokens.iter().map(|t| GgufValue::I32(if t.starts_with('[') { 3 } else { 1 })).collect();
+    let types: Vec<GgufValue> = tokens.iter().map(|t| GgufValue::I32(if t.starts_with('[') { 3 } else { 1 })).collect();
     let mut kv = vec![
         ("tokenizer.ggml.model", s("bert")),
         ("tokenizer.ggml.tokens", strs(tokens)),
@@ -429,12 +428,7 @@ fn unknown_pre_tokenizer_is_a_load_error() {
 
 #[test]
 fn bad_metadata_is_a_clear_load_error() {
-    let base = |model: &str| {
-        vec![
-            ("tokenizer.ggml.model", s(model)),
-            ("tokenizer.ggml.tokens", strs(&["a", "b"])),
-        ]
-    };
+    let base = |model: &str| vec![("tokenizer.ggml.model", s(model)), ("tokenizer.ggml.tokens", strs(&["a", "b"]))];
     let err = |kv| GgufTokenizer::from_gguf(&header(kv)).unwrap_err();
     assert!(matches!(err(base("t5")), TokenizerError::UnsupportedModel(m) if m == "t5"));
     assert!(matches!(err(base("llama")), TokenizerError::MissingScores));

@@ -33,7 +33,9 @@ pub enum TokenizerError {
     Metadata(#[from] GgufError),
     #[error("unsupported tokenizer model `{0}` (supported: gpt2, llama, bert)")]
     UnsupportedModel(String),
-    #[error("unknown pre-tokenizer `{0}` in tokenizer.ggml.pre (supported: default, gpt2, smollm, llama3, qwen2 and aliases)")]
+    #[error(
+        "unknown pre-tokenizer `{0}` in tokenizer.ggml.pre (supported: default, gpt2, smollm, llama3, qwen2 and aliases)"
+    )]
     UnknownPre(String),
     #[error("vocabulary of {0} tokens is empty or does not fit 32-bit ids")]
     BadVocabSize(usize),
@@ -323,11 +325,7 @@ impl GgufTokenizer {
 
     fn check(&self, id: TokenId) -> Result<usize, TokenizerError> {
         let i = id as usize;
-        if i < self.tokens.len() {
-            Ok(i)
-        } else {
-            Err(TokenizerError::UnknownId { id, vocab_size: self.tokens.len() })
-        }
+        if i < self.tokens.len() { Ok(i) } else { Err(TokenizerError::UnknownId { id, vocab_size: self.tokens.len() }) }
     }
 
     /// Text for `ids`. `skip_special` drops control tokens (BOS, EOS, chat markers);
