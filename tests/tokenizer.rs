@@ -170,7 +170,7 @@ fn stream_decoder_handles_a_split_at_every_byte_boundary() {
         // Whatever came out so far is a prefix of the text ending on a char boundary.
         out.push_str(&piece);
         assert!(text.starts_with(&out), "after byte {i}: {out:?}");
-        assert!(out.len() <= i + 1 && out.len() + 3 >= i + 1, "holds at most 3 bytes");
+        assert!(out.len() <= i + 1 && out.len() + 3 > i, "holds at most 3 bytes");
     }
     assert_eq!(dec.finish(), "");
     assert_eq!(out, text);
@@ -189,4 +189,258 @@ fn stream_decoder_flushes_a_broken_tail_lossily() {
     assert_eq!(dec.push(tok, first_byte_of_rocket).unwrap(), "");
     assert_eq!(dec.finish(), "\u{FFFD}");
     assert_eq!(dec.finish(), "");
+}
+
+// ---------- small vocabularies built in the test ----------
+
+fn header(kv: Vec<(&str, GgufValue)>) -> GgufHeader {
+    GgufHeader {
+        version: 3,
+        metadata: kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        tensors: Vec::new(),
+        alignment: 32,
+        data_offset: 0,
+    }
+}
+
+fn strs(v: &[&str]) -> GgufValue {
+    GgufValue::Array(v.iter().map(|s| GgufValue::String((*s).to_owned())).collect())
+}
+
+fn s(v: &str) -> GgufValue {
+    GgufValue::String(v.to_owned())
+}
+
+/// A SentencePiece vocabulary: `<unk>`, `<s>`, `</s>`, optionally the 256 byte tokens, then
+/// `pieces` with their scores.
+fn spm(pieces: &[(&str, f32)], byte_fallback: bool, extra: Vec<(&str, GgufValue)>) -> GgufTokenizer {
+    let mut tokens = vec!["<unk>".to_owned(), "<s>".to_owned(), "</s>".to_owned()];
+    let mut types = vec![2, 3, 3];
+    if byte_fallback {
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(6);
+        }
+    }
+    let mut scores = vec![0.0f32; tokens.len()];
+    for (p, sc) in pieces {
+        tokens.push((*p).to_owned());
+        types.push(1);
+        scores.push(*sc);
+    }
+    let mut kv = vec![
+        ("tokenizer.ggml.model", s("llama")),
+        ("tokenizer.ggml.tokens", GgufValue::Array(tokens.into_iter().map(GgufValue::String).collect())),
+        ("tokenizer.ggml.token_type", GgufValue::Array(types.into_iter().map(GgufValue::I32).collect())),
+        ("tokenizer.ggml.scores", GgufValue::Array(scores.into_iter().map(GgufValue::F32).collect())),
+        ("tokenizer.ggml.unknown_token_id", GgufValue::U32(0)),
+        ("tokenizer.ggml.bos_token_id", GgufValue::U32(1)),
+        ("tokenizer.ggml.eos_token_id", GgufValue::U32(2)),
+    ];
+    kv.extend(extra);
+    GgufTokenizer::from_gguf(&header(kv)).unwrap()
+}
+
+fn id_of(tok: &GgufTokenizer, text: &str) -> u32 {
+    (0..tok.vocab_size() as u32).find(|&i| tok.token_text(i).unwrap() == text).unwrap()
+}
+
+const SPM_PIECES: &[(&str, f32)] = &[
+    ("▁", -1.0),
+    ("h", -2.0),
+    ("e", -2.0),
+    ("l", -2.0),
+    ("o", -2.0),
+    ("w", -2.0),
+    ("r", -2.0),
+    ("d", -2.0),
+    ("▁h", -3.0),
+    ("ll", -3.0),
+    ("llo", -4.0),
+    ("▁he", -4.0),
+    ("▁hello", -5.0),
+    ("▁w", -3.0),
+    ("or", -3.0),
+    ("ld", -3.0),
+    ("▁wor", -5.0),
+    ("▁world", -6.0),
+];
+
+#[test]
+fn spm_adds_the_leading_space_and_merges_whole_words() {
+    let tok = spm(SPM_PIECES, true, vec![]);
+    let ids = tok.encode("hello world", false).unwrap();
+    assert_eq!(ids, vec![id_of(&tok, "▁hello"), id_of(&tok, "▁world")]);
+    assert_eq!(tok.decode(&ids, false).unwrap(), "hello world");
+    let enc = tok.encode_with_offsets("hello world", false).unwrap();
+    assert_eq!(enc.offsets, vec![(0, 5), (5, 11)], "the added space has no bytes in the text");
+    assert_eq!(enc.pieces, vec!["▁hello", "▁world"]);
+    assert!(tok.add_bos(), "llama vocabularies add BOS unless the file says otherwise");
+    assert_eq!(tok.encode_prompt("hello", false).unwrap(), vec![1, id_of(&tok, "▁hello")]);
+}
+
+#[test]
+fn spm_text_after_a_special_token_gets_the_leading_space_again() {
+    let tok = spm(SPM_PIECES, true, vec![]);
+    let ids = tok.encode("hello</s>world", true).unwrap();
+    assert_eq!(ids, vec![id_of(&tok, "▁hello"), 2, id_of(&tok, "▁world")]);
+    // Without parse_special the marker is text: `<`, `/`, `s`, `>` have no pieces and fall
+    // back to bytes.
+    let plain = tok.encode("</s>", false).unwrap();
+    assert_eq!(plain[0], id_of(&tok, "▁"));
+    assert_eq!(plain[1..], [3 + b'<' as u32, 3 + b'/' as u32, 3 + b's' as u32, 3 + b'>' as u32]);
+}
+
+#[test]
+fn spm_byte_fallback_spells_unknown_characters_as_bytes() {
+    let tok = spm(SPM_PIECES, true, vec![]);
+    let text = "hé🚀";
+    let enc = tok.encode_with_offsets(text, false).unwrap();
+    let mut want = vec![id_of(&tok, "▁h")];
+    want.extend("é🚀".bytes().map(|b| 3 + u32::from(b)));
+    assert_eq!(enc.ids, want);
+    assert_eq!(tok.token_bytes(want[1]).unwrap(), [0xC3]);
+    assert_eq!(tok.decode(&enc.ids, false).unwrap(), text);
+    // Each byte token covers exactly its byte.
+    assert_eq!(enc.offsets[1..3], [(1, 2), (2, 3)]);
+    let mut dec = StreamDecoder::new(false);
+    let streamed: String = enc.ids.iter().map(|&id| dec.push(&tok, id).unwrap()).collect();
+    assert_eq!(streamed, " hé🚀", "the stream keeps the leading space of the first token");
+}
+
+#[test]
+fn spm_without_byte_tokens_maps_unknown_characters_to_unk() {
+    let tok = spm(SPM_PIECES, false, vec![]);
+    assert_eq!(tok.encode("hé", false).unwrap(), vec![id_of(&tok, "▁h"), 0]);
+}
+
+#[test]
+fn spm_merges_follow_scores_not_vocabulary_order() {
+    let base = [("a", -1.0), ("b", -1.0), ("c", -1.0)];
+    let no_prefix = || vec![("tokenizer.ggml.add_space_prefix", GgufValue::Bool(false))];
+    let bc_first = spm(&[base[0], base[1], base[2], ("ab", -2.0), ("bc", -1.5)], false, no_prefix());
+    assert_eq!(bc_first.encode("abc", false).unwrap(), vec![id_of(&bc_first, "a"), id_of(&bc_first, "bc")]);
+    let ab_first = spm(&[base[0], base[1], base[2], ("ab", -1.5), ("bc", -2.0)], false, no_prefix());
+    assert_eq!(ab_first.encode("abc", false).unwrap(), vec![id_of(&ab_first, "ab"), id_of(&ab_first, "c")]);
+    assert_eq!(ab_first.decode(&ab_first.encode("abc", false).unwrap(), false).unwrap(), "abc");
+}
+
+/// A WordPiece vocabulary as llama.cpp's converter writes it (`▁` marks word starts).
+fn bert(tokens: &[&str], extra: Vec<(&str, GgufValue)>) -> GgufTokenizer {
+    let types: Vec<GgufValue> = tokens.iter().map(|t| GgufValue::I32(if t.starts_with('[') { 3 } else { 1 })).collect();
+    let mut kv = vec![
+        ("tokenizer.ggml.model", s("bert")),
+        ("tokenizer.ggml.tokens", strs(tokens)),
+        ("tokenizer.ggml.token_type", GgufValue::Array(types)),
+        ("tokenizer.ggml.unknown_token_id", GgufValue::U32(1)),
+        ("tokenizer.ggml.cls_token_id", GgufValue::U32(2)),
+        ("tokenizer.ggml.seperator_token_id", GgufValue::U32(3)),
+    ];
+    kv.extend(extra);
+    GgufTokenizer::from_gguf(&header(kv)).unwrap()
+}
+
+const BERT_PHANTOM: &[&str] =
+    &["[PAD]", "[UNK]", "[CLS]", "[SEP]", "▁hello", "▁world", "▁un", "aff", "able", "▁!", "▁cafe", "▁日"];
+
+#[test]
+fn wordpiece_splits_words_into_continuation_pieces() {
+    let tok = bert(BERT_PHANTOM, vec![]);
+    let ids = tok.encode("Hello unaffable World!", false).unwrap();
+    assert_eq!(ids, vec![4, 6, 7, 8, 5, 9]);
+    assert_eq!(tok.decode(&ids, false).unwrap(), "hello unaffable world !");
+    let enc = tok.encode_with_offsets("Hello unaffable World!", false).unwrap();
+    assert_eq!(enc.offsets, vec![(0, 5), (6, 8), (8, 11), (11, 15), (16, 21), (21, 22)]);
+    assert_eq!(tok.encode_prompt("hello", false).unwrap(), vec![2, 4, 3], "[CLS] text [SEP]");
+}
+
+#[test]
+fn wordpiece_unknown_words_become_unk_and_accents_are_stripped() {
+    let tok = bert(BERT_PHANTOM, vec![]);
+    assert_eq!(tok.encode("Café xyz 日", false).unwrap(), vec![10, 1, 11]);
+    let enc = tok.encode_with_offsets("Café", false).unwrap();
+    assert_eq!(enc.offsets, vec![(0, 5)], "offsets cover the original accented bytes");
+    let cased = bert(BERT_PHANTOM, vec![("tokenizer.ggml.do_lower_case", GgufValue::Bool(false))]);
+    assert_eq!(cased.encode("Hello hello", false).unwrap(), vec![1, 4]);
+}
+
+#[test]
+fn wordpiece_accepts_hash_prefixed_vocabularies() {
+    let tok = bert(&["[PAD]", "[UNK]", "[CLS]", "[SEP]", "un", "##aff", "##able", "play", "##ing"], vec![]);
+    let ids = tok.encode("unaffable playing", false).unwrap();
+    assert_eq!(ids, vec![4, 5, 6, 7, 8]);
+    assert_eq!(tok.token_bytes(5).unwrap(), b"aff");
+    assert_eq!(tok.decode(&ids, false).unwrap(), "unaffable playing");
+    assert_eq!(tok.encode("unplay", false).unwrap(), vec![1], "no `##play` piece: the whole word is unknown");
+}
+
+// ---------- byte-level pre-tokenizers ----------
+
+/// Every byte symbol, plus digit merges `1 2`, `12 3`, `123 4` and a `hello` token with no merges.
+fn byte_level(pre: &str) -> Result<GgufTokenizer, TokenizerError> {
+    let mut tokens: Vec<String> = (0..=255u8).map(byte_symbol).collect();
+    tokens.extend(["12", "123", "1234", "hello"].map(str::to_owned));
+    let merges = strs(&["1 2", "12 3", "123 4"]);
+    GgufTokenizer::from_gguf(&header(vec![
+        ("tokenizer.ggml.model", s("gpt2")),
+        ("tokenizer.ggml.pre", s(pre)),
+        ("tokenizer.ggml.tokens", GgufValue::Array(tokens.into_iter().map(GgufValue::String).collect())),
+        ("tokenizer.ggml.merges", merges),
+    ]))
+}
+
+fn byte_symbol(b: u8) -> String {
+    let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    if printable {
+        char::from(b).to_string()
+    } else {
+        let rank = (0..b).filter(|x| !matches!(x, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF)).count() as u32;
+        char::from_u32(256 + rank).unwrap().to_string()
+    }
+}
+
+#[test]
+fn pre_tokenizer_names_change_how_digits_split() {
+    // `default` is llama.cpp's fallback split, which cuts digit runs into threes.
+    let d = |c: u8| u32::from(c);
+    let cases: [(&str, Vec<u32>); 5] = [
+        ("gpt2", vec![258]),
+        ("default", vec![257, d(b'4')]),
+        ("smollm", vec![d(b'1'), d(b'2'), d(b'3'), d(b'4')]),
+        ("llama3", vec![257, d(b'4')]),
+        ("qwen2", vec![d(b'1'), d(b'2'), d(b'3'), d(b'4')]),
+    ];
+    for (pre, want) in cases {
+        let tok = byte_level(pre).unwrap();
+        assert_eq!(tok.encode("1234", false).unwrap(), want, "pre = {pre}");
+    }
+    // llama3 takes a whole word found in the vocabulary without merging; gpt2 spells it.
+    assert_eq!(byte_level("llama-bpe").unwrap().encode("hello", false).unwrap(), vec![259]);
+    assert_eq!(byte_level("gpt2").unwrap().encode("hello", false).unwrap(), b"hello".map(u32::from).to_vec());
+}
+
+#[test]
+fn unknown_pre_tokenizer_is_a_load_error() {
+    let err = byte_level("mystery-pre").unwrap_err();
+    assert!(matches!(&err, TokenizerError::UnknownPre(p) if p == "mystery-pre"), "{err:?}");
+    assert!(err.to_string().contains("mystery-pre"));
+}
+
+#[test]
+fn bad_metadata_is_a_clear_load_error() {
+    let base = |model: &str| vec![("tokenizer.ggml.model", s(model)), ("tokenizer.ggml.tokens", strs(&["a", "b"]))];
+    let err = |kv| GgufTokenizer::from_gguf(&header(kv)).unwrap_err();
+    assert!(matches!(err(base("t5")), TokenizerError::UnsupportedModel(m) if m == "t5"));
+    assert!(matches!(err(base("llama")), TokenizerError::MissingScores));
+    let mut kv = base("gpt2");
+    kv.push(("tokenizer.ggml.token_type", GgufValue::Array(vec![GgufValue::I32(1)])));
+    assert!(matches!(err(kv), TokenizerError::LengthMismatch { found: 1, expected: 2, .. }));
+    let mut kv = base("gpt2");
+    kv.push(("tokenizer.ggml.eos_token_id", GgufValue::U32(7)));
+    let e = err(kv);
+    assert!(matches!(e, TokenizerError::BadSpecialId { id: 7, vocab_size: 2, .. }), "{e:?}");
+    let mut kv = base("gpt2");
+    kv.push(("tokenizer.ggml.merges", strs(&["ab"])));
+    assert!(matches!(err(kv), TokenizerError::BadMerge { index: 0, .. }));
+    assert!(matches!(err(vec![]), TokenizerError::Metadata(_)));
 }

@@ -51,7 +51,8 @@ pub(crate) fn byte_bpe(spec: &VocabSpec) -> Result<Tokenizer, TokenizerError> {
             None => Err(TokenizerError::BadMerge { index, merge: line.clone() }),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let model = BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(ignore_merges).build().map_err(build_err)?;
+    let model =
+        BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(ignore_merges).build().map_err(build_err)?;
     let mut steps: Vec<PreTokenizerWrapper> = Vec::with_capacity(splits.len() + 1);
     for pattern in splits {
         let split = Split::new(SplitPattern::Regex(pattern.to_owned()), SplitDelimiterBehavior::Isolated, false)

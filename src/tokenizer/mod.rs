@@ -33,7 +33,9 @@ pub enum TokenizerError {
     Metadata(#[from] GgufError),
     #[error("unsupported tokenizer model `{0}` (supported: gpt2, llama, bert)")]
     UnsupportedModel(String),
-    #[error("unknown pre-tokenizer `{0}` in tokenizer.ggml.pre (supported: default, gpt2, smollm, llama3, qwen2 and aliases)")]
+    #[error(
+        "unknown pre-tokenizer `{0}` in tokenizer.ggml.pre (supported: default, gpt2, smollm, llama3, qwen2 and aliases)"
+    )]
     UnknownPre(String),
     #[error("vocabulary of {0} tokens is empty or does not fit 32-bit ids")]
     BadVocabSize(usize),
@@ -294,18 +296,36 @@ impl GgufTokenizer {
             }
         } else {
             let at = |o: usize| base + o.saturating_sub(shift);
+            let start = offsets.len();
             offsets.extend(enc.get_offsets().iter().map(|&(s, e)| (at(s), at(e))));
+            self.split_shared_ranges(&ids[first..], &mut offsets[start..]);
         }
         Ok(())
     }
 
+    /// Byte-fallback tokens of one character all report the character's range; give each
+    /// its own byte instead, when their bytes add up to exactly that range.
+    fn split_shared_ranges(&self, ids: &[TokenId], offsets: &mut [(usize, usize)]) {
+        let mut i = 0;
+        while i < offsets.len() {
+            let range = offsets[i];
+            let run = offsets[i..].iter().take_while(|&&o| o == range).count();
+            let len = |id: &TokenId| self.bytes.get(*id as usize).map_or(0, <[u8]>::len);
+            let group = &ids[i..i + run];
+            if run > 1 && group.iter().map(len).sum::<usize>() == range.1 - range.0 {
+                let mut pos = range.0;
+                for (o, id) in offsets[i..i + run].iter_mut().zip(group) {
+                    *o = (pos, pos + len(id));
+                    pos += len(id);
+                }
+            }
+            i += run;
+        }
+    }
+
     fn check(&self, id: TokenId) -> Result<usize, TokenizerError> {
         let i = id as usize;
-        if i < self.tokens.len() {
-            Ok(i)
-        } else {
-            Err(TokenizerError::UnknownId { id, vocab_size: self.tokens.len() })
-        }
+        if i < self.tokens.len() { Ok(i) } else { Err(TokenizerError::UnknownId { id, vocab_size: self.tokens.len() }) }
     }
 
     /// Text for `ids`. `skip_special` drops control tokens (BOS, EOS, chat markers);

@@ -147,7 +147,9 @@ fn read_kinds(h: &GgufHeader, n: usize) -> Result<Vec<TokenKind>, TokenizerError
         return Err(TokenizerError::LengthMismatch { key: KEY, found: arr.len(), expected: n });
     }
     arr.iter()
-        .map(|v| v.as_i64().map(TokenKind::from_code).ok_or(TokenizerError::BadValue { key: KEY, expected: "integers" }))
+        .map(|v| {
+            v.as_i64().map(TokenKind::from_code).ok_or(TokenizerError::BadValue { key: KEY, expected: "integers" })
+        })
         .collect()
 }
 
