@@ -249,7 +249,7 @@ fn top_p_keeps_the_smallest_prefix_reaching_p() {
     let logits = ln_probs(&[0.15, 0.5, 0.05, 0.3]);
     let kept = |p: f32| {
         let mut c = Candidates::from_logits(&logits);
-        steps::top_p(&mut c, p, &mut Vec::new());
+        steps::top_p(&mut c, p);
         ids(&c)
     };
     assert_eq!(kept(0.4), vec![1]);
@@ -395,7 +395,7 @@ proptest! {
         assert_distribution(&c);
         steps::top_k(&mut c, k);
         assert_distribution(&c);
-        steps::top_p(&mut c, p, &mut Vec::new());
+        steps::top_p(&mut c, p);
         assert_distribution(&c);
         steps::min_p(&mut c, m);
         assert_distribution(&c);
@@ -422,7 +422,7 @@ proptest! {
         let before = Candidates::from_logits(&logits);
         let probs = before.probabilities();
         let mut c = before.clone();
-        steps::top_p(&mut c, p, &mut Vec::new());
+        steps::top_p(&mut c, p);
         let kept = ids(&c);
         let mass: f64 = kept.iter().map(|&i| f64::from(probs[i as usize])).sum();
         let last = f64::from(probs[*kept.last().unwrap() as usize]);
@@ -433,6 +433,17 @@ proptest! {
         for (i, &q) in probs.iter().enumerate() {
             prop_assert!(kept.contains(&(i as TokenId)) || q <= min_kept);
         }
+    }
+
+    #[test]
+    fn top_p_pruned_and_fully_sorted_paths_agree(logits in logits_strategy(), p in 0.01f32..1.0, flat: bool) {
+        let logits: Vec<f32> = if flat { logits.iter().map(|l| l * 0.01).collect() } else { logits };
+        let mut unsorted = Candidates::from_logits(&logits);
+        let mut sorted = unsorted.clone();
+        sorted.sort_by_rank();
+        steps::top_p(&mut unsorted, p);
+        steps::top_p(&mut sorted, p);
+        prop_assert_eq!(ids(&unsorted), ids(&sorted));
     }
 
     #[test]
