@@ -279,6 +279,20 @@ fn draw_maps_one_uniform_number_onto_the_cumulative_mass() {
 }
 
 #[test]
+fn when_everything_is_masked_the_raw_argmax_comes_back_with_no_probability() {
+    // Seven tokens banned and the eighth (EOS) masked until min_tokens.
+    let bans: Vec<_> = (0..7).map(|id| (id, -100.0)).collect();
+    let params = SamplingParams { logit_bias: Some(bans), min_tokens: Some(1), ..plain(1.0, 3) };
+    let logits = [0.0, 4.0, 1.0, 0.0, 0.0, 0.0, 0.0, 2.0];
+    let mut row = logits.to_vec();
+    let s = SamplerState::new(config(params)).sample(&mut row, &[], 0, &[7]);
+    assert_eq!((s.token, s.logprob), (1, f32::NEG_INFINITY));
+    assert_eq!(row, logits, "the logits row is left as it was");
+    let empty = sample_once(greedy(), &[], &[], 0, &[]);
+    assert_eq!((empty.token, empty.logprob), (0, f32::NEG_INFINITY));
+}
+
+#[test]
 fn nan_logits_are_never_drawn() {
     let logits = [f32::NAN, 0.0, f32::NAN, 0.1];
     for seed in 0..50 {
@@ -604,6 +618,8 @@ fn rule_and_stop_race_the_earliest_wins_and_a_tie_goes_to_the_filter() {
 fn hold_back_is_bounded_by_the_rule_window() {
     let bounded = PolicyRules::new(&[], &["x{2,5}".to_string()]).unwrap();
     assert_eq!(bounded.window(), 5);
+    let phrase = PolicyRules::new(&["stop me".to_string()], &[]).unwrap();
+    assert!((7..=28).contains(&phrase.window()), "a phrase holds back about its own length: {}", phrase.window());
     let unbounded = PolicyRules::with_regex_window(&[], &["ab+c".to_string()], 8).unwrap();
     assert_eq!(unbounded.window(), 8);
     let mut gate = TextGate::new(&[], Some(Arc::new(unbounded)));
