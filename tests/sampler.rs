@@ -249,7 +249,7 @@ fn top_p_keeps_the_smallest_prefix_reaching_p() {
     let logits = ln_probs(&[0.15, 0.5, 0.05, 0.3]);
     let kept = |p: f32| {
         let mut c = Candidates::from_logits(&logits);
-        steps::top_p(&mut c, p, &mut Vec::new());
+        steps::top_p(&mut c, p);
         ids(&c)
     };
     assert_eq!(kept(0.4), vec![1]);
@@ -276,6 +276,20 @@ fn draw_maps_one_uniform_number_onto_the_cumulative_mass() {
     let got = steps::draw(&[0.25; 4], &mut ChaCha8Rng::seed_from_u64(7));
     assert_eq!(got, Some(expected));
     assert_eq!(steps::draw(&[0.0, 0.0], &mut ChaCha8Rng::seed_from_u64(7)), None);
+}
+
+#[test]
+fn when_everything_is_masked_the_raw_argmax_comes_back_with_no_probability() {
+    // Seven tokens banned and the eighth (EOS) masked until min_tokens.
+    let bans: Vec<_> = (0..7).map(|id| (id, -100.0)).collect();
+    let params = SamplingParams { logit_bias: Some(bans), min_tokens: Some(1), ..plain(1.0, 3) };
+    let logits = [0.0, 4.0, 1.0, 0.0, 0.0, 0.0, 0.0, 2.0];
+    let mut row = logits.to_vec();
+    let s = SamplerState::new(config(params)).sample(&mut row, &[], 0, &[7]);
+    assert_eq!((s.token, s.logprob), (1, f32::NEG_INFINITY));
+    assert_eq!(row, logits, "the logits row is left as it was");
+    let empty = sample_once(greedy(), &[], &[], 0, &[]);
+    assert_eq!((empty.token, empty.logprob), (0, f32::NEG_INFINITY));
 }
 
 #[test]
@@ -395,7 +409,7 @@ proptest! {
         assert_distribution(&c);
         steps::top_k(&mut c, k);
         assert_distribution(&c);
-        steps::top_p(&mut c, p, &mut Vec::new());
+        steps::top_p(&mut c, p);
         assert_distribution(&c);
         steps::min_p(&mut c, m);
         assert_distribution(&c);
@@ -422,7 +436,7 @@ proptest! {
         let before = Candidates::from_logits(&logits);
         let probs = before.probabilities();
         let mut c = before.clone();
-        steps::top_p(&mut c, p, &mut Vec::new());
+        steps::top_p(&mut c, p);
         let kept = ids(&c);
         let mass: f64 = kept.iter().map(|&i| f64::from(probs[i as usize])).sum();
         let last = f64::from(probs[*kept.last().unwrap() as usize]);
@@ -433,6 +447,17 @@ proptest! {
         for (i, &q) in probs.iter().enumerate() {
             prop_assert!(kept.contains(&(i as TokenId)) || q <= min_kept);
         }
+    }
+
+    #[test]
+    fn top_p_pruned_and_fully_sorted_paths_agree(logits in logits_strategy(), p in 0.01f32..1.0, flat: bool) {
+        let logits: Vec<f32> = if flat { logits.iter().map(|l| l * 0.01).collect() } else { logits };
+        let mut unsorted = Candidates::from_logits(&logits);
+        let mut sorted = unsorted.clone();
+        sorted.sort_by_rank();
+        steps::top_p(&mut unsorted, p);
+        steps::top_p(&mut sorted, p);
+        prop_assert_eq!(ids(&unsorted), ids(&sorted));
     }
 
     #[test]
@@ -593,6 +618,8 @@ fn rule_and_stop_race_the_earliest_wins_and_a_tie_goes_to_the_filter() {
 fn hold_back_is_bounded_by_the_rule_window() {
     let bounded = PolicyRules::new(&[], &["x{2,5}".to_string()]).unwrap();
     assert_eq!(bounded.window(), 5);
+    let phrase = PolicyRules::new(&["stop me".to_string()], &[]).unwrap();
+    assert!((7..=28).contains(&phrase.window()), "a phrase holds back about its own length: {}", phrase.window());
     let unbounded = PolicyRules::with_regex_window(&[], &["ab+c".to_string()], 8).unwrap();
     assert_eq!(unbounded.window(), 8);
     let mut gate = TextGate::new(&[], Some(Arc::new(unbounded)));

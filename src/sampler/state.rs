@@ -153,7 +153,7 @@ impl SamplerState {
             }
             SamplerStep::Temperature => steps::apply_temperature(c, cfg.temperature),
             SamplerStep::TopK => steps::top_k(c, cfg.top_k),
-            SamplerStep::TopP => steps::top_p(c, cfg.top_p, &mut self.probs),
+            SamplerStep::TopP => steps::top_p(c, cfg.top_p),
             SamplerStep::MinP => steps::min_p(c, cfg.min_p),
         }
     }

@@ -8,6 +8,7 @@
 //! descending logit with ties broken by the lower token id.
 
 use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
@@ -29,6 +30,35 @@ pub struct Candidates {
     identity: bool,
     /// Sorted by [`by_rank`].
     sorted: bool,
+    /// Reusable heap storage for top-k.
+    heap: Vec<Ranked>,
+    /// Reusable unnormalised weights for top-p.
+    weights: Vec<f32>,
+}
+
+/// A candidate ordered so that the worse-ranked one is greater (top-k's heap keeps the
+/// worst kept candidate on top, ready to be replaced).
+#[derive(Clone, Copy, Debug)]
+struct Ranked(Candidate);
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Ranked {}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> Ordering {
+        by_rank(&self.0, &other.0)
+    }
 }
 
 /// Descending logit, ties by ascending id: the one order every step agrees on.
@@ -104,7 +134,8 @@ impl Candidates {
         self.sorted = false;
     }
 
-    fn sort(&mut self) {
+    /// Sorts by descending logit, ties to the lower id (a no-op when already sorted).
+    pub fn sort_by_rank(&mut self) {
         if !self.sorted {
             self.items.sort_unstable_by(by_rank);
             self.sorted = true;
@@ -221,29 +252,67 @@ pub fn top_k(c: &mut Candidates, k: u32) {
         c.items.truncate(k);
         return;
     }
-    c.items.select_nth_unstable_by(k - 1, by_rank);
-    c.items.truncate(k);
-    c.sort();
+    let mut heap = BinaryHeap::from(std::mem::take(&mut c.heap));
+    for &cand in &c.items {
+        if heap.len() < k {
+            heap.push(Ranked(cand));
+        } else if let Some(mut worst) = heap.peek_mut()
+            && by_rank(&cand, &worst.0) == Ordering::Less
+        {
+            *worst = Ranked(cand);
+        }
+    }
+    let best_first = heap.into_sorted_vec();
+    c.items.clear();
+    c.items.extend(best_first.iter().map(|r| r.0));
+    c.heap = best_first;
+    c.heap.clear();
+    c.sorted = true;
+    c.identity = false;
 }
 
 /// Keeps the smallest prefix of the most likely candidates whose probability mass is at
 /// least `p` (always at least one). `p >= 1` is off.
-pub fn top_p(c: &mut Candidates, p: f32, probs: &mut Vec<f32>) {
-    if p >= 1.0 || c.items.is_empty() {
+///
+/// On an unsorted list only the tokens at or above the uniform weight are sorted when
+/// they already hold mass `p` (they are a prefix of the sorted order, so the result is
+/// the same as sorting everything; for a peaked distribution this is a few hundred).
+pub fn top_p(c: &mut Candidates, p: f32) {
+    let max = c.max_logit();
+    if p >= 1.0 || max == f32::NEG_INFINITY {
         return;
     }
-    c.sort();
-    c.probabilities_into(probs);
+    let weight = |x: &Candidate| f64::from((x.logit - max).exp());
+    let target = if c.sorted {
+        f64::from(p) * c.items.iter().map(weight).sum::<f64>()
+    } else {
+        let target = prune_below_uniform(c, max, p);
+        c.sort_by_rank();
+        target
+    };
     let mut mass = 0.0f64;
-    let mut keep = c.items.len();
-    for (i, &q) in probs.iter().enumerate() {
-        mass += f64::from(q);
-        if mass >= f64::from(p) {
-            keep = i + 1;
-            break;
-        }
+    let keep = c.items.iter().position(|x| {
+        mass += weight(x);
+        mass >= target
+    });
+    c.items.truncate(keep.map_or(c.items.len(), |i| i + 1));
+}
+
+/// Drops the candidates below the uniform weight when the rest hold mass `p`; returns
+/// the mass to reach, `p` times the total weight of the full list.
+fn prune_below_uniform(c: &mut Candidates, max: f32, p: f32) -> f64 {
+    c.weights.clear();
+    c.weights.extend(c.items.iter().map(|x| (x.logit - max).exp()));
+    let total: f64 = c.weights.iter().map(|&w| f64::from(w)).sum();
+    let target = f64::from(p) * total;
+    let floor = total / c.items.len() as f64;
+    let above: f64 = c.weights.iter().map(|&w| f64::from(w)).filter(|&w| w >= floor).sum();
+    if above >= target {
+        let mut weights = c.weights.iter();
+        c.items.retain(|_| weights.next().is_some_and(|&w| f64::from(w) >= floor));
+        c.identity = false;
     }
-    c.items.truncate(keep);
+    target
 }
 
 /// Keeps exactly the candidates whose probability is at least `min_p` times the largest
