@@ -42,7 +42,11 @@ pub struct GenerateRequest {
 pub enum EngineCommand {
     Generate(Box<GenerateRequest>),
     /// Frees a session's cached state. Replies `not_found` for unknown sessions (or another tenant's).
-    CloseSession { tenant: TenantId, session: SessionId, reply: oneshot::Sender<Result<(), ApiError>> },
+    CloseSession {
+        tenant: TenantId,
+        session: SessionId,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
     /// Stops the engine loop after the current tick; in-flight requests are cancelled.
     Shutdown,
 }

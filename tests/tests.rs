@@ -1,7 +1,7 @@
 //! The one integration-test binary: one `mod` per area (one link step on a 2-core machine).
+mod config;
 mod gguf;
 mod kernels;
-mod tokenizer;
-mod config;
-mod sampler;
 mod model;
+mod sampler;
+mod tokenizer;

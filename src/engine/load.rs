@@ -18,7 +18,7 @@ use crate::types::ModelId;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("model `{id}` ({path}): {source}")]
-    Model { id: ModelId, path: PathBuf, source: ModelError },
+    Model { id: ModelId, path: PathBuf, source: Box<ModelError> },
     #[error("model `{id}`: tokenizer: {source}")]
     Tokenizer { id: ModelId, source: TokenizerError },
     #[error("model `{id}`: {source}")]
@@ -46,8 +46,11 @@ pub struct LoadedModel {
 pub fn start_model(config: &Config, index: usize) -> Result<LoadedModel, LoadError> {
     let mc = &config.models[index];
     let id = mc.id.clone();
-    let model = LlamaModel::load(&mc.path, mc.threads.get())
-        .map_err(|source| LoadError::Model { id: id.clone(), path: mc.path.clone(), source })?;
+    let model = LlamaModel::load(&mc.path, mc.threads.get()).map_err(|e| LoadError::Model {
+        id: id.clone(),
+        path: mc.path.clone(),
+        source: Box::new(e),
+    })?;
     let tokenizer = GgufTokenizer::from_gguf(&model.file().header)
         .map_err(|source| LoadError::Tokenizer { id: id.clone(), source })?;
     let n_ctx = model.hparams.n_ctx_train;
@@ -93,8 +96,5 @@ pub fn start_model(config: &Config, index: usize) -> Result<LoadedModel, LoadErr
 type CompiledRules = Vec<(Option<Vec<crate::types::TenantId>>, Arc<PolicyRules>)>;
 
 fn compile(rules: &[PolicyRule]) -> Result<CompiledRules, PolicyError> {
-    rules
-        .iter()
-        .map(|r| Ok((r.tenants.clone(), Arc::new(PolicyRules::new(&r.phrases, &r.regexes)?))))
-        .collect()
+    rules.iter().map(|r| Ok((r.tenants.clone(), Arc::new(PolicyRules::new(&r.phrases, &r.regexes)?)))).collect()
 }

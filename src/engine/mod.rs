@@ -142,7 +142,9 @@ pub fn build_schedule(spec: &PipelineSpec, world: &mut World) -> Schedule {
         })
         .collect();
     let mut schedule = Schedule::default();
-    schedule.add_systems(ScheduleConfigs::Configs { configs, collective_conditions: vec![], metadata: Default::default() }.chain());
+    schedule.add_systems(
+        ScheduleConfigs::Configs { configs, collective_conditions: vec![], metadata: Default::default() }.chain(),
+    );
     schedule
 }
 
@@ -187,7 +189,13 @@ fn run_loop(mut world: World, mut schedule: Schedule, rx: mpsc::Receiver<EngineC
             let r = world.resource::<TickReport>();
             busy && r.planned_tokens == 0 && r.events_sent == 0
         };
-        let wait = if !busy { Some(IDLE_WAKE) } else if stalled { Some(STALLED_WAIT) } else { None };
+        let wait = if !busy {
+            Some(IDLE_WAKE)
+        } else if stalled {
+            Some(STALLED_WAIT)
+        } else {
+            None
+        };
         if let Some(wait) = wait {
             match rx.recv_timeout(wait) {
                 Ok(cmd) => {

@@ -210,7 +210,10 @@ fn parse_params(
             message: message.to_owned(),
         };
         let positive = |v: &serde_json::Value| {
-            v.as_u64().filter(|&n| n >= 1 && n <= u32::MAX as u64).map(|n| n as u32).ok_or_else(|| bad("must be an integer >= 1"))
+            v.as_u64()
+                .filter(|&n| n >= 1 && n <= u32::MAX as u64)
+                .map(|n| n as u32)
+                .ok_or_else(|| bad("must be an integer >= 1"))
         };
         match (stage, param.as_str()) {
             (Stage::Sample, "samplers") => {
@@ -288,7 +291,8 @@ mod tests {
         let text = "name: custom\nstages: [{stage: admit}, {stage: evict}, {stage: tokenize}, {stage: input_policy}, {stage: batch}, {stage: forward}, {stage: sample}, {stage: output_policy}, {stage: emit}]";
         let spec = parse(text).unwrap();
         let names: Vec<_> = spec.stages.iter().map(|(s, _)| s.name()).collect();
-        let want = ["admit", "evict", "tokenize", "input_policy", "batch", "forward", "sample", "output_policy", "emit"];
+        let want =
+            ["admit", "evict", "tokenize", "input_policy", "batch", "forward", "sample", "output_policy", "emit"];
         assert_eq!(names, want);
         assert_eq!(spec.name, "custom");
     }
@@ -297,7 +301,10 @@ mod tests {
     fn params_are_checked_per_stage() {
         let ok = "stages: [{stage: admit}, {stage: tokenize}, {stage: batch}, {stage: forward}, {stage: sample, params: {samplers: [top_k, temperature]}}, {stage: emit}, {stage: evict, params: {sweep_every_ticks: 10}}]";
         let spec = parse(ok).unwrap();
-        assert_eq!(spec.params(Stage::Sample).unwrap().sampler_order.as_deref(), Some(&["top_k".to_string(), "temperature".to_string()][..]));
+        assert_eq!(
+            spec.params(Stage::Sample).unwrap().sampler_order.as_deref(),
+            Some(&["top_k".to_string(), "temperature".to_string()][..])
+        );
         assert_eq!(spec.params(Stage::Evict).unwrap().sweep_every_ticks, Some(10));
 
         let bad = ok.replace("sweep_every_ticks: 10", "sweep_every_ticks: 0");

@@ -45,9 +45,10 @@ impl AppState {
     /// The model a request names, or the first one when it names none.
     pub fn model(&self, name: Option<&str>) -> Result<&Arc<LoadedModel>, ApiError> {
         match name {
-            None => self.models.first().ok_or_else(|| {
-                ApiError::new(ErrorKind::Unavailable, "no model is loaded").with_code("no_model")
-            }),
+            None => self
+                .models
+                .first()
+                .ok_or_else(|| ApiError::new(ErrorKind::Unavailable, "no model is loaded").with_code("no_model")),
             Some(name) => self.models.iter().find(|m| m.id.as_str() == name).ok_or_else(|| {
                 let known: Vec<_> = self.models.iter().map(|m| m.id.as_str()).collect();
                 ApiError::new(ErrorKind::NotFound, format!("unknown model `{name}` (loaded: {})", known.join(", ")))
@@ -120,7 +121,10 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
         (method, p) => match known.get(p) {
             Some(allowed) => Err(ApiError::new(
                 ErrorKind::MethodNotAllowed,
-                format!("{method} is not allowed on {p} (allowed: {})", allowed.iter().map(Method::as_str).collect::<Vec<_>>().join(", ")),
+                format!(
+                    "{method} is not allowed on {p} (allowed: {})",
+                    allowed.iter().map(Method::as_str).collect::<Vec<_>>().join(", ")
+                ),
             )),
             None => Err(ApiError::new(ErrorKind::NotFound, format!("no route {p}")).with_code("route_not_found")),
         },

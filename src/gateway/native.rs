@@ -15,7 +15,9 @@ use super::http::{Body, json_response, parse_json, read_body};
 use super::sse::{self, Render};
 use crate::engine::load::LoadedModel;
 use crate::error::{ApiError, ErrorKind};
-use crate::protocol::{EngineCommand, FinishReason, GenerateRequest, PromptInput, StreamEvent, Timings, TokenLogprob, Usage};
+use crate::protocol::{
+    EngineCommand, FinishReason, GenerateRequest, PromptInput, StreamEvent, Timings, TokenLogprob, Usage,
+};
 use crate::sampler::{SamplerLimits, SamplingConfig, SamplingParams};
 use crate::types::{RequestId, SessionId, TenantId, TokenId};
 
@@ -23,7 +25,8 @@ use crate::types::{RequestId, SessionId, TenantId, TokenId};
 const STREAM_CAPACITY: usize = 64;
 
 /// Fields `/v1/generate` accepts besides the sampling parameters.
-const GENERATE_FIELDS: &[&str] = &["prompt", "tokens", "model", "session_id", "stream", "timeout_secs", "parse_special"];
+const GENERATE_FIELDS: &[&str] =
+    &["prompt", "tokens", "model", "session_id", "stream", "timeout_secs", "parse_special"];
 /// Fields of [`SamplingParams`] on the wire.
 pub const SAMPLING_FIELDS: &[&str] = &[
     "temperature",
@@ -59,8 +62,12 @@ struct GenerateBody {
 }
 
 pub fn healthz(state: &AppState) -> Response<Body> {
-    let stopped: Vec<_> =
-        state.models.iter().filter(|m| m.engine.status.stopped.load(Ordering::Relaxed)).map(|m| m.id.to_string()).collect();
+    let stopped: Vec<_> = state
+        .models
+        .iter()
+        .filter(|m| m.engine.status.stopped.load(Ordering::Relaxed))
+        .map(|m| m.id.to_string())
+        .collect();
     if stopped.is_empty() {
         json_response(StatusCode::OK, &json!({"status": "ok"}))
     } else {
@@ -130,7 +137,11 @@ pub fn from_map<T: serde::de::DeserializeOwned>(map: Map<String, Value>) -> Resu
 }
 
 /// Validates sampling parameters against the model and the server limits.
-pub fn validate_sampling(state: &AppState, model: &LoadedModel, p: &SamplingParams) -> Result<SamplingConfig, ApiError> {
+pub fn validate_sampling(
+    state: &AppState,
+    model: &LoadedModel,
+    p: &SamplingParams,
+) -> Result<SamplingConfig, ApiError> {
     let l = &state.config.limits;
     if p.logprobs.is_some_and(|n| n > l.max_logprobs) {
         return Err(ApiError::invalid_parameter("logprobs", format!("`logprobs` must be in [0, {}]", l.max_logprobs)));
@@ -146,7 +157,6 @@ pub fn validate_sampling(state: &AppState, model: &LoadedModel, p: &SamplingPara
 /// What a generation route hands the engine, with the receiver for its events.
 pub struct Submission {
     pub rx: mpsc::Receiver<StreamEvent>,
-    pub prompt_tokens: usize,
 }
 
 /// Sends a request to the model's engine and waits for admission (the first event): an
@@ -175,10 +185,12 @@ pub async fn submit(
     };
     model.engine.send(EngineCommand::Generate(Box::new(request)))?;
     match rx.recv().await {
-        Some(StreamEvent::Started { prompt_tokens, .. }) => Ok(Submission { rx, prompt_tokens }),
+        Some(StreamEvent::Started { .. }) => Ok(Submission { rx }),
         Some(StreamEvent::Error(e)) => Err(e),
         Some(other) => Err(ApiError::new(ErrorKind::Internal, format!("unexpected first event {other:?}"))),
-        None => Err(ApiError::new(ErrorKind::Unavailable, "the engine dropped the request").with_code("engine_stopped")),
+        None => {
+            Err(ApiError::new(ErrorKind::Unavailable, "the engine dropped the request").with_code("engine_stopped"))
+        }
     }
 }
 
@@ -368,7 +380,10 @@ pub async fn detokenize(state: &Arc<AppState>, req: Request<Incoming>) -> Result
         .enumerate()
         .map(|(i, &id)| {
             u32::try_from(id).ok().filter(|&id| (id as usize) < vocab).ok_or_else(|| {
-                ApiError::invalid_parameter("tokens", format!("token id {id} at tokens[{i}] is outside the vocabulary (0..{vocab})"))
+                ApiError::invalid_parameter(
+                    "tokens",
+                    format!("token id {id} at tokens[{i}] is outside the vocabulary (0..{vocab})"),
+                )
             })
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -201,7 +201,10 @@ mod tests {
         let a = KvArena::new(l, (l.block_bytes() * 5 + 7) as u64).unwrap();
         assert_eq!(a.n_blocks(), 5);
         assert!(a.capacity_bytes() as u64 <= (l.block_bytes() * 5 + 7) as u64);
-        assert_eq!(KvArena::new(l, 10).unwrap_err(), KvError::CapTooSmall { max_bytes: 10, block_bytes: l.block_bytes() });
+        assert_eq!(
+            KvArena::new(l, 10).unwrap_err(),
+            KvError::CapTooSmall { max_bytes: 10, block_bytes: l.block_bytes() }
+        );
     }
 
     #[test]

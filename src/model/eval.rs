@@ -12,9 +12,12 @@ const CHUNK: usize = 256;
 fn arena_for(model: &LlamaModel, positions: usize) -> Result<(KvArena, BlockTable), ModelError> {
     let layout = model.kv_layout(BLOCK_TOKENS);
     let bytes = (layout.blocks_for(positions) * layout.block_bytes()) as u64;
-    let mut arena = KvArena::new(layout, bytes).map_err(|e| ModelError::Tensor { name: "kv".into(), message: e.to_string() })?;
+    let mut arena =
+        KvArena::new(layout, bytes).map_err(|e| ModelError::Tensor { name: "kv".into(), message: e.to_string() })?;
     let mut table = BlockTable::default();
-    table.reserve(&mut arena, positions).map_err(|e| ModelError::Tensor { name: "kv".into(), message: e.to_string() })?;
+    table
+        .reserve(&mut arena, positions)
+        .map_err(|e| ModelError::Tensor { name: "kv".into(), message: e.to_string() })?;
     Ok((arena, table))
 }
 
@@ -27,8 +30,19 @@ fn run(model: &LlamaModel, ids: &[TokenId], all: bool, mut each: impl FnMut(usiz
     for start in (0..ids.len()).step_by(CHUNK) {
         let end = (start + CHUNK).min(ids.len());
         let last = end == ids.len();
-        let wanted = if all { LogitsWanted::All } else if last { LogitsWanted::Last } else { LogitsWanted::None };
-        let chunk = SeqChunk { tokens: ids[start..end].to_vec(), start_pos: start, blocks: table.blocks.clone(), logits: wanted };
+        let wanted = if all {
+            LogitsWanted::All
+        } else if last {
+            LogitsWanted::Last
+        } else {
+            LogitsWanted::None
+        };
+        let chunk = SeqChunk {
+            tokens: ids[start..end].to_vec(),
+            start_pos: start,
+            blocks: table.blocks.clone(),
+            logits: wanted,
+        };
         model.forward(std::slice::from_ref(&chunk), &mut arena, &mut logits)?;
         let first = if all { start } else { end - 1 };
         for (i, row) in logits.chunks_exact(vocab).enumerate() {
@@ -67,11 +81,17 @@ pub fn log_softmax_at(row: &[f32], index: usize) -> f64 {
 
 /// Greedy (argmax) continuation of `ids` for up to `n_new` tokens, stopping after `stop`.
 /// Prefills the prompt in one call, then decodes one token per call.
-pub fn greedy(model: &LlamaModel, ids: &[TokenId], n_new: usize, stop: Option<TokenId>) -> Result<Vec<TokenId>, ModelError> {
+pub fn greedy(
+    model: &LlamaModel,
+    ids: &[TokenId],
+    n_new: usize,
+    stop: Option<TokenId>,
+) -> Result<Vec<TokenId>, ModelError> {
     let (mut arena, table) = arena_for(model, ids.len() + n_new)?;
     let mut logits = Vec::new();
     let mut out = Vec::with_capacity(n_new);
-    let mut chunk = SeqChunk { tokens: ids.to_vec(), start_pos: 0, blocks: table.blocks.clone(), logits: LogitsWanted::Last };
+    let mut chunk =
+        SeqChunk { tokens: ids.to_vec(), start_pos: 0, blocks: table.blocks.clone(), logits: LogitsWanted::Last };
     while out.len() < n_new {
         model.forward(std::slice::from_ref(&chunk), &mut arena, &mut logits)?;
         let next = argmax(&logits) as TokenId;

@@ -282,7 +282,18 @@ impl LlamaModel {
             s.attn.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores, (r, out)| {
                 let info = rows[r];
                 let blocks = &batch[info.seq].blocks;
-                attend_row(hp.n_head, hp.n_head_kv, hd, li, &q[r * d..(r + 1) * d], info.pos, blocks, kv_ref, scores, out);
+                attend_row(
+                    hp.n_head,
+                    hp.n_head_kv,
+                    hd,
+                    li,
+                    &q[r * d..(r + 1) * d],
+                    info.pos,
+                    blocks,
+                    kv_ref,
+                    scores,
+                    out,
+                );
             })
         });
         self.matmul(&layer.wo, &s.attn, t, &mut s.h, &mut s.matmul);
@@ -444,7 +455,10 @@ fn resize(v: &mut Vec<f32>, n: usize) {
 fn matrix_ref(file: &GgufFile, name: &str) -> Result<MatrixRef, ModelError> {
     let info = tensor(file, name)?;
     if info.dims.len() != 2 {
-        return Err(ModelError::Tensor { name: name.into(), message: format!("expected 2 dims, found {:?}", info.dims) });
+        return Err(ModelError::Tensor {
+            name: name.into(),
+            message: format!("expected 2 dims, found {:?}", info.dims),
+        });
     }
     Ok(MatrixRef { info: info.clone(), cols: info.dims[0] as usize, rows: info.dims[1] as usize })
 }
@@ -452,7 +466,10 @@ fn matrix_ref(file: &GgufFile, name: &str) -> Result<MatrixRef, ModelError> {
 fn f32_vector(file: &GgufFile, name: &str) -> Result<Vec<f32>, ModelError> {
     let info = tensor(file, name)?;
     if info.ggml_type != GgmlType::F32 {
-        return Err(ModelError::Tensor { name: name.into(), message: format!("expected F32, found {}", info.ggml_type) });
+        return Err(ModelError::Tensor {
+            name: name.into(),
+            message: format!("expected F32, found {}", info.ggml_type),
+        });
     }
     Ok(file.tensor_data(info).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
 }

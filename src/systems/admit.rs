@@ -38,13 +38,15 @@ pub fn admit_requests(
                     continue;
                 }
                 let session = match req.session.clone() {
-                    Some(id) => match session_entity(&mut commands, &mut sessions, &mut caches, &req, id, &limits, clock.now) {
-                        Ok(e) => Some(e),
-                        Err(e) => {
-                            reject(&req, e);
-                            continue;
+                    Some(id) => {
+                        match session_entity(&mut commands, &mut sessions, &mut caches, &req, id, &limits, clock.now) {
+                            Ok(e) => Some(e),
+                            Err(e) => {
+                                reject(&req, e);
+                                continue;
+                            }
                         }
-                    },
+                    }
                     None => None,
                 };
                 spawn_request(&mut commands, *req, session, clock.now);

@@ -50,7 +50,11 @@ pub fn run_forward(
             tracing::error!(error = %e, "forward pass failed");
             for item in &plan.items {
                 if let Ok((_, _, mut phase, mut outbox)) = seqs.get_mut(item.entity) {
-                    fail(&mut phase, &mut outbox, ApiError::new(ErrorKind::Internal, format!("forward pass failed: {e}")));
+                    fail(
+                        &mut phase,
+                        &mut outbox,
+                        ApiError::new(ErrorKind::Internal, format!("forward pass failed: {e}")),
+                    );
                 }
             }
         }

@@ -19,8 +19,6 @@ pub use policy::{check_input_policy, check_output_policy};
 pub use sample::sample_next_tokens;
 pub use tokenize::tokenize_prompts;
 
-
-
 use crate::components::{Outbox, Phase};
 use crate::error::ApiError;
 use crate::protocol::{FinishReason, StreamEvent};

@@ -23,7 +23,8 @@ pub fn tokenize_prompts(
         commands.entity(entity).remove::<Prompt>();
         let ids = match &prompt.0 {
             PromptInput::Text { text, parse_special } => tokenizer.0.encode_prompt(text, *parse_special).map_err(|e| {
-                ApiError::new(ErrorKind::InvalidRequest, format!("cannot tokenize the prompt: {e}")).with_param("prompt")
+                ApiError::new(ErrorKind::InvalidRequest, format!("cannot tokenize the prompt: {e}"))
+                    .with_param("prompt")
             }),
             PromptInput::Tokens(ids) => check_ids(ids, tokenizer.0.vocab_size()).map(|()| ids.clone()),
         };

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::model::ggml_type::GgmlType;
 use portable::ActRow;
-use q8::{QK, Q8Acts};
+use q8::{Q8Acts, QK};
 
 /// A shape or type problem in a kernel call, naming what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,7 +57,7 @@ impl<'a> QMatrix<'a> {
     /// `data.len() == rows * row_bytes`.
     pub fn new(ggml_type: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, KernelError> {
         let row_bytes = row_bytes(ggml_type, cols)?;
-        let expected = rows.checked_mul(row_bytes).unwrap_or(usize::MAX);
+        let expected = rows.saturating_mul(row_bytes);
         if data.len() != expected {
             let actual = data.len();
             return Err(KernelError::DataLength { ggml_type, rows, cols, expected, actual });
@@ -147,9 +147,8 @@ impl Kernels {
         let mut all = vec![Self::portable()];
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
+            let avx2 =
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
             if avx2 {
                 all.push(Kernels { isa: Isa::Avx2 });
             }
@@ -199,7 +198,15 @@ impl Kernels {
     ///
     /// # Panics
     /// If [`Kernels::try_matmul`] would return an error (`x` or `y` of the wrong length).
-    pub fn matmul(&self, w: &QMatrix, x: &[f32], n: usize, y: &mut [f32], scratch: &mut MatmulScratch, pool: &rayon::ThreadPool) {
+    pub fn matmul(
+        &self,
+        w: &QMatrix,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        scratch: &mut MatmulScratch,
+        pool: &rayon::ThreadPool,
+    ) {
         if let Err(e) = self.try_matmul(w, x, n, y, scratch, pool) {
             panic!("matmul: {e}");
         }
@@ -258,7 +265,15 @@ impl Kernels {
     }
 
     /// Parallel over chunks of weight rows; `out` is row-major over weight rows (`out[r*n + i]`).
-    fn split_w_rows(&self, w: &QMatrix, acts: Acts, n: usize, out: &mut [f32], threads: usize, pool: &rayon::ThreadPool) {
+    fn split_w_rows(
+        &self,
+        w: &QMatrix,
+        acts: Acts,
+        n: usize,
+        out: &mut [f32],
+        threads: usize,
+        pool: &rayon::ThreadPool,
+    ) {
         let work = w.rows * w.row_bytes() * n;
         let chunks = if work < (1 << 20) { threads } else { 4 * threads };
         let chunk_rows = w.rows.div_ceil(chunks.min(w.rows));
@@ -273,7 +288,15 @@ impl Kernels {
 
     /// Computes every `(r, i)` of `rows × xs` into `out`, in row groups that stay in L1
     /// while tiles of x rows pass over them.
-    fn compute(&self, w: &QMatrix, acts: Acts, rows: std::ops::Range<usize>, xs: std::ops::Range<usize>, out: &mut [f32], at: Layout) {
+    fn compute(
+        &self,
+        w: &QMatrix,
+        acts: Acts,
+        rows: std::ops::Range<usize>,
+        xs: std::ops::Range<usize>,
+        out: &mut [f32],
+        at: Layout,
+    ) {
         let group = (ROW_GROUP_BYTES / w.row_bytes().max(1)).max(1);
         for g0 in rows.clone().step_by(group) {
             let g1 = (g0 + group).min(rows.end);
@@ -342,4 +365,3 @@ fn check_lengths(w: &QMatrix, x_len: usize, n: usize, y_len: usize) -> Result<()
     }
     Ok(())
 }
-
