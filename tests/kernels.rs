@@ -117,7 +117,12 @@ fn activation_bound(t: GgmlType, row: &[u8], x: &[f32]) -> f64 {
     let mut w = vec![0.0; x.len()];
     reference::dequantize_row(t, row, &mut w);
     let blocks = x.chunks(32).zip(w.chunks(32));
-    blocks.map(|(xb, wb)| xb.iter().fold(0.0f32, |a, v| a.max(v.abs())) as f64 / 254.0 * wb.iter().map(|v| v.abs() as f64).sum::<f64>()).sum()
+    blocks
+        .map(|(xb, wb)| {
+            xb.iter().fold(0.0f32, |a, v| a.max(v.abs())) as f64 / 254.0
+                * wb.iter().map(|v| v.abs() as f64).sum::<f64>()
+        })
+        .sum()
 }
 
 #[test]

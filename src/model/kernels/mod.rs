@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::model::ggml_type::GgmlType;
 use portable::ActRow;
-use q8::{QK, Q8Acts};
+use q8::{Q8Acts, QK};
 
 /// A shape or type problem in a kernel call, naming what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,7 +57,7 @@ impl<'a> QMatrix<'a> {
     /// `data.len() == rows * row_bytes`.
     pub fn new(ggml_type: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, KernelError> {
         let row_bytes = row_bytes(ggml_type, cols)?;
-        let expected = rows.checked_mul(row_bytes).unwrap_or(usize::MAX);
+        let expected = rows.saturating_mul(row_bytes);
         if data.len() != expected {
             let actual = data.len();
             return Err(KernelError::DataLength { ggml_type, rows, cols, expected, actual });
@@ -126,6 +126,8 @@ enum Acts<'a> {
     Float(&'a [f32]),
 }
 
+/// Below this many weight bytes × x rows, a matmul runs on the calling thread.
+const SERIAL_BYTES: usize = 32 * 1024;
 /// X rows per kernel call (each weight block is decoded once for this many rows).
 const X_TILE: usize = 4;
 /// Weight bytes visited per pass over a tile of x rows (kept in L1).
@@ -147,9 +149,8 @@ impl Kernels {
         let mut all = vec![Self::portable()];
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
+            let avx2 =
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
             if avx2 {
                 all.push(Kernels { isa: Isa::Avx2 });
             }
@@ -199,7 +200,15 @@ impl Kernels {
     ///
     /// # Panics
     /// If [`Kernels::try_matmul`] would return an error (`x` or `y` of the wrong length).
-    pub fn matmul(&self, w: &QMatrix, x: &[f32], n: usize, y: &mut [f32], scratch: &mut MatmulScratch, pool: &rayon::ThreadPool) {
+    pub fn matmul(
+        &self,
+        w: &QMatrix,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        scratch: &mut MatmulScratch,
+        pool: &rayon::ThreadPool,
+    ) {
         if let Err(e) = self.try_matmul(w, x, n, y, scratch, pool) {
             panic!("matmul: {e}");
         }
@@ -258,11 +267,24 @@ impl Kernels {
     }
 
     /// Parallel over chunks of weight rows; `out` is row-major over weight rows (`out[r*n + i]`).
-    fn split_w_rows(&self, w: &QMatrix, acts: Acts, n: usize, out: &mut [f32], threads: usize, pool: &rayon::ThreadPool) {
+    fn split_w_rows(
+        &self,
+        w: &QMatrix,
+        acts: Acts,
+        n: usize,
+        out: &mut [f32],
+        threads: usize,
+        pool: &rayon::ThreadPool,
+    ) {
         let work = w.rows * w.row_bytes() * n;
         let chunks = if work < (1 << 20) { threads } else { 4 * threads };
         let chunk_rows = w.rows.div_ceil(chunks.min(w.rows));
         let layout = Layout { row_stride: n, x_stride: 1 };
+        if work < SERIAL_BYTES {
+            // Too little work to pay for waking another thread: same kernel, this thread.
+            self.compute(w, acts, 0..w.rows, 0..n, out, layout);
+            return;
+        }
         pool.install(|| {
             out.par_chunks_mut(chunk_rows * n).enumerate().for_each(|(c, out)| {
                 let rows = c * chunk_rows..c * chunk_rows + out.len() / n;
@@ -273,7 +295,15 @@ impl Kernels {
 
     /// Computes every `(r, i)` of `rows × xs` into `out`, in row groups that stay in L1
     /// while tiles of x rows pass over them.
-    fn compute(&self, w: &QMatrix, acts: Acts, rows: std::ops::Range<usize>, xs: std::ops::Range<usize>, out: &mut [f32], at: Layout) {
+    fn compute(
+        &self,
+        w: &QMatrix,
+        acts: Acts,
+        rows: std::ops::Range<usize>,
+        xs: std::ops::Range<usize>,
+        out: &mut [f32],
+        at: Layout,
+    ) {
         let group = (ROW_GROUP_BYTES / w.row_bytes().max(1)).max(1);
         for g0 in rows.clone().step_by(group) {
             let g1 = (g0 + group).min(rows.end);
@@ -342,4 +372,3 @@ fn check_lengths(w: &QMatrix, x_len: usize, n: usize, y_len: usize) -> Result<()
     }
     Ok(())
 }
-
