@@ -126,6 +126,8 @@ enum Acts<'a> {
     Float(&'a [f32]),
 }
 
+/// Below this many weight bytes × x rows, a matmul runs on the calling thread.
+const SERIAL_BYTES: usize = 32 * 1024;
 /// X rows per kernel call (each weight block is decoded once for this many rows).
 const X_TILE: usize = 4;
 /// Weight bytes visited per pass over a tile of x rows (kept in L1).
@@ -278,6 +280,11 @@ impl Kernels {
         let chunks = if work < (1 << 20) { threads } else { 4 * threads };
         let chunk_rows = w.rows.div_ceil(chunks.min(w.rows));
         let layout = Layout { row_stride: n, x_stride: 1 };
+        if work < SERIAL_BYTES {
+            // Too little work to pay for waking another thread: same kernel, this thread.
+            self.compute(w, acts, 0..w.rows, 0..n, out, layout);
+            return;
+        }
         pool.install(|| {
             out.par_chunks_mut(chunk_rows * n).enumerate().for_each(|(c, out)| {
                 let rows = c * chunk_rows..c * chunk_rows + out.len() / n;

@@ -38,8 +38,10 @@ pub(crate) fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0i32;
     for (qv, &v) in q.iter_mut().zip(x) {
-        // |v * id| <= 127 up to rounding; the clamp keeps a NaN-free input in range.
-        let r = (v * id).round().clamp(-127.0, 127.0) as i8;
+        // Round half away from zero by adding ±0.5 and truncating (no libm `roundf` call).
+        // |v * id| <= 127 up to rounding; the clamp keeps it in range.
+        let y = v * id;
+        let r = (y + 0.5f32.copysign(y)).clamp(-127.0, 127.0) as i8;
         *qv = r;
         sum += r as i32;
     }
