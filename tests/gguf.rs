@@ -248,6 +248,7 @@ fn duplicate_keys_and_tensors_are_refused() {
     w.tensor("t", &[1], GgmlType::F32, vec![0; 4]).tensor("t", &[1], GgmlType::F32, vec![0; 4]);
     let err = parse_err(&w.to_bytes());
     assert!(matches!(&err, GgufError::Duplicate { what: "tensor", name } if name == "t"), "{err:?}");
+    assert_names(&err, &["duplicate tensor `t`"]);
 }
 
 #[test]
@@ -277,6 +278,7 @@ fn bad_utf8_in_a_key_is_refused_with_its_offset() {
     bytes[name.key_at + 8] = 0xFF;
     let err = parse_err(&bytes);
     assert!(matches!(err, GgufError::BadUtf8 { what: "metadata key", offset } if offset == name.key_at as u64 + 8));
+    assert_names(&err, &["metadata key", &format!("byte {}", name.key_at + 8)]);
 }
 
 #[test]
