@@ -248,6 +248,7 @@ fn duplicate_keys_and_tensors_are_refused() {
     w.tensor("t", &[1], GgmlType::F32, vec![0; 4]).tensor("t", &[1], GgmlType::F32, vec![0; 4]);
     let err = parse_err(&w.to_bytes());
     assert!(matches!(&err, GgufError::Duplicate { what: "tensor", name } if name == "t"), "{err:?}");
+    assert_names(&err, &["duplicate tensor `t`"]);
 }
 
 #[test]
@@ -277,6 +278,7 @@ fn bad_utf8_in_a_key_is_refused_with_its_offset() {
     bytes[name.key_at + 8] = 0xFF;
     let err = parse_err(&bytes);
     assert!(matches!(err, GgufError::BadUtf8 { what: "metadata key", offset } if offset == name.key_at as u64 + 8));
+    assert_names(&err, &["metadata key", &format!("byte {}", name.key_at + 8)]);
 }
 
 #[test]
@@ -720,4 +722,25 @@ fn inspect_reports_why_validation_failed() {
     let long = report.metadata.iter().find(|m| m.key == "long").expect("long");
     assert!(long.value.as_str().is_some_and(|s| s.ends_with("…(420 more chars)")));
     assert!(report.to_string().contains("not a runnable llama model"));
+}
+
+#[test]
+fn tiny_vocab_loads_as_a_byte_level_bpe() {
+    use tokenizers::models::bpe::{BPE, Vocab};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+
+    let h = tiny_header(&TinyLlamaSpec::default());
+    let tokens = h.get_str_array("tokenizer.ggml.tokens").expect("tokens");
+    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+    let merges = h.get_str_array("tokenizer.ggml.merges").expect("merges");
+    let merges: Vec<(String, String)> = merges
+        .iter()
+        .map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())).expect("merge pair"))
+        .collect();
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().expect("valid BPE");
+    let mut tok = tokenizers::Tokenizer::new(bpe);
+    tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+    let enc = tok.encode(" the hello\n", false).expect("encodes");
+    assert_eq!(enc.get_tokens(), ["Ġthe", "Ġ", "he", "ll", "o", "Ċ"]);
+    assert_eq!(enc.get_ids()[0], 256 + 3);
 }

@@ -81,6 +81,7 @@ pub enum GgufValue {
 }
 
 impl GgufValue {
+    /// GGUF's name for this value's type (`u32`, `string`, `array`, ...).
     pub fn type_name(&self) -> &'static str {
         match self {
             GgufValue::U8(_) => "u8",
@@ -134,6 +135,7 @@ impl GgufValue {
         }
     }
 
+    /// The value if it is a bool.
     pub fn as_bool(&self) -> Option<bool> {
         match *self {
             GgufValue::Bool(v) => Some(v),
@@ -141,6 +143,7 @@ impl GgufValue {
         }
     }
 
+    /// The value if it is a string.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             GgufValue::String(s) => Some(s),
@@ -148,6 +151,7 @@ impl GgufValue {
         }
     }
 
+    /// The items if the value is an array.
     pub fn as_array(&self) -> Option<&[GgufValue]> {
         match self {
             GgufValue::Array(v) => Some(v),
@@ -170,6 +174,7 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// Number of values (the product of the dims; `parse_header` checked it does not overflow).
     pub fn n_elems(&self) -> u64 {
         self.dims.iter().product()
     }
@@ -187,6 +192,7 @@ pub struct GgufHeader {
 }
 
 impl GgufHeader {
+    /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&GgufValue> {
         self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
@@ -199,31 +205,37 @@ impl GgufHeader {
         GgufError::WrongType { key: key.to_owned(), expected, found: v.type_name() }
     }
 
+    /// `key` as any non-negative integer; a missing key or another type is an error naming it.
     pub fn get_u64(&self, key: &str) -> Result<u64, GgufError> {
         let v = self.require(key)?;
         v.as_u64().ok_or_else(|| Self::wrong(key, "unsigned integer", v))
     }
 
+    /// `key` as an integer that fits in a u32.
     pub fn get_u32(&self, key: &str) -> Result<u32, GgufError> {
         let v = self.require(key)?;
         v.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(|| Self::wrong(key, "u32", v))
     }
 
+    /// `key` as a float (f32 or f64).
     pub fn get_f32(&self, key: &str) -> Result<f32, GgufError> {
         let v = self.require(key)?;
         v.as_f64().map(|x| x as f32).ok_or_else(|| Self::wrong(key, "float", v))
     }
 
+    /// `key` as a bool.
     pub fn get_bool(&self, key: &str) -> Result<bool, GgufError> {
         let v = self.require(key)?;
         v.as_bool().ok_or_else(|| Self::wrong(key, "bool", v))
     }
 
+    /// `key` as a string.
     pub fn get_str(&self, key: &str) -> Result<&str, GgufError> {
         let v = self.require(key)?;
         v.as_str().ok_or_else(|| Self::wrong(key, "string", v))
     }
 
+    /// `key` as an array of any element type.
     pub fn get_array(&self, key: &str) -> Result<&[GgufValue], GgufError> {
         let v = self.require(key)?;
         v.as_array().ok_or_else(|| Self::wrong(key, "array", v))
@@ -234,6 +246,7 @@ impl GgufHeader {
         self.get_array(key)?.iter().map(|v| v.as_str().ok_or_else(|| Self::wrong(key, "array of string", v))).collect()
     }
 
+    /// The info of tensor `name`, if present.
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
     }
@@ -271,7 +284,8 @@ impl GgufFile {
         self.map.len() as u64
     }
 
-    /// The bytes of one tensor (in range: `parse_header` checked it).
+    /// The bytes of one tensor of this file (in range: `parse_header` checked it). Pass only
+    /// infos from this file's own header.
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
         let start = (self.header.data_offset + info.offset) as usize;
         &self.map[start..start + info.n_bytes as usize]
