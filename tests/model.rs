@@ -2,7 +2,7 @@
 //! and batch invariance.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 use starling::kv::arena::{BlockTable, KvArena};
@@ -21,9 +21,14 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// The real model, loaded once per test binary (2 threads, like the references).
+pub fn smollm2_shared() -> Arc<LlamaModel> {
+    static MODEL: OnceLock<Arc<LlamaModel>> = OnceLock::new();
+    MODEL.get_or_init(|| Arc::new(LlamaModel::load(&model_path(), 2).expect("default model loads"))).clone()
+}
+
 pub fn smollm2() -> &'static LlamaModel {
-    static MODEL: OnceLock<LlamaModel> = OnceLock::new();
-    MODEL.get_or_init(|| LlamaModel::load(&model_path(), 2).expect("default model loads"))
+    static MODEL: OnceLock<Arc<LlamaModel>> = OnceLock::new();
+    MODEL.get_or_init(smollm2_shared)
 }
 
 fn jsonl(name: &str) -> Vec<Value> {

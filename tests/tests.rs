@@ -5,3 +5,4 @@ mod kernels;
 mod model;
 mod sampler;
 mod tokenizer;
+mod engine;

@@ -180,7 +180,20 @@ fn has_work(world: &mut World) -> bool {
     !world.resource::<Inbox>().0.is_empty() || world.query::<&Request>().iter(world).next().is_some()
 }
 
+/// Marks the engine stopped when the loop ends, normally or by a panic, so `/healthz` sees it.
+struct StoppedOnDrop(Arc<EngineStatus>);
+
+impl Drop for StoppedOnDrop {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::Relaxed);
+        if std::thread::panicking() {
+            tracing::error!("the engine thread panicked; its model stops serving");
+        }
+    }
+}
+
 fn run_loop(mut world: World, mut schedule: Schedule, rx: mpsc::Receiver<EngineCommand>, max_queue_delay: Duration) {
+    let _stopped = StoppedOnDrop(world.resource::<Status>().0.clone());
     let origin = MonotonicOrigin(Instant::now());
     let mut tick = 0u64;
     loop {
@@ -228,7 +241,6 @@ fn run_loop(mut world: World, mut schedule: Schedule, rx: mpsc::Receiver<EngineC
             break;
         }
     }
-    world.resource::<Status>().0.stopped.store(true, Ordering::Relaxed);
 }
 
 /// Ends every live request (`cancelled`) and runs one more tick to deliver final events.

@@ -1,0 +1,160 @@
+//! The engine thread and the schedule built from a pipeline file.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use starling::engine::pipeline::PipelineSpec;
+use starling::engine::resources::{EngineLimits, EngineStatus, Policies, StageLog, TickReport};
+use starling::engine::{EngineHandle, EngineParts, build_world};
+use starling::kv::arena::KvArena;
+use starling::protocol::{EngineCommand, FinishReason, GenerateRequest, PromptInput, StreamEvent};
+use starling::sampler::{SamplerLimits, SamplingParams};
+use starling::tokenizer::GgufTokenizer;
+use starling::types::{RequestId, TenantId};
+
+use crate::model::smollm2_shared;
+
+pub fn limits() -> EngineLimits {
+    EngineLimits {
+        max_batch: 8,
+        max_batch_tokens: 256,
+        max_prompt_tokens: 2048,
+        n_ctx: 8192,
+        high_watermark: 64,
+        low_watermark: 48,
+        max_sessions: 16,
+        session_ttl: Duration::from_secs(600),
+    }
+}
+
+/// Engine parts around the real model with the given pipeline.
+pub fn parts(pipeline: PipelineSpec) -> EngineParts {
+    let model = smollm2_shared();
+    let tokenizer = Arc::new(GgufTokenizer::from_gguf(&model.file().header).unwrap());
+    let layout = model.kv_layout(16);
+    EngineParts {
+        kv: KvArena::new(layout, 64 << 20).unwrap(),
+        model,
+        tokenizer,
+        limits: limits(),
+        pipeline,
+        policies: Policies::default(),
+        inbox_capacity: 64,
+        max_queue_delay: Duration::ZERO,
+    }
+}
+
+/// A greedy request for `prompt` with `max_tokens`, and the receiver of its events.
+pub fn request(prompt: &str, max_tokens: u32) -> (GenerateRequest, tokio::sync::mpsc::Receiver<StreamEvent>) {
+    let params = SamplingParams { temperature: Some(0.0), max_tokens: Some(max_tokens), ..Default::default() };
+    let limits = SamplerLimits { vocab_size: 49152, max_stop_strings: 8, default_max_tokens: 16, max_tokens_cap: 4096 };
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let req = GenerateRequest {
+        id: RequestId::next(),
+        tenant: TenantId::from("anonymous"),
+        session: None,
+        input: PromptInput::Text { text: prompt.into(), parse_special: true },
+        sampling: params.validate(&limits).unwrap(),
+        timeout: Duration::from_secs(60),
+        received_at: Instant::now(),
+        events: tx,
+    };
+    (req, rx)
+}
+
+/// Reads events until the final one; returns the token ids and the final event.
+pub fn drain(rx: &mut tokio::sync::mpsc::Receiver<StreamEvent>) -> (Vec<u32>, StreamEvent) {
+    let mut ids = Vec::new();
+    loop {
+        match rx.blocking_recv().expect("engine sent a final event") {
+            StreamEvent::Token { id, .. } => ids.push(id),
+            StreamEvent::Started { .. } => {}
+            last => return (ids, last),
+        }
+    }
+}
+
+#[test]
+fn engine_thread_serves_a_request_and_shuts_down() {
+    let engine = EngineHandle::spawn(parts(PipelineSpec::default_spec())).unwrap();
+    let (req, mut rx) = request("The capital of France is", 8);
+    engine.send(EngineCommand::Generate(Box::new(req))).unwrap();
+    let (ids, last) = drain(&mut rx);
+    // llama.cpp's greedy continuation (tests/fixtures/smollm2/greedy.jsonl).
+    assert_eq!(ids, [7042, 30, 198, 198, 504, 1797, 1918, 553]);
+    match last {
+        StreamEvent::Done { finish_reason, usage, .. } => {
+            assert_eq!(finish_reason, FinishReason::Length);
+            assert_eq!((usage.prompt_tokens, usage.completion_tokens), (5, 8));
+        }
+        other => panic!("expected done, got {other:?}"),
+    }
+    let status = engine.status.clone();
+    assert!(status.ticks.load(Ordering::Relaxed) >= 8);
+    assert_eq!(status.kv_blocks_used.load(Ordering::Relaxed), 0, "blocks freed after the request");
+    engine.shutdown();
+    assert!(status.stopped.load(Ordering::Relaxed));
+}
+
+#[test]
+fn idle_engine_blocks_instead_of_spinning() {
+    let engine = EngineHandle::spawn(parts(PipelineSpec::default_spec())).unwrap();
+    let status: Arc<EngineStatus> = engine.status.clone();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = status.ticks.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(1200));
+    let idle_ticks = status.ticks.load(Ordering::Relaxed) - before;
+    // Idle, the loop wakes only to sweep session TTLs (every 500 ms): a busy loop would
+    // tick thousands of times here.
+    assert!(idle_ticks <= 4, "{idle_ticks} ticks while idle");
+    engine.shutdown();
+}
+
+#[test]
+fn shutdown_cancels_in_flight_requests_with_a_final_event() {
+    let engine = EngineHandle::spawn(parts(PipelineSpec::default_spec())).unwrap();
+    let (req, mut rx) = request("Once upon a time", 4000);
+    engine.send(EngineCommand::Generate(Box::new(req))).unwrap();
+    // Wait for generation to start, then stop the engine.
+    loop {
+        if let Some(StreamEvent::Token { .. }) = rx.blocking_recv() {
+            break;
+        }
+    }
+    engine.shutdown();
+    let (_, last) = drain(&mut rx);
+    assert!(matches!(last, StreamEvent::Done { finish_reason: FinishReason::Cancelled, .. }), "{last:?}");
+}
+
+#[test]
+fn a_no_op_tick_runs_every_stage_in_file_order() {
+    let text = "name: custom\nstages: [{stage: admit}, {stage: evict}, {stage: tokenize}, {stage: input_policy}, \
+                {stage: batch}, {stage: forward}, {stage: sample}, {stage: output_policy}, {stage: emit}]";
+    let spec = PipelineSpec::parse(text, "custom").unwrap();
+    let (mut world, mut schedule) = build_world(parts(spec), Arc::new(EngineStatus::default()));
+    world.resource_mut::<StageLog>().enabled = true;
+    schedule.run(&mut world);
+    schedule.run(&mut world);
+    let names = &world.resource::<StageLog>().names;
+    let once = ["admit", "evict", "tokenize", "input_policy", "batch", "forward", "sample", "output_policy", "emit"];
+    assert_eq!(names[..9], once);
+    assert_eq!(names[9..], once);
+    assert_eq!(world.resource::<TickReport>().forward_calls, 0, "an empty world runs no forward pass");
+}
+
+#[test]
+fn a_dropped_receiver_cancels_and_frees_blocks() {
+    let engine = EngineHandle::spawn(parts(PipelineSpec::default_spec())).unwrap();
+    let (req, mut rx) = request("Tell me a long story about a dragon.", 4000);
+    engine.send(EngineCommand::Generate(Box::new(req))).unwrap();
+    while !matches!(rx.blocking_recv(), Some(StreamEvent::Token { .. })) {}
+    assert!(engine.status.kv_blocks_used.load(Ordering::Relaxed) > 0);
+    drop(rx);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.status.kv_blocks_used.load(Ordering::Relaxed) > 0 {
+        assert!(Instant::now() < deadline, "blocks still held after the client left");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    engine.shutdown();
+}
