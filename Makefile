@@ -26,7 +26,7 @@ clippy:
 	$(CARGO) clippy -j$(JOBS) --all-targets -- -D warnings
 
 test: model fmt-check clippy
-	$(CARGO) test -j$(JOBS) --all-targets
+	$(CARGO) test -j$(JOBS)
 
 bench: model build
 	target/release/starling bench --model $(MODEL) $(ARGS)

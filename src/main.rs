@@ -89,6 +89,18 @@ struct GenerateArgs {
     stop: Vec<String>,
     #[arg(long)]
     ignore_eos: bool,
+    /// Bias a token's logit: `ID=BIAS` (repeatable; -100 bans the token).
+    #[arg(long, value_parser = parse_bias)]
+    logit_bias: Vec<(u32, f32)>,
+    /// A token id that ends generation (repeatable).
+    #[arg(long)]
+    stop_token_id: Vec<u32>,
+    /// Report the top-N log-probabilities of each sampled token (N <= 20; with --json).
+    #[arg(long)]
+    logprobs: Option<u32>,
+    /// Order of the sampling steps, comma-separated (penalties,temperature,top_k,top_p,min_p).
+    #[arg(long, value_delimiter = ',')]
+    samplers: Option<Vec<String>>,
     /// Threads for the model's matrix work.
     #[arg(long, default_value_t = default_threads())]
     threads: usize,
@@ -132,6 +144,13 @@ struct PerplexityArgs {
     threads: usize,
     #[arg(long)]
     json: bool,
+}
+
+fn parse_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected ID=BIAS"))?;
+    let id = id.trim().parse().map_err(|_| format!("`{id}` is not a token id"))?;
+    let bias = bias.trim().parse().map_err(|_| format!("`{bias}` is not a number"))?;
+    Ok((id, bias))
 }
 
 fn default_threads() -> usize {
@@ -227,7 +246,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         min_tokens: a.min_tokens,
         ignore_eos: Some(a.ignore_eos),
         stop: (!a.stop.is_empty()).then(|| a.stop.clone()),
-        ..Default::default()
+        logit_bias: (!a.logit_bias.is_empty()).then(|| a.logit_bias.clone()),
+        stop_token_ids: (!a.stop_token_id.is_empty()).then(|| a.stop_token_id.clone()),
+        logprobs: a.logprobs,
+        samplers: a.samplers.clone(),
     };
     let sampling = params
         .validate(&SamplerLimits {
@@ -249,13 +271,16 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         events: tx,
     };
     loaded.engine.send(EngineCommand::Generate(Box::new(request))).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    let (mut ids, mut text) = (Vec::new(), String::new());
+    let (mut ids, mut text, mut logprobs) = (Vec::new(), String::new(), Vec::new());
     let mut stdout = std::io::stdout().lock();
     while let Some(event) = rx.blocking_recv() {
         match event {
             StreamEvent::Started { .. } => {}
-            StreamEvent::Token { id, text: piece, .. } => {
+            StreamEvent::Token { id, text: piece, top_logprobs, logprob } => {
                 ids.push(id);
+                if a.logprobs.is_some() {
+                    logprobs.push(serde_json::json!({"id": id, "logprob": logprob, "top_logprobs": top_logprobs}));
+                }
                 text.push_str(&piece);
                 if !a.json {
                     write!(stdout, "{piece}")?;
@@ -265,7 +290,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             StreamEvent::Done { finish_reason, seed, text: tail, usage, .. } => {
                 text.push_str(&tail);
                 if a.json {
-                    let v = serde_json::json!({"tokens": ids, "text": text, "finish_reason": finish_reason, "seed": seed, "usage": usage});
+                    let mut v = serde_json::json!({"tokens": ids, "text": text, "finish_reason": finish_reason, "seed": seed, "usage": usage});
+                    if a.logprobs.is_some() {
+                        v["logprobs"] = serde_json::Value::Array(std::mem::take(&mut logprobs));
+                    }
                     writeln!(stdout, "{v}")?;
                 } else {
                     writeln!(stdout, "{tail}")?;

@@ -1,1 +1,122 @@
-//! Seam traits.
+//! The seams between Starling's parts, as small traits.
+//!
+//! Each names the few operations the engine needs from one part, so a test (or another
+//! implementation) can drive one part without the others. The engine holds the model as
+//! `Arc<dyn ModelRuntime>`; the other traits are implemented by the concrete types and used
+//! where a caller should not depend on the concrete type.
+
+use crate::engine::resources::PlanItem;
+use crate::kv::arena::{BlockTable, KvArena, KvError, KvLayout};
+use crate::model::llama::{LlamaModel, ModelError, SeqChunk};
+use crate::sampler::{Sampled, SamplerState};
+use crate::tokenizer::{GgufTokenizer, TokenizerError};
+use crate::types::TokenId;
+
+/// Turns a batch of sequence chunks into logits, reading and appending K/V in `kv`.
+pub trait ModelRuntime: Send + Sync {
+    fn n_vocab(&self) -> usize;
+    /// The context length the model was trained for.
+    fn n_ctx(&self) -> usize;
+    /// The KV geometry the model needs, for a block size.
+    fn kv_layout(&self, block_tokens: usize) -> KvLayout;
+    /// One `n_vocab` row per position that asks for logits, in batch order.
+    fn forward(&self, batch: &[SeqChunk], kv: &mut KvArena, logits: &mut Vec<f32>) -> Result<(), ModelError>;
+}
+
+impl ModelRuntime for LlamaModel {
+    fn n_vocab(&self) -> usize {
+        self.hparams.n_vocab
+    }
+
+    fn n_ctx(&self) -> usize {
+        self.hparams.n_ctx_train
+    }
+
+    fn kv_layout(&self, block_tokens: usize) -> KvLayout {
+        LlamaModel::kv_layout(self, block_tokens)
+    }
+
+    fn forward(&self, batch: &[SeqChunk], kv: &mut KvArena, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+        LlamaModel::forward(self, batch, kv, logits)
+    }
+}
+
+/// Text to ids and back.
+pub trait Tokenizer: Send + Sync {
+    fn vocab_size(&self) -> usize;
+    /// Ids for a prompt, with BOS/EOS where the model asks for them.
+    fn encode_prompt(&self, text: &str, parse_special: bool) -> Result<Vec<TokenId>, TokenizerError>;
+    fn decode(&self, ids: &[TokenId], skip_special: bool) -> Result<String, TokenizerError>;
+    /// Ids that end a generation.
+    fn eog_ids(&self) -> &[TokenId];
+}
+
+impl Tokenizer for GgufTokenizer {
+    fn vocab_size(&self) -> usize {
+        GgufTokenizer::vocab_size(self)
+    }
+
+    fn encode_prompt(&self, text: &str, parse_special: bool) -> Result<Vec<TokenId>, TokenizerError> {
+        GgufTokenizer::encode_prompt(self, text, parse_special)
+    }
+
+    fn decode(&self, ids: &[TokenId], skip_special: bool) -> Result<String, TokenizerError> {
+        GgufTokenizer::decode(self, ids, skip_special)
+    }
+
+    fn eog_ids(&self) -> &[TokenId] {
+        GgufTokenizer::eog_ids(self)
+    }
+}
+
+/// Picks one token from a logits row, reproducibly for its seed.
+pub trait Sampler {
+    fn seed(&self) -> u64;
+    fn sample(&mut self, logits: &mut [f32], history: &[TokenId], n_generated: usize, eog_ids: &[TokenId]) -> Sampled;
+}
+
+impl Sampler for SamplerState {
+    fn seed(&self) -> u64 {
+        SamplerState::seed(self)
+    }
+
+    fn sample(&mut self, logits: &mut [f32], history: &[TokenId], n_generated: usize, eog_ids: &[TokenId]) -> Sampled {
+        SamplerState::sample(self, logits, history, n_generated, eog_ids)
+    }
+}
+
+/// Bounded K/V storage handed out in blocks.
+pub trait KvCache {
+    /// Grows `table` to hold `positions` positions, all or nothing.
+    fn reserve(&mut self, table: &mut BlockTable, positions: usize) -> Result<(), KvError>;
+    /// Returns every block of `table`.
+    fn release(&mut self, table: &mut BlockTable);
+    fn blocks_free(&self) -> usize;
+}
+
+impl KvCache for KvArena {
+    fn reserve(&mut self, table: &mut BlockTable, positions: usize) -> Result<(), KvError> {
+        table.reserve(self, positions)
+    }
+
+    fn release(&mut self, table: &mut BlockTable) {
+        table.release_all(self)
+    }
+
+    fn blocks_free(&self) -> usize {
+        self.n_free()
+    }
+}
+
+/// What a scheduler sees of one runnable sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub item: PlanItem,
+    /// Already generating (one token per tick) rather than prefilling.
+    pub decoding: bool,
+}
+
+/// Chooses this tick's work from the runnable sequences under the batch limits.
+pub trait Scheduler {
+    fn plan(&mut self, candidates: &[Candidate], max_batch: usize, max_batch_tokens: usize) -> Vec<PlanItem>;
+}

@@ -150,3 +150,90 @@ fn logits_are_bit_identical_alone_or_next_to_seven_others() {
     let decode_mixed = run_batch(model, &mut mixed, &mut arena).remove(0);
     assert!(decode_alone.iter().zip(&decode_mixed).all(|(x, y)| x.to_bits() == y.to_bits()));
 }
+
+mod tiny {
+    use starling::kv::arena::{BlockTable, KvArena};
+    use starling::model::ggml_type::GgmlType;
+    use starling::model::gguf::GgufFile;
+    use starling::model::gguf_writer::{TinyLlamaSpec, f32_bytes, tiny_llama};
+    use starling::model::kernels::{Kernels, reference};
+    use starling::model::llama::{LlamaModel, LogitsWanted, SeqChunk};
+
+    /// Writes `bytes` to a fresh temp file and loads it with the given kernels.
+    fn load(bytes: Vec<u8>, name: &str, kernels: Kernels) -> LlamaModel {
+        let dir = std::env::temp_dir().join(format!("starling-tiny-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        LlamaModel::from_file(GgufFile::open(&path).unwrap(), 2, kernels).unwrap()
+    }
+
+    /// Logits for every position of a short prompt.
+    fn logits(model: &LlamaModel, tokens: &[u32]) -> Vec<f32> {
+        let layout = model.kv_layout(4);
+        let mut arena = KvArena::new(layout, (layout.block_bytes() * 8) as u64).unwrap();
+        let mut table = BlockTable::default();
+        table.reserve(&mut arena, tokens.len()).unwrap();
+        let chunk = SeqChunk { tokens: tokens.to_vec(), start_pos: 0, blocks: table.blocks, logits: LogitsWanted::All };
+        let mut out = Vec::new();
+        model.forward(&[chunk], &mut arena, &mut out).unwrap();
+        out
+    }
+
+    /// Every supported weight type runs the whole forward pass and agrees with an F32 model
+    /// holding exactly the dequantized values of its weights.
+    #[test]
+    fn every_weight_type_matches_its_dequantized_f32_twin() {
+        let types = [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+        ];
+        // Rows of 256 values so the K-quants fit; an untied head and 8 heads over 2 KV heads.
+        let spec = TinyLlamaSpec {
+            n_embd: 256,
+            n_ff: 512,
+            n_head: 8,
+            n_head_kv: 2,
+            tied_output: false,
+            seed: 3,
+            ..Default::default()
+        };
+        let tokens = [5u32, 120, 7, 262, 33, 200];
+        for t in types {
+            let quantized = tiny_llama(&spec, &|_, _, v| (t, reference::quantize_row(t, v)));
+            let twin = tiny_llama(&spec, &|_, _, v| {
+                let mut back = vec![0.0f32; v.len()];
+                reference::dequantize_row(t, &reference::quantize_row(t, v), &mut back);
+                (GgmlType::F32, f32_bytes(&back))
+            });
+            for kernels in [Kernels::portable(), Kernels::detect()] {
+                let got = logits(&load(quantized.clone(), &format!("{t}.gguf"), kernels), &tokens);
+                let want = logits(&load(twin.clone(), &format!("{t}-f32.gguf"), kernels), &tokens);
+                assert_eq!(got.len(), want.len());
+                let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(worst < 1e-3, "{t} with {}: logits differ by {worst}", kernels.name());
+                assert!(got.iter().all(|x| x.is_finite()), "{t}: non-finite logits");
+            }
+        }
+    }
+
+    #[test]
+    fn tied_and_untied_heads_both_load() {
+        for tied_output in [true, false] {
+            let spec = TinyLlamaSpec { tied_output, ..Default::default() };
+            let bytes = starling::model::gguf_writer::tiny_llama_f32(&spec);
+            let model = load(bytes, &format!("tied-{tied_output}.gguf"), Kernels::detect());
+            assert_eq!(model.hparams.tied_output, tied_output);
+            assert_eq!(logits(&model, &[1, 2, 3]).len(), 3 * model.hparams.n_vocab);
+        }
+    }
+}

@@ -1,8 +1,9 @@
 //! The one integration-test binary: one `mod` per area (one link step on a 2-core machine).
+mod cli;
 mod config;
+mod engine;
 mod gguf;
 mod kernels;
 mod model;
 mod sampler;
 mod tokenizer;
-mod engine;

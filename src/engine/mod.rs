@@ -22,8 +22,8 @@ use bevy_ecs::system::SystemId;
 use crate::components::{Outbox, Phase, Request, SessionCache};
 use crate::error::{ApiError, ErrorKind};
 use crate::kv::arena::KvArena;
-use crate::model::llama::LlamaModel;
 use crate::protocol::{EngineCommand, FinishReason};
+use crate::seams::ModelRuntime;
 use crate::systems;
 use crate::tokenizer::GgufTokenizer;
 use crate::types::{MonotonicOrigin, Timestamp};
@@ -37,7 +37,7 @@ const STALLED_WAIT: Duration = Duration::from_millis(2);
 
 /// What an engine needs to run one model.
 pub struct EngineParts {
-    pub model: Arc<LlamaModel>,
+    pub model: Arc<dyn ModelRuntime>,
     pub tokenizer: Arc<GgufTokenizer>,
     pub kv: KvArena,
     pub limits: EngineLimits,

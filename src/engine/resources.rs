@@ -9,9 +9,9 @@ use bevy_ecs::prelude::*;
 
 use crate::engine::pipeline::StageParams;
 use crate::kv::arena::KvArena;
-use crate::model::llama::LlamaModel;
 use crate::protocol::EngineCommand;
 use crate::sampler::PolicyRules;
+use crate::seams::ModelRuntime;
 use crate::tokenizer::GgufTokenizer;
 use crate::types::{SessionId, TenantId, Timestamp};
 
@@ -29,7 +29,7 @@ pub struct TickClock {
 
 /// The model runtime. Read by tokenize (vocabulary bounds), forward.
 #[derive(Resource, Clone)]
-pub struct Model(pub Arc<LlamaModel>);
+pub struct Model(pub Arc<dyn ModelRuntime>);
 
 /// The tokenizer. Read by tokenize, input_policy and emit.
 #[derive(Resource, Clone)]

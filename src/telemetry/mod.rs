@@ -4,6 +4,7 @@
 //! Chrome trace opened in Perfetto or chrome://tracing shows each tick and its stages by
 //! name, with batch size and token count on the `forward` span.
 
+use std::io::IsTerminal;
 use std::path::Path;
 
 use tracing_subscriber::layer::SubscriberExt;
@@ -43,7 +44,11 @@ pub fn init(style: LogStyle, level: &str, chrome_trace: Option<&Path>) -> Result
     let env_filter = EnvFilter::try_new(&filter)
         .map_err(|e| TelemetryError::Filter { filter: filter.clone(), message: e.to_string() })?;
     let fmt_layer = match style {
-        LogStyle::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).boxed(),
+        LogStyle::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(false)
+            .boxed(),
         LogStyle::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)

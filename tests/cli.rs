@@ -1,0 +1,164 @@
+//! The `starling` binary: each subcommand as a user runs it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::model::{fixture, model_path};
+
+fn starling() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_starling"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR")).env_remove("RUST_LOG").env("RUST_BACKTRACE", "0");
+    c
+}
+
+fn run_json(args: &[&str]) -> Value {
+    let out = starling().args(args).output().unwrap();
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {:?}", out.stdout))
+}
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+#[test]
+fn serve_answers_healthz_and_exits_cleanly_on_sigterm() {
+    let model = model_path();
+    let mut child = starling()
+        .args(["serve", "--bind", "127.0.0.1:0", "--model", model.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let addr = loop {
+        assert!(Instant::now() < deadline, "server did not report its address");
+        let line = lines.next().expect("server exited early").unwrap();
+        if line.contains("listening") {
+            break line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let (status, body) = http_get(&addr, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = http_get(&addr, "/readyz");
+    assert_eq!(status, 200);
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve exited with {status}");
+}
+
+#[test]
+fn generate_json_reproduces_the_greedy_reference() {
+    let model = model_path();
+    let v = run_json(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--seed",
+        "7",
+        "--json",
+    ]);
+    assert_eq!(v["tokens"], serde_json::json!([7042, 30, 198, 198, 504, 1797]));
+    assert_eq!(v["text"], " Paris.\n\nThe United");
+    assert_eq!(v["finish_reason"], "length");
+    assert_eq!(v["seed"], 7);
+}
+
+#[test]
+fn tokenize_json_parses_special_tokens_and_reports_offsets() {
+    let model = model_path();
+    let v = run_json(&[
+        "tokenize",
+        "--model",
+        model.to_str().unwrap(),
+        "--parse-special",
+        "--offsets",
+        "--json",
+        "<|im_start|>Hello world",
+    ]);
+    assert_eq!(v["ids"], serde_json::json!([1, 19556, 905]));
+    assert_eq!(v["offsets"], serde_json::json!([[0, 12], [12, 17], [17, 23]]));
+}
+
+#[test]
+fn inspect_json_reports_the_architecture() {
+    let v = run_json(&["inspect", model_path().to_str().unwrap(), "--json"]);
+    assert_eq!(v["version"], 3);
+    assert_eq!(v["llama"]["n_layer"], 30);
+    assert_eq!(v["llama"]["n_vocab"], 49152);
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_a_clear_message() {
+    let out = starling().args(["inspect", "/nonexistent/model.gguf"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/model.gguf"), "{err}");
+
+    let not_gguf = fixture("ppl_text.txt");
+    let out = starling().args(["inspect", not_gguf.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad magic"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let model = model_path();
+    let out = starling()
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "hi", "--top-p", "1.5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("top_p"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[cfg(unix)]
+#[test]
+fn invalid_utf8_text_is_rejected() {
+    use std::os::unix::ffi::OsStrExt;
+    let model = model_path();
+    let bad = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    let out = starling().args(["tokenize", "--model", model.to_str().unwrap()]).arg(bad).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).to_lowercase().contains("utf-8"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn generate_flags_reach_the_sampler() {
+    let model = model_path();
+    let model = model.to_str().unwrap();
+    let base = ["generate", "--model", model, "--prompt", "The capital of France is", "--temperature", "0", "--json"];
+    // Banning " Paris" (7042) leaves the reference's second choice (260) on top.
+    let v = run_json(&[&base[..], &["--max-tokens", "1", "--logit-bias", "7042=-100", "--logprobs", "3"]].concat());
+    assert_eq!(v["tokens"], serde_json::json!([260]));
+    assert_eq!(v["logprobs"][0]["top_logprobs"].as_array().unwrap().len(), 3);
+    // A stop token id ends generation with `stop` (30 is "." after " Paris").
+    let v = run_json(&[&base[..], &["--max-tokens", "8", "--stop-token-id", "30"]].concat());
+    assert_eq!(v["tokens"], serde_json::json!([7042, 30]));
+    assert_eq!(v["finish_reason"], "stop");
+    // A stop string is matched on text across tokens (" Paris" + ".") and never printed.
+    let v = run_json(&[&base[..], &["--max-tokens", "8", "--stop", "is."]].concat());
+    assert_eq!(v["text"], " Par");
+    assert_eq!(v["finish_reason"], "stop");
+    let v = run_json(&[&base[..], &["--max-tokens", "3", "--stop", "xyz"]].concat());
+    assert_eq!((v["text"].as_str(), v["finish_reason"].as_str()), (Some(" Paris.\n"), Some("length")));
+}
