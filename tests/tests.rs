@@ -4,4 +4,5 @@ mod gguf;
 mod kernels;
 mod model;
 mod sampler;
+mod scheduler;
 mod tokenizer;

@@ -109,7 +109,9 @@ fn close_session(
             sessions.0.remove(&key);
             Ok(())
         }
-        None => Err(ApiError::new(ErrorKind::NotFound, format!("unknown session `{}`", key.1)).with_param("session_id")),
+        None => {
+            Err(ApiError::new(ErrorKind::NotFound, format!("unknown session `{}`", key.1)).with_param("session_id"))
+        }
     }
 }
 
@@ -134,12 +136,15 @@ fn session_entity(
             .get_mut(e)
             .map_err(|_| (Rejection::SessionBusy, ApiError::new(ErrorKind::Internal, "session entity lost")))?;
         if cache.in_flight {
-            return Err((Rejection::SessionBusy, ApiError::new(
-                ErrorKind::Conflict,
-                format!("session `{id}` already has a request in flight; send turns one at a time"),
-            )
-            .with_code("session_busy")
-            .with_param("session_id")));
+            return Err((
+                Rejection::SessionBusy,
+                ApiError::new(
+                    ErrorKind::Conflict,
+                    format!("session `{id}` already has a request in flight; send turns one at a time"),
+                )
+                .with_code("session_busy")
+                .with_param("session_id"),
+            ));
         }
         cache.in_flight = true;
         commands.entity(e).insert(LastUsed(now));

@@ -267,7 +267,8 @@ fn start_sequence(
     entity: Entity,
 ) -> bool {
     let Ok((_, mut phase, tokens, mut handle, _, _, _)) = seqs.get_mut(entity) else { return false };
-    let mut session = links.get_mut(entity).ok().and_then(|(link, cached)| Some((sessions.get_mut(link.0).ok()?, cached)));
+    let mut session =
+        links.get_mut(entity).ok().and_then(|(link, cached)| Some((sessions.get_mut(link.0).ok()?, cached)));
     let session_blocks = session.as_ref().map_or(0, |(cache, _)| cache.table.blocks.len());
     if !prompt_fits(kv, &handle.0, session_blocks, tokens.n_prompt) {
         return false;
