@@ -6,4 +6,5 @@ mod gguf;
 mod kernels;
 mod model;
 mod sampler;
+mod scheduler;
 mod tokenizer;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::pipeline::{PipelineError, PipelineSpec};
 use super::resources::{EngineLimits, Policies};
+use super::scheduler::TenantLimits;
 use super::{EngineHandle, EngineParts};
 use crate::config::{Config, ConfigError, ModelConfig, PolicyRule};
 use crate::kv::arena::{KvArena, KvError};
@@ -65,6 +66,7 @@ pub fn start_model(config: &Config, index: usize) -> Result<LoadedModel, LoadErr
         n_ctx,
         high_watermark: config.queue.high_watermark,
         low_watermark: config.queue.low_watermark,
+        high_watermark_tokens: config.queue.high_watermark_tokens,
         max_sessions: mc.max_sessions.get(),
         session_ttl: mc.kv_cache.session_ttl,
     };
@@ -76,6 +78,7 @@ pub fn start_model(config: &Config, index: usize) -> Result<LoadedModel, LoadErr
         tokenizer: tokenizer.clone(),
         kv,
         limits,
+        tenants: TenantLimits::from_config(&config.tenants),
         pipeline,
         policies,
         inbox_capacity: config.queue.high_watermark.max(16) * 2,

@@ -7,6 +7,7 @@
 pub mod load;
 pub mod pipeline;
 pub mod resources;
+pub mod scheduler;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -41,6 +42,8 @@ pub struct EngineParts {
     pub tokenizer: Arc<GgufTokenizer>,
     pub kv: KvArena,
     pub limits: EngineLimits,
+    /// Per-tenant weights and limits (config `tenants`).
+    pub tenants: scheduler::TenantLimits,
     pub pipeline: PipelineSpec,
     pub policies: Policies,
     /// Capacity of the command inbox (commands beyond it are refused with 503).
@@ -118,6 +121,9 @@ pub fn build_world(parts: EngineParts, status: Arc<EngineStatus>) -> (World, Sch
     world.insert_resource(TokenizerRes(parts.tokenizer));
     world.insert_resource(Kv(parts.kv));
     world.insert_resource(parts.limits);
+    world.insert_resource(parts.tenants);
+    world.insert_resource(scheduler::FairShare::default());
+    world.insert_resource(scheduler::SchedulerStats::default());
     world.insert_resource(BatchPlan::default());
     world.insert_resource(Logits::default());
     world.insert_resource(SessionIndex::default());

@@ -1,13 +1,14 @@
 //! Engine resources: what the stages share within a tick.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bevy_ecs::prelude::*;
 
 use crate::engine::pipeline::StageParams;
+use crate::engine::scheduler::SchedulerStats;
 use crate::kv::arena::KvArena;
 use crate::protocol::EngineCommand;
 use crate::sampler::PolicyRules;
@@ -51,6 +52,8 @@ pub struct EngineLimits {
     /// Queued requests at which admission closes, and at which it reopens.
     pub high_watermark: usize,
     pub low_watermark: usize,
+    /// Queued prompt tokens at which admission closes.
+    pub high_watermark_tokens: usize,
     pub max_sessions: usize,
     pub session_ttl: Duration,
 }
@@ -133,9 +136,16 @@ pub struct EngineStatus {
     pub forward_calls: AtomicU64,
     pub admission_open: AtomicBool,
     pub stopped: AtomicBool,
+    /// The scheduler's gauges, counters and histograms, copied at the end of each batch stage.
+    pub scheduler: Mutex<SchedulerStats>,
 }
 
 impl EngineStatus {
+    /// A copy of the scheduler's stats as of the last tick.
+    pub fn scheduler_stats(&self) -> SchedulerStats {
+        self.scheduler.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn kv_usage(&self) -> f64 {
         let total = self.kv_blocks_total.load(Ordering::Relaxed);
         if total == 0 { 0.0 } else { self.kv_blocks_used.load(Ordering::Relaxed) as f64 / total as f64 }

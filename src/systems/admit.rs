@@ -6,14 +6,21 @@ use bevy_ecs::prelude::*;
 
 use crate::components::*;
 use crate::engine::resources::*;
+use crate::engine::scheduler::{
+    QueueLoad, Rejection, SchedulerStats, TenantLimits, Watermarks, estimate_tokens, rejection_error,
+};
 use crate::error::{ApiError, ErrorKind};
 use crate::protocol::{EngineCommand, GenerateRequest, StreamEvent};
 use crate::sampler::{SamplerState, TextGate};
 use crate::tokenizer::StreamDecoder;
-use crate::types::{SessionId, Timestamp};
+use crate::types::{SessionId, TenantId, Timestamp};
 
-/// Drains the inbox: spawns request entities (and session entities on first use), rejects
-/// work over the watermark with 429, closes sessions, and notes a shutdown request.
+/// Queued requests by tenant, with their prompt tokens, at the start of admission.
+type QueuedQuery<'w, 's> = Query<'w, 's, (&'static Phase, &'static Tenant, Option<&'static Tokens>)>;
+
+/// Drains the inbox: spawns request entities (and session entities on first use), refuses
+/// work over the queue watermarks or the tenant's `max_queued` with 429 and a reason,
+/// closes sessions, and notes a shutdown request.
 #[allow(clippy::too_many_arguments)]
 pub fn admit_requests(
     mut commands: Commands,
@@ -21,27 +28,33 @@ pub fn admit_requests(
     mut gate: ResMut<AdmissionGate>,
     mut sessions: ResMut<SessionIndex>,
     mut report: ResMut<TickReport>,
+    mut stats: ResMut<SchedulerStats>,
     mut caches: Query<&mut SessionCache>,
-    queued: Query<&Phase>,
+    queued: QueuedQuery,
     clock: Res<TickClock>,
     limits: Res<EngineLimits>,
+    tenants: Res<TenantLimits>,
     status: Res<Status>,
 ) {
-    let mut n_queued = queued.iter().filter(|p| **p == Phase::Queued).count();
-    update_gate(&mut gate, n_queued, &limits);
+    let mut load = queue_load(&queued);
+    let marks = watermarks(&limits);
+    marks.update(&mut gate.open, &load);
     while let Some(cmd) = inbox.0.pop_front() {
         match cmd {
             EngineCommand::Generate(req) => {
-                if !gate.open || n_queued >= limits.high_watermark {
-                    gate.open = false;
-                    reject(&req, over_watermark(n_queued));
+                let share = tenants.get(&req.tenant);
+                let tokens = estimate_tokens(&req.input);
+                if let Err(reason) = marks.admit(&mut gate.open, &load, &req.tenant, share, tokens) {
+                    stats.reject(reason);
+                    reject(&req, rejection_error(reason, &load, &req.tenant, share));
                     continue;
                 }
                 let session = match req.session.clone() {
                     Some(id) => {
                         match session_entity(&mut commands, &mut sessions, &mut caches, &req, id, &limits, clock.now) {
                             Ok(e) => Some(e),
-                            Err(e) => {
+                            Err((reason, e)) => {
+                                stats.reject(reason);
                                 reject(&req, e);
                                 continue;
                             }
@@ -49,46 +62,57 @@ pub fn admit_requests(
                     }
                     None => None,
                 };
+                load.add(&req.tenant, tokens);
+                stats.admitted += 1;
                 spawn_request(&mut commands, *req, session, clock.now);
-                n_queued += 1;
             }
             EngineCommand::CloseSession { tenant, session, reply } => {
-                let key = (tenant, session);
-                let result = match sessions.0.get(&key).copied() {
-                    Some(e) if caches.get(e).is_ok_and(|c| c.in_flight) => Err(ApiError::new(
-                        ErrorKind::Conflict,
-                        format!("session `{}` has a request in flight; close it after the request ends", key.1),
-                    )
-                    .with_code("session_busy")),
-                    Some(e) => {
-                        commands.entity(e).insert(CloseRequested);
-                        sessions.0.remove(&key);
-                        Ok(())
-                    }
-                    None => Err(ApiError::new(ErrorKind::NotFound, format!("unknown session `{}`", key.1))
-                        .with_param("session_id")),
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(close_session(&mut commands, &mut sessions, &caches, (tenant, session)));
             }
             EngineCommand::Shutdown => report.stop_requested = true,
         }
     }
+    stats.queue_depth = load.requests;
+    stats.queued_tokens = load.tokens;
+    stats.max_queue_depth = stats.max_queue_depth.max(load.requests);
     status.0.admission_open.store(gate.open, Ordering::Relaxed);
 }
 
-/// Hysteresis: closed at the high watermark, open again only at the low one.
-fn update_gate(gate: &mut AdmissionGate, n_queued: usize, limits: &EngineLimits) {
-    if n_queued >= limits.high_watermark {
-        gate.open = false;
-    } else if n_queued <= limits.low_watermark {
-        gate.open = true;
-    }
+fn watermarks(limits: &EngineLimits) -> Watermarks {
+    Watermarks { high: limits.high_watermark, low: limits.low_watermark, high_tokens: limits.high_watermark_tokens }
 }
 
-fn over_watermark(n_queued: usize) -> ApiError {
-    ApiError::new(ErrorKind::RateLimited, format!("the request queue is full ({n_queued} waiting); retry later"))
-        .with_code("queue_full")
-        .with_retry_after(1)
+fn queue_load(queued: &QueuedQuery) -> QueueLoad {
+    let mut load = QueueLoad::default();
+    for (phase, tenant, tokens) in queued {
+        if *phase == Phase::Queued {
+            load.add(&tenant.0, tokens.map_or(0, |t| t.n_prompt));
+        }
+    }
+    load
+}
+
+fn close_session(
+    commands: &mut Commands,
+    sessions: &mut SessionIndex,
+    caches: &Query<&mut SessionCache>,
+    key: (TenantId, SessionId),
+) -> Result<(), ApiError> {
+    match sessions.0.get(&key).copied() {
+        Some(e) if caches.get(e).is_ok_and(|c| c.in_flight) => Err(ApiError::new(
+            ErrorKind::Conflict,
+            format!("session `{}` has a request in flight; close it after the request ends", key.1),
+        )
+        .with_code("session_busy")),
+        Some(e) => {
+            commands.entity(e).insert(CloseRequested);
+            sessions.0.remove(&key);
+            Ok(())
+        }
+        None => {
+            Err(ApiError::new(ErrorKind::NotFound, format!("unknown session `{}`", key.1)).with_param("session_id"))
+        }
+    }
 }
 
 fn reject(req: &GenerateRequest, error: ApiError) {
@@ -105,29 +129,37 @@ fn session_entity(
     id: SessionId,
     limits: &EngineLimits,
     now: Timestamp,
-) -> Result<Entity, ApiError> {
+) -> Result<Entity, (Rejection, ApiError)> {
     let key = (req.tenant.clone(), id.clone());
     if let Some(&e) = sessions.0.get(&key) {
-        let mut cache = caches.get_mut(e).map_err(|_| ApiError::new(ErrorKind::Internal, "session entity lost"))?;
+        let mut cache = caches
+            .get_mut(e)
+            .map_err(|_| (Rejection::SessionBusy, ApiError::new(ErrorKind::Internal, "session entity lost")))?;
         if cache.in_flight {
-            return Err(ApiError::new(
-                ErrorKind::Conflict,
-                format!("session `{id}` already has a request in flight; send turns one at a time"),
-            )
-            .with_code("session_busy")
-            .with_param("session_id"));
+            return Err((
+                Rejection::SessionBusy,
+                ApiError::new(
+                    ErrorKind::Conflict,
+                    format!("session `{id}` already has a request in flight; send turns one at a time"),
+                )
+                .with_code("session_busy")
+                .with_param("session_id"),
+            ));
         }
         cache.in_flight = true;
         commands.entity(e).insert(LastUsed(now));
         return Ok(e);
     }
     if sessions.0.len() >= limits.max_sessions {
-        return Err(ApiError::new(
-            ErrorKind::RateLimited,
-            format!("the model holds its maximum of {} sessions; close one or retry later", limits.max_sessions),
-        )
-        .with_code("too_many_sessions")
-        .with_retry_after(5));
+        return Err((
+            Rejection::TooManySessions,
+            ApiError::new(
+                ErrorKind::RateLimited,
+                format!("the model holds its maximum of {} sessions; close one or retry later", limits.max_sessions),
+            )
+            .with_code("too_many_sessions")
+            .with_retry_after(5),
+        ));
     }
     let e = commands
         .spawn((

@@ -1,71 +1,298 @@
-//! `batch`: picks this tick's work: every running decode sequence, then chunks of prompts
-//! under the token budget (chunked prefill), oldest first.
+//! `batch`: picks this tick's work. Every running decode sequence first (one token each),
+//! then prompt chunks under the token budget (chunked prefill), shared between tenants by
+//! weight (virtual-time fair sharing), each tenant's requests oldest first.
+//!
+//! Within a tenant, sessions are served in arrival order: a session has at most one request
+//! in flight, so arrival order across a tenant's requests is round-robin across its sessions.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bevy_ecs::prelude::*;
 
 use super::fail;
 use crate::components::*;
 use crate::engine::resources::*;
+use crate::engine::scheduler::{FairShare, SchedulerStats, TenantLimits, weighted_quotas};
 use crate::error::{ApiError, ErrorKind};
-use crate::kv::arena::BlockTable;
+use crate::kv::arena::{BlockTable, KvArena};
+use crate::types::TenantId;
 
 type SeqQuery<'w, 's> = Query<
     'w,
     's,
-    (Entity, &'static mut Phase, &'static Tokens, &'static mut KvHandle, &'static mut Outbox, &'static Timing),
+    (
+        Entity,
+        &'static mut Phase,
+        &'static Tokens,
+        &'static mut KvHandle,
+        &'static mut Outbox,
+        &'static Timing,
+        &'static Tenant,
+    ),
 >;
 
-/// Builds the [`BatchPlan`]: decode first (one token each, up to `max_batch`), then prefill
-/// chunks until `max_batch_tokens`. A prompt starts only when the KV cache can hold it; a
-/// session's cached prefix is reused instead of recomputed.
-pub fn assemble_batch(
-    mut plan: ResMut<BatchPlan>,
-    mut kv: ResMut<Kv>,
-    mut seqs: SeqQuery,
-    mut links: Query<(&SessionLink, &mut CachedPrefix)>,
-    mut sessions: Query<&mut SessionCache>,
-    limits: Res<EngineLimits>,
-) {
-    plan.items.clear();
-    let mut budget = limits.max_batch_tokens;
-    let mut order: Vec<(bool, u64, Entity)> = seqs
-        .iter()
-        .filter(|(_, phase, _, _, outbox, _)| outbox.pending.is_empty() && runnable(**phase))
-        .map(|(e, phase, _, _, _, timing)| (*phase != Phase::Decode, timing.admitted.0, e))
-        .collect();
-    order.sort_unstable();
-    for (is_prefill, _, entity) in order {
-        if plan.items.len() >= limits.max_batch || budget == 0 {
-            break;
-        }
-        let Ok((_, mut phase, tokens, mut handle, mut outbox, _)) = seqs.get_mut(entity) else { continue };
-        if *phase == Phase::Queued {
-            if let Ok((link, mut cached)) = links.get_mut(entity)
-                && let Ok(mut cache) = sessions.get_mut(link.0)
-            {
-                cached.0 = adopt_session_prefix(&mut cache, &mut handle.0, &tokens.ids);
-            }
-            // Memory-aware start: the whole prompt must fit before any of it runs.
-            if handle.0.reserve(&mut kv.0, tokens.n_prompt).is_err() {
-                continue;
-            }
-            *phase = Phase::Prefill;
-        }
-        let start = handle.0.len;
-        let n = (tokens.ids.len() - start).min(budget);
-        if !is_prefill && handle.0.reserve(&mut kv.0, start + n).is_err() {
-            let error = ApiError::new(ErrorKind::Unavailable, "the KV cache is full; the generation was stopped")
-                .with_code("kv_cache_full");
-            fail(&mut phase, &mut outbox, error);
-            continue;
-        }
-        budget -= n;
-        plan.items.push(PlanItem { entity, start_pos: start, n_tokens: n, samples: start + n == tokens.ids.len() });
+type SessionQuery<'w, 's> = Query<'w, 's, &'static mut SessionCache>;
+type LinkQuery<'w, 's> = Query<'w, 's, (&'static SessionLink, &'static mut CachedPrefix)>;
+
+/// The scheduling state of one tick, shared by the decode and prefill passes.
+struct Tick<'a> {
+    plan: &'a mut BatchPlan,
+    fair: &'a mut FairShare,
+    tenants: &'a TenantLimits,
+    limits: &'a EngineLimits,
+    budget: usize,
+    /// Running (prefill or decode) sequences, in total and per tenant.
+    running: usize,
+    running_of: HashMap<TenantId, usize>,
+    /// Plan index of each entity already planned this tick.
+    planned: HashMap<Entity, usize>,
+}
+
+impl Tick<'_> {
+    fn full(&self) -> bool {
+        self.budget == 0 || self.plan.items.len() >= self.limits.max_batch
+    }
+
+    fn charge(&mut self, tenant: &TenantId, n: usize) {
+        self.budget -= n;
+        self.fair.charge(tenant, self.tenants.get(tenant).weight, n);
     }
 }
 
-fn runnable(phase: Phase) -> bool {
-    matches!(phase, Phase::Queued | Phase::Prefill | Phase::Decode)
+/// A sequence that may get work this tick.
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    entity: Entity,
+    queued: bool,
+}
+
+/// Builds the [`BatchPlan`]: every running decode sequence (up to `max_batch`), then
+/// prefill chunks until `max_batch_tokens`, split between tenants by weight. A queued
+/// prompt starts only when the running set has room (`max_batch`, the tenant's
+/// `max_concurrent`) and the KV cache can hold the whole prompt; a session's cached prefix
+/// is reused instead of recomputed. A decode sequence whose client is not reading
+/// (undelivered events) is paused, not batched.
+#[allow(clippy::too_many_arguments)]
+pub fn assemble_batch(
+    mut plan_res: ResMut<BatchPlan>,
+    mut kv: ResMut<Kv>,
+    mut seqs: SeqQuery,
+    mut links: LinkQuery,
+    mut sessions: SessionQuery,
+    mut fair: ResMut<FairShare>,
+    mut stats: ResMut<SchedulerStats>,
+    limits: Res<EngineLimits>,
+    tenants: Res<TenantLimits>,
+    status: Res<Status>,
+) {
+    let plan = &mut *plan_res;
+    plan.items.clear();
+    let (decode, prefill, running_of) = collect_candidates(&seqs, &mut stats);
+    fair.activate(running_of.keys().chain(prefill.keys()));
+    let mut tick = Tick {
+        plan,
+        fair: &mut fair,
+        tenants: &tenants,
+        limits: &limits,
+        budget: limits.max_batch_tokens,
+        running: running_of.values().sum(),
+        running_of,
+        planned: HashMap::new(),
+    };
+    for (entity, tenant) in decode {
+        if tick.full() {
+            break;
+        }
+        plan_decode(&mut tick, &mut seqs, &mut kv.0, &mut stats, entity, &tenant);
+    }
+    plan_prefill(&mut tick, prefill, &mut seqs, &mut kv.0, &mut links, &mut sessions);
+    stats.running = tick.running;
+    if !plan_res.items.is_empty() {
+        stats.batch_size.observe(plan_res.items.len() as u64);
+        stats.batch_tokens.observe(plan_res.total_tokens() as u64);
+    }
+    *status.0.scheduler.lock().unwrap_or_else(|e| e.into_inner()) = stats.clone();
+}
+
+type Collected = (Vec<(Entity, TenantId)>, BTreeMap<TenantId, VecDeque<Candidate>>, HashMap<TenantId, usize>);
+
+/// Decode sequences (oldest first), prefill candidates per tenant (running prompts first,
+/// then queued ones, each oldest first), and running sequences per tenant.
+fn collect_candidates(seqs: &SeqQuery, stats: &mut SchedulerStats) -> Collected {
+    let mut decode = vec![];
+    let mut prefill: BTreeMap<TenantId, Vec<(bool, u64, Entity)>> = BTreeMap::new();
+    let mut running_of: HashMap<TenantId, usize> = HashMap::new();
+    for (entity, phase, _, _, outbox, timing, tenant) in seqs {
+        let admitted = timing.admitted.0;
+        match *phase {
+            Phase::Decode | Phase::Prefill => *running_of.entry(tenant.0.clone()).or_default() += 1,
+            Phase::Queued | Phase::Finished(_) => {}
+        }
+        match *phase {
+            Phase::Decode if !outbox.pending.is_empty() => stats.paused += 1,
+            Phase::Decode => decode.push((admitted, entity, tenant.0.clone())),
+            Phase::Prefill => prefill.entry(tenant.0.clone()).or_default().push((false, admitted, entity)),
+            Phase::Queued => prefill.entry(tenant.0.clone()).or_default().push((true, admitted, entity)),
+            Phase::Finished(_) => {}
+        }
+    }
+    decode.sort_unstable();
+    let decode = decode.into_iter().map(|(_, e, t)| (e, t)).collect();
+    let prefill = prefill
+        .into_iter()
+        .map(|(t, mut v)| {
+            v.sort_unstable();
+            (t, v.into_iter().map(|(queued, _, entity)| Candidate { entity, queued }).collect())
+        })
+        .collect();
+    (decode, prefill, running_of)
+}
+
+/// Plans one decode step; a sequence the KV cache cannot grow is stopped with an error.
+fn plan_decode(
+    tick: &mut Tick,
+    seqs: &mut SeqQuery,
+    kv: &mut KvArena,
+    stats: &mut SchedulerStats,
+    entity: Entity,
+    tenant: &TenantId,
+) {
+    let Ok((_, mut phase, tokens, mut handle, mut outbox, _, _)) = seqs.get_mut(entity) else { return };
+    let start = handle.0.len;
+    let n = tokens.ids.len() - start;
+    if !reserve_positions(kv, &mut handle.0, start + n) {
+        let error = ApiError::new(ErrorKind::Unavailable, "the KV cache is full; the generation was stopped")
+            .with_code("kv_cache_full");
+        fail(&mut phase, &mut outbox, error);
+        stats.preempted += 1;
+        return;
+    }
+    tick.planned.insert(entity, tick.plan.items.len());
+    tick.plan.items.push(PlanItem { entity, start_pos: start, n_tokens: n, samples: true });
+    tick.charge(tenant, n);
+}
+
+/// Hands the prefill budget out in two passes: first each tenant up to its weighted quota
+/// (so a tenant with huge prompts cannot take a whole tick from one with short ones), then
+/// whatever is left to whoever still has work. Within a pass the tenant with the least
+/// virtual time goes first.
+fn plan_prefill(
+    tick: &mut Tick,
+    mut queues: BTreeMap<TenantId, VecDeque<Candidate>>,
+    seqs: &mut SeqQuery,
+    kv: &mut KvArena,
+    links: &mut LinkQuery,
+    sessions: &mut SessionQuery,
+) {
+    let weights: Vec<(TenantId, u32)> = queues.keys().map(|t| (t.clone(), tick.tenants.get(t).weight)).collect();
+    let mut quotas = weighted_quotas(tick.budget, &weights);
+    for capped in [true, false] {
+        while !tick.full() {
+            let quota = |t: &TenantId| quotas.get(t).copied().unwrap_or(0);
+            let eligible = queues.iter().filter(|(t, q)| !q.is_empty() && (!capped || quota(t) > 0));
+            let Some(tenant) = tick.fair.pick(eligible.map(|(t, _)| t)).cloned() else { break };
+            let cap = if capped { quota(&tenant) } else { usize::MAX };
+            let Some(queue) = queues.get_mut(&tenant) else { break };
+            let n = plan_chunk(tick, queue, seqs, kv, links, sessions, &tenant, cap);
+            if let Some(q) = quotas.get_mut(&tenant) {
+                *q = q.saturating_sub(n);
+            }
+        }
+    }
+}
+
+/// Plans the next chunk of the tenant's first candidate (starting it if queued); returns
+/// the tokens planned. A candidate that cannot start, or whose prompt is fully planned,
+/// leaves the queue.
+#[allow(clippy::too_many_arguments)]
+fn plan_chunk(
+    tick: &mut Tick,
+    queue: &mut VecDeque<Candidate>,
+    seqs: &mut SeqQuery,
+    kv: &mut KvArena,
+    links: &mut LinkQuery,
+    sessions: &mut SessionQuery,
+    tenant: &TenantId,
+    cap: usize,
+) -> usize {
+    let Some(&cand) = queue.front() else { return 0 };
+    if cand.queued && !tick.planned.contains_key(&cand.entity) {
+        let share = tick.tenants.get(tenant);
+        let room = tick.running < tick.limits.max_batch
+            && tick.running_of.get(tenant).copied().unwrap_or(0) < share.max_concurrent;
+        if !room || !start_sequence(seqs, kv, links, sessions, cand.entity) {
+            // No slot or no KV room yet: it waits (the next candidate may be smaller).
+            queue.pop_front();
+            return 0;
+        }
+        tick.running += 1;
+        *tick.running_of.entry(tenant.clone()).or_default() += 1;
+    }
+    let Ok((_, _, tokens, handle, _, _, _)) = seqs.get(cand.entity) else {
+        queue.pop_front();
+        return 0;
+    };
+    let (len, total) = (handle.0.len, tokens.ids.len());
+    let index = tick.planned.get(&cand.entity).copied();
+    let already = index.map_or(0, |i| tick.plan.items[i].n_tokens);
+    let n = (total - len - already).min(tick.budget).min(cap);
+    if len + already + n == total {
+        queue.pop_front();
+    }
+    if n == 0 {
+        return 0;
+    }
+    let samples = len + already + n == total;
+    match index {
+        Some(i) => {
+            tick.plan.items[i].n_tokens += n;
+            tick.plan.items[i].samples = samples;
+        }
+        None => {
+            tick.planned.insert(cand.entity, tick.plan.items.len());
+            tick.plan.items.push(PlanItem { entity: cand.entity, start_pos: len, n_tokens: n, samples });
+        }
+    }
+    tick.charge(tenant, n);
+    n
+}
+
+/// Moves a queued sequence to `Prefill` if the KV cache can hold its whole prompt (after
+/// adopting its session's cached prefix); otherwise leaves it queued and untouched.
+fn start_sequence(
+    seqs: &mut SeqQuery,
+    kv: &mut KvArena,
+    links: &mut LinkQuery,
+    sessions: &mut SessionQuery,
+    entity: Entity,
+) -> bool {
+    let Ok((_, mut phase, tokens, mut handle, _, _, _)) = seqs.get_mut(entity) else { return false };
+    let mut session =
+        links.get_mut(entity).ok().and_then(|(link, cached)| Some((sessions.get_mut(link.0).ok()?, cached)));
+    let session_blocks = session.as_ref().map_or(0, |(cache, _)| cache.table.blocks.len());
+    if !prompt_fits(kv, &handle.0, session_blocks, tokens.n_prompt) {
+        return false;
+    }
+    if let Some((cache, cached)) = session.as_mut() {
+        cached.0 = adopt_session_prefix(cache, &mut handle.0, &tokens.ids);
+    }
+    if !reserve_positions(kv, &mut handle.0, tokens.n_prompt) {
+        return false;
+    }
+    *phase = Phase::Prefill;
+    true
+}
+
+/// KV call site: whether the prompt's blocks can be had (free blocks plus the blocks the
+/// sequence owns or will adopt from its session).
+fn prompt_fits(kv: &KvArena, table: &BlockTable, session_blocks: usize, n_prompt: usize) -> bool {
+    let owned = table.blocks.len() + session_blocks;
+    kv.layout().blocks_for(n_prompt).saturating_sub(owned) <= kv.n_free()
+}
+
+/// KV call site: grows the sequence's table to hold `positions` positions (all or nothing).
+fn reserve_positions(kv: &mut KvArena, table: &mut BlockTable, positions: usize) -> bool {
+    table.reserve(kv, positions).is_ok()
 }
 
 /// Moves a session's cache into the request and returns how many prompt positions it covers.

@@ -1,0 +1,414 @@
+//! The scheduler in the tick, with the real model and ticks run by hand (`TickClock`
+//! injected): batching correctness, fairness, backpressure, cancellation, deadlines.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bevy_ecs::prelude::*;
+use starling::components::{Phase, Request};
+use starling::engine::pipeline::PipelineSpec;
+use starling::engine::resources::{EngineLimits, EngineStatus, Kv, Policies, TickClock};
+use starling::engine::scheduler::{SchedulerStats, TenantLimits, TenantShare};
+use starling::engine::{EngineParts, build_world};
+use starling::kv::arena::KvArena;
+use starling::model::llama::LlamaModel;
+use starling::protocol::{EngineCommand, FinishReason, GenerateRequest, PromptInput, StreamEvent};
+use starling::sampler::{SamplerLimits, SamplingConfig, SamplingParams};
+use starling::tokenizer::GgufTokenizer;
+use starling::types::{RequestId, TenantId, Timestamp};
+use tokio::sync::mpsc;
+
+fn model() -> Arc<LlamaModel> {
+    static MODEL: OnceLock<Arc<LlamaModel>> = OnceLock::new();
+    MODEL.get_or_init(|| Arc::new(LlamaModel::load(&super::model::model_path(), 2).expect("model loads"))).clone()
+}
+
+fn tokenizer() -> Arc<GgufTokenizer> {
+    static TOK: OnceLock<Arc<GgufTokenizer>> = OnceLock::new();
+    TOK.get_or_init(|| Arc::new(GgufTokenizer::from_gguf(&model().file().header).expect("tokenizer builds"))).clone()
+}
+
+fn limits(max_batch: usize, max_batch_tokens: usize) -> EngineLimits {
+    EngineLimits {
+        max_batch,
+        max_batch_tokens,
+        max_prompt_tokens: 4096,
+        n_ctx: model().hparams.n_ctx_train,
+        high_watermark: 1000,
+        low_watermark: 900,
+        high_watermark_tokens: 1 << 20,
+        max_sessions: 16,
+        session_ttl: Duration::from_secs(600),
+    }
+}
+
+fn sampling(max_tokens: u32, temperature: f32, seed: u64) -> SamplingConfig {
+    let params = SamplingParams {
+        temperature: Some(temperature),
+        max_tokens: Some(max_tokens),
+        ignore_eos: Some(true),
+        seed: Some(seed),
+        ..Default::default()
+    };
+    let limits = SamplerLimits { vocab_size: 49152, max_stop_strings: 8, default_max_tokens: 16, max_tokens_cap: 4096 };
+    params.validate(&limits).expect("valid sampling")
+}
+
+fn prompt(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| 200 + (i * 37 + salt * 101) % 20000).collect()
+}
+
+/// A world with the real model whose ticks the test runs one by one.
+struct Harness {
+    world: World,
+    schedule: Schedule,
+    tick: u64,
+    now_ms: u64,
+    status: Arc<EngineStatus>,
+}
+
+impl Harness {
+    fn new(limits: EngineLimits, tenants: TenantLimits, kv_bytes: u64) -> Harness {
+        let m = model();
+        let kv = KvArena::new(m.kv_layout(16), kv_bytes).expect("kv arena");
+        let parts = EngineParts {
+            model: m,
+            tokenizer: tokenizer(),
+            kv,
+            limits,
+            tenants,
+            pipeline: PipelineSpec::default_spec(),
+            policies: Policies::default(),
+            inbox_capacity: 64,
+            max_queue_delay: Duration::ZERO,
+        };
+        let status = Arc::new(EngineStatus::default());
+        let (world, schedule) = build_world(parts, status.clone());
+        Harness { world, schedule, tick: 0, now_ms: 0, status }
+    }
+
+    fn submit(&mut self, tenant: &str, ids: Vec<u32>, sampling: SamplingConfig, capacity: usize) -> Stream {
+        self.submit_with_timeout(tenant, ids, sampling, capacity, Duration::from_secs(600))
+    }
+
+    fn submit_with_timeout(
+        &mut self,
+        tenant: &str,
+        ids: Vec<u32>,
+        sampling: SamplingConfig,
+        capacity: usize,
+        timeout: Duration,
+    ) -> Stream {
+        let (tx, rx) = mpsc::channel(capacity);
+        let req = GenerateRequest {
+            id: RequestId::next(),
+            tenant: TenantId::from(tenant),
+            session: None,
+            input: PromptInput::Tokens(ids),
+            sampling,
+            timeout,
+            received_at: Instant::now(),
+            events: tx,
+        };
+        let cmd = EngineCommand::Generate(Box::new(req));
+        self.world.resource_mut::<starling::engine::resources::Inbox>().0.push_back(cmd);
+        Stream { rx, events: vec![] }
+    }
+
+    fn run_tick(&mut self) {
+        self.tick += 1;
+        self.now_ms += 1;
+        *self.world.resource_mut::<TickClock>() = TickClock { now: Timestamp(self.now_ms * 1000), tick: self.tick };
+        self.schedule.run(&mut self.world);
+    }
+
+    fn kv_used(&self) -> usize {
+        self.world.resource::<Kv>().0.n_used()
+    }
+
+    fn count(&mut self, f: impl Fn(&Phase) -> bool) -> usize {
+        self.world.query::<&Phase>().iter(&self.world).filter(|p| f(p)).count()
+    }
+
+    fn live_requests(&mut self) -> usize {
+        self.world.query::<&Request>().iter(&self.world).count()
+    }
+
+    fn stats(&self) -> SchedulerStats {
+        self.world.resource::<SchedulerStats>().clone()
+    }
+}
+
+/// A client's end of one request: events received so far.
+struct Stream {
+    rx: mpsc::Receiver<StreamEvent>,
+    events: Vec<StreamEvent>,
+}
+
+impl Stream {
+    fn drain(&mut self) {
+        while let Ok(e) = self.rx.try_recv() {
+            self.events.push(e);
+        }
+    }
+
+    fn tokens(&self) -> Vec<u32> {
+        self.events
+            .iter()
+            .filter_map(|e| if let StreamEvent::Token { id, .. } = e { Some(*id) } else { None })
+            .collect()
+    }
+
+    fn finish(&self) -> Option<FinishReason> {
+        self.events
+            .iter()
+            .find_map(|e| if let StreamEvent::Done { finish_reason, .. } = e { Some(*finish_reason) } else { None })
+    }
+
+    fn error(&self) -> Option<&starling::error::ApiError> {
+        self.events.iter().find_map(|e| if let StreamEvent::Error(err) = e { Some(err) } else { None })
+    }
+}
+
+const KV_BYTES: u64 = 256 << 20;
+
+fn run_alone(ids: Vec<u32>, sampling: SamplingConfig) -> Vec<u32> {
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), KV_BYTES);
+    let mut s = h.submit("a", ids, sampling, 256);
+    for _ in 0..200 {
+        h.run_tick();
+        s.drain();
+        if s.finish().is_some() {
+            break;
+        }
+    }
+    assert_eq!(s.finish(), Some(FinishReason::Length), "{:?}", s.error());
+    s.tokens()
+}
+
+#[test]
+fn concurrent_requests_get_exactly_the_tokens_they_get_alone() {
+    let cases: Vec<(Vec<u32>, SamplingConfig)> = vec![
+        (prompt(3, 1), sampling(10, 0.0, 1)),
+        (prompt(17, 2), sampling(10, 0.9, 7)),
+        (prompt(70, 3), sampling(10, 0.0, 1)),
+        (prompt(150, 4), sampling(10, 0.7, 11)),
+    ];
+    let alone: Vec<Vec<u32>> = cases.iter().map(|(p, s)| run_alone(p.clone(), s.clone())).collect();
+    // Together: the budget (64) forces chunked prefill; two requests join mid-run.
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), KV_BYTES);
+    let mut streams: Vec<Stream> = vec![];
+    let mut max_batch_seen = 0;
+    for tick in 0..200 {
+        if tick == 0 || tick == 3 {
+            for (p, s) in cases.iter().skip(streams.len()).take(2) {
+                streams.push(h.submit("a", p.clone(), s.clone(), 256));
+            }
+        }
+        h.run_tick();
+        max_batch_seen = max_batch_seen.max(h.world.resource::<starling::engine::resources::BatchPlan>().items.len());
+        streams.iter_mut().for_each(Stream::drain);
+        if streams.len() == 4 && streams.iter().all(|s| s.finish().is_some()) {
+            break;
+        }
+    }
+    assert!(max_batch_seen >= 3, "requests ran concurrently (largest batch {max_batch_seen})");
+    for (i, (s, want)) in streams.iter().zip(&alone).enumerate() {
+        assert_eq!(&s.tokens(), want, "request {i} differs under load");
+    }
+    assert_eq!(h.kv_used(), 0, "every block returned");
+}
+
+#[test]
+fn tenants_with_weights_1_to_3_get_tokens_in_that_ratio() {
+    let tenants = TenantLimits::default()
+        .with("light", TenantShare { weight: 1, max_concurrent: 64, max_queued: 1000 })
+        .with("heavy", TenantShare { weight: 3, max_concurrent: 64, max_queued: 1000 });
+    let mut h = Harness::new(limits(4, 64), tenants, KV_BYTES);
+    // The weight-1 tenant floods first: arrival order alone would give it every slot.
+    let mut streams: Vec<(&str, Stream)> = vec![];
+    for tenant in ["light", "heavy"] {
+        for i in 0..60 {
+            streams.push((tenant, h.submit(tenant, prompt(4, i), sampling(4, 0.0, 1), 64)));
+        }
+    }
+    for _ in 0..60 {
+        h.run_tick();
+        streams.iter_mut().for_each(|(_, s)| s.drain());
+    }
+    let mut got: HashMap<&str, usize> = HashMap::new();
+    for (tenant, s) in &streams {
+        *got.entry(tenant).or_default() += s.tokens().len();
+    }
+    let (light, heavy) = (got["light"], got["heavy"]);
+    let ratio = heavy as f64 / light as f64;
+    eprintln!("tokens over 60 ticks: light {light}, heavy {heavy}, ratio {ratio:.3}");
+    assert!(light > 20 && heavy < 60 * 4, "both tenants saturated the run ({light}, {heavy})");
+    assert!((ratio - 3.0).abs() <= 0.3, "ratio {ratio:.3} not within 10% of 3");
+}
+
+/// Bound: a short request's first token is emitted in the tick it is admitted, whatever
+/// the long prompts of another tenant (prefill budget is split by weight each tick).
+#[test]
+fn long_prompts_of_one_tenant_do_not_delay_another_tenants_first_token() {
+    let mut h = Harness::new(limits(8, 256), TenantLimits::default(), KV_BYTES);
+    let mut bulk: Vec<Stream> = (0..2).map(|i| h.submit("bulk", prompt(2000, i), sampling(4, 0.0, 1), 64)).collect();
+    h.run_tick();
+    let mut short = h.submit("short", prompt(8, 9), sampling(4, 0.0, 1), 64);
+    h.run_tick();
+    short.drain();
+    bulk.iter_mut().for_each(Stream::drain);
+    assert_eq!(short.tokens().len(), 1, "first token in the admission tick: {:?}", short.events);
+    assert!(bulk.iter().all(|s| s.tokens().is_empty()), "the 2000-token prompts are still prefilling");
+    let plan = h.world.resource::<starling::engine::resources::BatchPlan>();
+    assert_eq!(plan.total_tokens(), 256, "the rest of the budget still went to the long prompts");
+}
+
+#[test]
+fn a_flood_gets_429_at_the_high_watermark_and_admission_reopens_at_the_low_one() {
+    let mut lim = limits(1, 64);
+    (lim.high_watermark, lim.low_watermark) = (4, 2);
+    let mut h = Harness::new(lim, TenantLimits::default(), KV_BYTES);
+    let mut accepted: Vec<Stream> = vec![];
+    let mut rejected = 0;
+    let mut reopened_at_depth = None;
+    let mut closed = false;
+    for tick in 0..80 {
+        let depth_before = h.count(|p| *p == Phase::Queued);
+        let burst = if tick == 0 { 10 } else { 1 };
+        let mut new: Vec<Stream> = (0..burst).map(|i| h.submit("a", prompt(5, i), sampling(2, 0.0, 1), 16)).collect();
+        h.run_tick();
+        assert!(h.stats().queue_depth <= 4, "the queue passed the watermark");
+        for mut s in new.drain(..) {
+            s.drain();
+            match s.error() {
+                Some(e) => {
+                    assert_eq!((e.status(), e.code, e.retry_after), (429, Some("queue_full"), Some(1)));
+                    rejected += 1;
+                    closed = true;
+                }
+                None => {
+                    if closed && reopened_at_depth.is_none() {
+                        reopened_at_depth = Some(depth_before);
+                    }
+                    accepted.push(s);
+                }
+            }
+        }
+        accepted.iter_mut().for_each(Stream::drain);
+    }
+    assert!(rejected >= 6, "the burst past the watermark was refused ({rejected})");
+    assert!(reopened_at_depth.is_some_and(|d| d <= 2), "reopened at depth {reopened_at_depth:?}, not at the low mark");
+    for _ in 0..40 {
+        h.run_tick();
+        accepted.iter_mut().for_each(Stream::drain);
+    }
+    assert!(accepted.iter().all(|s| s.finish() == Some(FinishReason::Length)), "every accepted request completed");
+    assert_eq!(h.stats().rejections(starling::engine::scheduler::Rejection::QueueFull), rejected as u64);
+    assert_eq!(h.stats().admitted, accepted.len() as u64);
+}
+
+#[test]
+fn a_dropped_stream_frees_its_kv_blocks_within_one_tick() {
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), KV_BYTES);
+    let mut s = h.submit("a", prompt(40, 1), sampling(100, 0.0, 1), 256);
+    let mut other = h.submit("b", prompt(10, 2), sampling(100, 0.0, 1), 256);
+    for _ in 0..3 {
+        h.run_tick();
+    }
+    s.drain();
+    assert!(!s.tokens().is_empty(), "decoding before the drop");
+    let used_both = h.kv_used();
+    drop(s);
+    h.run_tick();
+    let used_other = h.kv_used();
+    assert_eq!(used_both - used_other, 3, "40 prompt + 3 generated positions = 3 blocks of 16 freed");
+    assert_eq!(h.live_requests(), 1);
+    other.drain();
+    assert!(other.finish().is_none(), "the other request keeps going");
+}
+
+#[test]
+fn a_request_past_its_deadline_ends_with_deadline_and_keeps_what_it_got() {
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), KV_BYTES);
+    let mut s = h.submit_with_timeout("a", prompt(8, 1), sampling(100, 0.0, 1), 256, Duration::from_secs(5));
+    for _ in 0..3 {
+        h.run_tick();
+    }
+    h.now_ms += 10_000;
+    h.run_tick();
+    h.run_tick();
+    s.drain();
+    assert_eq!(s.finish(), Some(FinishReason::Deadline));
+    let n = s.tokens().len();
+    assert!(n >= 3, "tokens before the deadline were delivered ({n})");
+    let usage = s.events.iter().find_map(|e| if let StreamEvent::Done { usage, .. } = e { Some(*usage) } else { None });
+    assert_eq!(usage.map(|u| u.completion_tokens), Some(n));
+    assert_eq!(h.kv_used(), 0);
+}
+
+#[test]
+fn a_slow_reader_pauses_only_its_own_sequence() {
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), KV_BYTES);
+    let mut slow = h.submit("a", prompt(8, 1), sampling(8, 0.0, 1), 2);
+    let mut fast = h.submit("a", prompt(8, 2), sampling(8, 0.0, 1), 64);
+    for _ in 0..12 {
+        h.run_tick();
+        fast.drain();
+    }
+    assert_eq!(fast.finish(), Some(FinishReason::Length), "the fast reader finished");
+    assert!(h.stats().paused > 0, "the slow sequence was paused");
+    assert_eq!(h.live_requests(), 1, "the slow one waits");
+    for _ in 0..40 {
+        slow.drain();
+        h.run_tick();
+    }
+    slow.drain();
+    assert_eq!(slow.finish(), Some(FinishReason::Length));
+    assert_eq!(slow.tokens(), run_alone(prompt(8, 1), sampling(8, 0.0, 1)), "pausing does not change tokens");
+}
+
+#[test]
+fn a_tenant_runs_at_most_max_concurrent_and_a_prompt_waits_for_kv_room() {
+    let tenants = TenantLimits::default().with("a", TenantShare { weight: 1, max_concurrent: 1, max_queued: 10 });
+    let block_bytes = model().kv_layout(16).block_bytes() as u64;
+    // 6 blocks of 16: a 70-token prompt needs 5, so two cannot run at once.
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), block_bytes * 6);
+    let mut big: Vec<Stream> = (0..2).map(|i| h.submit("b", prompt(70, i), sampling(8, 0.0, 1), 64)).collect();
+    let mut max_running_b = 0;
+    for _ in 0..60 {
+        h.run_tick();
+        max_running_b = max_running_b.max(h.count(|p| matches!(p, Phase::Prefill | Phase::Decode)));
+        big.iter_mut().for_each(Stream::drain);
+    }
+    assert_eq!(max_running_b, 1, "the second prompt waited for KV room");
+    assert!(big.iter().all(|s| s.finish() == Some(FinishReason::Length)), "both completed");
+
+    let mut h = Harness::new(limits(8, 64), tenants, KV_BYTES);
+    let mut reqs: Vec<Stream> = (0..3).map(|i| h.submit("a", prompt(5, i), sampling(3, 0.0, 1), 64)).collect();
+    let mut max_running = 0;
+    for _ in 0..30 {
+        h.run_tick();
+        max_running = max_running.max(h.count(|p| matches!(p, Phase::Prefill | Phase::Decode)));
+        reqs.iter_mut().for_each(Stream::drain);
+    }
+    assert_eq!(max_running, 1);
+    assert!(reqs.iter().all(|s| s.finish() == Some(FinishReason::Length)));
+    assert_eq!(h.status.scheduler_stats(), h.stats(), "stats are published to EngineStatus");
+}
+
+#[test]
+fn a_tenant_past_max_queued_gets_429_with_its_reason() {
+    let tenants = TenantLimits::default().with("a", TenantShare { weight: 1, max_concurrent: 1, max_queued: 2 });
+    let mut h = Harness::new(limits(8, 64), tenants, KV_BYTES);
+    let mut a: Vec<Stream> = (0..4).map(|i| h.submit("a", prompt(5, i), sampling(2, 0.0, 1), 64)).collect();
+    let mut b = h.submit("b", prompt(5, 9), sampling(2, 0.0, 1), 64);
+    h.run_tick();
+    a.iter_mut().for_each(Stream::drain);
+    b.drain();
+    let codes: Vec<Option<&str>> = a.iter().map(|s| s.error().and_then(|e| e.code)).collect();
+    assert_eq!(codes, [None, None, Some("tenant_queue_full"), Some("tenant_queue_full")]);
+    assert!(b.error().is_none(), "another tenant is unaffected");
+    assert_eq!(h.stats().rejected.get("tenant_queue_full"), Some(&2));
+}
