@@ -21,7 +21,7 @@ use bevy_ecs::system::SystemId;
 
 use crate::components::{Outbox, Phase, Request, SessionCache};
 use crate::error::{ApiError, ErrorKind};
-use crate::kv::arena::KvArena;
+use crate::kv::cache::KvCache;
 use crate::model::llama::LlamaModel;
 use crate::protocol::{EngineCommand, FinishReason};
 use crate::systems;
@@ -39,7 +39,7 @@ const STALLED_WAIT: Duration = Duration::from_millis(2);
 pub struct EngineParts {
     pub model: Arc<LlamaModel>,
     pub tokenizer: Arc<GgufTokenizer>,
-    pub kv: KvArena,
+    pub kv: KvCache,
     pub limits: EngineLimits,
     pub pipeline: PipelineSpec,
     pub policies: Policies,

@@ -8,6 +8,7 @@ use crate::components::*;
 use crate::engine::resources::*;
 use crate::error::{ApiError, ErrorKind};
 use crate::kv::arena::BlockTable;
+use crate::kv::cache::KvCache;
 
 type SeqQuery<'w, 's> = Query<
     'w,
@@ -22,8 +23,7 @@ pub fn assemble_batch(
     mut plan: ResMut<BatchPlan>,
     mut kv: ResMut<Kv>,
     mut seqs: SeqQuery,
-    mut links: Query<(&SessionLink, &mut CachedPrefix)>,
-    mut sessions: Query<&mut SessionCache>,
+    mut links: Query<(Option<&SessionLink>, &Tenant, &mut CachedPrefix)>,
     limits: Res<EngineLimits>,
 ) {
     plan.items.clear();
@@ -39,21 +39,21 @@ pub fn assemble_batch(
             break;
         }
         let Ok((_, mut phase, tokens, mut handle, mut outbox, _)) = seqs.get_mut(entity) else { continue };
+        let Ok((link, tenant, mut cached)) = links.get_mut(entity) else { continue };
         if *phase == Phase::Queued {
-            if let Ok((link, mut cached)) = links.get_mut(entity)
-                && let Ok(mut cache) = sessions.get_mut(link.0)
-            {
-                cached.0 = adopt_session_prefix(&mut cache, &mut handle.0, &tokens.ids);
+            if handle.0.blocks.is_empty() {
+                let session = link.map(|l| l.0.to_bits());
+                cached.0 = adopt_cached_prefix(&mut kv.0, &mut handle.0, tenant.0.as_str(), session, &tokens.ids);
             }
             // Memory-aware start: the whole prompt must fit before any of it runs.
-            if handle.0.reserve(&mut kv.0, tokens.n_prompt).is_err() {
+            if kv.0.prepare(&mut handle.0, tenant.0.as_str(), tokens.n_prompt).is_err() {
                 continue;
             }
             *phase = Phase::Prefill;
         }
         let start = handle.0.len;
         let n = (tokens.ids.len() - start).min(budget);
-        if !is_prefill && handle.0.reserve(&mut kv.0, start + n).is_err() {
+        if !is_prefill && kv.0.prepare(&mut handle.0, tenant.0.as_str(), start + n).is_err() {
             let error = ApiError::new(ErrorKind::Unavailable, "the KV cache is full; the generation was stopped")
                 .with_code("kv_cache_full");
             fail(&mut phase, &mut outbox, error);
@@ -68,13 +68,26 @@ fn runnable(phase: Phase) -> bool {
     matches!(phase, Phase::Queued | Phase::Prefill | Phase::Decode)
 }
 
-/// Moves a session's cache into the request and returns how many prompt positions it covers.
-/// At least the last prompt token is always recomputed, since its logits are needed.
-fn adopt_session_prefix(cache: &mut SessionCache, table: &mut BlockTable, prompt: &[u32]) -> usize {
-    let common = cache.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-    let reuse = common.min(cache.table.len).min(prompt.len().saturating_sub(1));
-    *table = std::mem::take(&mut cache.table);
-    table.len = reuse;
-    cache.tokens.clear();
-    reuse
+/// Gives a starting request the K/V it can reuse and returns how many prompt positions
+/// that covers: its session's parked blocks (up to where the prompt diverges), or else the
+/// tenant's shared prefix blocks. At least the last prompt token is always recomputed.
+fn adopt_cached_prefix(
+    kv: &mut KvCache,
+    table: &mut BlockTable,
+    tenant: &str,
+    session: Option<u64>,
+    prompt: &[u32],
+) -> usize {
+    if let Some((known, mut parked)) = session.and_then(|key| kv.take_session(key)) {
+        let common = known.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let reuse = common.min(parked.len).min(prompt.len().saturating_sub(1));
+        if reuse > 0 {
+            parked.len = reuse;
+            *table = parked;
+            return reuse;
+        }
+        kv.release(&mut parked, tenant, &known);
+    }
+    *table = kv.lookup_prefix(tenant, prompt);
+    table.len
 }
