@@ -2,6 +2,7 @@
 mod config;
 mod gguf;
 mod kernels;
+mod kv;
 mod model;
 mod sampler;
 mod tokenizer;

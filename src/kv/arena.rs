@@ -192,7 +192,10 @@ impl KvArena {
         self.check(h)?;
         let n = self.layout.block_floats();
         if src.len() != n {
-            let found = KvLayout { block_tokens: src.len() / (2 * self.layout.n_layer * self.layout.kv_dim).max(1), ..self.layout };
+            let found = KvLayout {
+                block_tokens: src.len() / (2 * self.layout.n_layer * self.layout.kv_dim).max(1),
+                ..self.layout
+            };
             return Err(KvError::ShapeMismatch { id: h.id, expected: self.layout, found });
         }
         self.data[h.id as usize * n..(h.id as usize + 1) * n].copy_from_slice(src);

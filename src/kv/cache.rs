@@ -107,7 +107,15 @@ impl KvCache {
     /// Wraps an arena; `spill` receives evicted session blocks when given.
     pub fn new(arena: KvArena, spill: Option<SpillFile>) -> Self {
         let blocks = vec![BlockState::default(); arena.n_blocks()];
-        KvCache { arena, blocks, prefix: HashMap::new(), idle: HashMap::new(), spill, clock: 0, counters: KvStats::default() }
+        KvCache {
+            arena,
+            blocks,
+            prefix: HashMap::new(),
+            idle: HashMap::new(),
+            spill,
+            clock: 0,
+            counters: KvStats::default(),
+        }
     }
 
     /// Builds the arena (and spill file) a model's `kv_cache` config asks for.
@@ -184,9 +192,9 @@ impl KvCache {
         self.clock
     }
 
-    fn writable(&self, b: BlockId) -> bool {
-        let s = &self.blocks[b as usize];
-        s.refs == 1 && s.hash.is_none()
+    /// Whether block `b` may be written: one holder and not in the prefix index.
+    pub fn writable(&self, b: BlockId) -> bool {
+        self.blocks.get(b as usize).is_some_and(|s| s.refs == 1 && s.hash.is_none())
     }
 
     /// Takes a fresh block (room must already have been made).
@@ -301,7 +309,9 @@ impl KvCache {
     fn evict_session_lru(&mut self, key: SessionKey) -> Result<(), KvError> {
         let Some(mut parked) = self.idle.remove(&key) else { return Ok(()) };
         self.counters.evictions_lru += 1;
-        if let Stored::Resident(table) = std::mem::replace(&mut parked.stored, Stored::Spilled { pages: vec![], len: 0 }) {
+        if let Stored::Resident(table) =
+            std::mem::replace(&mut parked.stored, Stored::Spilled { pages: vec![], len: 0 })
+        {
             let pages = self.spill_table(&table)?;
             let len = pages.len().saturating_mul(self.layout().block_tokens).min(table.len);
             for &b in &table.blocks {
