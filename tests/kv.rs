@@ -196,7 +196,7 @@ fn spill_dir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("starling-kv-{name}-{}", std::process::id()))
 }
 
-fn spilling_cache(dir: &PathBuf) -> KvCache {
+fn spilling_cache(dir: &std::path::Path) -> KvCache {
     let arena = KvArena::new(layout(), (layout().block_bytes() * 2) as u64).unwrap();
     let spill = SpillFile::create(dir, (layout().block_bytes() * 4) as u64, layout().block_bytes()).unwrap();
     KvCache::new(arena, Some(spill))

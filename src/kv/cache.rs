@@ -250,7 +250,7 @@ impl KvCache {
         table.gens.truncate(kept);
         for i in first..kept {
             if !self.writable(table.blocks[i]) {
-                self.copy_on_write(table, i, tenant, i == first && table.len % bt != 0)?;
+                self.copy_on_write(table, i, tenant, i == first && !table.len.is_multiple_of(bt))?;
             }
         }
         while table.blocks.len() < want {
