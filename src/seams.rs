@@ -85,26 +85,28 @@ impl Sampler for SamplerState {
     }
 }
 
-/// Bounded K/V storage handed out in blocks.
+/// Bounded K/V storage handed out in blocks, shared by prefix within a tenant.
 pub trait KvCache {
-    /// Grows `table` to hold `positions` positions, all or nothing.
-    fn reserve(&mut self, table: &mut BlockTable, positions: usize) -> Result<(), KvError>;
-    /// Returns every block of `table`.
-    fn release(&mut self, table: &mut BlockTable);
+    /// Makes `table` hold positions `..end` writable, all or nothing (evicting idle
+    /// sessions and unreferenced prefix blocks if needed).
+    fn prepare(&mut self, table: &mut BlockTable, tenant: &str, end: usize) -> Result<(), KvError>;
+    /// Gives back a finished sequence's blocks; full blocks of `tokens` may stay cached.
+    fn release(&mut self, table: &mut BlockTable, tenant: &str, tokens: &[TokenId]);
+    /// Blocks that no sequence holds.
     fn blocks_free(&self) -> usize;
 }
 
-impl KvCache for KvArena {
-    fn reserve(&mut self, table: &mut BlockTable, positions: usize) -> Result<(), KvError> {
-        table.reserve(self, positions)
+impl KvCache for crate::kv::cache::KvCache {
+    fn prepare(&mut self, table: &mut BlockTable, tenant: &str, end: usize) -> Result<(), KvError> {
+        crate::kv::cache::KvCache::prepare(self, table, tenant, end)
     }
 
-    fn release(&mut self, table: &mut BlockTable) {
-        table.release_all(self)
+    fn release(&mut self, table: &mut BlockTable, tenant: &str, tokens: &[TokenId]) {
+        crate::kv::cache::KvCache::release(self, table, tenant, tokens)
     }
 
     fn blocks_free(&self) -> usize {
-        self.n_free()
+        self.n_blocks() - self.n_used()
     }
 }
 

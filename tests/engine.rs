@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use starling::engine::pipeline::PipelineSpec;
 use starling::engine::resources::{EngineLimits, EngineStatus, Policies, StageLog, TickReport};
+use starling::engine::scheduler::TenantLimits;
 use starling::engine::{EngineHandle, EngineParts, build_world};
 use starling::kv::arena::KvArena;
+use starling::kv::cache::KvCache;
 use starling::protocol::{EngineCommand, FinishReason, GenerateRequest, PromptInput, StreamEvent};
 use starling::sampler::{SamplerLimits, SamplingParams};
 use starling::tokenizer::GgufTokenizer;
@@ -22,6 +24,7 @@ pub fn limits() -> EngineLimits {
         max_prompt_tokens: 2048,
         n_ctx: 8192,
         high_watermark: 64,
+        high_watermark_tokens: 1 << 20,
         low_watermark: 48,
         max_sessions: 16,
         session_ttl: Duration::from_secs(600),
@@ -34,10 +37,11 @@ pub fn parts(pipeline: PipelineSpec) -> EngineParts {
     let tokenizer = Arc::new(GgufTokenizer::from_gguf(&model.file().header).unwrap());
     let layout = model.kv_layout(16);
     EngineParts {
-        kv: KvArena::new(layout, 64 << 20).unwrap(),
+        kv: KvCache::new(KvArena::new(layout, 64 << 20).unwrap(), None),
         model,
         tokenizer,
         limits: limits(),
+        tenants: TenantLimits::default(),
         pipeline,
         policies: Policies::default(),
         inbox_capacity: 64,

@@ -12,6 +12,7 @@ use starling::engine::resources::{EngineLimits, EngineStatus, Kv, Policies, Tick
 use starling::engine::scheduler::{SchedulerStats, TenantLimits, TenantShare};
 use starling::engine::{EngineParts, build_world};
 use starling::kv::arena::KvArena;
+use starling::kv::cache::KvCache;
 use starling::model::llama::LlamaModel;
 use starling::protocol::{EngineCommand, FinishReason, GenerateRequest, PromptInput, StreamEvent};
 use starling::sampler::{SamplerLimits, SamplingConfig, SamplingParams};
@@ -71,7 +72,7 @@ struct Harness {
 impl Harness {
     fn new(limits: EngineLimits, tenants: TenantLimits, kv_bytes: u64) -> Harness {
         let m = model();
-        let kv = KvArena::new(m.kv_layout(16), kv_bytes).expect("kv arena");
+        let kv = KvCache::new(KvArena::new(m.kv_layout(16), kv_bytes).expect("kv arena"), None);
         let parts = EngineParts {
             model: m,
             tokenizer: tokenizer(),

@@ -4,6 +4,7 @@ mod config;
 mod engine;
 mod gguf;
 mod kernels;
+mod kv;
 mod model;
 mod sampler;
 mod scheduler;

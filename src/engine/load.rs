@@ -9,7 +9,8 @@ use super::resources::{EngineLimits, Policies};
 use super::scheduler::TenantLimits;
 use super::{EngineHandle, EngineParts};
 use crate::config::{Config, ConfigError, ModelConfig, PolicyRule};
-use crate::kv::arena::{KvArena, KvError};
+use crate::kv::arena::KvError;
+use crate::kv::cache::KvCache;
 use crate::model::llama::{LlamaModel, ModelError};
 use crate::sampler::{PolicyError, PolicyRules};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
@@ -57,7 +58,7 @@ pub fn start_model(config: &Config, index: usize) -> Result<LoadedModel, LoadErr
     let n_ctx = model.hparams.n_ctx_train;
     config.check_against_model(index, n_ctx).map_err(|source| LoadError::Config { id: id.clone(), source })?;
     let pipeline = PipelineSpec::load(&mc.pipeline).map_err(|source| LoadError::Pipeline { id: id.clone(), source })?;
-    let kv = KvArena::new(model.kv_layout(mc.kv_cache.block_tokens.get()), mc.kv_cache.max_bytes)
+    let kv = KvCache::from_config(model.kv_layout(mc.kv_cache.block_tokens.get()), &mc.kv_cache)
         .map_err(|source| LoadError::Kv { id: id.clone(), source })?;
     let limits = EngineLimits {
         max_batch: mc.max_batch.get(),

@@ -22,7 +22,7 @@ use bevy_ecs::system::SystemId;
 
 use crate::components::{Outbox, Phase, Request, SessionCache};
 use crate::error::{ApiError, ErrorKind};
-use crate::kv::arena::KvArena;
+use crate::kv::cache::KvCache;
 use crate::protocol::{EngineCommand, FinishReason};
 use crate::seams::ModelRuntime;
 use crate::systems;
@@ -40,7 +40,7 @@ const STALLED_WAIT: Duration = Duration::from_millis(2);
 pub struct EngineParts {
     pub model: Arc<dyn ModelRuntime>,
     pub tokenizer: Arc<GgufTokenizer>,
-    pub kv: KvArena,
+    pub kv: KvCache,
     pub limits: EngineLimits,
     /// Per-tenant weights and limits (config `tenants`).
     pub tenants: scheduler::TenantLimits,

@@ -9,7 +9,7 @@ use bevy_ecs::prelude::*;
 
 use crate::engine::pipeline::StageParams;
 use crate::engine::scheduler::SchedulerStats;
-use crate::kv::arena::KvArena;
+use crate::kv::cache::KvCache;
 use crate::protocol::EngineCommand;
 use crate::sampler::PolicyRules;
 use crate::seams::ModelRuntime;
@@ -36,9 +36,10 @@ pub struct Model(pub Arc<dyn ModelRuntime>);
 #[derive(Resource, Clone)]
 pub struct TokenizerRes(pub Arc<GgufTokenizer>);
 
-/// The KV arena. Blocks are reserved by batch, written by forward, released by evict.
+/// The KV cache (arena, prefix index, idle sessions). Blocks are prepared by batch,
+/// written by forward, released or parked by evict; read by tokenize (limits) and status.
 #[derive(Resource)]
-pub struct Kv(pub KvArena);
+pub struct Kv(pub KvCache);
 
 /// Limits the stages enforce, from the model's config.
 #[derive(Resource, Clone, Debug)]

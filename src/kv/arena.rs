@@ -6,6 +6,9 @@
 //! allocates K/V memory; sequences own block ids through a [`BlockTable`].
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::config::KvDtype;
 
 /// Index of a block in the arena.
 pub type BlockId = u32;
@@ -40,8 +43,37 @@ impl KvLayout {
     }
 }
 
+/// What a block holds and who may touch it: the arena's record of each block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockMeta {
+    /// Bumped every time the block is handed out, so stale handles are caught.
+    pub generation: u32,
+    /// Owner tag (the cache stores a tenant key); `0` = unowned.
+    pub owner: u64,
+}
+
+/// A checked reference to one block: what the borrower believes the block is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockHandle {
+    pub id: BlockId,
+    pub generation: u32,
+    pub shape: KvLayout,
+    pub dtype: KvDtype,
+}
+
+/// Errors of the KV arena and cache.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum KvError {
+    #[error("KV cache dtype {0:?} is not supported by this build; use f32")]
+    UnsupportedDtype(KvDtype),
+    #[error("block {id}: stale handle (generation {expected}, block is at {found})")]
+    StaleGeneration { id: BlockId, expected: u32, found: u32 },
+    #[error("block {id}: handle shape {expected:?} does not match the arena's {found:?}")]
+    ShapeMismatch { id: BlockId, expected: KvLayout, found: KvLayout },
+    #[error("block {id}: handle dtype {expected:?} does not match the arena's {found:?}")]
+    DtypeMismatch { id: BlockId, expected: KvDtype, found: KvDtype },
+    #[error("spill file: {0}")]
+    Spill(String),
     #[error("KV cache cap of {max_bytes} bytes holds no block of {block_bytes} bytes")]
     CapTooSmall { max_bytes: u64, block_bytes: usize },
     #[error("KV cache is full: {needed} more blocks needed, {free} free of {total}")]
@@ -50,12 +82,16 @@ pub enum KvError {
     NotAllocated(BlockId),
 }
 
-/// The arena: K/V storage plus the free list.
+/// The arena: K/V storage, per-block metadata and the free list.
 pub struct KvArena {
     layout: KvLayout,
+    dtype: KvDtype,
     data: Vec<f32>,
     free: Vec<BlockId>,
     allocated: Vec<bool>,
+    meta: Vec<BlockMeta>,
+    /// Handle checks that failed (stale generation, wrong shape or dtype).
+    integrity_errors: AtomicU64,
 }
 
 impl fmt::Debug for KvArena {
@@ -79,10 +115,100 @@ impl KvArena {
         let n_blocks = n_blocks.min(BlockId::MAX as usize);
         Ok(KvArena {
             layout,
+            dtype: KvDtype::F32,
             data: vec![0.0; n_blocks * layout.block_floats()],
             free: (0..n_blocks as BlockId).rev().collect(),
             allocated: vec![false; n_blocks],
+            meta: vec![BlockMeta { generation: 0, owner: 0 }; n_blocks],
+            integrity_errors: AtomicU64::new(0),
         })
+    }
+
+    /// Like [`KvArena::new`] with an element type; only f32 storage is built in.
+    pub fn with_dtype(layout: KvLayout, max_bytes: u64, dtype: KvDtype) -> Result<Self, KvError> {
+        match dtype {
+            KvDtype::F32 => Self::new(layout, max_bytes),
+            KvDtype::F16 => Err(KvError::UnsupportedDtype(dtype)),
+        }
+    }
+
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+
+    /// The record of block `b` (generation and owner).
+    pub fn meta(&self, b: BlockId) -> Option<BlockMeta> {
+        self.meta.get(b as usize).copied()
+    }
+
+    /// A handle to allocated block `b` at its current generation.
+    pub fn handle(&self, b: BlockId) -> Result<BlockHandle, KvError> {
+        if !self.is_allocated(b) {
+            return Err(KvError::NotAllocated(b));
+        }
+        let generation = self.meta[b as usize].generation;
+        Ok(BlockHandle { id: b, generation, shape: self.layout, dtype: self.dtype })
+    }
+
+    pub fn is_allocated(&self, b: BlockId) -> bool {
+        self.allocated.get(b as usize).copied().unwrap_or(false)
+    }
+
+    /// Checks a handle against the block: allocated, same generation, shape and dtype.
+    /// A mismatch is counted in [`KvArena::integrity_errors`].
+    pub fn check(&self, h: &BlockHandle) -> Result<(), KvError> {
+        let result = if !self.is_allocated(h.id) {
+            Err(KvError::NotAllocated(h.id))
+        } else if h.shape != self.layout {
+            Err(KvError::ShapeMismatch { id: h.id, expected: h.shape, found: self.layout })
+        } else if h.dtype != self.dtype {
+            Err(KvError::DtypeMismatch { id: h.id, expected: h.dtype, found: self.dtype })
+        } else if h.generation != self.meta[h.id as usize].generation {
+            let found = self.meta[h.id as usize].generation;
+            Err(KvError::StaleGeneration { id: h.id, expected: h.generation, found })
+        } else {
+            Ok(())
+        };
+        if result.is_err() {
+            self.integrity_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Failed handle checks so far.
+    pub fn integrity_errors(&self) -> u64 {
+        self.integrity_errors.load(Ordering::Relaxed)
+    }
+
+    /// Checked read of a whole block (every layer's K and V).
+    pub fn block_data(&self, h: &BlockHandle) -> Result<&[f32], KvError> {
+        self.check(h)?;
+        let n = self.layout.block_floats();
+        Ok(&self.data[h.id as usize * n..(h.id as usize + 1) * n])
+    }
+
+    /// Checked overwrite of a whole block; `src` must be one block of values.
+    pub fn write_block(&mut self, h: &BlockHandle, src: &[f32]) -> Result<(), KvError> {
+        self.check(h)?;
+        let n = self.layout.block_floats();
+        if src.len() != n {
+            let found = KvLayout {
+                block_tokens: src.len() / (2 * self.layout.n_layer * self.layout.kv_dim).max(1),
+                ..self.layout
+            };
+            return Err(KvError::ShapeMismatch { id: h.id, expected: self.layout, found });
+        }
+        self.data[h.id as usize * n..(h.id as usize + 1) * n].copy_from_slice(src);
+        Ok(())
+    }
+
+    /// Copies block `src`'s contents into block `dst` (copy-on-write).
+    pub fn copy_block(&mut self, src: &BlockHandle, dst: &BlockHandle) -> Result<(), KvError> {
+        self.check(src)?;
+        self.check(dst)?;
+        let n = self.layout.block_floats();
+        self.data.copy_within(src.id as usize * n..(src.id as usize + 1) * n, dst.id as usize * n);
+        Ok(())
     }
 
     pub fn layout(&self) -> KvLayout {
@@ -107,8 +233,16 @@ impl KvArena {
     }
 
     pub fn allocate(&mut self) -> Result<BlockId, KvError> {
+        self.allocate_for(0)
+    }
+
+    /// Takes a free block for `owner`, bumping its generation.
+    pub fn allocate_for(&mut self, owner: u64) -> Result<BlockId, KvError> {
         let b = self.free.pop().ok_or(KvError::OutOfBlocks { needed: 1, free: 0, total: self.n_blocks() })?;
         self.allocated[b as usize] = true;
+        let m = &mut self.meta[b as usize];
+        m.generation = m.generation.wrapping_add(1);
+        m.owner = owner;
         Ok(b)
     }
 
@@ -116,6 +250,7 @@ impl KvArena {
         match self.allocated.get_mut(b as usize) {
             Some(live) if *live => {
                 *live = false;
+                self.meta[b as usize].owner = 0;
                 self.free.push(b);
                 Ok(())
             }
@@ -152,9 +287,12 @@ impl KvArena {
 }
 
 /// The blocks one sequence owns, in position order, and how many positions hold K/V.
+/// `gens[i]` is the generation `blocks[i]` had when the table took it, so a block that
+/// was freed and handed to someone else is caught on the next checked borrow.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockTable {
     pub blocks: Vec<BlockId>,
+    pub gens: Vec<u32>,
     /// Positions whose K/V are written.
     pub len: usize,
 }
@@ -167,9 +305,26 @@ impl BlockTable {
             return Err(KvError::OutOfBlocks { needed, free: arena.n_free(), total: arena.n_blocks() });
         }
         for _ in 0..needed {
-            self.blocks.push(arena.allocate()?);
+            let b = arena.allocate()?;
+            self.push(b, arena.meta(b).map_or(0, |m| m.generation));
         }
         Ok(())
+    }
+
+    /// Appends block `b` taken at generation `generation`.
+    pub fn push(&mut self, b: BlockId, generation: u32) {
+        self.blocks.push(b);
+        self.gens.push(generation);
+    }
+
+    /// The checked handle of the table's `i`-th block.
+    pub fn handle(&self, i: usize, arena: &KvArena) -> BlockHandle {
+        BlockHandle {
+            id: self.blocks[i],
+            generation: self.gens.get(i).copied().unwrap_or(0),
+            shape: arena.layout(),
+            dtype: arena.dtype(),
+        }
     }
 
     /// Positions the table can hold without allocating.
@@ -183,6 +338,7 @@ impl BlockTable {
             // A table only ever holds blocks it allocated, so release cannot fail.
             let _ = arena.release(b);
         }
+        self.gens.clear();
         self.len = 0;
     }
 }
@@ -232,5 +388,36 @@ mod tests {
         assert_eq!(&a.keys(b1, 1)[8..12], &[1.0, 2.0, 3.0, 4.0]);
         assert_eq!(&a.values(b1, 1)[8..12], &[5.0, 6.0, 7.0, 8.0]);
         assert!(a.keys(b0, 1).iter().chain(a.keys(b1, 0)).all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn handles_catch_stale_generation_shape_and_dtype() {
+        let l = layout();
+        let mut a = KvArena::new(l, (l.block_bytes() * 2) as u64).unwrap();
+        let b = a.allocate().unwrap();
+        let h = a.handle(b).unwrap();
+        assert_eq!(a.check(&h), Ok(()));
+        a.release(b).unwrap();
+        assert_eq!(a.check(&h), Err(KvError::NotAllocated(b)));
+        // The same block handed out again: the old handle is stale, never silently reused.
+        let again = a.allocate_for(7).unwrap();
+        assert_eq!(again, b);
+        assert_eq!(a.meta(b).unwrap().owner, 7);
+        let err = a.check(&h).unwrap_err();
+        assert_eq!(err, KvError::StaleGeneration { id: b, expected: h.generation, found: h.generation + 1 });
+        let fresh = a.handle(b).unwrap();
+        let wide = BlockHandle { shape: KvLayout { kv_dim: 8, ..l }, ..fresh };
+        assert!(matches!(a.check(&wide), Err(KvError::ShapeMismatch { .. })));
+        let half = BlockHandle { dtype: KvDtype::F16, ..fresh };
+        assert!(matches!(a.check(&half), Err(KvError::DtypeMismatch { .. })));
+        assert!(matches!(a.block_data(&h), Err(KvError::StaleGeneration { .. })));
+        assert_eq!(a.integrity_errors(), 5);
+    }
+
+    #[test]
+    fn f16_storage_is_refused_with_a_typed_error() {
+        let l = layout();
+        let err = KvArena::with_dtype(l, (l.block_bytes() * 2) as u64, KvDtype::F16).unwrap_err();
+        assert_eq!(err, KvError::UnsupportedDtype(KvDtype::F16));
     }
 }

@@ -14,7 +14,8 @@ use crate::components::*;
 use crate::engine::resources::*;
 use crate::engine::scheduler::{FairShare, SchedulerStats, TenantLimits, weighted_quotas};
 use crate::error::{ApiError, ErrorKind};
-use crate::kv::arena::{BlockTable, KvArena};
+use crate::kv::arena::BlockTable;
+use crate::kv::cache::KvCache;
 use crate::types::TenantId;
 
 type SeqQuery<'w, 's> = Query<
@@ -31,8 +32,7 @@ type SeqQuery<'w, 's> = Query<
     ),
 >;
 
-type SessionQuery<'w, 's> = Query<'w, 's, &'static mut SessionCache>;
-type LinkQuery<'w, 's> = Query<'w, 's, (&'static SessionLink, &'static mut CachedPrefix)>;
+type LinkQuery<'w, 's> = Query<'w, 's, (Option<&'static SessionLink>, &'static mut CachedPrefix)>;
 
 /// The scheduling state of one tick, shared by the decode and prefill passes.
 struct Tick<'a> {
@@ -78,7 +78,6 @@ pub fn assemble_batch(
     mut kv: ResMut<Kv>,
     mut seqs: SeqQuery,
     mut links: LinkQuery,
-    mut sessions: SessionQuery,
     mut fair: ResMut<FairShare>,
     mut stats: ResMut<SchedulerStats>,
     limits: Res<EngineLimits>,
@@ -105,7 +104,7 @@ pub fn assemble_batch(
         }
         plan_decode(&mut tick, &mut seqs, &mut kv.0, &mut stats, entity, &tenant);
     }
-    plan_prefill(&mut tick, prefill, &mut seqs, &mut kv.0, &mut links, &mut sessions);
+    plan_prefill(&mut tick, prefill, &mut seqs, &mut kv.0, &mut links);
     stats.running = tick.running;
     if !plan_res.items.is_empty() {
         stats.batch_size.observe(plan_res.items.len() as u64);
@@ -152,7 +151,7 @@ fn collect_candidates(seqs: &SeqQuery, stats: &mut SchedulerStats) -> Collected 
 fn plan_decode(
     tick: &mut Tick,
     seqs: &mut SeqQuery,
-    kv: &mut KvArena,
+    kv: &mut KvCache,
     stats: &mut SchedulerStats,
     entity: Entity,
     tenant: &TenantId,
@@ -160,7 +159,7 @@ fn plan_decode(
     let Ok((_, mut phase, tokens, mut handle, mut outbox, _, _)) = seqs.get_mut(entity) else { return };
     let start = handle.0.len;
     let n = tokens.ids.len() - start;
-    if !reserve_positions(kv, &mut handle.0, start + n) {
+    if kv.prepare(&mut handle.0, tenant.as_str(), start + n).is_err() {
         let error = ApiError::new(ErrorKind::Unavailable, "the KV cache is full; the generation was stopped")
             .with_code("kv_cache_full");
         fail(&mut phase, &mut outbox, error);
@@ -180,9 +179,8 @@ fn plan_prefill(
     tick: &mut Tick,
     mut queues: BTreeMap<TenantId, VecDeque<Candidate>>,
     seqs: &mut SeqQuery,
-    kv: &mut KvArena,
+    kv: &mut KvCache,
     links: &mut LinkQuery,
-    sessions: &mut SessionQuery,
 ) {
     let weights: Vec<(TenantId, u32)> = queues.keys().map(|t| (t.clone(), tick.tenants.get(t).weight)).collect();
     let mut quotas = weighted_quotas(tick.budget, &weights);
@@ -193,7 +191,7 @@ fn plan_prefill(
             let Some(tenant) = tick.fair.pick(eligible.map(|(t, _)| t)).cloned() else { break };
             let cap = if capped { quota(&tenant) } else { usize::MAX };
             let Some(queue) = queues.get_mut(&tenant) else { break };
-            let n = plan_chunk(tick, queue, seqs, kv, links, sessions, &tenant, cap);
+            let n = plan_chunk(tick, queue, seqs, kv, links, &tenant, cap);
             if let Some(q) = quotas.get_mut(&tenant) {
                 *q = q.saturating_sub(n);
             }
@@ -209,9 +207,8 @@ fn plan_chunk(
     tick: &mut Tick,
     queue: &mut VecDeque<Candidate>,
     seqs: &mut SeqQuery,
-    kv: &mut KvArena,
+    kv: &mut KvCache,
     links: &mut LinkQuery,
-    sessions: &mut SessionQuery,
     tenant: &TenantId,
     cap: usize,
 ) -> usize {
@@ -220,7 +217,7 @@ fn plan_chunk(
         let share = tick.tenants.get(tenant);
         let room = tick.running < tick.limits.max_batch
             && tick.running_of.get(tenant).copied().unwrap_or(0) < share.max_concurrent;
-        if !room || !start_sequence(seqs, kv, links, sessions, cand.entity) {
+        if !room || !start_sequence(seqs, kv, links, cand.entity) {
             // No slot or no KV room yet: it waits (the next candidate may be smaller).
             queue.pop_front();
             return 0;
@@ -257,51 +254,45 @@ fn plan_chunk(
     n
 }
 
-/// Moves a queued sequence to `Prefill` if the KV cache can hold its whole prompt (after
-/// adopting its session's cached prefix); otherwise leaves it queued and untouched.
-fn start_sequence(
-    seqs: &mut SeqQuery,
-    kv: &mut KvArena,
-    links: &mut LinkQuery,
-    sessions: &mut SessionQuery,
-    entity: Entity,
-) -> bool {
-    let Ok((_, mut phase, tokens, mut handle, _, _, _)) = seqs.get_mut(entity) else { return false };
-    let mut session =
-        links.get_mut(entity).ok().and_then(|(link, cached)| Some((sessions.get_mut(link.0).ok()?, cached)));
-    let session_blocks = session.as_ref().map_or(0, |(cache, _)| cache.table.blocks.len());
-    if !prompt_fits(kv, &handle.0, session_blocks, tokens.n_prompt) {
-        return false;
+/// Moves a queued sequence to `Prefill` if the KV cache can hold its whole prompt, after
+/// adopting what the cache already holds for it (its session's parked blocks or the
+/// tenant's shared prefix blocks); otherwise it stays queued and keeps what it adopted.
+fn start_sequence(seqs: &mut SeqQuery, kv: &mut KvCache, links: &mut LinkQuery, entity: Entity) -> bool {
+    let Ok((_, mut phase, tokens, mut handle, _, _, tenant)) = seqs.get_mut(entity) else { return false };
+    let tenant = tenant.0.as_str();
+    if handle.0.blocks.is_empty()
+        && let Ok((link, mut cached)) = links.get_mut(entity)
+    {
+        let session = link.map(|l| l.0.to_bits());
+        cached.0 = adopt_cached_prefix(kv, &mut handle.0, tenant, session, &tokens.ids);
     }
-    if let Some((cache, cached)) = session.as_mut() {
-        cached.0 = adopt_session_prefix(cache, &mut handle.0, &tokens.ids);
-    }
-    if !reserve_positions(kv, &mut handle.0, tokens.n_prompt) {
+    if kv.prepare(&mut handle.0, tenant, tokens.n_prompt).is_err() {
         return false;
     }
     *phase = Phase::Prefill;
     true
 }
 
-/// KV call site: whether the prompt's blocks can be had (free blocks plus the blocks the
-/// sequence owns or will adopt from its session).
-fn prompt_fits(kv: &KvArena, table: &BlockTable, session_blocks: usize, n_prompt: usize) -> bool {
-    let owned = table.blocks.len() + session_blocks;
-    kv.layout().blocks_for(n_prompt).saturating_sub(owned) <= kv.n_free()
-}
-
-/// KV call site: grows the sequence's table to hold `positions` positions (all or nothing).
-fn reserve_positions(kv: &mut KvArena, table: &mut BlockTable, positions: usize) -> bool {
-    table.reserve(kv, positions).is_ok()
-}
-
-/// Moves a session's cache into the request and returns how many prompt positions it covers.
-/// At least the last prompt token is always recomputed, since its logits are needed.
-fn adopt_session_prefix(cache: &mut SessionCache, table: &mut BlockTable, prompt: &[u32]) -> usize {
-    let common = cache.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-    let reuse = common.min(cache.table.len).min(prompt.len().saturating_sub(1));
-    *table = std::mem::take(&mut cache.table);
-    table.len = reuse;
-    cache.tokens.clear();
-    reuse
+/// Gives a starting request the K/V it can reuse and returns how many prompt positions
+/// that covers: its session's parked blocks (up to where the prompt diverges), or else the
+/// tenant's shared prefix blocks. At least the last prompt token is always recomputed.
+fn adopt_cached_prefix(
+    kv: &mut KvCache,
+    table: &mut BlockTable,
+    tenant: &str,
+    session: Option<u64>,
+    prompt: &[u32],
+) -> usize {
+    if let Some((known, mut parked)) = session.and_then(|key| kv.take_session(key)) {
+        let common = known.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let reuse = common.min(parked.len).min(prompt.len().saturating_sub(1));
+        if reuse > 0 {
+            parked.len = reuse;
+            *table = parked;
+            return reuse;
+        }
+        kv.release(&mut parked, tenant, &known);
+    }
+    *table = kv.lookup_prefix(tenant, prompt);
+    table.len
 }

@@ -4,6 +4,7 @@ use bevy_ecs::prelude::*;
 
 use crate::components::*;
 use crate::engine::resources::*;
+use crate::kv::cache::EvictReason;
 use crate::protocol::FinishReason;
 
 type RequestQuery<'w, 's> = Query<
@@ -18,12 +19,14 @@ type RequestQuery<'w, 's> = Query<
         &'static mut KvHandle,
         Option<&'static Tokens>,
         Option<&'static SessionLink>,
+        &'static Tenant,
     ),
 >;
 
 /// Ends requests past their deadline (`deadline`) or whose client left (`cancelled`),
-/// despawns delivered requests (their blocks go back to the arena, or to their session),
-/// and frees sessions that were closed or idle past the TTL.
+/// despawns delivered requests (their full blocks are published for prefix sharing, then
+/// released, or parked in the KV cache for their session), and frees sessions that were
+/// closed or idle past the TTL.
 #[allow(clippy::too_many_arguments)]
 pub fn evict_finished(
     mut commands: Commands,
@@ -34,7 +37,7 @@ pub fn evict_finished(
     clock: Res<TickClock>,
     limits: Res<EngineLimits>,
 ) {
-    for (entity, mut phase, mut outbox, tx, deadline, mut handle, tokens, link) in &mut requests {
+    for (entity, mut phase, mut outbox, tx, deadline, mut handle, tokens, link, tenant) in &mut requests {
         if tx.0.is_closed() {
             if !matches!(*phase, Phase::Finished(_)) {
                 *phase = Phase::Finished(FinishReason::Cancelled);
@@ -47,26 +50,25 @@ pub fn evict_finished(
         if !outbox.delivered() {
             continue;
         }
+        let table = std::mem::take(&mut handle.0);
+        let known = tokens.map_or(&[][..], |t| &t.ids[..table.len.min(t.ids.len())]);
         match link.and_then(|l| sessions.get_mut(l.0).ok()) {
-            Some((_, mut cache, mut last_used, _, _)) => {
-                let table = std::mem::take(&mut handle.0);
-                let known = tokens.map_or(&[][..], |t| &t.ids[..table.len.min(t.ids.len())]);
-                cache.tokens = known.to_vec();
-                cache.table.release_all(&mut kv.0);
-                cache.table = table;
+            Some((session, mut cache, mut last_used, _, _)) => {
+                kv.0.park_session(session.to_bits(), tenant.0.as_str(), table, known, clock.now);
                 cache.in_flight = false;
                 last_used.0 = clock.now;
             }
-            None => handle.0.release_all(&mut kv.0),
+            None => kv.0.release(&mut { table }, tenant.0.as_str(), known),
         }
         commands.entity(entity).despawn();
     }
-    for (entity, mut cache, last_used, name, close) in &mut sessions {
+    for (entity, cache, last_used, name, close) in &mut sessions {
         let expired = clock.now.saturating_since(last_used.0) >= limits.session_ttl;
         if cache.in_flight || !(close || expired) {
             continue;
         }
-        cache.table.release_all(&mut kv.0);
+        let reason = if close { EvictReason::Close } else { EvictReason::Ttl };
+        kv.0.drop_session(entity.to_bits(), reason);
         let key = (name.tenant.clone(), name.id.clone());
         if index.0.get(&key) == Some(&entity) {
             index.0.remove(&key);

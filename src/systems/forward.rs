@@ -38,7 +38,7 @@ pub fn run_forward(
         })
         .collect();
     report.forward_calls += 1;
-    match model.0.forward(&chunks, &mut kv.0, &mut logits.0) {
+    match model.0.forward(&chunks, kv.0.arena_mut(), &mut logits.0) {
         Ok(()) => {
             for item in &plan.items {
                 if let Ok((_, mut handle, _, _)) = seqs.get_mut(item.entity) {
