@@ -79,6 +79,17 @@ pub fn drain(rx: &mut tokio::sync::mpsc::Receiver<StreamEvent>) -> (Vec<u32>, St
     }
 }
 
+/// Reads events until the first token; any other outcome fails the test.
+fn wait_for_token(rx: &mut tokio::sync::mpsc::Receiver<StreamEvent>) {
+    loop {
+        match rx.blocking_recv() {
+            Some(StreamEvent::Token { .. }) => return,
+            Some(StreamEvent::Started { .. }) => {}
+            other => panic!("expected a token, got {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn engine_thread_serves_a_request_and_shuts_down() {
     let engine = EngineHandle::spawn(parts(PipelineSpec::default_spec())).unwrap();
@@ -118,14 +129,10 @@ fn idle_engine_blocks_instead_of_spinning() {
 #[test]
 fn shutdown_cancels_in_flight_requests_with_a_final_event() {
     let engine = EngineHandle::spawn(parts(PipelineSpec::default_spec())).unwrap();
-    let (req, mut rx) = request("Once upon a time", 4000);
+    let (req, mut rx) = request("Once upon a time", 1000);
     engine.send(EngineCommand::Generate(Box::new(req))).unwrap();
     // Wait for generation to start, then stop the engine.
-    loop {
-        if let Some(StreamEvent::Token { .. }) = rx.blocking_recv() {
-            break;
-        }
-    }
+    wait_for_token(&mut rx);
     engine.shutdown();
     let (_, last) = drain(&mut rx);
     assert!(matches!(last, StreamEvent::Done { finish_reason: FinishReason::Cancelled, .. }), "{last:?}");
@@ -150,10 +157,15 @@ fn a_no_op_tick_runs_every_stage_in_file_order() {
 #[test]
 fn a_dropped_receiver_cancels_and_frees_blocks() {
     let engine = EngineHandle::spawn(parts(PipelineSpec::default_spec())).unwrap();
-    let (req, mut rx) = request("Tell me a long story about a dragon.", 4000);
+    let (req, mut rx) = request("Tell me a long story about a dragon.", 1000);
     engine.send(EngineCommand::Generate(Box::new(req))).unwrap();
-    while !matches!(rx.blocking_recv(), Some(StreamEvent::Token { .. })) {}
-    assert!(engine.status.kv_blocks_used.load(Ordering::Relaxed) > 0);
+    wait_for_token(&mut rx);
+    // The status is published after each tick: wait for the running sequence to show.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.status.kv_blocks_used.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "the running sequence never held blocks");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     drop(rx);
     let deadline = Instant::now() + Duration::from_secs(10);
     while engine.status.kv_blocks_used.load(Ordering::Relaxed) > 0 {

@@ -125,7 +125,7 @@ impl Harness {
     }
 
     fn kv_used(&self) -> usize {
-        self.world.resource::<Kv>().0.n_used()
+        self.world.resource::<Kv>().0.n_referenced()
     }
 
     fn count(&mut self, f: impl Fn(&Phase) -> bool) -> usize {

@@ -270,7 +270,7 @@ fn publish_status(world: &mut World, now: Timestamp) {
         }
     }
     let sessions = world.query::<&SessionCache>().iter(world).count();
-    let (used, forward_calls) = (world.resource::<Kv>().0.n_used(), world.resource::<TickReport>().forward_calls);
+    let (used, forward_calls) = (world.resource::<Kv>().0.n_referenced(), world.resource::<TickReport>().forward_calls);
     let status = world.resource::<Status>().0.clone();
     status.ticks.fetch_add(1, Ordering::Relaxed);
     status.last_tick_ms.store(now.0 / 1000, Ordering::Relaxed);

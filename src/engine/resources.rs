@@ -132,6 +132,8 @@ pub struct EngineStatus {
     pub queued: AtomicUsize,
     pub running: AtomicUsize,
     pub sessions: AtomicUsize,
+    /// KV blocks held by running sequences and parked sessions (cached prefix blocks, which
+    /// eviction can reclaim at once, are not counted).
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
     pub forward_calls: AtomicU64,
