@@ -17,6 +17,7 @@
 //! - [`seams`]: the small traits (`Tokenizer`, `Sampler`, `KvCache`, `Scheduler`, `ModelRuntime`)
 //!   that let tests drive one part without the others.
 
+pub mod bench;
 pub mod components;
 pub mod config;
 pub mod engine;

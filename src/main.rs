@@ -1,4 +1,4 @@
-//! The `starling` command: serve, generate, tokenize, inspect, perplexity.
+//! The `starling` command: serve, generate, tokenize, inspect, perplexity, bench.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,6 +41,27 @@ enum Command {
     Inspect(InspectArgs),
     /// Perplexity of a text file under the model.
     Perplexity(PerplexityArgs),
+    /// Throughput figures (prefill, decode, batched, engine) comparable with llama.cpp's.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// GGUF model to measure.
+    #[arg(long)]
+    model: PathBuf,
+    /// Threads of the model's pool.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Runs per figure (each figure is the median).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Concurrency levels of the engine figure, comma-separated (empty skips it).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32")]
+    concurrency: Vec<usize>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -183,6 +204,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(args) => cmd_tokenize(args),
         Command::Inspect(args) => cmd_inspect(args),
         Command::Perplexity(args) => cmd_perplexity(args),
+        Command::Bench(args) => cmd_bench(args),
     }
 }
 
@@ -352,6 +374,22 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
         println!("{}", serde_json::json!({"perplexity": ppl, "tokens": n}));
     } else {
         println!("perplexity over {n} tokens of {}: {ppl:.4}", display(&a.file));
+    }
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let settings = starling::bench::BenchSettings {
+        model: a.model,
+        threads: a.threads,
+        reps: a.reps,
+        engine_concurrency: a.concurrency,
+    };
+    let report = starling::bench::run(&settings)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{report}");
     }
     Ok(())
 }

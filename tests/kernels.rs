@@ -111,20 +111,6 @@ fn abs_dot(t: GgmlType, row: &[u8], x: &[f32]) -> f64 {
     w.iter().zip(x).map(|(a, b)| (a * b).abs() as f64).sum()
 }
 
-/// Proven bound on |dot(W, x) - dot(W, q8(x))|: each activation moves by at most half a
-/// step, `max|x_block| / 254`, so the dot moves by at most Σ_block step/2 · Σ|w|.
-fn activation_bound(t: GgmlType, row: &[u8], x: &[f32]) -> f64 {
-    let mut w = vec![0.0; x.len()];
-    reference::dequantize_row(t, row, &mut w);
-    let blocks = x.chunks(32).zip(w.chunks(32));
-    blocks
-        .map(|(xb, wb)| {
-            xb.iter().fold(0.0f32, |a, v| a.max(v.abs())) as f64 / 254.0
-                * wb.iter().map(|v| v.abs() as f64).sum::<f64>()
-        })
-        .sum()
-}
-
 #[test]
 fn every_matmul_path_matches_the_reference_on_ragged_shapes() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
@@ -150,13 +136,10 @@ fn check_against_reference(k: Kernels, w: &QMatrix, x: &[f32], y: &[f32]) {
     let (t, cols) = (w.ggml_type, w.cols);
     for (i, xi) in x.chunks(cols).enumerate() {
         for r in 0..w.rows {
+            // f32 activations: only float rounding separates the fast paths from the exact dot.
             let got = y[i * w.rows + r] as f64;
-            let want = reference::dot_q8(t, w.row(r), xi) as f64;
-            let tol = 1e-5 * abs_dot(t, w.row(r), &reference::quantized_activations(xi)) + 1e-6;
-            assert!((got - want).abs() <= tol, "{t} {} r{r} i{i}: {got} vs q8 reference {want}", k.name());
             let exact = reference::dot(t, w.row(r), xi) as f64;
-            let bound = if t.block_elems() > 1 { activation_bound(t, w.row(r), xi) } else { 0.0 };
-            let tol = bound + 1e-5 * abs_dot(t, w.row(r), xi) + 1e-6;
+            let tol = 1e-5 * abs_dot(t, w.row(r), xi) + 1e-6;
             assert!((got - exact).abs() <= tol, "{t} {} r{r} i{i}: {got} vs f32 dot {exact}", k.name());
         }
     }

@@ -194,7 +194,13 @@ impl LlamaModel {
     pub fn forward(&self, batch: &[SeqChunk], kv: &mut KvArena, logits: &mut Vec<f32>) -> Result<(), ModelError> {
         self.check_batch(batch, kv)?;
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        let s = &mut *guard;
+        // One pool entry for the whole pass: the ~200 matmuls inside fork from a pool thread.
+        let s: &mut Scratch = &mut guard;
+        self.pool.install(|| self.run(batch, kv, s, logits));
+        Ok(())
+    }
+
+    fn run(&self, batch: &[SeqChunk], kv: &mut KvArena, s: &mut Scratch, logits: &mut Vec<f32>) {
         let hp = &self.hparams;
         let (d, kvd) = (hp.n_embd, hp.n_head_kv * hp.head_dim);
         s.rows.clear();
@@ -204,7 +210,7 @@ impl LlamaModel {
         let t = s.rows.len();
         logits.clear();
         if t == 0 {
-            return Ok(());
+            return;
         }
         resize(&mut s.x, t * d);
         let emb = self.qmatrix(&self.embeddings);
@@ -216,7 +222,6 @@ impl LlamaModel {
             self.ffn_block(layer, s);
         }
         self.output_logits(batch, s, d, logits);
-        Ok(())
     }
 
     fn check_batch(&self, batch: &[SeqChunk], kv: &KvArena) -> Result<(), ModelError> {

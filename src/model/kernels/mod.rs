@@ -1,9 +1,10 @@
 //! Quantized kernels: dequantize a row, and `y = x · Wᵀ` over weights kept in their ggml
 //! block layout (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K).
 //!
-//! For block-quantized weights, each x row is quantized once per matmul to 8 bits per 32
-//! values (kept in [`MatmulScratch`]) and dotted with integer arithmetic; Q4_1 and Q8_0
-//! have AVX2 and AVX-512 VNNI kernels picked at run time by [`Kernels::detect`].
+//! Activations stay f32: weight blocks are dequantized exactly (in registers on the fast
+//! paths) and multiplied into f32 values, so a matmul matches an f32 dot product to float
+//! rounding. Q4_1 and Q8_0 have AVX-512 kernels picked at run time by [`Kernels::detect`];
+//! every other type (and every other CPU) runs the portable kernels.
 //!
 //! **Batch invariance.** Every output `y[i][r]` is computed by one kernel call whose float
 //! operations depend only on `W[r]` and x row `i`: tiling x rows, chunking rows over
@@ -12,7 +13,6 @@
 
 mod blocks;
 mod portable;
-mod q8;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -20,8 +20,6 @@ mod x86;
 use rayon::prelude::*;
 
 use crate::model::ggml_type::GgmlType;
-use portable::ActRow;
-use q8::{Q8Acts, QK};
 
 /// A shape or type problem in a kernel call, naming what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,11 +87,10 @@ fn row_bytes(t: GgmlType, cols: usize) -> Result<usize, KernelError> {
     Ok(cols / block * t.block_bytes())
 }
 
-/// Reusable buffers for [`Kernels::matmul`]: the 8-bit activations and a transposed
-/// output for small batches. Grows to the largest call, then never allocates.
+/// Reusable buffers for [`Kernels::matmul`]: a transposed output for small batches.
+/// Grows to the largest call, then never allocates.
 #[derive(Default, Debug)]
 pub struct MatmulScratch {
-    acts: Q8Acts,
     out: Vec<f32>,
 }
 
@@ -101,8 +98,7 @@ pub struct MatmulScratch {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Isa {
     Portable,
-    Avx2,
-    Avx512Vnni,
+    Avx512,
 }
 
 /// Kernels chosen once at run time for this CPU (`is_x86_feature_detected!`), with a
@@ -117,13 +113,6 @@ pub struct Kernels {
 struct Layout {
     row_stride: usize,
     x_stride: usize,
-}
-
-/// The activations of a matmul: 8-bit blocks for quantized weights, f32 for float weights.
-#[derive(Clone, Copy)]
-enum Acts<'a> {
-    Quantized(&'a Q8Acts),
-    Float(&'a [f32]),
 }
 
 /// Below this many weight bytes × x rows, a matmul runs on the calling thread.
@@ -149,28 +138,24 @@ impl Kernels {
         let mut all = vec![Self::portable()];
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 =
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
-            if avx2 {
-                all.push(Kernels { isa: Isa::Avx2 });
-            }
-            let vnni = is_x86_feature_detected!("avx512f")
+            let avx512 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+                && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx512vnni");
-            if avx2 && vnni {
-                all.push(Kernels { isa: Isa::Avx512Vnni });
+                && is_x86_feature_detected!("avx512vl");
+            if avx512 {
+                all.push(Kernels { isa: Isa::Avx512 });
             }
         }
         all
     }
 
-    /// A short name: "avx512-vnni", "avx2" or "portable".
+    /// A short name: "avx512-f32" or "portable".
     pub fn name(&self) -> &'static str {
         match self.isa {
             Isa::Portable => "portable",
-            Isa::Avx2 => "avx2",
-            Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Avx512 => "avx512-f32",
         }
     }
 
@@ -228,21 +213,15 @@ impl Kernels {
         if n == 0 || w.rows == 0 {
             return Ok(());
         }
-        let MatmulScratch { acts, out } = scratch;
-        let acts = if w.ggml_type.block_elems() > 1 {
-            acts.quantize(x);
-            Acts::Quantized(acts)
-        } else {
-            Acts::Float(x)
-        };
+        let out = &mut scratch.out;
         let threads = pool.current_num_threads().max(1);
         if n >= 8 * threads {
-            self.split_x_rows(w, acts, n, y, threads, pool);
+            self.split_x_rows(w, x, n, y, threads, pool);
         } else if n == 1 {
-            self.split_w_rows(w, acts, n, y, threads, pool);
+            self.split_w_rows(w, x, n, y, threads, pool);
         } else {
             out.resize(w.rows * n, 0.0);
-            self.split_w_rows(w, acts, n, out, threads, pool);
+            self.split_w_rows(w, x, n, out, threads, pool);
             for (r, outs) in out.chunks_exact(n).enumerate() {
                 for (i, &v) in outs.iter().enumerate() {
                     y[i * w.rows + r] = v;
@@ -253,7 +232,15 @@ impl Kernels {
     }
 
     /// Parallel over chunks of x rows; each chunk writes its own rows of `y`.
-    fn split_x_rows(&self, w: &QMatrix, acts: Acts, n: usize, y: &mut [f32], threads: usize, pool: &rayon::ThreadPool) {
+    fn split_x_rows(
+        &self,
+        w: &QMatrix,
+        acts: &[f32],
+        n: usize,
+        y: &mut [f32],
+        threads: usize,
+        pool: &rayon::ThreadPool,
+    ) {
         let tiles = n.div_ceil(X_TILE);
         let chunks = tiles.min(4 * threads);
         let chunk_x = tiles.div_ceil(chunks) * X_TILE;
@@ -270,7 +257,7 @@ impl Kernels {
     fn split_w_rows(
         &self,
         w: &QMatrix,
-        acts: Acts,
+        acts: &[f32],
         n: usize,
         out: &mut [f32],
         threads: usize,
@@ -298,7 +285,7 @@ impl Kernels {
     fn compute(
         &self,
         w: &QMatrix,
-        acts: Acts,
+        acts: &[f32],
         rows: std::ops::Range<usize>,
         xs: std::ops::Range<usize>,
         out: &mut [f32],
@@ -320,7 +307,7 @@ impl Kernels {
     }
 
     /// `W[r] · x[i0 + j]` for `j in 0..nx` (`nx <= X_TILE`).
-    fn tile(&self, w: &QMatrix, acts: Acts, r: usize, i0: usize, nx: usize) -> [f32; X_TILE] {
+    fn tile(&self, w: &QMatrix, acts: &[f32], r: usize, i0: usize, nx: usize) -> [f32; X_TILE] {
         let mut vals = [0.0; X_TILE];
         match nx {
             4 => vals.copy_from_slice(&self.tile_n::<4>(w, acts, r, i0)),
@@ -331,32 +318,23 @@ impl Kernels {
         vals
     }
 
-    fn tile_n<const NX: usize>(&self, w: &QMatrix, acts: Acts, r: usize, i0: usize) -> [f32; NX] {
+    fn tile_n<const NX: usize>(&self, w: &QMatrix, acts: &[f32], r: usize, i0: usize) -> [f32; NX] {
         let (t, row, cols) = (w.ggml_type, w.row(r), w.cols);
-        let acts = match acts {
-            Acts::Float(x) => {
-                return std::array::from_fn(|j| portable::dot_float(t, row, &x[(i0 + j) * cols..(i0 + j + 1) * cols]));
-            }
-            Acts::Quantized(a) => a,
-        };
-        let nb = cols / QK;
-        let xs: [ActRow; NX] = std::array::from_fn(|j| {
-            let b = (i0 + j) * nb;
-            ActRow { q: &acts.q[b * QK..(b + nb) * QK], d: &acts.d[b..b + nb], s: &acts.s[b..b + nb] }
-        });
+        let xs: [&[f32]; NX] = std::array::from_fn(|j| &acts[(i0 + j) * cols..(i0 + j + 1) * cols]);
         #[cfg(target_arch = "x86_64")]
         match (self.isa, t) {
-            // SAFETY: `Avx512Vnni` is only built by `available()` after detecting its features.
-            (Isa::Avx512Vnni, GgmlType::Q4_1) => return unsafe { x86::vnni::q4_1(row, &xs) },
+            // SAFETY: `Avx512` is only built by `available()` after detecting avx512f/bw/vl,
+            // avx2, fma and f16c, the features these kernels enable.
+            (Isa::Avx512, GgmlType::Q4_1) => return unsafe { x86::q4_1(row, &xs) },
             // SAFETY: as above.
-            (Isa::Avx512Vnni, GgmlType::Q8_0) => return unsafe { x86::vnni::q8_0(row, &xs) },
-            // SAFETY: `Avx2` is only built by `available()` after detecting avx2, fma and f16c.
-            (Isa::Avx2, GgmlType::Q4_1) => return unsafe { x86::avx2::q4_1(row, &xs) },
-            // SAFETY: as above.
-            (Isa::Avx2, GgmlType::Q8_0) => return unsafe { x86::avx2::q8_0(row, &xs) },
+            (Isa::Avx512, GgmlType::Q8_0) => return unsafe { x86::q8_0(row, &xs) },
             _ => {}
         }
-        xs.map(|x| portable::dot_quantized(t, row, x))
+        if t.block_elems() == 1 {
+            xs.map(|x| portable::dot_float(t, row, x))
+        } else {
+            xs.map(|x| portable::dot_quantized(t, row, x))
+        }
     }
 }
 

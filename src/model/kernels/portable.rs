@@ -1,51 +1,44 @@
-//! Portable kernels (no intrinsics): integer dot products of decoded weight blocks with
-//! 8-bit activations, and f32 dots for the float types.
+//! Portable kernels (no intrinsics): weight blocks dequantized exactly and dotted with
+//! f32 activations in 16 running lanes.
 //!
 //! Each function computes one output with a fixed sequence of float operations, so
 //! its result does not depend on where the call comes from.
 
 use super::blocks::Unpacked;
-use super::q8::QK;
 use crate::model::ggml_type::GgmlType;
 
-/// Activation blocks of one x row: quantized values, scales, and `d * Σq` per block.
-#[derive(Clone, Copy)]
-pub(crate) struct ActRow<'a> {
-    pub q: &'a [i8],
-    pub d: &'a [f32],
-    pub s: &'a [f32],
-}
+/// Lanes of the running sums.
+const LANES: usize = 16;
 
-/// Dot of one block-quantized row with one quantized activation row.
-pub(crate) fn dot_quantized(t: GgmlType, row: &[u8], x: ActRow<'_>) -> f32 {
-    let groups = t.block_elems() / QK;
-    let per16 = t == GgmlType::Q6K;
+/// Dot of one block-quantized row with one f32 activation row.
+pub(crate) fn dot_quantized(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+    let be = t.block_elems();
     let mut u = Unpacked::default();
-    let mut sum = 0.0f32;
-    for (b, block) in row.chunks_exact(t.block_bytes()).enumerate() {
+    let mut w = [0.0f32; 256];
+    let mut lanes = [0.0f32; LANES];
+    for (block, xb) in row.chunks_exact(t.block_bytes()).zip(x.chunks_exact(be)) {
         u.decode(t, block);
-        for g in 0..groups {
-            let a = b * groups + g;
-            let xq = &x.q[a * QK..a * QK + QK];
-            let wq = &u.q[g * QK..g * QK + QK];
-            let lo = idot(&wq[..16], &xq[..16]);
-            let hi = idot(&wq[16..], &xq[16..]);
-            let w = if per16 {
-                u.scale[2 * g] * lo as f32 + u.scale[2 * g + 1] * hi as f32
-            } else {
-                u.scale[2 * g] * (lo + hi) as f32
-            };
-            sum += w * x.d[a];
-            if u.has_offset {
-                sum += u.offset[g] * x.s[a];
+        u.dequantize(&mut w[..be]);
+        for (wc, xc) in w[..be].chunks_exact(LANES).zip(xb.chunks_exact(LANES)) {
+            for k in 0..LANES {
+                lanes[k] += wc[k] * xc[k];
             }
         }
     }
-    sum
+    sum_lanes(&lanes)
 }
 
-fn idot(w: &[i8], x: &[i8]) -> i32 {
-    w.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum()
+/// Sums 16 lanes pairwise in a fixed order.
+fn sum_lanes(l: &[f32; LANES]) -> f32 {
+    let mut v = *l;
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for k in 0..n {
+            v[k] += v[k + n];
+        }
+    }
+    v[0]
 }
 
 /// Dot of one float row (F32, F16, BF16) with f32 activations, in 8 running lanes.

@@ -4,7 +4,6 @@
 //! blocks; they serve tests and tools, never the request path.
 
 use super::blocks::{f16_at, f16_round, scale_min_k4};
-use super::q8::{QK, quantize_block};
 use crate::model::ggml_type::GgmlType;
 
 /// Dequantizes `dst.len()` values stored in `t` from `src`.
@@ -129,27 +128,6 @@ pub fn dot(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     let mut w = vec![0.0f32; x.len()];
     dequantize_row(t, row, &mut w);
     w.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32
-}
-
-/// Like [`dot`], but with `x` first quantized to 8 bits per 32 values exactly as the fast
-/// matmul does for block-quantized `t` (float types use `x` as is): the fast paths must
-/// match this to float rounding.
-pub fn dot_q8(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
-    if t.block_elems() == 1 {
-        return dot(t, row, x);
-    }
-    dot(t, row, &quantized_activations(x))
-}
-
-/// `x` after an 8-bit round trip per 32 values (the activations the fast matmul sees).
-pub fn quantized_activations(x: &[f32]) -> Vec<f32> {
-    let mut q = [0i8; QK];
-    let mut out = Vec::with_capacity(x.len());
-    for xb in x.chunks(QK) {
-        let (d, _) = quantize_block(xb, &mut q[..xb.len()]);
-        out.extend(q[..xb.len()].iter().map(|&v| d * v as f32));
-    }
-    out
 }
 
 /// Quantizes `src` (a whole number of blocks) into blocks of `t`, round-to-nearest.

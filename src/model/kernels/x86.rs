@@ -1,124 +1,113 @@
-//! x86-64 SIMD kernels for the hot types (Q4_1, Q8_0) against 8-bit activations.
+//! AVX-512 kernels for the hot types (Q4_1, Q8_0) against f32 activations.
 //!
-//! Two instantiations of the same code: `avx2` (integer dot by `maddubs` + `madd`) and
-//! `vnni` (one `vpdpbusd`). Each kernel dots one weight row with `NX` activation rows,
-//! decoding every weight block once; the float operations applied to row `j` are the
+//! Each weight block is dequantized exactly in registers (`q·d + m` by one FMA per 16
+//! values) and multiplied into f32 activations. Every (weight row, x row) pair owns four
+//! 16-lane accumulators: `[even block lo, even block hi, odd block lo, odd block hi]`, so
+//! a single row is not bound by FMA latency. A kernel call takes `NX` x rows and decodes
+//! each weight block once for all of them; the operations applied to x row `j` are the
 //! same whatever `NX` is, so results do not depend on how x rows are tiled.
 
 use std::arch::x86_64::*;
 
-use super::portable::ActRow;
+/// Values per Q4_1 / Q8_0 block.
+const QK: usize = 32;
+/// Bytes of one Q4_1 block: f16 d, f16 m, 16 bytes of nibbles.
+const Q4_1_BYTES: usize = 20;
+/// Bytes of one Q8_0 block: f16 d, 32 signed bytes.
+const Q8_0_BYTES: usize = 34;
 
-/// Loads 16 bytes.
-#[inline(always)]
-fn load128(b: &[u8]) -> __m128i {
-    assert!(b.len() >= 16);
-    // SAFETY: `b` holds at least 16 readable bytes (checked above); the load is unaligned.
-    unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
+/// Checks every x row holds `blocks * QK` values (the kernels' loads rely on it).
+fn check_rows<const NX: usize>(xs: &[&[f32]; NX], blocks: usize) {
+    for x in xs {
+        assert!(x.len() >= blocks * QK, "x row of {} values for {blocks} blocks", x.len());
+    }
 }
 
-/// Loads 32 bytes.
-#[target_feature(enable = "avx")]
+/// Sums four accumulators and then their 16 lanes, always in the same order.
+#[target_feature(enable = "avx512f,avx,sse3")]
 #[inline]
-fn load256(b: &[u8]) -> __m256i {
-    assert!(b.len() >= 32);
-    // SAFETY: `b` holds at least 32 readable bytes (checked above); the load is unaligned.
-    unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
-}
-
-/// Loads 32 signed bytes.
-#[target_feature(enable = "avx")]
-#[inline]
-fn load256_i8(b: &[i8]) -> __m256i {
-    assert!(b.len() >= 32);
-    // SAFETY: `b` holds at least 32 readable bytes (checked above); the load is unaligned.
-    unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
-}
-
-/// Converts the f16 stored at `b[0..2]` to f32 with F16C.
-#[target_feature(enable = "f16c")]
-#[inline]
-fn f16_at(b: &[u8]) -> f32 {
-    let bits = u16::from_le_bytes([b[0], b[1]]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
-
-/// Sums the 8 lanes in a fixed order.
-#[target_feature(enable = "avx,sse3")]
-#[inline]
-fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+fn reduce(a: [__m512; 4]) -> f32 {
+    let v = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+    let lo = _mm512_castps512_ps256(v);
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    let s = _mm256_add_ps(lo, hi);
+    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
-/// Σ u8 × i8 over groups of 4 bytes into 8 i32 lanes (AVX2).
-#[target_feature(enable = "avx2")]
+/// Accumulates one dequantized block (`lo` = values 0..16, `hi` = 16..32) times the
+/// matching 32 values of each x row, into accumulator pair `slot` (0 or 2).
+#[target_feature(enable = "avx512f,fma")]
 #[inline]
-fn dot_maddubs(w: __m256i, x: __m256i) -> __m256i {
-    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+fn accumulate<const NX: usize>(
+    acc: &mut [[__m512; 4]; NX],
+    lo: __m512,
+    hi: __m512,
+    xs: &[&[f32]; NX],
+    b: usize,
+    slot: usize,
+) {
+    for j in 0..NX {
+        // SAFETY: `check_rows` asserted every x row holds `blocks * QK` values and `b` is
+        // a block index below `blocks`, so both 16-value loads are in bounds.
+        let (x0, x1) = unsafe {
+            let p = xs[j].as_ptr().add(b * QK);
+            (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+        };
+        acc[j][slot] = _mm512_fmadd_ps(lo, x0, acc[j][slot]);
+        acc[j][slot + 1] = _mm512_fmadd_ps(hi, x1, acc[j][slot + 1]);
+    }
 }
 
-/// Σ u8 × i8 over groups of 4 bytes into 8 i32 lanes (AVX-512 VNNI on 256 bits).
-#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-#[inline]
-fn dot_vnni(w: __m256i, x: __m256i) -> __m256i {
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
+/// Q4_1 row · `NX` x rows: `Σ_c (q_c·d + m)·x_c`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c,sse3")]
+pub(crate) fn q4_1<const NX: usize>(row: &[u8], xs: &[&[f32]; NX]) -> [f32; NX] {
+    let blocks = row.len() / Q4_1_BYTES;
+    check_rows(xs, blocks);
+    let mask = _mm512_set1_epi32(0xF);
+    let mut acc = [[_mm512_setzero_ps(); 4]; NX];
+    for (b, blk) in row.chunks_exact(Q4_1_BYTES).enumerate() {
+        let dm = u32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm as i32));
+        let d = _mm512_broadcastss_ps(dm);
+        let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+        let qs: &[u8; 16] = blk[4..20].try_into().expect("16 bytes of nibbles");
+        // SAFETY: `qs` is exactly 16 readable bytes; the load is unaligned.
+        let v = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(qs.as_ptr().cast()) });
+        let lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, mask)), d, m);
+        let hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v)), d, m);
+        accumulate(&mut acc, lo, hi, xs, b, 2 * (b & 1));
+    }
+    let mut out = [0.0f32; NX];
+    for j in 0..NX {
+        out[j] = reduce(acc[j]);
+    }
+    out
 }
 
-macro_rules! simd_kernels {
-    ($name:ident, $features:literal, $dot:ident) => {
-        /// Q4_1 and Q8_0 kernels built for one instruction set.
-        pub(crate) mod $name {
-            use super::*;
-
-            /// Q4_1 row · `NX` activation rows: `Σ_b d·dx·Σ(q·qx) + m·sx`.
-            #[target_feature(enable = $features)]
-            pub(crate) fn q4_1<const NX: usize>(row: &[u8], xs: &[ActRow<'_>; NX]) -> [f32; NX] {
-                let mask = _mm256_set1_epi8(0x0F);
-                let mut acc = [_mm256_setzero_ps(); NX];
-                let mut mins = [0.0f32; NX];
-                for (b, blk) in row.chunks_exact(20).enumerate() {
-                    let (d, m) = (f16_at(&blk[0..2]), f16_at(&blk[2..4]));
-                    let qs = load128(&blk[4..20]);
-                    let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(qs), qs), mask);
-                    for j in 0..NX {
-                        let x = load256_i8(&xs[j].q[32 * b..32 * b + 32]);
-                        let p = _mm256_cvtepi32_ps($dot(w, x));
-                        acc[j] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * xs[j].d[b]), acc[j]);
-                        mins[j] += m * xs[j].s[b];
-                    }
-                }
-                let mut out = [0.0f32; NX];
-                for j in 0..NX {
-                    out[j] = hsum(acc[j]) + mins[j];
-                }
-                out
-            }
-
-            /// Q8_0 row · `NX` activation rows: `Σ_b d·dx·Σ(q·qx)` (signs moved onto x).
-            #[target_feature(enable = $features)]
-            pub(crate) fn q8_0<const NX: usize>(row: &[u8], xs: &[ActRow<'_>; NX]) -> [f32; NX] {
-                let mut acc = [_mm256_setzero_ps(); NX];
-                for (b, blk) in row.chunks_exact(34).enumerate() {
-                    let d = f16_at(&blk[0..2]);
-                    let w = load256(&blk[2..34]);
-                    let w_abs = _mm256_abs_epi8(w);
-                    for j in 0..NX {
-                        let x = load256_i8(&xs[j].q[32 * b..32 * b + 32]);
-                        let p = _mm256_cvtepi32_ps($dot(w_abs, _mm256_sign_epi8(x, w)));
-                        acc[j] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * xs[j].d[b]), acc[j]);
-                    }
-                }
-                let mut out = [0.0f32; NX];
-                for j in 0..NX {
-                    out[j] = hsum(acc[j]);
-                }
-                out
-            }
-        }
-    };
+/// Q8_0 row · `NX` x rows: `Σ_c (q_c·d)·x_c`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c,sse3")]
+pub(crate) fn q8_0<const NX: usize>(row: &[u8], xs: &[&[f32]; NX]) -> [f32; NX] {
+    let blocks = row.len() / Q8_0_BYTES;
+    check_rows(xs, blocks);
+    let mut acc = [[_mm512_setzero_ps(); 4]; NX];
+    for (b, blk) in row.chunks_exact(Q8_0_BYTES).enumerate() {
+        let d = u16::from_le_bytes([blk[0], blk[1]]);
+        let d = _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)));
+        let qs: &[u8; 32] = blk[2..34].try_into().expect("32 quantized bytes");
+        // SAFETY: `qs` is exactly 32 readable bytes; both 16-byte loads are unaligned.
+        let (v0, v1) = unsafe {
+            let p = qs.as_ptr();
+            (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(16).cast()))
+        };
+        let lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v0)), d);
+        let hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v1)), d);
+        accumulate(&mut acc, lo, hi, xs, b, 2 * (b & 1));
+    }
+    let mut out = [0.0f32; NX];
+    for j in 0..NX {
+        out[j] = reduce(acc[j]);
+    }
+    out
 }
-
-simd_kernels!(avx2, "avx,avx2,fma,f16c,sse3", dot_maddubs);
-simd_kernels!(vnni, "avx,avx2,fma,f16c,sse3,avx512f,avx512bw,avx512vl,avx512vnni", dot_vnni);

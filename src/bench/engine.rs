@@ -1,0 +1,92 @@
+//! Aggregate throughput through the real engine: `c` greedy requests sent at once,
+//! generated tokens over the wall time until the last one is done.
+
+use std::time::{Duration, Instant};
+
+use super::{BenchError, BenchSettings, EngineFigure, bench_text, median};
+use crate::config::{Config, Format};
+use crate::engine::load::start_model;
+use crate::protocol::{EngineCommand, GenerateRequest, PromptInput, StreamEvent};
+use crate::sampler::{SamplerLimits, SamplingConfig, SamplingParams};
+use crate::types::{RequestId, TenantId};
+
+/// Tokens each request generates.
+const GEN_TOKENS: u32 = 64;
+/// Bytes of bench text each prompt takes (about 32 tokens).
+const PROMPT_BYTES: usize = 140;
+
+/// Median aggregate tok/s of `concurrency` simultaneous requests.
+pub(crate) fn measure(settings: &BenchSettings, concurrency: usize) -> Result<EngineFigure, BenchError> {
+    let config = bench_config(settings, concurrency)?;
+    let loaded = start_model(&config, 0).map_err(|e| BenchError::Engine(e.to_string()))?;
+    let sampling = SamplingParams {
+        temperature: Some(0.0),
+        max_tokens: Some(GEN_TOKENS),
+        ignore_eos: Some(true),
+        ..Default::default()
+    }
+    .validate(&SamplerLimits {
+        vocab_size: loaded.tokenizer.vocab_size(),
+        max_stop_strings: config.limits.max_stop_strings,
+        default_max_tokens: config.limits.default_max_tokens,
+        max_tokens_cap: config.limits.max_tokens_cap,
+    })
+    .map_err(|e| BenchError::Engine(e.message))?;
+    let mut rates = Vec::with_capacity(settings.reps);
+    for _ in 0..settings.reps {
+        rates.push(one_round(&loaded.engine, &sampling, concurrency)?);
+    }
+    loaded.engine.shutdown();
+    Ok(EngineFigure { concurrency, tok_s: median(rates) })
+}
+
+/// The default config with one model (the bench's path and threads) and a tenant
+/// allowed `concurrency` requests at once.
+fn bench_config(settings: &BenchSettings, concurrency: usize) -> Result<Config, BenchError> {
+    let json = serde_json::json!({
+        "tenants": [{"name": "bench", "max_concurrent": concurrency.max(1), "max_queued": concurrency.max(1)}],
+        "models": [{"id": "bench", "path": settings.model, "threads": settings.threads, "max_batch": concurrency.max(1)}],
+    });
+    Config::from_str(&json.to_string(), Format::Json).map_err(|e| BenchError::Engine(e.to_string()))
+}
+
+/// Sends `c` requests, waits for all, returns generated tokens per second.
+fn one_round(engine: &crate::engine::EngineHandle, sampling: &SamplingConfig, c: usize) -> Result<f64, BenchError> {
+    let text = bench_text();
+    let start = Instant::now();
+    let mut receivers = Vec::with_capacity(c);
+    for i in 0..c {
+        let (tx, rx) = tokio::sync::mpsc::channel(4 * GEN_TOKENS as usize);
+        // Each request starts at a different word so prompts differ.
+        let at = (i * 7) % 300;
+        let request = GenerateRequest {
+            id: RequestId::next(),
+            tenant: TenantId::from("bench"),
+            session: None,
+            input: PromptInput::Text { text: text[at..at + PROMPT_BYTES].to_string(), parse_special: false },
+            sampling: sampling.clone(),
+            timeout: Duration::from_secs(600),
+            received_at: Instant::now(),
+            events: tx,
+        };
+        engine.send(EngineCommand::Generate(Box::new(request))).map_err(|e| BenchError::Engine(e.message))?;
+        receivers.push(rx);
+    }
+    let mut tokens = 0usize;
+    for mut rx in receivers {
+        tokens += wait_done(&mut rx)?;
+    }
+    Ok(tokens as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Completion tokens of one request, once it is done.
+fn wait_done(rx: &mut tokio::sync::mpsc::Receiver<StreamEvent>) -> Result<usize, BenchError> {
+    while let Some(event) = rx.blocking_recv() {
+        match event {
+            StreamEvent::Done { usage, .. } => return Ok(usage.completion_tokens),
+            StreamEvent::Error(e) => return Err(BenchError::Engine(e.message)),
+            _ => {}
+        }
+    }
+    Err(BenchError::Engine("the engine closed a stream before it was done".into()))
+}

@@ -1,0 +1,213 @@
+//! `starling bench`: throughput of the model alone (prefill, single-stream decode,
+//! batched decode, measured like `llamacpp_bench.py` so the numbers compare) and of the
+//! whole engine under 1..32 concurrent requests, plus peak memory and build facts.
+
+mod engine;
+mod model;
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::model::llama::{LlamaModel, ModelError};
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("KV arena: {0}")]
+    Kv(String),
+    #[error("engine: {0}")]
+    Engine(String),
+    #[error("the benchmark needs at least 1 rep and 1 thread")]
+    Settings,
+}
+
+/// What to measure and how often.
+#[derive(Clone, Debug)]
+pub struct BenchSettings {
+    pub model: PathBuf,
+    pub threads: usize,
+    /// Runs per figure; each figure is their median.
+    pub reps: usize,
+    /// Concurrency levels of the engine measurement (empty = skip it).
+    pub engine_concurrency: Vec<usize>,
+}
+
+/// Aggregate engine throughput at one concurrency level.
+#[derive(Clone, Debug, Serialize)]
+pub struct EngineFigure {
+    pub concurrency: usize,
+    /// Generated tokens per second over all requests.
+    pub tok_s: f64,
+}
+
+/// Every figure `starling bench` reports (the JSON keys of DESIGN.md's contract).
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub engine: String,
+    pub threads: usize,
+    pub model: String,
+    pub git_commit: String,
+    pub kernels: String,
+    pub cpu_features: Vec<String>,
+    pub prefill_tokens: usize,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s_ctx8: f64,
+    pub decode_tok_s_ctx512: f64,
+    pub batch: usize,
+    pub batched_decode_tok_s: f64,
+    pub engine_aggregate: Vec<EngineFigure>,
+    pub peak_rss_bytes: u64,
+}
+
+/// Text the prompts are cut from (the peer script's).
+pub(crate) fn bench_text() -> String {
+    "The quick brown fox jumps over the lazy dog. ".repeat(400)
+}
+
+/// Runs every measurement.
+pub fn run(settings: &BenchSettings) -> Result<BenchReport, BenchError> {
+    if settings.reps == 0 || settings.threads == 0 {
+        return Err(BenchError::Settings);
+    }
+    let lm = LlamaModel::load(&settings.model, settings.threads)?;
+    let figures = model::measure(&lm, settings.reps)?;
+    let kernels = lm.kernels().name().to_string();
+    drop(lm);
+    let engine_aggregate =
+        settings.engine_concurrency.iter().map(|&c| engine::measure(settings, c)).collect::<Result<Vec<_>, _>>()?;
+    Ok(BenchReport {
+        engine: format!("starling {}", env!("CARGO_PKG_VERSION")),
+        threads: settings.threads,
+        model: settings.model.display().to_string(),
+        git_commit: git_commit(),
+        kernels,
+        cpu_features: cpu_features(),
+        prefill_tokens: figures.prefill_tokens,
+        prefill_tok_s: figures.prefill_tok_s,
+        decode_tok_s_ctx8: figures.decode_ctx8,
+        decode_tok_s_ctx512: figures.decode_ctx512,
+        batch: model::BATCH,
+        batched_decode_tok_s: figures.batched,
+        engine_aggregate,
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// Median of the values (0 for none).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// `VmHWM` of this process in bytes, 0 where /proc is not available.
+pub fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    parse_vm_hwm(&status).unwrap_or(0)
+}
+
+/// The `VmHWM:` line of a /proc status file, in bytes.
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let mut parts = line["VmHWM:".len()..].split_whitespace();
+    let kb: u64 = parts.next()?.parse().ok()?;
+    (parts.next()? == "kB").then_some(kb * 1024)
+}
+
+/// `git rev-parse --short HEAD` in the working directory, or "unknown".
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The SIMD features the kernels care about that this CPU has.
+pub fn cpu_features() -> Vec<String> {
+    let mut out = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        let probes = [
+            ("avx2", is_x86_feature_detected!("avx2")),
+            ("fma", is_x86_feature_detected!("fma")),
+            ("f16c", is_x86_feature_detected!("f16c")),
+            ("avx512f", is_x86_feature_detected!("avx512f")),
+            ("avx512bw", is_x86_feature_detected!("avx512bw")),
+            ("avx512vl", is_x86_feature_detected!("avx512vl")),
+            ("avx512vnni", is_x86_feature_detected!("avx512vnni")),
+            ("avx512bf16", is_x86_feature_detected!("avx512bf16")),
+        ];
+        out.extend(probes.iter().filter(|p| p.1).map(|p| p.0.to_string()));
+    }
+    out
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} · {} · {} threads · kernels {} · commit {}",
+            self.engine, self.model, self.threads, self.kernels, self.git_commit
+        )?;
+        writeln!(f, "cpu features: {}", self.cpu_features.join(" "))?;
+        writeln!(f, "{:<36} {:>10}", "figure", "tok/s")?;
+        writeln!(f, "{:<36} {:>10.1}", format!("prefill ({} tokens)", self.prefill_tokens), self.prefill_tok_s)?;
+        writeln!(f, "{:<36} {:>10.1}", "decode, 8-token context", self.decode_tok_s_ctx8)?;
+        writeln!(
+            f,
+            "{:<36} {:>10.1}",
+            format!("decode, {}-token context", self.prefill_tokens),
+            self.decode_tok_s_ctx512
+        )?;
+        writeln!(
+            f,
+            "{:<36} {:>10.1}",
+            format!("batched decode ({} sequences)", self.batch),
+            self.batched_decode_tok_s
+        )?;
+        for e in &self.engine_aggregate {
+            writeln!(f, "{:<36} {:>10.1}", format!("engine, {} concurrent", e.concurrency), e.tok_s)?;
+        }
+        writeln!(f, "peak RSS: {:.1} MiB", self.peak_rss_bytes as f64 / (1024.0 * 1024.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_hwm_is_read_in_bytes() {
+        let status = "Name:\tx\nVmPeak:\t  999 kB\nVmHWM:\t   2048 kB\nVmRSS:\t 1 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(2048 * 1024));
+        assert_eq!(parse_vm_hwm("VmRSS: 1 kB"), None);
+        assert_eq!(parse_vm_hwm("VmHWM: lots kB"), None);
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+    }
+
+    #[test]
+    fn peak_rss_is_positive_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss_bytes() > 0);
+        }
+    }
+}

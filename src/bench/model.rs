@@ -1,0 +1,110 @@
+//! Model-only figures, measured the way `llamacpp_bench.py` measures llama.cpp.
+
+use std::time::Instant;
+
+use super::{BenchError, bench_text, median};
+use crate::kv::arena::{BlockTable, KvArena};
+use crate::model::eval::argmax;
+use crate::model::llama::{LlamaModel, LogitsWanted, SeqChunk};
+use crate::tokenizer::GgufTokenizer;
+use crate::types::TokenId;
+
+/// Prompt length of the prefill and long-context decode figures.
+pub(crate) const PROMPT_TOKENS: usize = 512;
+/// Greedy tokens per decode figure.
+const GEN_TOKENS: usize = 128;
+/// Sequences of the batched decode figure.
+pub(crate) const BATCH: usize = 16;
+/// Prompt length and steps of the batched decode figure.
+const BATCH_PROMPT: usize = 32;
+const BATCH_STEPS: usize = 64;
+const BLOCK_TOKENS: usize = 16;
+
+/// The model-only medians.
+pub(crate) struct ModelFigures {
+    pub prefill_tokens: usize,
+    pub prefill_tok_s: f64,
+    pub decode_ctx8: f64,
+    pub decode_ctx512: f64,
+    pub batched: f64,
+}
+
+/// A private arena with one block table per sequence, each holding `positions`.
+struct Kv {
+    arena: KvArena,
+    tables: Vec<BlockTable>,
+}
+
+impl Kv {
+    fn new(model: &LlamaModel, seqs: usize, positions: usize) -> Result<Self, BenchError> {
+        let layout = model.kv_layout(BLOCK_TOKENS);
+        let bytes = (seqs * layout.blocks_for(positions) * layout.block_bytes()) as u64;
+        let mut arena = KvArena::new(layout, bytes).map_err(|e| BenchError::Kv(e.to_string()))?;
+        let mut tables = Vec::with_capacity(seqs);
+        for _ in 0..seqs {
+            let mut t = BlockTable::default();
+            t.reserve(&mut arena, positions).map_err(|e| BenchError::Kv(e.to_string()))?;
+            tables.push(t);
+        }
+        Ok(Kv { arena, tables })
+    }
+
+    fn chunk(&self, seq: usize, tokens: Vec<TokenId>, start_pos: usize) -> SeqChunk {
+        SeqChunk { tokens, start_pos, blocks: self.tables[seq].blocks.clone(), logits: LogitsWanted::Last }
+    }
+}
+
+/// Prefill, single-stream decode at two context lengths, and batched decode.
+pub(crate) fn measure(model: &LlamaModel, reps: usize) -> Result<ModelFigures, BenchError> {
+    let tok = GgufTokenizer::from_gguf(&model.file().header).map_err(|e| BenchError::Tokenizer(e.to_string()))?;
+    let mut ids = tok.encode(&bench_text(), false).map_err(|e| BenchError::Tokenizer(e.to_string()))?;
+    ids.truncate(PROMPT_TOKENS);
+    let mut kv = Kv::new(model, 1, ids.len() + GEN_TOKENS + 1)?;
+    let mut logits = Vec::new();
+    let (mut pre, mut short, mut long) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let t = Instant::now();
+        model.forward(&[kv.chunk(0, ids.clone(), 0)], &mut kv.arena, &mut logits)?;
+        pre.push(ids.len() as f64 / t.elapsed().as_secs_f64());
+        long.push(decode(model, &mut kv, &mut logits, ids.len())?);
+        model.forward(&[kv.chunk(0, ids[..8].to_vec(), 0)], &mut kv.arena, &mut logits)?;
+        short.push(decode(model, &mut kv, &mut logits, 8)?);
+    }
+    let batched = median((0..reps).map(|_| batched_decode(model, &ids)).collect::<Result<_, _>>()?);
+    Ok(ModelFigures {
+        prefill_tokens: ids.len(),
+        prefill_tok_s: median(pre),
+        decode_ctx8: median(short),
+        decode_ctx512: median(long),
+        batched,
+    })
+}
+
+/// Greedy tokens per second over `GEN_TOKENS` steps after a prompt of `ctx` positions
+/// whose logits are in `logits`.
+fn decode(model: &LlamaModel, kv: &mut Kv, logits: &mut Vec<f32>, ctx: usize) -> Result<f64, BenchError> {
+    let t = Instant::now();
+    for step in 0..GEN_TOKENS {
+        let next = argmax(logits) as TokenId;
+        model.forward(&[kv.chunk(0, vec![next], ctx + step)], &mut kv.arena, logits)?;
+    }
+    Ok(GEN_TOKENS as f64 / t.elapsed().as_secs_f64())
+}
+
+/// `BATCH` sequences with `BATCH_PROMPT`-token prompts (shifted windows of `ids`), prefilled
+/// together, then `BATCH_STEPS` greedy steps of one token each: generated tokens per second.
+fn batched_decode(model: &LlamaModel, ids: &[TokenId]) -> Result<f64, BenchError> {
+    let vocab = model.hparams.n_vocab;
+    let mut kv = Kv::new(model, BATCH, BATCH_PROMPT + BATCH_STEPS)?;
+    let prompts: Vec<SeqChunk> = (0..BATCH).map(|s| kv.chunk(s, ids[s..s + BATCH_PROMPT].to_vec(), 0)).collect();
+    let mut logits = Vec::new();
+    model.forward(&prompts, &mut kv.arena, &mut logits)?;
+    let t = Instant::now();
+    for step in 0..BATCH_STEPS {
+        let next: Vec<TokenId> = logits.chunks_exact(vocab).map(|row| argmax(row) as TokenId).collect();
+        let chunks: Vec<SeqChunk> =
+            next.iter().enumerate().map(|(s, &tok)| kv.chunk(s, vec![tok], BATCH_PROMPT + step)).collect();
+        model.forward(&chunks, &mut kv.arena, &mut logits)?;
+    }
+    Ok((BATCH * BATCH_STEPS) as f64 / t.elapsed().as_secs_f64())
+}
