@@ -96,7 +96,8 @@ fn validation_errors_have_documented_statuses_and_bodies() {
     assert_eq!(r.status, 413, "{}", r.text());
     assert_eq!(error_of(&r.json()).0, "context_length_exceeded");
 
-    let r = post_json(s.addr, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}));
+    let r =
+        post_json(s.addr, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}));
     assert_eq!((r.status, error_of(&r.json()).2), (422, Some("n")));
 
     let r = request(s.addr, "GET", "/v1/generate", &[], b"");
@@ -127,7 +128,8 @@ fn a_sessions_second_turn_reuses_cached_prompt_tokens() {
     let prompt2 = format!("The capital of France is{} And Germany's is", r1["text"].as_str().unwrap());
     let second = json!({"prompt": prompt2, "session_id": "turns", "max_tokens": 4, "temperature": 0, "stream": false});
     let r2 = post_json(s.addr, "/v1/generate", &second).json();
-    let (prompt, cached) = (r2["usage"]["prompt_tokens"].as_u64().unwrap(), r2["usage"]["cached_tokens"].as_u64().unwrap());
+    let (prompt, cached) =
+        (r2["usage"]["prompt_tokens"].as_u64().unwrap(), r2["usage"]["cached_tokens"].as_u64().unwrap());
     assert!(cached >= r1["usage"]["prompt_tokens"].as_u64().unwrap(), "the first turn's prompt is cached: {r2}");
     assert!(prompt - cached < prompt, "fewer prompt tokens are computed than sent");
     let r = post_json(s.addr, "/v1/session/close", &json!({"session_id": "turns"}));
@@ -152,7 +154,10 @@ fn openai_chat_stream_has_openai_chunks_usage_and_done() {
     assert_eq!(usage["choices"], json!([]));
     assert!(usage["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64());
     let total = &usage["usage"]["total_tokens"];
-    assert_eq!(total.as_u64(), Some(usage["usage"]["prompt_tokens"].as_u64().unwrap() + usage["usage"]["completion_tokens"].as_u64().unwrap()));
+    assert_eq!(
+        total.as_u64(),
+        Some(usage["usage"]["prompt_tokens"].as_u64().unwrap() + usage["usage"]["completion_tokens"].as_u64().unwrap())
+    );
     let finish = &chunks[chunks.len() - 2]["choices"][0];
     assert!(finish["finish_reason"] == "length" || finish["finish_reason"] == "stop", "{finish}");
     let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
@@ -162,7 +167,9 @@ fn openai_chat_stream_has_openai_chunks_usage_and_done() {
 #[test]
 fn openai_completion_json_has_choices_usage_and_logprobs() {
     let s = shared();
-    let body = json!({"prompt": "1, 2, 3,", "max_tokens": 4, "temperature": 0, "logprobs": 2, "stop": "\n"});
+    // Logprobs describe the final sampling distribution, so sample (temperature 0 leaves one).
+    let body = json!({"prompt": "My favourite food is", "max_tokens": 4, "temperature": 1.0, "top_p": 1.0,
+                      "min_p": 0.0, "seed": 5, "logprobs": 2, "stop": "\n"});
     let r = post_json(s.addr, "/v1/completions", &body);
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
@@ -171,7 +178,7 @@ fn openai_completion_json_has_choices_usage_and_logprobs() {
     assert!(!choice["text"].as_str().unwrap().is_empty());
     let n = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
     assert_eq!(choice["logprobs"]["tokens"].as_array().unwrap().len(), n);
-    assert_eq!(choice["logprobs"]["top_logprobs"][0].as_object().unwrap().len(), 2);
+    assert_eq!(choice["logprobs"]["top_logprobs"][0].as_object().unwrap().len(), 2, "{v}");
     assert!(choice["logprobs"]["token_logprobs"][0].as_f64().unwrap() <= 0.0);
 
     let models = request(s.addr, "GET", "/v1/models", &[], b"").json();
@@ -285,9 +292,7 @@ pub struct SoakReport {
 /// for `duration`; sessions are closed at the end.
 pub fn soak(addr: std::net::SocketAddr, clients: usize, duration: Duration) -> SoakReport {
     let until = Instant::now() + duration;
-    let threads: Vec<_> = (0..clients)
-        .map(|c| std::thread::spawn(move || soak_client(addr, c, until)))
-        .collect();
+    let threads: Vec<_> = (0..clients).map(|c| std::thread::spawn(move || soak_client(addr, c, until))).collect();
     let mut total = SoakReport::default();
     for t in threads {
         let r = t.join().expect("a soak client panicked");
@@ -305,7 +310,10 @@ fn soak_client(addr: std::net::SocketAddr, client: usize, until: Instant) -> Soa
     let mut i = client;
     while Instant::now() < until {
         let (path, body) = match i % 4 {
-            0 => ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": format!("Tell me about {i}")}], "max_tokens": 8, "stream": true})),
+            0 => (
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "user", "content": format!("Tell me about {i}")}], "max_tokens": 8, "stream": true}),
+            ),
             1 => ("/v1/completions", json!({"prompt": format!("Number {i} is"), "max_tokens": 8, "stream": true})),
             2 => ("/v1/generate", json!({"prompt": format!("Turn {i}:"), "session_id": session, "max_tokens": 6})),
             _ => ("/v1/generate", json!({"prompt": "A long story:", "max_tokens": 64, "ignore_eos": true})),
@@ -328,9 +336,8 @@ fn soak_client(addr: std::net::SocketAddr, client: usize, until: Instant) -> Soa
             continue;
         }
         let last = sse.rest().into_iter().filter(|e| !e.comment).last();
-        let terminated = last.is_some_and(|e| {
-            e.data == "[DONE]" || matches!(e.event.as_deref(), Some("done" | "error"))
-        });
+        let terminated =
+            last.is_some_and(|e| e.data == "[DONE]" || matches!(e.event.as_deref(), Some("done" | "error")));
         if terminated { r.completed += 1 } else { r.unterminated += 1 }
     }
     let closed = post_json(addr, "/v1/session/close", &json!({"session_id": session}));
@@ -338,4 +345,39 @@ fn soak_client(addr: std::net::SocketAddr, client: usize, until: Instant) -> Soa
         r.server_errors += 1;
     }
     r
+}
+
+/// A virtualenv with the official `openai` package (created once, reused across runs).
+fn openai_venv() -> std::path::PathBuf {
+    use std::process::Command;
+    let venv = std::env::temp_dir().join("starling-openai-venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().expect("python3 runs");
+        assert!(made.success(), "python3 -m venv failed");
+    }
+    let has = Command::new(&python).args(["-c", "import openai"]).status().expect("venv python runs");
+    if !has.success() {
+        let pip = Command::new(&python).args(["-m", "pip", "install", "-q", "openai"]).status().expect("pip runs");
+        assert!(pip.success(), "pip install openai failed (PyPI must be reachable)");
+    }
+    python
+}
+
+#[test]
+fn the_official_openai_python_client_streams_chat_and_completions() {
+    let s = shared();
+    let python = openai_venv();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai-check.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .args(["--base-url", &format!("http://{}/v1", s.addr)])
+        .output()
+        .expect("the check script runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["ok"], true);
+    assert!(v["chat"]["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64(), "{v}");
+    assert!(!v["completion"]["text"].as_str().unwrap().is_empty());
 }

@@ -268,7 +268,13 @@ pub fn post_json(addr: SocketAddr, path: &str, body: &Value) -> HttpResponse {
 /// POSTs `body` as JSON with `Authorization: Bearer <key>`.
 pub fn post_json_as(addr: SocketAddr, key: &str, path: &str, body: &Value) -> HttpResponse {
     let auth = format!("Bearer {key}");
-    request(addr, "POST", path, &[("Content-Type", "application/json"), ("Authorization", &auth)], body.to_string().as_bytes())
+    request(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json"), ("Authorization", &auth)],
+        body.to_string().as_bytes(),
+    )
 }
 
 /// POSTs `body` and returns the open stream (check `status` before reading events).

@@ -111,11 +111,8 @@ fn unauthorized(presented: bool, needed: &str) -> ApiError {
     if presented {
         ApiError::new(ErrorKind::Unauthorized, format!("the key is not {needed}")).with_code("invalid_api_key")
     } else {
-        ApiError::new(
-            ErrorKind::Unauthorized,
-            format!("this route needs {needed}: send `Authorization: Bearer <key>`"),
-        )
-        .with_code("missing_api_key")
+        ApiError::new(ErrorKind::Unauthorized, format!("this route needs {needed}: send `Authorization: Bearer <key>`"))
+            .with_code("missing_api_key")
     }
 }
 

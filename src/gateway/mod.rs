@@ -21,9 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
+use hyper::header::AUTHORIZATION;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::header::AUTHORIZATION;
 use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -144,7 +144,8 @@ async fn handle(state: Arc<AppState>, _peer: SocketAddr, req: Request<Incoming>)
         Ok((caller, rate)) => {
             span.record("tenant", caller.tenant.as_str());
             let ctx = Ctx { caller, request_id: request_id.clone() };
-            let mut r = route(&state, ctx, req).instrument(span.clone()).await.unwrap_or_else(|e| http::error_response(&e));
+            let mut r =
+                route(&state, ctx, req).instrument(span.clone()).await.unwrap_or_else(|e| http::error_response(&e));
             rate.write(r.headers_mut());
             r
         }

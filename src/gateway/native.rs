@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{AppState, Ctx};
 use super::http::{Body, json_response, parse_json, read_body};
 use super::sse::{self, Render};
+use super::{AppState, Ctx};
 use crate::engine::load::LoadedModel;
 use crate::error::{ApiError, ErrorKind};
 use crate::protocol::{
@@ -454,7 +454,11 @@ struct CloseBody {
     model: Option<String>,
 }
 
-pub async fn close_session(state: &Arc<AppState>, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn close_session(
+    state: &Arc<AppState>,
+    ctx: &Ctx,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let body: CloseBody = from_map(read_object(state, req).await?)?;
     let model = state.model(body.model.as_deref())?;
     let (reply, wait) = oneshot::channel();

@@ -180,8 +180,9 @@ fn chat_messages(raw: Option<&[WireMessage]>) -> Result<Vec<ChatMessage>, ApiErr
     let raw = match raw {
         Some(m) if !m.is_empty() => m,
         _ => {
-            return Err(ApiError::new(ErrorKind::InvalidRequest, "`messages` must be a non-empty list")
-                .with_param("messages"));
+            return Err(
+                ApiError::new(ErrorKind::InvalidRequest, "`messages` must be a non-empty list").with_param("messages")
+            );
         }
     };
     raw.iter()
@@ -211,7 +212,10 @@ async fn run(
     input: PromptInput,
 ) -> Result<Response<Body>, ApiError> {
     if let Some(n) = body.n.filter(|&n| n != 1) {
-        return Err(ApiError::invalid_parameter("n", format!("`n` must be 1 (got {n}); ask for one choice per request")));
+        return Err(ApiError::invalid_parameter(
+            "n",
+            format!("`n` must be 1 (got {n}); ask for one choice per request"),
+        ));
     }
     let model = state.model(body.model.as_deref())?;
     let top = wanted_logprobs(kind, &body)?;
@@ -306,7 +310,8 @@ impl Shape {
             offset += text.len();
             texts.push(text);
             lps.push(*lp);
-            let m: Map<String, Value> = alts.iter().take(top_n).map(|a| (self.token_text(a.id).0, json!(a.logprob))).collect();
+            let m: Map<String, Value> =
+                alts.iter().take(top_n).map(|a| (self.token_text(a.id).0, json!(a.logprob))).collect();
             tops.push(Value::Object(m));
         }
         json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
@@ -325,7 +330,9 @@ impl Shape {
         let logprobs = self.logprobs(&out.logprobs, 0);
         let finish = finish_name(out.finish_reason);
         let choice = match self.kind {
-            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": logprobs, "finish_reason": finish}),
+            Kind::Chat => {
+                json!({"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": logprobs, "finish_reason": finish})
+            }
             Kind::Completion => json!({"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": finish}),
         };
         let mut v = self.envelope(false, json!([choice]));

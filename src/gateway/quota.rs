@@ -72,11 +72,8 @@ pub struct Quotas {
 
 impl Quotas {
     pub fn new(config: &Config) -> Self {
-        let limits = config
-            .tenants
-            .iter()
-            .map(|t| (t.name.clone(), (t.requests_per_minute, t.tokens_per_minute)))
-            .collect();
+        let limits =
+            config.tenants.iter().map(|t| (t.name.clone(), (t.requests_per_minute, t.tokens_per_minute))).collect();
         Quotas { limits, buckets: Mutex::new(HashMap::new()) }
     }
 

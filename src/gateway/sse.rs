@@ -8,12 +8,12 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use futures_util::stream;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Bytes, Frame};
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Response, StatusCode};
-use futures_util::FutureExt;
 
 use super::http::Body;
 use super::native::Submission;
@@ -76,8 +76,9 @@ pub fn response<R: Render>(sub: Submission, render: R, keepalive: Duration) -> R
             }
             Wake::Cancelled => {
                 s.done = true;
-                let stop = ApiError::new(ErrorKind::Unavailable, "the server is shutting down; the request was cancelled")
-                    .with_code("shutdown");
+                let stop =
+                    ApiError::new(ErrorKind::Unavailable, "the server is shutting down; the request was cancelled")
+                        .with_code("shutdown");
                 s.render.render(StreamEvent::Error(stop)).0
             }
         };
