@@ -2,10 +2,12 @@
 mod cli;
 mod config;
 mod engine;
+mod gateway;
 mod gguf;
 mod kernels;
 mod kv;
 mod model;
 mod sampler;
 mod scheduler;
+mod support;
 mod tokenizer;

@@ -4,9 +4,13 @@
 //! bounded inbox, and turn the per-request event stream into SSE frames or one JSON body.
 //! The gateway shares nothing mutable with engines.
 
+mod auth;
 mod http;
 mod native;
+mod openai;
+mod quota;
 mod sse;
+mod template;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -14,19 +18,25 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
+use hyper::header::AUTHORIZATION;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::engine::load::LoadedModel;
 use crate::error::{ApiError, ErrorKind};
+pub use auth::{Access, Authenticator, Caller};
 pub use http::Body;
+pub use quota::{Quotas, RateInfo};
 
 /// Everything handlers read. Engines are reached only through their handles.
 pub struct AppState {
@@ -35,11 +45,24 @@ pub struct AppState {
     pub models: Vec<Arc<LoadedModel>>,
     /// Set on shutdown: `/readyz` turns 503 and new generations are refused.
     pub draining: AtomicBool,
+    /// Turns `true` when the shutdown grace period is over: open streams end with an error event.
+    pub cancel: watch::Sender<bool>,
+    /// API keys and route access.
+    pub auth: Authenticator,
+    /// Per-tenant request and token buckets.
+    pub quotas: Quotas,
 }
 
 impl AppState {
     pub fn new(config: Arc<Config>, models: Vec<LoadedModel>) -> Self {
-        AppState { config, models: models.into_iter().map(Arc::new).collect(), draining: AtomicBool::new(false) }
+        AppState {
+            auth: Authenticator::new(&config),
+            quotas: Quotas::new(&config),
+            models: models.into_iter().map(Arc::new).collect(),
+            draining: AtomicBool::new(false),
+            cancel: watch::Sender::new(false),
+            config,
+        }
     }
 
     /// The model a request names, or the first one when it names none.
@@ -90,53 +113,113 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
     state.draining.store(true, Ordering::Relaxed);
     tracing::info!("shutting down: waiting for in-flight requests");
     let grace = state.config.server.shutdown_grace;
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    if tokio::time::timeout(grace, &mut drained).await.is_err() {
         tracing::warn!(?grace, "grace period over; cancelling the remaining requests");
+        state.cancel.send_replace(true);
+        if tokio::time::timeout(CANCEL_FLUSH, drained).await.is_err() {
+            tracing::warn!("connections still open after cancellation; closing them");
+        }
     }
+}
+
+/// How long cancelled streams get to write their final event after the grace period.
+const CANCEL_FLUSH: Duration = Duration::from_secs(2);
+
+/// What every handler knows about the request besides its body.
+pub struct Ctx {
+    pub caller: Caller,
+    pub request_id: String,
 }
 
 async fn handle(state: Arc<AppState>, _peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let request_id = http::request_id(&req);
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
-    let span = tracing::info_span!("gateway", %method, %path, request_id = %request_id);
-    let _g = span.enter();
-    let result = route(&state, req).await;
-    let mut response = result.unwrap_or_else(|e| http::error_response(&e));
+    let span = tracing::info_span!("gateway", %method, %path, request_id = %request_id, tenant = tracing::field::Empty);
+    let started = Instant::now();
+    let mut response = match gate(&state, &req) {
+        Err(refused) => refused,
+        Ok((caller, rate)) => {
+            span.record("tenant", caller.tenant.as_str());
+            let ctx = Ctx { caller, request_id: request_id.clone() };
+            let mut r =
+                route(&state, ctx, req).instrument(span.clone()).await.unwrap_or_else(|e| http::error_response(&e));
+            rate.write(r.headers_mut());
+            r
+        }
+    };
     http::set_request_id(&mut response, &request_id);
+    span.in_scope(|| {
+        tracing::info!(status = response.status().as_u16(), ms = started.elapsed().as_millis() as u64, "request")
+    });
     Ok(response)
 }
 
-async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+/// Authentication, then the tenant's rate limits for generation routes.
+#[allow(clippy::result_large_err)]
+fn gate(state: &AppState, req: &Request<Incoming>) -> Result<(Caller, RateInfo), Response<Body>> {
+    let path = req.uri().path();
+    let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let caller = state.auth.authenticate(state.auth.access(path), header).map_err(|e| http::error_response(&e))?;
+    if req.method() != Method::POST || !GENERATION_ROUTES.contains(&path) {
+        return Ok((caller, RateInfo::default()));
+    }
+    match state.quotas.admit(&caller.tenant, Instant::now()) {
+        Ok(rate) => Ok((caller, rate)),
+        Err(refusal) => {
+            let mut r = http::error_response(&refusal.error);
+            refusal.write(r.headers_mut());
+            Err(r)
+        }
+    }
+}
+
+/// Routes that start a generation (and so spend the tenant's quotas).
+const GENERATION_ROUTES: &[&str] = &["/v1/generate", "/v1/completions", "/v1/chat/completions"];
+
+async fn route(state: &Arc<AppState>, ctx: Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_owned();
-    let known: HashMap<&str, &[Method]> = ROUTES.iter().copied().collect();
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/healthz") => Ok(native::healthz(state)),
         (Method::GET, "/readyz") => Ok(native::readyz(state)),
         (Method::GET, "/v1/models") => Ok(native::list_models(state)),
-        (Method::POST, "/v1/generate") => native::generate(state, req).await,
+        (Method::POST, "/v1/generate") => native::generate(state, &ctx, req).await,
+        (Method::POST, "/v1/completions") => openai::completions(state, &ctx, req).await,
+        (Method::POST, "/v1/chat/completions") => openai::chat_completions(state, &ctx, req).await,
         (Method::POST, "/v1/tokenize") => native::tokenize(state, req).await,
         (Method::POST, "/v1/detokenize") => native::detokenize(state, req).await,
-        (Method::POST, "/v1/session/close") => native::close_session(state, req).await,
-        (method, p) => match known.get(p) {
-            Some(allowed) => Err(ApiError::new(
-                ErrorKind::MethodNotAllowed,
-                format!(
-                    "{method} is not allowed on {p} (allowed: {})",
-                    allowed.iter().map(Method::as_str).collect::<Vec<_>>().join(", ")
-                ),
-            )),
-            None => Err(ApiError::new(ErrorKind::NotFound, format!("no route {p}")).with_code("route_not_found")),
-        },
+        (Method::POST, "/v1/session/close") => native::close_session(state, &ctx, req).await,
+        (Method::GET, "/admin/stats") => Ok(native::stats(state)),
+        (method, p) => Err(no_route(&method, p)),
     }
 }
 
+fn no_route(method: &Method, path: &str) -> ApiError {
+    let known: HashMap<&str, &[Method]> = ROUTES.iter().copied().collect();
+    match known.get(path) {
+        Some(allowed) => ApiError::new(
+            ErrorKind::MethodNotAllowed,
+            format!(
+                "{method} is not allowed on {path} (allowed: {})",
+                allowed.iter().map(Method::as_str).collect::<Vec<_>>().join(", ")
+            ),
+        ),
+        None => ApiError::new(ErrorKind::NotFound, format!("no route {path}")).with_code("route_not_found"),
+    }
+}
+
+/// Every route and its methods (405 for a known path with another method).
 const ROUTES: &[(&str, &[Method])] = &[
     ("/healthz", &[Method::GET]),
     ("/readyz", &[Method::GET]),
     ("/v1/models", &[Method::GET]),
     ("/v1/generate", &[Method::POST]),
+    ("/v1/completions", &[Method::POST]),
+    ("/v1/chat/completions", &[Method::POST]),
     ("/v1/tokenize", &[Method::POST]),
     ("/v1/detokenize", &[Method::POST]),
     ("/v1/session/close", &[Method::POST]),
+    ("/admin/stats", &[Method::GET]),
 ];

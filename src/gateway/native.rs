@@ -8,11 +8,11 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use super::AppState;
 use super::http::{Body, json_response, parse_json, read_body};
 use super::sse::{self, Render};
+use super::{AppState, Ctx};
 use crate::engine::load::LoadedModel;
 use crate::error::{ApiError, ErrorKind};
 use crate::protocol::{
@@ -91,6 +91,29 @@ pub fn readyz(state: &AppState) -> Response<Body> {
     }
 }
 
+/// `GET /admin/stats`: every engine's counters.
+pub fn stats(state: &AppState) -> Response<Body> {
+    let models: Vec<_> = state
+        .models
+        .iter()
+        .map(|m| {
+            let s = &m.engine.status;
+            json!({
+                "id": m.id,
+                "ticks": s.ticks.load(Ordering::Relaxed),
+                "queued": s.queued.load(Ordering::Relaxed),
+                "running": s.running.load(Ordering::Relaxed),
+                "sessions": s.sessions.load(Ordering::Relaxed),
+                "kv_blocks_used": s.kv_blocks_used.load(Ordering::Relaxed),
+                "kv_blocks_total": s.kv_blocks_total.load(Ordering::Relaxed),
+                "forward_calls": s.forward_calls.load(Ordering::Relaxed),
+                "admission_open": s.admission_open.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &json!({"draining": state.draining.load(Ordering::Relaxed), "models": models}))
+}
+
 pub fn list_models(state: &AppState) -> Response<Body> {
     let data: Vec<_> = state
         .models
@@ -154,28 +177,48 @@ pub fn validate_sampling(
     })
 }
 
-/// What a generation route hands the engine, with the receiver for its events.
+/// An admitted generation: its event receiver, plus what the stream needs on the way out
+/// (the tenant's token charge, the server's cancellation signal).
 pub struct Submission {
     pub rx: mpsc::Receiver<StreamEvent>,
+    meter: Meter,
+    /// Turns `true` when shutdown cancels open streams.
+    pub cancel: watch::Receiver<bool>,
+}
+
+/// Charges a finished request's tokens to its tenant, once.
+struct Meter {
+    state: Arc<AppState>,
+    tenant: TenantId,
+}
+
+impl Submission {
+    /// Charges the request's tokens to its tenant (call on the `Done` event).
+    pub fn charge(&self, usage: &Usage) {
+        let used = usage.prompt_tokens + usage.completion_tokens;
+        self.meter.state.quotas.charge(&self.meter.tenant, used, Instant::now());
+    }
+}
+
+/// What to generate, validated: the engine-facing part of a generation request.
+pub struct Job {
+    pub input: PromptInput,
+    pub sampling: SamplingConfig,
+    pub session: Option<SessionId>,
+    pub timeout: Option<Duration>,
 }
 
 /// Sends a request to the model's engine and waits for admission (the first event): an
 /// error there becomes the HTTP status; after it, errors travel in the stream.
-pub async fn submit(
-    state: &AppState,
-    model: &LoadedModel,
-    input: PromptInput,
-    sampling: SamplingConfig,
-    session: Option<SessionId>,
-    timeout: Option<Duration>,
-) -> Result<Submission, ApiError> {
+pub async fn submit(state: &Arc<AppState>, ctx: &Ctx, model: &LoadedModel, job: Job) -> Result<Submission, ApiError> {
+    let Job { input, sampling, session, timeout } = job;
     if state.draining.load(Ordering::Relaxed) {
         return Err(ApiError::new(ErrorKind::Unavailable, "the server is shutting down").with_code("draining"));
     }
     let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
     let request = GenerateRequest {
         id: RequestId::next(),
-        tenant: TenantId::from(crate::config::ANONYMOUS),
+        tenant: ctx.caller.tenant.clone(),
         session,
         input,
         sampling,
@@ -185,7 +228,11 @@ pub async fn submit(
     };
     model.engine.send(EngineCommand::Generate(Box::new(request)))?;
     match rx.recv().await {
-        Some(StreamEvent::Started { .. }) => Ok(Submission { rx }),
+        Some(StreamEvent::Started { .. }) => Ok(Submission {
+            rx,
+            meter: Meter { state: state.clone(), tenant: ctx.caller.tenant.clone() },
+            cancel: state.cancel.subscribe(),
+        }),
         Some(StreamEvent::Error(e)) => Err(e),
         Some(other) => Err(ApiError::new(ErrorKind::Internal, format!("unexpected first event {other:?}"))),
         None => {
@@ -194,7 +241,7 @@ pub async fn submit(
     }
 }
 
-pub async fn generate(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn generate(state: &Arc<AppState>, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let map = read_object(state, req).await?;
     reject_unknown(&map, &[GENERATE_FIELDS, SAMPLING_FIELDS])?;
     let body: GenerateBody = from_map(map)?;
@@ -219,19 +266,24 @@ pub async fn generate(state: &Arc<AppState>, req: Request<Incoming>) -> Result<R
     };
     let sampling = validate_sampling(state, model, &body.sampling)?;
     let want_logprobs = sampling.logprobs > 0;
-    let session = match body.session_id {
-        Some(s) if s.is_empty() || s.len() > 256 => {
-            return Err(ApiError::invalid_parameter("session_id", "`session_id` must be 1 to 256 characters"));
-        }
-        s => s.map(SessionId),
-    };
-    let sub = submit(state, model, input, sampling, session, timeout).await?;
+    let session = session_id(body.session_id)?;
+    let sub = submit(state, ctx, model, Job { input, sampling, session, timeout }).await?;
     if body.stream.unwrap_or(true) {
         let render = NativeRender { logprobs: want_logprobs };
-        Ok(sse::response(sub.rx, render, state.config.server.sse_keepalive))
+        Ok(sse::response(sub, render, state.config.server.sse_keepalive))
     } else {
-        let out = collect(sub.rx).await?;
+        let out = collect(sub).await?;
         Ok(json_response(StatusCode::OK, &out.to_json(&model.id.0, want_logprobs)))
+    }
+}
+
+/// Checks a client-chosen session name.
+pub fn session_id(raw: Option<String>) -> Result<Option<SessionId>, ApiError> {
+    match raw {
+        Some(s) if s.is_empty() || s.len() > 256 => {
+            Err(ApiError::invalid_parameter("session_id", "`session_id` must be 1 to 256 characters"))
+        }
+        s => Ok(s.map(SessionId)),
     }
 }
 
@@ -269,7 +321,7 @@ impl Collected {
 }
 
 /// Reads events to the end. An error after admission is returned as the error.
-pub async fn collect(mut rx: mpsc::Receiver<StreamEvent>) -> Result<Collected, ApiError> {
+pub async fn collect(mut sub: Submission) -> Result<Collected, ApiError> {
     let mut out = Collected {
         tokens: vec![],
         text: String::new(),
@@ -279,7 +331,7 @@ pub async fn collect(mut rx: mpsc::Receiver<StreamEvent>) -> Result<Collected, A
         timings: Timings::default(),
         seed: 0,
     };
-    while let Some(event) = rx.recv().await {
+    while let Some(event) = sub.rx.recv().await {
         match event {
             StreamEvent::Started { .. } => {}
             StreamEvent::Token { id, text, logprob, top_logprobs } => {
@@ -288,6 +340,7 @@ pub async fn collect(mut rx: mpsc::Receiver<StreamEvent>) -> Result<Collected, A
                 out.logprobs.push((id, logprob.unwrap_or(0.0), top_logprobs));
             }
             StreamEvent::Done { finish_reason, usage, timings, seed, text } => {
+                sub.charge(&usage);
                 out.text.push_str(&text);
                 (out.finish_reason, out.usage, out.timings, out.seed) = (finish_reason, usage, timings, seed);
                 return Ok(out);
@@ -401,11 +454,15 @@ struct CloseBody {
     model: Option<String>,
 }
 
-pub async fn close_session(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn close_session(
+    state: &Arc<AppState>,
+    ctx: &Ctx,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let body: CloseBody = from_map(read_object(state, req).await?)?;
     let model = state.model(body.model.as_deref())?;
     let (reply, wait) = oneshot::channel();
-    let tenant = TenantId::from(crate::config::ANONYMOUS);
+    let tenant = ctx.caller.tenant.clone();
     model.engine.send(EngineCommand::CloseSession { tenant, session: SessionId(body.session_id.clone()), reply })?;
     match wait.await {
         Ok(Ok(())) => Ok(json_response(StatusCode::OK, &json!({"closed": body.session_id}))),

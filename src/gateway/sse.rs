@@ -8,14 +8,15 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use futures_util::stream;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Bytes, Frame};
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Response, StatusCode};
-use tokio::sync::mpsc;
 
 use super::http::Body;
+use super::native::Submission;
 use crate::error::{ApiError, ErrorKind};
 use crate::protocol::StreamEvent;
 
@@ -33,30 +34,52 @@ pub fn frame(event: Option<&str>, data: &str) -> String {
 }
 
 struct State<R> {
-    rx: mpsc::Receiver<StreamEvent>,
+    sub: Submission,
     render: R,
     keepalive: Duration,
     done: bool,
 }
 
-/// A `text/event-stream` response fed by `rx` until the renderer says the stream is over.
-pub fn response<R: Render>(rx: mpsc::Receiver<StreamEvent>, render: R, keepalive: Duration) -> Response<Body> {
-    let state = State { rx, render, keepalive, done: false };
+/// What woke the stream up.
+enum Wake {
+    Event(Option<StreamEvent>),
+    Idle,
+    Cancelled,
+}
+
+/// A `text/event-stream` response fed by the submission's events until the renderer says
+/// the stream is over, or shutdown cancels it (then a final error event is sent).
+pub fn response<R: Render>(sub: Submission, render: R, keepalive: Duration) -> Response<Body> {
+    let state = State { sub, render, keepalive, done: false };
     let frames = stream::unfold(state, |mut s| async move {
         if s.done {
             return None;
         }
-        let text = match tokio::time::timeout(s.keepalive, s.rx.recv()).await {
-            Err(_) => ": keep-alive\n\n".to_owned(),
-            Ok(Some(event)) => {
+        let wake = tokio::select! {
+            event = tokio::time::timeout(s.keepalive, s.sub.rx.recv()) => event.map_or(Wake::Idle, Wake::Event),
+            Ok(()) = s.sub.cancel.wait_for(|c| *c).map(|r| r.map(|_| ())) => Wake::Cancelled,
+        };
+        let text = match wake {
+            Wake::Idle => ": keep-alive\n\n".to_owned(),
+            Wake::Event(Some(event)) => {
+                if let StreamEvent::Done { usage, .. } = &event {
+                    s.sub.charge(usage);
+                }
                 let (text, end) = s.render.render(event);
                 s.done = end;
                 text
             }
-            Ok(None) => {
+            Wake::Event(None) => {
                 s.done = true;
                 let lost = ApiError::new(ErrorKind::Internal, "the engine ended the stream without a final event");
                 s.render.render(StreamEvent::Error(lost)).0
+            }
+            Wake::Cancelled => {
+                s.done = true;
+                let stop =
+                    ApiError::new(ErrorKind::Unavailable, "the server is shutting down; the request was cancelled")
+                        .with_code("shutdown");
+                s.render.render(StreamEvent::Error(stop)).0
             }
         };
         Some((Ok::<_, Infallible>(Frame::data(Bytes::from(text))), s))

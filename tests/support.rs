@@ -1,0 +1,283 @@
+//! Reusable helpers for tests that talk HTTP to an in-process server: start a server on
+//! 127.0.0.1:0 with a config tweak, send JSON, and read an SSE stream incrementally over a
+//! plain blocking `TcpStream` (HTTP/1.1, chunked bodies decoded by hand).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+use starling::config::{Config, Format};
+use starling::engine::load::start_model;
+use starling::gateway::{AppState, serve};
+use tokio::sync::oneshot;
+
+/// Every socket read gives up after this long, so a hung server fails the test instead of
+/// hanging it.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A server running on its own tokio runtime.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    stopped: std::sync::Mutex<std_mpsc::Receiver<()>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+/// The test config: the real model, 2 threads, a 64 MiB KV arena, then `tweak`.
+pub fn test_config(tweak: impl FnOnce(&mut Config)) -> Config {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut config = Config::from_str("{}", Format::Json).expect("the default config is valid");
+    let m = &mut config.models[0];
+    m.path = crate::model::model_path();
+    m.pipeline = root.join("pipelines/default.yaml");
+    m.threads = 2.try_into().unwrap();
+    m.kv_cache.max_bytes = 64 << 20;
+    tweak(&mut config);
+    config
+}
+
+impl TestServer {
+    /// Loads the model with `tweak` applied to the test config and serves it on a free port.
+    pub fn start(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let config = test_config(tweak);
+        let model = start_model(&config, 0).expect("the model starts");
+        let state = Arc::new(AppState::new(Arc::new(config), vec![model]));
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = oneshot::channel::<()>();
+        let (done_tx, stopped) = std_mpsc::channel();
+        let served = state.clone();
+        runtime.spawn(async move {
+            serve(listener, served, async move { stop_rx.await.unwrap_or(()) }).await;
+            let _ = done_tx.send(());
+        });
+        TestServer { addr, state, stop: Some(stop), stopped: std::sync::Mutex::new(stopped), _runtime: runtime }
+    }
+
+    /// Starts graceful shutdown (like SIGTERM) without waiting for it.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits until `serve` has returned.
+    pub fn wait_stopped(&self, within: Duration) -> bool {
+        self.stopped.lock().unwrap().recv_timeout(within).is_ok()
+    }
+
+    pub fn kv_blocks_used(&self) -> usize {
+        self.state.models[0].engine.status.kv_blocks_used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A finished HTTP response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// An open response whose body is read a chunk at a time.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    chunked: bool,
+    length: Option<usize>,
+    finished: bool,
+}
+
+/// Sends one request (with `Connection: close`) and reads the status line and headers.
+pub fn open(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Conn {
+    let mut stream = TcpStream::connect(addr).expect("connects");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    head += &format!("Content-Length: {}\r\n\r\n", body.len());
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut reader = BufReader::new(stream);
+    let status_line = read_line(&mut reader);
+    let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status line");
+    let mut headers = vec![];
+    loop {
+        let line = read_line(&mut reader);
+        if line.is_empty() {
+            break;
+        }
+        let (k, v) = line.split_once(':').expect("a header line");
+        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+    }
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let chunked = get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    let length = get("content-length").and_then(|v| v.parse().ok());
+    Conn { reader, status, headers, chunked, length, finished: false }
+}
+
+fn read_line(r: &mut BufReader<TcpStream>) -> String {
+    let mut line = String::new();
+    r.read_line(&mut line).expect("reads a line");
+    line.trim_end_matches(['\r', '\n']).to_owned()
+}
+
+impl Conn {
+    /// The next piece of the body as the server wrote it (one HTTP chunk), `None` at the end.
+    pub fn next_chunk(&mut self) -> Option<Vec<u8>> {
+        if self.finished {
+            return None;
+        }
+        if !self.chunked {
+            self.finished = true;
+            let mut body = vec![];
+            match self.length {
+                Some(n) => {
+                    body.resize(n, 0);
+                    self.reader.read_exact(&mut body).unwrap();
+                }
+                None => {
+                    self.reader.read_to_end(&mut body).unwrap();
+                }
+            }
+            return Some(body);
+        }
+        let size_line = read_line(&mut self.reader);
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16).expect("a chunk size");
+        let mut data = vec![0; size];
+        self.reader.read_exact(&mut data).unwrap();
+        read_line(&mut self.reader);
+        if size == 0 {
+            self.finished = true;
+            return None;
+        }
+        Some(data)
+    }
+
+    /// The rest of the body.
+    pub fn finish(mut self) -> HttpResponse {
+        let mut body = vec![];
+        while let Some(c) = self.next_chunk() {
+            body.extend(c);
+        }
+        HttpResponse { status: self.status, headers: self.headers, body }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// An SSE reader over the rest of the body.
+    pub fn sse(self) -> SseReader {
+        SseReader { conn: self, buf: String::new(), chunks: 0 }
+    }
+}
+
+/// One SSE frame (`event:` name if any, joined `data:` lines) or a comment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SseEvent {
+    pub event: Option<String>,
+    pub data: String,
+    pub comment: bool,
+    /// Which HTTP chunk completed this frame (0-based): shows frames arrived separately.
+    pub chunk: usize,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or_else(|e| panic!("SSE data is not JSON ({e}): {}", self.data))
+    }
+}
+
+/// Reads SSE frames as they arrive.
+pub struct SseReader {
+    conn: Conn,
+    buf: String,
+    chunks: usize,
+}
+
+impl SseReader {
+    /// The next frame, reading more of the body only when needed; `None` at the end.
+    pub fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let frame: String = self.buf.drain(..end + 2).collect();
+                return Some(parse_frame(&frame, self.chunks.saturating_sub(1)));
+            }
+            let chunk = self.conn.next_chunk()?;
+            self.chunks += 1;
+            self.buf.push_str(&String::from_utf8(chunk).expect("SSE is UTF-8"));
+        }
+    }
+
+    /// Every remaining frame.
+    pub fn rest(&mut self) -> Vec<SseEvent> {
+        std::iter::from_fn(|| self.next_event()).collect()
+    }
+}
+
+fn parse_frame(frame: &str, chunk: usize) -> SseEvent {
+    let mut e = SseEvent { event: None, data: String::new(), comment: false, chunk };
+    let mut data = vec![];
+    for line in frame.lines() {
+        if line.starts_with(':') {
+            e.comment = true;
+        } else if let Some(v) = line.strip_prefix("event:") {
+            e.event = Some(v.trim().to_owned());
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data.push(v.strip_prefix(' ').unwrap_or(v));
+        }
+    }
+    e.data = data.join("\n");
+    e
+}
+
+/// Sends a request and reads the whole response.
+pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
+    open(addr, method, path, headers, body).finish()
+}
+
+/// POSTs `body` as JSON and reads the whole response.
+pub fn post_json(addr: SocketAddr, path: &str, body: &Value) -> HttpResponse {
+    request(addr, "POST", path, &[("Content-Type", "application/json")], body.to_string().as_bytes())
+}
+
+/// POSTs `body` as JSON with `Authorization: Bearer <key>`.
+pub fn post_json_as(addr: SocketAddr, key: &str, path: &str, body: &Value) -> HttpResponse {
+    let auth = format!("Bearer {key}");
+    request(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json"), ("Authorization", &auth)],
+        body.to_string().as_bytes(),
+    )
+}
+
+/// POSTs `body` and returns the open stream (check `status` before reading events).
+pub fn stream_json(addr: SocketAddr, path: &str, body: &Value) -> Conn {
+    open(addr, "POST", path, &[("Content-Type", "application/json")], body.to_string().as_bytes())
+}
