@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::engine::load::LoadedModel;
 use crate::error::{ApiError, ErrorKind};
+use crate::telemetry::Observability;
 pub use http::Body;
 
 /// Everything handlers read. Engines are reached only through their handles.
@@ -35,11 +36,14 @@ pub struct AppState {
     pub models: Vec<Arc<LoadedModel>>,
     /// Set on shutdown: `/readyz` turns 503 and new generations are refused.
     pub draining: AtomicBool,
+    /// Metrics, engine heartbeats and readiness thresholds.
+    pub obs: Arc<Observability>,
 }
 
 impl AppState {
-    pub fn new(config: Arc<Config>, models: Vec<LoadedModel>) -> Self {
-        AppState { config, models: models.into_iter().map(Arc::new).collect(), draining: AtomicBool::new(false) }
+    /// State whose models report to `obs` (see `start_model_observed`).
+    pub fn new(config: Arc<Config>, models: Vec<LoadedModel>, obs: Arc<Observability>) -> Self {
+        AppState { config, models: models.into_iter().map(Arc::new).collect(), draining: AtomicBool::new(false), obs }
     }
 
     /// The model a request names, or the first one when it names none.
@@ -102,6 +106,9 @@ async fn handle(state: Arc<AppState>, _peer: SocketAddr, req: Request<Incoming>)
     let span = tracing::info_span!("gateway", %method, %path, request_id = %request_id);
     let _g = span.enter();
     let result = route(&state, req).await;
+    if let Err(e) = &result {
+        state.obs.record_error(&request_id, e);
+    }
     let mut response = result.unwrap_or_else(|e| http::error_response(&e));
     http::set_request_id(&mut response, &request_id);
     Ok(response)
@@ -114,6 +121,8 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
         (Method::GET, "/healthz") => Ok(native::healthz(state)),
         (Method::GET, "/readyz") => Ok(native::readyz(state)),
         (Method::GET, "/v1/models") => Ok(native::list_models(state)),
+        (Method::GET, "/metrics") => Ok(crate::telemetry::routes::metrics(state)),
+        (Method::POST, "/admin/trace") => crate::telemetry::routes::capture_trace(state, req).await,
         (Method::POST, "/v1/generate") => native::generate(state, req).await,
         (Method::POST, "/v1/tokenize") => native::tokenize(state, req).await,
         (Method::POST, "/v1/detokenize") => native::detokenize(state, req).await,
@@ -135,6 +144,8 @@ const ROUTES: &[(&str, &[Method])] = &[
     ("/healthz", &[Method::GET]),
     ("/readyz", &[Method::GET]),
     ("/v1/models", &[Method::GET]),
+    ("/metrics", &[Method::GET]),
+    ("/admin/trace", &[Method::POST]),
     ("/v1/generate", &[Method::POST]),
     ("/v1/tokenize", &[Method::POST]),
     ("/v1/detokenize", &[Method::POST]),
