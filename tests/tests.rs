@@ -3,5 +3,6 @@ mod config;
 mod gguf;
 mod kernels;
 mod model;
+mod observability;
 mod sampler;
 mod tokenizer;

@@ -101,7 +101,7 @@ fn sees_batch(stage: &str) -> bool {
 /// The span one stage runs in. Stages after `batch` carry the batch size and token count
 /// (and, while a trace is being written, the request ids of the batch).
 pub fn stage_span(world: &World, stage: &'static str) -> tracing::Span {
-    let span = tracing::info_span!("stage", stage, batch_size = Empty, batch_tokens = Empty, requests = Empty);
+    let span = tracing::info_span!("stage", stage = %stage, batch_size = Empty, batch_tokens = Empty, requests = Empty);
     if sees_batch(stage) {
         record_batch(world, &span);
     }
@@ -115,7 +115,7 @@ fn record_batch(world: &World, span: &tracing::Span) {
     if super::trace::capturing() {
         let ids: Vec<String> =
             plan.items.iter().filter_map(|i| world.get::<Request>(i.entity)).map(|r| r.0.to_string()).collect();
-        span.record("requests", ids.join(",").as_str());
+        span.record("requests", tracing::field::display(ids.join(",")));
     }
 }
 

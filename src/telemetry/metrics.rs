@@ -22,6 +22,10 @@ const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0
 const BATCH_TOKEN_BUCKETS: &[f64] =
     &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0];
 
+/// The `reason` values of `starling_admission_rejections_total` (anything else is `other`).
+const REJECTION_REASONS: &[&str] =
+    &["queue_full", "too_many_sessions", "session_busy", "engine_busy", "draining", "engine_stopped", "other"];
+
 /// Why the metrics registry could not be built (a duplicate or malformed series: a bug).
 #[derive(Debug, thiserror::Error)]
 #[error("metrics registry: {0}")]
@@ -234,11 +238,7 @@ impl Metrics {
 
     /// Counts a request refused at admission; `code` is the error's stable code.
     pub fn record_rejection(&self, model: &str, code: Option<&'static str>) {
-        let reason = match code {
-            Some(c @ ("queue_full" | "too_many_sessions" | "engine_busy" | "draining" | "engine_stopped")) => c,
-            Some("session_busy") => "session_busy",
-            _ => "other",
-        };
+        let reason = code.and_then(|c| REJECTION_REASONS.iter().find(|r| **r == c)).copied().unwrap_or("other");
         self.rejections.with_label_values(&[model, reason]).inc();
     }
 
@@ -246,6 +246,10 @@ impl Metrics {
     pub fn for_model(&self, model: &str) -> ModelMetrics {
         let m = [model];
         self.model_loaded.with_label_values(&m).set(1);
+        // Known reasons start at zero so dashboards see the series before the first event.
+        for reason in REJECTION_REASONS {
+            self.rejections.with_label_values(&[model, reason]);
+        }
         ModelMetrics {
             model: model.to_owned(),
             ttft: self.ttft.with_label_values(&m),

@@ -156,7 +156,7 @@ impl Observability {
             error_type = e.kind.as_str(),
             code = e.code.unwrap_or(e.kind.as_str()),
             status = e.status(),
-            message = %e.message,
+            error = %e.message,
             "request error"
         );
     }
