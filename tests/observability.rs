@@ -446,3 +446,55 @@ fn admin_trace_capture_of_the_live_server() {
         }
     }
 }
+
+#[test]
+fn liveness_needs_pending_work_and_a_stale_tick() {
+    use starling::telemetry::health::{Liveness, liveness};
+    let (s, stall) = (Duration::from_secs, Duration::from_secs(30));
+    assert_eq!(liveness(false, 3, s(1), stall), Liveness::Alive);
+    assert_eq!(liveness(false, 0, s(600), stall), Liveness::Alive, "an idle engine is not stuck");
+    assert_eq!(liveness(false, 1, s(31), stall), Liveness::Stuck { since_ms: 31_000 });
+    assert_eq!(liveness(true, 0, s(0), stall), Liveness::Stopped);
+}
+
+#[test]
+fn capture_seconds_is_bounded() {
+    use starling::telemetry::routes::capture_seconds;
+    assert_eq!(capture_seconds(None).unwrap(), Duration::from_secs(5));
+    assert_eq!(capture_seconds(Some("x=1&seconds=2.5")).unwrap(), Duration::from_millis(2500));
+    for bad in ["seconds=0", "seconds=61", "seconds=abc", "seconds=-1"] {
+        let e = capture_seconds(Some(bad)).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("seconds"), "{bad}");
+    }
+}
+
+#[test]
+fn grafana_dashboard_charts_every_series() {
+    let text = std::fs::read_to_string(manifest().join("deploy/grafana-dashboard.json")).unwrap();
+    let dash: Value = serde_json::from_str(&text).expect("the dashboard is valid JSON");
+    let exprs: Vec<&str> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap()))
+        .collect();
+    let m = starling::telemetry::Metrics::new().unwrap();
+    let mm = m.for_model("m");
+    // Series with no labelled child yet are not rendered: touch every family once.
+    m.record_error(starling::error::ErrorKind::Internal);
+    mm.stage("admit").observe(0.001);
+    mm.record_outcome(&starling::telemetry::metrics::RequestOutcome {
+        tenant: "t",
+        status: "ok",
+        finish_reason: "stop",
+        prompt_tokens: 1,
+        cached_tokens: 0,
+        generated_tokens: 1,
+    });
+    let rendered = m.render();
+    let names: Vec<&str> = rendered.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+    assert_eq!(names.len(), 24, "{names:?}");
+    for name in names {
+        assert!(exprs.iter().any(|e| e.contains(name)), "no panel charts {name}");
+    }
+}
