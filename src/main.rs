@@ -8,12 +8,12 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use starling::config::{Config, LogFormat, Overrides};
-use starling::engine::load::start_model;
+use starling::engine::load::{start_model, start_model_observed};
 use starling::gateway::{AppState, serve};
 use starling::model::gguf::GgufFile;
 use starling::protocol::{EngineCommand, GenerateRequest, PromptInput, StreamEvent};
 use starling::sampler::{SamplerLimits, SamplingParams};
-use starling::telemetry::{self, LogStyle};
+use starling::telemetry::{self, LogStyle, Observability};
 use starling::types::{RequestId, TenantId};
 
 #[derive(Parser)]
@@ -217,9 +217,11 @@ fn cmd_serve(args: ServeArgs, style: Option<LogStyle>, trace: Option<PathBuf>) -
     });
     let trace = trace.or(config.telemetry.trace_chrome.clone());
     let _guard = telemetry::init(style, &config.telemetry.log_level, trace.as_deref())?;
-    let models = (0..config.models.len()).map(|i| start_model(&config, i)).collect::<Result<Vec<_>, _>>()?;
+    let obs = Arc::new(Observability::new()?);
+    let models =
+        (0..config.models.len()).map(|i| start_model_observed(&config, i, &obs)).collect::<Result<Vec<_>, _>>()?;
     let bind = config.server.bind;
-    let state = Arc::new(AppState::new(Arc::new(config), models));
+    let state = Arc::new(AppState::new(Arc::new(config), models, obs));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("cannot listen on {bind}"))?;

@@ -46,6 +46,7 @@ pub fn parts(pipeline: PipelineSpec) -> EngineParts {
         policies: Policies::default(),
         inbox_capacity: 64,
         max_queue_delay: Duration::ZERO,
+        telemetry: starling::telemetry::Observability::new().unwrap().engine_telemetry("test", false),
     }
 }
 

@@ -83,6 +83,7 @@ impl Harness {
             policies: Policies::default(),
             inbox_capacity: 64,
             max_queue_delay: Duration::ZERO,
+            telemetry: starling::telemetry::Observability::new().unwrap().engine_telemetry("test", false),
         };
         let status = Arc::new(EngineStatus::default());
         let (world, schedule) = build_world(parts, status.clone());

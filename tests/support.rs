@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use starling::config::{Config, Format};
-use starling::engine::load::start_model;
+use starling::engine::load::start_model_observed;
+use starling::telemetry::Observability;
 use starling::gateway::{AppState, serve};
 use tokio::sync::oneshot;
 
@@ -45,8 +46,9 @@ impl TestServer {
     /// Loads the model with `tweak` applied to the test config and serves it on a free port.
     pub fn start(tweak: impl FnOnce(&mut Config)) -> TestServer {
         let config = test_config(tweak);
-        let model = start_model(&config, 0).expect("the model starts");
-        let state = Arc::new(AppState::new(Arc::new(config), vec![model]));
+        let obs = Arc::new(Observability::new().expect("metrics registry"));
+        let model = start_model_observed(&config, 0, &obs).expect("the model starts");
+        let state = Arc::new(AppState::new(Arc::new(config), vec![model], obs));
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();

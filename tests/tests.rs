@@ -7,6 +7,7 @@ mod gguf;
 mod kernels;
 mod kv;
 mod model;
+mod observability;
 mod sampler;
 mod scheduler;
 mod support;

@@ -13,6 +13,7 @@ use crate::kv::arena::KvError;
 use crate::kv::cache::KvCache;
 use crate::model::llama::{LlamaModel, ModelError};
 use crate::sampler::{PolicyError, PolicyRules};
+use crate::telemetry::{MetricsError, Observability};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
 use crate::types::ModelId;
 
@@ -31,6 +32,8 @@ pub enum LoadError {
     Kv { id: ModelId, source: KvError },
     #[error("policy rule: {0}")]
     Policy(#[from] PolicyError),
+    #[error("model `{id}`: {source}")]
+    Telemetry { id: ModelId, source: MetricsError },
     #[error("model `{id}`: cannot start the engine thread: {source}")]
     Thread { id: ModelId, source: std::io::Error },
 }
@@ -44,8 +47,16 @@ pub struct LoadedModel {
     pub config: ModelConfig,
 }
 
-/// Loads model `index` of `config` and starts its engine.
+/// Loads model `index` of `config` and starts its engine (its metrics go to a private
+/// registry; servers use [`start_model_observed`]).
 pub fn start_model(config: &Config, index: usize) -> Result<LoadedModel, LoadError> {
+    let obs =
+        Observability::new().map_err(|e| LoadError::Telemetry { id: config.models[index].id.clone(), source: e })?;
+    start_model_observed(config, index, &obs)
+}
+
+/// Loads model `index` of `config` and starts its engine, reporting to `obs`.
+pub fn start_model_observed(config: &Config, index: usize, obs: &Observability) -> Result<LoadedModel, LoadError> {
     let mc = &config.models[index];
     let id = mc.id.clone();
     let model = LlamaModel::load(&mc.path, mc.threads.get()).map_err(|e| LoadError::Model {
@@ -84,6 +95,7 @@ pub fn start_model(config: &Config, index: usize) -> Result<LoadedModel, LoadErr
         policies,
         inbox_capacity: config.queue.high_watermark.max(16) * 2,
         max_queue_delay: config.queue.max_queue_delay,
+        telemetry: obs.engine_telemetry(id.as_str(), config.telemetry.log_prompts),
     };
     let engine = EngineHandle::spawn(parts).map_err(|source| LoadError::Thread { id: id.clone(), source })?;
     tracing::info!(

@@ -49,6 +49,8 @@ pub struct EngineParts {
     /// Capacity of the command inbox (commands beyond it are refused with 503).
     pub inbox_capacity: usize,
     pub max_queue_delay: Duration,
+    /// Metric handles and liveness heartbeat for this engine.
+    pub telemetry: crate::telemetry::EngineTelemetry,
 }
 
 /// The gateway's handle on an engine thread.
@@ -133,6 +135,7 @@ pub fn build_world(parts: EngineParts, status: Arc<EngineStatus>) -> (World, Sch
     world.insert_resource(StageLog::default());
     world.insert_resource(TickReport::default());
     world.insert_resource(Status(status));
+    crate::telemetry::engine::install(&mut world, parts.telemetry);
     let schedule = build_schedule(&parts.pipeline, &mut world);
     (world, schedule)
 }
@@ -170,11 +173,13 @@ fn register_stage(world: &mut World, stage: Stage) -> SystemId {
 
 /// Runs one stage inside its own span (so a Chrome trace shows every stage of every tick).
 fn run_stage(world: &mut World, name: &'static str, id: SystemId) {
-    let span = tracing::info_span!("stage", stage = name);
+    let span = crate::telemetry::engine::stage_span(world, name);
     let _g = span.enter();
+    let started = Instant::now();
     if let Err(e) = world.run_system(id) {
         tracing::error!(stage = name, error = %e, "stage failed to run");
     }
+    crate::telemetry::engine::after_stage(world, name, &span, started);
     let mut log = world.resource_mut::<StageLog>();
     if log.enabled {
         log.names.push(name);
@@ -239,9 +244,10 @@ fn run_loop(mut world: World, mut schedule: Schedule, rx: mpsc::Receiver<EngineC
             r.planned_tokens = 0;
             r.events_sent = 0;
         }
-        let span = tracing::info_span!("tick", tick);
+        let (span, started) = (tracing::info_span!("tick", tick), Instant::now());
         span.in_scope(|| schedule.run(&mut world));
         publish_status(&mut world, now);
+        crate::telemetry::engine::after_tick(&mut world, started);
         if world.resource::<TickReport>().stop_requested {
             cancel_all(&mut world, &mut schedule);
             break;

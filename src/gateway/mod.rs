@@ -35,6 +35,7 @@ use crate::config::Config;
 use crate::engine::load::LoadedModel;
 use crate::error::{ApiError, ErrorKind};
 pub use auth::{Access, Authenticator, Caller};
+use crate::telemetry::Observability;
 pub use http::Body;
 pub use quota::{Quotas, RateInfo};
 
@@ -51,16 +52,20 @@ pub struct AppState {
     pub auth: Authenticator,
     /// Per-tenant request and token buckets.
     pub quotas: Quotas,
+    /// Metrics, engine heartbeats and readiness thresholds.
+    pub obs: Arc<Observability>,
 }
 
 impl AppState {
-    pub fn new(config: Arc<Config>, models: Vec<LoadedModel>) -> Self {
+    /// State whose models report to `obs` (see `start_model_observed`).
+    pub fn new(config: Arc<Config>, models: Vec<LoadedModel>, obs: Arc<Observability>) -> Self {
         AppState {
             auth: Authenticator::new(&config),
             quotas: Quotas::new(&config),
             models: models.into_iter().map(Arc::new).collect(),
             draining: AtomicBool::new(false),
             cancel: watch::Sender::new(false),
+            obs,
             config,
         }
     }
@@ -144,8 +149,10 @@ async fn handle(state: Arc<AppState>, _peer: SocketAddr, req: Request<Incoming>)
         Ok((caller, rate)) => {
             span.record("tenant", caller.tenant.as_str());
             let ctx = Ctx { caller, request_id: request_id.clone() };
-            let mut r =
-                route(&state, ctx, req).instrument(span.clone()).await.unwrap_or_else(|e| http::error_response(&e));
+            let mut r = route(&state, ctx, req).instrument(span.clone()).await.unwrap_or_else(|e| {
+                state.obs.record_error(&request_id, &e);
+                http::error_response(&e)
+            });
             rate.write(r.headers_mut());
             r
         }
@@ -188,6 +195,8 @@ async fn route(state: &Arc<AppState>, ctx: Ctx, req: Request<Incoming>) -> Resul
         (Method::POST, "/v1/generate") => native::generate(state, &ctx, req).await,
         (Method::POST, "/v1/completions") => openai::completions(state, &ctx, req).await,
         (Method::POST, "/v1/chat/completions") => openai::chat_completions(state, &ctx, req).await,
+        (Method::GET, "/metrics") => Ok(crate::telemetry::routes::metrics(state)),
+        (Method::POST, "/admin/trace") => crate::telemetry::routes::capture_trace(state, req).await,
         (Method::POST, "/v1/tokenize") => native::tokenize(state, req).await,
         (Method::POST, "/v1/detokenize") => native::detokenize(state, req).await,
         (Method::POST, "/v1/session/close") => native::close_session(state, &ctx, req).await,
@@ -215,6 +224,8 @@ const ROUTES: &[(&str, &[Method])] = &[
     ("/healthz", &[Method::GET]),
     ("/readyz", &[Method::GET]),
     ("/v1/models", &[Method::GET]),
+    ("/metrics", &[Method::GET]),
+    ("/admin/trace", &[Method::POST]),
     ("/v1/generate", &[Method::POST]),
     ("/v1/completions", &[Method::POST]),
     ("/v1/chat/completions", &[Method::POST]),

@@ -62,33 +62,11 @@ struct GenerateBody {
 }
 
 pub fn healthz(state: &AppState) -> Response<Body> {
-    let stopped: Vec<_> = state
-        .models
-        .iter()
-        .filter(|m| m.engine.status.stopped.load(Ordering::Relaxed))
-        .map(|m| m.id.to_string())
-        .collect();
-    if stopped.is_empty() {
-        json_response(StatusCode::OK, &json!({"status": "ok"}))
-    } else {
-        json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "engine_stopped", "models": stopped}))
-    }
+    crate::telemetry::routes::healthz(state)
 }
 
 pub fn readyz(state: &AppState) -> Response<Body> {
-    let reason = if state.draining.load(Ordering::Relaxed) {
-        Some("draining")
-    } else if state.models.is_empty() {
-        Some("no model loaded")
-    } else if state.models.iter().any(|m| !m.engine.status.admission_open.load(Ordering::Relaxed)) {
-        Some("queue at the high watermark")
-    } else {
-        None
-    };
-    match reason {
-        None => json_response(StatusCode::OK, &json!({"status": "ready"})),
-        Some(r) => json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "not_ready", "reason": r})),
-    }
+    crate::telemetry::routes::readyz(state)
 }
 
 /// `GET /admin/stats`: every engine's counters.
@@ -213,7 +191,8 @@ pub struct Job {
 pub async fn submit(state: &Arc<AppState>, ctx: &Ctx, model: &LoadedModel, job: Job) -> Result<Submission, ApiError> {
     let Job { input, sampling, session, timeout } = job;
     if state.draining.load(Ordering::Relaxed) {
-        return Err(ApiError::new(ErrorKind::Unavailable, "the server is shutting down").with_code("draining"));
+        let e = ApiError::new(ErrorKind::Unavailable, "the server is shutting down").with_code("draining");
+        return Err(state.obs.rejected(model.id.as_str(), e));
     }
     let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
     let request = GenerateRequest {
@@ -226,14 +205,15 @@ pub async fn submit(state: &Arc<AppState>, ctx: &Ctx, model: &LoadedModel, job: 
         received_at: Instant::now(),
         events: tx,
     };
-    model.engine.send(EngineCommand::Generate(Box::new(request)))?;
+    let sent = model.engine.send(EngineCommand::Generate(Box::new(request)));
+    sent.map_err(|e| state.obs.rejected(model.id.as_str(), e))?;
     match rx.recv().await {
         Some(StreamEvent::Started { .. }) => Ok(Submission {
             rx,
             meter: Meter { state: state.clone(), tenant: ctx.caller.tenant.clone() },
             cancel: state.cancel.subscribe(),
         }),
-        Some(StreamEvent::Error(e)) => Err(e),
+        Some(StreamEvent::Error(e)) => Err(state.obs.rejected(model.id.as_str(), e)),
         Some(other) => Err(ApiError::new(ErrorKind::Internal, format!("unexpected first event {other:?}"))),
         None => {
             Err(ApiError::new(ErrorKind::Unavailable, "the engine dropped the request").with_code("engine_stopped"))

@@ -1,15 +1,33 @@
-//! Logging and tracing set-up: text or JSON logs, and an optional Chrome trace of ticks.
+//! Observability: Prometheus metrics, structured logs, Chrome traces, readiness and liveness.
 //!
-//! Every tick runs in a `tick` span and every stage in a `stage` span (see `engine`), so a
-//! Chrome trace opened in Perfetto or chrome://tracing shows each tick and its stages by
-//! name, with batch size and token count on the `forward` span.
+//! - [`Metrics`] (one per server) holds every series; engines get resolved handles through
+//!   [`Observability::engine_telemetry`], the gateway renders `/metrics` from it.
+//! - [`init`] installs the global subscriber: text or JSON logs on stderr, and one Chrome
+//!   trace layer that records when a trace file is configured or an admin capture runs.
+//! - Every tick runs in a `tick` span and every stage in a `stage` span carrying the
+//!   batch size and token count (see `engine`), so a Chrome trace opened in Perfetto or
+//!   chrome://tracing shows each tick and its stages by name.
 
-use std::io::IsTerminal;
-use std::path::Path;
+pub mod engine;
+pub mod health;
+pub mod metrics;
+pub mod routes;
+pub mod trace;
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing_subscriber::filter::{LevelFilter, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
+
+pub use engine::{EngineTelemetry, Heartbeat};
+pub use metrics::{Metrics, MetricsError, ModelMetrics};
+
+use crate::error::{ApiError, ErrorKind};
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,15 +39,22 @@ pub enum LogStyle {
 /// Keeps the Chrome trace writer alive; the trace file becomes valid JSON when this is
 /// dropped (so drop it before the process exits, never `process::exit` past it).
 pub struct TelemetryGuard {
-    _chrome: Option<tracing_chrome::FlushGuard>,
+    _private: (),
 }
 
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        trace::finish();
+    }
+}
+
+/// Why logging could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error("invalid log filter `{filter}`: {message}")]
     Filter { filter: String, message: String },
-    #[error("cannot create trace directory for {path}: {source}")]
-    TraceDir { path: String, source: std::io::Error },
+    #[error("cannot create trace file {path}: {source}")]
+    TraceFile { path: String, source: std::io::Error },
     #[error("a global subscriber is already installed")]
     AlreadyInstalled,
 }
@@ -46,7 +71,7 @@ pub fn init(style: LogStyle, level: &str, chrome_trace: Option<&Path>) -> Result
     let fmt_layer = match style {
         LogStyle::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal())
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_target(false)
             .boxed(),
         LogStyle::Json => tracing_subscriber::fmt::layer()
@@ -57,25 +82,95 @@ pub fn init(style: LogStyle, level: &str, chrome_trace: Option<&Path>) -> Result
             .with_writer(std::io::stderr)
             .boxed(),
     };
-    let (chrome_layer, guard) = match chrome_trace {
-        Some(path) => {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .map_err(|source| TelemetryError::TraceDir { path: path.display().to_string(), source })?;
-            }
-            let (layer, guard) = tracing_chrome::ChromeLayerBuilder::new()
-                .file(path)
-                .include_args(true)
-                .trace_style(tracing_chrome::TraceStyle::Threaded)
-                .build();
-            (Some(layer), Some(guard))
-        }
-        None => (None, None),
+    let writer: Box<dyn std::io::Write + Send> = match chrome_trace {
+        Some(path) => Box::new(trace_file(path)?),
+        None => Box::new(std::io::sink()),
     };
+    let (chrome_layer, guard) = tracing_chrome::ChromeLayerBuilder::new()
+        .writer(writer)
+        .include_args(true)
+        .trace_style(tracing_chrome::TraceStyle::Threaded)
+        .build();
+    let recording = filter_fn(|meta| trace::capturing() && *meta.level() <= tracing::Level::INFO);
     tracing_subscriber::registry()
         .with(fmt_layer.with_filter(env_filter))
-        .with(chrome_layer)
+        .with(chrome_layer.with_filter(recording).with_filter(LevelFilter::INFO))
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)?;
-    Ok(TelemetryGuard { _chrome: guard })
+    trace::install(guard, chrome_trace.map(Path::to_path_buf));
+    Ok(TelemetryGuard { _private: () })
+}
+
+fn trace_file(path: &Path) -> Result<std::fs::File, TelemetryError> {
+    let err = |source| TelemetryError::TraceFile { path: path.display().to_string(), source };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    std::fs::File::create(path).map_err(err)
+}
+
+/// The server's observability state: metrics, engine heartbeats, and readiness settings.
+pub struct Observability {
+    pub metrics: Arc<Metrics>,
+    /// Set while models are being loaded: `/readyz` answers 503 "model loading".
+    pub loading: AtomicBool,
+    /// `/readyz` turns 503 while any model's KV usage is above this share (0..=1).
+    pub kv_ready_max: f64,
+    /// `/healthz` turns 503 when an engine with pending work has not ticked for this long.
+    pub tick_stall: Duration,
+    /// Where admin trace captures are written.
+    pub trace_dir: PathBuf,
+    heartbeats: Mutex<Vec<(String, Arc<Heartbeat>)>>,
+}
+
+impl Observability {
+    /// Default thresholds: KV usage 0.95, a tick stalled for 30 s, captures under `traces/`.
+    pub fn new() -> Result<Observability, MetricsError> {
+        Ok(Observability {
+            metrics: Arc::new(Metrics::new()?),
+            loading: AtomicBool::new(false),
+            kv_ready_max: 0.95,
+            tick_stall: Duration::from_secs(30),
+            trace_dir: PathBuf::from("traces"),
+            heartbeats: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The telemetry resource for model `model`'s engine; its heartbeat is registered here.
+    pub fn engine_telemetry(&self, model: &str, log_prompts: bool) -> EngineTelemetry {
+        let t = EngineTelemetry::new(self.metrics.for_model(model), log_prompts);
+        if let Ok(mut beats) = self.heartbeats.lock() {
+            beats.retain(|(m, _)| m != model);
+            beats.push((model.to_owned(), t.heartbeat()));
+        }
+        t
+    }
+
+    /// The heartbeat of `model`'s engine, if it has one.
+    pub fn heartbeat(&self, model: &str) -> Option<Arc<Heartbeat>> {
+        let beats = self.heartbeats.lock().ok()?;
+        beats.iter().find(|(m, _)| m == model).map(|(_, h)| h.clone())
+    }
+
+    /// Counts and logs a request answered with an error, by its classified type.
+    pub fn record_error(&self, request_id: &str, e: &ApiError) {
+        self.metrics.record_error(e.kind);
+        tracing::info!(
+            request_id,
+            error_type = e.kind.as_str(),
+            code = e.code.unwrap_or(e.kind.as_str()),
+            status = e.status(),
+            error = %e.message,
+            "request error"
+        );
+    }
+
+    /// Counts a request refused at admission for `model` (a 429 or 503 before it started)
+    /// and hands the error back; other errors pass through uncounted.
+    pub fn rejected(&self, model: &str, e: ApiError) -> ApiError {
+        if matches!(e.kind, ErrorKind::RateLimited | ErrorKind::Unavailable) {
+            self.metrics.record_rejection(model, e.code);
+        }
+        e
+    }
 }
