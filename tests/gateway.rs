@@ -335,7 +335,7 @@ fn soak_client(addr: std::net::SocketAddr, client: usize, until: Instant) -> Soa
             r.disconnects += 1;
             continue;
         }
-        let last = sse.rest().into_iter().filter(|e| !e.comment).last();
+        let last = sse.rest().into_iter().rfind(|e| !e.comment);
         let terminated =
             last.is_some_and(|e| e.data == "[DONE]" || matches!(e.event.as_deref(), Some("done" | "error")));
         if terminated { r.completed += 1 } else { r.unterminated += 1 }
