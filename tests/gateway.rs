@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{TestServer, open, post_json, post_json_as, request, stream_json};
+use crate::support::{TestServer, post_json, post_json_as, request, stream_json};
 
 /// One server with the default test config, shared by tests that need no tweak.
 fn shared() -> &'static TestServer {
@@ -272,7 +272,6 @@ fn soak_short_mixed_clients_leave_no_5xx_and_no_leaked_blocks() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(s.kv_blocks_used(), baseline, "KV blocks return to the idle baseline");
-    let _ = open;
 }
 
 /// What a soak run saw.
