@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{TestServer, open, post_json, post_json_as, request, stream_json};
+use crate::support::{TestServer, post_json, post_json_as, request, stream_json};
 
 /// One server with the default test config, shared by tests that need no tweak.
 fn shared() -> &'static TestServer {
@@ -272,7 +272,6 @@ fn soak_short_mixed_clients_leave_no_5xx_and_no_leaked_blocks() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(s.kv_blocks_used(), baseline, "KV blocks return to the idle baseline");
-    let _ = open;
 }
 
 /// What a soak run saw.
@@ -335,7 +334,7 @@ fn soak_client(addr: std::net::SocketAddr, client: usize, until: Instant) -> Soa
             r.disconnects += 1;
             continue;
         }
-        let last = sse.rest().into_iter().filter(|e| !e.comment).last();
+        let last = sse.rest().into_iter().rfind(|e| !e.comment);
         let terminated =
             last.is_some_and(|e| e.data == "[DONE]" || matches!(e.event.as_deref(), Some("done" | "error")));
         if terminated { r.completed += 1 } else { r.unterminated += 1 }

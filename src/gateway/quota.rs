@@ -91,7 +91,7 @@ impl Quotas {
     }
 
     /// Takes one request credit, or refuses with 429 when either bucket is empty.
-    pub fn admit(&self, tenant: &TenantId, now: Instant) -> Result<RateInfo, Refusal> {
+    pub fn admit(&self, tenant: &TenantId, now: Instant) -> Result<RateInfo, Box<Refusal>> {
         self.with(tenant, now, |b| {
             let wait = [b.requests.as_ref().map(|r| r.wait_for(1.0)), b.tokens.as_ref().map(|t| t.wait_for(0.0))]
                 .into_iter()
@@ -107,7 +107,7 @@ impl Quotas {
                 )
                 .with_code("rate_limit_exceeded")
                 .with_retry_after(secs);
-                return Err(Refusal { error, info: info(b) });
+                return Err(Box::new(Refusal { error, info: info(b) }));
             }
             if let Some(r) = b.requests.as_mut() {
                 r.level -= 1.0;
