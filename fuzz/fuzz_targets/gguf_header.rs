@@ -9,7 +9,11 @@ use starling::model::gguf::parse_header;
 fuzz_target!(|data: &[u8]| {
     if let Ok(header) = parse_header(data) {
         for t in &header.tensors {
-            assert!(header.data_offset + t.offset + t.n_bytes <= data.len() as u64, "tensor `{}` out of bounds", t.name);
+            assert!(
+                header.data_offset + t.offset + t.n_bytes <= data.len() as u64,
+                "tensor `{}` out of bounds",
+                t.name
+            );
         }
         let _ = validate_llama(&header);
     }
