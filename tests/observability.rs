@@ -170,8 +170,7 @@ fn metrics_count_real_requests() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let m = loop {
         let m = scrape(addr);
-        if metric(&m, "starling_kv_evictions_total", &[("reason", "close")]) == Some(1.0) || Instant::now() > deadline
-        {
+        if metric(&m, "starling_kv_evictions_total", &[("reason", "close")]) == Some(1.0) || Instant::now() > deadline {
             break m;
         }
         std::thread::sleep(Duration::from_millis(50));

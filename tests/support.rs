@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde_json::Value;
 use starling::config::{Config, Format};
 use starling::engine::load::start_model_observed;
-use starling::telemetry::Observability;
 use starling::gateway::{AppState, serve};
+use starling::telemetry::Observability;
 use tokio::sync::oneshot;
 
 /// Every socket read gives up after this long, so a hung server fails the test instead of

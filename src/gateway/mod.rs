@@ -34,8 +34,8 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::engine::load::LoadedModel;
 use crate::error::{ApiError, ErrorKind};
-pub use auth::{Access, Authenticator, Caller};
 use crate::telemetry::Observability;
+pub use auth::{Access, Authenticator, Caller};
 pub use http::Body;
 pub use quota::{Quotas, RateInfo};
 
