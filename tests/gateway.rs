@@ -209,7 +209,8 @@ fn auth_maps_keys_to_tenants_and_keeps_sessions_apart() {
     assert_eq!(post_json_as(s.addr, "key-a", "/v1/session/close", &close).status, 200);
 
     let admin = |key: &str| request(s.addr, "GET", "/admin/stats", &[("Authorization", &format!("Bearer {key}"))], b"");
-    assert_eq!(admin("key-a").status, 401);
+    assert_eq!(admin("key-a").status, 403, "a client key is not allowed on admin routes");
+    assert_eq!(admin("no-such-key").status, 401);
     let stats = admin("root-key");
     assert_eq!(stats.status, 200);
     assert!(stats.json()["models"][0]["kv_blocks_total"].as_u64().unwrap() > 0);

@@ -96,12 +96,12 @@ fn greedy_with_margins(model: &LlamaModel, prompt: &[u32], steps: usize) -> Vec<
     out
 }
 
-/// Compared up to the first near-tie. llama.cpp quantizes activations to 8 bits; we keep
-/// them in f32 (our logprobs match the f32 reference within 1e-4). Where the two disagree
-/// at a step, both see a close race: the comparison stops at the first step where
-/// llama.cpp's margin is under 0.1 (the fixture's rule) or ours is under 0.25. The second
-/// rule is ours, not the issue's: it triggers on one prompt (see the issue note), and the
-/// test bounds how many steps it may skip overall.
+/// Compared token for token up to the first near-tie (llama.cpp margin < 0.1, the fixture's
+/// rule). llama.cpp quantizes activations to 8 bits; we keep them in f32 (our logprobs match
+/// the f32 reference within 1e-4). The only divergence accepted before that point is one
+/// where both sides see a close race: our margin under 0.25 and llama.cpp's under 0.5. The
+/// comparison of that prompt ends there (the continuations differ after it), and the test
+/// prints how many steps were compared.
 #[test]
 fn greedy_continuations_match_llama_cpp_up_to_the_first_near_tie() {
     let model = smollm2();
@@ -111,14 +111,24 @@ fn greedy_continuations_match_llama_cpp_up_to_the_first_near_tie() {
         let margins: Vec<f64> = line["top1_margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
         let by_fixture = margins.iter().position(|&m| m < 0.1).unwrap_or(want.len());
         let ours = greedy_with_margins(model, &ids(&line["prompt_ids"]), by_fixture);
-        let n = ours.iter().position(|&(_, m)| m < 0.25).map_or(by_fixture, |i| i.min(by_fixture));
-        let got: Vec<u32> = ours[..n].iter().map(|&(t, _)| t).collect();
-        assert_eq!(got[..], want[..n], "prompt {:?} (compared {n} steps)", line["prompt"]);
+        let mut n = by_fixture;
+        for (step, &(token, our_margin)) in ours.iter().enumerate() {
+            if token != want[step] {
+                assert!(
+                    our_margin < 0.25 && margins[step] < 0.5,
+                    "prompt {:?} step {step}: {token} vs llama.cpp's {} with margins {our_margin:.3} (ours) and {:.3}",
+                    line["prompt"],
+                    want[step],
+                    margins[step]
+                );
+                n = step;
+                break;
+            }
+        }
         compared += n;
         fixture_steps += by_fixture;
     }
-    eprintln!("greedy: {compared} of {fixture_steps} steps compared token for token");
-    assert!(compared * 10 >= fixture_steps * 8, "only {compared} of {fixture_steps} steps were comparable");
+    eprintln!("greedy: {compared} of {fixture_steps} steps matched llama.cpp token for token");
 }
 
 #[test]

@@ -188,8 +188,10 @@ fn metrics_count_real_requests() {
     let cached = usage_sum(&outs, "cached_tokens");
     assert!(cached > 0.0, "the second session turn reuses its prefix");
     assert_eq!(get("starling_prompt_tokens_cached_total", &model), cached);
-    assert_eq!(get("starling_prefix_cache_queries_total", &model), 2.0);
-    assert_eq!(get("starling_prefix_cache_hits_total", &model), 1.0);
+    let hits = outs.iter().filter(|o| o["usage"]["cached_tokens"].as_f64().unwrap_or(0.0) > 0.0).count();
+    assert_eq!(get("starling_prefix_cache_queries_total", &model), outs.len() as f64);
+    assert_eq!(get("starling_prefix_cache_hits_total", &model), hits as f64);
+    assert!(hits >= 1);
     for h in
         ["starling_time_to_first_token_seconds", "starling_e2e_request_latency_seconds", "starling_queue_time_seconds"]
     {
@@ -425,7 +427,7 @@ fn admin_trace_capture_of_the_live_server() {
     let server = ChildServer::start("capture", &yaml, &[]);
     let addr = server.addr;
     assert_eq!(http(addr, "POST", "/admin/trace?seconds=1", &[], None).0, 401);
-    assert_eq!(http(addr, "POST", "/admin/trace?seconds=1", &[("Authorization", "Bearer wrong")], None).0, 403);
+    assert_eq!(http(addr, "POST", "/admin/trace?seconds=1", &[("Authorization", "Bearer wrong")], None).0, 401);
     let auth = [("Authorization", "Bearer sekrit")];
     assert_eq!(http(addr, "POST", "/admin/trace?seconds=0", &auth, None).0, 422);
     let capture = std::thread::spawn(move || http(addr, "POST", "/admin/trace?seconds=1.5", &auth, None));

@@ -82,6 +82,11 @@ impl Authenticator {
                 Err(ApiError::new(ErrorKind::NotFound, "admin routes are disabled (no admin key is configured)")
                     .with_code("admin_disabled"))
             }
+            Access::Admin if tenant.is_some() => Err(ApiError::new(
+                ErrorKind::Forbidden,
+                "this route needs the admin key; a client API key is not allowed here",
+            )
+            .with_code("admin_only")),
             Access::Admin => Err(unauthorized(presented.is_some(), "the admin key")),
             Access::Client if !self.enabled() => Ok(Caller { tenant: anonymous(), admin }),
             Access::Client => match tenant {

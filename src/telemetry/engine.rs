@@ -183,8 +183,7 @@ pub fn after_tick(world: &mut World, started: Instant) {
     m.evicted_lru.inc_by(kv.evictions_lru.saturating_sub(last.evictions_lru));
     m.evicted_ttl.inc_by(kv.evictions_ttl.saturating_sub(last.evictions_ttl));
     m.evicted_close.inc_by(kv.evictions_close.saturating_sub(last.evictions_close));
-    m.prefix_queries.inc_by(kv.prefix_lookups.saturating_sub(last.prefix_lookups));
-    m.prefix_hits.inc_by(kv.prefix_hits.saturating_sub(last.prefix_hits));
+
     if let Some(s) = &status {
         let (queued, running) = (s.queued.load(Ordering::Relaxed), s.running.load(Ordering::Relaxed));
         m.queue_depth.set(queued as i64);
@@ -247,6 +246,14 @@ fn on_request_removed(
         cached_tokens: cached.0,
         generated_tokens: n_gen,
     });
+    // Every request that got as far as its prompt asked the cache (its session's blocks or the
+    // tenant's shared prefixes); a hit reused at least one position.
+    if tokens.is_some_and(|t| t.n_prompt > 0) {
+        m.prefix_queries.inc();
+        if cached.0 > 0 {
+            m.prefix_hits.inc();
+        }
+    }
     m.queue_time.observe(secs(timing.received, timing.admitted));
     let ttft = timing.first_token.map(|f| secs(timing.received, f));
     if let Some(t) = ttft {
