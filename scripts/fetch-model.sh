@@ -8,7 +8,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dest_dir=${STARLING_MODEL_DIR:-$root/models}
 name=SmolLM2-135M-Instruct.Q4_1.gguf
-want=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+# STARLING_MODEL_SHA256 overrides the expected digest (the tests use it to check the
+# mismatch path); nothing else should set it.
+want=${STARLING_MODEL_SHA256:-b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53}
 dest=$dest_dir/$name
 
 digest() { sha256sum "$1" | cut -d' ' -f1; }

@@ -14,6 +14,7 @@
 //! - [`kv`]: the bounded KV block arena, block tables, sessions and eviction.
 //! - [`telemetry`]: logging, Chrome traces of ticks, Prometheus metrics.
 //! - [`gateway`]: the hyper HTTP server: routes, auth, validation, SSE.
+//! - [`bench`]: `starling bench`: prefill, decode and batched throughput, engine aggregate, peak RSS.
 //! - [`seams`]: the small traits (`Tokenizer`, `Sampler`, `KvCache`, `Scheduler`, `ModelRuntime`)
 //!   that let tests drive one part without the others.
 

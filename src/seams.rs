@@ -5,12 +5,12 @@
 //! `Arc<dyn ModelRuntime>`; the other traits are implemented by the concrete types and used
 //! where a caller should not depend on the concrete type.
 
-use crate::engine::resources::PlanItem;
+use crate::engine::scheduler::FairShare;
 use crate::kv::arena::{BlockTable, KvArena, KvError, KvLayout};
 use crate::model::llama::{LlamaModel, ModelError, SeqChunk};
 use crate::sampler::{Sampled, SamplerState};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
-use crate::types::TokenId;
+use crate::types::{TenantId, TokenId};
 
 /// Turns a batch of sequence chunks into logits, reading and appending K/V in `kv`.
 pub trait ModelRuntime: Send + Sync {
@@ -110,15 +110,39 @@ impl KvCache for crate::kv::cache::KvCache {
     }
 }
 
-/// What a scheduler sees of one runnable sequence.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Candidate {
-    pub item: PlanItem,
-    /// Already generating (one token per tick) rather than prefilling.
-    pub decoding: bool,
+/// Decides whose work goes next when tenants compete for the batch.
+pub trait Scheduler {
+    /// The tenant to serve next among those with waiting work.
+    fn pick<'a>(&self, waiting: &[&'a TenantId]) -> Option<&'a TenantId>;
+    /// Records that `tenant` (with `weight`) received `tokens` of batch budget.
+    fn charge(&mut self, tenant: &TenantId, weight: u32, tokens: usize);
 }
 
-/// Chooses this tick's work from the runnable sequences under the batch limits.
-pub trait Scheduler {
-    fn plan(&mut self, candidates: &[Candidate], max_batch: usize, max_batch_tokens: usize) -> Vec<PlanItem>;
+impl Scheduler for FairShare {
+    fn pick<'a>(&self, waiting: &[&'a TenantId]) -> Option<&'a TenantId> {
+        FairShare::pick(self, waiting.iter().copied())
+    }
+
+    fn charge(&mut self, tenant: &TenantId, weight: u32, tokens: usize) {
+        FairShare::charge(self, tenant, weight, tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fair_share_scheduler_serves_by_weighted_virtual_time() {
+        let (a, b) = (TenantId::from("a"), TenantId::from("b"));
+        let mut s: Box<dyn Scheduler> = Box::new(FairShare::default());
+        let mut served = std::collections::HashMap::new();
+        for _ in 0..400 {
+            let t = s.pick(&[&a, &b]).unwrap().clone();
+            let weight = if t == a { 1 } else { 3 };
+            s.charge(&t, weight, 1);
+            *served.entry(t).or_insert(0) += 1;
+        }
+        assert_eq!((served[&a], served[&b]), (100, 300));
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -161,4 +162,25 @@ fn generate_flags_reach_the_sampler() {
     assert_eq!(v["finish_reason"], "stop");
     let v = run_json(&[&base[..], &["--max-tokens", "3", "--stop", "xyz"]].concat());
     assert_eq!((v["text"].as_str(), v["finish_reason"].as_str()), (Some(" Paris.\n"), Some("length")));
+}
+
+#[test]
+fn fetch_model_refuses_a_digest_mismatch_and_deletes_the_file() {
+    let dir = std::env::temp_dir().join(format!("starling-fetch-{}", std::process::id()));
+    let out = Command::new("bash")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-model.sh"))
+        .env("STARLING_MODEL_DIR", &dir)
+        .env("STARLING_MODEL_SHA256", "0".repeat(64))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a wrong digest must fail");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("sha256 mismatch"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left: Vec<_> =
+        std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
