@@ -381,3 +381,34 @@ fn the_official_openai_python_client_streams_chat_and_completions() {
     assert!(v["chat"]["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64(), "{v}");
     assert!(!v["completion"]["text"].as_str().unwrap().is_empty());
 }
+
+#[test]
+fn tokenize_and_detokenize_answer_as_documented() {
+    let s = TestServer::start(|_| {});
+    let r = post_json(
+        s.addr,
+        "/v1/tokenize",
+        &json!({"text": "<|im_start|>Hello world", "with_offsets": true, "with_pieces": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["ids"], json!([1, 19556, 905]));
+    assert_eq!(v["offsets"], json!([[0, 12], [12, 17], [17, 23]]));
+    assert_eq!(v["pieces"], json!(["<|im_start|>", "Hello", "Ġworld"]));
+    let plain = post_json(s.addr, "/v1/tokenize", &json!({"text": "<|im_start|>", "parse_special": false})).json();
+    assert!(plain["ids"].as_array().unwrap().len() > 1, "without parse_special the marker is ordinary text");
+
+    let r = post_json(s.addr, "/v1/detokenize", &json!({"tokens": [19556, 905]}));
+    assert_eq!((r.status, r.json()["text"].clone()), (200, json!("Hello world")));
+
+    let r = post_json(s.addr, "/v1/detokenize", &json!({"tokens": [19556, 49152]}));
+    assert_eq!(r.status, 422);
+    let e = r.json();
+    assert_eq!(e["error"]["param"], "tokens");
+    assert!(e["error"]["message"].as_str().unwrap().contains("49152"), "{e}");
+    let r = post_json(s.addr, "/v1/detokenize", &json!({"tokens": [-1]}));
+    assert_eq!(r.status, 422);
+    let r = post_json(s.addr, "/v1/tokenize", &json!({"txt": "typo"}));
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("txt"));
+}
