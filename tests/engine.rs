@@ -190,3 +190,82 @@ fn a_dropped_receiver_cancels_and_frees_blocks() {
     }
     engine.shutdown();
 }
+
+mod policy {
+    use super::*;
+    use starling::engine::resources::{Inbox, TickClock};
+    use starling::error::ErrorKind;
+    use starling::sampler::PolicyRules;
+    use starling::types::Timestamp;
+
+    fn rules(phrases: &[&str]) -> Arc<PolicyRules> {
+        Arc::new(PolicyRules::new(&phrases.iter().map(|p| p.to_string()).collect::<Vec<_>>(), &[]).unwrap())
+    }
+
+    /// Runs `prompt` through the guarded pipeline tick by tick; returns its events and the
+    /// number of forward passes.
+    fn run_guarded(prompt: &str, policies: Policies) -> (Vec<StreamEvent>, u64) {
+        let spec = PipelineSpec::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/guarded.yaml"))
+            .unwrap();
+        let mut p = parts(spec);
+        p.policies = policies;
+        let (mut world, mut schedule) = build_world(p, Arc::new(EngineStatus::default()));
+        let (req, mut rx) = request(prompt, 8);
+        world.resource_mut::<Inbox>().0.push_back(EngineCommand::Generate(Box::new(req)));
+        let mut events = Vec::new();
+        for tick in 1..=40 {
+            *world.resource_mut::<TickClock>() = TickClock { now: Timestamp(tick * 1000), tick };
+            schedule.run(&mut world);
+            while let Ok(e) = rx.try_recv() {
+                events.push(e);
+            }
+            if matches!(events.last(), Some(StreamEvent::Done { .. } | StreamEvent::Error(_))) {
+                break;
+            }
+        }
+        (events, world.resource::<TickReport>().forward_calls)
+    }
+
+    #[test]
+    fn a_refused_prompt_never_reaches_forward() {
+        let policies = Policies { input: vec![(None, rules(&["forbidden topic"]))], output: vec![] };
+        let (events, forwards) = run_guarded("Tell me about the FORBIDDEN topic, please.", policies);
+        match events.last() {
+            Some(StreamEvent::Error(e)) => {
+                assert_eq!(e.kind, ErrorKind::ContentPolicy);
+                assert_eq!(e.status(), 400);
+            }
+            other => panic!("expected a content_policy error, got {other:?}"),
+        }
+        assert_eq!(forwards, 0, "the refused prompt ran a forward pass");
+    }
+
+    #[test]
+    fn an_output_rule_ends_the_stream_without_streaming_the_match() {
+        let policies = Policies { input: vec![], output: vec![(None, rules(&["Paris"]))] };
+        let (events, forwards) = run_guarded("The capital of France is", policies);
+        assert!(forwards >= 1);
+        let streamed: String = events
+            .iter()
+            .map(|e| match e {
+                StreamEvent::Token { text, .. } => text.clone(),
+                StreamEvent::Done { text, .. } => text.clone(),
+                _ => String::new(),
+            })
+            .collect();
+        assert!(!streamed.to_lowercase().contains("paris"), "the matched text was streamed: {streamed:?}");
+        assert!(
+            matches!(events.last(), Some(StreamEvent::Done { finish_reason: FinishReason::ContentFilter, .. })),
+            "{:?}",
+            events.last()
+        );
+
+        // Without the rule the same greedy request does produce the text.
+        let (events, _) = run_guarded("The capital of France is", Policies::default());
+        let text: String = events
+            .iter()
+            .filter_map(|e| if let StreamEvent::Token { text, .. } = e { Some(text.as_str()) } else { None })
+            .collect();
+        assert!(text.contains("Paris"), "{text:?}");
+    }
+}
