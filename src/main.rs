@@ -275,14 +275,14 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         logprobs: a.logprobs,
         samplers: a.samplers.clone(),
     };
-    let sampling = params
-        .validate(&SamplerLimits {
-            vocab_size: loaded.tokenizer.vocab_size(),
-            max_stop_strings: config.limits.max_stop_strings,
-            default_max_tokens: config.limits.default_max_tokens,
-            max_tokens_cap: config.limits.max_tokens_cap,
-        })
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let limits = SamplerLimits {
+        vocab_size: loaded.tokenizer.vocab_size(),
+        max_stop_strings: config.limits.max_stop_strings,
+        default_max_tokens: config.limits.default_max_tokens,
+        max_tokens_cap: config.limits.max_tokens_cap,
+    };
+    let sampling =
+        params.validate_with_order(&limits, &loaded.sampler_order).map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
     let request = GenerateRequest {
         id: RequestId::next(),

@@ -269,3 +269,24 @@ mod policy {
         assert!(text.contains("Paris"), "{text:?}");
     }
 }
+
+#[test]
+fn the_pipeline_names_the_default_sampler_order() {
+    use starling::engine::load::default_sampler_order;
+    use starling::sampler::SamplerStep;
+    let default = PipelineSpec::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/default.yaml"));
+    assert_eq!(default_sampler_order(&default.unwrap()).unwrap(), SamplerStep::DEFAULT_ORDER.to_vec());
+    let pipeline = |samplers: &str| {
+        let text = format!(
+            "stages: [{{stage: admit}}, {{stage: tokenize}}, {{stage: batch}}, {{stage: forward}}, \
+             {{stage: sample, params: {{samplers: [{samplers}]}}}}, {{stage: emit}}, {{stage: evict}}]"
+        );
+        PipelineSpec::parse(&text, "p").unwrap()
+    };
+    assert_eq!(
+        default_sampler_order(&pipeline("top_k, temperature")).unwrap(),
+        vec![SamplerStep::TopK, SamplerStep::Temperature]
+    );
+    let err = default_sampler_order(&pipeline("top_q")).unwrap_err().to_string();
+    assert!(err.contains("samplers") && err.contains("top_q"), "{err}");
+}

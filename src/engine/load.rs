@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::pipeline::{PipelineError, PipelineSpec};
+use super::pipeline::{PipelineError, PipelineSpec, Stage};
 use super::resources::{EngineLimits, Policies};
 use super::scheduler::TenantLimits;
 use super::{EngineHandle, EngineParts};
@@ -12,7 +12,7 @@ use crate::config::{Config, ConfigError, ModelConfig, PolicyRule};
 use crate::kv::arena::KvError;
 use crate::kv::cache::KvCache;
 use crate::model::llama::{LlamaModel, ModelError};
-use crate::sampler::{PolicyError, PolicyRules};
+use crate::sampler::{PolicyError, PolicyRules, SamplerStep};
 use crate::telemetry::{MetricsError, Observability};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
 use crate::types::ModelId;
@@ -45,6 +45,8 @@ pub struct LoadedModel {
     pub tokenizer: Arc<GgufTokenizer>,
     pub engine: EngineHandle,
     pub config: ModelConfig,
+    /// The sampler step order for requests that name none (the pipeline's `sample` stage).
+    pub sampler_order: Vec<SamplerStep>,
 }
 
 /// Loads model `index` of `config` and starts its engine (its metrics go to a private
@@ -69,6 +71,8 @@ pub fn start_model_observed(config: &Config, index: usize, obs: &Observability) 
     let n_ctx = model.hparams.n_ctx_train;
     config.check_against_model(index, n_ctx).map_err(|source| LoadError::Config { id: id.clone(), source })?;
     let pipeline = PipelineSpec::load(&mc.pipeline).map_err(|source| LoadError::Pipeline { id: id.clone(), source })?;
+    let sampler_order =
+        default_sampler_order(&pipeline).map_err(|source| LoadError::Pipeline { id: id.clone(), source })?;
     let kv = KvCache::from_config(model.kv_layout(mc.kv_cache.block_tokens.get()), &mc.kv_cache)
         .map_err(|source| LoadError::Kv { id: id.clone(), source })?;
     let limits = EngineLimits {
@@ -106,11 +110,24 @@ pub fn start_model_observed(config: &Config, index: usize, obs: &Observability) 
         kv_blocks = engine.status.kv_blocks_total.load(std::sync::atomic::Ordering::Relaxed),
         "model loaded"
     );
-    Ok(LoadedModel { id, model, tokenizer, engine, config: mc.clone() })
+    Ok(LoadedModel { id, model, tokenizer, engine, config: mc.clone(), sampler_order })
 }
 
 type CompiledRules = Vec<(Option<Vec<crate::types::TenantId>>, Arc<PolicyRules>)>;
 
 fn compile(rules: &[PolicyRule]) -> Result<CompiledRules, PolicyError> {
     rules.iter().map(|r| Ok((r.tenants.clone(), Arc::new(PolicyRules::new(&r.phrases, &r.regexes)?)))).collect()
+}
+
+/// The pipeline's `sample.samplers` order, checked against the known steps.
+pub fn default_sampler_order(pipeline: &PipelineSpec) -> Result<Vec<SamplerStep>, PipelineError> {
+    match pipeline.params(Stage::Sample).and_then(|p| p.sampler_order.as_ref()) {
+        None => Ok(SamplerStep::DEFAULT_ORDER.to_vec()),
+        Some(names) => SamplerStep::parse_order(names, "samplers").map_err(|e| PipelineError::BadParam {
+            pipeline: pipeline.name.clone(),
+            stage: Stage::Sample,
+            param: "samplers".into(),
+            message: e.message,
+        }),
+    }
 }

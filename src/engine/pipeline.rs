@@ -83,7 +83,8 @@ impl fmt::Display for Stage {
 /// Per-stage parameters, checked against what each stage understands.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StageParams {
-    /// `sample`: the default sampler order for requests that do not name one.
+    /// `sample`: the default sampler order for requests that do not name one (step names
+    /// are checked when the model loads: `engine::load::default_sampler_order`).
     pub sampler_order: Option<Vec<String>>,
     /// `evict`: run the TTL sweep every this many ticks (1 = every tick).
     pub sweep_every_ticks: Option<u32>,

@@ -166,7 +166,8 @@ mod tests {
         let a = auth(&[("k1", "alpha")], Some("root"));
         assert_eq!(a.access("/admin/stats"), Access::Admin);
         assert!(a.authenticate(Access::Admin, Some("Bearer root")).unwrap().admin);
-        assert_eq!(a.authenticate(Access::Admin, Some("Bearer k1")).unwrap_err().status(), 401);
+        assert_eq!(a.authenticate(Access::Admin, Some("Bearer k1")).unwrap_err().status(), 403);
+        assert_eq!(a.authenticate(Access::Admin, Some("Bearer nope")).unwrap_err().status(), 401);
         let disabled = auth(&[], None).authenticate(Access::Admin, Some("Bearer x")).unwrap_err();
         assert_eq!(disabled.status(), 404);
     }

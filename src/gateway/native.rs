@@ -147,12 +147,15 @@ pub fn validate_sampling(
     if p.logprobs.is_some_and(|n| n > l.max_logprobs) {
         return Err(ApiError::invalid_parameter("logprobs", format!("`logprobs` must be in [0, {}]", l.max_logprobs)));
     }
-    p.validate(&SamplerLimits {
-        vocab_size: model.tokenizer.vocab_size(),
-        max_stop_strings: l.max_stop_strings,
-        default_max_tokens: l.default_max_tokens,
-        max_tokens_cap: l.max_tokens_cap,
-    })
+    p.validate_with_order(
+        &SamplerLimits {
+            vocab_size: model.tokenizer.vocab_size(),
+            max_stop_strings: l.max_stop_strings,
+            default_max_tokens: l.default_max_tokens,
+            max_tokens_cap: l.max_tokens_cap,
+        },
+        &model.sampler_order,
+    )
 }
 
 /// An admitted generation: its event receiver, plus what the stream needs on the way out
