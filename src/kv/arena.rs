@@ -104,9 +104,19 @@ impl fmt::Debug for KvArena {
     }
 }
 
+/// `n` floats with every page written (see [`KvArena::new`]).
+fn committed(n: usize) -> Vec<f32> {
+    let mut data = Vec::with_capacity(n);
+    data.resize(n, -0.0f32);
+    data
+}
+
 impl KvArena {
-    /// An arena of as many whole blocks as fit in `max_bytes`. The memory is reserved
-    /// zeroed (pages are committed by the OS only as blocks are first written).
+    /// An arena of as many whole blocks as fit in `max_bytes`, allocated and committed
+    /// once: every page is written here, so the process's resident memory includes the
+    /// whole cap from the start and does not creep up as a long-running server touches new
+    /// blocks. (The fill is `-0.0`, not `0.0`: an all-zero fill of fresh memory may be
+    /// turned into a lazily mapped `calloc`.)
     pub fn new(layout: KvLayout, max_bytes: u64) -> Result<Self, KvError> {
         let n_blocks = (max_bytes / layout.block_bytes() as u64) as usize;
         if n_blocks == 0 {
@@ -116,7 +126,7 @@ impl KvArena {
         Ok(KvArena {
             layout,
             dtype: KvDtype::F32,
-            data: vec![0.0; n_blocks * layout.block_floats()],
+            data: committed(n_blocks * layout.block_floats()),
             free: (0..n_blocks as BlockId).rev().collect(),
             allocated: vec![false; n_blocks],
             meta: vec![BlockMeta { generation: 0, owner: 0 }; n_blocks],
