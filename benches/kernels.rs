@@ -52,19 +52,7 @@ fn bench_dequantize(c: &mut Criterion) {
     let kernels = Kernels::detect();
     let mut group = c.benchmark_group("dequantize_row");
     group.sample_size(10).measurement_time(Duration::from_millis(500)).warm_up_time(Duration::from_millis(200));
-    let types = [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4K,
-        GgmlType::Q5K,
-        GgmlType::Q6K,
-    ];
+    let types = GgmlType::WITH_KERNELS;
     let cols = 1536;
     for t in types {
         let src = reference::quantize_row(t, &values(cols, 3));

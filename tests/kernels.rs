@@ -7,19 +7,7 @@ use rayon::ThreadPool;
 use starling::model::ggml_type::GgmlType;
 use starling::model::kernels::{KernelError, Kernels, MatmulScratch, QMatrix, reference};
 
-const ALL: [GgmlType; 11] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q4K,
-    GgmlType::Q5K,
-    GgmlType::Q6K,
-];
+const ALL: [GgmlType; 11] = GgmlType::WITH_KERNELS;
 
 fn values(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-scale..scale)).collect()

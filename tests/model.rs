@@ -229,19 +229,7 @@ mod tiny {
     /// holding exactly the dequantized values of its weights.
     #[test]
     fn every_weight_type_matches_its_dequantized_f32_twin() {
-        let types = [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::BF16,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-            GgmlType::Q4K,
-            GgmlType::Q5K,
-            GgmlType::Q6K,
-        ];
+        let types = GgmlType::WITH_KERNELS;
         // Rows of 256 values so the K-quants fit; an untied head and 8 heads over 2 KV heads.
         let spec = TinyLlamaSpec {
             n_embd: 256,

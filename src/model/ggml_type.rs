@@ -23,6 +23,21 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
+    /// Every type Starling has kernels for (dequantize + dot), as [`GgmlType::has_kernels`] says.
+    pub const WITH_KERNELS: [GgmlType; 11] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
     /// Maps the on-disk type number; `None` for types Starling does not know.
     pub fn from_id(id: u32) -> Option<Self> {
         Some(match id {
@@ -149,6 +164,13 @@ mod tests {
                 assert_eq!(t.id(), id, "{t}");
             }
         }
+    }
+
+    #[test]
+    fn with_kernels_lists_exactly_the_types_that_have_them() {
+        let all: Vec<_> = (0..64).filter_map(GgmlType::from_id).filter(|t| t.has_kernels()).collect();
+        assert_eq!(all.len(), GgmlType::WITH_KERNELS.len());
+        assert!(all.iter().all(|t| GgmlType::WITH_KERNELS.contains(t)));
     }
 
     #[test]
