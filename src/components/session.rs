@@ -2,8 +2,7 @@
 
 use bevy_ecs::prelude::*;
 
-use crate::kv::arena::BlockTable;
-use crate::types::{SessionId, TenantId, Timestamp, TokenId};
+use crate::types::{SessionId, TenantId, Timestamp};
 
 /// The session's name and owner. Written by admit when the session is first used.
 #[derive(Component, Clone, Debug)]
@@ -12,12 +11,11 @@ pub struct SessionName {
     pub id: SessionId,
 }
 
-/// The session's cached tokens and their K/V blocks while no request holds them.
-/// Taken by batch when a request continues the session, given back by evict.
+/// A session's engine-side state. Its tokens and K/V blocks, while no request holds them,
+/// are parked in the KV cache under this entity (`KvCache::park_session`); batch takes
+/// them back when a request continues the session, evict parks them again.
 #[derive(Component, Debug, Default)]
 pub struct SessionCache {
-    pub tokens: Vec<TokenId>,
-    pub table: BlockTable,
     /// A request of this session is running: the session must not be evicted.
     pub in_flight: bool,
 }

@@ -162,11 +162,7 @@ fn session_entity(
         ));
     }
     let e = commands
-        .spawn((
-            SessionName { tenant: req.tenant.clone(), id },
-            SessionCache { in_flight: true, ..Default::default() },
-            LastUsed(now),
-        ))
+        .spawn((SessionName { tenant: req.tenant.clone(), id }, SessionCache { in_flight: true }, LastUsed(now)))
         .id();
     sessions.0.insert(key, e);
     Ok(e)

@@ -297,37 +297,23 @@ struct RequestLine<'a> {
 }
 
 impl RequestLine<'_> {
+    /// One line per finished request; `prompt` is recorded only when it is `Some`
+    /// (`telemetry.log_prompts`).
     fn log(&self, prompt: Option<&str>) {
-        match prompt {
-            Some(prompt) => tracing::info!(
-                target: "starling::request",
-                request_id = self.request_id,
-                session_id = self.session_id,
-                tenant = self.tenant,
-                model = self.model,
-                prompt_tokens = self.prompt_tokens,
-                cached_tokens = self.cached_tokens,
-                generated_tokens = self.generated_tokens,
-                ttft_ms = self.ttft_ms,
-                duration_ms = self.duration_ms,
-                finish_reason = self.finish_reason,
-                prompt,
-                "request finished"
-            ),
-            None => tracing::info!(
-                target: "starling::request",
-                request_id = self.request_id,
-                session_id = self.session_id,
-                tenant = self.tenant,
-                model = self.model,
-                prompt_tokens = self.prompt_tokens,
-                cached_tokens = self.cached_tokens,
-                generated_tokens = self.generated_tokens,
-                ttft_ms = self.ttft_ms,
-                duration_ms = self.duration_ms,
-                finish_reason = self.finish_reason,
-                "request finished"
-            ),
-        }
+        tracing::info!(
+            target: "starling::request",
+            request_id = self.request_id,
+            session_id = self.session_id,
+            tenant = self.tenant,
+            model = self.model,
+            prompt_tokens = self.prompt_tokens,
+            cached_tokens = self.cached_tokens,
+            generated_tokens = self.generated_tokens,
+            ttft_ms = self.ttft_ms,
+            duration_ms = self.duration_ms,
+            finish_reason = self.finish_reason,
+            prompt,
+            "request finished"
+        );
     }
 }
