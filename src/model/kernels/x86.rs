@@ -36,78 +36,96 @@ fn reduce(a: [__m512; 4]) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
-/// Accumulates one dequantized block (`lo` = values 0..16, `hi` = 16..32) times the
-/// matching 32 values of each x row, into accumulator pair `slot` (0 or 2).
-#[target_feature(enable = "avx512f,fma")]
+/// Q4_1 block `b` of `row` dequantized: values 0..16 and 16..32 (`q·d + m`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c,sse3")]
 #[inline]
-fn accumulate<const NX: usize>(
-    acc: &mut [[__m512; 4]; NX],
-    lo: __m512,
-    hi: __m512,
-    xs: &[&[f32]; NX],
-    b: usize,
-    slot: usize,
-) {
-    for j in 0..NX {
-        // SAFETY: `check_rows` asserted every x row holds `blocks * QK` values and `b` is
-        // a block index below `blocks`, so both 16-value loads are in bounds.
-        let (x0, x1) = unsafe {
-            let p = xs[j].as_ptr().add(b * QK);
-            (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
-        };
-        acc[j][slot] = _mm512_fmadd_ps(lo, x0, acc[j][slot]);
-        acc[j][slot + 1] = _mm512_fmadd_ps(hi, x1, acc[j][slot + 1]);
-    }
+fn q4_1_block(row: &[u8], b: usize) -> (__m512, __m512) {
+    let blk = &row[b * Q4_1_BYTES..(b + 1) * Q4_1_BYTES];
+    let dm = u32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
+    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm as i32));
+    let d = _mm512_broadcastss_ps(dm);
+    let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+    let qs: &[u8; 16] = blk[4..20].try_into().expect("16 bytes of nibbles");
+    // SAFETY: `qs` is exactly 16 readable bytes; the load is unaligned.
+    let v = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(qs.as_ptr().cast()) });
+    let mask = _mm512_set1_epi32(0xF);
+    let lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, mask)), d, m);
+    let hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v)), d, m);
+    (lo, hi)
+}
+
+/// Q8_0 block `b` of `row` dequantized: values 0..16 and 16..32 (`q·d`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c,sse3")]
+#[inline]
+fn q8_0_block(row: &[u8], b: usize) -> (__m512, __m512) {
+    let blk = &row[b * Q8_0_BYTES..(b + 1) * Q8_0_BYTES];
+    let d = u16::from_le_bytes([blk[0], blk[1]]);
+    let d = _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)));
+    let qs: &[u8; 32] = blk[2..34].try_into().expect("32 quantized bytes");
+    // SAFETY: `qs` is exactly 32 readable bytes; both 16-byte loads are unaligned.
+    let (v0, v1) = unsafe {
+        let p = qs.as_ptr();
+        (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(16).cast()))
+    };
+    let lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v0)), d);
+    let hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v1)), d);
+    (lo, hi)
+}
+
+/// The shared loop: blocks in pairs, the even block into accumulators 0/1 and the odd one
+/// into 2/3 (fixed indices, so the accumulators stay in registers), then one reduction per
+/// x row. A macro so each kernel inlines its own block decoder.
+macro_rules! dot_rows {
+    ($row:ident, $xs:ident, $bytes:expr, $decode:ident) => {{
+        let blocks = $row.len() / $bytes;
+        check_rows($xs, blocks);
+        let mut a0 = [_mm512_setzero_ps(); NX];
+        let mut a1 = [_mm512_setzero_ps(); NX];
+        let mut a2 = [_mm512_setzero_ps(); NX];
+        let mut a3 = [_mm512_setzero_ps(); NX];
+        let mut b = 0;
+        while b < blocks {
+            let (lo, hi) = $decode($row, b);
+            for j in 0..NX {
+                // SAFETY: `check_rows` asserted every x row holds `blocks * QK` values and
+                // `b < blocks`, so both 16-value loads are in bounds.
+                let (x0, x1) = unsafe {
+                    let p = $xs[j].as_ptr().add(b * QK);
+                    (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+                };
+                a0[j] = _mm512_fmadd_ps(lo, x0, a0[j]);
+                a1[j] = _mm512_fmadd_ps(hi, x1, a1[j]);
+            }
+            if b + 1 < blocks {
+                let (lo, hi) = $decode($row, b + 1);
+                for j in 0..NX {
+                    // SAFETY: as above, with `b + 1 < blocks`.
+                    let (x0, x1) = unsafe {
+                        let p = $xs[j].as_ptr().add((b + 1) * QK);
+                        (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+                    };
+                    a2[j] = _mm512_fmadd_ps(lo, x0, a2[j]);
+                    a3[j] = _mm512_fmadd_ps(hi, x1, a3[j]);
+                }
+            }
+            b += 2;
+        }
+        let mut out = [0.0f32; NX];
+        for j in 0..NX {
+            out[j] = reduce([a0[j], a1[j], a2[j], a3[j]]);
+        }
+        out
+    }};
 }
 
 /// Q4_1 row · `NX` x rows: `Σ_c (q_c·d + m)·x_c`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c,sse3")]
 pub(crate) fn q4_1<const NX: usize>(row: &[u8], xs: &[&[f32]; NX]) -> [f32; NX] {
-    let blocks = row.len() / Q4_1_BYTES;
-    check_rows(xs, blocks);
-    let mask = _mm512_set1_epi32(0xF);
-    let mut acc = [[_mm512_setzero_ps(); 4]; NX];
-    for (b, blk) in row.chunks_exact(Q4_1_BYTES).enumerate() {
-        let dm = u32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
-        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm as i32));
-        let d = _mm512_broadcastss_ps(dm);
-        let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
-        let qs: &[u8; 16] = blk[4..20].try_into().expect("16 bytes of nibbles");
-        // SAFETY: `qs` is exactly 16 readable bytes; the load is unaligned.
-        let v = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(qs.as_ptr().cast()) });
-        let lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, mask)), d, m);
-        let hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v)), d, m);
-        accumulate(&mut acc, lo, hi, xs, b, 2 * (b & 1));
-    }
-    let mut out = [0.0f32; NX];
-    for j in 0..NX {
-        out[j] = reduce(acc[j]);
-    }
-    out
+    dot_rows!(row, xs, Q4_1_BYTES, q4_1_block)
 }
 
 /// Q8_0 row · `NX` x rows: `Σ_c (q_c·d)·x_c`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c,sse3")]
 pub(crate) fn q8_0<const NX: usize>(row: &[u8], xs: &[&[f32]; NX]) -> [f32; NX] {
-    let blocks = row.len() / Q8_0_BYTES;
-    check_rows(xs, blocks);
-    let mut acc = [[_mm512_setzero_ps(); 4]; NX];
-    for (b, blk) in row.chunks_exact(Q8_0_BYTES).enumerate() {
-        let d = u16::from_le_bytes([blk[0], blk[1]]);
-        let d = _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)));
-        let qs: &[u8; 32] = blk[2..34].try_into().expect("32 quantized bytes");
-        // SAFETY: `qs` is exactly 32 readable bytes; both 16-byte loads are unaligned.
-        let (v0, v1) = unsafe {
-            let p = qs.as_ptr();
-            (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(16).cast()))
-        };
-        let lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v0)), d);
-        let hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v1)), d);
-        accumulate(&mut acc, lo, hi, xs, b, 2 * (b & 1));
-    }
-    let mut out = [0.0f32; NX];
-    for j in 0..NX {
-        out[j] = reduce(acc[j]);
-    }
-    out
+    dot_rows!(row, xs, Q8_0_BYTES, q8_0_block)
 }
