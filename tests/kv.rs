@@ -26,7 +26,8 @@ fn cache(blocks: usize) -> KvCache {
 /// it, as real K/V are, so shared blocks hold exactly what a recomputation would write.
 fn row(tenant: &str, tokens: &[u32], pos: usize, layer: usize) -> [f32; 2] {
     let h = tokens[..=pos].iter().fold(tenant.len() as u32 * 7919, |h, &t| h.wrapping_mul(31).wrapping_add(t));
-    [(h % 100_000) as f32, (pos * 10 + layer) as f32]
+    // Small integers: exact in f16 too, so f16 arenas can be checked for equality.
+    [(h % 2039) as f32, (pos * 10 + layer) as f32]
 }
 
 /// Computes positions `table.len..tokens.len()` (after `prepare`) like a forward pass.
@@ -57,8 +58,9 @@ fn holds(kv: &KvCache, table: &BlockTable, tenant: &str, tokens: &[u32]) -> bool
     kv.verify(table).is_ok()
         && (0..table.len).all(|pos| {
             (0..2).all(|layer| {
-                let k = &kv.arena().keys(table.blocks[pos / BT], layer)[(pos % BT) * 2..][..2];
-                let v = &kv.arena().values(table.blocks[pos / BT], layer)[(pos % BT) * 2..][..2];
+                let (mut k, mut v) = ([0.0f32; 2], [0.0f32; 2]);
+                kv.arena().keys(table.blocks[pos / BT], layer).read_f32((pos % BT) * 2, &mut k);
+                kv.arena().values(table.blocks[pos / BT], layer).read_f32((pos % BT) * 2, &mut v);
                 let want = row(tenant, tokens, pos, layer);
                 k == want && v == [-want[0], -want[1]]
             })
@@ -197,8 +199,14 @@ fn spill_dir(name: &str) -> PathBuf {
 }
 
 fn spilling_cache(dir: &std::path::Path) -> KvCache {
-    let arena = KvArena::new(layout(), (layout().block_bytes() * 2) as u64).unwrap();
-    let spill = SpillFile::create(dir, (layout().block_bytes() * 4) as u64, layout().block_bytes()).unwrap();
+    spilling_cache_of(dir, KvDtype::F32)
+}
+
+/// Two blocks of `dtype` in the arena, four pages in the spill file.
+fn spilling_cache_of(dir: &std::path::Path, dtype: KvDtype) -> KvCache {
+    let block = layout().block_bytes_as(dtype);
+    let arena = KvArena::with_dtype(layout(), (block * 2) as u64, dtype).unwrap();
+    let spill = SpillFile::create(dir, (block * 4) as u64, block).unwrap();
     KvCache::new(arena, Some(spill))
 }
 
@@ -213,8 +221,15 @@ fn park_and_spill(kv: &mut KvCache, toks: &[u32]) {
 
 #[test]
 fn evicted_sessions_spill_and_come_back_intact() {
-    let dir = spill_dir("roundtrip");
-    let mut kv = spilling_cache(&dir);
+    for dtype in [KvDtype::F32, KvDtype::F16] {
+        spill_round_trip(dtype);
+    }
+}
+
+fn spill_round_trip(dtype: KvDtype) {
+    let dir = spill_dir(&format!("roundtrip-{dtype:?}"));
+    let mut kv = spilling_cache_of(&dir, dtype);
+    assert_eq!(kv.arena().dtype(), dtype);
     let toks: Vec<u32> = (20..27).collect();
     park_and_spill(&mut kv, &toks);
     let (known, table) = kv.take_session(1).unwrap();
@@ -248,7 +263,7 @@ fn a_corrupted_spill_page_is_discarded_and_its_positions_recomputed() {
 }
 
 #[test]
-fn config_builds_the_spill_file_and_refuses_f16() {
+fn config_builds_the_spill_file_in_either_dtype() {
     let dir = spill_dir("config");
     let mut config = starling::config::KvCacheConfig {
         max_bytes: (layout().block_bytes() * 3) as u64,
@@ -260,8 +275,12 @@ fn config_builds_the_spill_file_and_refuses_f16() {
     let kv = KvCache::from_config(layout(), &config).unwrap();
     assert_eq!(kv.n_blocks(), 3);
     assert_eq!(kv.spill_file().unwrap().n_pages(), 2);
+    drop(kv);
     config.dtype = KvDtype::F16;
-    assert_eq!(KvCache::from_config(layout(), &config).unwrap_err(), KvError::UnsupportedDtype(KvDtype::F16));
+    // The same bytes hold twice the f16 blocks; spill pages are f16 blocks too.
+    let kv = KvCache::from_config(layout(), &config).unwrap();
+    assert_eq!(kv.n_blocks(), 6);
+    assert_eq!(kv.spill_file().unwrap().n_pages(), 4);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -405,14 +424,15 @@ proptest! {
 // ---- the real model: a multi-turn session ----
 
 mod engine {
-    use starling::config::{Config, Format};
+    use starling::config::{Config, Format, KvDtype};
     use starling::engine::load::{LoadedModel, start_model};
     use starling::protocol::{EngineCommand, GenerateRequest, PromptInput, StreamEvent, Usage};
     use starling::sampler::{SamplerLimits, SamplingParams};
     use starling::types::{RequestId, SessionId, TenantId};
 
-    fn engine() -> (LoadedModel, Config) {
+    fn engine(dtype: KvDtype) -> (LoadedModel, Config) {
         let mut config = Config::from_str("{}", Format::Json).unwrap();
+        config.models[0].kv_cache.dtype = dtype;
         config.models[0].path = crate::model::model_path();
         config.models[0].threads = std::num::NonZeroUsize::new(2).unwrap();
         config.models[0].kv_cache.max_bytes = 64 << 20;
@@ -457,9 +477,16 @@ mod engine {
         panic!("the stream ended without a done event")
     }
 
+    /// With f32 and with f16 K/V storage.
     #[test]
     fn a_second_turn_reuses_the_session_and_matches_a_fresh_run() {
-        let (m, c) = engine();
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            second_turn(dtype);
+        }
+    }
+
+    fn second_turn(dtype: KvDtype) {
+        let (m, c) = engine(dtype);
         let turn1 = m
             .tokenizer
             .encode("<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n", true)

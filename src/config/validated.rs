@@ -130,6 +130,16 @@ pub enum KvDtype {
     F16,
 }
 
+impl KvDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
 /// Disk spill of evicted KV blocks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpillConfig {

@@ -4,9 +4,16 @@
 //! `[layer][k|v][slot][kv_dim]`, so one position's K (or V) row for one layer is contiguous
 //! and a block's K rows for one layer are one contiguous run. Nothing outside the arena
 //! allocates K/V memory; sequences own block ids through a [`BlockTable`].
+//!
+//! Elements are f32 or f16 (`kv_cache.dtype`). Either way the storage is one `Vec<f32>` of
+//! 4-byte words (an f16 arena packs two elements per word), so a block's raw contents move
+//! through the spill file as the same opaque words, and the f16 view of the words is always
+//! aligned. Readers get a typed view ([`KvRows`]) and convert f16 rows as they read them.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use half::f16;
 
 use crate::config::KvDtype;
 
@@ -23,16 +30,22 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
-    /// f32 values in one block (K and V, all layers).
+    /// Elements in one block (K and V, all layers).
     pub fn block_floats(&self) -> usize {
         self.n_layer * 2 * self.block_tokens * self.kv_dim
     }
 
+    /// Bytes of one block stored as f32.
     pub fn block_bytes(&self) -> usize {
-        self.block_floats() * size_of::<f32>()
+        self.block_bytes_as(KvDtype::F32)
     }
 
-    /// Bytes of K/V one position needs (all layers).
+    /// Bytes of one block stored as `dtype`.
+    pub fn block_bytes_as(&self, dtype: KvDtype) -> usize {
+        self.block_floats() * dtype.size()
+    }
+
+    /// Bytes of K/V one position needs (all layers), stored as f32.
     pub fn bytes_per_token(&self) -> usize {
         self.n_layer * 2 * self.kv_dim * size_of::<f32>()
     }
@@ -64,8 +77,6 @@ pub struct BlockHandle {
 /// Errors of the KV arena and cache.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum KvError {
-    #[error("KV cache dtype {0:?} is not supported by this build; use f32")]
-    UnsupportedDtype(KvDtype),
     #[error("block {id}: stale handle (generation {expected}, block is at {found})")]
     StaleGeneration { id: BlockId, expected: u32, found: u32 },
     #[error("block {id}: handle shape {expected:?} does not match the arena's {found:?}")]
@@ -82,10 +93,41 @@ pub enum KvError {
     NotAllocated(BlockId),
 }
 
+/// One layer's K (or V) rows of one block, in the arena's element type.
+#[derive(Clone, Copy, Debug)]
+pub enum KvRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl KvRows<'_> {
+    /// Elements in the view.
+    pub fn len(&self) -> usize {
+        match self {
+            KvRows::F32(r) => r.len(),
+            KvRows::F16(r) => r.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies `len` elements starting at `start` into `out` as f32 (exact for both types).
+    pub fn read_f32(&self, start: usize, out: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            KvRows::F32(r) => out.copy_from_slice(&r[start..start + out.len()]),
+            KvRows::F16(r) => r[start..start + out.len()].convert_to_f32_slice(out),
+        }
+    }
+}
+
 /// The arena: K/V storage, per-block metadata and the free list.
 pub struct KvArena {
     layout: KvLayout,
     dtype: KvDtype,
+    /// Raw 4-byte words: one element each (f32) or two (f16).
     data: Vec<f32>,
     free: Vec<BlockId>,
     allocated: Vec<bool>,
@@ -118,28 +160,27 @@ impl KvArena {
     /// blocks. (The fill is `-0.0`, not `0.0`: an all-zero fill of fresh memory may be
     /// turned into a lazily mapped `calloc`.)
     pub fn new(layout: KvLayout, max_bytes: u64) -> Result<Self, KvError> {
-        let n_blocks = (max_bytes / layout.block_bytes() as u64) as usize;
+        Self::with_dtype(layout, max_bytes, KvDtype::F32)
+    }
+
+    /// Like [`KvArena::new`], storing elements as `dtype` (f16 holds twice the positions
+    /// in the same bytes).
+    pub fn with_dtype(layout: KvLayout, max_bytes: u64, dtype: KvDtype) -> Result<Self, KvError> {
+        let block_bytes = layout.block_bytes_as(dtype);
+        let n_blocks = (max_bytes / block_bytes as u64) as usize;
         if n_blocks == 0 {
-            return Err(KvError::CapTooSmall { max_bytes, block_bytes: layout.block_bytes() });
+            return Err(KvError::CapTooSmall { max_bytes, block_bytes });
         }
         let n_blocks = n_blocks.min(BlockId::MAX as usize);
         Ok(KvArena {
             layout,
-            dtype: KvDtype::F32,
-            data: committed(n_blocks * layout.block_floats()),
+            dtype,
+            data: committed(n_blocks * block_bytes / size_of::<f32>()),
             free: (0..n_blocks as BlockId).rev().collect(),
             allocated: vec![false; n_blocks],
             meta: vec![BlockMeta { generation: 0, owner: 0 }; n_blocks],
             integrity_errors: AtomicU64::new(0),
         })
-    }
-
-    /// Like [`KvArena::new`] with an element type; only f32 storage is built in.
-    pub fn with_dtype(layout: KvLayout, max_bytes: u64, dtype: KvDtype) -> Result<Self, KvError> {
-        match dtype {
-            KvDtype::F32 => Self::new(layout, max_bytes),
-            KvDtype::F16 => Err(KvError::UnsupportedDtype(dtype)),
-        }
     }
 
     pub fn dtype(&self) -> KvDtype {
@@ -190,22 +231,31 @@ impl KvArena {
         self.integrity_errors.load(Ordering::Relaxed)
     }
 
-    /// Checked read of a whole block (every layer's K and V).
+    /// 4-byte words of storage in one block (its raw contents, see [`KvArena::block_data`]).
+    pub fn block_words(&self) -> usize {
+        self.block_bytes() / size_of::<f32>()
+    }
+
+    /// Bytes of one block in this arena's element type.
+    pub fn block_bytes(&self) -> usize {
+        self.layout.block_bytes_as(self.dtype)
+    }
+
+    /// Checked read of a whole block's raw words (every layer's K and V, in the arena's
+    /// element type): what the spill file stores.
     pub fn block_data(&self, h: &BlockHandle) -> Result<&[f32], KvError> {
         self.check(h)?;
-        let n = self.layout.block_floats();
+        let n = self.block_words();
         Ok(&self.data[h.id as usize * n..(h.id as usize + 1) * n])
     }
 
-    /// Checked overwrite of a whole block; `src` must be one block of values.
+    /// Checked overwrite of a whole block; `src` must be one block of raw words.
     pub fn write_block(&mut self, h: &BlockHandle, src: &[f32]) -> Result<(), KvError> {
         self.check(h)?;
-        let n = self.layout.block_floats();
+        let n = self.block_words();
         if src.len() != n {
-            let found = KvLayout {
-                block_tokens: src.len() / (2 * self.layout.n_layer * self.layout.kv_dim).max(1),
-                ..self.layout
-            };
+            let per_token = n / self.layout.block_tokens;
+            let found = KvLayout { block_tokens: src.len() / per_token.max(1), ..self.layout };
             return Err(KvError::ShapeMismatch { id: h.id, expected: self.layout, found });
         }
         self.data[h.id as usize * n..(h.id as usize + 1) * n].copy_from_slice(src);
@@ -216,7 +266,7 @@ impl KvArena {
     pub fn copy_block(&mut self, src: &BlockHandle, dst: &BlockHandle) -> Result<(), KvError> {
         self.check(src)?;
         self.check(dst)?;
-        let n = self.layout.block_floats();
+        let n = self.block_words();
         self.data.copy_within(src.id as usize * n..(src.id as usize + 1) * n, dst.id as usize * n);
         Ok(())
     }
@@ -239,7 +289,7 @@ impl KvArena {
 
     /// Bytes the arena reserves (the configured cap rounded down to whole blocks).
     pub fn capacity_bytes(&self) -> usize {
-        self.n_blocks() * self.layout.block_bytes()
+        self.n_blocks() * self.block_bytes()
     }
 
     pub fn allocate(&mut self) -> Result<BlockId, KvError> {
@@ -268,31 +318,48 @@ impl KvArena {
         }
     }
 
+    /// Element offset of one layer's K (or V) rows in block `b`.
     fn offset(&self, b: BlockId, layer: usize, v: bool) -> usize {
         let l = &self.layout;
         b as usize * l.block_floats() + (layer * 2 + v as usize) * l.block_tokens * l.kv_dim
     }
 
+    fn rows(&self, o: usize) -> KvRows<'_> {
+        let n = self.layout.block_tokens * self.layout.kv_dim;
+        match self.dtype {
+            KvDtype::F32 => KvRows::F32(&self.data[o..o + n]),
+            KvDtype::F16 => KvRows::F16(&bytemuck::cast_slice::<f32, f16>(&self.data)[o..o + n]),
+        }
+    }
+
     /// K rows of one layer in one block: `block_tokens * kv_dim` values.
-    pub fn keys(&self, b: BlockId, layer: usize) -> &[f32] {
-        let o = self.offset(b, layer, false);
-        &self.data[o..o + self.layout.block_tokens * self.layout.kv_dim]
+    pub fn keys(&self, b: BlockId, layer: usize) -> KvRows<'_> {
+        self.rows(self.offset(b, layer, false))
     }
 
     /// V rows of one layer in one block.
-    pub fn values(&self, b: BlockId, layer: usize) -> &[f32] {
-        let o = self.offset(b, layer, true);
-        &self.data[o..o + self.layout.block_tokens * self.layout.kv_dim]
+    pub fn values(&self, b: BlockId, layer: usize) -> KvRows<'_> {
+        self.rows(self.offset(b, layer, true))
     }
 
-    /// Writes one position's K and V rows for one layer.
+    /// Writes one position's K and V rows for one layer (rounded to f16 in an f16 arena).
     pub fn write(&mut self, b: BlockId, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
         let d = self.layout.kv_dim;
         debug_assert!(self.allocated[b as usize], "write to free block {b}");
         let ko = self.offset(b, layer, false) + slot * d;
-        self.data[ko..ko + d].copy_from_slice(k);
         let vo = self.offset(b, layer, true) + slot * d;
-        self.data[vo..vo + d].copy_from_slice(v);
+        match self.dtype {
+            KvDtype::F32 => {
+                self.data[ko..ko + d].copy_from_slice(k);
+                self.data[vo..vo + d].copy_from_slice(v);
+            }
+            KvDtype::F16 => {
+                let halves = bytemuck::cast_slice_mut::<f32, f16>(&mut self.data);
+                halves[ko..ko + d].convert_from_f32_slice(k);
+                halves[vo..vo + d].convert_from_f32_slice(v);
+            }
+        }
     }
 }
 
@@ -395,9 +462,43 @@ mod tests {
         let b0 = a.allocate().unwrap();
         let b1 = a.allocate().unwrap();
         a.write(b1, 1, 2, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]);
-        assert_eq!(&a.keys(b1, 1)[8..12], &[1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(&a.values(b1, 1)[8..12], &[5.0, 6.0, 7.0, 8.0]);
-        assert!(a.keys(b0, 1).iter().chain(a.keys(b1, 0)).all(|&x| x == 0.0));
+        assert_eq!(read(a.keys(b1, 1), 8, 4), [1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(read(a.values(b1, 1), 8, 4), [5.0, 6.0, 7.0, 8.0]);
+        assert!(read(a.keys(b0, 1), 0, 12).iter().chain(&read(a.keys(b1, 0), 0, 12)).all(|&x| x == 0.0));
+    }
+
+    fn read(rows: KvRows, start: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0.0; n];
+        rows.read_f32(start, &mut out);
+        out
+    }
+
+    #[test]
+    fn f16_arena_holds_twice_the_blocks_and_rounds_to_half() {
+        let l = layout();
+        let cap = (l.block_bytes() * 2) as u64;
+        let mut a = KvArena::with_dtype(l, cap, KvDtype::F16).unwrap();
+        assert_eq!(a.n_blocks(), 4);
+        assert_eq!(a.block_bytes(), l.block_bytes() / 2);
+        assert!(a.capacity_bytes() as u64 <= cap);
+        let blocks: Vec<BlockId> = (0..4).map(|_| a.allocate().unwrap()).collect();
+        let k = [1.0, -2.5, 1.0e-3, 70000.0];
+        a.write(blocks[3], 1, 2, &k, &[0.1, 0.2, 0.3, 0.4]);
+        let want: Vec<f32> = k.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+        assert_eq!(read(a.keys(blocks[3], 1), 8, 4), want);
+        assert_eq!(read(a.values(blocks[3], 1), 8, 4)[0], f16::from_f32(0.1).to_f32());
+        assert!(matches!(a.keys(blocks[3], 1), KvRows::F16(_)));
+        // The other blocks and layers are untouched.
+        assert!(blocks[..3].iter().all(|&b| read(a.keys(b, 1), 0, 12).iter().all(|&x| x == 0.0)));
+        assert!(read(a.keys(blocks[3], 0), 0, 12).iter().all(|&x| x == 0.0));
+        // Raw words round-trip (what spill and copy-on-write move).
+        let h = a.handle(blocks[3]).unwrap();
+        let words = a.block_data(&h).unwrap().to_vec();
+        assert_eq!(words.len(), a.block_words());
+        let h0 = a.handle(blocks[0]).unwrap();
+        a.write_block(&h0, &words).unwrap();
+        assert_eq!(read(a.keys(blocks[0], 1), 8, 4), want);
+        assert!(matches!(a.write_block(&h0, &words[1..]), Err(KvError::ShapeMismatch { .. })));
     }
 
     #[test]
@@ -422,12 +523,5 @@ mod tests {
         assert!(matches!(a.check(&half), Err(KvError::DtypeMismatch { .. })));
         assert!(matches!(a.block_data(&h), Err(KvError::StaleGeneration { .. })));
         assert_eq!(a.integrity_errors(), 5);
-    }
-
-    #[test]
-    fn f16_storage_is_refused_with_a_typed_error() {
-        let l = layout();
-        let err = KvArena::with_dtype(l, (l.block_bytes() * 2) as u64, KvDtype::F16).unwrap_err();
-        assert_eq!(err, KvError::UnsupportedDtype(KvDtype::F16));
     }
 }

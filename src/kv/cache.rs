@@ -122,7 +122,7 @@ impl KvCache {
     pub fn from_config(layout: KvLayout, config: &KvCacheConfig) -> Result<Self, KvError> {
         let arena = KvArena::with_dtype(layout, config.max_bytes, config.dtype)?;
         let spill = match &config.spill {
-            Some(s) => Some(SpillFile::create(&s.dir, s.max_bytes, layout.block_bytes())?),
+            Some(s) => Some(SpillFile::create(&s.dir, s.max_bytes, arena.block_bytes())?),
             None => None,
         };
         Ok(Self::new(arena, spill))
@@ -171,7 +171,7 @@ impl KvCache {
 
     /// Counters plus current gauges.
     pub fn stats(&self) -> KvStats {
-        let bytes = self.layout().block_bytes() as u64;
+        let bytes = self.arena.block_bytes() as u64;
         let used = self.n_referenced();
         let cached = self.blocks.iter().filter(|b| b.refs == 0 && b.hash.is_some()).count();
         KvStats {
@@ -441,7 +441,7 @@ impl KvCache {
 
     fn restore(&mut self, tenant: &str, pages: Vec<SpillPage>, len: usize) -> BlockTable {
         let mut table = BlockTable::default();
-        let mut buf = vec![0.0f32; self.layout().block_floats()];
+        let mut buf = vec![0.0f32; self.arena.block_words()];
         let mut pages = pages.into_iter();
         if self.make_room(pages.len()).is_ok() {
             for page in pages.by_ref() {

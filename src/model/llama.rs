@@ -16,7 +16,7 @@ use super::arch::{LlamaHparams, validate_llama};
 use super::ggml_type::GgmlType;
 use super::gguf::{GgufError, GgufFile, TensorInfo};
 use super::kernels::{Kernels, MatmulScratch, QMatrix};
-use crate::kv::arena::{BlockId, KvArena, KvLayout};
+use crate::kv::arena::{BlockId, KvArena, KvLayout, KvRows};
 use crate::types::TokenId;
 
 /// Why a model could not be loaded or run.
@@ -284,7 +284,7 @@ impl LlamaModel {
         let kv_ref: &KvArena = kv;
         let (rows, q) = (&s.rows, &s.q);
         self.pool.install(|| {
-            s.attn.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores, (r, out)| {
+            s.attn.par_chunks_mut(d).enumerate().for_each_init(AttnScratch::default, |scratch, (r, out)| {
                 let info = rows[r];
                 let blocks = &batch[info.seq].blocks;
                 attend_row(
@@ -296,7 +296,7 @@ impl LlamaModel {
                     info.pos,
                     blocks,
                     kv_ref,
-                    scores,
+                    scratch,
                     out,
                 );
             })
@@ -357,6 +357,9 @@ impl LlamaModel {
 }
 
 /// Attention for one query row: every head over positions `0..=pos` of its sequence.
+/// Each cached K and V row is read once for all heads (f16 rows are widened to f32 into
+/// `scratch.row`); per head, scores, softmax and the weighted sum of values run in position
+/// order, the same whatever else is in the batch.
 #[allow(clippy::too_many_arguments)]
 fn attend_row(
     n_head: usize,
@@ -367,7 +370,7 @@ fn attend_row(
     pos: usize,
     blocks: &[BlockId],
     kv: &KvArena,
-    scores: &mut Vec<f32>,
+    scratch: &mut AttnScratch,
     out: &mut [f32],
 ) {
     let bt = kv.layout().block_tokens;
@@ -375,32 +378,56 @@ fn attend_row(
     let group = n_head / n_head_kv;
     let scale = 1.0 / (hd as f32).sqrt();
     let n_pos = pos + 1;
-    scores.resize(n_pos, 0.0);
-    for h in 0..n_head {
-        let kh = h / group;
-        let qh = &q[h * hd..(h + 1) * hd];
-        let mut max = f32::NEG_INFINITY;
-        for (j, sc) in scores.iter_mut().enumerate() {
-            let keys = kv.keys(blocks[j / bt], layer);
-            let k = &keys[(j % bt) * kvd + kh * hd..][..hd];
-            *sc = dot(qh, k) * scale;
-            max = max.max(*sc);
+    let AttnScratch { scores, row } = scratch;
+    scores.resize(n_head * n_pos, 0.0);
+    row.resize(kvd, 0.0);
+    for j in 0..n_pos {
+        let k = kv_row(kv.keys(blocks[j / bt], layer), (j % bt) * kvd, row);
+        for h in 0..n_head {
+            let kh = &k[(h / group) * hd..][..hd];
+            scores[h * n_pos + j] = dot(&q[h * hd..(h + 1) * hd], kh) * scale;
         }
+    }
+    for sc in scores.chunks_exact_mut(n_pos) {
+        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let mut sum = 0.0f32;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += *sc;
+        for x in sc.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
         }
         let inv = 1.0 / sum;
-        let o = &mut out[h * hd..(h + 1) * hd];
-        o.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            let values = kv.values(blocks[j / bt], layer);
-            let v = &values[(j % bt) * kvd + kh * hd..][..hd];
-            let w = p * inv;
-            for (oi, vi) in o.iter_mut().zip(v) {
+        for x in sc.iter_mut() {
+            *x *= inv;
+        }
+    }
+    out.fill(0.0);
+    for j in 0..n_pos {
+        let v = kv_row(kv.values(blocks[j / bt], layer), (j % bt) * kvd, row);
+        for (h, o) in out.chunks_exact_mut(hd).enumerate() {
+            let w = scores[h * n_pos + j];
+            for (oi, vi) in o.iter_mut().zip(&v[(h / group) * hd..][..hd]) {
                 *oi += w * vi;
             }
+        }
+    }
+}
+
+/// Per-thread buffers of [`attend_row`].
+#[derive(Default)]
+struct AttnScratch {
+    /// `n_head × n_pos` scores, then probabilities.
+    scores: Vec<f32>,
+    /// One K or V row widened from f16.
+    row: Vec<f32>,
+}
+
+/// The `buf.len()` values of `rows` from `start`: borrowed as they are (f32) or widened into `buf` (f16).
+fn kv_row<'a>(rows: KvRows<'a>, start: usize, buf: &'a mut [f32]) -> &'a [f32] {
+    match rows {
+        KvRows::F32(r) => &r[start..start + buf.len()],
+        KvRows::F16(_) => {
+            rows.read_f32(start, buf);
+            buf
         }
     }
 }
