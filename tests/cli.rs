@@ -184,3 +184,62 @@ fn fetch_model_refuses_a_digest_mismatch_and_deletes_the_file() {
     assert!(left.is_empty(), "files left behind: {left:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `bench --http` against a live server: every request completes, every token is counted
+/// (requests × max_tokens, as `ignore_eos` runs each to the end), and latencies are ordered.
+/// Against a server that wants a key it has not got, every request is a counted 401 failure
+/// and the command exits non-zero.
+#[test]
+fn bench_http_load_generator_reports_latencies_and_failures() {
+    let server = crate::support::TestServer::start(|c| {
+        c.auth.api_keys = starling::config::parse_api_keys("bench-key:bench").unwrap();
+    });
+    let url = format!("http://{}", server.addr);
+    let args = ["bench", "--http", &url, "--concurrency", "1,3", "--requests", "5", "--max-tokens", "6", "--json"];
+    let out = starling().args(args).env("STARLING_BENCH_KEY", "bench-key").output().unwrap();
+    assert!(out.status.success(), "bench --http failed: {}", String::from_utf8_lossy(&out.stderr));
+    let reports: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(reports.iter().map(|r| r["concurrency"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 3]);
+    for r in &reports {
+        assert_eq!((r["completed"].as_u64(), r["errors"].as_u64()), (Some(5), Some(0)), "{r}");
+        assert_eq!(r["generated_tokens"], 30);
+        let ttft = &r["ttft"];
+        assert!(ttft["p50_ms"].as_f64().unwrap() > 0.0);
+        assert!(
+            ttft["p50_ms"].as_f64() <= ttft["p99_ms"].as_f64() && ttft["p99_ms"].as_f64() <= ttft["max_ms"].as_f64()
+        );
+        assert!(r["inter_token"]["p50_ms"].as_f64().unwrap() > 0.0);
+        assert!(r["e2e"]["p50_ms"].as_f64() >= ttft["p50_ms"].as_f64());
+        assert!(r["throughput_tok_s"].as_f64().unwrap() > 0.0);
+    }
+
+    let out = starling().args(args).env_remove("STARLING_BENCH_KEY").output().unwrap();
+    assert!(!out.status.success(), "failures must fail the command");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("10 requests failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first: Value = serde_json::from_str(String::from_utf8(out.stdout).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!((first["completed"].as_u64(), first["errors"].as_u64()), (Some(0), Some(5)));
+    assert!(first["error_samples"][0].as_str().unwrap().starts_with("HTTP 401"), "{first}");
+}
+
+/// `--concurrency` takes a comma-separated list; an empty one skips the engine figure (so
+/// the run gets as far as checking `--reps`), a zero or a word is refused by name.
+#[test]
+fn bench_concurrency_levels_parse_or_are_refused_by_name() {
+    let model = model_path();
+    let run = |levels: &str| {
+        let out = starling()
+            .args(["bench", "--model", model.to_str().unwrap(), "--reps", "0", "--concurrency", levels])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(run("").contains("at least 1 rep"), "{}", run(""));
+    assert!(run("1,0").contains("`0` is not a concurrency level"), "{}", run("1,0"));
+    assert!(run("four").contains("`four` is not a concurrency level"), "{}", run("four"));
+}

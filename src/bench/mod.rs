@@ -3,6 +3,7 @@
 //! whole engine under 1..32 concurrent requests, plus peak memory and build facts.
 
 mod engine;
+pub mod http;
 mod model;
 
 use std::path::PathBuf;
@@ -24,6 +25,8 @@ pub enum BenchError {
     Engine(String),
     #[error("the benchmark needs at least 1 rep and 1 thread")]
     Settings,
+    #[error("load generator: {0}")]
+    Http(String),
 }
 
 /// What to measure and how often.
