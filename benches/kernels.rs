@@ -22,7 +22,12 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 
 fn bench_matmul(c: &mut Criterion) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("pool");
-    let kernels = Kernels::detect();
+    for kernels in Kernels::available() {
+        bench_matmul_with(c, kernels, &pool);
+    }
+}
+
+fn bench_matmul_with(c: &mut Criterion, kernels: Kernels, pool: &rayon::ThreadPool) {
     let mut group = c.benchmark_group(format!("matmul/{}", kernels.name()));
     group.sample_size(10).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
     let shapes: [(GgmlType, usize, usize, &[usize]); 5] = [
@@ -41,7 +46,7 @@ fn bench_matmul(c: &mut Criterion) {
             let mut scratch = MatmulScratch::default();
             group.throughput(Throughput::Elements((2 * rows * cols * n) as u64));
             group.bench_function(format!("{t}/{rows}x{cols}/n{n}"), |b| {
-                b.iter(|| kernels.matmul(&w, black_box(&x), n, &mut y, &mut scratch, &pool))
+                b.iter(|| kernels.matmul(&w, black_box(&x), n, &mut y, &mut scratch, pool))
             });
         }
     }

@@ -198,6 +198,7 @@ fn detect_picks_the_best_available_kernels() {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
         assert_ne!(Kernels::detect().name(), "portable");
+        assert!(all.iter().any(|k| k.name() == "avx2-f32"), "an AVX2 CPU offers the AVX2 kernels");
     }
 }
 

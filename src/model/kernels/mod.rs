@@ -3,14 +3,16 @@
 //!
 //! Activations stay f32: weight blocks are dequantized exactly (in registers on the fast
 //! paths) and multiplied into f32 values, so a matmul matches an f32 dot product to float
-//! rounding. Q4_1 and Q8_0 have AVX-512 kernels picked at run time by [`Kernels::detect`];
-//! every other type (and every other CPU) runs the portable kernels.
+//! rounding. Q4_1 and Q8_0 have AVX-512 and AVX2 kernels, the best picked at run time by
+//! [`Kernels::detect`]; every other type (and every other CPU) runs the portable kernels.
 //!
 //! **Batch invariance.** Every output `y[i][r]` is computed by one kernel call whose float
 //! operations depend only on `W[r]` and x row `i`: tiling x rows, chunking rows over
 //! threads and batch size change which calls run where, never what a call computes.
 #![allow(unsafe_code)]
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod blocks;
 mod portable;
 pub mod reference;
@@ -98,6 +100,7 @@ pub struct MatmulScratch {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Isa {
     Portable,
+    Avx2,
     Avx512,
 }
 
@@ -138,9 +141,12 @@ impl Kernels {
         let mut all = vec![Self::portable()];
         #[cfg(target_arch = "x86_64")]
         {
-            let avx512 = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
+            let avx2 =
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+            if avx2 {
+                all.push(Kernels { isa: Isa::Avx2 });
+            }
+            let avx512 = avx2
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl");
@@ -151,10 +157,11 @@ impl Kernels {
         all
     }
 
-    /// A short name: "avx512-f32" or "portable".
+    /// A short name: "avx512-f32", "avx2-f32" or "portable".
     pub fn name(&self) -> &'static str {
         match self.isa {
             Isa::Portable => "portable",
+            Isa::Avx2 => "avx2-f32",
             Isa::Avx512 => "avx512-f32",
         }
     }
@@ -328,6 +335,11 @@ impl Kernels {
             (Isa::Avx512, GgmlType::Q4_1) => return unsafe { x86::q4_1(row, &xs) },
             // SAFETY: as above.
             (Isa::Avx512, GgmlType::Q8_0) => return unsafe { x86::q8_0(row, &xs) },
+            // SAFETY: `Avx2` is only built by `available()` after detecting avx2, fma and
+            // f16c, the features these kernels enable.
+            (Isa::Avx2, GgmlType::Q4_1) => return unsafe { avx2::q4_1(row, &xs) },
+            // SAFETY: as above.
+            (Isa::Avx2, GgmlType::Q8_0) => return unsafe { avx2::q8_0(row, &xs) },
             _ => {}
         }
         if t.block_elems() == 1 {
