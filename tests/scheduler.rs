@@ -18,7 +18,7 @@ use starling::protocol::{EngineCommand, FinishReason, GenerateRequest, PromptInp
 use starling::sampler::{SamplerLimits, SamplingConfig, SamplingParams};
 use starling::tokenizer::GgufTokenizer;
 use starling::types::{RequestId, TenantId, Timestamp};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 fn model() -> Arc<LlamaModel> {
     static MODEL: OnceLock<Arc<LlamaModel>> = OnceLock::new();
@@ -103,8 +103,9 @@ impl Harness {
         timeout: Duration,
     ) -> Stream {
         let (tx, rx) = mpsc::channel(capacity);
+        let id = RequestId::next();
         let req = GenerateRequest {
-            id: RequestId::next(),
+            id,
             tenant: TenantId::from(tenant),
             session: None,
             input: PromptInput::Tokens(ids),
@@ -115,7 +116,15 @@ impl Harness {
         };
         let cmd = EngineCommand::Generate(Box::new(req));
         self.world.resource_mut::<starling::engine::resources::Inbox>().0.push_back(cmd);
-        Stream { rx, events: vec![] }
+        Stream { rx, events: vec![], name: id.to_string() }
+    }
+
+    /// Queues a cancel of `tenant`'s request named `name`; the reply comes in the next tick.
+    fn cancel(&mut self, tenant: &str, name: &str) -> oneshot::Receiver<Result<(), starling::error::ApiError>> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = EngineCommand::Cancel { tenant: TenantId::from(tenant), request_id: name.to_owned(), reply };
+        self.world.resource_mut::<starling::engine::resources::Inbox>().0.push_back(cmd);
+        rx
     }
 
     fn run_tick(&mut self) {
@@ -146,6 +155,8 @@ impl Harness {
 struct Stream {
     rx: mpsc::Receiver<StreamEvent>,
     events: Vec<StreamEvent>,
+    /// The name a cancel takes (`req-N` for requests sent without a client id).
+    name: String,
 }
 
 impl Stream {
@@ -413,4 +424,113 @@ fn a_tenant_past_max_queued_gets_429_with_its_reason() {
     assert_eq!(codes, [None, None, Some("tenant_queue_full"), Some("tenant_queue_full")]);
     assert!(b.error().is_none(), "another tenant is unaffected");
     assert_eq!(h.stats().rejected.get("tenant_queue_full"), Some(&2));
+}
+
+fn reply_code(
+    mut rx: oneshot::Receiver<Result<(), starling::error::ApiError>>,
+) -> Result<(), (u16, Option<&'static str>)> {
+    rx.try_recv().expect("the engine replied within the tick").map_err(|e| (e.status(), e.code))
+}
+
+#[test]
+fn an_explicit_cancel_ends_the_request_and_frees_its_blocks_within_one_tick() {
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), KV_BYTES);
+    let mut s = h.submit("a", prompt(40, 1), sampling(100, 0.0, 1), 256);
+    let mut other = h.submit("b", prompt(10, 2), sampling(100, 0.0, 1), 256);
+    for _ in 0..3 {
+        h.run_tick();
+    }
+    let (unknown, foreign) = (h.cancel("a", "no-such-request"), h.cancel("b", &s.name));
+    h.run_tick();
+    let not_found = Err((404, Some("request_not_found")));
+    assert_eq!(reply_code(unknown), not_found, "an unknown id is not found");
+    assert_eq!(reply_code(foreign), not_found, "another tenant's request is not found");
+    s.drain();
+    assert!(s.finish().is_none() && s.tokens().len() >= 3, "still decoding: {:?}", s.events);
+    let used_both = h.kv_used();
+    let reply = h.cancel("a", &s.name);
+    h.run_tick();
+    assert_eq!(reply_code(reply), Ok(()));
+    s.drain();
+    assert_eq!(s.finish(), Some(FinishReason::Cancelled));
+    assert_eq!(used_both - h.kv_used(), 3, "40 prompt + 4 generated positions = 3 blocks of 16 freed");
+    assert_eq!(h.live_requests(), 1);
+    other.drain();
+    assert!(other.finish().is_none(), "the other request keeps going");
+}
+
+#[test]
+fn a_cancelled_request_whose_reader_is_behind_frees_its_blocks_at_once() {
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), KV_BYTES);
+    // Room for two events: the stream pauses after `started` and one token.
+    let mut s = h.submit("a", prompt(20, 1), sampling(100, 0.0, 1), 2);
+    for _ in 0..4 {
+        h.run_tick();
+    }
+    assert!(h.kv_used() > 0 && h.stats().paused > 0, "paused on its full channel");
+    let reply = h.cancel("a", &s.name);
+    h.run_tick();
+    assert_eq!(reply_code(reply), Ok(()));
+    assert_eq!(h.kv_used(), 0, "blocks freed while the final event still waits");
+    for _ in 0..4 {
+        s.drain();
+        h.run_tick();
+    }
+    s.drain();
+    assert_eq!(s.finish(), Some(FinishReason::Cancelled), "the reader still gets the final event");
+    assert_eq!(h.live_requests(), 0);
+}
+
+mod http {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use serde_json::json;
+
+    use crate::support::{TestServer, open, post_json_as};
+
+    #[test]
+    fn post_v1_cancel_ends_a_stream_by_its_request_id_for_its_tenant_only() {
+        let mut s = TestServer::start(|c| {
+            c.auth.api_keys = starling::config::parse_api_keys("key-a:alpha,key-b:beta").unwrap();
+            for t in ["alpha", "beta"] {
+                c.tenants.push(starling::config::TenantConfig::with_defaults(t.into()));
+            }
+        });
+        let body = json!({"prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": true, "stream": true});
+        let headers =
+            [("Content-Type", "application/json"), ("Authorization", "Bearer key-a"), ("x-request-id", "story-1")];
+        let conn = open(s.addr, "POST", "/v1/generate", &headers, body.to_string().as_bytes());
+        assert_eq!((conn.status, conn.header("x-request-id")), (200, Some("story-1")));
+        let mut sse = conn.sse();
+        let first = sse.next_event().expect("a first event");
+        assert_eq!(first.event.as_deref(), Some("token"));
+
+        let cancel = json!({"request_id": "story-1"});
+        let r = post_json_as(s.addr, "key-b", "/v1/cancel", &cancel);
+        assert_eq!((r.status, r.json()["error"]["code"].as_str()), (404, Some("request_not_found")));
+        let r = post_json_as(s.addr, "key-a", "/v1/cancel", &json!({"request_id": "story-2"}));
+        assert_eq!(r.status, 404, "an unknown id");
+        let r = post_json_as(s.addr, "key-a", "/v1/cancel", &json!({"request_id": 7}));
+        assert_eq!(r.status, 400, "a malformed body");
+
+        let status = s.state.models[0].engine.status.clone();
+        let r = post_json_as(s.addr, "key-a", "/v1/cancel", &cancel);
+        let ticks_at_reply = status.ticks.load(Ordering::Relaxed);
+        assert_eq!((r.status, r.json()["cancelled"].as_str()), (200, Some("story-1")));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while status.kv_blocks_used.load(Ordering::Relaxed) > 0 {
+            assert!(Instant::now() < deadline, "blocks still held after the cancel");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let ticks = status.ticks.load(Ordering::Relaxed);
+        assert!(ticks <= ticks_at_reply + 1, "freed in the cancel's tick ({ticks_at_reply} -> {ticks})");
+        let rest = sse.rest();
+        let done = rest.iter().find(|e| e.event.as_deref() == Some("done")).expect("a done event");
+        assert_eq!(done.json()["finish_reason"], "cancelled");
+        let n_tokens = rest.iter().filter(|e| e.event.as_deref() == Some("token")).count() + 1;
+        assert!(n_tokens < 400, "the generation stopped early ({n_tokens} tokens)");
+        s.begin_shutdown();
+        assert!(s.wait_stopped(Duration::from_secs(30)));
+    }
 }

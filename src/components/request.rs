@@ -13,6 +13,11 @@ use crate::types::{RequestId, TenantId, Timestamp, TokenId};
 #[derive(Component, Clone, Copy, Debug)]
 pub struct Request(pub RequestId);
 
+/// The name the client knows the request by (its `x-request-id`, or `req-N`). Written by
+/// admit; read by admit when a cancel names it.
+#[derive(Component, Clone, Debug, PartialEq, Eq)]
+pub struct ClientId(pub String);
+
 /// The tenant that sent the request. Written by admit; read by batch (fairness) and policies.
 #[derive(Component, Clone, Debug)]
 pub struct Tenant(pub TenantId);
