@@ -494,7 +494,7 @@ fn grafana_dashboard_charts_every_series() {
     });
     let rendered = m.render();
     let names: Vec<&str> = rendered.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
-    assert_eq!(names.len(), 24, "{names:?}");
+    assert_eq!(names.len(), 25, "{names:?}");
     for name in names {
         assert!(exprs.iter().any(|e| e.contains(name)), "no panel charts {name}");
     }

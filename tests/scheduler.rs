@@ -67,12 +67,14 @@ struct Harness {
     tick: u64,
     now_ms: u64,
     status: Arc<EngineStatus>,
+    obs: starling::telemetry::Observability,
 }
 
 impl Harness {
     fn new(limits: EngineLimits, tenants: TenantLimits, kv_bytes: u64) -> Harness {
         let m = model();
         let kv = KvCache::new(KvArena::new(m.kv_layout(16), kv_bytes).expect("kv arena"), None);
+        let obs = starling::telemetry::Observability::new().unwrap();
         let parts = EngineParts {
             model: m,
             tokenizer: tokenizer(),
@@ -83,11 +85,11 @@ impl Harness {
             policies: Policies::default(),
             inbox_capacity: 64,
             max_queue_delay: Duration::ZERO,
-            telemetry: starling::telemetry::Observability::new().unwrap().engine_telemetry("test", false),
+            telemetry: obs.engine_telemetry("test", false),
         };
         let status = Arc::new(EngineStatus::default());
         let (world, schedule) = build_world(parts, status.clone());
-        Harness { world, schedule, tick: 0, now_ms: 0, status }
+        Harness { world, schedule, tick: 0, now_ms: 0, status, obs }
     }
 
     fn submit(&mut self, tenant: &str, ids: Vec<u32>, sampling: SamplingConfig, capacity: usize) -> Stream {
@@ -102,12 +104,28 @@ impl Harness {
         capacity: usize,
         timeout: Duration,
     ) -> Stream {
+        self.send(tenant, None, ids, sampling, capacity, timeout)
+    }
+
+    fn submit_in_session(&mut self, tenant: &str, session: &str, ids: Vec<u32>, sampling: SamplingConfig) -> Stream {
+        self.send(tenant, Some(session), ids, sampling, 256, Duration::from_secs(600))
+    }
+
+    fn send(
+        &mut self,
+        tenant: &str,
+        session: Option<&str>,
+        ids: Vec<u32>,
+        sampling: SamplingConfig,
+        capacity: usize,
+        timeout: Duration,
+    ) -> Stream {
         let (tx, rx) = mpsc::channel(capacity);
         let id = RequestId::next();
         let req = GenerateRequest {
             id,
             tenant: TenantId::from(tenant),
-            session: None,
+            session: session.map(starling::types::SessionId::from),
             input: PromptInput::Tokens(ids),
             sampling,
             timeout,
@@ -132,6 +150,15 @@ impl Harness {
         self.now_ms += 1;
         *self.world.resource_mut::<TickClock>() = TickClock { now: Timestamp(self.now_ms * 1000), tick: self.tick };
         self.schedule.run(&mut self.world);
+        starling::telemetry::engine::after_tick(&mut self.world, Instant::now());
+    }
+
+    /// The value of a metric series of this engine (model label `test`).
+    fn metric(&self, name: &str) -> f64 {
+        let text = self.obs.metrics.render();
+        let prefix = format!("{name}{{model=\"test\"}} ");
+        let line = text.lines().find_map(|l| l.strip_prefix(&prefix));
+        line.unwrap_or_else(|| panic!("no series {prefix}")).trim().parse().unwrap()
     }
 
     fn kv_used(&self) -> usize {
@@ -533,4 +560,102 @@ mod http {
         s.begin_shutdown();
         assert!(s.wait_stopped(Duration::from_secs(30)));
     }
+}
+
+#[test]
+fn kv_starved_decodes_preempt_the_newest_and_every_request_completes_with_its_own_tokens() {
+    let block_bytes = model().kv_layout(16).block_bytes() as u64;
+    // Each request needs 20 + 40 = 60 positions (4 blocks of 16) and fits alone in 6 blocks;
+    // three running together need 12, so decode steps run out of blocks.
+    // One request samples with a seed: a restart keeps its RNG state, so its tokens hold too.
+    let cases: Vec<(Vec<u32>, SamplingConfig)> = vec![
+        (prompt(20, 10), sampling(40, 0.0, 1)),
+        (prompt(20, 11), sampling(40, 0.0, 1)),
+        (prompt(20, 12), sampling(40, 0.8, 5)),
+    ];
+    let alone: Vec<Vec<u32>> = cases.iter().map(|(p, s)| run_alone(p.clone(), s.clone())).collect();
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), block_bytes * 6);
+    let mut streams: Vec<Stream> = cases.iter().map(|(p, s)| h.submit("a", p.clone(), s.clone(), 256)).collect();
+    let mut max_used = 0;
+    for _ in 0..400 {
+        h.run_tick();
+        max_used = max_used.max(h.kv_used());
+        streams.iter_mut().for_each(Stream::drain);
+        if streams.iter().all(|s| s.finish().is_some()) {
+            break;
+        }
+    }
+    for (i, (s, want)) in streams.iter().zip(&alone).enumerate() {
+        assert_eq!(s.finish(), Some(FinishReason::Length), "request {i}: {:?}", s.error());
+        assert_eq!(&s.tokens(), want, "request {i} differs after preemption");
+        let usage =
+            s.events.iter().find_map(|e| if let StreamEvent::Done { usage, .. } = e { Some(*usage) } else { None });
+        assert_eq!(usage.map(|u| (u.prompt_tokens, u.completion_tokens)), Some((20, 40)), "request {i} usage");
+    }
+    let preempted = h.stats().preempted;
+    eprintln!("preemptions: {preempted}");
+    assert!(preempted > 0, "the cap forced preemption");
+    assert_eq!(h.metric("starling_preemptions_total"), preempted as f64);
+    assert!(max_used <= 6, "the cap held ({max_used} blocks)");
+    assert_eq!(h.kv_used(), 0, "every block returned");
+}
+
+#[test]
+fn a_waiting_request_gives_back_the_session_blocks_it_holds_before_a_decode_is_stopped() {
+    let block_bytes = model().kv_layout(16).block_bytes() as u64;
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), block_bytes * 6);
+    // Turn 1 of a session parks 47 positions (3 blocks).
+    let turn1 = prompt(40, 1);
+    let mut t1 = h.submit_in_session("a", "chat", turn1.clone(), sampling(8, 0.0, 1));
+    for _ in 0..12 {
+        h.run_tick();
+    }
+    t1.drain();
+    assert_eq!(t1.finish(), Some(FinishReason::Length));
+    // A request of another tenant starts (2 blocks), then turn 2 (88 tokens, 6 blocks) takes
+    // the session's 3 blocks but cannot start: it waits holding them.
+    let r_prompt = prompt(20, 2);
+    let mut r = h.submit("b", r_prompt.clone(), sampling(40, 0.0, 1), 256);
+    h.run_tick();
+    let turn2: Vec<u32> = turn1.iter().chain(&t1.tokens()).copied().chain(prompt(40, 3)).collect();
+    let mut t2 = h.submit_in_session("a", "chat", turn2, sampling(8, 0.0, 1));
+    h.run_tick();
+    assert_eq!(h.count(|p| *p == Phase::Queued), 1, "turn 2 waits for room");
+    for _ in 0..200 {
+        h.run_tick();
+        r.drain();
+        t2.drain();
+        if r.finish().is_some() && t2.finish().is_some() {
+            break;
+        }
+    }
+    assert_eq!(r.finish(), Some(FinishReason::Length), "the running request was not stopped: {:?}", r.error());
+    assert_eq!(r.tokens(), run_alone(r_prompt, sampling(40, 0.0, 1)));
+    assert_eq!(t2.finish(), Some(FinishReason::Length), "{:?}", t2.error());
+    assert_eq!(h.stats().preempted, 0, "only a waiting request gave blocks back");
+}
+
+#[test]
+fn a_decode_holding_every_block_left_ends_with_a_kv_cache_full_error() {
+    let block_bytes = model().kv_layout(16).block_bytes() as u64;
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), block_bytes * 6);
+    // Four blocks pinned outside the engine: the request fits the cap (4 blocks) but not the rest.
+    let mut pinned = starling::kv::arena::BlockTable::default();
+    h.world.resource_mut::<Kv>().0.prepare(&mut pinned, "elsewhere", 64).unwrap();
+    let mut s = h.submit("a", prompt(20, 1), sampling(40, 0.0, 1), 256);
+    for _ in 0..40 {
+        h.run_tick();
+        s.drain();
+        if s.error().is_some() {
+            break;
+        }
+    }
+    let error = s.error().expect("the request ends with an error");
+    assert_eq!((error.status(), error.code), (503, Some("kv_cache_full")));
+    // Two blocks hold 32 positions: the prompt and 12 generated tokens, from which a 13th
+    // was sampled; what was generated stays delivered.
+    assert_eq!(s.tokens().len(), 13, "tokens up to the two-block limit were delivered");
+    h.run_tick();
+    assert_eq!(h.kv_used(), 4, "its blocks were freed; only the pinned ones remain");
+    assert_eq!(h.live_requests(), 0);
 }

@@ -63,6 +63,13 @@ pub enum Phase {
 #[derive(Component, Debug, Default)]
 pub struct KvHandle(pub BlockTable);
 
+/// Marks a sequence that was preempted (its KV blocks freed to let an older sequence
+/// grow): it waits at the head of its tenant's queue and recomputes its prompt plus what
+/// it generated. Written by batch; read by batch (queue order, usage accounting).
+#[derive(Component, Clone, Copy, Debug)]
+#[component(storage = "SparseSet")]
+pub struct Preempted;
+
 /// Sampling parameters, RNG and penalty state. Written by sample.
 #[derive(Component)]
 pub struct Sampling(pub SamplerState);
