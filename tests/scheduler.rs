@@ -659,3 +659,35 @@ fn a_decode_holding_every_block_left_ends_with_a_kv_cache_full_error() {
     assert_eq!(h.kv_used(), 4, "its blocks were freed; only the pinned ones remain");
     assert_eq!(h.live_requests(), 0);
 }
+
+#[test]
+fn a_preempted_sequence_restarts_before_an_older_request_still_waiting() {
+    let block_bytes = model().kv_layout(16).block_bytes() as u64;
+    let mut h = Harness::new(limits(8, 128), TenantLimits::default(), block_bytes * 6);
+    // A runs (2 blocks); D (70-token prompt, 5 blocks) must wait; B, admitted after D, fits.
+    let mut a = h.submit("t", prompt(20, 1), sampling(40, 0.0, 1), 256);
+    h.run_tick();
+    let mut d = h.submit("t", prompt(70, 2), sampling(4, 0.0, 1), 256);
+    h.run_tick();
+    let mut b = h.submit("t", prompt(20, 3), sampling(40, 0.0, 1), 256);
+    let mut finished_at: [Option<usize>; 3] = [None; 3];
+    for tick in 0..300 {
+        h.run_tick();
+        for (i, s) in [&mut a, &mut b, &mut d].into_iter().enumerate() {
+            s.drain();
+            if s.finish().is_some() && finished_at[i].is_none() {
+                finished_at[i] = Some(tick);
+            }
+        }
+        if finished_at.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    assert!(h.stats().preempted > 0, "B was preempted when A needed its fourth block");
+    for s in [&a, &b, &d] {
+        assert_eq!(s.finish(), Some(FinishReason::Length), "{:?}", s.error());
+    }
+    let [a_end, b_end, d_end] = finished_at.map(Option::unwrap);
+    assert!(a_end < b_end && b_end < d_end, "A, then the preempted B, then D: {finished_at:?}");
+    assert_eq!(b.tokens(), run_alone(prompt(20, 3), sampling(40, 0.0, 1)));
+}

@@ -47,8 +47,7 @@ struct Tick<'a> {
     running_of: HashMap<TenantId, usize>,
     /// Plan index of each entity already planned this tick.
     planned: HashMap<Entity, usize>,
-    /// Sequences preempted this tick. While any is, no queued prompt starts (it would
-    /// take the blocks just freed and cause the next preemption).
+    /// Sequences preempted this tick.
     preemptions: u64,
 }
 
@@ -280,7 +279,7 @@ fn plan_chunk(
         let share = tick.tenants.get(tenant);
         let room = tick.running < tick.limits.max_batch
             && tick.running_of.get(tenant).copied().unwrap_or(0) < share.max_concurrent;
-        if tick.preemptions > 0 || !room || !start_sequence(seqs, kv, links, cand.entity) {
+        if !room || !start_sequence(seqs, kv, links, cand.entity) {
             // No slot or no KV room yet: it waits (the next candidate may be smaller).
             queue.pop_front();
             return 0;
