@@ -691,3 +691,34 @@ fn a_preempted_sequence_restarts_before_an_older_request_still_waiting() {
     assert!(a_end < b_end && b_end < d_end, "A, then the preempted B, then D: {finished_at:?}");
     assert_eq!(b.tokens(), run_alone(prompt(20, 3), sampling(40, 0.0, 1)));
 }
+
+#[test]
+fn a_prompt_preempted_mid_prefill_starts_over_and_both_complete() {
+    let block_bytes = model().kv_layout(16).block_bytes() as u64;
+    // A 16-token budget spreads P's 60-token prompt over four ticks; A needs its third block
+    // (position 32) in the middle of them, and P, the newest, gives its blocks up.
+    let mut h = Harness::new(limits(8, 16), TenantLimits::default(), block_bytes * 6);
+    let mut a = h.submit("t", prompt(15, 1), sampling(30, 0.0, 1), 256);
+    for _ in 0..16 {
+        h.run_tick();
+    }
+    let mut p = h.submit("t", prompt(60, 2), sampling(4, 0.0, 1), 256);
+    let mut saw_prefill_preempted = false;
+    for _ in 0..200 {
+        let prefilling = h.count(|ph| *ph == Phase::Prefill) > 0;
+        let before = h.stats().preempted;
+        h.run_tick();
+        saw_prefill_preempted |= prefilling && h.stats().preempted > before;
+        a.drain();
+        p.drain();
+        if a.finish().is_some() && p.finish().is_some() {
+            break;
+        }
+    }
+    assert!(saw_prefill_preempted, "P was preempted while prefilling");
+    assert_eq!(a.finish(), Some(FinishReason::Length), "{:?}", a.error());
+    assert_eq!(p.finish(), Some(FinishReason::Length), "{:?}", p.error());
+    assert_eq!(a.tokens(), run_alone(prompt(15, 1), sampling(30, 0.0, 1)));
+    assert_eq!(p.tokens(), run_alone(prompt(60, 2), sampling(4, 0.0, 1)));
+    assert_eq!(h.kv_used(), 0);
+}

@@ -287,10 +287,15 @@ fn plan_chunk(
         tick.running += 1;
         *tick.running_of.entry(tenant.clone()).or_default() += 1;
     }
-    let Ok((_, _, tokens, handle, ..)) = seqs.get(cand.entity) else {
+    let Ok((_, phase, tokens, handle, ..)) = seqs.get(cand.entity) else {
         queue.pop_front();
         return 0;
     };
+    if *phase != Phase::Prefill {
+        // Preempted by a decode step earlier in this tick: it starts over from the queue.
+        queue.pop_front();
+        return 0;
+    }
     let (len, total) = (handle.0.len, tokens.ids.len());
     let index = tick.planned.get(&cand.entity).copied();
     let already = index.map_or(0, |i| tick.plan.items[i].n_tokens);
