@@ -557,6 +557,19 @@ mod http {
         assert_eq!(done.json()["finish_reason"], "cancelled");
         let n_tokens = rest.iter().filter(|e| e.event.as_deref() == Some("token")).count() + 1;
         assert!(n_tokens < 400, "the generation stopped early ({n_tokens} tokens)");
+
+        // An OpenAI-shaped stream is cancelled the same way, by its x-request-id.
+        let body = json!({"prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": true, "stream": true});
+        let headers =
+            [("Content-Type", "application/json"), ("Authorization", "Bearer key-a"), ("x-request-id", "oai-1")];
+        let mut sse = open(s.addr, "POST", "/v1/completions", &headers, body.to_string().as_bytes()).sse();
+        assert!(sse.next_event().is_some_and(|e| !e.data.is_empty()), "a first chunk");
+        assert_eq!(post_json_as(s.addr, "key-a", "/v1/cancel", &json!({"request_id": "oai-1"})).status, 200);
+        let rest = sse.rest();
+        assert_eq!(rest.last().map(|e| e.data.as_str()), Some("[DONE]"));
+        let chunks = rest.iter().filter(|e| !e.comment && e.data != "[DONE]").map(|e| e.json());
+        let finish = chunks.filter_map(|c| c["choices"][0]["finish_reason"].as_str().map(str::to_owned)).next_back();
+        assert_eq!(finish.as_deref(), Some("cancelled"));
         s.begin_shutdown();
         assert!(s.wait_stopped(Duration::from_secs(30)));
     }
