@@ -464,7 +464,14 @@ fn an_explicit_cancel_ends_the_request_and_frees_its_blocks_within_one_tick() {
     let mut h = Harness::new(limits(8, 64), TenantLimits::default(), KV_BYTES);
     let mut s = h.submit("a", prompt(40, 1), sampling(100, 0.0, 1), 256);
     let mut other = h.submit("b", prompt(10, 2), sampling(100, 0.0, 1), 256);
-    for _ in 0..3 {
+    // A cancel that arrives in the same inbox batch as its request still finds it.
+    let mut early = h.submit("a", prompt(5, 3), sampling(100, 0.0, 1), 256);
+    let early_reply = h.cancel("a", &early.name);
+    h.run_tick();
+    assert_eq!(reply_code(early_reply), Ok(()));
+    early.drain();
+    assert_eq!((early.finish(), early.tokens().len()), (Some(FinishReason::Cancelled), 0));
+    for _ in 0..2 {
         h.run_tick();
     }
     let (unknown, foreign) = (h.cancel("a", "no-such-request"), h.cancel("b", &s.name));

@@ -16,7 +16,7 @@ use crate::tokenizer::StreamDecoder;
 use crate::types::{SessionId, TenantId, Timestamp};
 
 /// Live requests: their phase and tenant (queue load), prompt tokens, and client-given name.
-type QueuedQuery<'w, 's> =
+type LiveQuery<'w, 's> =
     Query<'w, 's, (Entity, &'static Phase, &'static Tenant, Option<&'static Tokens>, Option<&'static ClientId>)>;
 
 /// Drains the inbox: spawns request entities (and session entities on first use), refuses
@@ -31,7 +31,7 @@ pub fn admit_requests(
     mut report: ResMut<TickReport>,
     mut stats: ResMut<SchedulerStats>,
     mut caches: Query<&mut SessionCache>,
-    queued: QueuedQuery,
+    queued: LiveQuery,
     clock: Res<TickClock>,
     limits: Res<EngineLimits>,
     tenants: Res<TenantLimits>,
@@ -97,7 +97,7 @@ pub fn admit_requests(
 /// same name is not found.
 fn cancel(
     commands: &mut Commands,
-    live: &QueuedQuery,
+    live: &LiveQuery,
     spawned: &[(Entity, TenantId, String)],
     tenant: &TenantId,
     name: &str,
@@ -125,7 +125,7 @@ fn watermarks(limits: &EngineLimits) -> Watermarks {
     Watermarks { high: limits.high_watermark, low: limits.low_watermark, high_tokens: limits.high_watermark_tokens }
 }
 
-fn queue_load(queued: &QueuedQuery) -> QueueLoad {
+fn queue_load(queued: &LiveQuery) -> QueueLoad {
     let mut load = QueueLoad::default();
     for (_, phase, tenant, tokens, _) in queued {
         if *phase == Phase::Queued {
