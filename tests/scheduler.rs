@@ -120,21 +120,9 @@ impl Harness {
         capacity: usize,
         timeout: Duration,
     ) -> Stream {
-        let (tx, rx) = mpsc::channel(capacity);
-        let id = RequestId::next();
-        let req = GenerateRequest {
-            id,
-            tenant: TenantId::from(tenant),
-            session: session.map(starling::types::SessionId::from),
-            input: PromptInput::Tokens(ids),
-            sampling,
-            timeout,
-            received_at: Instant::now(),
-            events: tx,
-        };
-        let cmd = EngineCommand::Generate(Box::new(req));
-        self.world.resource_mut::<starling::engine::resources::Inbox>().0.push_back(cmd);
-        Stream { rx, events: vec![], name: id.to_string() }
+        let (req, stream) = request(tenant, session, ids, sampling, capacity, timeout);
+        self.world.resource_mut::<starling::engine::resources::Inbox>().0.push_back(EngineCommand::Generate(req));
+        stream
     }
 
     /// Queues a cancel of `tenant`'s request named `name`; the reply comes in the next tick.
@@ -176,6 +164,30 @@ impl Harness {
     fn stats(&self) -> SchedulerStats {
         self.world.resource::<SchedulerStats>().clone()
     }
+}
+
+/// A request of `tenant` for `ids`, and the client's end of its stream.
+fn request(
+    tenant: &str,
+    session: Option<&str>,
+    ids: Vec<u32>,
+    sampling: SamplingConfig,
+    capacity: usize,
+    timeout: Duration,
+) -> (Box<GenerateRequest>, Stream) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let id = RequestId::next();
+    let req = GenerateRequest {
+        id,
+        tenant: TenantId::from(tenant),
+        session: session.map(starling::types::SessionId::from),
+        input: PromptInput::Tokens(ids),
+        sampling,
+        timeout,
+        received_at: Instant::now(),
+        events: tx,
+    };
+    (Box::new(req), Stream { rx, events: vec![], name: id.to_string() })
 }
 
 /// A client's end of one request: events received so far.

@@ -120,7 +120,7 @@ fn record_batch(world: &World, span: &tracing::Span) {
     span.record("batch_tokens", plan.total_tokens());
     if super::trace::capturing() {
         let ids: Vec<String> =
-            plan.items.iter().filter_map(|i| world.get::<Request>(i.entity)).map(|r| r.0.to_string()).collect();
+            plan.items.iter().filter_map(|i| world.get::<ClientId>(i.entity)).map(|c| c.0.clone()).collect();
         span.record("requests", tracing::field::display(ids.join(",")));
     }
 }
@@ -219,6 +219,7 @@ type FinishedQuery<'w, 's> = Query<
     's,
     (
         &'static Request,
+        Option<&'static ClientId>,
         &'static Tenant,
         &'static Phase,
         &'static Timing,
@@ -237,7 +238,10 @@ fn on_request_removed(
     clock: Res<TickClock>,
     tokenizer: Res<TokenizerRes>,
 ) {
-    let Ok((request, tenant, phase, timing, tokens, cached, link)) = requests.get(ev.event().entity) else { return };
+    let Ok((request, name, tenant, phase, timing, tokens, cached, link)) = requests.get(ev.event().entity) else {
+        return;
+    };
+    let request_id = name.map_or_else(|| request.0.to_string(), |n| n.0.clone());
     let reason = match phase {
         Phase::Finished(r) => *r,
         _ => FinishReason::Cancelled,
@@ -274,7 +278,7 @@ fn on_request_removed(
         _ => None,
     };
     let line = RequestLine {
-        request_id: request.0.0,
+        request_id: &request_id,
         session_id: session,
         tenant: tenant.0.as_str(),
         model: &m.model,
@@ -290,7 +294,8 @@ fn on_request_removed(
 
 /// The fields of the one log line written per finished request.
 struct RequestLine<'a> {
-    request_id: u64,
+    /// The id the gateway logged and echoed (`x-request-id`), so the lines correlate.
+    request_id: &'a str,
     session_id: &'a str,
     tenant: &'a str,
     model: &'a str,
