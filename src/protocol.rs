@@ -40,13 +40,17 @@ pub struct GenerateRequest {
 /// Commands the engine thread accepts on its bounded inbox.
 #[derive(Debug)]
 pub enum EngineCommand {
+    /// A generation named by its [`RequestId`] (`req-N`) for [`EngineCommand::Cancel`].
     Generate(Box<GenerateRequest>),
+    /// A generation the client names by `client_id`: the `x-request-id` the gateway echoes
+    /// on the response, which [`EngineCommand::Cancel`] takes.
+    GenerateNamed { request: Box<GenerateRequest>, client_id: String },
+    /// Ends the tenant's live requests named `request_id` within one tick (finish reason
+    /// `cancelled`, KV blocks freed). Replies `not_found` when the tenant has none by that
+    /// name (another tenant's requests are invisible).
+    Cancel { tenant: TenantId, request_id: String, reply: oneshot::Sender<Result<(), ApiError>> },
     /// Frees a session's cached state. Replies `not_found` for unknown sessions (or another tenant's).
-    CloseSession {
-        tenant: TenantId,
-        session: SessionId,
-        reply: oneshot::Sender<Result<(), ApiError>>,
-    },
+    CloseSession { tenant: TenantId, session: SessionId, reply: oneshot::Sender<Result<(), ApiError>> },
     /// Stops the engine loop after the current tick; in-flight requests are cancelled.
     Shutdown,
 }

@@ -408,6 +408,8 @@ fn chrome_trace_and_json_request_logs() {
     for field in ["request_id", "tenant", "model", "ttft_ms", "duration_ms"] {
         assert!(!first[field].is_null(), "{field} missing from {first}");
     }
+    let id = first["request_id"].as_str().unwrap_or_default();
+    assert!(id.starts_with("req-"), "the gateway's request id (x-request-id), not an engine number: {first}");
     assert_eq!(first["tenant"], "anonymous");
     assert_eq!(first["model"], "smollm2");
     assert_eq!(first["finish_reason"], "length");
@@ -494,7 +496,7 @@ fn grafana_dashboard_charts_every_series() {
     });
     let rendered = m.render();
     let names: Vec<&str> = rendered.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
-    assert_eq!(names.len(), 24, "{names:?}");
+    assert_eq!(names.len(), 25, "{names:?}");
     for name in names {
         assert!(exprs.iter().any(|e| e.contains(name)), "no panel charts {name}");
     }

@@ -18,7 +18,7 @@ use starling::protocol::{EngineCommand, FinishReason, GenerateRequest, PromptInp
 use starling::sampler::{SamplerLimits, SamplingConfig, SamplingParams};
 use starling::tokenizer::GgufTokenizer;
 use starling::types::{RequestId, TenantId, Timestamp};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 fn model() -> Arc<LlamaModel> {
     static MODEL: OnceLock<Arc<LlamaModel>> = OnceLock::new();
@@ -67,12 +67,14 @@ struct Harness {
     tick: u64,
     now_ms: u64,
     status: Arc<EngineStatus>,
+    obs: starling::telemetry::Observability,
 }
 
 impl Harness {
     fn new(limits: EngineLimits, tenants: TenantLimits, kv_bytes: u64) -> Harness {
         let m = model();
         let kv = KvCache::new(KvArena::new(m.kv_layout(16), kv_bytes).expect("kv arena"), None);
+        let obs = starling::telemetry::Observability::new().unwrap();
         let parts = EngineParts {
             model: m,
             tokenizer: tokenizer(),
@@ -83,11 +85,11 @@ impl Harness {
             policies: Policies::default(),
             inbox_capacity: 64,
             max_queue_delay: Duration::ZERO,
-            telemetry: starling::telemetry::Observability::new().unwrap().engine_telemetry("test", false),
+            telemetry: obs.engine_telemetry("test", false),
         };
         let status = Arc::new(EngineStatus::default());
         let (world, schedule) = build_world(parts, status.clone());
-        Harness { world, schedule, tick: 0, now_ms: 0, status }
+        Harness { world, schedule, tick: 0, now_ms: 0, status, obs }
     }
 
     fn submit(&mut self, tenant: &str, ids: Vec<u32>, sampling: SamplingConfig, capacity: usize) -> Stream {
@@ -102,20 +104,33 @@ impl Harness {
         capacity: usize,
         timeout: Duration,
     ) -> Stream {
-        let (tx, rx) = mpsc::channel(capacity);
-        let req = GenerateRequest {
-            id: RequestId::next(),
-            tenant: TenantId::from(tenant),
-            session: None,
-            input: PromptInput::Tokens(ids),
-            sampling,
-            timeout,
-            received_at: Instant::now(),
-            events: tx,
-        };
-        let cmd = EngineCommand::Generate(Box::new(req));
+        self.send(tenant, None, ids, sampling, capacity, timeout)
+    }
+
+    fn submit_in_session(&mut self, tenant: &str, session: &str, ids: Vec<u32>, sampling: SamplingConfig) -> Stream {
+        self.send(tenant, Some(session), ids, sampling, 256, Duration::from_secs(600))
+    }
+
+    fn send(
+        &mut self,
+        tenant: &str,
+        session: Option<&str>,
+        ids: Vec<u32>,
+        sampling: SamplingConfig,
+        capacity: usize,
+        timeout: Duration,
+    ) -> Stream {
+        let (req, stream) = request(tenant, session, ids, sampling, capacity, timeout);
+        self.world.resource_mut::<starling::engine::resources::Inbox>().0.push_back(EngineCommand::Generate(req));
+        stream
+    }
+
+    /// Queues a cancel of `tenant`'s request named `name`; the reply comes in the next tick.
+    fn cancel(&mut self, tenant: &str, name: &str) -> oneshot::Receiver<Result<(), starling::error::ApiError>> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = EngineCommand::Cancel { tenant: TenantId::from(tenant), request_id: name.to_owned(), reply };
         self.world.resource_mut::<starling::engine::resources::Inbox>().0.push_back(cmd);
-        Stream { rx, events: vec![] }
+        rx
     }
 
     fn run_tick(&mut self) {
@@ -123,6 +138,15 @@ impl Harness {
         self.now_ms += 1;
         *self.world.resource_mut::<TickClock>() = TickClock { now: Timestamp(self.now_ms * 1000), tick: self.tick };
         self.schedule.run(&mut self.world);
+        starling::telemetry::engine::after_tick(&mut self.world, Instant::now());
+    }
+
+    /// The value of a metric series of this engine (model label `test`).
+    fn metric(&self, name: &str) -> f64 {
+        let text = self.obs.metrics.render();
+        let prefix = format!("{name}{{model=\"test\"}} ");
+        let line = text.lines().find_map(|l| l.strip_prefix(&prefix));
+        line.unwrap_or_else(|| panic!("no series {prefix}")).trim().parse().unwrap()
     }
 
     fn kv_used(&self) -> usize {
@@ -142,10 +166,36 @@ impl Harness {
     }
 }
 
+/// A request of `tenant` for `ids`, and the client's end of its stream.
+fn request(
+    tenant: &str,
+    session: Option<&str>,
+    ids: Vec<u32>,
+    sampling: SamplingConfig,
+    capacity: usize,
+    timeout: Duration,
+) -> (Box<GenerateRequest>, Stream) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let id = RequestId::next();
+    let req = GenerateRequest {
+        id,
+        tenant: TenantId::from(tenant),
+        session: session.map(starling::types::SessionId::from),
+        input: PromptInput::Tokens(ids),
+        sampling,
+        timeout,
+        received_at: Instant::now(),
+        events: tx,
+    };
+    (Box::new(req), Stream { rx, events: vec![], name: id.to_string() })
+}
+
 /// A client's end of one request: events received so far.
 struct Stream {
     rx: mpsc::Receiver<StreamEvent>,
     events: Vec<StreamEvent>,
+    /// The name a cancel takes (`req-N` for requests sent without a client id).
+    name: String,
 }
 
 impl Stream {
@@ -413,4 +463,294 @@ fn a_tenant_past_max_queued_gets_429_with_its_reason() {
     assert_eq!(codes, [None, None, Some("tenant_queue_full"), Some("tenant_queue_full")]);
     assert!(b.error().is_none(), "another tenant is unaffected");
     assert_eq!(h.stats().rejected.get("tenant_queue_full"), Some(&2));
+}
+
+fn reply_code(
+    mut rx: oneshot::Receiver<Result<(), starling::error::ApiError>>,
+) -> Result<(), (u16, Option<&'static str>)> {
+    rx.try_recv().expect("the engine replied within the tick").map_err(|e| (e.status(), e.code))
+}
+
+#[test]
+fn an_explicit_cancel_ends_the_request_and_frees_its_blocks_within_one_tick() {
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), KV_BYTES);
+    let mut s = h.submit("a", prompt(40, 1), sampling(100, 0.0, 1), 256);
+    let mut other = h.submit("b", prompt(10, 2), sampling(100, 0.0, 1), 256);
+    // A cancel that arrives in the same inbox batch as its request still finds it.
+    let mut early = h.submit("a", prompt(5, 3), sampling(100, 0.0, 1), 256);
+    let early_reply = h.cancel("a", &early.name);
+    h.run_tick();
+    assert_eq!(reply_code(early_reply), Ok(()));
+    early.drain();
+    assert_eq!((early.finish(), early.tokens().len()), (Some(FinishReason::Cancelled), 0));
+    for _ in 0..2 {
+        h.run_tick();
+    }
+    let (unknown, foreign) = (h.cancel("a", "no-such-request"), h.cancel("b", &s.name));
+    h.run_tick();
+    let not_found = Err((404, Some("request_not_found")));
+    assert_eq!(reply_code(unknown), not_found, "an unknown id is not found");
+    assert_eq!(reply_code(foreign), not_found, "another tenant's request is not found");
+    s.drain();
+    assert!(s.finish().is_none() && s.tokens().len() >= 3, "still decoding: {:?}", s.events);
+    let used_both = h.kv_used();
+    let reply = h.cancel("a", &s.name);
+    h.run_tick();
+    assert_eq!(reply_code(reply), Ok(()));
+    s.drain();
+    assert_eq!(s.finish(), Some(FinishReason::Cancelled));
+    assert_eq!(used_both - h.kv_used(), 3, "40 prompt + 4 generated positions = 3 blocks of 16 freed");
+    assert_eq!(h.live_requests(), 1);
+    other.drain();
+    assert!(other.finish().is_none(), "the other request keeps going");
+}
+
+#[test]
+fn a_cancelled_request_whose_reader_is_behind_frees_its_blocks_at_once() {
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), KV_BYTES);
+    // Room for two events: the stream pauses after `started` and one token.
+    let mut s = h.submit("a", prompt(20, 1), sampling(100, 0.0, 1), 2);
+    for _ in 0..4 {
+        h.run_tick();
+    }
+    assert!(h.kv_used() > 0 && h.stats().paused > 0, "paused on its full channel");
+    let reply = h.cancel("a", &s.name);
+    h.run_tick();
+    assert_eq!(reply_code(reply), Ok(()));
+    assert_eq!(h.kv_used(), 0, "blocks freed while the final event still waits");
+    for _ in 0..4 {
+        s.drain();
+        h.run_tick();
+    }
+    s.drain();
+    assert_eq!(s.finish(), Some(FinishReason::Cancelled), "the reader still gets the final event");
+    assert_eq!(h.live_requests(), 0);
+}
+
+mod http {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use serde_json::json;
+
+    use crate::support::{TestServer, open, post_json_as};
+
+    #[test]
+    fn post_v1_cancel_ends_a_stream_by_its_request_id_for_its_tenant_only() {
+        let mut s = TestServer::start(|c| {
+            c.auth.api_keys = starling::config::parse_api_keys("key-a:alpha,key-b:beta").unwrap();
+            for t in ["alpha", "beta"] {
+                c.tenants.push(starling::config::TenantConfig::with_defaults(t.into()));
+            }
+        });
+        let body = json!({"prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": true, "stream": true});
+        let headers =
+            [("Content-Type", "application/json"), ("Authorization", "Bearer key-a"), ("x-request-id", "story-1")];
+        let conn = open(s.addr, "POST", "/v1/generate", &headers, body.to_string().as_bytes());
+        assert_eq!((conn.status, conn.header("x-request-id")), (200, Some("story-1")));
+        let mut sse = conn.sse();
+        let first = sse.next_event().expect("a first event");
+        assert_eq!(first.event.as_deref(), Some("token"));
+
+        let cancel = json!({"request_id": "story-1"});
+        let r = post_json_as(s.addr, "key-b", "/v1/cancel", &cancel);
+        assert_eq!((r.status, r.json()["error"]["code"].as_str()), (404, Some("request_not_found")));
+        let r = post_json_as(s.addr, "key-a", "/v1/cancel", &json!({"request_id": "story-2"}));
+        assert_eq!(r.status, 404, "an unknown id");
+        let r = post_json_as(s.addr, "key-a", "/v1/cancel", &json!({"request_id": 7}));
+        assert_eq!(r.status, 400, "a malformed body");
+
+        let status = s.state.models[0].engine.status.clone();
+        let r = post_json_as(s.addr, "key-a", "/v1/cancel", &cancel);
+        let ticks_at_reply = status.ticks.load(Ordering::Relaxed);
+        assert_eq!((r.status, r.json()["cancelled"].as_str()), (200, Some("story-1")));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while status.kv_blocks_used.load(Ordering::Relaxed) > 0 {
+            assert!(Instant::now() < deadline, "blocks still held after the cancel");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let ticks = status.ticks.load(Ordering::Relaxed);
+        assert!(ticks <= ticks_at_reply + 1, "freed in the cancel's tick ({ticks_at_reply} -> {ticks})");
+        let rest = sse.rest();
+        let done = rest.iter().find(|e| e.event.as_deref() == Some("done")).expect("a done event");
+        assert_eq!(done.json()["finish_reason"], "cancelled");
+        let n_tokens = rest.iter().filter(|e| e.event.as_deref() == Some("token")).count() + 1;
+        assert!(n_tokens < 400, "the generation stopped early ({n_tokens} tokens)");
+
+        // An OpenAI-shaped stream is cancelled the same way, by its x-request-id.
+        let body = json!({"prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": true, "stream": true});
+        let headers =
+            [("Content-Type", "application/json"), ("Authorization", "Bearer key-a"), ("x-request-id", "oai-1")];
+        let mut sse = open(s.addr, "POST", "/v1/completions", &headers, body.to_string().as_bytes()).sse();
+        assert!(sse.next_event().is_some_and(|e| !e.data.is_empty()), "a first chunk");
+        assert_eq!(post_json_as(s.addr, "key-a", "/v1/cancel", &json!({"request_id": "oai-1"})).status, 200);
+        let rest = sse.rest();
+        assert_eq!(rest.last().map(|e| e.data.as_str()), Some("[DONE]"));
+        let chunks = rest.iter().filter(|e| !e.comment && e.data != "[DONE]").map(|e| e.json());
+        let finish = chunks.filter_map(|c| c["choices"][0]["finish_reason"].as_str().map(str::to_owned)).next_back();
+        assert_eq!(finish.as_deref(), Some("cancelled"));
+        s.begin_shutdown();
+        assert!(s.wait_stopped(Duration::from_secs(30)));
+    }
+}
+
+#[test]
+fn kv_starved_decodes_preempt_the_newest_and_every_request_completes_with_its_own_tokens() {
+    let block_bytes = model().kv_layout(16).block_bytes() as u64;
+    // Each request needs 20 + 40 = 60 positions (4 blocks of 16) and fits alone in 6 blocks;
+    // three running together need 12, so decode steps run out of blocks.
+    // One request samples with a seed: a restart keeps its RNG state, so its tokens hold too.
+    let cases: Vec<(Vec<u32>, SamplingConfig)> = vec![
+        (prompt(20, 10), sampling(40, 0.0, 1)),
+        (prompt(20, 11), sampling(40, 0.0, 1)),
+        (prompt(20, 12), sampling(40, 0.8, 5)),
+    ];
+    let alone: Vec<Vec<u32>> = cases.iter().map(|(p, s)| run_alone(p.clone(), s.clone())).collect();
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), block_bytes * 6);
+    let mut streams: Vec<Stream> = cases.iter().map(|(p, s)| h.submit("a", p.clone(), s.clone(), 256)).collect();
+    let mut max_used = 0;
+    for _ in 0..400 {
+        h.run_tick();
+        max_used = max_used.max(h.kv_used());
+        streams.iter_mut().for_each(Stream::drain);
+        if streams.iter().all(|s| s.finish().is_some()) {
+            break;
+        }
+    }
+    for (i, (s, want)) in streams.iter().zip(&alone).enumerate() {
+        assert_eq!(s.finish(), Some(FinishReason::Length), "request {i}: {:?}", s.error());
+        assert_eq!(&s.tokens(), want, "request {i} differs after preemption");
+        let usage =
+            s.events.iter().find_map(|e| if let StreamEvent::Done { usage, .. } = e { Some(*usage) } else { None });
+        assert_eq!(usage.map(|u| (u.prompt_tokens, u.completion_tokens)), Some((20, 40)), "request {i} usage");
+    }
+    let preempted = h.stats().preempted;
+    eprintln!("preemptions: {preempted}");
+    assert!(preempted > 0, "the cap forced preemption");
+    assert_eq!(h.metric("starling_preemptions_total"), preempted as f64);
+    assert!(max_used <= 6, "the cap held ({max_used} blocks)");
+    assert_eq!(h.kv_used(), 0, "every block returned");
+}
+
+#[test]
+fn a_waiting_request_gives_back_the_session_blocks_it_holds_before_a_decode_is_stopped() {
+    let block_bytes = model().kv_layout(16).block_bytes() as u64;
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), block_bytes * 6);
+    // Turn 1 of a session parks 47 positions (3 blocks).
+    let turn1 = prompt(40, 1);
+    let mut t1 = h.submit_in_session("a", "chat", turn1.clone(), sampling(8, 0.0, 1));
+    for _ in 0..12 {
+        h.run_tick();
+    }
+    t1.drain();
+    assert_eq!(t1.finish(), Some(FinishReason::Length));
+    // A request of another tenant starts (2 blocks), then turn 2 (88 tokens, 6 blocks) takes
+    // the session's 3 blocks but cannot start: it waits holding them.
+    let r_prompt = prompt(20, 2);
+    let mut r = h.submit("b", r_prompt.clone(), sampling(40, 0.0, 1), 256);
+    h.run_tick();
+    let turn2: Vec<u32> = turn1.iter().chain(&t1.tokens()).copied().chain(prompt(40, 3)).collect();
+    let mut t2 = h.submit_in_session("a", "chat", turn2, sampling(8, 0.0, 1));
+    h.run_tick();
+    assert_eq!(h.count(|p| *p == Phase::Queued), 1, "turn 2 waits for room");
+    for _ in 0..200 {
+        h.run_tick();
+        r.drain();
+        t2.drain();
+        if r.finish().is_some() && t2.finish().is_some() {
+            break;
+        }
+    }
+    assert_eq!(r.finish(), Some(FinishReason::Length), "the running request was not stopped: {:?}", r.error());
+    assert_eq!(r.tokens(), run_alone(r_prompt, sampling(40, 0.0, 1)));
+    assert_eq!(t2.finish(), Some(FinishReason::Length), "{:?}", t2.error());
+    assert_eq!(h.stats().preempted, 0, "only a waiting request gave blocks back");
+}
+
+#[test]
+fn a_decode_holding_every_block_left_ends_with_a_kv_cache_full_error() {
+    let block_bytes = model().kv_layout(16).block_bytes() as u64;
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), block_bytes * 6);
+    // Four blocks pinned outside the engine: the request fits the cap (4 blocks) but not the rest.
+    let mut pinned = starling::kv::arena::BlockTable::default();
+    h.world.resource_mut::<Kv>().0.prepare(&mut pinned, "elsewhere", 64).unwrap();
+    let mut s = h.submit("a", prompt(20, 1), sampling(40, 0.0, 1), 256);
+    for _ in 0..40 {
+        h.run_tick();
+        s.drain();
+        if s.error().is_some() {
+            break;
+        }
+    }
+    let error = s.error().expect("the request ends with an error");
+    assert_eq!((error.status(), error.code), (503, Some("kv_cache_full")));
+    // Two blocks hold 32 positions: the prompt and 12 generated tokens, from which a 13th
+    // was sampled; what was generated stays delivered.
+    assert_eq!(s.tokens().len(), 13, "tokens up to the two-block limit were delivered");
+    h.run_tick();
+    assert_eq!(h.kv_used(), 4, "its blocks were freed; only the pinned ones remain");
+    assert_eq!(h.live_requests(), 0);
+}
+
+#[test]
+fn a_preempted_sequence_restarts_before_an_older_request_still_waiting() {
+    let block_bytes = model().kv_layout(16).block_bytes() as u64;
+    let mut h = Harness::new(limits(8, 128), TenantLimits::default(), block_bytes * 6);
+    // A runs (2 blocks); D (70-token prompt, 5 blocks) must wait; B, admitted after D, fits.
+    let mut a = h.submit("t", prompt(20, 1), sampling(40, 0.0, 1), 256);
+    h.run_tick();
+    let mut d = h.submit("t", prompt(70, 2), sampling(4, 0.0, 1), 256);
+    h.run_tick();
+    let mut b = h.submit("t", prompt(20, 3), sampling(40, 0.0, 1), 256);
+    let mut finished_at: [Option<usize>; 3] = [None; 3];
+    for tick in 0..300 {
+        h.run_tick();
+        for (i, s) in [&mut a, &mut b, &mut d].into_iter().enumerate() {
+            s.drain();
+            if s.finish().is_some() && finished_at[i].is_none() {
+                finished_at[i] = Some(tick);
+            }
+        }
+        if finished_at.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    assert!(h.stats().preempted > 0, "B was preempted when A needed its fourth block");
+    for s in [&a, &b, &d] {
+        assert_eq!(s.finish(), Some(FinishReason::Length), "{:?}", s.error());
+    }
+    let [a_end, b_end, d_end] = finished_at.map(Option::unwrap);
+    assert!(a_end < b_end && b_end < d_end, "A, then the preempted B, then D: {finished_at:?}");
+    assert_eq!(b.tokens(), run_alone(prompt(20, 3), sampling(40, 0.0, 1)));
+}
+
+#[test]
+fn a_prompt_preempted_mid_prefill_starts_over_and_both_complete() {
+    let block_bytes = model().kv_layout(16).block_bytes() as u64;
+    // A 16-token budget spreads P's 60-token prompt over four ticks; A needs its third block
+    // (position 32) in the middle of them, and P, the newest, gives its blocks up.
+    let mut h = Harness::new(limits(8, 16), TenantLimits::default(), block_bytes * 6);
+    let mut a = h.submit("t", prompt(15, 1), sampling(30, 0.0, 1), 256);
+    for _ in 0..16 {
+        h.run_tick();
+    }
+    let mut p = h.submit("t", prompt(60, 2), sampling(4, 0.0, 1), 256);
+    let mut saw_prefill_preempted = false;
+    for _ in 0..200 {
+        let prefilling = h.count(|ph| *ph == Phase::Prefill) > 0;
+        let before = h.stats().preempted;
+        h.run_tick();
+        saw_prefill_preempted |= prefilling && h.stats().preempted > before;
+        a.drain();
+        p.drain();
+        if a.finish().is_some() && p.finish().is_some() {
+            break;
+        }
+    }
+    assert!(saw_prefill_preempted, "P was preempted while prefilling");
+    assert_eq!(a.finish(), Some(FinishReason::Length), "{:?}", a.error());
+    assert_eq!(p.finish(), Some(FinishReason::Length), "{:?}", p.error());
+    assert_eq!(a.tokens(), run_alone(prompt(15, 1), sampling(30, 0.0, 1)));
+    assert_eq!(p.tokens(), run_alone(prompt(60, 2), sampling(4, 0.0, 1)));
+    assert_eq!(h.kv_used(), 0);
 }

@@ -13,6 +13,11 @@ use crate::types::{RequestId, TenantId, Timestamp, TokenId};
 #[derive(Component, Clone, Copy, Debug)]
 pub struct Request(pub RequestId);
 
+/// The name the client knows the request by (its `x-request-id`, or `req-N`). Written by
+/// admit; read by admit when a cancel names it.
+#[derive(Component, Clone, Debug, PartialEq, Eq)]
+pub struct ClientId(pub String);
+
 /// The tenant that sent the request. Written by admit; read by batch (fairness) and policies.
 #[derive(Component, Clone, Debug)]
 pub struct Tenant(pub TenantId);
@@ -57,6 +62,13 @@ pub enum Phase {
 /// and forward (len); read by forward; released or handed back to the session by evict.
 #[derive(Component, Debug, Default)]
 pub struct KvHandle(pub BlockTable);
+
+/// Marks a sequence that was preempted (its KV blocks freed to let an older sequence
+/// grow): it waits at the head of its tenant's queue and recomputes its prompt plus what
+/// it generated. Written by batch; read by batch (queue order, usage accounting).
+#[derive(Component, Clone, Copy, Debug)]
+#[component(storage = "SparseSet")]
+pub struct Preempted;
 
 /// Sampling parameters, RNG and penalty state. Written by sample.
 #[derive(Component)]

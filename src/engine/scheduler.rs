@@ -289,7 +289,8 @@ pub struct SchedulerStats {
     pub rejected: BTreeMap<&'static str, u64>,
     /// Sequence-ticks skipped because the client's stream channel was full.
     pub paused: u64,
-    /// Sequences stopped mid-generation because the KV cache had no room.
+    /// Running sequences preempted (blocks freed, recomputed later) so that an older
+    /// sequence the KV cache could not grow could go on.
     pub preempted: u64,
     /// Sequences per forward pass.
     pub batch_size: Histogram,

@@ -200,6 +200,7 @@ async fn route(state: &Arc<AppState>, ctx: Ctx, req: Request<Incoming>) -> Resul
         (Method::POST, "/v1/tokenize") => native::tokenize(state, req).await,
         (Method::POST, "/v1/detokenize") => native::detokenize(state, req).await,
         (Method::POST, "/v1/session/close") => native::close_session(state, &ctx, req).await,
+        (Method::POST, "/v1/cancel") => native::cancel(state, &ctx, req).await,
         (Method::GET, "/admin/stats") => Ok(native::stats(state)),
         (method, p) => Err(no_route(&method, p)),
     }
@@ -232,5 +233,6 @@ const ROUTES: &[(&str, &[Method])] = &[
     ("/v1/tokenize", &[Method::POST]),
     ("/v1/detokenize", &[Method::POST]),
     ("/v1/session/close", &[Method::POST]),
+    ("/v1/cancel", &[Method::POST]),
     ("/admin/stats", &[Method::GET]),
 ];

@@ -208,7 +208,8 @@ pub async fn submit(state: &Arc<AppState>, ctx: &Ctx, model: &LoadedModel, job: 
         received_at: Instant::now(),
         events: tx,
     };
-    let sent = model.engine.send(EngineCommand::Generate(Box::new(request)));
+    let client_id = ctx.request_id.clone();
+    let sent = model.engine.send(EngineCommand::GenerateNamed { request: Box::new(request), client_id });
     sent.map_err(|e| state.obs.rejected(model.id.as_str(), e))?;
     match rx.recv().await {
         Some(StreamEvent::Started { .. }) => Ok(Submission {
@@ -449,6 +450,32 @@ pub async fn close_session(
     model.engine.send(EngineCommand::CloseSession { tenant, session: SessionId(body.session_id.clone()), reply })?;
     match wait.await {
         Ok(Ok(())) => Ok(json_response(StatusCode::OK, &json!({"closed": body.session_id}))),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ApiError::new(ErrorKind::Unavailable, "the engine stopped").with_code("engine_stopped")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    request_id: String,
+    model: Option<String>,
+}
+
+/// `POST /v1/cancel`: ends the caller's running request named `request_id` (the
+/// `x-request-id` its response carried). Its stream ends with finish reason `cancelled`;
+/// an unknown id, or another tenant's, is 404.
+pub async fn cancel(state: &Arc<AppState>, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let body: CancelBody = from_map(read_object(state, req).await?)?;
+    if body.request_id.is_empty() {
+        return Err(ApiError::invalid_parameter("request_id", "`request_id` must not be empty"));
+    }
+    let model = state.model(body.model.as_deref())?;
+    let (reply, wait) = oneshot::channel();
+    let tenant = ctx.caller.tenant.clone();
+    model.engine.send(EngineCommand::Cancel { tenant, request_id: body.request_id.clone(), reply })?;
+    match wait.await {
+        Ok(Ok(())) => Ok(json_response(StatusCode::OK, &json!({"cancelled": body.request_id}))),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(ApiError::new(ErrorKind::Unavailable, "the engine stopped").with_code("engine_stopped")),
     }

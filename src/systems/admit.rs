@@ -10,17 +10,18 @@ use crate::engine::scheduler::{
     QueueLoad, Rejection, SchedulerStats, TenantLimits, Watermarks, estimate_tokens, rejection_error,
 };
 use crate::error::{ApiError, ErrorKind};
-use crate::protocol::{EngineCommand, GenerateRequest, StreamEvent};
+use crate::protocol::{EngineCommand, FinishReason, GenerateRequest, StreamEvent};
 use crate::sampler::{SamplerState, TextGate};
 use crate::tokenizer::StreamDecoder;
 use crate::types::{SessionId, TenantId, Timestamp};
 
-/// Queued requests by tenant, with their prompt tokens, at the start of admission.
-type QueuedQuery<'w, 's> = Query<'w, 's, (&'static Phase, &'static Tenant, Option<&'static Tokens>)>;
+/// Live requests: their phase and tenant (queue load), prompt tokens, and client-given name.
+type LiveQuery<'w, 's> =
+    Query<'w, 's, (Entity, &'static Phase, &'static Tenant, Option<&'static Tokens>, Option<&'static ClientId>)>;
 
 /// Drains the inbox: spawns request entities (and session entities on first use), refuses
 /// work over the queue watermarks or the tenant's `max_queued` with 429 and a reason,
-/// closes sessions, and notes a shutdown request.
+/// cancels requests by name, closes sessions, and notes a shutdown request.
 #[allow(clippy::too_many_arguments)]
 pub fn admit_requests(
     mut commands: Commands,
@@ -30,7 +31,7 @@ pub fn admit_requests(
     mut report: ResMut<TickReport>,
     mut stats: ResMut<SchedulerStats>,
     mut caches: Query<&mut SessionCache>,
-    queued: QueuedQuery,
+    queued: LiveQuery,
     clock: Res<TickClock>,
     limits: Res<EngineLimits>,
     tenants: Res<TenantLimits>,
@@ -39,38 +40,51 @@ pub fn admit_requests(
     let mut load = queue_load(&queued);
     let marks = watermarks(&limits);
     marks.update(&mut gate.open, &load);
+    // Requests spawned by this pass (their entities exist once the commands are applied).
+    let mut spawned: Vec<(Entity, TenantId, String)> = vec![];
     while let Some(cmd) = inbox.0.pop_front() {
-        match cmd {
+        let (req, name) = match cmd {
             EngineCommand::Generate(req) => {
-                let share = tenants.get(&req.tenant);
-                let tokens = estimate_tokens(&req.input);
-                if let Err(reason) = marks.admit(&mut gate.open, &load, &req.tenant, share, tokens) {
-                    stats.reject(reason);
-                    reject(&req, rejection_error(reason, &load, &req.tenant, share));
-                    continue;
-                }
-                let session = match req.session.clone() {
-                    Some(id) => {
-                        match session_entity(&mut commands, &mut sessions, &mut caches, &req, id, &limits, clock.now) {
-                            Ok(e) => Some(e),
-                            Err((reason, e)) => {
-                                stats.reject(reason);
-                                reject(&req, e);
-                                continue;
-                            }
-                        }
-                    }
-                    None => None,
-                };
-                load.add(&req.tenant, tokens);
-                stats.admitted += 1;
-                spawn_request(&mut commands, *req, session, clock.now);
+                let name = req.id.to_string();
+                (req, name)
+            }
+            EngineCommand::GenerateNamed { request, client_id } => (request, client_id),
+            EngineCommand::Cancel { tenant, request_id, reply } => {
+                let _ = reply.send(cancel(&mut commands, &queued, &spawned, &tenant, &request_id));
+                continue;
             }
             EngineCommand::CloseSession { tenant, session, reply } => {
                 let _ = reply.send(close_session(&mut commands, &mut sessions, &caches, (tenant, session)));
+                continue;
             }
-            EngineCommand::Shutdown => report.stop_requested = true,
+            EngineCommand::Shutdown => {
+                report.stop_requested = true;
+                continue;
+            }
+        };
+        let share = tenants.get(&req.tenant);
+        let tokens = estimate_tokens(&req.input);
+        if let Err(reason) = marks.admit(&mut gate.open, &load, &req.tenant, share, tokens) {
+            stats.reject(reason);
+            reject(&req, rejection_error(reason, &load, &req.tenant, share));
+            continue;
         }
+        let session = match req.session.clone() {
+            Some(id) => match session_entity(&mut commands, &mut sessions, &mut caches, &req, id, &limits, clock.now) {
+                Ok(e) => Some(e),
+                Err((reason, e)) => {
+                    stats.reject(reason);
+                    reject(&req, e);
+                    continue;
+                }
+            },
+            None => None,
+        };
+        load.add(&req.tenant, tokens);
+        stats.admitted += 1;
+        let tenant = req.tenant.clone();
+        let entity = spawn_request(&mut commands, *req, ClientId(name.clone()), session, clock.now);
+        spawned.push((entity, tenant, name));
     }
     stats.queue_depth = load.requests;
     stats.queued_tokens = load.tokens;
@@ -78,13 +92,42 @@ pub fn admit_requests(
     status.0.admission_open.store(gate.open, Ordering::Relaxed);
 }
 
+/// Ends every live request of `tenant` named `name` (`cancelled`; evict frees its blocks in
+/// this tick). A request already finished is left as it is. Another tenant's request of the
+/// same name is not found.
+fn cancel(
+    commands: &mut Commands,
+    live: &LiveQuery,
+    spawned: &[(Entity, TenantId, String)],
+    tenant: &TenantId,
+    name: &str,
+) -> Result<(), ApiError> {
+    let earlier = live.iter().filter(|(_, _, t, _, c)| &t.0 == tenant && c.is_some_and(|c| c.0 == name));
+    let earlier = earlier.map(|(e, phase, ..)| (e, matches!(phase, Phase::Finished(_))));
+    let now = spawned.iter().filter(|(_, t, n)| t == tenant && n == name).map(|(e, ..)| (*e, false));
+    let mut found = false;
+    for (entity, finished) in earlier.chain(now) {
+        found = true;
+        if !finished {
+            commands.entity(entity).insert(Phase::Finished(FinishReason::Cancelled));
+        }
+    }
+    if found {
+        Ok(())
+    } else {
+        Err(ApiError::new(ErrorKind::NotFound, format!("no running request `{name}`"))
+            .with_code("request_not_found")
+            .with_param("request_id"))
+    }
+}
+
 fn watermarks(limits: &EngineLimits) -> Watermarks {
     Watermarks { high: limits.high_watermark, low: limits.low_watermark, high_tokens: limits.high_watermark_tokens }
 }
 
-fn queue_load(queued: &QueuedQuery) -> QueueLoad {
+fn queue_load(queued: &LiveQuery) -> QueueLoad {
     let mut load = QueueLoad::default();
-    for (phase, tenant, tokens) in queued {
+    for (_, phase, tenant, tokens, _) in queued {
         if *phase == Phase::Queued {
             load.add(&tenant.0, tokens.map_or(0, |t| t.n_prompt));
         }
@@ -168,13 +211,20 @@ fn session_entity(
     Ok(e)
 }
 
-fn spawn_request(commands: &mut Commands, req: GenerateRequest, session: Option<Entity>, now: Timestamp) {
+fn spawn_request(
+    commands: &mut Commands,
+    req: GenerateRequest,
+    name: ClientId,
+    session: Option<Entity>,
+    now: Timestamp,
+) -> Entity {
     let waited = req.received_at.elapsed();
     let received = Timestamp(now.0.saturating_sub(waited.as_micros() as u64));
     let deadline = Deadline(received.after(req.timeout));
     let stops = req.sampling.stop.clone();
     let mut e = commands.spawn((
         Request(req.id),
+        name,
         Tenant(req.tenant),
         Prompt(req.input),
         Phase::Queued,
@@ -190,4 +240,5 @@ fn spawn_request(commands: &mut Commands, req: GenerateRequest, session: Option<
     if let Some(s) = session {
         e.insert(SessionLink(s));
     }
+    e.id()
 }

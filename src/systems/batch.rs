@@ -29,6 +29,7 @@ type SeqQuery<'w, 's> = Query<
         &'static mut Outbox,
         &'static Timing,
         &'static Tenant,
+        Has<Preempted>,
     ),
 >;
 
@@ -46,6 +47,8 @@ struct Tick<'a> {
     running_of: HashMap<TenantId, usize>,
     /// Plan index of each entity already planned this tick.
     planned: HashMap<Entity, usize>,
+    /// Sequences preempted this tick.
+    preemptions: u64,
 }
 
 impl Tick<'_> {
@@ -71,9 +74,11 @@ struct Candidate {
 /// prompt starts only when the running set has room (`max_batch`, the tenant's
 /// `max_concurrent`) and the KV cache can hold the whole prompt; a session's cached prefix
 /// is reused instead of recomputed. A decode sequence whose client is not reading
-/// (undelivered events) is paused, not batched.
+/// (undelivered events) is paused, not batched. A decode sequence the KV cache cannot grow
+/// preempts the most recently admitted running sequence (recompute preemption).
 #[allow(clippy::too_many_arguments)]
 pub fn assemble_batch(
+    mut commands: Commands,
     mut plan_res: ResMut<BatchPlan>,
     mut kv: ResMut<Kv>,
     mut seqs: SeqQuery,
@@ -97,13 +102,15 @@ pub fn assemble_batch(
         running: running_of.values().sum(),
         running_of,
         planned: HashMap::new(),
+        preemptions: 0,
     };
     for (entity, tenant) in decode {
         if tick.full() {
             break;
         }
-        plan_decode(&mut tick, &mut seqs, &mut kv.0, &mut stats, entity, &tenant);
+        plan_decode(&mut tick, &mut seqs, &mut kv.0, &mut commands, entity, &tenant);
     }
+    stats.preempted += tick.preemptions;
     plan_prefill(&mut tick, prefill, &mut seqs, &mut kv.0, &mut links);
     stats.running = tick.running;
     if !plan_res.items.is_empty() {
@@ -116,12 +123,13 @@ pub fn assemble_batch(
 type Collected = (Vec<(Entity, TenantId)>, BTreeMap<TenantId, VecDeque<Candidate>>, HashMap<TenantId, usize>);
 
 /// Decode sequences (oldest first), prefill candidates per tenant (running prompts first,
-/// then queued ones, each oldest first), and running sequences per tenant.
+/// then preempted ones, then queued ones, each oldest first), and running sequences per
+/// tenant.
 fn collect_candidates(seqs: &SeqQuery, stats: &mut SchedulerStats) -> Collected {
     let mut decode = vec![];
-    let mut prefill: BTreeMap<TenantId, Vec<(bool, u64, Entity)>> = BTreeMap::new();
+    let mut prefill: BTreeMap<TenantId, Vec<(bool, bool, u64, Entity)>> = BTreeMap::new();
     let mut running_of: HashMap<TenantId, usize> = HashMap::new();
-    for (entity, phase, _, _, outbox, timing, tenant) in seqs {
+    for (entity, phase, _, _, outbox, timing, tenant, preempted) in seqs {
         let admitted = timing.admitted.0;
         match *phase {
             Phase::Decode | Phase::Prefill => *running_of.entry(tenant.0.clone()).or_default() += 1,
@@ -130,8 +138,8 @@ fn collect_candidates(seqs: &SeqQuery, stats: &mut SchedulerStats) -> Collected 
         match *phase {
             Phase::Decode if !outbox.pending.is_empty() => stats.paused += 1,
             Phase::Decode => decode.push((admitted, entity, tenant.0.clone())),
-            Phase::Prefill => prefill.entry(tenant.0.clone()).or_default().push((false, admitted, entity)),
-            Phase::Queued => prefill.entry(tenant.0.clone()).or_default().push((true, admitted, entity)),
+            Phase::Prefill => prefill.entry(tenant.0.clone()).or_default().push((false, false, admitted, entity)),
+            Phase::Queued => prefill.entry(tenant.0.clone()).or_default().push((true, !preempted, admitted, entity)),
             Phase::Finished(_) => {}
         }
     }
@@ -141,34 +149,88 @@ fn collect_candidates(seqs: &SeqQuery, stats: &mut SchedulerStats) -> Collected 
         .into_iter()
         .map(|(t, mut v)| {
             v.sort_unstable();
-            (t, v.into_iter().map(|(queued, _, entity)| Candidate { entity, queued }).collect())
+            (t, v.into_iter().map(|(queued, _, _, entity)| Candidate { entity, queued }).collect())
         })
         .collect();
     (decode, prefill, running_of)
 }
 
-/// Plans one decode step; a sequence the KV cache cannot grow is stopped with an error.
+/// Plans one decode step. When the KV cache cannot grow the sequence, waiting sequences
+/// give back blocks they adopted, then the most recently admitted running sequence
+/// (possibly this one) is preempted, until it can; a sequence that still cannot grow when
+/// it holds every block left is stopped with an error.
 fn plan_decode(
     tick: &mut Tick,
     seqs: &mut SeqQuery,
     kv: &mut KvCache,
-    stats: &mut SchedulerStats,
+    commands: &mut Commands,
     entity: Entity,
     tenant: &TenantId,
 ) {
-    let Ok((_, mut phase, tokens, mut handle, mut outbox, _, _)) = seqs.get_mut(entity) else { return };
-    let start = handle.0.len;
-    let n = tokens.ids.len() - start;
-    if kv.prepare(&mut handle.0, tenant.as_str(), start + n).is_err() {
-        let error = ApiError::new(ErrorKind::Unavailable, "the KV cache is full; the generation was stopped")
-            .with_code("kv_cache_full");
-        fail(&mut phase, &mut outbox, error);
-        stats.preempted += 1;
+    loop {
+        let Ok((_, phase, tokens, mut handle, ..)) = seqs.get_mut(entity) else { return };
+        if *phase != Phase::Decode {
+            return; // preempted earlier in this tick
+        }
+        let (start, end) = (handle.0.len, tokens.ids.len());
+        if kv.prepare(&mut handle.0, tenant.as_str(), end).is_ok() {
+            tick.planned.insert(entity, tick.plan.items.len());
+            tick.plan.items.push(PlanItem { entity, start_pos: start, n_tokens: end - start, samples: true });
+            tick.charge(tenant, end - start);
+            return;
+        }
+        match pick_victim(seqs, entity) {
+            Some(victim) => {
+                preempt(tick, seqs, kv, commands, victim);
+                if victim == entity {
+                    return;
+                }
+            }
+            None => {
+                let Ok((_, mut phase, _, _, mut outbox, ..)) = seqs.get_mut(entity) else { return };
+                let error = ApiError::new(ErrorKind::Unavailable, "the KV cache is full; the generation was stopped")
+                    .with_code("kv_cache_full");
+                fail(&mut phase, &mut outbox, error);
+                return;
+            }
+        }
+    }
+}
+
+/// The sequence whose blocks `needy` takes: a waiting one still holding adopted blocks,
+/// else the most recently admitted running one. `None` when `needy` holds the only blocks
+/// there are to take.
+fn pick_victim(seqs: &SeqQuery, needy: Entity) -> Option<Entity> {
+    let holders = seqs
+        .iter()
+        .filter(|(_, phase, _, handle, ..)| !matches!(**phase, Phase::Finished(_)) && !handle.0.blocks.is_empty());
+    let (victim, others) = holders.fold((None, 0usize), |(best, n), (e, phase, _, _, _, timing, ..)| {
+        let key = (*phase == Phase::Queued, timing.admitted.0, e);
+        (Some(best.map_or(key, |b: (bool, u64, Entity)| b.max(key))), n + usize::from(e != needy))
+    });
+    victim.map(|(_, _, e)| e).filter(|_| others > 0)
+}
+
+/// Recompute preemption: frees the sequence's blocks (its full blocks stay in the prefix
+/// cache, so a restart may reuse what eviction has not taken) and queues it again at the
+/// head of its tenant's queue. Its tokens, sampler state and delivered events are kept: on
+/// restart it prefills prompt plus generated tokens and samples on as if never stopped.
+/// A waiting sequence only gives back the blocks it adopted.
+fn preempt(tick: &mut Tick, seqs: &mut SeqQuery, kv: &mut KvCache, commands: &mut Commands, victim: Entity) {
+    let Ok((_, mut phase, tokens, mut handle, _, _, tenant, _)) = seqs.get_mut(victim) else { return };
+    let mut table = std::mem::take(&mut handle.0);
+    let held = &tokens.ids[..table.len.min(tokens.ids.len())];
+    kv.release(&mut table, tenant.0.as_str(), held);
+    if *phase == Phase::Queued {
         return;
     }
-    tick.planned.insert(entity, tick.plan.items.len());
-    tick.plan.items.push(PlanItem { entity, start_pos: start, n_tokens: n, samples: true });
-    tick.charge(tenant, n);
+    *phase = Phase::Queued;
+    commands.entity(victim).insert(Preempted);
+    tick.running = tick.running.saturating_sub(1);
+    if let Some(n) = tick.running_of.get_mut(&tenant.0) {
+        *n = n.saturating_sub(1);
+    }
+    tick.preemptions += 1;
 }
 
 /// Hands the prefill budget out in two passes: first each tenant up to its weighted quota
@@ -225,10 +287,15 @@ fn plan_chunk(
         tick.running += 1;
         *tick.running_of.entry(tenant.clone()).or_default() += 1;
     }
-    let Ok((_, _, tokens, handle, _, _, _)) = seqs.get(cand.entity) else {
+    let Ok((_, phase, tokens, handle, ..)) = seqs.get(cand.entity) else {
         queue.pop_front();
         return 0;
     };
+    if *phase != Phase::Prefill {
+        // Preempted by a decode step earlier in this tick: it starts over from the queue.
+        queue.pop_front();
+        return 0;
+    }
     let (len, total) = (handle.0.len, tokens.ids.len());
     let index = tick.planned.get(&cand.entity).copied();
     let already = index.map_or(0, |i| tick.plan.items[i].n_tokens);
@@ -254,45 +321,65 @@ fn plan_chunk(
     n
 }
 
-/// Moves a queued sequence to `Prefill` if the KV cache can hold its whole prompt, after
-/// adopting what the cache already holds for it (its session's parked blocks or the
-/// tenant's shared prefix blocks); otherwise it stays queued and keeps what it adopted.
+/// Moves a queued sequence to `Prefill` if the KV cache can hold all its known tokens
+/// (its prompt, plus what it generated before a preemption), after adopting what the cache
+/// already holds for it (its session's parked blocks or the tenant's shared prefix blocks).
+/// Otherwise it stays queued: it keeps a session's blocks, and hands shared prefix blocks
+/// back to the cache (where eviction may take them for running sequences).
 fn start_sequence(seqs: &mut SeqQuery, kv: &mut KvCache, links: &mut LinkQuery, entity: Entity) -> bool {
-    let Ok((_, mut phase, tokens, mut handle, _, _, tenant)) = seqs.get_mut(entity) else { return false };
+    let Ok((_, mut phase, tokens, mut handle, _, _, tenant, preempted)) = seqs.get_mut(entity) else { return false };
     let tenant = tenant.0.as_str();
+    let mut keep = true;
     if handle.0.blocks.is_empty()
         && let Ok((link, mut cached)) = links.get_mut(entity)
     {
         let session = link.map(|l| l.0.to_bits());
-        cached.0 = adopt_cached_prefix(kv, &mut handle.0, tenant, session, &tokens.ids);
+        let adopted = adopt_cached_prefix(kv, &mut handle.0, tenant, session, &tokens.ids);
+        keep = adopted.from_session;
+        if !preempted {
+            // Usage reports what the prompt reused, not what a restart recovered.
+            cached.0 = adopted.positions;
+        }
     }
-    if kv.prepare(&mut handle.0, tenant, tokens.n_prompt).is_err() {
+    if kv.prepare(&mut handle.0, tenant, tokens.ids.len()).is_err() {
+        if !keep {
+            let held = &tokens.ids[..handle.0.len.min(tokens.ids.len())];
+            kv.release(&mut handle.0, tenant, held);
+        }
         return false;
     }
     *phase = Phase::Prefill;
     true
 }
 
-/// Gives a starting request the K/V it can reuse and returns how many prompt positions
-/// that covers: its session's parked blocks (up to where the prompt diverges), or else the
-/// tenant's shared prefix blocks. At least the last prompt token is always recomputed.
+/// What a starting sequence adopted from the cache.
+struct Adopted {
+    /// Known positions it need not compute.
+    positions: usize,
+    /// They are its session's parked blocks (not shared prefix blocks).
+    from_session: bool,
+}
+
+/// Gives a starting request the K/V it can reuse: its session's parked blocks (up to where
+/// the prompt diverges), or else the tenant's shared prefix blocks. At least the last
+/// known token is always recomputed.
 fn adopt_cached_prefix(
     kv: &mut KvCache,
     table: &mut BlockTable,
     tenant: &str,
     session: Option<u64>,
     prompt: &[u32],
-) -> usize {
+) -> Adopted {
     if let Some((known, mut parked)) = session.and_then(|key| kv.take_session(key)) {
         let common = known.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         let reuse = common.min(parked.len).min(prompt.len().saturating_sub(1));
         if reuse > 0 {
             parked.len = reuse;
             *table = parked;
-            return reuse;
+            return Adopted { positions: reuse, from_session: true };
         }
         kv.release(&mut parked, tenant, &known);
     }
     *table = kv.lookup_prefix(tenant, prompt);
-    table.len
+    Adopted { positions: table.len, from_session: false }
 }

@@ -4,8 +4,10 @@ use bevy_ecs::prelude::*;
 
 use crate::components::*;
 use crate::engine::resources::*;
+use crate::kv::arena::BlockTable;
 use crate::kv::cache::EvictReason;
 use crate::protocol::FinishReason;
+use crate::types::TokenId;
 
 type RequestQuery<'w, 's> = Query<
     'w,
@@ -23,10 +25,16 @@ type RequestQuery<'w, 's> = Query<
     ),
 >;
 
+/// The token ids whose K/V the table holds.
+fn held_tokens<'a>(tokens: Option<&'a Tokens>, table: &BlockTable) -> &'a [TokenId] {
+    tokens.map_or(&[][..], |t| &t.ids[..table.len.min(t.ids.len())])
+}
+
 /// Ends requests past their deadline (`deadline`) or whose client left (`cancelled`),
 /// despawns delivered requests (their full blocks are published for prefix sharing, then
-/// released, or parked in the KV cache for their session), and frees sessions that were
-/// closed or idle past the TTL.
+/// released, or parked in the KV cache for their session; a finished request without a
+/// session whose last events wait for a slow reader releases its blocks at once), and
+/// frees sessions that were closed or idle past the TTL.
 #[allow(clippy::too_many_arguments)]
 pub fn evict_finished(
     mut commands: Commands,
@@ -47,11 +55,18 @@ pub fn evict_finished(
         } else if !matches!(*phase, Phase::Finished(_)) && clock.now >= deadline.0 {
             *phase = Phase::Finished(FinishReason::Deadline);
         }
+        let finished = matches!(*phase, Phase::Finished(_));
         if !outbox.delivered() {
+            if finished && link.is_none() && !handle.0.blocks.is_empty() {
+                // Its last events wait for a slow reader; its K/V is no longer needed.
+                let mut table = std::mem::take(&mut handle.0);
+                let held = held_tokens(tokens, &table);
+                kv.0.release(&mut table, tenant.0.as_str(), held);
+            }
             continue;
         }
         let table = std::mem::take(&mut handle.0);
-        let known = tokens.map_or(&[][..], |t| &t.ids[..table.len.min(t.ids.len())]);
+        let known = held_tokens(tokens, &table);
         match link.and_then(|l| sessions.get_mut(l.0).ok()) {
             Some((session, mut cache, mut last_used, _, _)) => {
                 kv.0.park_session(session.to_bits(), tenant.0.as_str(), table, known, clock.now);

@@ -17,6 +17,7 @@ use tracing::field::Empty;
 use super::metrics::{ModelMetrics, RequestOutcome};
 use crate::components::*;
 use crate::engine::resources::{BatchPlan, Kv, Status, TickClock, TokenizerRes};
+use crate::engine::scheduler::SchedulerStats;
 use crate::protocol::FinishReason;
 
 /// How far back `starling_generation_tokens_per_second` looks.
@@ -50,6 +51,8 @@ pub struct EngineTelemetry {
     tokens_query: Option<QueryState<(&'static Outbox, &'static mut LastTokenAt)>>,
     /// The KV cache's counters at the last tick (metrics advance by the difference).
     last_kv: crate::kv::cache::KvStats,
+    /// The scheduler's preemption count at the last tick.
+    last_preempted: u64,
 }
 
 impl EngineTelemetry {
@@ -62,6 +65,7 @@ impl EngineTelemetry {
             rate: VecDeque::with_capacity(1024),
             tokens_query: None,
             last_kv: Default::default(),
+            last_preempted: 0,
         }
     }
 
@@ -116,7 +120,7 @@ fn record_batch(world: &World, span: &tracing::Span) {
     span.record("batch_tokens", plan.total_tokens());
     if super::trace::capturing() {
         let ids: Vec<String> =
-            plan.items.iter().filter_map(|i| world.get::<Request>(i.entity)).map(|r| r.0.to_string()).collect();
+            plan.items.iter().filter_map(|i| world.get::<ClientId>(i.entity)).map(|c| c.0.clone()).collect();
         span.record("requests", tracing::field::display(ids.join(",")));
     }
 }
@@ -169,6 +173,7 @@ fn observe_tokens(world: &mut World, tel: &mut EngineTelemetry) {
 pub fn after_tick(world: &mut World, started: Instant) {
     let now = Instant::now();
     let kv = world.resource::<Kv>().0.stats();
+    let preempted = world.get_resource::<SchedulerStats>().map_or(0, |s| s.preempted);
     let status = world.get_resource::<Status>().map(|s| s.0.clone());
     let Some(mut tel) = world.get_resource_mut::<EngineTelemetry>() else { return };
     let m = &tel.metrics;
@@ -179,10 +184,12 @@ pub fn after_tick(world: &mut World, started: Instant) {
     m.kv_usage.set(if kv.blocks_total == 0 { 0.0 } else { kv.blocks_used as f64 / kv.blocks_total as f64 });
     // The cache counts since start; counters advance by what changed this tick.
     let last = std::mem::replace(&mut tel.last_kv, kv.clone());
+    let last_preempted = std::mem::replace(&mut tel.last_preempted, preempted);
     let m = &tel.metrics;
     m.evicted_lru.inc_by(kv.evictions_lru.saturating_sub(last.evictions_lru));
     m.evicted_ttl.inc_by(kv.evictions_ttl.saturating_sub(last.evictions_ttl));
     m.evicted_close.inc_by(kv.evictions_close.saturating_sub(last.evictions_close));
+    m.preemptions.inc_by(preempted.saturating_sub(last_preempted));
 
     if let Some(s) = &status {
         let (queued, running) = (s.queued.load(Ordering::Relaxed), s.running.load(Ordering::Relaxed));
@@ -212,6 +219,7 @@ type FinishedQuery<'w, 's> = Query<
     's,
     (
         &'static Request,
+        Option<&'static ClientId>,
         &'static Tenant,
         &'static Phase,
         &'static Timing,
@@ -230,7 +238,10 @@ fn on_request_removed(
     clock: Res<TickClock>,
     tokenizer: Res<TokenizerRes>,
 ) {
-    let Ok((request, tenant, phase, timing, tokens, cached, link)) = requests.get(ev.event().entity) else { return };
+    let Ok((request, name, tenant, phase, timing, tokens, cached, link)) = requests.get(ev.event().entity) else {
+        return;
+    };
+    let request_id = name.map_or_else(|| request.0.to_string(), |n| n.0.clone());
     let reason = match phase {
         Phase::Finished(r) => *r,
         _ => FinishReason::Cancelled,
@@ -267,7 +278,7 @@ fn on_request_removed(
         _ => None,
     };
     let line = RequestLine {
-        request_id: request.0.0,
+        request_id: &request_id,
         session_id: session,
         tenant: tenant.0.as_str(),
         model: &m.model,
@@ -283,7 +294,8 @@ fn on_request_removed(
 
 /// The fields of the one log line written per finished request.
 struct RequestLine<'a> {
-    request_id: u64,
+    /// The id the gateway logged and echoed (`x-request-id`), so the lines correlate.
+    request_id: &'a str,
     session_id: &'a str,
     tenant: &'a str,
     model: &'a str,

@@ -56,6 +56,7 @@ pub struct Metrics {
     pub(crate) prefix_hits: IntCounterVec,
     pub(crate) prefix_queries: IntCounterVec,
     pub(crate) rejections: IntCounterVec,
+    pub(crate) preemptions: IntCounterVec,
     pub(crate) model_loaded: IntGaugeVec,
 }
 
@@ -213,6 +214,12 @@ impl Metrics {
                 "Requests refused at admission.",
                 &["model", "reason"],
             )?,
+            preemptions: counter(
+                &r,
+                "starling_preemptions_total",
+                "Running sequences whose KV blocks were taken for an older one (recomputed later).",
+                &["model"],
+            )?,
             model_loaded: int_gauge(&r, "starling_model_loaded", "1 while the model is loaded.", &["model"])?,
             registry: r,
         };
@@ -271,6 +278,7 @@ impl Metrics {
             evicted_close: self.kv_evictions.with_label_values(&[model, "close"]),
             prefix_hits: self.prefix_hits.with_label_values(&m),
             prefix_queries: self.prefix_queries.with_label_values(&m),
+            preemptions: self.preemptions.with_label_values(&m),
             stage_vec: self.stage.clone(),
             requests_vec: self.requests.clone(),
             prompt_vec: self.prompt_tokens.clone(),
@@ -302,6 +310,7 @@ pub struct ModelMetrics {
     pub evicted_close: IntCounter,
     pub prefix_hits: IntCounter,
     pub prefix_queries: IntCounter,
+    pub preemptions: IntCounter,
     stage_vec: HistogramVec,
     requests_vec: IntCounterVec,
     prompt_vec: IntCounterVec,
