@@ -1,13 +1,20 @@
 //! Kernel speed at the default model's shapes (SmolLM2-135M: n_embd 576, FFN 1536, vocab 49152).
 //!
+//! Matmul per quant type and kernel variant, dequantization, RMSNorm, RoPE, attention over
+//! the KV arena, and sampling.
+//!
 //! `cargo bench -j2 --bench kernels` (add a filter such as `matmul/Q4_1` to run fewer).
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use starling::config::KvDtype;
+use starling::kv::arena::{BlockTable, KvArena, KvLayout};
 use starling::model::ggml_type::GgmlType;
 use starling::model::kernels::{Kernels, MatmulScratch, QMatrix, reference};
+use starling::model::ops::{self, AttnScratch};
+use starling::sampler::{SamplerLimits, SamplerState, SamplingParams};
 
 /// Deterministic pseudo-random values in [-1, 1) without a rand dependency in the hot loop.
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -68,5 +75,80 @@ fn bench_dequantize(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_matmul, bench_dequantize);
+fn bench_row_ops(c: &mut Criterion) {
+    let mut group = c.benchmark_group("row_ops");
+    group.sample_size(10).measurement_time(Duration::from_millis(500)).warm_up_time(Duration::from_millis(200));
+    let (x, w) = (values(576, 4), values(576, 5));
+    let mut out = vec![0.0; 576];
+    group.throughput(Throughput::Elements(576));
+    group.bench_function("rms_norm/576", |b| b.iter(|| ops::rms_norm(black_box(&x), &w, 1e-5, &mut out)));
+    // SmolLM2's query row: 9 heads of 64, rotated at position 300 with base 100000.
+    let inv_freq: Vec<f64> = (0..32).map(|i| 100_000f64.powf(-2.0 * i as f64 / 64.0)).collect();
+    let mut q = values(576, 6);
+    group.bench_function("rope/9x64", |b| {
+        b.iter(|| {
+            for head in q.chunks_exact_mut(64) {
+                ops::rope(black_box(head), 300, &inv_freq);
+            }
+        })
+    });
+    group.finish();
+}
+
+/// One query row (9 heads, 3 KV heads of 64) over 512 cached positions, f32 and f16 K/V.
+fn bench_attention(c: &mut Criterion) {
+    let mut group = c.benchmark_group("attention");
+    group.sample_size(10).measurement_time(Duration::from_secs(1)).warm_up_time(Duration::from_millis(300));
+    let layout = KvLayout { n_layer: 1, kv_dim: 192, block_tokens: 16 };
+    let positions = 512;
+    for dtype in [KvDtype::F32, KvDtype::F16] {
+        let cap = layout.blocks_for(positions) * layout.block_bytes_as(dtype);
+        let mut arena = KvArena::with_dtype(layout, cap as u64, dtype).expect("arena");
+        let mut table = BlockTable::default();
+        table.reserve(&mut arena, positions).expect("blocks");
+        for pos in 0..positions {
+            let (k, v) = (values(192, pos as u64), values(192, pos as u64 + 7));
+            arena.write(table.blocks[pos / 16], 0, pos % 16, &k, &v);
+        }
+        let q = values(576, 8);
+        let (mut scratch, mut out) = (AttnScratch::default(), vec![0.0; 576]);
+        group.throughput(Throughput::Elements(positions as u64));
+        group.bench_function(format!("{dtype:?}/9x64/pos{positions}"), |b| {
+            b.iter(|| {
+                ops::attend_row(
+                    9,
+                    3,
+                    64,
+                    0,
+                    black_box(&q),
+                    positions - 1,
+                    &table.blocks,
+                    &arena,
+                    &mut scratch,
+                    &mut out,
+                )
+            })
+        });
+    }
+    group.finish();
+}
+
+/// One sampling step over SmolLM2's 49152 logits: greedy, and the default chain (penalties,
+/// top-k 40, top-p 0.95, min-p 0.05, temperature 0.8).
+fn bench_sampling(c: &mut Criterion) {
+    let mut group = c.benchmark_group("sampling");
+    group.sample_size(10).measurement_time(Duration::from_secs(1)).warm_up_time(Duration::from_millis(300));
+    let limits = SamplerLimits { vocab_size: 49152, max_stop_strings: 4, default_max_tokens: 16, max_tokens_cap: 4096 };
+    let logits: Vec<f32> = values(49152, 9).iter().map(|v| v * 8.0).collect();
+    let history: Vec<u32> = (0..64).map(|i| (i * 37) % 49152).collect();
+    for (name, temperature) in [("greedy", 0.0), ("default_chain", 0.8)] {
+        let params = SamplingParams { temperature: Some(temperature), seed: Some(1), ..Default::default() };
+        let mut state = SamplerState::new(params.validate(&limits).expect("valid params"));
+        let mut row = logits.clone();
+        group.bench_function(name, |b| b.iter(|| state.sample(black_box(&mut row), &history, 1, &[2])));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_matmul, bench_dequantize, bench_row_ops, bench_attention, bench_sampling);
 criterion_main!(benches);

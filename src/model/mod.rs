@@ -8,3 +8,4 @@ pub mod gguf_writer;
 pub mod inspect;
 pub mod kernels;
 pub mod llama;
+pub mod ops;
