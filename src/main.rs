@@ -318,6 +318,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
     let request = GenerateRequest {
         id: RequestId::next(),
+        client_id: None,
         tenant: TenantId::from("cli"),
         session: None,
         input: PromptInput::Text { text: a.prompt.clone(), parse_special: true },

@@ -25,6 +25,9 @@ pub enum PromptInput {
 #[derive(Debug)]
 pub struct GenerateRequest {
     pub id: RequestId,
+    /// The name the client knows the request by (the gateway's `x-request-id`), for cancel
+    /// and logs; `None` = named by `id`.
+    pub client_id: Option<String>,
     pub tenant: TenantId,
     pub session: Option<SessionId>,
     pub input: PromptInput,
@@ -37,14 +40,18 @@ pub struct GenerateRequest {
     pub events: mpsc::Sender<StreamEvent>,
 }
 
+impl GenerateRequest {
+    /// The name [`EngineCommand::Cancel`] and the request log use.
+    pub fn name(&self) -> String {
+        self.client_id.clone().unwrap_or_else(|| self.id.to_string())
+    }
+}
+
 /// Commands the engine thread accepts on its bounded inbox.
 #[derive(Debug)]
 pub enum EngineCommand {
-    /// A generation named by its [`RequestId`] (`req-N`) for [`EngineCommand::Cancel`].
+    /// A generation; [`EngineCommand::Cancel`] names it by [`GenerateRequest::name`].
     Generate(Box<GenerateRequest>),
-    /// A generation the client names by `client_id`: the `x-request-id` the gateway echoes
-    /// on the response, which [`EngineCommand::Cancel`] takes.
-    GenerateNamed { request: Box<GenerateRequest>, client_id: String },
     /// Ends the tenant's live requests named `request_id` within one tick (finish reason
     /// `cancelled`, KV blocks freed). Replies `not_found` when the tenant has none by that
     /// name (another tenant's requests are invisible).

@@ -66,6 +66,7 @@ fn with_params(prompt: &str, params: SamplingParams) -> (GenerateRequest, tokio:
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let req = GenerateRequest {
         id: RequestId::next(),
+        client_id: None,
         tenant: TenantId::from("anonymous"),
         session: None,
         input: PromptInput::Text { text: prompt.into(), parse_special: true },

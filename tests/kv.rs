@@ -456,6 +456,7 @@ mod engine {
         let (tx, mut rx) = tokio::sync::mpsc::channel(256);
         let request = GenerateRequest {
             id: RequestId::next(),
+            client_id: None,
             tenant: TenantId::from(tenant),
             session: session.map(SessionId::from),
             input: PromptInput::Tokens(prompt.to_vec()),

@@ -179,6 +179,7 @@ fn request(
     let id = RequestId::next();
     let req = GenerateRequest {
         id,
+        client_id: None,
         tenant: TenantId::from(tenant),
         session: session.map(starling::types::SessionId::from),
         input: PromptInput::Tokens(ids),

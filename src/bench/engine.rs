@@ -61,6 +61,7 @@ fn one_round(engine: &crate::engine::EngineHandle, sampling: &SamplingConfig, c:
         let at = (i * 7) % 300;
         let request = GenerateRequest {
             id: RequestId::next(),
+            client_id: None,
             tenant: TenantId::from("bench"),
             session: None,
             input: PromptInput::Text { text: text[at..at + PROMPT_BYTES].to_string(), parse_special: false },

@@ -200,6 +200,7 @@ pub async fn submit(state: &Arc<AppState>, ctx: &Ctx, model: &LoadedModel, job: 
     let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
     let request = GenerateRequest {
         id: RequestId::next(),
+        client_id: Some(ctx.request_id.clone()),
         tenant: ctx.caller.tenant.clone(),
         session,
         input,
@@ -208,8 +209,7 @@ pub async fn submit(state: &Arc<AppState>, ctx: &Ctx, model: &LoadedModel, job: 
         received_at: Instant::now(),
         events: tx,
     };
-    let client_id = ctx.request_id.clone();
-    let sent = model.engine.send(EngineCommand::GenerateNamed { request: Box::new(request), client_id });
+    let sent = model.engine.send(EngineCommand::Generate(Box::new(request)));
     sent.map_err(|e| state.obs.rejected(model.id.as_str(), e))?;
     match rx.recv().await {
         Some(StreamEvent::Started { .. }) => Ok(Submission {

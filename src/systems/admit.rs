@@ -45,10 +45,9 @@ pub fn admit_requests(
     while let Some(cmd) = inbox.0.pop_front() {
         let (req, name) = match cmd {
             EngineCommand::Generate(req) => {
-                let name = req.id.to_string();
+                let name = req.name();
                 (req, name)
             }
-            EngineCommand::GenerateNamed { request, client_id } => (request, client_id),
             EngineCommand::Cancel { tenant, request_id, reply } => {
                 let _ = reply.send(cancel(&mut commands, &queued, &spawned, &tenant, &request_id));
                 continue;
