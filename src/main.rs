@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use starling::config::{Config, LogFormat, Overrides};
-use starling::engine::load::{start_model, start_model_observed};
-use starling::gateway::{AppState, serve};
+use starling::engine::load::start_model;
+use starling::gateway::{AppState, load_configured, serve};
 use starling::model::gguf::GgufFile;
 use starling::protocol::{EngineCommand, GenerateRequest, PromptInput, StreamEvent};
 use starling::sampler::{SamplerLimits, SamplingParams};
@@ -218,19 +218,44 @@ fn cmd_serve(args: ServeArgs, style: Option<LogStyle>, trace: Option<PathBuf>) -
     let trace = trace.or(config.telemetry.trace_chrome.clone());
     let _guard = telemetry::init(style, &config.telemetry.log_level, trace.as_deref())?;
     let obs = Arc::new(Observability::new()?);
-    let models =
-        (0..config.models.len()).map(|i| start_model_observed(&config, i, &obs)).collect::<Result<Vec<_>, _>>()?;
     let bind = config.server.bind;
-    let state = Arc::new(AppState::new(Arc::new(config), models, obs));
+    let state = Arc::new(AppState::new(Arc::new(config), Vec::new(), obs));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("cannot listen on {bind}"))?;
         tracing::info!(addr = %listener.local_addr()?, "listening");
-        serve(listener, state, shutdown_signal()).await;
-        anyhow::Ok(())
+        let failure = Arc::new(std::sync::Mutex::new(None));
+        let stop = stop_on_signal_or_load_failure(state.clone(), failure.clone());
+        serve(listener, state, stop).await;
+        match failure.lock().map(|mut f| f.take()) {
+            Ok(Some(e)) => Err(e),
+            _ => anyhow::Ok(()),
+        }
     })?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Loads the configured models on a blocking task (the server is already listening and
+/// answers `/readyz` with 503 "model loading"); resolves on a shutdown signal, or when a
+/// load fails, after putting the error in `failure` so `serve` exits non-zero.
+async fn stop_on_signal_or_load_failure(state: Arc<AppState>, failure: Arc<std::sync::Mutex<Option<anyhow::Error>>>) {
+    let loading = tokio::task::spawn_blocking(move || load_configured(&state));
+    let failed = async move {
+        let error = match loading.await {
+            Ok(Ok(())) => return std::future::pending().await,
+            Ok(Err(e)) => anyhow::Error::new(e),
+            Err(e) => anyhow::anyhow!("the model loader stopped: {e}"),
+        };
+        tracing::error!(error = %error, "model load failed; stopping");
+        if let Ok(mut f) = failure.lock() {
+            *f = Some(error);
+        }
+    };
+    tokio::select! {
+        () = shutdown_signal() => {}
+        () = failed => {}
+    }
 }
 
 async fn shutdown_signal() {

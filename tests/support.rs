@@ -75,7 +75,7 @@ impl TestServer {
     }
 
     pub fn kv_blocks_used(&self) -> usize {
-        self.state.models[0].engine.status.kv_blocks_used.load(std::sync::atomic::Ordering::Relaxed)
+        self.state.models.snapshot().ready[0].engine.status.kv_blocks_used.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -282,4 +282,41 @@ pub fn post_json_as(addr: SocketAddr, key: &str, path: &str, body: &Value) -> Ht
 /// POSTs `body` and returns the open stream (check `status` before reading events).
 pub fn stream_json(addr: SocketAddr, path: &str, body: &Value) -> Conn {
     open(addr, "POST", path, &[("Content-Type", "application/json")], body.to_string().as_bytes())
+}
+
+impl TestServer {
+    /// Serves `state` as it is (models may be empty, or loaded later) on a free port.
+    pub fn serve_state(state: Arc<AppState>) -> TestServer {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = oneshot::channel::<()>();
+        let (done_tx, stopped) = std_mpsc::channel();
+        let served = state.clone();
+        runtime.spawn(async move {
+            serve(listener, served, async move { stop_rx.await.unwrap_or(()) }).await;
+            let _ = done_tx.send(());
+        });
+        TestServer { addr, state, stop: Some(stop), stopped: std::sync::Mutex::new(stopped), _runtime: runtime }
+    }
+
+    /// A server on the test config (after `tweak`) with no model loaded yet.
+    pub fn start_empty(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let config = test_config(tweak);
+        let obs = Arc::new(Observability::new().expect("metrics registry"));
+        TestServer::serve_state(Arc::new(AppState::new(Arc::new(config), Vec::new(), obs)))
+    }
+}
+
+/// GETs `path` with `Authorization: Bearer <key>` when a key is given.
+pub fn get_as(addr: SocketAddr, key: Option<&str>, path: &str) -> HttpResponse {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    request(addr, "GET", path, &headers, b"")
+}
+
+/// The value of the Prometheus sample whose line starts with `series` (name and labels).
+pub fn metric_value(addr: SocketAddr, series: &str) -> Option<f64> {
+    let text = request(addr, "GET", "/metrics", &[], b"").text();
+    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
