@@ -219,7 +219,7 @@ fn cmd_serve(args: ServeArgs, style: Option<LogStyle>, trace: Option<PathBuf>) -
     let _guard = telemetry::init(style, &config.telemetry.log_level, trace.as_deref())?;
     let obs = Arc::new(Observability::new()?);
     let bind = config.server.bind;
-    let state = Arc::new(AppState::new(Arc::new(config), Vec::new(), obs));
+    let state = Arc::new(AppState::new(Arc::new(config), Vec::new(), obs).with_config_source(args.config, overrides));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("cannot listen on {bind}"))?;

@@ -4,15 +4,21 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
-use starling::gateway::load_configured;
+use starling::config::{ApiKey, Config, Overrides};
+use starling::gateway::{AppState, load_configured};
 use starling::model::gguf_writer::{TinyLlamaSpec, tiny_llama_f32};
 use starling::registry::{Digest, HttpUrl, ModelCache, Origin, RegistryError, Source, resolve_local};
-use starling::types::ModelId;
+use starling::telemetry::Observability;
+use starling::types::{ModelId, TenantId};
 
-use crate::support::{FileServer, TestServer, get_as, metric_value, post_json};
+use crate::model::model_path;
+use crate::support::{
+    FileServer, HttpResponse, TestServer, get_as, metric_value, open, post_json, post_json_as, request,
+};
 
 const MODEL_ID: &str = "smollm2-135m";
 
@@ -247,4 +253,241 @@ fn local_sources_stay_inside_the_model_directories() {
     assert!(missing.to_string().contains("nope.gguf"), "{missing}");
     let https = Source::parse("https://example.org/m.gguf").unwrap_err();
     assert!(https.to_string().contains("https is not supported"), "{https}");
+}
+
+// ---- several models and the admin API ----
+
+const ADMIN: &str = "admin-secret";
+const CLIENT: &str = "client-key";
+
+fn manifest() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A server on the real model with an admin key and a client key, whose model directories
+/// are `dir` (holding a tiny second model, `tiny.gguf`) and the repository's `models/`.
+fn admin_server(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    std::fs::write(dir.join("tiny.gguf"), tiny_gguf(42)).unwrap();
+    TestServer::start(|c| {
+        c.auth.admin_key = Some(ADMIN.into());
+        c.auth.api_keys = vec![ApiKey { key: CLIENT.into(), tenant: TenantId::from("anonymous") }];
+        c.registry.model_dirs = vec![dir.to_owned(), manifest().join("models")];
+        c.registry.cache_dir = dir.join("cache");
+        c.registry.drain_grace = Duration::from_secs(20);
+        tweak(c);
+    })
+}
+
+fn admin(server: &TestServer, method: &str, path: &str, body: Option<&Value>) -> HttpResponse {
+    let auth = format!("Bearer {ADMIN}");
+    let text = body.map(Value::to_string).unwrap_or_default();
+    request(
+        server.addr,
+        method,
+        path,
+        &[("Authorization", &auth), ("Content-Type", "application/json")],
+        text.as_bytes(),
+    )
+}
+
+fn generate_with(server: &TestServer, model: &str) -> HttpResponse {
+    let body = json!({"prompt": "Hello", "max_tokens": 3, "model": model, "ignore_eos": true, "stream": false});
+    post_json_as(server.addr, CLIENT, "/v1/generate", &body)
+}
+
+#[test]
+fn models_load_route_and_unload_through_the_admin_api() {
+    let dir = scratch("lifecycle");
+    let server = admin_server(&dir, |_| {});
+    let listed = get_as(server.addr, Some(CLIENT), "/admin/models");
+    assert_eq!(listed.status, 403, "a client key may not use admin routes");
+    assert_eq!(get_as(server.addr, None, "/admin/models").status, 401);
+
+    let r = admin(&server, "POST", "/admin/models", Some(&json!({"id": "tiny", "source": "tiny.gguf"})));
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(
+        (r.json()["state"].clone(), r.json()["memory"]["kv_cap_bytes"].clone()),
+        (json!("ready"), json!(64 << 20))
+    );
+    let all = admin(&server, "GET", "/admin/models", None).json();
+    let ids: Vec<&str> = all["models"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [MODEL_ID, "tiny"]);
+
+    let tiny = generate_with(&server, "tiny");
+    assert_eq!((tiny.status, tiny.json()["model"].clone()), (200, json!("tiny")), "{}", tiny.text());
+    let real = generate_with(&server, MODEL_ID);
+    assert_eq!(real.json()["model"], MODEL_ID);
+    assert_ne!(tiny.json()["tokens"], real.json()["tokens"], "each id reached its own model");
+
+    let again = admin(&server, "POST", "/admin/models", Some(&json!({"id": "tiny", "source": "tiny.gguf"})));
+    assert_eq!((again.status, again.json()["error"]["code"].clone()), (409, json!("model_exists")));
+    let escape = admin(&server, "POST", "/admin/models", Some(&json!({"id": "x", "source": "../tiny.gguf"})));
+    assert_eq!((escape.status, escape.json()["error"]["code"].clone()), (400, json!("invalid_source")));
+    let unknown = admin(&server, "DELETE", "/admin/models/nope", None);
+    assert_eq!(unknown.status, 404);
+
+    let gone = admin(&server, "DELETE", "/admin/models/tiny", None);
+    assert_eq!((gone.status, gone.json()["drained"].clone()), (200, json!(true)), "{}", gone.text());
+    assert_eq!(generate_with(&server, "tiny").status, 404, "an unloaded model is unknown");
+    assert_eq!(metric_value(server.addr, "starling_model_loaded{model=\"tiny\"}"), Some(0.0));
+    assert_eq!(generate_with(&server, MODEL_ID).status, 200, "the other model keeps serving");
+}
+
+#[test]
+fn a_url_source_is_downloaded_verified_and_loaded() {
+    let dir = scratch("url-load");
+    let server = admin_server(&dir, |_| {});
+    let files = FileServer::start();
+    let body = tiny_gguf(7);
+    files.put("/tiny.gguf", body.clone(), "t1");
+    let bad = json!({"id": "web", "source": files.url("/tiny.gguf"), "sha256": "ab".repeat(32)});
+    let r = admin(&server, "POST", "/admin/models", Some(&bad));
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("checksum_mismatch")));
+    assert_eq!(generate_with(&server, "web").status, 404, "a failed load leaves no model behind");
+
+    let good = json!({"id": "web", "source": files.url("/tiny.gguf"), "sha256": sha(&body).to_string()});
+    let r = admin(&server, "POST", "/admin/models", Some(&good));
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["sha256"], sha(&body).to_string());
+    assert_eq!(r.json()["source"], files.url("/tiny.gguf"));
+    assert_eq!(generate_with(&server, "web").status, 200);
+    let https = json!({"id": "s", "source": "https://example.org/m.gguf", "sha256": sha(&body).to_string()});
+    let r = admin(&server, "POST", "/admin/models", Some(&https));
+    assert!(r.status == 400 && r.text().contains("https is not supported"), "{}", r.text());
+}
+
+#[test]
+fn a_model_beyond_the_memory_budget_is_refused() {
+    let dir = scratch("budget");
+    let real = std::fs::metadata(model_path()).unwrap().len() + (64 << 20);
+    let server = admin_server(&dir, |c| c.registry.memory_budget = Some(real + 1024));
+    let r = admin(&server, "POST", "/admin/models", Some(&json!({"id": "tiny", "source": "tiny.gguf"})));
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (409, json!("memory_budget_exceeded")), "{}", r.text());
+    assert!(r.text().contains("memory budget"), "{}", r.text());
+    assert_eq!(generate_with(&server, "tiny").status, 404);
+}
+
+/// Streams one generation and says whether it ended with a `done` event.
+fn stream_ok(addr: std::net::SocketAddr) -> Result<(), String> {
+    let body = json!({"prompt": "Count: one, two,", "max_tokens": 6, "ignore_eos": true, "stream": true});
+    let auth = format!("Bearer {CLIENT}");
+    let conn = open(addr, "POST", "/v1/generate", &[("Authorization", &auth)], body.to_string().as_bytes());
+    if conn.status != 200 {
+        let status = conn.status;
+        return Err(format!("status {status}: {}", conn.finish().text()));
+    }
+    let events = conn.sse().rest();
+    match events.iter().rev().find(|e| !e.comment) {
+        Some(e) if e.event.as_deref() == Some("done") => Ok(()),
+        other => Err(format!("stream ended with {other:?}")),
+    }
+}
+
+#[test]
+fn hot_reload_while_eight_clients_stream_fails_no_request() {
+    let dir = scratch("hot-reload");
+    let server = admin_server(&dir, |_| {});
+    let before = server.state.models.snapshot().get(MODEL_ID).cloned().unwrap();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let addr = server.addr;
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (started, done) = (started_tx.clone(), done.clone());
+            std::thread::spawn(move || {
+                (0..4)
+                    .map(|i| {
+                        let r = stream_ok(addr);
+                        done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if i == 0 {
+                            let _ = started.send(());
+                        }
+                        r
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    started_rx.recv_timeout(Duration::from_secs(60)).expect("a client finished a request");
+    let r = admin(&server, "POST", &format!("/admin/models/{MODEL_ID}/reload"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let finished_by_then = done.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(finished_by_then < 32, "the reload happened while clients were still streaming");
+    let results: Vec<Result<(), String>> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), results.len());
+    let after = server.state.models.snapshot().get(MODEL_ID).cloned().unwrap();
+    assert!(!Arc::ptr_eq(&before, &after), "the new copy serves");
+    assert_eq!(generate_with(&server, MODEL_ID).status, 200);
+}
+
+#[test]
+fn config_reload_changes_a_tenant_quota_live_and_keeps_the_config_on_error() {
+    let dir = scratch("config-reload");
+    let file = dir.join("starling.yaml");
+    let yaml = |rpm: &str| {
+        format!(
+            "auth:\n  admin_key: {ADMIN}\ntenants:\n  - name: anonymous\n    requests_per_minute: {rpm}\nmodels:\n  - path: {}\n    pipeline: {}\n    threads: 2\n    kv_cache:\n      max_bytes: 64MiB\n",
+            model_path().display(),
+            manifest().join("pipelines/default.yaml").display()
+        )
+    };
+    std::fs::write(&file, yaml("1")).unwrap();
+    let config = Config::load(&file).unwrap();
+    let obs = Arc::new(Observability::new().unwrap());
+    let state = AppState::new(Arc::new(config), Vec::new(), obs).with_config_source(file.clone(), Overrides::default());
+    let server = TestServer::serve_state(Arc::new(state));
+    load_configured(&server.state).unwrap();
+    let generate = || post_json(server.addr, "/v1/generate", &json!({"prompt": "Hi", "max_tokens": 1}));
+    assert_eq!(generate().status, 200);
+    assert_eq!(generate().status, 429, "one request per minute");
+
+    std::fs::write(&file, yaml("1000")).unwrap();
+    let r = admin(&server, "POST", "/admin/config/reload", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(generate().status, 200, "the new quota applies at once");
+
+    std::fs::write(&file, yaml("-5")).unwrap();
+    let r = admin(&server, "POST", "/admin/config/reload", None);
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("invalid_config")));
+    assert!(r.text().contains("requests_per_minute"), "the error names the field: {}", r.text());
+    assert_eq!(generate().status, 200, "the running config is kept");
+}
+
+#[test]
+fn drain_turns_readiness_off_and_refuses_new_generations() {
+    let dir = scratch("drain");
+    let server = admin_server(&dir, |_| {});
+    assert_eq!(readyz(&server).0, 200);
+    let r = admin(&server, "POST", "/admin/drain", None);
+    assert_eq!((r.status, r.json()["draining"].clone()), (200, json!(true)));
+    assert_eq!(readyz(&server), (503, "draining".to_owned()));
+    assert_eq!(generate_with(&server, MODEL_ID).status, 503);
+    admin(&server, "POST", "/admin/drain", Some(&json!({"draining": false})));
+    assert_eq!(readyz(&server).0, 200);
+}
+
+#[test]
+fn unloading_lets_a_running_stream_finish_then_refuses_the_model() {
+    let dir = scratch("unload-drain");
+    let server = admin_server(&dir, |_| {});
+    let r = admin(&server, "POST", "/admin/models", Some(&json!({"id": "tiny", "source": "tiny.gguf"})));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let body = json!({"prompt": "a", "max_tokens": 24, "ignore_eos": true, "stream": true, "model": "tiny"});
+    let auth = format!("Bearer {CLIENT}");
+    let conn = open(server.addr, "POST", "/v1/generate", &[("Authorization", &auth)], body.to_string().as_bytes());
+    assert_eq!(conn.status, 200);
+    let mut sse = conn.sse();
+    assert_eq!(sse.next_event().unwrap().event.as_deref(), Some("token"), "the stream has started");
+    let addr = server.addr;
+    let unload = std::thread::spawn(move || {
+        let auth = format!("Bearer {ADMIN}");
+        request(addr, "DELETE", "/admin/models/tiny", &[("Authorization", &auth)], b"")
+    });
+    let rest = sse.rest();
+    let last = rest.iter().rev().find(|e| !e.comment).unwrap();
+    assert_eq!(last.event.as_deref(), Some("done"), "the stream in flight finished: {last:?}");
+    let r = unload.join().unwrap();
+    assert_eq!((r.status, r.json()["drained"].clone()), (200, json!(true)), "{}", r.text());
+    assert_eq!(generate_with(&server, "tiny").status, 404);
 }

@@ -4,8 +4,10 @@
 //! bounded inbox, and turn the per-request event stream into SSE frames or one JSON body.
 //! The gateway shares nothing mutable with engines.
 
+mod admin;
 mod auth;
 mod http;
+mod lifecycle;
 mod models;
 mod native;
 mod openai;
@@ -17,6 +19,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -32,12 +35,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{Config, Overrides};
 use crate::engine::load::LoadedModel;
 use crate::error::{ApiError, ErrorKind};
 use crate::telemetry::Observability;
 pub use auth::{Access, Authenticator, Caller};
 pub use http::Body;
+pub use lifecycle::{LifecycleError, LoadSpec, ModelRecord, ModelRegistry, ModelState};
 pub use models::{ModelTable, Models, load_configured};
 pub use quota::{Quotas, RateInfo};
 
@@ -53,6 +57,10 @@ pub struct AppState {
     pub cancel: watch::Sender<bool>,
     /// Metrics, engine heartbeats and readiness thresholds.
     pub obs: Arc<Observability>,
+    /// The download cache and what is known about each model.
+    pub registry: ModelRegistry,
+    /// The file `POST /admin/config/reload` reads, with the overrides given at startup.
+    pub config_source: Option<(PathBuf, Overrides)>,
     live: RwLock<Arc<Live>>,
 }
 
@@ -76,14 +84,26 @@ impl AppState {
     /// State whose models report to `obs` (see `start_model_observed`); `models` may be
     /// empty and filled later (see [`load_configured`]).
     pub fn new(config: Arc<Config>, models: Vec<LoadedModel>, obs: Arc<Observability>) -> Self {
+        let registry = ModelRegistry::new(&config);
+        for m in &models {
+            registry.record(&m.config, crate::engine::load::Footprint::of(&m.config).unwrap_or_default());
+        }
         AppState {
             live: RwLock::new(Arc::new(Live::new(config.clone()))),
+            registry,
+            config_source: None,
             models: Models::new(models.into_iter().map(Arc::new).collect()),
             draining: AtomicBool::new(false),
             cancel: watch::Sender::new(false),
             obs,
             config,
         }
+    }
+
+    /// Names the config file `POST /admin/config/reload` re-reads (with `overrides` applied).
+    pub fn with_config_source(mut self, path: PathBuf, overrides: Overrides) -> Self {
+        self.config_source = Some((path, overrides));
+        self
     }
 
     /// The live config, keys and quotas (one snapshot per request).
@@ -220,6 +240,14 @@ async fn route(state: &Arc<AppState>, ctx: Ctx, req: Request<Incoming>) -> Resul
         (Method::POST, "/v1/detokenize") => native::detokenize(state, req).await,
         (Method::POST, "/v1/session/close") => native::close_session(state, &ctx, req).await,
         (Method::GET, "/admin/stats") => Ok(native::stats(state)),
+        (Method::GET, "/admin/models") => Ok(admin::list_models(state)),
+        (Method::POST, "/admin/models") => admin::load(state, req).await,
+        (Method::POST, "/admin/drain") => admin::drain(state, req).await,
+        (Method::POST, "/admin/config/reload") => admin::reload_config(state).await,
+        (method, p) if p.starts_with("/admin/models/") => {
+            let rest = p.trim_start_matches("/admin/models/").to_owned();
+            admin::model_route(state, method, &rest, req).await
+        }
         (method, p) => Err(no_route(&method, p)),
     }
 }
@@ -252,4 +280,7 @@ const ROUTES: &[(&str, &[Method])] = &[
     ("/v1/detokenize", &[Method::POST]),
     ("/v1/session/close", &[Method::POST]),
     ("/admin/stats", &[Method::GET]),
+    ("/admin/models", &[Method::GET, Method::POST]),
+    ("/admin/drain", &[Method::POST]),
+    ("/admin/config/reload", &[Method::POST]),
 ];

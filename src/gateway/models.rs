@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use crate::engine::load::{LoadError, LoadedModel, start_model_observed};
+use crate::engine::load::{Footprint, LoadError, LoadedModel, start_model_observed};
 use crate::error::{ApiError, ErrorKind};
 use crate::types::ModelId;
 
@@ -129,9 +129,15 @@ pub fn load_configured(state: &AppState) -> Result<(), LoadError> {
     for m in &config.models {
         state.begin_loading(&m.id);
     }
+    let mut in_use = 0u64;
     for (index, m) in config.models.iter().enumerate() {
-        match start_model_observed(&config, index, &state.obs) {
-            Ok(model) => {
+        let loaded = Footprint::of(m)
+            .and_then(|f| f.check_budget(&m.id, in_use, config.registry.memory_budget).map(|()| f))
+            .and_then(|f| start_model_observed(&config, index, &state.obs).map(|model| (f, model)));
+        match loaded {
+            Ok((footprint, model)) => {
+                in_use += footprint.total();
+                state.record_configured(m, footprint);
                 state.finish_loading(model);
             }
             Err(e) => {
@@ -141,7 +147,6 @@ pub fn load_configured(state: &AppState) -> Result<(), LoadError> {
                 return Err(e);
             }
         }
-        tracing::debug!(model = %m.id, "model published");
     }
     Ok(())
 }
