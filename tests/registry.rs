@@ -491,3 +491,45 @@ fn unloading_lets_a_running_stream_finish_then_refuses_the_model() {
     assert_eq!((r.status, r.json()["drained"].clone()), (200, json!(true)), "{}", r.text());
     assert_eq!(generate_with(&server, "tiny").status, 404);
 }
+
+// ---- the CLI ----
+
+fn starling_models(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_starling"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .arg("models")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn models_pull_downloads_once_and_models_list_shows_the_entry() {
+    let files = FileServer::start();
+    let body = tiny_gguf(21);
+    files.put("/cli.gguf", body.clone(), "c1");
+    let dir = scratch("cli-cache");
+    let (url, digest, cache) = (files.url("/cli.gguf"), sha(&body).to_string(), dir.to_str().unwrap().to_owned());
+    let pull = || starling_models(&["pull", &url, "--sha256", &digest, "--cache-dir", &cache, "--json"]);
+    let out = pull();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["origin"].clone(), v["sha256"].clone()), (json!("downloaded"), json!(digest)));
+    assert_eq!(std::fs::read(v["path"].as_str().unwrap()).unwrap(), body);
+    let again: Value = serde_json::from_slice(&pull().stdout).unwrap();
+    assert_eq!(again["origin"], "cached");
+    assert_eq!(files.log().len(), 1, "the second pull made no request");
+
+    let list = starling_models(&["list", "--cache-dir", &cache, "--json"]);
+    let entries: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(entries[0]["source"], url.as_str());
+    assert_eq!(entries[0]["sha256"], digest.as_str());
+    assert_eq!(entries[0]["size"], body.len());
+
+    let wrong = starling_models(&["pull", &url, "--sha256", &"1".repeat(64), "--cache-dir", &cache]);
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success() && err.contains("sha256 mismatch"), "{err}");
+    let https = starling_models(&["pull", "https://example.org/x.gguf", "--sha256", &digest, "--cache-dir", &cache]);
+    assert!(String::from_utf8_lossy(&https.stderr).contains("https is not supported"));
+}
