@@ -94,7 +94,6 @@ fn a_snapshot_keeps_its_models_while_the_table_changes() {
     assert!(server.state.models.snapshot().is_loading("x"));
     server.state.abandon_loading(&ModelId::from("x"));
     assert!(!server.state.models.snapshot().is_loading("x"));
-    let _keep: Arc<_> = before;
 }
 
 // ---- the download cache, against a local HTTP server ----
@@ -419,6 +418,15 @@ fn hot_reload_while_eight_clients_stream_fails_no_request() {
     let after = server.state.models.snapshot().get(MODEL_ID).cloned().unwrap();
     assert!(!Arc::ptr_eq(&before, &after), "the new copy serves");
     assert_eq!(generate_with(&server, MODEL_ID).status, 200);
+    // Once nothing holds the old copy, its engine stops (the model is unmapped with it).
+    let old_status = before.engine.status.clone();
+    drop(before);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !old_status.stopped.load(std::sync::atomic::Ordering::Relaxed) {
+        assert!(std::time::Instant::now() < deadline, "the old copy was never retired");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!after.engine.status.stopped.load(std::sync::atomic::Ordering::Relaxed));
 }
 
 #[test]
