@@ -302,11 +302,18 @@ fn models_load_route_and_unload_through_the_admin_api() {
     assert_eq!(listed.status, 403, "a client key may not use admin routes");
     assert_eq!(get_as(server.addr, None, "/admin/models").status, 401);
 
-    let r = admin(&server, "POST", "/admin/models", Some(&json!({"id": "tiny", "source": "tiny.gguf"})));
+    let zero = json!({"id": "tiny", "source": "tiny.gguf", "threads": 0});
+    let r = admin(&server, "POST", "/admin/models", Some(&zero));
+    assert_eq!((r.status, r.json()["error"]["param"].clone()), (422, json!("threads")));
+    let own = json!({"id": "tiny", "source": "tiny.gguf", "threads": 1, "kv_cache_max_bytes": 8 << 20});
+    let r = admin(&server, "POST", "/admin/models", Some(&own));
     assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    assert_eq!((v["state"].clone(), v["memory"]["kv_cap_bytes"].clone()), (json!("ready"), json!(8 << 20)));
     assert_eq!(
-        (r.json()["state"].clone(), r.json()["memory"]["kv_cap_bytes"].clone()),
-        (json!("ready"), json!(64 << 20))
+        (v["threads"].clone(), v["max_batch"].clone()),
+        (json!(1), json!(32)),
+        "unset settings come from models[0]"
     );
     let all = admin(&server, "GET", "/admin/models", None).json();
     let ids: Vec<&str> = all["models"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
@@ -324,6 +331,11 @@ fn models_load_route_and_unload_through_the_admin_api() {
     assert_eq!((escape.status, escape.json()["error"]["code"].clone()), (400, json!("invalid_source")));
     let unknown = admin(&server, "DELETE", "/admin/models/nope", None);
     assert_eq!(unknown.status, 404);
+
+    let reloaded = admin(&server, "POST", "/admin/models/tiny/reload", None);
+    assert_eq!(reloaded.status, 200, "{}", reloaded.text());
+    assert_eq!(reloaded.json()["memory"]["kv_cap_bytes"], json!(8 << 20), "a reload keeps the model's settings");
+    assert_eq!(reloaded.json()["threads"], json!(1));
 
     let gone = admin(&server, "DELETE", "/admin/models/tiny", None);
     assert_eq!((gone.status, gone.json()["drained"].clone()), (200, json!(true)), "{}", gone.text());

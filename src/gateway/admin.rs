@@ -2,6 +2,7 @@
 //! `GET/POST /admin/models`, `DELETE /admin/models/{id}`, `POST /admin/models/{id}/reload`,
 //! `POST /admin/drain`, `POST /admin/config/reload`.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -11,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::http::{Body, json_response};
-use super::lifecycle::{LifecycleError, LoadSpec, ModelRecord, parse_id};
+use super::lifecycle::{LifecycleError, LoadSpec, ModelLimits, ModelRecord, parse_id};
 use super::native::{from_map, read_object, reject_unknown};
 use super::{AppState, LoadedModel};
 use crate::config::Config;
@@ -60,6 +61,9 @@ fn describe(id: &str, record: &ModelRecord, model: Option<&Arc<LoadedModel>>) ->
             "kv_cap_bytes": record.footprint.kv_cap_bytes,
             "total_bytes": record.footprint.total(),
         },
+        "threads": record.settings.threads,
+        "max_batch": record.settings.max_batch,
+        "max_sessions": record.settings.max_sessions,
     });
     if let Some(m) = model {
         let s = &m.engine.status;
@@ -86,7 +90,44 @@ struct LoadBody {
     id: String,
     source: String,
     sha256: Option<String>,
+    threads: Option<u64>,
+    max_batch: Option<u64>,
+    max_sessions: Option<u64>,
+    kv_cache_max_bytes: Option<u64>,
 }
+
+/// Fields `POST /admin/models` accepts.
+const LOAD_FIELDS: &[&str] = &["id", "source", "sha256", "threads", "max_batch", "max_sessions", "kv_cache_max_bytes"];
+
+/// Largest thread pool a model may ask for.
+const MAX_THREADS: u64 = 1024;
+
+fn limit(name: &str, value: Option<u64>, max: u64) -> Result<Option<NonZeroUsize>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(v) if (1..=max).contains(&v) => Ok(NonZeroUsize::new(v as usize)),
+        Some(_) => Err(ApiError::invalid_parameter(name, format!("`{name}` must be in [1, {max}]"))),
+    }
+}
+
+fn limits(body: &LoadBody) -> Result<ModelLimits, ApiError> {
+    let kv = match body.kv_cache_max_bytes {
+        Some(v) if v < MIN_KV_BYTES => {
+            let message = format!("`kv_cache_max_bytes` must be at least {MIN_KV_BYTES}");
+            return Err(ApiError::invalid_parameter("kv_cache_max_bytes", message));
+        }
+        other => other,
+    };
+    Ok(ModelLimits {
+        threads: limit("threads", body.threads, MAX_THREADS)?,
+        max_batch: limit("max_batch", body.max_batch, u32::MAX as u64)?,
+        max_sessions: limit("max_sessions", body.max_sessions, u32::MAX as u64)?,
+        kv_cache_max_bytes: kv,
+    })
+}
+
+/// Smallest KV arena a loaded model may ask for (1 MiB).
+const MIN_KV_BYTES: u64 = 1 << 20;
 
 fn parse_sha(text: Option<&str>) -> Result<Option<Digest>, ApiError> {
     text.map(Digest::parse)
@@ -97,14 +138,15 @@ fn parse_sha(text: Option<&str>) -> Result<Option<Digest>, ApiError> {
 /// `POST /admin/models` `{"id","source","sha256"}`: loads a model; 201 once it serves.
 pub async fn load(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let map = read_object(state, req).await?;
-    reject_unknown(&map, &[&["id", "source", "sha256"]])?;
+    reject_unknown(&map, &[LOAD_FIELDS])?;
     let body: LoadBody = from_map(map)?;
+    let limits = limits(&body)?;
     let id = parse_id(&body.id).map_err(api_error)?;
     let source = Source::parse(&body.source).map_err(|e| api_error(e.into()))?;
     if matches!(source, Source::Http(_)) && body.sha256.is_none() {
         return Err(ApiError::invalid_parameter("sha256", "a URL source needs the expected `sha256`"));
     }
-    let spec = LoadSpec { id: id.clone(), source, sha256: parse_sha(body.sha256.as_deref())? };
+    let spec = LoadSpec { id: id.clone(), source, sha256: parse_sha(body.sha256.as_deref())?, limits };
     let record = state.load_model(spec).await.map_err(api_error)?;
     let table = state.models.snapshot();
     Ok(json_response(StatusCode::CREATED, &describe(id.as_str(), &record, table.get(id.as_str()))))

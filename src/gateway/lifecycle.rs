@@ -3,6 +3,7 @@
 //! in one table swap, the old copy drains). The admin routes call these; so can tests.
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,6 +46,8 @@ pub struct ModelRecord {
     /// The verified digest, when one was given or the file was downloaded.
     pub sha256: Option<Digest>,
     pub footprint: Footprint,
+    /// The settings the serving copy runs with (a reload keeps them).
+    pub settings: ModelConfig,
 }
 
 /// The registry side of the server: the download cache and a record per model.
@@ -72,12 +75,33 @@ pub enum LifecycleError {
     Task(String),
 }
 
-/// A model to load: its id, where its file comes from, and the digest it must have.
+/// A model to load: its id, where its file comes from, the digest it must have, and the
+/// engine settings that differ from the template.
 #[derive(Clone, Debug)]
 pub struct LoadSpec {
     pub id: ModelId,
     pub source: Source,
     pub sha256: Option<Digest>,
+    pub limits: ModelLimits,
+}
+
+/// Engine settings a load may choose; unset ones come from the template (`models[0]` of
+/// the config for a new model, the running copy's settings for a reload).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelLimits {
+    pub threads: Option<NonZeroUsize>,
+    pub max_batch: Option<NonZeroUsize>,
+    pub max_sessions: Option<NonZeroUsize>,
+    pub kv_cache_max_bytes: Option<u64>,
+}
+
+impl ModelLimits {
+    fn apply(&self, mc: &mut ModelConfig) {
+        mc.threads = self.threads.unwrap_or(mc.threads);
+        mc.max_batch = self.max_batch.unwrap_or(mc.max_batch);
+        mc.max_sessions = self.max_sessions.unwrap_or(mc.max_sessions);
+        mc.kv_cache.max_bytes = self.kv_cache_max_bytes.unwrap_or(mc.kv_cache.max_bytes);
+    }
 }
 
 impl ModelRegistry {
@@ -90,8 +114,13 @@ impl ModelRegistry {
 
     /// Records a model loaded from the config (its source is its path).
     pub fn record(&self, mc: &ModelConfig, footprint: Footprint) {
-        let record =
-            ModelRecord { state: ModelState::Ready, source: mc.path.display().to_string(), sha256: None, footprint };
+        let record = ModelRecord {
+            state: ModelState::Ready,
+            source: mc.path.display().to_string(),
+            sha256: None,
+            footprint,
+            settings: mc.clone(),
+        };
         self.records().insert(mc.id.clone(), record);
     }
 
@@ -165,11 +194,12 @@ impl AppState {
                 source: spec.source.describe(),
                 sha256: spec.sha256.clone(),
                 footprint: Footprint::default(),
+                settings: self.config.models[0].clone(),
             };
             records.insert(spec.id.clone(), placeholder);
         }
         self.begin_loading(&spec.id);
-        let result = self.bring_up(&spec).await;
+        let result = self.bring_up(&spec, self.config.models[0].clone()).await;
         match result {
             Ok((model, record)) => {
                 self.registry.records().insert(spec.id.clone(), record.clone());
@@ -211,16 +241,23 @@ impl AppState {
     ) -> Result<ModelRecord, LifecycleError> {
         let old = self.registry.transition(id, ModelState::Ready, ModelState::Reloading)?;
         let spec = match source {
-            Some((source, sha256)) => LoadSpec { id: ModelId::from(id), source, sha256 },
+            Some((source, sha256)) => {
+                LoadSpec { id: ModelId::from(id), source, sha256, limits: ModelLimits::default() }
+            }
             None => match Source::parse(&old.source) {
-                Ok(source) => LoadSpec { id: ModelId::from(id), source, sha256: old.sha256.clone() },
+                Ok(source) => LoadSpec {
+                    id: ModelId::from(id),
+                    source,
+                    sha256: old.sha256.clone(),
+                    limits: ModelLimits::default(),
+                },
                 Err(e) => {
                     self.registry.set_state(&ModelId::from(id), ModelState::Ready);
                     return Err(e.into());
                 }
             },
         };
-        let (model, record) = match self.bring_up(&spec).await {
+        let (model, record) = match self.bring_up(&spec, old.settings.clone()).await {
             Ok(up) => up,
             Err(e) => {
                 self.registry.set_state(&spec.id, ModelState::Ready);
@@ -239,24 +276,30 @@ impl AppState {
     }
 
     /// Resolves the source, checks the budget and starts the engine (off the async threads).
-    async fn bring_up(self: &Arc<Self>, spec: &LoadSpec) -> Result<(LoadedModel, ModelRecord), LifecycleError> {
+    async fn bring_up(
+        self: &Arc<Self>,
+        spec: &LoadSpec,
+        template: ModelConfig,
+    ) -> Result<(LoadedModel, ModelRecord), LifecycleError> {
         let (path, sha256) = self.resolve(spec).await?;
         let live = self.live();
         let mut config = Config::clone(&live.config);
-        let mut mc = self.config.models[0].clone();
+        let mut mc = template;
         mc.id = spec.id.clone();
         mc.path = path;
+        spec.limits.apply(&mut mc);
         let footprint = Footprint::of(&mc)?;
         // While reloading, the old copy stays in memory beside the new one.
         let old_copy = self.registry.reloading_footprint(&spec.id);
         let in_use = self.registry.in_use(&spec.id) + old_copy;
         footprint.check_budget(&spec.id, in_use, self.config.registry.memory_budget)?;
-        config.models = vec![mc];
+        config.models = vec![mc.clone()];
         let obs = self.obs.clone();
         let model = tokio::task::spawn_blocking(move || start_model_observed(&config, 0, &obs))
             .await
             .map_err(|e| LifecycleError::Task(e.to_string()))??;
-        let record = ModelRecord { state: ModelState::Ready, source: spec.source.describe(), sha256, footprint };
+        let record =
+            ModelRecord { state: ModelState::Ready, source: spec.source.describe(), sha256, footprint, settings: mc };
         Ok((model, record))
     }
 

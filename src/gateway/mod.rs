@@ -41,7 +41,7 @@ use crate::error::{ApiError, ErrorKind};
 use crate::telemetry::Observability;
 pub use auth::{Access, Authenticator, Caller};
 pub use http::Body;
-pub use lifecycle::{LifecycleError, LoadSpec, ModelRecord, ModelRegistry, ModelState};
+pub use lifecycle::{LifecycleError, LoadSpec, ModelLimits, ModelRecord, ModelRegistry, ModelState};
 pub use models::{ModelTable, Models, load_configured};
 pub use quota::{Quotas, RateInfo};
 
