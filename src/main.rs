@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use starling::config::{Config, LogFormat, Overrides};
 use starling::engine::load::start_model;
-use starling::gateway::{AppState, load_configured, serve};
+use starling::gateway::{AppState, load_configured, mark_configured_loading, serve};
 use starling::model::gguf::GgufFile;
 use starling::protocol::{EngineCommand, GenerateRequest, PromptInput, StreamEvent};
 use starling::registry::{Digest, ModelCache, Origin, Source};
@@ -259,6 +259,7 @@ fn cmd_serve(args: ServeArgs, style: Option<LogStyle>, trace: Option<PathBuf>) -
     let bind = config.server.bind;
     let state = Arc::new(AppState::new(Arc::new(config), Vec::new(), obs).with_config_source(args.config, overrides));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    mark_configured_loading(&state);
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("cannot listen on {bind}"))?;
         tracing::info!(addr = %listener.local_addr()?, "listening");

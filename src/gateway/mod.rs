@@ -42,7 +42,7 @@ use crate::telemetry::Observability;
 pub use auth::{Access, Authenticator, Caller};
 pub use http::Body;
 pub use lifecycle::{LifecycleError, LoadSpec, ModelLimits, ModelRecord, ModelRegistry, ModelState};
-pub use models::{ModelTable, Models, load_configured};
+pub use models::{ModelTable, Models, load_configured, mark_configured_loading};
 pub use quota::{Quotas, RateInfo};
 
 /// Everything handlers read. Engines are reached only through their handles.

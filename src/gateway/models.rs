@@ -121,14 +121,20 @@ impl AppState {
     }
 }
 
+/// Marks every configured model as loading. `serve` calls it before binding, so `/readyz`
+/// never answers "no model loaded" in the moment before the loader starts.
+pub fn mark_configured_loading(state: &AppState) {
+    for m in &state.config.models {
+        state.begin_loading(&m.id);
+    }
+}
+
 /// Loads every configured model in order (all are marked loading first), publishing each as
 /// it comes up. `serve` runs this on a blocking task after binding; the first failure is
 /// returned and the remaining models stay unloaded.
 pub fn load_configured(state: &AppState) -> Result<(), LoadError> {
     let config = state.config.clone();
-    for m in &config.models {
-        state.begin_loading(&m.id);
-    }
+    mark_configured_loading(state);
     let mut in_use = 0u64;
     for (index, m) in config.models.iter().enumerate() {
         let loaded = Footprint::of(m)
