@@ -13,7 +13,8 @@
 //! - [`sampler`]: sampling steps as pure functions over a logits row; stop strings; policies.
 //! - [`kv`]: the bounded KV block arena, block tables, sessions and eviction.
 //! - [`telemetry`]: logging, Chrome traces of ticks, Prometheus metrics.
-//! - [`gateway`]: the hyper HTTP server: routes, auth, validation, SSE.
+//! - [`gateway`]: the hyper HTTP server: routes, auth, validation, SSE, admin model lifecycle.
+//! - [`registry`]: model sources (model directories, http URLs) and the verified download cache.
 //! - [`bench`]: `starling bench`: prefill, decode and batched throughput, engine aggregate, peak RSS.
 //! - [`seams`]: the small traits (`Tokenizer`, `Sampler`, `KvCache`, `Scheduler`, `ModelRuntime`)
 //!   that let tests drive one part without the others.
@@ -27,6 +28,7 @@ pub mod gateway;
 pub mod kv;
 pub mod model;
 pub mod protocol;
+pub mod registry;
 pub mod sampler;
 pub mod seams;
 pub mod systems;

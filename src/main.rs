@@ -8,10 +8,11 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use starling::config::{Config, LogFormat, Overrides};
-use starling::engine::load::{start_model, start_model_observed};
-use starling::gateway::{AppState, serve};
+use starling::engine::load::start_model;
+use starling::gateway::{AppState, load_configured, mark_configured_loading, serve};
 use starling::model::gguf::GgufFile;
 use starling::protocol::{EngineCommand, GenerateRequest, PromptInput, StreamEvent};
+use starling::registry::{Digest, ModelCache, Origin, Source};
 use starling::sampler::{SamplerLimits, SamplingParams};
 use starling::telemetry::{self, LogStyle, Observability};
 use starling::types::{RequestId, TenantId};
@@ -43,6 +44,41 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Throughput figures (prefill, decode, batched, engine) comparable with llama.cpp's.
     Bench(BenchArgs),
+    /// The model download cache: pull a verified model file, list what is cached.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Download URL into the cache (or find it there) and verify its sha256.
+    Pull(PullArgs),
+    /// List the cached model files, least recently used first.
+    List(CacheArgs),
+}
+
+#[derive(Args)]
+struct CacheArgs {
+    /// Cache directory (default: `registry.cache_dir` of the config file).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Config file whose `registry:` section gives the cache directory and size cap.
+    #[arg(long, default_value = "config/starling.yaml")]
+    config: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PullArgs {
+    /// An http:// URL of a GGUF file.
+    url: String,
+    /// The file's expected sha256 (64 hex digits).
+    #[arg(long)]
+    sha256: String,
+    #[command(flatten)]
+    cache: CacheArgs,
 }
 
 #[derive(Args)]
@@ -237,6 +273,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => cmd_inspect(args),
         Command::Perplexity(args) => cmd_perplexity(args),
         Command::Bench(args) => cmd_bench(args),
+        Command::Models(ModelsCommand::Pull(args)) => cmd_models_pull(args),
+        Command::Models(ModelsCommand::List(args)) => cmd_models_list(args),
     }
 }
 
@@ -250,19 +288,45 @@ fn cmd_serve(args: ServeArgs, style: Option<LogStyle>, trace: Option<PathBuf>) -
     let trace = trace.or(config.telemetry.trace_chrome.clone());
     let _guard = telemetry::init(style, &config.telemetry.log_level, trace.as_deref())?;
     let obs = Arc::new(Observability::new()?);
-    let models =
-        (0..config.models.len()).map(|i| start_model_observed(&config, i, &obs)).collect::<Result<Vec<_>, _>>()?;
     let bind = config.server.bind;
-    let state = Arc::new(AppState::new(Arc::new(config), models, obs));
+    let state = Arc::new(AppState::new(Arc::new(config), Vec::new(), obs).with_config_source(args.config, overrides));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    mark_configured_loading(&state);
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("cannot listen on {bind}"))?;
         tracing::info!(addr = %listener.local_addr()?, "listening");
-        serve(listener, state, shutdown_signal()).await;
-        anyhow::Ok(())
+        let failure = Arc::new(std::sync::Mutex::new(None));
+        let stop = stop_on_signal_or_load_failure(state.clone(), failure.clone());
+        serve(listener, state, stop).await;
+        match failure.lock().map(|mut f| f.take()) {
+            Ok(Some(e)) => Err(e),
+            _ => anyhow::Ok(()),
+        }
     })?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Loads the configured models on a blocking task (the server is already listening and
+/// answers `/readyz` with 503 "model loading"); resolves on a shutdown signal, or when a
+/// load fails, after putting the error in `failure` so `serve` exits non-zero.
+async fn stop_on_signal_or_load_failure(state: Arc<AppState>, failure: Arc<std::sync::Mutex<Option<anyhow::Error>>>) {
+    let loading = tokio::task::spawn_blocking(move || load_configured(&state));
+    let failed = async move {
+        let error = match loading.await {
+            Ok(Ok(())) => return std::future::pending().await,
+            Ok(Err(e)) => anyhow::Error::new(e),
+            Err(e) => anyhow::anyhow!("the model loader stopped: {e}"),
+        };
+        tracing::error!(error = %error, "model load failed; stopping");
+        if let Ok(mut f) = failure.lock() {
+            *f = Some(error);
+        }
+    };
+    tokio::select! {
+        () = shutdown_signal() => {}
+        () = failed => {}
+    }
 }
 
 async fn shutdown_signal() {
@@ -466,6 +530,56 @@ fn cmd_bench_http(
     }
     if failed > 0 {
         bail!("{failed} requests failed");
+    }
+    Ok(())
+}
+
+/// The cache named by `--cache-dir`, else by the config file (defaults when it is absent).
+fn open_cache(a: &CacheArgs) -> Result<ModelCache> {
+    let config = if a.config.exists() {
+        Config::load(&a.config).with_context(|| format!("reading {}", a.config.display()))?
+    } else {
+        Config::from_str("{}", starling::config::Format::Json)?
+    };
+    let dir = a.cache_dir.clone().unwrap_or(config.registry.cache_dir);
+    Ok(ModelCache::new(dir, config.registry.cache_max_bytes))
+}
+
+fn cmd_models_pull(a: PullArgs) -> Result<()> {
+    let cache = open_cache(&a.cache)?;
+    let url = match Source::parse(&a.url)? {
+        Source::Http(url) => url,
+        Source::Local(p) => bail!("`{}` is a local path; `models pull` takes an http:// URL", p.display()),
+    };
+    let sha256 = Digest::parse(&a.sha256)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let fetched = runtime.block_on(cache.fetch(&url, Some(&sha256), &[]))?;
+    let origin = match fetched.origin {
+        Origin::Hit => "cached",
+        Origin::Revalidated => "revalidated",
+        Origin::Downloaded => "downloaded",
+    };
+    if a.cache.json {
+        let v = serde_json::json!({"path": fetched.path, "sha256": fetched.sha256.to_string(), "size": fetched.size, "origin": origin});
+        println!("{v}");
+    } else {
+        println!("{origin} {} ({} bytes, sha256 {})", fetched.path.display(), fetched.size, fetched.sha256);
+    }
+    Ok(())
+}
+
+fn cmd_models_list(a: CacheArgs) -> Result<()> {
+    let cache = open_cache(&a)?;
+    let entries = cache.entries()?;
+    if a.json {
+        println!("{}", serde_json::to_string(&entries)?);
+        return Ok(());
+    }
+    if entries.is_empty() {
+        println!("no models cached in {}", cache.dir().display());
+    }
+    for e in entries {
+        println!("{}  {:>12}  {}", e.sha256, e.size, e.source);
     }
     Ok(())
 }

@@ -52,8 +52,16 @@ fn serve_answers_healthz_and_exits_cleanly_on_sigterm() {
     };
     let (status, body) = http_get(&addr, "/healthz");
     assert_eq!(status, 200, "{body}");
-    let (status, _) = http_get(&addr, "/readyz");
-    assert_eq!(status, 200);
+    // The server binds before its model loads: `/readyz` says so until the model is up.
+    loop {
+        let (status, body) = http_get(&addr, "/readyz");
+        if status == 200 {
+            break;
+        }
+        assert!(status == 503 && body.contains("model loading"), "{body}");
+        assert!(Instant::now() < deadline, "the model did not load");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let status = child.wait().unwrap();

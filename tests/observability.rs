@@ -356,6 +356,12 @@ impl ChildServer {
                 break v["addr"].as_str().unwrap().parse().unwrap();
             }
         };
+        // The server binds before its model loads: wait until it is ready for traffic.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while http(addr, "GET", "/readyz", &[], None).0 != 200 {
+            assert!(Instant::now() < deadline, "the server did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         ChildServer { child, addr, logs }
     }
 

@@ -561,7 +561,7 @@ mod http {
         let r = post_json_as(s.addr, "key-a", "/v1/cancel", &json!({"request_id": 7}));
         assert_eq!(r.status, 400, "a malformed body");
 
-        let status = s.state.models[0].engine.status.clone();
+        let status = s.state.models.snapshot().ready[0].engine.status.clone();
         let r = post_json_as(s.addr, "key-a", "/v1/cancel", &cancel);
         let ticks_at_reply = status.ticks.load(Ordering::Relaxed);
         assert_eq!((r.status, r.json()["cancelled"].as_str()), (200, Some("story-1")));

@@ -75,7 +75,7 @@ impl TestServer {
     }
 
     pub fn kv_blocks_used(&self) -> usize {
-        self.state.models[0].engine.status.kv_blocks_used.load(std::sync::atomic::Ordering::Relaxed)
+        self.state.models.snapshot().ready[0].engine.status.kv_blocks_used.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -282,4 +282,155 @@ pub fn post_json_as(addr: SocketAddr, key: &str, path: &str, body: &Value) -> Ht
 /// POSTs `body` and returns the open stream (check `status` before reading events).
 pub fn stream_json(addr: SocketAddr, path: &str, body: &Value) -> Conn {
     open(addr, "POST", path, &[("Content-Type", "application/json")], body.to_string().as_bytes())
+}
+
+impl TestServer {
+    /// Serves `state` as it is (models may be empty, or loaded later) on a free port.
+    pub fn serve_state(state: Arc<AppState>) -> TestServer {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = oneshot::channel::<()>();
+        let (done_tx, stopped) = std_mpsc::channel();
+        let served = state.clone();
+        runtime.spawn(async move {
+            serve(listener, served, async move { stop_rx.await.unwrap_or(()) }).await;
+            let _ = done_tx.send(());
+        });
+        TestServer { addr, state, stop: Some(stop), stopped: std::sync::Mutex::new(stopped), _runtime: runtime }
+    }
+
+    /// A server on the test config (after `tweak`) with no model loaded yet.
+    pub fn start_empty(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let config = test_config(tweak);
+        let obs = Arc::new(Observability::new().expect("metrics registry"));
+        TestServer::serve_state(Arc::new(AppState::new(Arc::new(config), Vec::new(), obs)))
+    }
+}
+
+/// GETs `path` with `Authorization: Bearer <key>` when a key is given.
+pub fn get_as(addr: SocketAddr, key: Option<&str>, path: &str) -> HttpResponse {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    request(addr, "GET", path, &headers, b"")
+}
+
+/// The value of the Prometheus sample whose line starts with `series` (name and labels).
+pub fn metric_value(addr: SocketAddr, series: &str) -> Option<f64> {
+    let text = request(addr, "GET", "/metrics", &[], b"").text();
+    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// One request the [`FileServer`] answered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoggedRequest {
+    pub path: String,
+    pub if_none_match: Option<String>,
+    pub status: u16,
+    /// Body bytes written (0 for 304/404).
+    pub body_bytes: usize,
+}
+
+/// A file the [`FileServer`] serves: its bytes, its ETag, and optionally the byte after
+/// which the connection is dropped (a download interrupted mid-body).
+#[derive(Clone, Debug)]
+pub struct ServedFile {
+    pub body: Vec<u8>,
+    pub etag: String,
+    pub cut_after: Option<usize>,
+}
+
+/// A tiny HTTP/1.1 file server on 127.0.0.1 (std::net, one thread per connection) with
+/// ETags, `If-None-Match` → 304, and a log of every request.
+pub struct FileServer {
+    pub addr: SocketAddr,
+    files: Arc<std::sync::Mutex<std::collections::HashMap<String, ServedFile>>>,
+    log: Arc<std::sync::Mutex<Vec<LoggedRequest>>>,
+}
+
+impl FileServer {
+    pub fn start() -> FileServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let files = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (f, l) = (files.clone(), log.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let (f, l) = (f.clone(), l.clone());
+                std::thread::spawn(move || serve_file(stream, &f, &l));
+            }
+        });
+        FileServer { addr, files, log }
+    }
+
+    /// Serves `body` at `path` with ETag `"<etag>"`.
+    pub fn put(&self, path: &str, body: Vec<u8>, etag: &str) {
+        let file = ServedFile { body, etag: format!("\"{etag}\""), cut_after: None };
+        self.files.lock().unwrap().insert(path.to_owned(), file);
+    }
+
+    /// Serves `body` at `path` but drops the connection after `cut_after` body bytes.
+    pub fn put_cut(&self, path: &str, body: Vec<u8>, cut_after: usize) {
+        let file = ServedFile { body, etag: "\"cut\"".into(), cut_after: Some(cut_after) };
+        self.files.lock().unwrap().insert(path.to_owned(), file);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn log(&self) -> Vec<LoggedRequest> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+fn serve_file(
+    stream: TcpStream,
+    files: &std::sync::Mutex<std::collections::HashMap<String, ServedFile>>,
+    log: &std::sync::Mutex<Vec<LoggedRequest>>,
+) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let request_line = read_line(&mut reader);
+    let path = request_line.split(' ').nth(1).unwrap_or("/").to_owned();
+    let mut if_none_match = None;
+    loop {
+        let line = read_line(&mut reader);
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.trim().eq_ignore_ascii_case("if-none-match")
+        {
+            if_none_match = Some(v.trim().to_owned());
+        }
+    }
+    let file = files.lock().unwrap().get(&path).cloned();
+    let (status, response) = match file {
+        None => (404, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()),
+        Some(f) if if_none_match.as_deref() == Some(f.etag.as_str()) => {
+            (304, format!("HTTP/1.1 304 Not Modified\r\nETag: {}\r\nConnection: close\r\n\r\n", f.etag).into_bytes())
+        }
+        Some(f) => {
+            let mut r = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: {}\r\nConnection: close\r\n\r\n",
+                f.body.len(),
+                f.etag
+            )
+            .into_bytes();
+            r.extend_from_slice(&f.body[..f.cut_after.unwrap_or(f.body.len()).min(f.body.len())]);
+            (200, r)
+        }
+    };
+    let body_bytes = if status == 200 {
+        response.len() - response.windows(4).position(|w| w == b"\r\n\r\n").unwrap() - 4
+    } else {
+        0
+    };
+    // Logged before answering, so a client that has its answer sees the entry.
+    log.lock().unwrap().push(LoggedRequest { path, if_none_match, status, body_bytes });
+    let mut out = stream;
+    let _ = out.write_all(&response);
+    let _ = out.flush();
+    let _ = out.shutdown(std::net::Shutdown::Both);
 }

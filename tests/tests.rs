@@ -8,6 +8,7 @@ mod kernels;
 mod kv;
 mod model;
 mod observability;
+mod registry;
 mod sampler;
 mod scheduler;
 mod support;

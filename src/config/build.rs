@@ -41,6 +41,23 @@ pub fn build(raw: RawConfig, machine: &Machine) -> Result<Config> {
         limits: limits(raw.limits.unwrap_or_default())?,
         telemetry: telemetry(raw.telemetry.unwrap_or_default())?,
         policy: policy(raw.policy.unwrap_or_default())?,
+        registry: registry(raw.registry.unwrap_or_default())?,
+    })
+}
+
+fn registry(raw: RawRegistry) -> Result<RegistryConfig> {
+    let dirs = raw.model_dirs.unwrap_or_else(|| vec!["models".to_owned()]);
+    let model_dirs = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| non_empty_path(&format!("registry.model_dirs[{i}]"), d))
+        .collect::<Result<_>>()?;
+    Ok(RegistryConfig {
+        model_dirs,
+        cache_dir: non_empty_path("registry.cache_dir", raw.cache_dir.as_deref().unwrap_or("cache/models"))?,
+        cache_max_bytes: bytes("registry.cache_max_bytes", raw.cache_max_bytes, 20 * 1024 * MIB)?,
+        memory_budget: raw.memory_budget.map(|b| bytes("registry.memory_budget", Some(b), 0)).transpose()?,
+        drain_grace: secs("registry.drain_grace_secs", raw.drain_grace_secs, 30, 0..=i64::MAX)?,
     })
 }
 

@@ -23,6 +23,7 @@ pub struct RawConfig {
     pub limits: Option<RawLimits>,
     pub telemetry: Option<RawTelemetry>,
     pub policy: Option<RawPolicy>,
+    pub registry: Option<RawRegistry>,
 }
 
 /// `server:` — the HTTP listener.
@@ -127,6 +128,17 @@ pub struct RawTelemetry {
     pub log_level: Option<String>,
     pub trace_chrome: Option<String>,
     pub log_prompts: Option<bool>,
+}
+
+/// `registry:` — where models may be loaded from, the download cache, the memory budget.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a registry mapping")]
+pub struct RawRegistry {
+    pub model_dirs: Option<Vec<String>>,
+    pub cache_dir: Option<String>,
+    pub cache_max_bytes: Option<RawBytes>,
+    pub memory_budget: Option<RawBytes>,
+    pub drain_grace_secs: Option<i64>,
 }
 
 /// `policy:` — content rules on prompts (`input`) and generated text (`output`).

@@ -31,6 +31,23 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// `policy:` — content rules.
     pub policy: PolicyConfig,
+    /// `registry:` — model sources, the download cache, the memory budget.
+    pub registry: RegistryConfig,
+}
+
+/// Where models may be loaded from at run time, and how much memory they may take.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RegistryConfig {
+    /// Directories local model paths must resolve into (symlinks are followed first).
+    pub model_dirs: Vec<PathBuf>,
+    /// Where downloaded models are cached (with their `index.json`).
+    pub cache_dir: PathBuf,
+    /// Size cap of the download cache; least recently used models not loaded are deleted.
+    pub cache_max_bytes: u64,
+    /// Weights + KV cap of every loaded model together must fit; `None` = no budget.
+    pub memory_budget: Option<u64>,
+    /// How long an unloaded or replaced model may finish its requests before they are cancelled.
+    pub drain_grace: Duration,
 }
 
 /// The HTTP listener.

@@ -36,6 +36,45 @@ pub enum LoadError {
     Telemetry { id: ModelId, source: MetricsError },
     #[error("model `{id}`: cannot start the engine thread: {source}")]
     Thread { id: ModelId, source: std::io::Error },
+    #[error("model `{id}` ({path}): {source}")]
+    Io { id: ModelId, path: PathBuf, source: std::io::Error },
+    #[error(
+        "model `{id}` needs {need} bytes (weights + KV cap) but only {free} of the {budget}-byte memory budget are free"
+    )]
+    OverBudget { id: ModelId, need: u64, free: u64, budget: u64 },
+}
+
+/// What a model takes in memory once loaded: its mapped weights and its KV arena cap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Footprint {
+    pub weights_bytes: u64,
+    pub kv_cap_bytes: u64,
+}
+
+impl Footprint {
+    /// The footprint of `mc`: the size of its GGUF file plus its `kv_cache.max_bytes`.
+    pub fn of(mc: &ModelConfig) -> Result<Footprint, LoadError> {
+        let meta = std::fs::metadata(&mc.path).map_err(|source| LoadError::Io {
+            id: mc.id.clone(),
+            path: mc.path.clone(),
+            source,
+        })?;
+        Ok(Footprint { weights_bytes: meta.len(), kv_cap_bytes: mc.kv_cache.max_bytes })
+    }
+
+    pub fn total(&self) -> u64 {
+        self.weights_bytes.saturating_add(self.kv_cap_bytes)
+    }
+
+    /// Refuses model `id` when it does not fit beside `in_use` bytes under `budget`.
+    pub fn check_budget(&self, id: &ModelId, in_use: u64, budget: Option<u64>) -> Result<(), LoadError> {
+        let Some(budget) = budget else { return Ok(()) };
+        let free = budget.saturating_sub(in_use);
+        if self.total() > free {
+            return Err(LoadError::OverBudget { id: id.clone(), need: self.total(), free, budget });
+        }
+        Ok(())
+    }
 }
 
 /// A model that is loaded and has a running engine.
@@ -129,5 +168,20 @@ pub fn default_sampler_order(pipeline: &PipelineSpec) -> Result<Vec<SamplerStep>
             param: "samplers".into(),
             message: e.message,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_counts_models_already_loaded() {
+        let f = Footprint { weights_bytes: 100, kv_cap_bytes: 50 };
+        let id = ModelId::from("m");
+        assert!(f.check_budget(&id, 0, None).is_ok());
+        assert!(f.check_budget(&id, 50, Some(200)).is_ok());
+        let e = f.check_budget(&id, 51, Some(200)).unwrap_err().to_string();
+        assert!(e.contains("needs 150 bytes") && e.contains("only 149 of the 200-byte"), "{e}");
     }
 }

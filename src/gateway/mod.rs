@@ -4,8 +4,11 @@
 //! bounded inbox, and turn the per-request event stream into SSE frames or one JSON body.
 //! The gateway shares nothing mutable with engines.
 
+mod admin;
 mod auth;
 mod http;
+mod lifecycle;
+mod models;
 mod native;
 mod openai;
 mod quota;
@@ -16,8 +19,9 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -31,38 +35,64 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{Config, Overrides};
 use crate::engine::load::LoadedModel;
 use crate::error::{ApiError, ErrorKind};
 use crate::telemetry::Observability;
 pub use auth::{Access, Authenticator, Caller};
 pub use http::Body;
+pub use lifecycle::{LifecycleError, LoadSpec, ModelLimits, ModelRecord, ModelRegistry, ModelState};
+pub use models::{ModelTable, Models, load_configured, mark_configured_loading};
 pub use quota::{Quotas, RateInfo};
 
 /// Everything handlers read. Engines are reached only through their handles.
 pub struct AppState {
+    /// The config the server started with (`server:` and `models:` are read from here).
     pub config: Arc<Config>,
-    /// Loaded models by id, in config order.
-    pub models: Vec<Arc<LoadedModel>>,
+    /// The served models, late-bound: swapped whole on load, unload and reload.
+    pub models: Models,
     /// Set on shutdown: `/readyz` turns 503 and new generations are refused.
     pub draining: AtomicBool,
     /// Turns `true` when the shutdown grace period is over: open streams end with an error event.
     pub cancel: watch::Sender<bool>,
+    /// Metrics, engine heartbeats and readiness thresholds.
+    pub obs: Arc<Observability>,
+    /// The download cache and what is known about each model.
+    pub registry: ModelRegistry,
+    /// The file `POST /admin/config/reload` reads, with the overrides given at startup.
+    pub config_source: Option<(PathBuf, Overrides)>,
+    live: RwLock<Arc<Live>>,
+}
+
+/// The parts of the config that `POST /admin/config/reload` replaces while serving.
+pub struct Live {
+    /// The latest accepted config (tenants, keys and limits are read from here).
+    pub config: Arc<Config>,
     /// API keys and route access.
     pub auth: Authenticator,
     /// Per-tenant request and token buckets.
     pub quotas: Quotas,
-    /// Metrics, engine heartbeats and readiness thresholds.
-    pub obs: Arc<Observability>,
+}
+
+impl Live {
+    fn new(config: Arc<Config>) -> Self {
+        Live { auth: Authenticator::new(&config), quotas: Quotas::new(&config), config }
+    }
 }
 
 impl AppState {
-    /// State whose models report to `obs` (see `start_model_observed`).
+    /// State whose models report to `obs` (see `start_model_observed`); `models` may be
+    /// empty and filled later (see [`load_configured`]).
     pub fn new(config: Arc<Config>, models: Vec<LoadedModel>, obs: Arc<Observability>) -> Self {
+        let registry = ModelRegistry::new(&config);
+        for m in &models {
+            registry.record(&m.config, crate::engine::load::Footprint::of(&m.config).unwrap_or_default());
+        }
         AppState {
-            auth: Authenticator::new(&config),
-            quotas: Quotas::new(&config),
-            models: models.into_iter().map(Arc::new).collect(),
+            live: RwLock::new(Arc::new(Live::new(config.clone()))),
+            registry,
+            config_source: None,
+            models: Models::new(models.into_iter().map(Arc::new).collect()),
             draining: AtomicBool::new(false),
             cancel: watch::Sender::new(false),
             obs,
@@ -70,20 +100,28 @@ impl AppState {
         }
     }
 
+    /// Names the config file `POST /admin/config/reload` re-reads (with `overrides` applied).
+    pub fn with_config_source(mut self, path: PathBuf, overrides: Overrides) -> Self {
+        self.config_source = Some((path, overrides));
+        self
+    }
+
+    /// The live config, keys and quotas (one snapshot per request).
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the live config: tenants, keys and limits apply to the next request (rate
+    /// buckets start full). The admin key stays the one the server started with.
+    pub fn replace_live(&self, mut config: Config) {
+        config.auth.admin_key = self.config.auth.admin_key.clone();
+        let next = Arc::new(Live::new(Arc::new(config)));
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+
     /// The model a request names, or the first one when it names none.
-    pub fn model(&self, name: Option<&str>) -> Result<&Arc<LoadedModel>, ApiError> {
-        match name {
-            None => self
-                .models
-                .first()
-                .ok_or_else(|| ApiError::new(ErrorKind::Unavailable, "no model is loaded").with_code("no_model")),
-            Some(name) => self.models.iter().find(|m| m.id.as_str() == name).ok_or_else(|| {
-                let known: Vec<_> = self.models.iter().map(|m| m.id.as_str()).collect();
-                ApiError::new(ErrorKind::NotFound, format!("unknown model `{name}` (loaded: {})", known.join(", ")))
-                    .with_code("model_not_found")
-                    .with_param("model")
-            }),
-        }
+    pub fn model(&self, name: Option<&str>) -> Result<Arc<LoadedModel>, ApiError> {
+        self.models.snapshot().route(name)
     }
 }
 
@@ -169,11 +207,12 @@ async fn handle(state: Arc<AppState>, _peer: SocketAddr, req: Request<Incoming>)
 fn gate(state: &AppState, req: &Request<Incoming>) -> Result<(Caller, RateInfo), Response<Body>> {
     let path = req.uri().path();
     let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let caller = state.auth.authenticate(state.auth.access(path), header).map_err(|e| http::error_response(&e))?;
+    let live = state.live();
+    let caller = live.auth.authenticate(live.auth.access(path), header).map_err(|e| http::error_response(&e))?;
     if req.method() != Method::POST || !GENERATION_ROUTES.contains(&path) {
         return Ok((caller, RateInfo::default()));
     }
-    match state.quotas.admit(&caller.tenant, Instant::now()) {
+    match live.quotas.admit(&caller.tenant, Instant::now()) {
         Ok(rate) => Ok((caller, rate)),
         Err(refusal) => {
             let mut r = http::error_response(&refusal.error);
@@ -202,6 +241,14 @@ async fn route(state: &Arc<AppState>, ctx: Ctx, req: Request<Incoming>) -> Resul
         (Method::POST, "/v1/session/close") => native::close_session(state, &ctx, req).await,
         (Method::POST, "/v1/cancel") => native::cancel(state, &ctx, req).await,
         (Method::GET, "/admin/stats") => Ok(native::stats(state)),
+        (Method::GET, "/admin/models") => Ok(admin::list_models(state)),
+        (Method::POST, "/admin/models") => admin::load(state, req).await,
+        (Method::POST, "/admin/drain") => admin::drain(state, req).await,
+        (Method::POST, "/admin/config/reload") => admin::reload_config(state).await,
+        (method, p) if p.starts_with("/admin/models/") => {
+            let rest = p.trim_start_matches("/admin/models/").to_owned();
+            admin::model_route(state, method, &rest, req).await
+        }
         (method, p) => Err(no_route(&method, p)),
     }
 }
@@ -235,4 +282,7 @@ const ROUTES: &[(&str, &[Method])] = &[
     ("/v1/session/close", &[Method::POST]),
     ("/v1/cancel", &[Method::POST]),
     ("/admin/stats", &[Method::GET]),
+    ("/admin/models", &[Method::GET, Method::POST]),
+    ("/admin/drain", &[Method::POST]),
+    ("/admin/config/reload", &[Method::POST]),
 ];

@@ -71,8 +71,9 @@ pub fn readyz(state: &AppState) -> Response<Body> {
 
 /// `GET /admin/stats`: every engine's counters.
 pub fn stats(state: &AppState) -> Response<Body> {
-    let models: Vec<_> = state
-        .models
+    let table = state.models.snapshot();
+    let models: Vec<_> = table
+        .ready
         .iter()
         .map(|m| {
             let s = &m.engine.status;
@@ -93,8 +94,9 @@ pub fn stats(state: &AppState) -> Response<Body> {
 }
 
 pub fn list_models(state: &AppState) -> Response<Body> {
-    let data: Vec<_> = state
-        .models
+    let table = state.models.snapshot();
+    let data: Vec<_> = table
+        .ready
         .iter()
         .map(|m| json!({"id": m.id, "object": "model", "owned_by": "starling", "context_length": m.model.hparams.n_ctx_train}))
         .collect();
@@ -143,7 +145,8 @@ pub fn validate_sampling(
     model: &LoadedModel,
     p: &SamplingParams,
 ) -> Result<SamplingConfig, ApiError> {
-    let l = &state.config.limits;
+    let live = state.live();
+    let l = &live.config.limits;
     if p.logprobs.is_some_and(|n| n > l.max_logprobs) {
         return Err(ApiError::invalid_parameter("logprobs", format!("`logprobs` must be in [0, {}]", l.max_logprobs)));
     }
@@ -177,7 +180,7 @@ impl Submission {
     /// Charges the request's tokens to its tenant (call on the `Done` event).
     pub fn charge(&self, usage: &Usage) {
         let used = usage.prompt_tokens + usage.completion_tokens;
-        self.meter.state.quotas.charge(&self.meter.tenant, used, Instant::now());
+        self.meter.state.live().quotas.charge(&self.meter.tenant, used, Instant::now());
     }
 }
 
@@ -205,7 +208,7 @@ pub async fn submit(state: &Arc<AppState>, ctx: &Ctx, model: &LoadedModel, job: 
         session,
         input,
         sampling,
-        timeout: timeout.unwrap_or(state.config.limits.default_timeout),
+        timeout: timeout.unwrap_or(state.live().config.limits.default_timeout),
         received_at: Instant::now(),
         events: tx,
     };
@@ -248,10 +251,10 @@ pub async fn generate(state: &Arc<AppState>, ctx: &Ctx, req: Request<Incoming>) 
         }
         t => t.map(Duration::from_secs_f64),
     };
-    let sampling = validate_sampling(state, model, &body.sampling)?;
+    let sampling = validate_sampling(state, &model, &body.sampling)?;
     let want_logprobs = sampling.logprobs > 0;
     let session = session_id(body.session_id)?;
-    let sub = submit(state, ctx, model, Job { input, sampling, session, timeout }).await?;
+    let sub = submit(state, ctx, &model, Job { input, sampling, session, timeout }).await?;
     if body.stream.unwrap_or(true) {
         let render = NativeRender { logprobs: want_logprobs };
         Ok(sse::response(sub, render, state.config.server.sse_keepalive))

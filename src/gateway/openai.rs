@@ -219,9 +219,9 @@ async fn run(
     }
     let model = state.model(body.model.as_deref())?;
     let top = wanted_logprobs(kind, &body)?;
-    let sampling = validate_sampling(state, model, &sampling_params(&body, top)?)?;
+    let sampling = validate_sampling(state, &model, &sampling_params(&body, top)?)?;
     let session = session_id(body.session_id.clone())?;
-    let sub = submit(state, ctx, model, Job { input, sampling, session, timeout: None }).await?;
+    let sub = submit(state, ctx, &model, Job { input, sampling, session, timeout: None }).await?;
     let shape = Shape {
         kind,
         id: format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, RequestId::next().0),

@@ -46,12 +46,13 @@ pub struct ModelView<'a> {
     pub status: &'a EngineStatus,
 }
 
-/// The first reason the server is not ready, or `None` when it is.
-pub fn readiness(obs: &Observability, draining: bool, models: &[ModelView<'_>]) -> Option<NotReady> {
+/// The first reason the server is not ready, or `None` when it is; `loading` is whether
+/// any model is being loaded.
+pub fn readiness(obs: &Observability, draining: bool, loading: bool, models: &[ModelView<'_>]) -> Option<NotReady> {
     if draining {
         return Some(NotReady::Draining);
     }
-    if obs.loading.load(Ordering::Relaxed) {
+    if loading || obs.loading.load(Ordering::Relaxed) {
         return Some(NotReady::ModelLoading);
     }
     if models.is_empty() {

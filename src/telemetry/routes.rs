@@ -34,10 +34,11 @@ pub fn metrics(state: &AppState) -> Response<Body> {
 
 /// `GET /readyz`: 200 when the server should get traffic, else 503 with the reason.
 pub fn readyz(state: &AppState) -> Response<Body> {
+    let table = state.models.snapshot();
     let views: Vec<ModelView<'_>> =
-        state.models.iter().map(|m| ModelView { id: m.id.as_str(), status: &m.engine.status }).collect();
+        table.ready.iter().map(|m| ModelView { id: m.id.as_str(), status: &m.engine.status }).collect();
     let draining = state.draining.load(std::sync::atomic::Ordering::Relaxed);
-    match health::readiness(&state.obs, draining, &views) {
+    match health::readiness(&state.obs, draining, !table.loading.is_empty(), &views) {
         None => json_body(StatusCode::OK, &json!({"status": "ready"})),
         Some(r) => json_body(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "not_ready", "reason": r.reason()})),
     }
@@ -47,7 +48,7 @@ pub fn readyz(state: &AppState) -> Response<Body> {
 pub fn healthz(state: &AppState) -> Response<Body> {
     let mut stopped = vec![];
     let mut stuck = vec![];
-    for m in &state.models {
+    for m in &state.models.snapshot().ready {
         match health::engine_liveness(&state.obs, m.id.as_str(), &m.engine.status) {
             Liveness::Alive => {}
             Liveness::Stopped => stopped.push(m.id.to_string()),

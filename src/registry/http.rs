@@ -1,0 +1,109 @@
+//! A minimal HTTP/1.1 GET over one connection (hyper's client connection on tokio): no
+//! pool, no redirects, no TLS. The body is handed back unread so it can be streamed.
+
+use std::time::Duration;
+
+use http_body_util::Empty;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONTENT_LENGTH, ETAG, HOST, IF_NONE_MATCH, USER_AGENT};
+use hyper::{Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+
+use super::RegistryError;
+
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the server may take to send the response head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An `http://` URL with a host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpUrl {
+    text: String,
+    uri: Uri,
+}
+
+impl HttpUrl {
+    /// Parses `http://host[:port]/path`.
+    pub fn parse(text: &str) -> Result<HttpUrl, RegistryError> {
+        let bad = |reason: &str| RegistryError::BadSource { given: text.to_owned(), reason: reason.to_owned() };
+        let uri: Uri = text.parse().map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(bad("expected an http:// URL"));
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(bad("the URL has no host"));
+        }
+        Ok(HttpUrl { text: text.to_owned(), uri })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    fn authority(&self) -> String {
+        let host = self.uri.host().unwrap_or_default();
+        format!("{host}:{}", self.uri.port_u16().unwrap_or(80))
+    }
+}
+
+/// What a GET returned.
+pub(crate) enum Reply {
+    /// `304`: the copy named by `If-None-Match` is current.
+    NotModified,
+    /// `200`: the body, still to be read.
+    Body { etag: Option<String>, length: Option<u64>, body: Incoming },
+}
+
+/// GETs `url`, sending `If-None-Match: etag` when given. Any status but 200 and 304 is an error.
+pub(crate) async fn get(url: &HttpUrl, etag: Option<&str>) -> Result<Reply, RegistryError> {
+    let err = |reason: String| RegistryError::Http { url: url.as_str().to_owned(), reason };
+    let connect = tokio::net::TcpStream::connect(url.authority());
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| err(format!("no connection within {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| err(format!("cannot connect: {e}")))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| err(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "download connection ended with an error");
+        }
+    });
+    let path = url.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut request = Request::get(path)
+        .header(HOST, url.uri.authority().map_or("", |a| a.as_str()))
+        .header(USER_AGENT, concat!("starling/", env!("CARGO_PKG_VERSION")));
+    if let Some(tag) = etag {
+        request = request.header(IF_NONE_MATCH, tag);
+    }
+    let request = request.body(Empty::<Bytes>::new()).map_err(|e| err(e.to_string()))?;
+    let response = tokio::time::timeout(HEAD_TIMEOUT, sender.send_request(request))
+        .await
+        .map_err(|_| err(format!("no response within {HEAD_TIMEOUT:?}")))?
+        .map_err(|e| err(e.to_string()))?;
+    match response.status() {
+        StatusCode::NOT_MODIFIED => Ok(Reply::NotModified),
+        StatusCode::OK => {
+            let header = |name| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let etag = header(ETAG);
+            let length = header(CONTENT_LENGTH).and_then(|v| v.parse().ok());
+            Ok(Reply::Body { etag, length, body: response.into_body() })
+        }
+        status => Err(RegistryError::Status { url: url.as_str().to_owned(), status: status.as_u16() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_host_port_and_path() {
+        let u = HttpUrl::parse("http://127.0.0.1:8080/models/a.gguf?x=1").unwrap();
+        assert_eq!(u.authority(), "127.0.0.1:8080");
+        assert_eq!(u.uri.path_and_query().unwrap().as_str(), "/models/a.gguf?x=1");
+        assert_eq!(HttpUrl::parse("http://example.org/a").unwrap().authority(), "example.org:80");
+        assert!(HttpUrl::parse("http:///a").is_err());
+    }
+}

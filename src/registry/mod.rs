@@ -1,0 +1,62 @@
+//! The model registry: where model files come from, and the download cache that keeps
+//! verified copies of remote ones.
+//!
+//! - [`Source`]: a local path (only under the configured model directories; `..` and
+//!   symlinks leading out of them are refused) or an `http://` URL. `https://` is refused
+//!   with a clear error: this build carries no TLS stack.
+//! - [`ModelCache`]: downloads stream into a temporary file in the cache directory while
+//!   their sha256 is computed, are fsync'd and renamed into place only once verified; an
+//!   index (`index.json`) records source, sha256, size, ETag and last use. A pinned digest
+//!   already in the cache is a hit with no request; an unpinned source is revalidated with
+//!   `If-None-Match` (304 = hit). A size cap evicts the least recently used entries that are
+//!   not in use.
+
+mod cache;
+mod digest;
+mod http;
+mod source;
+
+use std::path::PathBuf;
+
+pub use cache::{CacheEntry, Fetched, ModelCache, Origin};
+pub use digest::{Digest, sha256_file};
+pub use http::HttpUrl;
+pub use source::{Source, resolve_local};
+
+/// Why a model file could not be found, fetched or verified.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(
+        "source `{0}`: https is not supported (this build has no TLS); serve the file over http on a trusted network, or copy it under a model directory"
+    )]
+    HttpsUnsupported(String),
+    #[error("source `{given}`: {reason}")]
+    BadSource { given: String, reason: String },
+    #[error("path {} contains `..`; name a file under a model directory", path.display())]
+    ParentComponent { path: PathBuf },
+    #[error("path {} resolves outside the model directories ({dirs})", path.display())]
+    OutsideModelDirs { path: PathBuf, dirs: String },
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("GET {url}: {reason}")]
+    Http { url: String, reason: String },
+    #[error("GET {url}: the server answered HTTP {status}")]
+    Status { url: String, status: u16 },
+    #[error("GET {url}: the download ended early ({received} of {expected} bytes); nothing was cached")]
+    Truncated { url: String, received: u64, expected: u64 },
+    #[error("{from}: sha256 mismatch: expected {expected}, got {actual} (the download was discarded)")]
+    Checksum { from: String, expected: String, actual: String },
+    #[error("`{0}` is not a sha256 digest (64 hex digits)")]
+    BadDigest(String),
+    #[error("{from}: {size} bytes exceed the cache cap of {cap} bytes")]
+    TooLarge { from: String, size: u64, cap: u64 },
+    #[error("cache index {}: {reason}", path.display())]
+    Index { path: PathBuf, reason: String },
+}
+
+impl RegistryError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> RegistryError {
+        let path = path.into();
+        move |error| RegistryError::Io { path, error }
+    }
+}

@@ -1,0 +1,555 @@
+//! Late-bound models and the model registry: readiness while a model loads, the download
+//! cache (against a local HTTP server), and the admin lifecycle routes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+use starling::config::{ApiKey, Config, Overrides};
+use starling::gateway::{AppState, load_configured};
+use starling::model::gguf_writer::{TinyLlamaSpec, tiny_llama_f32};
+use starling::registry::{Digest, HttpUrl, ModelCache, Origin, RegistryError, Source, resolve_local};
+use starling::telemetry::Observability;
+use starling::types::{ModelId, TenantId};
+
+use crate::model::model_path;
+use crate::support::{
+    FileServer, HttpResponse, TestServer, get_as, metric_value, open, post_json, post_json_as, request,
+};
+
+const MODEL_ID: &str = "smollm2-135m";
+
+/// A fresh scratch directory for one test under the target dir.
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("registry").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn readyz(server: &TestServer) -> (u16, String) {
+    let r = get_as(server.addr, None, "/readyz");
+    let reason = r.json()["reason"].as_str().unwrap_or_default().to_owned();
+    (r.status, reason)
+}
+
+fn loaded_gauge(server: &TestServer, id: &str) -> Option<f64> {
+    metric_value(server.addr, &format!("starling_model_loaded{{model=\"{id}\"}}"))
+}
+
+#[test]
+fn readiness_says_model_loading_until_the_model_is_published() {
+    let server = TestServer::start_empty(|_| {});
+    assert_eq!(readyz(&server), (503, "no model loaded".to_owned()));
+    let r = post_json(server.addr, "/v1/generate", &json!({"prompt": "Hi", "max_tokens": 1}));
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (503, json!("no_model")));
+
+    server.state.begin_loading(&ModelId::from(MODEL_ID));
+    assert_eq!(readyz(&server), (503, "model loading".to_owned()));
+    assert_eq!(loaded_gauge(&server, MODEL_ID), Some(0.0));
+    for body in [json!({"prompt": "Hi", "max_tokens": 1}), json!({"prompt": "Hi", "max_tokens": 1, "model": MODEL_ID})]
+    {
+        let r = post_json(server.addr, "/v1/generate", &body);
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], "model_loading");
+    }
+    let r = post_json(server.addr, "/v1/generate", &json!({"prompt": "Hi", "model": "other"}));
+    assert_eq!(r.status, 404, "a model nobody loads is unknown, not loading");
+
+    load_configured(&server.state).expect("the configured model loads");
+    assert_eq!(readyz(&server), (200, String::new()));
+    assert_eq!(loaded_gauge(&server, MODEL_ID), Some(1.0));
+    let r = post_json(server.addr, "/v1/generate", &json!({"prompt": "Hi", "max_tokens": 2, "model": MODEL_ID}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(server.state.models.snapshot().loading.is_empty());
+}
+
+#[test]
+fn serve_binds_then_exits_non_zero_when_its_model_fails_to_load() {
+    let dir = scratch("bad-model");
+    let bad = dir.join("broken.gguf");
+    std::fs::write(&bad, b"not a gguf file").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_starling"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .args(["serve", "--bind", "127.0.0.1:0", "--model", bad.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve must fail: {err}");
+    assert!(err.contains("listening"), "the server binds before loading: {err}");
+    assert!(err.contains("broken.gguf"), "the error names the file: {err}");
+}
+
+#[test]
+fn a_snapshot_keeps_its_models_while_the_table_changes() {
+    let server = TestServer::start_empty(|_| {});
+    let before = server.state.models.snapshot();
+    server.state.begin_loading(&ModelId::from("x"));
+    assert!(before.loading.is_empty(), "an old snapshot is not mutated");
+    assert!(server.state.models.snapshot().is_loading("x"));
+    server.state.abandon_loading(&ModelId::from("x"));
+    assert!(!server.state.models.snapshot().is_loading("x"));
+}
+
+// ---- the download cache, against a local HTTP server ----
+
+/// A tiny random llama GGUF (a different file per seed).
+fn tiny_gguf(seed: u64) -> Vec<u8> {
+    tiny_llama_f32(&TinyLlamaSpec { seed, ..TinyLlamaSpec::default() })
+}
+
+fn sha(bytes: &[u8]) -> Digest {
+    Digest::of(Sha256::new_with_prefix(bytes))
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+/// Names in the cache directory other than the index.
+fn cache_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "index.json")
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_miss_downloads_and_verifies_and_a_pinned_second_load_makes_no_request() {
+    let files = FileServer::start();
+    let body = tiny_gguf(1);
+    files.put("/m.gguf", body.clone(), "v1");
+    let dir = scratch("miss-hit");
+    let cache = ModelCache::new(&dir, 64 << 20);
+    let url = HttpUrl::parse(&files.url("/m.gguf")).unwrap();
+    let digest = sha(&body);
+
+    let first = block_on(cache.fetch(&url, Some(&digest), &[])).expect("downloads");
+    assert_eq!(first.origin, Origin::Downloaded);
+    assert_eq!((first.sha256.clone(), first.size), (digest.clone(), body.len() as u64));
+    assert_eq!(std::fs::read(&first.path).unwrap(), body, "the cached file is the served file");
+    assert_eq!(cache_files(&dir), [format!("{digest}.gguf")], "no temporary file is left");
+    let entry = &cache.entries().unwrap()[0];
+    assert_eq!((entry.source.as_str(), entry.etag.as_deref()), (url.as_str(), Some("\"v1\"")));
+
+    let second = block_on(cache.fetch(&url, Some(&digest), &[])).expect("hit");
+    assert_eq!((second.origin, second.path), (Origin::Hit, first.path));
+    let log = files.log();
+    assert_eq!(log.len(), 1, "the second load made no request: {log:?}");
+    assert_eq!((log[0].status, log[0].body_bytes), (200, body.len()));
+}
+
+#[test]
+fn an_unpinned_source_is_revalidated_with_its_etag() {
+    let files = FileServer::start();
+    files.put("/m.gguf", tiny_gguf(2), "v1");
+    let dir = scratch("revalidate");
+    let cache = ModelCache::new(&dir, 64 << 20);
+    let url = HttpUrl::parse(&files.url("/m.gguf")).unwrap();
+    let first = block_on(cache.fetch(&url, None, &[])).unwrap();
+    let again = block_on(cache.fetch(&url, None, &[])).unwrap();
+    assert_eq!((again.origin, &again.sha256), (Origin::Revalidated, &first.sha256));
+    let log = files.log();
+    assert_eq!(log[1].if_none_match.as_deref(), Some("\"v1\""));
+    assert_eq!((log[1].status, log[1].body_bytes), (304, 0), "revalidation transfers no body");
+
+    let changed = tiny_gguf(3);
+    files.put("/m.gguf", changed.clone(), "v2");
+    let updated = block_on(cache.fetch(&url, None, &[])).unwrap();
+    assert_eq!((updated.origin, updated.sha256), (Origin::Downloaded, sha(&changed)));
+}
+
+#[test]
+fn a_checksum_mismatch_fails_cleanly_and_keeps_the_old_copy() {
+    let files = FileServer::start();
+    let good = tiny_gguf(4);
+    files.put("/m.gguf", good.clone(), "v1");
+    let dir = scratch("mismatch");
+    let cache = ModelCache::new(&dir, 64 << 20);
+    let url = HttpUrl::parse(&files.url("/m.gguf")).unwrap();
+    let kept = block_on(cache.fetch(&url, Some(&sha(&good)), &[])).unwrap();
+
+    files.put("/m.gguf", tiny_gguf(5), "v2");
+    let wrong = Digest::parse(&"0".repeat(64)).unwrap();
+    let err = block_on(cache.fetch(&url, Some(&wrong), &[])).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, RegistryError::Checksum { .. }), "{msg}");
+    assert!(msg.contains("sha256 mismatch") && msg.contains(&"0".repeat(64)), "{msg}");
+    assert_eq!(cache_files(&dir), [format!("{}.gguf", sha(&good))], "the bad download is gone");
+    assert_eq!(std::fs::read(&kept.path).unwrap(), good, "the previous good copy stays");
+    assert_eq!(cache.entries().unwrap().len(), 1);
+}
+
+#[test]
+fn a_connection_dropped_mid_body_leaves_nothing_under_the_final_name() {
+    let files = FileServer::start();
+    let body = tiny_gguf(6);
+    files.put_cut("/m.gguf", body.clone(), body.len() / 3);
+    let dir = scratch("dropped");
+    let cache = ModelCache::new(&dir, 64 << 20);
+    let url = HttpUrl::parse(&files.url("/m.gguf")).unwrap();
+    let err = block_on(cache.fetch(&url, Some(&sha(&body)), &[])).unwrap_err();
+    assert!(matches!(err, RegistryError::Http { .. } | RegistryError::Truncated { .. }), "{err}");
+    assert!(cache_files(&dir).is_empty(), "no partial file: {:?}", cache_files(&dir));
+    assert!(!cache.path_of(&sha(&body)).exists());
+    assert!(cache.entries().unwrap().is_empty());
+}
+
+#[test]
+fn the_size_cap_evicts_the_least_recently_used_model_not_in_use() {
+    let files = FileServer::start();
+    let bodies: Vec<Vec<u8>> = (10..14).map(tiny_gguf).collect();
+    for (i, b) in bodies.iter().enumerate() {
+        files.put(&format!("/{i}.gguf"), b.clone(), &format!("e{i}"));
+    }
+    let size = bodies[0].len() as u64;
+    let dir = scratch("lru");
+    let cache = ModelCache::new(&dir, size * 5 / 2);
+    let fetch = |i: usize, in_use: &[Digest]| {
+        let url = HttpUrl::parse(&files.url(&format!("/{i}.gguf"))).unwrap();
+        block_on(cache.fetch(&url, Some(&sha(&bodies[i])), in_use)).unwrap()
+    };
+    let cached = |i: usize| cache.path_of(&sha(&bodies[i])).exists();
+    fetch(0, &[]);
+    fetch(1, &[]);
+    assert_eq!(fetch(0, &[]).origin, Origin::Hit, "model 0 is now the most recently used");
+    fetch(2, &[]);
+    assert!(cached(0) && !cached(1) && cached(2), "model 1 was the least recently used");
+    // Model 0 is older than 2 now, but loaded: the next eviction passes over it.
+    fetch(3, &[sha(&bodies[0])]);
+    assert!(cached(0) && !cached(2) && cached(3));
+    let listed: Vec<String> = cache.entries().unwrap().into_iter().map(|e| e.sha256).collect();
+    assert_eq!(listed, [sha(&bodies[0]).to_string(), sha(&bodies[3]).to_string()]);
+}
+
+#[test]
+fn local_sources_stay_inside_the_model_directories() {
+    let root = scratch("local");
+    let models = root.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::write(models.join("a.gguf"), b"x").unwrap();
+    std::fs::write(root.join("outside.gguf"), b"x").unwrap();
+    std::os::unix::fs::symlink(root.join("outside.gguf"), models.join("escape.gguf")).unwrap();
+    let dirs = [models.clone()];
+    let ok = resolve_local(Path::new("a.gguf"), &dirs).unwrap();
+    assert_eq!(ok, models.canonicalize().unwrap().join("a.gguf"));
+    assert_eq!(resolve_local(&models.join("a.gguf"), &dirs).unwrap(), ok, "an absolute path inside is fine");
+    let dotdot = resolve_local(Path::new("../outside.gguf"), &dirs).unwrap_err();
+    assert!(matches!(dotdot, RegistryError::ParentComponent { .. }), "{dotdot}");
+    let link = resolve_local(Path::new("escape.gguf"), &dirs).unwrap_err();
+    assert!(matches!(link, RegistryError::OutsideModelDirs { .. }), "{link}");
+    let abs = resolve_local(&root.join("outside.gguf"), &dirs).unwrap_err();
+    assert!(abs.to_string().contains("outside the model directories"), "{abs}");
+    let missing = resolve_local(Path::new("nope.gguf"), &dirs).unwrap_err();
+    assert!(missing.to_string().contains("nope.gguf"), "{missing}");
+    let https = Source::parse("https://example.org/m.gguf").unwrap_err();
+    assert!(https.to_string().contains("https is not supported"), "{https}");
+}
+
+// ---- several models and the admin API ----
+
+const ADMIN: &str = "admin-secret";
+const CLIENT: &str = "client-key";
+
+fn manifest() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A server on the real model with an admin key and a client key, whose model directories
+/// are `dir` (holding a tiny second model, `tiny.gguf`) and the repository's `models/`.
+fn admin_server(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    std::fs::write(dir.join("tiny.gguf"), tiny_gguf(42)).unwrap();
+    TestServer::start(|c| {
+        c.auth.admin_key = Some(ADMIN.into());
+        c.auth.api_keys = vec![ApiKey { key: CLIENT.into(), tenant: TenantId::from("anonymous") }];
+        c.registry.model_dirs = vec![dir.to_owned(), manifest().join("models")];
+        c.registry.cache_dir = dir.join("cache");
+        c.registry.drain_grace = Duration::from_secs(20);
+        tweak(c);
+    })
+}
+
+fn admin(server: &TestServer, method: &str, path: &str, body: Option<&Value>) -> HttpResponse {
+    let auth = format!("Bearer {ADMIN}");
+    let text = body.map(Value::to_string).unwrap_or_default();
+    request(
+        server.addr,
+        method,
+        path,
+        &[("Authorization", &auth), ("Content-Type", "application/json")],
+        text.as_bytes(),
+    )
+}
+
+fn generate_with(server: &TestServer, model: &str) -> HttpResponse {
+    let body = json!({"prompt": "Hello", "max_tokens": 3, "model": model, "ignore_eos": true, "stream": false});
+    post_json_as(server.addr, CLIENT, "/v1/generate", &body)
+}
+
+#[test]
+fn models_load_route_and_unload_through_the_admin_api() {
+    let dir = scratch("lifecycle");
+    let server = admin_server(&dir, |_| {});
+    let listed = get_as(server.addr, Some(CLIENT), "/admin/models");
+    assert_eq!(listed.status, 403, "a client key may not use admin routes");
+    assert_eq!(get_as(server.addr, None, "/admin/models").status, 401);
+
+    let zero = json!({"id": "tiny", "source": "tiny.gguf", "threads": 0});
+    let r = admin(&server, "POST", "/admin/models", Some(&zero));
+    assert_eq!((r.status, r.json()["error"]["param"].clone()), (422, json!("threads")));
+    let own = json!({"id": "tiny", "source": "tiny.gguf", "threads": 1, "kv_cache_max_bytes": 8 << 20});
+    let r = admin(&server, "POST", "/admin/models", Some(&own));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    assert_eq!((v["state"].clone(), v["memory"]["kv_cap_bytes"].clone()), (json!("ready"), json!(8 << 20)));
+    assert_eq!(
+        (v["threads"].clone(), v["max_batch"].clone()),
+        (json!(1), json!(32)),
+        "unset settings come from models[0]"
+    );
+    let all = admin(&server, "GET", "/admin/models", None).json();
+    let ids: Vec<&str> = all["models"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [MODEL_ID, "tiny"]);
+
+    let tiny = generate_with(&server, "tiny");
+    assert_eq!((tiny.status, tiny.json()["model"].clone()), (200, json!("tiny")), "{}", tiny.text());
+    let real = generate_with(&server, MODEL_ID);
+    assert_eq!(real.json()["model"], MODEL_ID);
+    assert_ne!(tiny.json()["tokens"], real.json()["tokens"], "each id reached its own model");
+
+    let again = admin(&server, "POST", "/admin/models", Some(&json!({"id": "tiny", "source": "tiny.gguf"})));
+    assert_eq!((again.status, again.json()["error"]["code"].clone()), (409, json!("model_exists")));
+    let escape = admin(&server, "POST", "/admin/models", Some(&json!({"id": "x", "source": "../tiny.gguf"})));
+    assert_eq!((escape.status, escape.json()["error"]["code"].clone()), (400, json!("invalid_source")));
+    let unknown = admin(&server, "DELETE", "/admin/models/nope", None);
+    assert_eq!(unknown.status, 404);
+
+    let reloaded = admin(&server, "POST", "/admin/models/tiny/reload", None);
+    assert_eq!(reloaded.status, 200, "{}", reloaded.text());
+    assert_eq!(reloaded.json()["memory"]["kv_cap_bytes"], json!(8 << 20), "a reload keeps the model's settings");
+    assert_eq!(reloaded.json()["threads"], json!(1));
+
+    let gone = admin(&server, "DELETE", "/admin/models/tiny", None);
+    assert_eq!((gone.status, gone.json()["drained"].clone()), (200, json!(true)), "{}", gone.text());
+    assert_eq!(generate_with(&server, "tiny").status, 404, "an unloaded model is unknown");
+    assert_eq!(metric_value(server.addr, "starling_model_loaded{model=\"tiny\"}"), Some(0.0));
+    assert_eq!(generate_with(&server, MODEL_ID).status, 200, "the other model keeps serving");
+}
+
+#[test]
+fn a_url_source_is_downloaded_verified_and_loaded() {
+    let dir = scratch("url-load");
+    let server = admin_server(&dir, |_| {});
+    let files = FileServer::start();
+    let body = tiny_gguf(7);
+    files.put("/tiny.gguf", body.clone(), "t1");
+    let bad = json!({"id": "web", "source": files.url("/tiny.gguf"), "sha256": "ab".repeat(32)});
+    let r = admin(&server, "POST", "/admin/models", Some(&bad));
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("checksum_mismatch")));
+    assert_eq!(generate_with(&server, "web").status, 404, "a failed load leaves no model behind");
+
+    let good = json!({"id": "web", "source": files.url("/tiny.gguf"), "sha256": sha(&body).to_string()});
+    let r = admin(&server, "POST", "/admin/models", Some(&good));
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["sha256"], sha(&body).to_string());
+    assert_eq!(r.json()["source"], files.url("/tiny.gguf"));
+    assert_eq!(generate_with(&server, "web").status, 200);
+    let https = json!({"id": "s", "source": "https://example.org/m.gguf", "sha256": sha(&body).to_string()});
+    let r = admin(&server, "POST", "/admin/models", Some(&https));
+    assert!(r.status == 400 && r.text().contains("https is not supported"), "{}", r.text());
+}
+
+#[test]
+fn a_model_beyond_the_memory_budget_is_refused() {
+    let dir = scratch("budget");
+    let real = std::fs::metadata(model_path()).unwrap().len() + (64 << 20);
+    let server = admin_server(&dir, |c| c.registry.memory_budget = Some(real + 1024));
+    let r = admin(&server, "POST", "/admin/models", Some(&json!({"id": "tiny", "source": "tiny.gguf"})));
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (409, json!("memory_budget_exceeded")), "{}", r.text());
+    assert!(r.text().contains("memory budget"), "{}", r.text());
+    assert_eq!(generate_with(&server, "tiny").status, 404);
+}
+
+/// Streams one generation and says whether it ended with a `done` event.
+fn stream_ok(addr: std::net::SocketAddr) -> Result<(), String> {
+    let body = json!({"prompt": "Count: one, two,", "max_tokens": 6, "ignore_eos": true, "stream": true});
+    let auth = format!("Bearer {CLIENT}");
+    let conn = open(addr, "POST", "/v1/generate", &[("Authorization", &auth)], body.to_string().as_bytes());
+    if conn.status != 200 {
+        let status = conn.status;
+        return Err(format!("status {status}: {}", conn.finish().text()));
+    }
+    let events = conn.sse().rest();
+    match events.iter().rev().find(|e| !e.comment) {
+        Some(e) if e.event.as_deref() == Some("done") => Ok(()),
+        other => Err(format!("stream ended with {other:?}")),
+    }
+}
+
+#[test]
+fn hot_reload_while_eight_clients_stream_fails_no_request() {
+    let dir = scratch("hot-reload");
+    let server = admin_server(&dir, |_| {});
+    let before = server.state.models.snapshot().get(MODEL_ID).cloned().unwrap();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let addr = server.addr;
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (started, done) = (started_tx.clone(), done.clone());
+            std::thread::spawn(move || {
+                (0..4)
+                    .map(|i| {
+                        let r = stream_ok(addr);
+                        done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if i == 0 {
+                            let _ = started.send(());
+                        }
+                        r
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    started_rx.recv_timeout(Duration::from_secs(60)).expect("a client finished a request");
+    let r = admin(&server, "POST", &format!("/admin/models/{MODEL_ID}/reload"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let finished_by_then = done.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(finished_by_then < 32, "the reload happened while clients were still streaming");
+    let results: Vec<Result<(), String>> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), results.len());
+    let after = server.state.models.snapshot().get(MODEL_ID).cloned().unwrap();
+    assert!(!Arc::ptr_eq(&before, &after), "the new copy serves");
+    assert_eq!(generate_with(&server, MODEL_ID).status, 200);
+    // Once nothing holds the old copy, its engine stops (the model is unmapped with it).
+    let old_status = before.engine.status.clone();
+    drop(before);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !old_status.stopped.load(std::sync::atomic::Ordering::Relaxed) {
+        assert!(std::time::Instant::now() < deadline, "the old copy was never retired");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!after.engine.status.stopped.load(std::sync::atomic::Ordering::Relaxed));
+}
+
+#[test]
+fn config_reload_changes_a_tenant_quota_live_and_keeps_the_config_on_error() {
+    let dir = scratch("config-reload");
+    let file = dir.join("starling.yaml");
+    let yaml = |rpm: &str| {
+        format!(
+            "auth:\n  admin_key: {ADMIN}\ntenants:\n  - name: anonymous\n    requests_per_minute: {rpm}\nmodels:\n  - path: {}\n    pipeline: {}\n    threads: 2\n    kv_cache:\n      max_bytes: 64MiB\n",
+            model_path().display(),
+            manifest().join("pipelines/default.yaml").display()
+        )
+    };
+    std::fs::write(&file, yaml("1")).unwrap();
+    let config = Config::load(&file).unwrap();
+    let obs = Arc::new(Observability::new().unwrap());
+    let state = AppState::new(Arc::new(config), Vec::new(), obs).with_config_source(file.clone(), Overrides::default());
+    let server = TestServer::serve_state(Arc::new(state));
+    load_configured(&server.state).unwrap();
+    let generate = || post_json(server.addr, "/v1/generate", &json!({"prompt": "Hi", "max_tokens": 1}));
+    assert_eq!(generate().status, 200);
+    assert_eq!(generate().status, 429, "one request per minute");
+
+    std::fs::write(&file, yaml("1000")).unwrap();
+    let r = admin(&server, "POST", "/admin/config/reload", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(generate().status, 200, "the new quota applies at once");
+
+    std::fs::write(&file, yaml("-5")).unwrap();
+    let r = admin(&server, "POST", "/admin/config/reload", None);
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("invalid_config")));
+    assert!(r.text().contains("requests_per_minute"), "the error names the field: {}", r.text());
+    assert_eq!(generate().status, 200, "the running config is kept");
+}
+
+#[test]
+fn drain_turns_readiness_off_and_refuses_new_generations() {
+    let dir = scratch("drain");
+    let server = admin_server(&dir, |_| {});
+    assert_eq!(readyz(&server).0, 200);
+    let r = admin(&server, "POST", "/admin/drain", None);
+    assert_eq!((r.status, r.json()["draining"].clone()), (200, json!(true)));
+    assert_eq!(readyz(&server), (503, "draining".to_owned()));
+    assert_eq!(generate_with(&server, MODEL_ID).status, 503);
+    admin(&server, "POST", "/admin/drain", Some(&json!({"draining": false})));
+    assert_eq!(readyz(&server).0, 200);
+}
+
+#[test]
+fn unloading_lets_a_running_stream_finish_then_refuses_the_model() {
+    let dir = scratch("unload-drain");
+    let server = admin_server(&dir, |_| {});
+    let r = admin(&server, "POST", "/admin/models", Some(&json!({"id": "tiny", "source": "tiny.gguf"})));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let body = json!({"prompt": "a", "max_tokens": 24, "ignore_eos": true, "stream": true, "model": "tiny"});
+    let auth = format!("Bearer {CLIENT}");
+    let conn = open(server.addr, "POST", "/v1/generate", &[("Authorization", &auth)], body.to_string().as_bytes());
+    assert_eq!(conn.status, 200);
+    let mut sse = conn.sse();
+    assert_eq!(sse.next_event().unwrap().event.as_deref(), Some("token"), "the stream has started");
+    let addr = server.addr;
+    let unload = std::thread::spawn(move || {
+        let auth = format!("Bearer {ADMIN}");
+        request(addr, "DELETE", "/admin/models/tiny", &[("Authorization", &auth)], b"")
+    });
+    let rest = sse.rest();
+    let last = rest.iter().rev().find(|e| !e.comment).unwrap();
+    assert_eq!(last.event.as_deref(), Some("done"), "the stream in flight finished: {last:?}");
+    let r = unload.join().unwrap();
+    assert_eq!((r.status, r.json()["drained"].clone()), (200, json!(true)), "{}", r.text());
+    assert_eq!(generate_with(&server, "tiny").status, 404);
+}
+
+// ---- the CLI ----
+
+fn starling_models(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_starling"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .arg("models")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn models_pull_downloads_once_and_models_list_shows_the_entry() {
+    let files = FileServer::start();
+    let body = tiny_gguf(21);
+    files.put("/cli.gguf", body.clone(), "c1");
+    let dir = scratch("cli-cache");
+    let (url, digest, cache) = (files.url("/cli.gguf"), sha(&body).to_string(), dir.to_str().unwrap().to_owned());
+    let pull = || starling_models(&["pull", &url, "--sha256", &digest, "--cache-dir", &cache, "--json"]);
+    let out = pull();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["origin"].clone(), v["sha256"].clone()), (json!("downloaded"), json!(digest)));
+    assert_eq!(std::fs::read(v["path"].as_str().unwrap()).unwrap(), body);
+    let again: Value = serde_json::from_slice(&pull().stdout).unwrap();
+    assert_eq!(again["origin"], "cached");
+    assert_eq!(files.log().len(), 1, "the second pull made no request");
+
+    let list = starling_models(&["list", "--cache-dir", &cache, "--json"]);
+    let entries: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(entries[0]["source"], url.as_str());
+    assert_eq!(entries[0]["sha256"], digest.as_str());
+    assert_eq!(entries[0]["size"], body.len());
+
+    let wrong = starling_models(&["pull", &url, "--sha256", &"1".repeat(64), "--cache-dir", &cache]);
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success() && err.contains("sha256 mismatch"), "{err}");
+    let https = starling_models(&["pull", "https://example.org/x.gguf", "--sha256", &digest, "--cache-dir", &cache]);
+    assert!(String::from_utf8_lossy(&https.stderr).contains("https is not supported"));
+}
