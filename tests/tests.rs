@@ -9,6 +9,7 @@ mod kv;
 mod model;
 mod observability;
 mod registry;
+mod registry_tls;
 mod sampler;
 mod scheduler;
 mod support;

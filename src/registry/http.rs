@@ -1,5 +1,6 @@
-//! A minimal HTTP/1.1 GET over one connection (hyper's client connection on tokio): no
-//! pool, no redirects, no TLS. The body is handed back unread so it can be streamed.
+//! A minimal HTTP/1.1 GET over one connection (hyper's client connection on tokio, over
+//! TLS for `https://`): no pool, no redirects. The body is handed back unread so it can be
+//! streamed.
 
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the server may take to send the response head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// An `http://` URL with a host.
+/// An `http://` or `https://` URL with a host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpUrl {
     text: String,
@@ -24,12 +25,12 @@ pub struct HttpUrl {
 }
 
 impl HttpUrl {
-    /// Parses `http://host[:port]/path`.
+    /// Parses `http[s]://host[:port]/path`.
     pub fn parse(text: &str) -> Result<HttpUrl, RegistryError> {
         let bad = |reason: &str| RegistryError::BadSource { given: text.to_owned(), reason: reason.to_owned() };
         let uri: Uri = text.parse().map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(bad("expected an http:// URL"));
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(bad("expected an http:// or https:// URL"));
         }
         if uri.host().is_none_or(str::is_empty) {
             return Err(bad("the URL has no host"));
@@ -41,11 +42,20 @@ impl HttpUrl {
         &self.text
     }
 
+    fn is_https(&self) -> bool {
+        self.uri.scheme_str() == Some("https")
+    }
+
     fn authority(&self) -> String {
         let host = self.uri.host().unwrap_or_default();
-        format!("{host}:{}", self.uri.port_u16().unwrap_or(80))
+        let default_port = if self.is_https() { 443 } else { 80 };
+        format!("{host}:{}", self.uri.port_u16().unwrap_or(default_port))
     }
 }
+
+/// A plain or TLS socket.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// What a GET returned.
 pub(crate) enum Reply {
@@ -63,8 +73,13 @@ pub(crate) async fn get(url: &HttpUrl, etag: Option<&str>) -> Result<Reply, Regi
         .await
         .map_err(|_| err(format!("no connection within {CONNECT_TIMEOUT:?}")))?
         .map_err(|e| err(format!("cannot connect: {e}")))?;
+    let io: Box<dyn Io> = if url.is_https() {
+        Box::new(super::tls::connect(stream, url.uri.host().unwrap_or_default()).await?)
+    } else {
+        Box::new(stream)
+    };
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| err(e.to_string()))?;
+        hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(|e| err(e.to_string()))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "download connection ended with an error");
@@ -105,5 +120,7 @@ mod tests {
         assert_eq!(u.uri.path_and_query().unwrap().as_str(), "/models/a.gguf?x=1");
         assert_eq!(HttpUrl::parse("http://example.org/a").unwrap().authority(), "example.org:80");
         assert!(HttpUrl::parse("http:///a").is_err());
+        assert_eq!(HttpUrl::parse("https://example.org/a").unwrap().authority(), "example.org:443");
+        assert!(HttpUrl::parse("ftp://example.org/a").is_err());
     }
 }

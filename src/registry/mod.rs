@@ -2,8 +2,8 @@
 //! verified copies of remote ones.
 //!
 //! - [`Source`]: a local path (only under the configured model directories; `..` and
-//!   symlinks leading out of them are refused) or an `http://` URL. `https://` is refused
-//!   with a clear error: this build carries no TLS stack.
+//!   symlinks leading out of them are refused) or an `http://` or `https://` URL (rustls;
+//!   see [`trust_pem`] for private CAs).
 //! - [`ModelCache`]: downloads stream into a temporary file in the cache directory while
 //!   their sha256 is computed, are fsync'd and renamed into place only once verified; an
 //!   index (`index.json`) records source, sha256, size, ETag and last use. A pinned digest
@@ -15,6 +15,7 @@ mod cache;
 mod digest;
 mod http;
 mod source;
+mod tls;
 
 use std::path::PathBuf;
 
@@ -22,14 +23,13 @@ pub use cache::{CacheEntry, Fetched, ModelCache, Origin};
 pub use digest::{Digest, sha256_file};
 pub use http::HttpUrl;
 pub use source::{Source, resolve_local};
+pub use tls::trust_pem;
 
 /// Why a model file could not be found, fetched or verified.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error(
-        "source `{0}`: https is not supported (this build has no TLS); serve the file over http on a trusted network, or copy it under a model directory"
-    )]
-    HttpsUnsupported(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("source `{given}`: {reason}")]
     BadSource { given: String, reason: String },
     #[error("path {} contains `..`; name a file under a model directory", path.display())]

@@ -14,21 +14,20 @@ pub enum Source {
 }
 
 impl Source {
-    /// `http://...` is a URL, `https://` is refused (no TLS), any other `scheme://` is an
-    /// error, and everything else is a local path.
+    /// `http://` and `https://` are URLs, any other `scheme://` is an error, and everything
+    /// else is a local path.
     pub fn parse(text: &str) -> Result<Source, RegistryError> {
         let t = text.trim();
         if t.is_empty() {
             return Err(RegistryError::BadSource { given: text.to_owned(), reason: "the source is empty".into() });
         }
         match t.split_once("://") {
-            Some((scheme, _)) if scheme.eq_ignore_ascii_case("http") => HttpUrl::parse(t).map(Source::Http),
-            Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
-                Err(RegistryError::HttpsUnsupported(t.to_owned()))
+            Some((scheme, _)) if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") => {
+                HttpUrl::parse(t).map(Source::Http)
             }
             Some((scheme, _)) => Err(RegistryError::BadSource {
                 given: t.to_owned(),
-                reason: format!("unsupported scheme `{scheme}` (use http:// or a local path)"),
+                reason: format!("unsupported scheme `{scheme}` (use http://, https:// or a local path)"),
             }),
             None => Ok(Source::Local(PathBuf::from(t))),
         }
@@ -88,7 +87,7 @@ mod tests {
     fn parses_each_kind_of_source() {
         assert!(matches!(Source::parse("http://127.0.0.1:8/m.gguf"), Ok(Source::Http(_))));
         assert!(matches!(Source::parse("models/m.gguf"), Ok(Source::Local(p)) if p == Path::new("models/m.gguf")));
-        assert!(matches!(Source::parse("https://x/m.gguf"), Err(RegistryError::HttpsUnsupported(_))));
+        assert!(matches!(Source::parse("https://x/m.gguf"), Ok(Source::Http(_))));
         let e = Source::parse("ftp://x/m.gguf").unwrap_err().to_string();
         assert!(e.contains("unsupported scheme `ftp`"), "{e}");
         assert!(Source::parse("  ").is_err());
