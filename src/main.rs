@@ -72,7 +72,7 @@ struct CacheArgs {
 
 #[derive(Args)]
 struct PullArgs {
-    /// An http:// URL of a GGUF file.
+    /// An http:// or https:// URL of a GGUF file.
     url: String,
     /// The file's expected sha256 (64 hex digits).
     #[arg(long)]
@@ -549,7 +549,7 @@ fn cmd_models_pull(a: PullArgs) -> Result<()> {
     let cache = open_cache(&a.cache)?;
     let url = match Source::parse(&a.url)? {
         Source::Http(url) => url,
-        Source::Local(p) => bail!("`{}` is a local path; `models pull` takes an http:// URL", p.display()),
+        Source::Local(p) => bail!("`{}` is a local path; `models pull` takes an http(s):// URL", p.display()),
     };
     let sha256 = Digest::parse(&a.sha256)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
