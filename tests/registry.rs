@@ -362,9 +362,10 @@ fn a_url_source_is_downloaded_verified_and_loaded() {
     assert_eq!(r.json()["sha256"], sha(&body).to_string());
     assert_eq!(r.json()["source"], files.url("/tiny.gguf"));
     assert_eq!(generate_with(&server, "web").status, 200);
-    let https = json!({"id": "s", "source": "https://example.org/m.gguf", "sha256": sha(&body).to_string()});
-    let r = admin(&server, "POST", "/admin/models", Some(&https));
-    assert!(r.status == 400 && r.text().contains("https is not supported"), "{}", r.text());
+    let ftp = json!({"id": "s", "source": "ftp://example.org/m.gguf", "sha256": sha(&body).to_string()});
+    let r = admin(&server, "POST", "/admin/models", Some(&ftp));
+    assert!(r.status == 400 && r.text().contains("unsupported scheme `ftp`"), "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "invalid_source");
 }
 
 #[test]
@@ -550,6 +551,7 @@ fn models_pull_downloads_once_and_models_list_shows_the_entry() {
     let wrong = starling_models(&["pull", &url, "--sha256", &"1".repeat(64), "--cache-dir", &cache]);
     let err = String::from_utf8_lossy(&wrong.stderr);
     assert!(!wrong.status.success() && err.contains("sha256 mismatch"), "{err}");
-    let https = starling_models(&["pull", "https://example.org/x.gguf", "--sha256", &digest, "--cache-dir", &cache]);
-    assert!(String::from_utf8_lossy(&https.stderr).contains("https is not supported"));
+    let ftp = starling_models(&["pull", "ftp://example.org/x.gguf", "--sha256", &digest, "--cache-dir", &cache]);
+    assert!(!ftp.status.success());
+    assert!(String::from_utf8_lossy(&ftp.stderr).contains("unsupported scheme `ftp`"));
 }
