@@ -31,6 +31,7 @@ pub mod protocol;
 pub mod registry;
 pub mod sampler;
 pub mod seams;
+pub mod stale;
 pub mod systems;
 pub mod telemetry;
 pub mod tokenizer;

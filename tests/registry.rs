@@ -201,6 +201,14 @@ fn a_connection_dropped_mid_body_leaves_nothing_under_the_final_name() {
     assert!(cache_files(&dir).is_empty(), "no partial file: {:?}", cache_files(&dir));
     assert!(!cache.path_of(&sha(&body)).exists());
     assert!(cache.entries().unwrap().is_empty());
+
+    // A partial left by a process that died mid-download is cleared by the next fetch.
+    let orphan = dir.join(format!(".download-{}-0.part", u32::MAX));
+    std::fs::write(&orphan, &body[..10]).unwrap();
+    files.put("/whole.gguf", body.clone(), "w");
+    let whole = HttpUrl::parse(&files.url("/whole.gguf")).unwrap();
+    block_on(cache.fetch(&whole, Some(&sha(&body)), &[])).expect("downloads");
+    assert!(!orphan.exists(), "the dead process's partial download is removed");
 }
 
 #[test]

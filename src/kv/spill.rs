@@ -48,7 +48,7 @@ impl SpillFile {
     pub fn create(dir: &Path, max_bytes: u64, page_bytes: usize) -> Result<Self, KvError> {
         let io = |e: std::io::Error| KvError::Spill(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(io)?;
-        remove_stale_files(dir);
+        crate::stale::remove_stale_files(dir, FILE_PREFIX);
         let (file, path) = create_private(dir).map_err(io)?;
         let n_pages = (max_bytes / page_bytes.max(1) as u64).min(u32::MAX as u64) as usize;
         let at = |e: std::io::Error| KvError::Spill(format!("{}: {e}", path.display()));
@@ -146,25 +146,6 @@ fn create_private(dir: &Path) -> std::io::Result<(File, PathBuf)> {
             // A file of a dead process that reused our pid: take the next name.
             Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Removes spill files whose process is gone (a crash skips `Drop`). Best effort: a file
-/// that cannot be removed is left alone.
-fn remove_stale_files(dir: &Path) {
-    if !Path::new("/proc/self").exists() {
-        return; // no way to tell live processes from dead ones here
-    }
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(FILE_PREFIX)?.split('-').next()?.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_file(entry.path());
         }
     }
 }

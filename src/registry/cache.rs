@@ -13,6 +13,9 @@ use sha2::{Digest as _, Sha256};
 use super::http::{self, Reply};
 use super::{Digest, HttpUrl, RegistryError};
 
+/// Name prefix of partial downloads (`{prefix}{pid}-{n}.part`).
+const DOWNLOAD_PREFIX: &str = ".download-";
+
 /// The index file in the cache directory.
 const INDEX: &str = "index.json";
 /// How long a download may wait for the next piece of its body.
@@ -105,6 +108,8 @@ impl ModelCache {
     ) -> Result<Fetched, RegistryError> {
         let _one_at_a_time = self.lock.lock().await;
         std::fs::create_dir_all(&self.dir).map_err(RegistryError::io(&self.dir))?;
+        // Partial downloads of processes that died mid-transfer.
+        crate::stale::remove_stale_files(&self.dir, DOWNLOAD_PREFIX);
         let mut index = self.read_index()?;
         if let Some(want) = expected
             && let Some(hit) = self.present(&index, |e| e.sha256 == want.as_str())
@@ -176,7 +181,7 @@ impl ModelCache {
             return Err(RegistryError::TooLarge { from: url.as_str().to_owned(), size: n, cap: self.max_bytes });
         }
         let temp = self.dir.join(format!(
-            ".download-{}-{}.part",
+            "{DOWNLOAD_PREFIX}{}-{}.part",
             std::process::id(),
             TEMP_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
