@@ -313,10 +313,17 @@ fn models_load_route_and_unload_through_the_admin_api() {
     let zero = json!({"id": "tiny", "source": "tiny.gguf", "threads": 0});
     let r = admin(&server, "POST", "/admin/models", Some(&zero));
     assert_eq!((r.status, r.json()["error"]["param"].clone()), (422, json!("threads")));
-    let own = json!({"id": "tiny", "source": "tiny.gguf", "threads": 1, "kv_cache_max_bytes": 8 << 20});
+    let missing = json!({"id": "tiny", "source": "tiny.gguf", "pipeline": "pipelines/nonexistent.yaml"});
+    let r = admin(&server, "POST", "/admin/models", Some(&missing));
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("invalid_model")), "{}", r.text());
+    assert!(r.text().contains("nonexistent.yaml"), "the error names the pipeline file: {}", r.text());
+    let guarded = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pipelines/guarded.yaml");
+    let own = json!({"id": "tiny", "source": "tiny.gguf", "threads": 1, "kv_cache_max_bytes": 8 << 20,
+        "pipeline": guarded});
     let r = admin(&server, "POST", "/admin/models", Some(&own));
     assert_eq!(r.status, 201, "{}", r.text());
     let v = r.json();
+    assert_eq!(v["pipeline"], json!(guarded), "the model runs its own pipeline file");
     assert_eq!((v["state"].clone(), v["memory"]["kv_cap_bytes"].clone()), (json!("ready"), json!(8 << 20)));
     assert_eq!(
         (v["threads"].clone(), v["max_batch"].clone()),
@@ -344,6 +351,7 @@ fn models_load_route_and_unload_through_the_admin_api() {
     assert_eq!(reloaded.status, 200, "{}", reloaded.text());
     assert_eq!(reloaded.json()["memory"]["kv_cap_bytes"], json!(8 << 20), "a reload keeps the model's settings");
     assert_eq!(reloaded.json()["threads"], json!(1));
+    assert_eq!(reloaded.json()["pipeline"], json!(guarded));
 
     let gone = admin(&server, "DELETE", "/admin/models/tiny", None);
     assert_eq!((gone.status, gone.json()["drained"].clone()), (200, json!(true)), "{}", gone.text());

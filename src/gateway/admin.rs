@@ -61,6 +61,7 @@ fn describe(id: &str, record: &ModelRecord, model: Option<&Arc<LoadedModel>>) ->
             "kv_cap_bytes": record.footprint.kv_cap_bytes,
             "total_bytes": record.footprint.total(),
         },
+        "pipeline": record.settings.pipeline,
         "threads": record.settings.threads,
         "max_batch": record.settings.max_batch,
         "max_sessions": record.settings.max_sessions,
@@ -90,6 +91,7 @@ struct LoadBody {
     id: String,
     source: String,
     sha256: Option<String>,
+    pipeline: Option<String>,
     threads: Option<u64>,
     max_batch: Option<u64>,
     max_sessions: Option<u64>,
@@ -97,7 +99,8 @@ struct LoadBody {
 }
 
 /// Fields `POST /admin/models` accepts.
-const LOAD_FIELDS: &[&str] = &["id", "source", "sha256", "threads", "max_batch", "max_sessions", "kv_cache_max_bytes"];
+const LOAD_FIELDS: &[&str] =
+    &["id", "source", "sha256", "pipeline", "threads", "max_batch", "max_sessions", "kv_cache_max_bytes"];
 
 /// Largest thread pool a model may ask for.
 const MAX_THREADS: u64 = 1024;
@@ -118,7 +121,12 @@ fn limits(body: &LoadBody) -> Result<ModelLimits, ApiError> {
         }
         other => other,
     };
+    let pipeline = match body.pipeline.as_deref().map(str::trim) {
+        Some("") => return Err(ApiError::invalid_parameter("pipeline", "`pipeline` names a pipeline file")),
+        other => other.map(std::path::PathBuf::from),
+    };
     Ok(ModelLimits {
+        pipeline,
         threads: limit("threads", body.threads, MAX_THREADS)?,
         max_batch: limit("max_batch", body.max_batch, u32::MAX as u64)?,
         max_sessions: limit("max_sessions", body.max_sessions, u32::MAX as u64)?,

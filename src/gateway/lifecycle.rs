@@ -89,6 +89,8 @@ pub struct LoadSpec {
 /// the config for a new model, the running copy's settings for a reload).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelLimits {
+    /// The model's own pipeline file (its stage list and default sampler order).
+    pub pipeline: Option<std::path::PathBuf>,
     pub threads: Option<NonZeroUsize>,
     pub max_batch: Option<NonZeroUsize>,
     pub max_sessions: Option<NonZeroUsize>,
@@ -97,6 +99,9 @@ pub struct ModelLimits {
 
 impl ModelLimits {
     fn apply(&self, mc: &mut ModelConfig) {
+        if let Some(p) = &self.pipeline {
+            mc.pipeline = p.clone();
+        }
         mc.threads = self.threads.unwrap_or(mc.threads);
         mc.max_batch = self.max_batch.unwrap_or(mc.max_batch);
         mc.max_sessions = self.max_sessions.unwrap_or(mc.max_sessions);
