@@ -48,18 +48,7 @@ impl TestServer {
         let config = test_config(tweak);
         let obs = Arc::new(Observability::new().expect("metrics registry"));
         let model = start_model_observed(&config, 0, &obs).expect("the model starts");
-        let state = Arc::new(AppState::new(Arc::new(config), vec![model], obs));
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stop_rx) = oneshot::channel::<()>();
-        let (done_tx, stopped) = std_mpsc::channel();
-        let served = state.clone();
-        runtime.spawn(async move {
-            serve(listener, served, async move { stop_rx.await.unwrap_or(()) }).await;
-            let _ = done_tx.send(());
-        });
-        TestServer { addr, state, stop: Some(stop), stopped: std::sync::Mutex::new(stopped), _runtime: runtime }
+        TestServer::serve_state(Arc::new(AppState::new(Arc::new(config), vec![model], obs)))
     }
 
     /// Starts graceful shutdown (like SIGTERM) without waiting for it.

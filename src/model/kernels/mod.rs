@@ -17,6 +17,8 @@ mod blocks;
 mod portable;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
+mod simd_rows;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 use rayon::prelude::*;

@@ -9,19 +9,7 @@
 
 use std::arch::x86_64::*;
 
-/// Values per Q4_1 / Q8_0 block.
-const QK: usize = 32;
-/// Bytes of one Q4_1 block: f16 d, f16 m, 16 bytes of nibbles.
-const Q4_1_BYTES: usize = 20;
-/// Bytes of one Q8_0 block: f16 d, 32 signed bytes.
-const Q8_0_BYTES: usize = 34;
-
-/// Checks every x row holds `blocks * QK` values (the kernels' loads rely on it).
-fn check_rows<const NX: usize>(xs: &[&[f32]; NX], blocks: usize) {
-    for x in xs {
-        assert!(x.len() >= blocks * QK, "x row of {} values for {blocks} blocks", x.len());
-    }
-}
+use super::simd_rows::{Q4_1_BYTES, Q8_0_BYTES, QK, check_rows};
 
 /// Sums four accumulators and then their 16 lanes, always in the same order.
 #[target_feature(enable = "avx512f,avx,sse3")]
