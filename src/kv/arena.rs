@@ -31,7 +31,7 @@ pub struct KvLayout {
 
 impl KvLayout {
     /// Elements in one block (K and V, all layers).
-    pub fn block_floats(&self) -> usize {
+    pub fn block_elems(&self) -> usize {
         self.n_layer * 2 * self.block_tokens * self.kv_dim
     }
 
@@ -42,12 +42,7 @@ impl KvLayout {
 
     /// Bytes of one block stored as `dtype`.
     pub fn block_bytes_as(&self, dtype: KvDtype) -> usize {
-        self.block_floats() * dtype.size()
-    }
-
-    /// Bytes of K/V one position needs (all layers), stored as f32.
-    pub fn bytes_per_token(&self) -> usize {
-        self.n_layer * 2 * self.kv_dim * size_of::<f32>()
+        self.block_elems() * dtype.size()
     }
 
     /// Blocks needed to hold `positions` positions.
@@ -321,7 +316,7 @@ impl KvArena {
     /// Element offset of one layer's K (or V) rows in block `b`.
     fn offset(&self, b: BlockId, layer: usize, v: bool) -> usize {
         let l = &self.layout;
-        b as usize * l.block_floats() + (layer * 2 + v as usize) * l.block_tokens * l.kv_dim
+        b as usize * l.block_elems() + (layer * 2 + v as usize) * l.block_tokens * l.kv_dim
     }
 
     fn rows(&self, o: usize) -> KvRows<'_> {

@@ -41,6 +41,11 @@ pub enum ModelError {
     ThreadPool(String),
 }
 
+thread_local! {
+    /// Attention buffers of each model pool thread (grown to the longest context, then reused).
+    static ATTN_SCRATCH: std::cell::RefCell<AttnScratch> = std::cell::RefCell::new(AttnScratch::default());
+}
+
 /// Which logits a sequence wants back from a forward call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogitsWanted {
@@ -285,21 +290,14 @@ impl LlamaModel {
         let kv_ref: &KvArena = kv;
         let (rows, q) = (&s.rows, &s.q);
         self.pool.install(|| {
-            s.attn.par_chunks_mut(d).enumerate().for_each_init(AttnScratch::default, |scratch, (r, out)| {
+            s.attn.par_chunks_mut(d).enumerate().for_each(|(r, out)| {
                 let info = rows[r];
-                let blocks = &batch[info.seq].blocks;
-                attend_row(
-                    hp.n_head,
-                    hp.n_head_kv,
-                    hd,
-                    li,
-                    &q[r * d..(r + 1) * d],
-                    info.pos,
-                    blocks,
-                    kv_ref,
-                    scratch,
-                    out,
-                );
+                let q = &q[r * d..(r + 1) * d];
+                // Each pool thread keeps its scores buffer: no allocation per row, layer or token.
+                ATTN_SCRATCH.with_borrow_mut(|scratch| {
+                    let blocks = &batch[info.seq].blocks;
+                    attend_row(hp.n_head, hp.n_head_kv, hd, li, q, info.pos, blocks, kv_ref, scratch, out)
+                });
             })
         });
         self.matmul(&layer.wo, &s.attn, t, &mut s.h, &mut s.matmul);
