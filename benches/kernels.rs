@@ -12,6 +12,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use starling::config::KvDtype;
 use starling::kv::arena::{BlockTable, KvArena, KvLayout};
 use starling::model::ggml_type::GgmlType;
+use starling::model::kernels::attention::AttnShape;
 use starling::model::kernels::{Kernels, MatmulScratch, QMatrix, reference};
 use starling::model::ops::{self, AttnScratch};
 use starling::sampler::{SamplerLimits, SamplerState, SamplingParams};
@@ -38,10 +39,10 @@ fn bench_matmul_with(c: &mut Criterion, kernels: Kernels, pool: &rayon::ThreadPo
     let mut group = c.benchmark_group(format!("matmul/{}", kernels.name()));
     group.sample_size(10).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
     let shapes: [(GgmlType, usize, usize, &[usize]); 5] = [
-        (GgmlType::Q4_1, 576, 576, &[1, 64, 512]),
-        (GgmlType::Q4_1, 1536, 576, &[1, 64, 512]),
-        (GgmlType::Q4_1, 576, 1536, &[1, 64, 512]),
-        (GgmlType::Q8_0, 49152, 576, &[1, 64]),
+        (GgmlType::Q4_1, 576, 576, &[1, 16, 64, 512]),
+        (GgmlType::Q4_1, 1536, 576, &[1, 16, 64, 512]),
+        (GgmlType::Q4_1, 576, 1536, &[1, 16, 64, 512]),
+        (GgmlType::Q8_0, 49152, 576, &[1, 16, 64]),
         (GgmlType::Q8_0, 576, 576, &[1, 512]),
     ];
     for (t, rows, cols, ns) in shapes {
@@ -85,10 +86,12 @@ fn bench_row_ops(c: &mut Criterion) {
     // SmolLM2's query row: 9 heads of 64, rotated at position 300 with base 100000.
     let inv_freq: Vec<f64> = (0..32).map(|i| 100_000f64.powf(-2.0 * i as f64 / 64.0)).collect();
     let mut q = values(576, 6);
+    let (mut cos, mut sin) = (vec![0.0; 32], vec![0.0; 32]);
     group.bench_function("rope/9x64", |b| {
         b.iter(|| {
+            ops::rope_angles(black_box(300), &inv_freq, &mut cos, &mut sin);
             for head in q.chunks_exact_mut(64) {
-                ops::rope(black_box(head), 300, &inv_freq);
+                ops::rope(black_box(head), &cos, &sin);
             }
         })
     });
@@ -113,22 +116,23 @@ fn bench_attention(c: &mut Criterion) {
         let q = values(576, 8);
         let (mut scratch, mut out) = (AttnScratch::default(), vec![0.0; 576]);
         group.throughput(Throughput::Elements(positions as u64));
-        group.bench_function(format!("{dtype:?}/9x64/pos{positions}"), |b| {
-            b.iter(|| {
-                ops::attend_row(
-                    9,
-                    3,
-                    64,
-                    0,
-                    black_box(&q),
-                    positions - 1,
-                    &table.blocks,
-                    &arena,
-                    &mut scratch,
-                    &mut out,
-                )
-            })
-        });
+        for kernels in Kernels::available() {
+            group.bench_function(format!("{}/{dtype:?}/9x64/pos{positions}", kernels.name()), |b| {
+                b.iter(|| {
+                    ops::attend_row(
+                        kernels,
+                        AttnShape { n_head: 9, n_head_kv: 3, head_dim: 64 },
+                        0,
+                        black_box(&q),
+                        positions - 1,
+                        &table.blocks,
+                        &arena,
+                        &mut scratch,
+                        &mut out,
+                    )
+                })
+            });
+        }
     }
     group.finish();
 }

@@ -1,11 +1,16 @@
 //! Kernels against the scalar reference: dequantization, quantization round trips,
-//! every fast matmul path on ragged shapes, and bit-exact batch invariance.
+//! every fast matmul path on ragged shapes, bit-exact batch invariance, and chunked
+//! attention against an f64 softmax.
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::ThreadPool;
+use starling::config::KvDtype;
+use starling::kv::arena::{BlockTable, KvArena, KvLayout};
 use starling::model::ggml_type::GgmlType;
+use starling::model::kernels::attention::{AttnShape, CHUNK};
 use starling::model::kernels::{KernelError, Kernels, MatmulScratch, QMatrix, reference};
+use starling::model::ops::{AttnScratch, attend_row};
 
 const ALL: [GgmlType; 11] = GgmlType::WITH_KERNELS;
 
@@ -222,4 +227,71 @@ fn bad_shapes_are_named_errors() {
     assert_eq!(err, KernelError::OutputLength { n: 2, rows: 2, expected: 4, actual: 2 });
     let err = k.try_dequantize_row(GgmlType::Q8_0, &[0; 33], &mut [0.0; 32]).unwrap_err();
     assert!(err.to_string().contains("needs 34 bytes, got 33"), "{err}");
+}
+
+/// Softmax attention in f64 straight from the definition: head `h` reads KV head
+/// `h / (n_head / n_head_kv)` of every position `0..=pos`.
+fn attention_reference(shape: AttnShape, q: &[f32], keys: &[Vec<f32>], vals: &[Vec<f32>]) -> Vec<f64> {
+    let AttnShape { n_head, n_head_kv, head_dim: hd } = shape;
+    let mut out = vec![0.0f64; n_head * hd];
+    for h in 0..n_head {
+        let g = h / (n_head / n_head_kv);
+        let scores: Vec<f64> = keys
+            .iter()
+            .map(|k| (0..hd).map(|i| q[h * hd + i] as f64 * k[g * hd + i] as f64).sum::<f64>() / (hd as f64).sqrt())
+            .collect();
+        let top = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        for (w, v) in weights.iter().zip(vals) {
+            for i in 0..hd {
+                out[h * hd + i] += w / total * v[g * hd + i] as f64;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
+    let shape = AttnShape { n_head: 6, n_head_kv: 2, head_dim: 24 };
+    let layout = KvLayout { n_layer: 2, kv_dim: 48, block_tokens: 16 };
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    // One chunk, a chunk boundary, a ragged last chunk and a last block cut short.
+    for positions in [1, 5, CHUNK, CHUNK + 1, 3 * CHUNK - 7] {
+        let keys: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, 48, 3.0)).collect();
+        let vals: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, 48, 1.0)).collect();
+        let q = values(&mut rng, 6 * 24, 1.0);
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let cap = layout.blocks_for(positions) * layout.block_bytes_as(dtype);
+            let mut arena = KvArena::with_dtype(layout, cap as u64, dtype).unwrap();
+            let mut table = BlockTable::default();
+            table.reserve(&mut arena, positions).unwrap();
+            for (pos, (k, v)) in keys.iter().zip(&vals).enumerate() {
+                arena.write(table.blocks[pos / 16], 1, pos % 16, k, v);
+            }
+            // The reference sees what the arena holds (f16-rounded rows in an f16 arena).
+            let stored = |rows: &[Vec<f32>]| -> Vec<Vec<f32>> {
+                rows.iter()
+                    .map(|r| match dtype {
+                        KvDtype::F32 => r.clone(),
+                        KvDtype::F16 => r.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+                    })
+                    .collect()
+            };
+            let want = attention_reference(shape, &q, &stored(&keys), &stored(&vals));
+            for kernels in Kernels::available() {
+                let (mut scratch, mut out) = (AttnScratch::default(), vec![f32::NAN; 6 * 24]);
+                attend_row(kernels, shape, 1, &q, positions - 1, &table.blocks, &arena, &mut scratch, &mut out);
+                for (i, (&got, &w)) in out.iter().zip(&want).enumerate() {
+                    let err = (got as f64 - w).abs();
+                    assert!(
+                        err <= 1e-5 * (1.0 + w.abs()),
+                        "{} {dtype:?} {positions} positions: out[{i}] {got} vs {w}",
+                        kernels.name()
+                    );
+                }
+            }
+        }
+    }
 }

@@ -8,6 +8,7 @@ use serde_json::Value;
 use starling::config::KvDtype;
 use starling::kv::arena::{BlockTable, KvArena};
 use starling::model::eval::{argmax, last_logits, log_softmax_at, perplexity};
+use starling::model::kernels::attention::CHUNK;
 use starling::model::llama::{LlamaModel, LogitsWanted, SeqChunk};
 use starling::tokenizer::GgufTokenizer;
 
@@ -224,10 +225,18 @@ fn logits_are_bit_identical_alone_or_next_to_seven_others() {
     let first = argmax(&alone[0]) as u32;
     let mut step_alone = [SeqChunk { tokens: vec![first], start_pos: all[0].len(), ..batch[0].clone() }];
     let decode_alone = run_batch(model, &mut step_alone, &mut arena).remove(0);
-    let long: Vec<u32> = all.concat();
-    let mut mixed = [step_alone[0].clone(), chunk(&mut arena, long)];
+    let long: Vec<u32> = all.concat().repeat(3);
+    assert!(long.len() > 2 * CHUNK, "the long prompt spans several attention chunks");
+    let mut mixed = [step_alone[0].clone(), chunk(&mut arena, long.clone())];
     let decode_mixed = run_batch(model, &mut mixed, &mut arena).remove(0);
     assert!(decode_alone.iter().zip(&decode_mixed).all(|(x, y)| x.to_bits() == y.to_bits()));
+
+    // So does a step of that long sequence, whose attention chunks spread over both threads.
+    let long_step = SeqChunk { tokens: vec![first], start_pos: long.len(), ..mixed[1].clone() };
+    let long_alone = run_batch(model, &mut [long_step.clone()], &mut arena).remove(0);
+    let mut crowd = [chunk(&mut arena, all[1].clone()), long_step, chunk(&mut arena, all[2].clone())];
+    let long_crowded = run_batch(model, &mut crowd, &mut arena).remove(1);
+    assert!(long_alone.iter().zip(&long_crowded).all(|(x, y)| x.to_bits() == y.to_bits()));
 }
 
 mod tiny {

@@ -15,8 +15,9 @@ use rayon::prelude::*;
 use super::arch::{LlamaHparams, validate_llama};
 use super::ggml_type::GgmlType;
 use super::gguf::{GgufError, GgufFile, TensorInfo};
+use super::kernels::attention::{AttnShape, CHUNK, ChunkScratch, merge};
 use super::kernels::{Kernels, MatmulScratch, QMatrix};
-use super::ops::{AttnScratch, attend_row, rms_norm, rms_norm_rows, rope, silu};
+use super::ops::{rms_norm, rms_norm_rows, rope, rope_angles, silu};
 use crate::kv::arena::{BlockId, KvArena, KvLayout};
 use crate::types::TokenId;
 
@@ -42,8 +43,8 @@ pub enum ModelError {
 }
 
 thread_local! {
-    /// Attention buffers of each model pool thread (grown to the longest context, then reused).
-    static ATTN_SCRATCH: std::cell::RefCell<AttnScratch> = std::cell::RefCell::new(AttnScratch::default());
+    /// Attention chunk buffers of each model pool thread (grown once, then reused).
+    static ATTN_SCRATCH: std::cell::RefCell<ChunkScratch> = std::cell::RefCell::new(ChunkScratch::default());
 }
 
 /// Which logits a sequence wants back from a forward call.
@@ -96,9 +97,18 @@ struct Scratch {
     k: Vec<f32>,
     v: Vec<f32>,
     attn: Vec<f32>,
+    /// Attention work items `(row, first position)`, and each one's partial result.
+    attn_items: Vec<(usize, usize)>,
+    attn_parts: Vec<f32>,
+    /// Where each row's partials start in `attn_parts`.
+    attn_first: Vec<usize>,
     gate: Vec<f32>,
     up: Vec<f32>,
     rows: Vec<RowInfo>,
+    /// RoPE cosines and sines of each row's position (`rope_dim / 2` per row), shared by
+    /// every head and layer.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
     matmul: MatmulScratch,
 }
 
@@ -218,6 +228,14 @@ impl LlamaModel {
         if t == 0 {
             return;
         }
+        let pairs = self.inv_freq.len();
+        resize(&mut s.rope_cos, t * pairs);
+        resize(&mut s.rope_sin, t * pairs);
+        for ((info, cos), sin) in
+            s.rows.iter().zip(s.rope_cos.chunks_exact_mut(pairs)).zip(s.rope_sin.chunks_exact_mut(pairs))
+        {
+            rope_angles(info.pos, &self.inv_freq, cos, sin);
+        }
         resize(&mut s.x, t * d);
         let emb = self.qmatrix(&self.embeddings);
         for (row, tok) in s.x.chunks_exact_mut(d).zip(batch.iter().flat_map(|c| c.tokens.iter())) {
@@ -273,12 +291,13 @@ impl LlamaModel {
         self.matmul(&layer.wk, &s.h, t, &mut s.k, &mut s.matmul);
         self.matmul(&layer.wv, &s.h, t, &mut s.v, &mut s.matmul);
         let hd = hp.head_dim;
-        for (r, info) in s.rows.iter().enumerate() {
-            for q_head in s.q[r * d..(r + 1) * d].chunks_exact_mut(hd) {
-                rope(q_head, info.pos, &self.inv_freq);
-            }
-            for k_head in s.k[r * kvd..(r + 1) * kvd].chunks_exact_mut(hd) {
-                rope(k_head, info.pos, &self.inv_freq);
+        let pairs = self.inv_freq.len();
+        for r in 0..t {
+            let (cos, sin) = (&s.rope_cos[r * pairs..(r + 1) * pairs], &s.rope_sin[r * pairs..(r + 1) * pairs]);
+            for head in
+                s.q[r * d..(r + 1) * d].chunks_exact_mut(hd).chain(s.k[r * kvd..(r + 1) * kvd].chunks_exact_mut(hd))
+            {
+                rope(head, cos, sin);
             }
         }
         let bt = kv.layout().block_tokens;
@@ -286,24 +305,49 @@ impl LlamaModel {
             let block = batch[info.seq].blocks[info.pos / bt];
             kv.write(block, li, info.pos % bt, &s.k[r * kvd..(r + 1) * kvd], &s.v[r * kvd..(r + 1) * kvd]);
         }
-        resize(&mut s.attn, t * d);
-        let kv_ref: &KvArena = kv;
-        let (rows, q) = (&s.rows, &s.q);
-        self.pool.install(|| {
-            s.attn.par_chunks_mut(d).enumerate().for_each(|(r, out)| {
-                let info = rows[r];
-                let q = &q[r * d..(r + 1) * d];
-                // Each pool thread keeps its scores buffer: no allocation per row, layer or token.
-                ATTN_SCRATCH.with_borrow_mut(|scratch| {
-                    let blocks = &batch[info.seq].blocks;
-                    attend_row(hp.n_head, hp.n_head_kv, hd, li, q, info.pos, blocks, kv_ref, scratch, out)
-                });
-            })
-        });
+        self.attention(li, batch, kv, s);
         self.matmul(&layer.wo, &s.attn, t, &mut s.h, &mut s.matmul);
         for (x, o) in s.x.iter_mut().zip(&s.h) {
             *x += o;
         }
+    }
+
+    /// Every row's attention: its chunks of positions spread over the pool as one list (so
+    /// one long row keeps both cores busy), then each row's chunks merged in order.
+    fn attention(&self, li: usize, batch: &[SeqChunk], kv: &KvArena, s: &mut Scratch) {
+        let hp = &self.hparams;
+        let shape = AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hp.head_dim };
+        let (d, plen) = (hp.n_embd, shape.partial_len());
+        s.attn_items.clear();
+        for (r, info) in s.rows.iter().enumerate() {
+            s.attn_items.extend((0..AttnShape::chunks(info.pos)).map(|c| (r, c * CHUNK)));
+        }
+        resize(&mut s.attn_parts, s.attn_items.len() * plen);
+        resize(&mut s.attn, s.rows.len() * d);
+        let (rows, q, items, kernels) = (&s.rows, &s.q, &s.attn_items, self.kernels);
+        self.pool.install(|| {
+            s.attn_parts.par_chunks_mut(plen).zip(items.par_iter()).for_each(|(part, &(r, first))| {
+                let info = rows[r];
+                let range = first..(first + CHUNK).min(info.pos + 1);
+                let q = &q[r * d..(r + 1) * d];
+                ATTN_SCRATCH.with_borrow_mut(|scratch| {
+                    kernels.attend_chunk(shape, li, q, range, &batch[info.seq].blocks, kv, scratch, part)
+                });
+            });
+        });
+        s.attn_first.clear();
+        let mut first = 0;
+        for info in rows {
+            s.attn_first.push(first);
+            first += AttnShape::chunks(info.pos) * plen;
+        }
+        let (parts, firsts) = (&s.attn_parts, &s.attn_first);
+        self.pool.install(|| {
+            s.attn.par_chunks_mut(d).enumerate().for_each(|(r, out)| {
+                let n = AttnShape::chunks(rows[r].pos) * plen;
+                merge(shape, &parts[firsts[r]..firsts[r] + n], out);
+            });
+        });
     }
 
     fn ffn_block(&self, layer: &LayerWeights, s: &mut Scratch) {

@@ -3,17 +3,17 @@
 //! time, so its result never depends on what else is in the batch. Public for the
 //! criterion benches.
 
-use crate::kv::arena::{BlockId, KvArena, KvRows};
+use crate::kv::arena::{BlockId, KvArena};
+use crate::model::kernels::Kernels;
+use crate::model::kernels::attention::{AttnShape, CHUNK, ChunkScratch, merge};
 
-/// Attention for one query row: every head over positions `0..=pos` of its sequence.
-/// Each cached K and V row is read once for all heads (f16 rows are widened to f32 into
-/// `scratch.row`); per head, scores, softmax and the weighted sum of values run in position
-/// order, the same whatever else is in the batch.
+/// Attention for one query row over positions `0..=pos` of its sequence, on this thread:
+/// its chunks in order, then [`merge`]. The forward pass runs the same chunks spread over
+/// its pool, with the same result.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_row(
-    n_head: usize,
-    n_head_kv: usize,
-    hd: usize,
+    kernels: Kernels,
+    shape: AttnShape,
     layer: usize,
     q: &[f32],
     pos: usize,
@@ -22,81 +22,21 @@ pub fn attend_row(
     scratch: &mut AttnScratch,
     out: &mut [f32],
 ) {
-    let bt = kv.layout().block_tokens;
-    let kvd = n_head_kv * hd;
-    let group = n_head / n_head_kv;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let n_pos = pos + 1;
-    let AttnScratch { scores, row } = scratch;
-    scores.resize(n_head * n_pos, 0.0);
-    row.resize(kvd, 0.0);
-    for j in 0..n_pos {
-        let k = kv_row(kv.keys(blocks[j / bt], layer), (j % bt) * kvd, row);
-        for h in 0..n_head {
-            let kh = &k[(h / group) * hd..][..hd];
-            scores[h * n_pos + j] = dot(&q[h * hd..(h + 1) * hd], kh) * scale;
-        }
+    let plen = shape.partial_len();
+    let chunks = AttnShape::chunks(pos);
+    scratch.parts.resize(chunks * plen, 0.0);
+    for (c, part) in scratch.parts.chunks_exact_mut(plen).enumerate() {
+        let range = c * CHUNK..((c + 1) * CHUNK).min(pos + 1);
+        kernels.attend_chunk(shape, layer, q, range, blocks, kv, &mut scratch.chunk, part);
     }
-    for sc in scores.chunks_exact_mut(n_pos) {
-        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut sum = 0.0f32;
-        for x in sc.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        for x in sc.iter_mut() {
-            *x *= inv;
-        }
-    }
-    out.fill(0.0);
-    for j in 0..n_pos {
-        let v = kv_row(kv.values(blocks[j / bt], layer), (j % bt) * kvd, row);
-        for (h, o) in out.chunks_exact_mut(hd).enumerate() {
-            let w = scores[h * n_pos + j];
-            for (oi, vi) in o.iter_mut().zip(&v[(h / group) * hd..][..hd]) {
-                *oi += w * vi;
-            }
-        }
-    }
+    merge(shape, &scratch.parts, out);
 }
 
-/// Per-thread buffers of [`attend_row`].
+/// Buffers of [`attend_row`].
 #[derive(Default)]
 pub struct AttnScratch {
-    /// `n_head × n_pos` scores, then probabilities.
-    scores: Vec<f32>,
-    /// One K or V row widened from f16.
-    row: Vec<f32>,
-}
-
-/// The `buf.len()` values of `rows` from `start`: borrowed as they are (f32) or widened into `buf` (f16).
-fn kv_row<'a>(rows: KvRows<'a>, start: usize, buf: &'a mut [f32]) -> &'a [f32] {
-    match rows {
-        KvRows::F32(r) => &r[start..start + buf.len()],
-        KvRows::F16(_) => {
-            rows.read_f32(start, buf);
-            buf
-        }
-    }
-}
-
-/// `Σ a_i·b_i` with eight partial sums in a fixed order.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums: vectorizes, and the order is fixed per call.
-    let mut acc = [0.0f32; 8];
-    let (ac, ar) = a.split_at(a.len() / 8 * 8);
-    let (bc, br) = b.split_at(ac.len());
-    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s = acc.iter().sum::<f32>();
-    for (x, y) in ar.iter().zip(br) {
-        s += x * y;
-    }
-    s
+    chunk: ChunkScratch,
+    parts: Vec<f32>,
 }
 
 /// `out = x / rms(x) · w`.
@@ -116,14 +56,22 @@ pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// Rotates adjacent pairs `(x[2i], x[2i+1])` by `pos * inv_freq[i]` (ggml's normal mode).
-pub fn rope(x: &mut [f32], pos: usize, inv_freq: &[f64]) {
-    for (i, f) in inv_freq.iter().enumerate() {
+/// The cosines and sines of RoPE's angles `pos · inv_freq[i]` (computed in f64, then
+/// rounded), one pair per rotated pair of a head.
+pub fn rope_angles(pos: usize, inv_freq: &[f64], cos: &mut [f32], sin: &mut [f32]) {
+    for ((f, c), s) in inv_freq.iter().zip(cos.iter_mut()).zip(sin.iter_mut()) {
         let theta = pos as f64 * f;
-        let (sin, cos) = (theta.sin() as f32, theta.cos() as f32);
-        let (a, b) = (x[2 * i], x[2 * i + 1]);
-        x[2 * i] = a * cos - b * sin;
-        x[2 * i + 1] = a * sin + b * cos;
+        (*c, *s) = (theta.cos() as f32, theta.sin() as f32);
+    }
+}
+
+/// Rotates adjacent pairs `(x[2i], x[2i+1])` by the angles of [`rope_angles`] (ggml's normal
+/// mode); pairs past `cos.len()` are left as they are.
+pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for ((pair, &c), &s) in x.chunks_exact_mut(2).zip(cos).zip(sin) {
+        let (a, b) = (pair[0], pair[1]);
+        pair[0] = a * c - b * s;
+        pair[1] = a * s + b * c;
     }
 }
 

@@ -1,0 +1,349 @@
+//! Attention of one query row over the KV arena, in chunks of [`CHUNK`] positions.
+//!
+//! A chunk gives, per head, its largest score `m`, the sum `s` of `exp(score − m)` and the
+//! unnormalised weighted sum of values `Σ exp(score − m)·v`. [`merge`] combines a row's
+//! chunks in position order into the softmax-weighted output. Chunk boundaries are fixed
+//! multiples of [`CHUNK`] from position 0, so what a row computes depends only on its own
+//! query and cache, never on how chunks were spread over threads or what else is in the
+//! batch; the chunks of one long row can run on both cores.
+//!
+//! One body is compiled three times: for AVX-512, for AVX2 (both with FMA, so LLVM
+//! vectorizes the 16-lane loops to full width) and portable (separate multiply and add).
+//! `exp` is a polynomial the vectorizer can inline (relative error about 2e-7).
+
+use std::ops::Range;
+
+use crate::kv::arena::{BlockId, KvArena, KvRows};
+
+/// Positions per chunk.
+pub const CHUNK: usize = 64;
+/// Lanes of the vectorizable loops (one AVX-512 register).
+const LANES: usize = 16;
+
+/// The attention geometry of a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    /// Floats of one chunk's partial result: per head `[m, s, acc[head_dim]]`.
+    pub fn partial_len(&self) -> usize {
+        self.n_head * (self.head_dim + 2)
+    }
+
+    /// Chunks of a row at position `pos` (it attends to `0..=pos`).
+    pub fn chunks(pos: usize) -> usize {
+        (pos + 1).div_ceil(CHUNK)
+    }
+}
+
+/// Per-thread buffers of a chunk: scores and f16 rows widened to f32.
+#[derive(Default)]
+pub struct ChunkScratch {
+    scores: Vec<f32>,
+    rows: Vec<f32>,
+}
+
+/// Which arithmetic the body uses: fused multiply-add or a separate multiply and add.
+trait Arith {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+struct Fused;
+struct Separate;
+
+impl Arith for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+impl Arith for Separate {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// The chunk `range` (inside `0..=pos` of the row, starting at a multiple of [`CHUNK`]) of
+/// query `q` (`n_head × head_dim`) over `blocks` in `layer`, written to `part`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn chunk_body<A: Arith>(
+    shape: AttnShape,
+    layer: usize,
+    q: &[f32],
+    range: Range<usize>,
+    blocks: &[BlockId],
+    kv: &KvArena,
+    scratch: &mut ChunkScratch,
+    part: &mut [f32],
+) {
+    let AttnShape { n_head, head_dim: hd, .. } = shape;
+    let group = n_head / shape.n_head_kv;
+    let n = range.len();
+    let scale = 1.0 / (hd as f32).sqrt();
+    let ChunkScratch { scores, rows } = scratch;
+    scores.resize(n_head * CHUNK, 0.0);
+    let kvd = shape.n_head_kv * hd;
+    let mut j = range.start;
+    while j < range.end {
+        let (keys, take) = segment(kv, blocks, layer, j..range.end, false, rows);
+        for (i, k) in keys.chunks_exact(kvd).enumerate() {
+            let jj = j - range.start + i;
+            for h in 0..n_head {
+                let kh = &k[(h / group) * hd..][..hd];
+                scores[h * CHUNK + jj] = dot::<A>(&q[h * hd..][..hd], kh) * scale;
+            }
+        }
+        j += take;
+    }
+    let stride = hd + 2;
+    for h in 0..n_head {
+        let sc = &mut scores[h * CHUNK..h * CHUNK + n];
+        let m = max(sc);
+        let s = exp_sub_sum::<A>(sc, m);
+        let p = &mut part[h * stride..(h + 1) * stride];
+        p[0] = m;
+        p[1] = s;
+        p[2..].fill(0.0);
+    }
+    let mut j = range.start;
+    while j < range.end {
+        let (vals, take) = segment(kv, blocks, layer, j..range.end, true, rows);
+        for (i, v) in vals.chunks_exact(kvd).enumerate() {
+            let jj = j - range.start + i;
+            for h in 0..n_head {
+                let w = scores[h * CHUNK + jj];
+                let vh = &v[(h / group) * hd..][..hd];
+                for (a, &x) in part[h * stride + 2..(h + 1) * stride].iter_mut().zip(vh) {
+                    *a = A::mul_add(w, x, *a);
+                }
+            }
+        }
+        j += take;
+    }
+}
+
+/// The K (or V) rows of positions `range.start..` that share its block (at most to
+/// `range.end`), and how many there are; f16 rows are widened into `buf`.
+fn segment<'a>(
+    kv: &'a KvArena,
+    blocks: &[BlockId],
+    layer: usize,
+    range: Range<usize>,
+    values: bool,
+    buf: &'a mut Vec<f32>,
+) -> (&'a [f32], usize) {
+    let (bt, kvd) = (kv.layout().block_tokens, kv.layout().kv_dim);
+    let (b, slot) = (range.start / bt, range.start % bt);
+    let take = (bt - slot).min(range.len());
+    let rows = if values { kv.values(blocks[b], layer) } else { kv.keys(blocks[b], layer) };
+    let span = slot * kvd..(slot + take) * kvd;
+    match rows {
+        KvRows::F32(r) => (&r[span], take),
+        KvRows::F16(_) => {
+            buf.resize(take * kvd, 0.0);
+            rows.read_f32(span.start, buf);
+            (buf, take)
+        }
+    }
+}
+
+/// `Σ a_i·b_i` in [`LANES`] partial sums, then a fixed pairwise reduction.
+#[inline(always)]
+fn dot<A: Arith>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ac, ar) = a.split_at(a.len() / LANES * LANES);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(LANES).zip(bc.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            acc[i] = A::mul_add(x[i], y[i], acc[i]);
+        }
+    }
+    let mut s = reduce(acc);
+    for (x, y) in ar.iter().zip(br) {
+        s = A::mul_add(*x, *y, s);
+    }
+    s
+}
+
+/// Sums 16 lanes pairwise (8 + 8, 4 + 4, ...), always in the same order.
+#[inline(always)]
+fn reduce(mut acc: [f32; LANES]) -> f32 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+#[inline(always)]
+fn max(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let (c, r) = x.split_at(x.len() / LANES * LANES);
+    for v in c.chunks_exact(LANES) {
+        for i in 0..LANES {
+            m[i] = if v[i] > m[i] { v[i] } else { m[i] };
+        }
+    }
+    let mut best = m.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for &v in r {
+        best = if v > best { v } else { best };
+    }
+    best
+}
+
+/// `x_i ← exp(x_i − m)` in place; returns their sum.
+#[inline(always)]
+fn exp_sub_sum<A: Arith>(x: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (c, r) = x.split_at_mut(x.len() / LANES * LANES);
+    for v in c.chunks_exact_mut(LANES) {
+        for i in 0..LANES {
+            v[i] = exp::<A>(v[i] - m);
+            acc[i] += v[i];
+        }
+    }
+    let mut s = reduce(acc);
+    for v in r {
+        *v = exp::<A>(*v - m);
+        s += *v;
+    }
+    s
+}
+
+/// `e^x` for `x ≤ 0` (0 below −87, where f32 would go subnormal): `2^n · p(r)` with
+/// `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, and Cephes' degree-6 polynomial for `p`.
+#[inline(always)]
+fn exp<A: Arith>(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a call.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.max(-87.0);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = A::mul_add(n, -LN2_LO, A::mul_add(n, -LN2_HI, xc));
+    let mut p = 1.987_569_1e-4;
+    p = A::mul_add(p, r, 1.398_199_9e-3);
+    p = A::mul_add(p, r, 8.333_452e-3);
+    p = A::mul_add(p, r, 4.166_579_6e-2);
+    p = A::mul_add(p, r, 1.666_666_5e-1);
+    p = A::mul_add(p, r, 0.5);
+    let e = A::mul_add(p, r * r, r) + 1.0;
+    let scaled = e * f32::from_bits(((n as i32 + 127) << 23) as u32);
+    if x < -87.0 { 0.0 } else { scaled }
+}
+
+/// Portable: separate multiply and add.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn chunk_portable(
+    shape: AttnShape,
+    layer: usize,
+    q: &[f32],
+    range: Range<usize>,
+    blocks: &[BlockId],
+    kv: &KvArena,
+    scratch: &mut ChunkScratch,
+    part: &mut [f32],
+) {
+    chunk_body::<Separate>(shape, layer, q, range, blocks, kv, scratch, part)
+}
+
+/// The same body compiled for AVX-512 (16-lane loops in one register).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c")]
+pub(super) fn chunk_avx512(
+    shape: AttnShape,
+    layer: usize,
+    q: &[f32],
+    range: Range<usize>,
+    blocks: &[BlockId],
+    kv: &KvArena,
+    scratch: &mut ChunkScratch,
+    part: &mut [f32],
+) {
+    chunk_body::<Fused>(shape, layer, q, range, blocks, kv, scratch, part)
+}
+
+/// The same body compiled for AVX2 with FMA.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx,avx2,fma,f16c")]
+pub(super) fn chunk_avx2(
+    shape: AttnShape,
+    layer: usize,
+    q: &[f32],
+    range: Range<usize>,
+    blocks: &[BlockId],
+    kv: &KvArena,
+    scratch: &mut ChunkScratch,
+    part: &mut [f32],
+) {
+    chunk_body::<Fused>(shape, layer, q, range, blocks, kv, scratch, part)
+}
+
+/// Combines a row's chunk partials (`parts`: chunks in position order, each
+/// [`AttnShape::partial_len`] floats) into the attention output `out` (`n_head × head_dim`).
+pub fn merge(shape: AttnShape, parts: &[f32], out: &mut [f32]) {
+    let (hd, stride) = (shape.head_dim, shape.head_dim + 2);
+    let plen = shape.partial_len();
+    for (h, o) in out.chunks_exact_mut(hd).enumerate() {
+        fn head(p: &[f32], h: usize, stride: usize) -> (f32, f32, &[f32]) {
+            let p = &p[h * stride..(h + 1) * stride];
+            (p[0], p[1], &p[2..])
+        }
+        let top = parts.chunks_exact(plen).map(|p| head(p, h, stride).0).fold(f32::NEG_INFINITY, f32::max);
+        o.fill(0.0);
+        let mut total = 0.0f32;
+        for p in parts.chunks_exact(plen) {
+            let (m, s, acc) = head(p, h, stride);
+            let w = (m - top).exp();
+            total += s * w;
+            for (oi, a) in o.iter_mut().zip(acc) {
+                *oi += a * w;
+            }
+        }
+        let inv = 1.0 / total;
+        for oi in o.iter_mut() {
+            *oi *= inv;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polynomial_exp_is_within_a_few_ulp_of_std() {
+        let mut worst = 0.0f64;
+        for i in 0..=87_000 {
+            let x = -(i as f32) / 1000.0;
+            let want = (x as f64).exp();
+            for got in [exp::<Fused>(x), exp::<Separate>(x)] {
+                worst = worst.max(((got as f64 - want) / want).abs());
+            }
+        }
+        assert!(worst < 5e-7, "worst relative error {worst:e}");
+        assert_eq!(exp::<Fused>(-200.0), 0.0);
+        assert_eq!(exp::<Fused>(0.0), 1.0);
+    }
+
+    #[test]
+    fn pairwise_reduce_and_max_cover_every_lane_and_the_tail() {
+        let x: Vec<f32> = (0..37).map(|i| ((i * 7919) % 37) as f32).collect();
+        assert_eq!(max(&x), 36.0);
+        let ones = [1.0f32; 37];
+        assert_eq!(dot::<Separate>(&x, &ones), (0..37).sum::<i32>() as f32);
+    }
+}
