@@ -43,7 +43,7 @@ fn bench_matmul_with(c: &mut Criterion, kernels: Kernels, pool: &rayon::ThreadPo
         (GgmlType::Q4_1, 1536, 576, &[1, 16, 64, 512]),
         (GgmlType::Q4_1, 576, 1536, &[1, 16, 64, 512]),
         (GgmlType::Q8_0, 49152, 576, &[1, 16, 64]),
-        (GgmlType::Q8_0, 576, 576, &[1, 512]),
+        (GgmlType::Q8_0, 576, 576, &[1, 16, 512]),
     ];
     for (t, rows, cols, ns) in shapes {
         let data = reference::quantize_row(t, &values(rows * cols, 1));

@@ -127,8 +127,9 @@ struct Layout {
 
 /// Below this many weight bytes × x rows, a matmul runs on the calling thread.
 const SERIAL_BYTES: usize = 32 * 1024;
-/// X rows per kernel call (each weight block is decoded once for this many rows).
-const X_TILE: usize = 4;
+/// Most x rows per kernel call (each weight block is decoded once for this many rows):
+/// eight for AVX-512 (32 registers), four elsewhere.
+const X_TILE: usize = 8;
 /// Weight bytes visited per pass over a tile of x rows (kept in L1).
 const ROW_GROUP_BYTES: usize = 16 * 1024;
 
@@ -291,9 +292,10 @@ impl Kernels {
         threads: usize,
         pool: &rayon::ThreadPool,
     ) {
-        let tiles = n.div_ceil(X_TILE);
+        let tile = self.x_tile(w.cols);
+        let tiles = n.div_ceil(tile);
         let chunks = tiles.min(4 * threads);
-        let chunk_x = tiles.div_ceil(chunks) * X_TILE;
+        let chunk_x = tiles.div_ceil(chunks) * tile;
         let layout = Layout { row_stride: 1, x_stride: w.rows };
         pool.install(|| {
             y.par_chunks_mut(chunk_x * w.rows).enumerate().for_each(|(c, out)| {
@@ -330,6 +332,14 @@ impl Kernels {
         });
     }
 
+    /// X rows per kernel call on this ISA: eight AVX-512 rows while they fit in half of L1.
+    fn x_tile(&self, cols: usize) -> usize {
+        match self.isa {
+            Isa::Avx512 if X_TILE * cols * 4 <= 16 * 1024 => X_TILE,
+            _ => 4,
+        }
+    }
+
     /// Computes every `(r, i)` of `rows × xs` into `out`, in row groups that stay in L1
     /// while tiles of x rows pass over them.
     fn compute(
@@ -344,8 +354,9 @@ impl Kernels {
         let group = (ROW_GROUP_BYTES / w.row_bytes().max(1)).max(1);
         for g0 in rows.clone().step_by(group) {
             let g1 = (g0 + group).min(rows.end);
-            for i0 in xs.clone().step_by(X_TILE) {
-                let nx = X_TILE.min(xs.end - i0);
+            let tile = self.x_tile(w.cols);
+            for i0 in xs.clone().step_by(tile) {
+                let nx = tile.min(xs.end - i0);
                 for r in g0..g1 {
                     let vals = self.tile(w, acts, r, i0, nx);
                     for (j, &v) in vals[..nx].iter().enumerate() {
@@ -360,7 +371,11 @@ impl Kernels {
     fn tile(&self, w: &QMatrix, acts: &[f32], r: usize, i0: usize, nx: usize) -> [f32; X_TILE] {
         let mut vals = [0.0; X_TILE];
         match nx {
-            4 => vals.copy_from_slice(&self.tile_n::<4>(w, acts, r, i0)),
+            8 => vals.copy_from_slice(&self.tile_n::<8>(w, acts, r, i0)),
+            7 => vals[..7].copy_from_slice(&self.tile_n::<7>(w, acts, r, i0)),
+            6 => vals[..6].copy_from_slice(&self.tile_n::<6>(w, acts, r, i0)),
+            5 => vals[..5].copy_from_slice(&self.tile_n::<5>(w, acts, r, i0)),
+            4 => vals[..4].copy_from_slice(&self.tile_n::<4>(w, acts, r, i0)),
             3 => vals[..3].copy_from_slice(&self.tile_n::<3>(w, acts, r, i0)),
             2 => vals[..2].copy_from_slice(&self.tile_n::<2>(w, acts, r, i0)),
             _ => vals[..1].copy_from_slice(&self.tile_n::<1>(w, acts, r, i0)),

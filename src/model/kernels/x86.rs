@@ -1,21 +1,23 @@
 //! AVX-512 kernels for the hot types (Q4_1, Q8_0) against f32 activations.
 //!
 //! Each weight block is dequantized exactly in registers (`q·d + m` by one FMA per 16
-//! values) and multiplied into f32 activations. Every (weight row, x row) pair owns four
-//! 16-lane accumulators: `[even block lo, even block hi, odd block lo, odd block hi]`, so
-//! a single row is not bound by FMA latency. A kernel call takes `NX` x rows and decodes
-//! each weight block once for all of them; the operations applied to x row `j` are the
-//! same whatever `NX` is, so results do not depend on how x rows are tiled.
+//! values) and multiplied into f32 activations. Every (weight row, x row) pair owns two
+//! 16-lane accumulators (values 0..16 and 16..32 of every block), so a call holds up to
+//! eight x rows in registers and decodes each weight block once for all of them. (Four
+//! accumulators per pair, even and odd blocks apart, hid FMA latency better for one row but
+//! left room for only four x rows; eight rows measured faster for batches, the same for
+//! one row.) The operations applied to x row `j` are the same whatever `NX` is, so results
+//! do not depend on how x rows are tiled.
 
 use std::arch::x86_64::*;
 
 use super::simd_rows::{Q4_1_BYTES, Q8_0_BYTES, QK, check_rows};
 
-/// Sums four accumulators and then their 16 lanes, always in the same order.
+/// Sums two accumulators and then their 16 lanes, always in the same order.
 #[target_feature(enable = "avx512f,avx,sse3")]
 #[inline]
-fn reduce(a: [__m512; 4]) -> f32 {
-    let v = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+fn reduce(a: __m512, b: __m512) -> f32 {
+    let v = _mm512_add_ps(a, b);
     let lo = _mm512_castps512_ps256(v);
     let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
     let s = _mm256_add_ps(lo, hi);
@@ -60,20 +62,18 @@ fn q8_0_block(row: &[u8], b: usize) -> (__m512, __m512) {
     (lo, hi)
 }
 
-/// The shared loop: blocks in pairs, the even block into accumulators 0/1 and the odd one
-/// into 2/3 (fixed indices, so the accumulators stay in registers), then one reduction per
-/// x row. A macro so each kernel inlines its own block decoder.
+/// The shared loop: each block's values 0..16 into accumulator `lo` and 16..32 into `hi`,
+/// then one reduction per x row. Two accumulators per (weight row, x row) let a call hold
+/// eight x rows in registers, so each decoded block is reused eight times. A macro so each
+/// kernel inlines its own block decoder.
 macro_rules! dot_rows {
     ($row:ident, $xs:ident, $bytes:expr, $decode:ident) => {{
         let blocks = $row.len() / $bytes;
         check_rows($xs, blocks);
-        let mut a0 = [_mm512_setzero_ps(); NX];
-        let mut a1 = [_mm512_setzero_ps(); NX];
-        let mut a2 = [_mm512_setzero_ps(); NX];
-        let mut a3 = [_mm512_setzero_ps(); NX];
-        let mut b = 0;
-        while b < blocks {
-            let (lo, hi) = $decode($row, b);
+        let mut lo = [_mm512_setzero_ps(); NX];
+        let mut hi = [_mm512_setzero_ps(); NX];
+        for b in 0..blocks {
+            let (w0, w1) = $decode($row, b);
             for j in 0..NX {
                 // SAFETY: `check_rows` asserted every x row holds `blocks * QK` values and
                 // `b < blocks`, so both 16-value loads are in bounds.
@@ -81,26 +81,13 @@ macro_rules! dot_rows {
                     let p = $xs[j].as_ptr().add(b * QK);
                     (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
                 };
-                a0[j] = _mm512_fmadd_ps(lo, x0, a0[j]);
-                a1[j] = _mm512_fmadd_ps(hi, x1, a1[j]);
+                lo[j] = _mm512_fmadd_ps(w0, x0, lo[j]);
+                hi[j] = _mm512_fmadd_ps(w1, x1, hi[j]);
             }
-            if b + 1 < blocks {
-                let (lo, hi) = $decode($row, b + 1);
-                for j in 0..NX {
-                    // SAFETY: as above, with `b + 1 < blocks`.
-                    let (x0, x1) = unsafe {
-                        let p = $xs[j].as_ptr().add((b + 1) * QK);
-                        (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
-                    };
-                    a2[j] = _mm512_fmadd_ps(lo, x0, a2[j]);
-                    a3[j] = _mm512_fmadd_ps(hi, x1, a3[j]);
-                }
-            }
-            b += 2;
         }
         let mut out = [0.0f32; NX];
         for j in 0..NX {
-            out[j] = reduce([a0[j], a1[j], a2[j], a3[j]]);
+            out[j] = reduce(lo[j], hi[j]);
         }
         out
     }};
