@@ -143,7 +143,8 @@ fn matmul_is_batch_invariant_bit_for_bit() {
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let pools = [pool(1), pool(2)];
     for t in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q5_0, GgmlType::F16] {
-        // Three blocks per row: the kernels pair blocks, so an odd count checks the tail too.
+        // Three blocks per row (odd, so no kernel can rely on pairs) and 1..=37 x rows: every
+        // tile width and ragged tail.
         let (rows, cols, total) = (37, cols_for(t, 3), 37);
         let data = reference::quantize_row(t, &values(&mut rng, rows * cols, 1.0));
         let w = QMatrix::new(t, rows, cols, &data).unwrap();

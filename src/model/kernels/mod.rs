@@ -130,8 +130,8 @@ const SERIAL_BYTES: usize = 32 * 1024;
 /// Most x rows per kernel call (each weight block is decoded once for this many rows):
 /// eight for AVX-512 (32 registers), four elsewhere.
 const X_TILE: usize = 8;
-/// Weight bytes visited per pass over a tile of x rows (kept in L1).
-const ROW_GROUP_BYTES: usize = 16 * 1024;
+/// L1 bytes a pass over a group of weight rows may fill: the x tile plus the group.
+const ROW_GROUP_BYTES: usize = 28 * 1024;
 
 impl Kernels {
     /// The best kernels this CPU runs.
@@ -332,16 +332,16 @@ impl Kernels {
         });
     }
 
-    /// X rows per kernel call on this ISA: eight AVX-512 rows while they fit in half of L1.
+    /// X rows per kernel call on this ISA: eight AVX-512 rows while they take at most 20 KB.
     fn x_tile(&self, cols: usize) -> usize {
         match self.isa {
-            Isa::Avx512 if X_TILE * cols * 4 <= 16 * 1024 => X_TILE,
+            Isa::Avx512 if X_TILE * cols * 4 <= 20 * 1024 => X_TILE,
             _ => 4,
         }
     }
 
     /// Computes every `(r, i)` of `rows × xs` into `out`, in row groups that stay in L1
-    /// while tiles of x rows pass over them.
+    /// (beside one x tile, at least 4 KB of them) while tiles of x rows pass over them.
     fn compute(
         &self,
         w: &QMatrix,
@@ -351,7 +351,8 @@ impl Kernels {
         out: &mut [f32],
         at: Layout,
     ) {
-        let group = (ROW_GROUP_BYTES / w.row_bytes().max(1)).max(1);
+        let tile_bytes = self.x_tile(w.cols) * w.cols * 4;
+        let group = (ROW_GROUP_BYTES.saturating_sub(tile_bytes).max(4096) / w.row_bytes().max(1)).max(1);
         for g0 in rows.clone().step_by(group) {
             let g1 = (g0 + group).min(rows.end);
             let tile = self.x_tile(w.cols);
