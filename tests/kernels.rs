@@ -255,42 +255,47 @@ fn attention_reference(shape: AttnShape, q: &[f32], keys: &[Vec<f32>], vals: &[V
 
 #[test]
 fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
-    let shape = AttnShape { n_head: 6, n_head_kv: 2, head_dim: 24 };
-    let layout = KvLayout { n_layer: 2, kv_dim: 48, block_tokens: 16 };
     let mut rng = ChaCha8Rng::seed_from_u64(9);
-    // One chunk, a chunk boundary, a ragged last chunk and a last block cut short.
-    for positions in [1, 5, CHUNK, CHUNK + 1, 3 * CHUNK - 7] {
-        let keys: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, 48, 3.0)).collect();
-        let vals: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, 48, 1.0)).collect();
-        let q = values(&mut rng, 6 * 24, 1.0);
-        for dtype in [KvDtype::F32, KvDtype::F16] {
-            let cap = layout.blocks_for(positions) * layout.block_bytes_as(dtype);
-            let mut arena = KvArena::with_dtype(layout, cap as u64, dtype).unwrap();
-            let mut table = BlockTable::default();
-            table.reserve(&mut arena, positions).unwrap();
-            for (pos, (k, v)) in keys.iter().zip(&vals).enumerate() {
-                arena.write(table.blocks[pos / 16], 1, pos % 16, k, v);
-            }
-            // The reference sees what the arena holds (f16-rounded rows in an f16 arena).
-            let stored = |rows: &[Vec<f32>]| -> Vec<Vec<f32>> {
-                rows.iter()
-                    .map(|r| match dtype {
-                        KvDtype::F32 => r.clone(),
-                        KvDtype::F16 => r.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
-                    })
-                    .collect()
-            };
-            let want = attention_reference(shape, &q, &stored(&keys), &stored(&vals));
-            for kernels in Kernels::available() {
-                let (mut scratch, mut out) = (AttnScratch::default(), vec![f32::NAN; 6 * 24]);
-                attend_row(kernels, shape, 1, &q, positions - 1, &table.blocks, &arena, &mut scratch, &mut out);
-                for (i, (&got, &w)) in out.iter().zip(&want).enumerate() {
-                    let err = (got as f64 - w).abs();
-                    assert!(
-                        err <= 1e-5 * (1.0 + w.abs()),
-                        "{} {dtype:?} {positions} positions: out[{i}] {got} vs {w}",
-                        kernels.name()
-                    );
+    // A generic head width, and the 64-wide heads with their own AVX-512 path.
+    for shape in
+        [AttnShape { n_head: 6, n_head_kv: 2, head_dim: 24 }, AttnShape { n_head: 9, n_head_kv: 3, head_dim: 64 }]
+    {
+        let (kvd, qd) = (shape.n_head_kv * shape.head_dim, shape.n_head * shape.head_dim);
+        let layout = KvLayout { n_layer: 2, kv_dim: kvd, block_tokens: 16 };
+        // One chunk, a chunk boundary, a ragged last chunk and a last block cut short.
+        for positions in [1, 5, CHUNK, CHUNK + 1, 3 * CHUNK - 7] {
+            let keys: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, kvd, 3.0)).collect();
+            let vals: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, kvd, 1.0)).collect();
+            let q = values(&mut rng, qd, 1.0);
+            for dtype in [KvDtype::F32, KvDtype::F16] {
+                let cap = layout.blocks_for(positions) * layout.block_bytes_as(dtype);
+                let mut arena = KvArena::with_dtype(layout, cap as u64, dtype).unwrap();
+                let mut table = BlockTable::default();
+                table.reserve(&mut arena, positions).unwrap();
+                for (pos, (k, v)) in keys.iter().zip(&vals).enumerate() {
+                    arena.write(table.blocks[pos / 16], 1, pos % 16, k, v);
+                }
+                // The reference sees what the arena holds (f16-rounded rows in an f16 arena).
+                let stored = |rows: &[Vec<f32>]| -> Vec<Vec<f32>> {
+                    rows.iter()
+                        .map(|r| match dtype {
+                            KvDtype::F32 => r.clone(),
+                            KvDtype::F16 => r.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+                        })
+                        .collect()
+                };
+                let want = attention_reference(shape, &q, &stored(&keys), &stored(&vals));
+                for kernels in Kernels::available() {
+                    let (mut scratch, mut out) = (AttnScratch::default(), vec![f32::NAN; qd]);
+                    attend_row(kernels, shape, 1, &q, positions - 1, &table.blocks, &arena, &mut scratch, &mut out);
+                    for (i, (&got, &w)) in out.iter().zip(&want).enumerate() {
+                        let err = (got as f64 - w).abs();
+                        let name = kernels.name();
+                        assert!(
+                            err <= 1e-5 * (1.0 + w.abs()),
+                            "{name} {shape:?} {dtype:?} {positions}: out[{i}] {got} vs {w}"
+                        );
+                    }
                 }
             }
         }

@@ -47,9 +47,41 @@ pub struct ChunkScratch {
     rows: Vec<f32>,
 }
 
-/// Which arithmetic the body uses: fused multiply-add or a separate multiply and add.
-trait Arith {
+/// Which arithmetic the body uses: fused multiply-add or a separate multiply and add, and
+/// how a block's run of K rows becomes scores and its V rows join the weighted sums.
+trait Arith: Sized {
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
+
+    /// `scores[h·CHUNK + jj0 + i] = scale · q_h · k_i` for every head and K row `i` of `keys`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn scores(shape: AttnShape, q: &[f32], keys: &[f32], scale: f32, jj0: usize, scores: &mut [f32]) {
+        let AttnShape { n_head, head_dim: hd, .. } = shape;
+        let (group, kvd) = (n_head / shape.n_head_kv, shape.n_head_kv * hd);
+        for (i, k) in keys.chunks_exact(kvd).enumerate() {
+            for h in 0..n_head {
+                let kh = &k[(h / group) * hd..][..hd];
+                scores[h * CHUNK + jj0 + i] = dot::<Self>(&q[h * hd..][..hd], kh) * scale;
+            }
+        }
+    }
+
+    /// `acc_h += scores[h·CHUNK + jj0 + i] · v_i` for every head and V row `i` of `vals`,
+    /// where `acc_h` is `part[h·(hd+2) + 2..][..hd]`.
+    #[inline(always)]
+    fn values(shape: AttnShape, vals: &[f32], scores: &[f32], jj0: usize, part: &mut [f32]) {
+        let AttnShape { n_head, head_dim: hd, .. } = shape;
+        let (group, kvd, stride) = (n_head / shape.n_head_kv, shape.n_head_kv * hd, hd + 2);
+        for (i, v) in vals.chunks_exact(kvd).enumerate() {
+            for h in 0..n_head {
+                let w = scores[h * CHUNK + jj0 + i];
+                let vh = &v[(h / group) * hd..][..hd];
+                for (a, &x) in part[h * stride + 2..(h + 1) * stride].iter_mut().zip(vh) {
+                    *a = Self::mul_add(w, x, *a);
+                }
+            }
+        }
+    }
 }
 
 struct Fused;
@@ -69,6 +101,100 @@ impl Arith for Separate {
     }
 }
 
+/// AVX-512 with heads of `V` × 16 values: each head's query (for scores) or running sum
+/// (for values) stays in `V` registers while the block's rows pass.
+#[cfg(target_arch = "x86_64")]
+struct Zmm<const V: usize>;
+
+#[cfg(target_arch = "x86_64")]
+impl<const V: usize> Arith for Zmm<V> {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+
+    #[inline(always)]
+    fn scores(shape: AttnShape, q: &[f32], keys: &[f32], scale: f32, jj0: usize, scores: &mut [f32]) {
+        // SAFETY: `Zmm` is only used by `chunk_avx512`, which runs only where `available()`
+        // detected avx512f.
+        unsafe { zmm::scores::<V>(shape, q, keys, scale, jj0, scores) }
+    }
+
+    #[inline(always)]
+    fn values(shape: AttnShape, vals: &[f32], scores: &[f32], jj0: usize, part: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { zmm::values::<V>(shape, vals, scores, jj0, part) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod zmm {
+    use std::arch::x86_64::*;
+
+    use super::{AttnShape, CHUNK};
+
+    /// 16 values from `s[at..at + 16]` (bounds-checked, then an unaligned load).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn load(s: &[f32], at: usize) -> __m512 {
+        let v: &[f32; 16] = s[at..at + 16].try_into().expect("16 values");
+        // SAFETY: `v` is 16 readable f32s; the load is unaligned.
+        unsafe { _mm512_loadu_ps(v.as_ptr()) }
+    }
+
+    /// See [`super::Arith::scores`]; `head_dim == V * 16`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn scores<const V: usize>(
+        shape: AttnShape,
+        q: &[f32],
+        keys: &[f32],
+        scale: f32,
+        jj0: usize,
+        scores: &mut [f32],
+    ) {
+        let AttnShape { n_head, head_dim: hd, .. } = shape;
+        assert_eq!(hd, V * 16, "head width");
+        let (group, kvd) = (n_head / shape.n_head_kv, shape.n_head_kv * hd);
+        for h in 0..n_head {
+            let qh: [__m512; V] = std::array::from_fn(|v| load(q, h * hd + 16 * v));
+            let off = (h / group) * hd;
+            let out = &mut scores[h * CHUNK + jj0..];
+            for (i, k) in keys.chunks_exact(kvd).enumerate() {
+                let mut acc = _mm512_mul_ps(qh[0], load(k, off));
+                for (v, qv) in qh.iter().enumerate().skip(1) {
+                    acc = _mm512_fmadd_ps(*qv, load(k, off + 16 * v), acc);
+                }
+                out[i] = _mm512_reduce_add_ps(acc) * scale;
+            }
+        }
+    }
+
+    /// See [`super::Arith::values`]; `head_dim == V * 16`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn values<const V: usize>(shape: AttnShape, vals: &[f32], scores: &[f32], jj0: usize, part: &mut [f32]) {
+        let AttnShape { n_head, head_dim: hd, .. } = shape;
+        assert_eq!(hd, V * 16, "head width");
+        let (group, kvd, stride) = (n_head / shape.n_head_kv, shape.n_head_kv * hd, hd + 2);
+        for h in 0..n_head {
+            let sums = &mut part[h * stride + 2..(h + 1) * stride];
+            let mut acc: [__m512; V] = std::array::from_fn(|v| load(sums, 16 * v));
+            let off = (h / group) * hd;
+            let weights = &scores[h * CHUNK + jj0..];
+            for (i, row) in vals.chunks_exact(kvd).enumerate() {
+                let w = _mm512_set1_ps(weights[i]);
+                for (v, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(w, load(row, off + 16 * v), *a);
+                }
+            }
+            for (v, a) in acc.iter().enumerate() {
+                let dst: &mut [f32; 16] = (&mut sums[16 * v..16 * v + 16]).try_into().expect("16 values");
+                // SAFETY: `dst` is 16 writable f32s; the store is unaligned.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), *a) };
+            }
+        }
+    }
+}
+
 /// The chunk `range` (inside `0..=pos` of the row, starting at a multiple of [`CHUNK`]) of
 /// query `q` (`n_head × head_dim`) over `blocks` in `layer`, written to `part`.
 #[allow(clippy::too_many_arguments)]
@@ -84,22 +210,14 @@ fn chunk_body<A: Arith>(
     part: &mut [f32],
 ) {
     let AttnShape { n_head, head_dim: hd, .. } = shape;
-    let group = n_head / shape.n_head_kv;
     let n = range.len();
     let scale = 1.0 / (hd as f32).sqrt();
     let ChunkScratch { scores, rows } = scratch;
     scores.resize(n_head * CHUNK, 0.0);
-    let kvd = shape.n_head_kv * hd;
     let mut j = range.start;
     while j < range.end {
         let (keys, take) = segment(kv, blocks, layer, j..range.end, false, rows);
-        for (i, k) in keys.chunks_exact(kvd).enumerate() {
-            let jj = j - range.start + i;
-            for h in 0..n_head {
-                let kh = &k[(h / group) * hd..][..hd];
-                scores[h * CHUNK + jj] = dot::<A>(&q[h * hd..][..hd], kh) * scale;
-            }
-        }
+        A::scores(shape, q, keys, scale, j - range.start, scores);
         j += take;
     }
     let stride = hd + 2;
@@ -115,16 +233,7 @@ fn chunk_body<A: Arith>(
     let mut j = range.start;
     while j < range.end {
         let (vals, take) = segment(kv, blocks, layer, j..range.end, true, rows);
-        for (i, v) in vals.chunks_exact(kvd).enumerate() {
-            let jj = j - range.start + i;
-            for h in 0..n_head {
-                let w = scores[h * CHUNK + jj];
-                let vh = &v[(h / group) * hd..][..hd];
-                for (a, &x) in part[h * stride + 2..(h + 1) * stride].iter_mut().zip(vh) {
-                    *a = A::mul_add(w, x, *a);
-                }
-            }
-        }
+        A::values(shape, vals, scores, j - range.start, part);
         j += take;
     }
 }
@@ -258,7 +367,8 @@ pub(super) fn chunk_portable(
     chunk_body::<Separate>(shape, layer, q, range, blocks, kv, scratch, part)
 }
 
-/// The same body compiled for AVX-512 (16-lane loops in one register).
+/// The same body compiled for AVX-512; heads of 64 or 128 values keep a head's query or
+/// running sum in registers across a block of rows (`Zmm`).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c")]
@@ -272,7 +382,11 @@ pub(super) fn chunk_avx512(
     scratch: &mut ChunkScratch,
     part: &mut [f32],
 ) {
-    chunk_body::<Fused>(shape, layer, q, range, blocks, kv, scratch, part)
+    match shape.head_dim {
+        64 => chunk_body::<Zmm<4>>(shape, layer, q, range, blocks, kv, scratch, part),
+        128 => chunk_body::<Zmm<8>>(shape, layer, q, range, blocks, kv, scratch, part),
+        _ => chunk_body::<Fused>(shape, layer, q, range, blocks, kv, scratch, part),
+    }
 }
 
 /// The same body compiled for AVX2 with FMA.
