@@ -239,6 +239,36 @@ fn logits_are_bit_identical_alone_or_next_to_seven_others() {
     assert!(long_alone.iter().zip(&long_crowded).all(|(x, y)| x.to_bits() == y.to_bits()));
 }
 
+/// A 1,100-token prompt in one forward call runs its attention in several groups of rows
+/// (over 4,096 chunks in all, the cap on partials held at once); prefilled in three calls it
+/// runs each call in one group. The last position's logits are the same bits either way, and
+/// the partials never outgrow their cap.
+#[test]
+fn deep_prefill_gives_the_same_logits_in_one_call_or_three() {
+    let model = smollm2();
+    let tok = GgufTokenizer::from_gguf(&model.file().header).unwrap();
+    let text = std::fs::read_to_string(fixture("ppl_text.txt")).unwrap();
+    let ids: Vec<u32> = tok.encode(&text, false).unwrap().into_iter().cycle().take(1100).collect();
+    let layout = model.kv_layout(16);
+    let mut arena = KvArena::new(layout, (layout.block_bytes() * 2 * layout.blocks_for(1100)) as u64).unwrap();
+    let mut whole = chunk(&mut arena, ids.clone());
+    let one_call = run_batch(model, std::slice::from_mut(&mut whole), &mut arena).remove(0);
+    let (held, cap) = (model.attention_scratch_bytes(), model.attention_scratch_cap());
+    assert!(held > 0 && held <= cap, "attention partials hold {held} bytes, cap {cap}");
+    let blocks = chunk(&mut arena, ids.clone()).blocks;
+    let mut last = Vec::new();
+    for (start, end) in [(0, 400), (400, 800), (800, 1100)] {
+        let mut part = SeqChunk {
+            tokens: ids[start..end].to_vec(),
+            start_pos: start,
+            blocks: blocks.clone(),
+            logits: LogitsWanted::Last,
+        };
+        last = run_batch(model, std::slice::from_mut(&mut part), &mut arena).remove(0);
+    }
+    assert!(one_call.iter().zip(&last).all(|(x, y)| x.to_bits() == y.to_bits()));
+}
+
 mod tiny {
     use starling::kv::arena::{BlockTable, KvArena};
     use starling::model::ggml_type::GgmlType;

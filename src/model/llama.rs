@@ -7,6 +7,7 @@
 //! the same way whatever else is in the batch, so a sequence's logits are bit-identical
 //! alone or batched.
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -41,6 +42,10 @@ pub enum ModelError {
     #[error("cannot start the model thread pool: {0}")]
     ThreadPool(String),
 }
+
+/// Most attention chunks whose partial results are held at once (about 10 MB for
+/// SmolLM2's 9 heads of 64).
+const MAX_ATTN_CHUNKS: usize = 4096;
 
 thread_local! {
     /// Attention chunk buffers of each model pool thread (grown once, then reused).
@@ -196,6 +201,21 @@ impl LlamaModel {
         self.pool.current_num_threads()
     }
 
+    /// Bytes the attention partials of the forward pass hold (their capacity): at most
+    /// [`MAX_ATTN_CHUNKS`] chunks' worth however long the batch's rows are.
+    pub fn attention_scratch_bytes(&self) -> usize {
+        let s = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        s.attn_parts.capacity() * std::mem::size_of::<f32>()
+    }
+
+    /// The largest [`Self::attention_scratch_bytes`] can grow to.
+    pub fn attention_scratch_cap(&self) -> usize {
+        let hp = &self.hparams;
+        MAX_ATTN_CHUNKS
+            * AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hp.head_dim }.partial_len()
+            * 4
+    }
+
     /// The KV geometry this model needs, with the given block size.
     pub fn kv_layout(&self, block_tokens: usize) -> KvLayout {
         KvLayout { n_layer: self.hparams.n_layer, kv_dim: self.hparams.n_head_kv * self.hparams.head_dim, block_tokens }
@@ -313,21 +333,42 @@ impl LlamaModel {
     }
 
     /// Every row's attention: its chunks of positions spread over the pool as one list (so
-    /// one long row keeps both cores busy), then each row's chunks merged in order.
+    /// one long row keeps both cores busy), then each row's chunks merged in order. Rows go
+    /// in groups of at most [`MAX_ATTN_CHUNKS`] chunks, which bounds the partials' memory
+    /// (a deep prefill would otherwise hold every row's chunks at once).
     fn attention(&self, li: usize, batch: &[SeqChunk], kv: &KvArena, s: &mut Scratch) {
+        let d = self.hparams.n_embd;
+        resize(&mut s.attn, s.rows.len() * d);
+        let mut r0 = 0;
+        while r0 < s.rows.len() {
+            let (mut r1, mut chunks) = (r0, 0);
+            while r1 < s.rows.len() && (r1 == r0 || chunks + AttnShape::chunks(s.rows[r1].pos) <= MAX_ATTN_CHUNKS) {
+                chunks += AttnShape::chunks(s.rows[r1].pos);
+                r1 += 1;
+            }
+            self.attention_rows(li, batch, kv, s, r0..r1);
+            r0 = r1;
+        }
+    }
+
+    /// [`Self::attention`] for rows `rows` of the batch.
+    fn attention_rows(&self, li: usize, batch: &[SeqChunk], kv: &KvArena, s: &mut Scratch, rows: Range<usize>) {
         let hp = &self.hparams;
         let shape = AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hp.head_dim };
         let (d, plen) = (hp.n_embd, shape.partial_len());
+        let infos = &s.rows[rows.clone()];
         s.attn_items.clear();
-        for (r, info) in s.rows.iter().enumerate() {
+        s.attn_first.clear();
+        for (r, info) in infos.iter().enumerate() {
+            s.attn_first.push(s.attn_items.len() * plen);
             s.attn_items.extend((0..AttnShape::chunks(info.pos)).map(|c| (r, c * CHUNK)));
         }
         resize(&mut s.attn_parts, s.attn_items.len() * plen);
-        resize(&mut s.attn, s.rows.len() * d);
-        let (rows, q, items, kernels) = (&s.rows, &s.q, &s.attn_items, self.kernels);
+        let q = &s.q[rows.start * d..rows.end * d];
+        let (items, kernels) = (&s.attn_items, self.kernels);
         self.pool.install(|| {
             s.attn_parts.par_chunks_mut(plen).zip(items.par_iter()).for_each(|(part, &(r, first))| {
-                let info = rows[r];
+                let info = infos[r];
                 let range = first..(first + CHUNK).min(info.pos + 1);
                 let q = &q[r * d..(r + 1) * d];
                 ATTN_SCRATCH.with_borrow_mut(|scratch| {
@@ -335,16 +376,10 @@ impl LlamaModel {
                 });
             });
         });
-        s.attn_first.clear();
-        let mut first = 0;
-        for info in rows {
-            s.attn_first.push(first);
-            first += AttnShape::chunks(info.pos) * plen;
-        }
         let (parts, firsts) = (&s.attn_parts, &s.attn_first);
         self.pool.install(|| {
-            s.attn.par_chunks_mut(d).enumerate().for_each(|(r, out)| {
-                let n = AttnShape::chunks(rows[r].pos) * plen;
+            s.attn[rows.start * d..rows.end * d].par_chunks_mut(d).enumerate().for_each(|(r, out)| {
+                let n = AttnShape::chunks(infos[r].pos) * plen;
                 merge(shape, &parts[firsts[r]..firsts[r] + n], out);
             });
         });
