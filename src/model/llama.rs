@@ -202,7 +202,7 @@ impl LlamaModel {
     }
 
     /// Bytes the attention partials of the forward pass hold (their capacity): at most
-    /// [`MAX_ATTN_CHUNKS`] chunks' worth however long the batch's rows are.
+    /// `MAX_ATTN_CHUNKS` (4,096) chunks' worth however long the batch's rows are.
     pub fn attention_scratch_bytes(&self) -> usize {
         let s = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         s.attn_parts.capacity() * std::mem::size_of::<f32>()
