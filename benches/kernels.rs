@@ -1,6 +1,7 @@
 //! Kernel speed at the default model's shapes (SmolLM2-135M: n_embd 576, FFN 1536, vocab 49152).
 //!
-//! Matmul per quant type and kernel variant, dequantization, RMSNorm, RoPE, attention over
+//! Matmul per kernel variant at the model's shapes and for every weight type, dequantization,
+//! RMSNorm, RoPE, attention over
 //! the KV arena, and sampling.
 //!
 //! `cargo bench -j2 --bench kernels` (add a filter such as `matmul/Q4_1` to run fewer).
@@ -55,6 +56,28 @@ fn bench_matmul_with(c: &mut Criterion, kernels: Kernels, pool: &rayon::ThreadPo
             group.throughput(Throughput::Elements((2 * rows * cols * n) as u64));
             group.bench_function(format!("{t}/{rows}x{cols}/n{n}"), |b| {
                 b.iter(|| kernels.matmul(&w, black_box(&x), n, &mut y, &mut scratch, pool))
+            });
+        }
+    }
+    group.finish();
+}
+
+/// Every weight type with kernels (the best this CPU runs), one 768×768 matrix (K-quants need
+/// rows of whole 256-value superblocks): a lone row and a 16-row batch.
+fn bench_matmul_every_type(c: &mut Criterion) {
+    let (kernels, pool) = (Kernels::detect(), rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("pool"));
+    let mut group = c.benchmark_group(format!("matmul_by_type/{}", kernels.name()));
+    group.sample_size(10).measurement_time(Duration::from_millis(800)).warm_up_time(Duration::from_millis(200));
+    let (rows, cols) = (768, 768);
+    for t in GgmlType::WITH_KERNELS {
+        let data = reference::quantize_row(t, &values(rows * cols, 4));
+        let w = QMatrix::new(t, rows, cols, &data).expect("matrix");
+        for n in [1, 16] {
+            let x = values(n * cols, 5);
+            let (mut y, mut scratch) = (vec![0.0; n * rows], MatmulScratch::default());
+            group.throughput(Throughput::Elements((2 * rows * cols * n) as u64));
+            group.bench_function(format!("{t}/n{n}"), |b| {
+                b.iter(|| kernels.matmul(&w, black_box(&x), n, &mut y, &mut scratch, &pool))
             });
         }
     }
@@ -154,5 +177,13 @@ fn bench_sampling(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_matmul, bench_dequantize, bench_row_ops, bench_attention, bench_sampling);
+criterion_group!(
+    benches,
+    bench_matmul,
+    bench_matmul_every_type,
+    bench_dequantize,
+    bench_row_ops,
+    bench_attention,
+    bench_sampling
+);
 criterion_main!(benches);

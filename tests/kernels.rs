@@ -301,3 +301,22 @@ fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
         }
     }
 }
+
+/// Types without their own SIMD kernels run the portable code compiled wide on AVX2 and
+/// AVX-512 CPUs: the same operations in the same order, so every variant gives the same bits.
+#[test]
+fn wide_compiled_portable_kernels_give_the_portable_bits() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let p = pool(2);
+    for t in [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
+        let (rows, cols, n) = (19, cols_for(t, 2), 11);
+        let data = reference::quantize_row(t, &values(&mut rng, rows * cols, 1.0));
+        let w = QMatrix::new(t, rows, cols, &data).unwrap();
+        let x = values(&mut rng, n * cols, 3.0);
+        let want = matmul(Kernels::portable(), &w, &x, n, &p);
+        for k in Kernels::available() {
+            let got = matmul(k, &w, &x, n, &p);
+            assert!(got.iter().zip(&want).all(|(a, b)| same_bits(*a, *b)), "{t} {}", k.name());
+        }
+    }
+}

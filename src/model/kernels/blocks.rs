@@ -48,6 +48,7 @@ impl Default for Unpacked {
 
 impl Unpacked {
     /// Decodes one block of quantized type `t` (not a float type).
+    #[inline(always)]
     pub fn decode(&mut self, t: GgmlType, b: &[u8]) {
         match t {
             GgmlType::Q4_0 | GgmlType::Q4_1 => self.decode_q4(t, b),
@@ -72,6 +73,7 @@ impl Unpacked {
         self.has_offset = has_offset;
     }
 
+    #[inline]
     fn decode_q4(&mut self, t: GgmlType, b: &[u8]) {
         let (m, qs, bias) = if t == GgmlType::Q4_1 { (f16_at(b, 2), &b[4..20], 0) } else { (0.0, &b[2..18], 8) };
         self.set_32(f16_at(b, 0), m, t == GgmlType::Q4_1);
@@ -81,6 +83,7 @@ impl Unpacked {
         }
     }
 
+    #[inline]
     fn decode_q5(&mut self, t: GgmlType, b: &[u8]) {
         let with_min = t == GgmlType::Q5_1;
         let (m, at, bias) = if with_min { (f16_at(b, 2), 4, 0) } else { (0.0, 2, 16) };
@@ -94,6 +97,7 @@ impl Unpacked {
         }
     }
 
+    #[inline]
     fn decode_k45(&mut self, t: GgmlType, b: &[u8]) {
         let d = f16_at(b, 0);
         let dmin = f16_at(b, 2);
@@ -114,6 +118,7 @@ impl Unpacked {
         }
     }
 
+    #[inline]
     fn decode_q6k(&mut self, b: &[u8]) {
         let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
         let d = f16_at(b, 208);
@@ -134,6 +139,7 @@ impl Unpacked {
     }
 
     /// Writes the block's `dst.len()` values (`scale * q`, plus the offset if any).
+    #[inline(always)]
     pub fn dequantize(&self, dst: &mut [f32]) {
         for (i, v) in dst.iter_mut().enumerate() {
             let x = self.scale[i / 16] * self.q[i] as f32;

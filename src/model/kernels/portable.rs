@@ -10,7 +10,33 @@ use crate::model::ggml_type::GgmlType;
 /// Lanes of the running sums.
 const LANES: usize = 16;
 
+/// `row · x` for each of `NX` x rows, by [`dot_float`] or [`dot_quantized`].
+#[inline(always)]
+pub(crate) fn tile<const NX: usize>(t: GgmlType, row: &[u8], xs: &[&[f32]; NX]) -> [f32; NX] {
+    let mut out = [0.0f32; NX];
+    for (o, x) in out.iter_mut().zip(xs) {
+        *o = if t.block_elems() == 1 { dot_float(t, row, x) } else { dot_quantized(t, row, x) };
+    }
+    out
+}
+
+/// [`tile`] compiled for AVX-512: the same operations in the same order (no fused
+/// multiply-add is introduced), so the same bits, with the lane loops 16 wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c")]
+pub(crate) fn tile_avx512<const NX: usize>(t: GgmlType, row: &[u8], xs: &[&[f32]; NX]) -> [f32; NX] {
+    tile(t, row, xs)
+}
+
+/// [`tile`] compiled for AVX2 (same bits, 8-wide lane loops).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2,fma,f16c")]
+pub(crate) fn tile_avx2<const NX: usize>(t: GgmlType, row: &[u8], xs: &[&[f32]; NX]) -> [f32; NX] {
+    tile(t, row, xs)
+}
+
 /// Dot of one block-quantized row with one f32 activation row.
+#[inline(always)]
 pub(crate) fn dot_quantized(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     let be = t.block_elems();
     let mut u = Unpacked::default();
@@ -29,6 +55,7 @@ pub(crate) fn dot_quantized(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
 }
 
 /// Sums 16 lanes pairwise in a fixed order.
+#[inline(always)]
 fn sum_lanes(l: &[f32; LANES]) -> f32 {
     let mut v = *l;
     let mut n = LANES;
@@ -42,6 +69,7 @@ fn sum_lanes(l: &[f32; LANES]) -> f32 {
 }
 
 /// Dot of one float row (F32, F16, BF16) with f32 activations, in 8 running lanes.
+#[inline(always)]
 pub(crate) fn dot_float(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let mut w = [0.0f32; 8];
@@ -59,6 +87,7 @@ pub(crate) fn dot_float(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
 }
 
 /// Decodes one stored float of type `t` (F32, F16 or BF16).
+#[inline(always)]
 pub(crate) fn float_at(t: GgmlType, b: &[u8]) -> f32 {
     match t {
         GgmlType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
