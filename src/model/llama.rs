@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use super::arch::{LlamaHparams, validate_llama};
 use super::ggml_type::GgmlType;
 use super::gguf::{GgufError, GgufFile, TensorInfo};
-use super::kernels::attention::{AttnShape, CHUNK, ChunkScratch, merge};
+use super::kernels::attention::{AttnShape, CHUNK, ChunkJob, ChunkScratch, merge};
 use super::kernels::{Kernels, MatmulScratch, QMatrix};
 use super::ops::{rms_norm, rms_norm_rows, rope, rope_angles, silu};
 use crate::kv::arena::{BlockId, KvArena, KvLayout};
@@ -371,9 +371,8 @@ impl LlamaModel {
                 let info = infos[r];
                 let range = first..(first + CHUNK).min(info.pos + 1);
                 let q = &q[r * d..(r + 1) * d];
-                ATTN_SCRATCH.with_borrow_mut(|scratch| {
-                    kernels.attend_chunk(shape, li, q, range, &batch[info.seq].blocks, kv, scratch, part)
-                });
+                let job = ChunkJob { shape, layer: li, q, range, blocks: &batch[info.seq].blocks, kv };
+                ATTN_SCRATCH.with_borrow_mut(|scratch| kernels.attend_chunk(&job, scratch, part));
             });
         });
         let (parts, firsts) = (&s.attn_parts, &s.attn_first);

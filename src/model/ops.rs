@@ -5,7 +5,7 @@
 
 use crate::kv::arena::{BlockId, KvArena};
 use crate::model::kernels::Kernels;
-use crate::model::kernels::attention::{AttnShape, CHUNK, ChunkScratch, merge};
+use crate::model::kernels::attention::{AttnShape, CHUNK, ChunkJob, ChunkScratch, merge};
 
 /// Attention for one query row over positions `0..=pos` of its sequence, on this thread:
 /// its chunks in order, then [`merge`]. The forward pass runs the same chunks spread over
@@ -27,7 +27,8 @@ pub fn attend_row(
     scratch.parts.resize(chunks * plen, 0.0);
     for (c, part) in scratch.parts.chunks_exact_mut(plen).enumerate() {
         let range = c * CHUNK..((c + 1) * CHUNK).min(pos + 1);
-        kernels.attend_chunk(shape, layer, q, range, blocks, kv, &mut scratch.chunk, part);
+        let job = ChunkJob { shape, layer, q, range, blocks, kv };
+        kernels.attend_chunk(&job, &mut scratch.chunk, part);
     }
     merge(shape, &scratch.parts, out);
 }

@@ -42,6 +42,20 @@ impl AttnShape {
     }
 }
 
+/// One chunk of attention for one query row: what `Kernels::attend_chunk` computes.
+#[derive(Clone, Debug)]
+pub struct ChunkJob<'a> {
+    pub shape: AttnShape,
+    pub layer: usize,
+    /// The row's query, `n_head × head_dim` values.
+    pub q: &'a [f32],
+    /// Positions of the chunk: from a multiple of [`CHUNK`], at most [`CHUNK`] of them.
+    pub range: Range<usize>,
+    /// The sequence's blocks, covering `range`.
+    pub blocks: &'a [BlockId],
+    pub kv: &'a KvArena,
+}
+
 /// Per-thread buffers of a chunk: scores and f16 rows widened to f32.
 #[derive(Default)]
 pub struct ChunkScratch {
@@ -196,20 +210,10 @@ mod zmm {
     }
 }
 
-/// The chunk `range` (inside `0..=pos` of the row, starting at a multiple of [`CHUNK`]) of
-/// query `q` (`n_head × head_dim`) over `blocks` in `layer`, written to `part`.
-#[allow(clippy::too_many_arguments)]
+/// `job`'s chunk, written to `part` (per head `[m, s, Σ exp(score − m)·v]`).
 #[inline(always)]
-fn chunk_body<A: Arith>(
-    shape: AttnShape,
-    layer: usize,
-    q: &[f32],
-    range: Range<usize>,
-    blocks: &[BlockId],
-    kv: &KvArena,
-    scratch: &mut ChunkScratch,
-    part: &mut [f32],
-) {
+fn chunk_body<A: Arith>(job: &ChunkJob, scratch: &mut ChunkScratch, part: &mut [f32]) {
+    let ChunkJob { shape, layer, q, ref range, blocks, kv } = *job;
     let AttnShape { n_head, head_dim: hd, .. } = shape;
     let n = range.len();
     let scale = 1.0 / (hd as f32).sqrt();
@@ -354,57 +358,27 @@ fn exp<A: Arith>(x: f32) -> f32 {
 }
 
 /// Portable: separate multiply and add.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn chunk_portable(
-    shape: AttnShape,
-    layer: usize,
-    q: &[f32],
-    range: Range<usize>,
-    blocks: &[BlockId],
-    kv: &KvArena,
-    scratch: &mut ChunkScratch,
-    part: &mut [f32],
-) {
-    chunk_body::<Separate>(shape, layer, q, range, blocks, kv, scratch, part)
+pub(super) fn chunk_portable(job: &ChunkJob, scratch: &mut ChunkScratch, part: &mut [f32]) {
+    chunk_body::<Separate>(job, scratch, part)
 }
 
 /// The same body compiled for AVX-512; heads of 64 or 128 values keep a head's query or
 /// running sum in registers across a block of rows (`Zmm`).
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c")]
-pub(super) fn chunk_avx512(
-    shape: AttnShape,
-    layer: usize,
-    q: &[f32],
-    range: Range<usize>,
-    blocks: &[BlockId],
-    kv: &KvArena,
-    scratch: &mut ChunkScratch,
-    part: &mut [f32],
-) {
-    match shape.head_dim {
-        64 => chunk_body::<Zmm<4>>(shape, layer, q, range, blocks, kv, scratch, part),
-        128 => chunk_body::<Zmm<8>>(shape, layer, q, range, blocks, kv, scratch, part),
-        _ => chunk_body::<Fused>(shape, layer, q, range, blocks, kv, scratch, part),
+pub(super) fn chunk_avx512(job: &ChunkJob, scratch: &mut ChunkScratch, part: &mut [f32]) {
+    match job.shape.head_dim {
+        64 => chunk_body::<Zmm<4>>(job, scratch, part),
+        128 => chunk_body::<Zmm<8>>(job, scratch, part),
+        _ => chunk_body::<Fused>(job, scratch, part),
     }
 }
 
 /// The same body compiled for AVX2 with FMA.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx,avx2,fma,f16c")]
-pub(super) fn chunk_avx2(
-    shape: AttnShape,
-    layer: usize,
-    q: &[f32],
-    range: Range<usize>,
-    blocks: &[BlockId],
-    kv: &KvArena,
-    scratch: &mut ChunkScratch,
-    part: &mut [f32],
-) {
-    chunk_body::<Fused>(shape, layer, q, range, blocks, kv, scratch, part)
+pub(super) fn chunk_avx2(job: &ChunkJob, scratch: &mut ChunkScratch, part: &mut [f32]) {
+    chunk_body::<Fused>(job, scratch, part)
 }
 
 /// Combines a row's chunk partials (`parts`: chunks in position order, each

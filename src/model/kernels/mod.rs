@@ -22,13 +22,10 @@ mod simd_rows;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use std::ops::Range;
-
 use rayon::prelude::*;
 
-use crate::kv::arena::{BlockId, KvArena};
 use crate::model::ggml_type::GgmlType;
-use attention::{AttnShape, CHUNK, ChunkScratch};
+use attention::{CHUNK, ChunkJob, ChunkScratch};
 
 /// A shape or type problem in a kernel call, naming what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -195,39 +192,29 @@ impl Kernels {
         Ok(())
     }
 
-    /// One chunk of attention for one query row: positions `range` (starting at a multiple of
-    /// [`CHUNK`], at most `CHUNK` long) of `blocks` in `layer`, into `part`
-    /// ([`AttnShape::partial_len`] floats). See [`attention`].
+    /// One chunk of attention for one query row (`job`), into `part`
+    /// ([`attention::AttnShape::partial_len`] floats). See [`attention`].
     ///
     /// # Panics
-    /// If `q`, `part` or `range` do not fit `shape` and [`CHUNK`], or `blocks` is too short.
-    #[allow(clippy::too_many_arguments)]
-    pub fn attend_chunk(
-        &self,
-        shape: AttnShape,
-        layer: usize,
-        q: &[f32],
-        range: Range<usize>,
-        blocks: &[BlockId],
-        kv: &KvArena,
-        scratch: &mut ChunkScratch,
-        part: &mut [f32],
-    ) {
-        assert_eq!(q.len(), shape.n_head * shape.head_dim, "query length");
+    /// If the query, `part` or the range do not fit the shape and [`CHUNK`], or the block
+    /// table does not cover the range.
+    pub fn attend_chunk(&self, job: &ChunkJob, scratch: &mut ChunkScratch, part: &mut [f32]) {
+        let (shape, range, kv) = (job.shape, &job.range, job.kv);
+        assert_eq!(job.q.len(), shape.n_head * shape.head_dim, "query length");
         assert_eq!(part.len(), shape.partial_len(), "partial length");
         assert!(shape.n_head_kv > 0 && shape.n_head.is_multiple_of(shape.n_head_kv), "head groups");
         assert_eq!(kv.layout().kv_dim, shape.n_head_kv * shape.head_dim, "KV row width");
         assert!(range.start.is_multiple_of(CHUNK) && !range.is_empty() && range.len() <= CHUNK, "chunk {range:?}");
-        assert!(range.end <= blocks.len() * kv.layout().block_tokens, "block table too short for {range:?}");
+        assert!(range.end <= job.blocks.len() * kv.layout().block_tokens, "block table too short for {range:?}");
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Avx512` is only built by `available()` after detecting avx512f/bw/vl,
             // avx2, fma and f16c, the features `chunk_avx512` enables.
-            Isa::Avx512 => unsafe { attention::chunk_avx512(shape, layer, q, range, blocks, kv, scratch, part) },
+            Isa::Avx512 => unsafe { attention::chunk_avx512(job, scratch, part) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Avx2` is only built by `available()` after detecting avx2, fma and f16c.
-            Isa::Avx2 => unsafe { attention::chunk_avx2(shape, layer, q, range, blocks, kv, scratch, part) },
-            _ => attention::chunk_portable(shape, layer, q, range, blocks, kv, scratch, part),
+            Isa::Avx2 => unsafe { attention::chunk_avx2(job, scratch, part) },
+            _ => attention::chunk_portable(job, scratch, part),
         }
     }
 
