@@ -210,10 +210,12 @@ impl LlamaModel {
 
     /// The largest [`Self::attention_scratch_bytes`] can grow to.
     pub fn attention_scratch_cap(&self) -> usize {
+        MAX_ATTN_CHUNKS * self.attn_shape().partial_len() * std::mem::size_of::<f32>()
+    }
+
+    fn attn_shape(&self) -> AttnShape {
         let hp = &self.hparams;
-        MAX_ATTN_CHUNKS
-            * AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hp.head_dim }.partial_len()
-            * 4
+        AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hp.head_dim }
     }
 
     /// The KV geometry this model needs, with the given block size.
@@ -353,9 +355,8 @@ impl LlamaModel {
 
     /// [`Self::attention`] for rows `rows` of the batch.
     fn attention_rows(&self, li: usize, batch: &[SeqChunk], kv: &KvArena, s: &mut Scratch, rows: Range<usize>) {
-        let hp = &self.hparams;
-        let shape = AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hp.head_dim };
-        let (d, plen) = (hp.n_embd, shape.partial_len());
+        let shape = self.attn_shape();
+        let (d, plen) = (self.hparams.n_embd, shape.partial_len());
         let infos = &s.rows[rows.clone()];
         s.attn_items.clear();
         s.attn_first.clear();

@@ -15,12 +15,11 @@
 
 use std::ops::Range;
 
+use super::portable::{LANES, sum_lanes};
 use crate::kv::arena::{BlockId, KvArena, KvRows};
 
 /// Positions per chunk.
 pub const CHUNK: usize = 64;
-/// Lanes of the vectorizable loops (one AVX-512 register).
-const LANES: usize = 16;
 
 /// The attention geometry of a model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -268,7 +267,7 @@ fn segment<'a>(
     }
 }
 
-/// `Σ a_i·b_i` in [`LANES`] partial sums, then a fixed pairwise reduction.
+/// `Σ a_i·b_i` in 16 partial sums, then the portable kernels' fixed pairwise lane sum.
 #[inline(always)]
 fn dot<A: Arith>(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
@@ -279,24 +278,11 @@ fn dot<A: Arith>(a: &[f32], b: &[f32]) -> f32 {
             acc[i] = A::mul_add(x[i], y[i], acc[i]);
         }
     }
-    let mut s = reduce(acc);
+    let mut s = sum_lanes(&acc);
     for (x, y) in ar.iter().zip(br) {
         s = A::mul_add(*x, *y, s);
     }
     s
-}
-
-/// Sums 16 lanes pairwise (8 + 8, 4 + 4, ...), always in the same order.
-#[inline(always)]
-fn reduce(mut acc: [f32; LANES]) -> f32 {
-    let mut w = LANES / 2;
-    while w > 0 {
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-        w /= 2;
-    }
-    acc[0]
 }
 
 #[inline(always)]
@@ -326,7 +312,7 @@ fn exp_sub_sum<A: Arith>(x: &mut [f32], m: f32) -> f32 {
             acc[i] += v[i];
         }
     }
-    let mut s = reduce(acc);
+    let mut s = sum_lanes(&acc);
     for v in r {
         *v = exp::<A>(*v - m);
         s += *v;

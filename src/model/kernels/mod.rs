@@ -4,7 +4,9 @@
 //! Activations stay f32: weight blocks are dequantized exactly (in registers on the fast
 //! paths) and multiplied into f32 values, so a matmul matches an f32 dot product to float
 //! rounding. Q4_1 and Q8_0 have AVX-512 and AVX2 kernels, the best picked at run time by
-//! [`Kernels::detect`]; every other type (and every other CPU) runs the portable kernels.
+//! [`Kernels::detect`]; every other type (and every other CPU) runs the portable kernels,
+//! which AVX2/AVX-512 CPUs run compiled wide for F32, F16, BF16 and the K-quants (the same
+//! operations, so the same bits). [`attention`] holds attention over the KV cache.
 //!
 //! **Batch invariance.** Every output `y[i][r]` is computed by one kernel call whose float
 //! operations depend only on `W[r]` and x row `i`: tiling x rows, chunking rows over

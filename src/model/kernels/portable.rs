@@ -8,7 +8,7 @@ use super::blocks::Unpacked;
 use crate::model::ggml_type::GgmlType;
 
 /// Lanes of the running sums.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 
 /// `row · x` for each of `NX` x rows, by [`dot_float`] or [`dot_quantized`].
 #[inline(always)]
@@ -56,7 +56,7 @@ pub(crate) fn dot_quantized(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
 
 /// Sums 16 lanes pairwise in a fixed order.
 #[inline(always)]
-fn sum_lanes(l: &[f32; LANES]) -> f32 {
+pub(super) fn sum_lanes(l: &[f32; LANES]) -> f32 {
     let mut v = *l;
     let mut n = LANES;
     while n > 1 {
