@@ -239,6 +239,33 @@ fn logits_are_bit_identical_alone_or_next_to_seven_others() {
     assert!(long_alone.iter().zip(&long_crowded).all(|(x, y)| x.to_bits() == y.to_bits()));
 }
 
+/// Sixteen sequences decoding one token each give both threads a full x tile, so the
+/// model runs them split by sequence (eight per thread, every layer on its own thread).
+/// Each sequence's logits are the same bits as its step alone.
+#[test]
+fn a_decode_step_of_sixteen_sequences_split_over_the_threads_matches_each_alone() {
+    let model = smollm2();
+    let tok = GgufTokenizer::from_gguf(&model.file().header).unwrap();
+    let layout = model.kv_layout(16);
+    let mut arena = KvArena::new(layout, (layout.block_bytes() * 64) as u64).unwrap();
+    let prompts: Vec<Vec<u32>> =
+        (0..16).map(|i| tok.encode(&format!("Item {i}: the number {} is", i * 37 + 5), true).unwrap()).collect();
+    let mut prefill: Vec<SeqChunk> = prompts.iter().map(|ids| chunk(&mut arena, ids.clone())).collect();
+    let firsts = run_batch(model, &mut prefill, &mut arena);
+    let mut steps: Vec<SeqChunk> = prefill
+        .iter()
+        .zip(&firsts)
+        .map(|(c, l)| SeqChunk { tokens: vec![argmax(l) as u32], start_pos: c.tokens.len(), ..c.clone() })
+        .collect();
+    let alone: Vec<Vec<f32>> =
+        steps.iter().map(|s| run_batch(model, std::slice::from_mut(&mut s.clone()), &mut arena).remove(0)).collect();
+    let together = run_batch(model, &mut steps, &mut arena);
+    assert_eq!(together.len(), 16);
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "sequence {i} differs alone vs split");
+    }
+}
+
 /// A 1,100-token prompt in one forward call runs its attention in several groups of rows
 /// (over 4,096 chunks in all, the cap on partials held at once); prefilled in three calls it
 /// runs each call in one group. The last position's logits are the same bits either way, and

@@ -18,7 +18,7 @@ use super::ggml_type::GgmlType;
 use super::gguf::{GgufError, GgufFile, TensorInfo};
 use super::kernels::attention::{AttnShape, CHUNK, ChunkJob, ChunkScratch, merge};
 use super::kernels::{Kernels, MatmulScratch, QMatrix};
-use super::ops::{rms_norm, rms_norm_rows, rope, rope_angles, silu};
+use super::ops::{AttnScratch, attend_row, rms_norm, rms_norm_rows, rope, rope_angles, silu};
 use crate::kv::arena::{BlockId, KvArena, KvLayout};
 use crate::types::TokenId;
 
@@ -46,6 +46,19 @@ pub enum ModelError {
 /// Most attention chunks whose partial results are held at once (about 10 MB for
 /// SmolLM2's 9 heads of 64).
 const MAX_ATTN_CHUNKS: usize = 4096;
+
+/// Fewest rows per pool thread for a batch to be split by sequence (one full x tile of
+/// the AVX-512 kernels each).
+const SPLIT_MIN_ROWS: usize = 8;
+
+/// How a step's matmuls and attention use the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exec {
+    /// Each matmul, and the attention chunks, spread over the pool.
+    Pool,
+    /// All on the calling thread: one group of a batch split by sequence.
+    Serial,
+}
 
 thread_local! {
     /// Attention chunk buffers of each model pool thread (grown once, then reused).
@@ -115,6 +128,10 @@ struct Scratch {
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
     matmul: MatmulScratch,
+    /// Attention buffers of one row at a time (serial groups).
+    attn_row: AttnScratch,
+    /// One scratch per sequence group when a batch is split over the threads.
+    groups: Vec<Scratch>,
 }
 
 #[derive(Clone, Copy)]
@@ -239,17 +256,90 @@ impl LlamaModel {
     }
 
     fn run(&self, batch: &[SeqChunk], kv: &mut KvArena, s: &mut Scratch, logits: &mut Vec<f32>) {
-        let hp = &self.hparams;
-        let (d, kvd) = (hp.n_embd, hp.n_head_kv * hp.head_dim);
+        let wanted: usize = batch.iter().map(|c| logit_rows(c).len()).sum();
+        logits.clear();
+        logits.resize(wanted * self.hparams.n_vocab, 0.0);
+        if let Some(groups) = sequence_groups(batch, self.pool.current_num_threads()) {
+            return self.run_split(batch, kv, s, &groups, logits);
+        }
+        self.prepare(batch, 0..batch.len(), s);
+        if s.rows.is_empty() {
+            return;
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            self.qkv(layer, s, Exec::Pool);
+            self.write_kv(li, batch, kv, s);
+            self.attention_out(li, layer, batch, kv, s, Exec::Pool);
+            self.ffn_block(layer, s, Exec::Pool);
+        }
+        self.output_logits(batch, s, logits, Exec::Pool);
+    }
+
+    /// The batch split by sequence (`groups`): each pool thread runs its sequences through
+    /// every layer on its own, with serial matmuls and attention, so a step has one fork and
+    /// join per layer (around the K/V writes) instead of one per matmul. Each row goes
+    /// through the same kernel calls as in the pooled path, so the bits are the same.
+    fn run_split(
+        &self,
+        batch: &[SeqChunk],
+        kv: &mut KvArena,
+        s: &mut Scratch,
+        groups: &[Range<usize>],
+        logits: &mut [f32],
+    ) {
+        if s.groups.len() < groups.len() {
+            s.groups.resize_with(groups.len(), Scratch::default);
+        }
+        let gs = &mut s.groups[..groups.len()];
+        let layers = &self.layers;
+        self.each_group(gs, groups, |g, seqs| {
+            self.prepare(batch, seqs, g);
+            self.qkv(&layers[0], g, Exec::Serial);
+        });
+        for (li, layer) in layers.iter().enumerate() {
+            for g in gs.iter() {
+                self.write_kv(li, batch, kv, g);
+            }
+            let kv = &*kv;
+            self.each_group(gs, groups, |g, _| {
+                self.attention_out(li, layer, batch, kv, g, Exec::Serial);
+                self.ffn_block(layer, g, Exec::Serial);
+                if let Some(next) = layers.get(li + 1) {
+                    self.qkv(next, g, Exec::Serial);
+                }
+            });
+        }
+        let vocab = self.hparams.n_vocab;
+        let mut outs = Vec::with_capacity(groups.len());
+        let mut rest = logits;
+        for seqs in groups {
+            let n: usize = batch[seqs.clone()].iter().map(|c| logit_rows(c).len()).sum();
+            let (out, tail) = rest.split_at_mut(n * vocab);
+            outs.push(out);
+            rest = tail;
+        }
+        self.pool.install(|| {
+            gs.par_iter_mut().zip(outs).zip(groups.par_iter()).for_each(|((g, out), seqs)| {
+                self.output_logits(&batch[seqs.clone()], g, out, Exec::Serial);
+            });
+        });
+    }
+
+    /// Runs `f` on every group's scratch and sequence range, one pool task per group.
+    fn each_group(&self, gs: &mut [Scratch], groups: &[Range<usize>], f: impl Fn(&mut Scratch, Range<usize>) + Sync) {
+        self.pool.install(|| gs.par_iter_mut().zip(groups.par_iter()).for_each(|(g, seqs)| f(g, seqs.clone())));
+    }
+
+    /// Fills `s` for the rows of sequences `seqs`: row positions, RoPE angles and the
+    /// token embeddings.
+    fn prepare(&self, batch: &[SeqChunk], seqs: Range<usize>, s: &mut Scratch) {
+        let d = self.hparams.n_embd;
         s.rows.clear();
-        for (seq, c) in batch.iter().enumerate() {
+        for seq in seqs.clone() {
+            let c = &batch[seq];
             s.rows.extend((0..c.tokens.len()).map(|i| RowInfo { seq, pos: c.start_pos + i }));
         }
         let t = s.rows.len();
-        logits.clear();
-        if t == 0 {
-            return;
-        }
         let pairs = self.inv_freq.len();
         resize(&mut s.rope_cos, t * pairs);
         resize(&mut s.rope_sin, t * pairs);
@@ -260,14 +350,9 @@ impl LlamaModel {
         }
         resize(&mut s.x, t * d);
         let emb = self.qmatrix(&self.embeddings);
-        for (row, tok) in s.x.chunks_exact_mut(d).zip(batch.iter().flat_map(|c| c.tokens.iter())) {
+        for (row, tok) in s.x.chunks_exact_mut(d).zip(batch[seqs].iter().flat_map(|c| c.tokens.iter())) {
             self.kernels.dequantize_row(emb.ggml_type, emb.row(*tok as usize), row);
         }
-        for (li, layer) in self.layers.iter().enumerate() {
-            self.attention_block(li, layer, batch, kv, s, d, kvd);
-            self.ffn_block(layer, s);
-        }
-        self.output_logits(batch, s, d, logits);
     }
 
     fn check_batch(&self, batch: &[SeqChunk], kv: &KvArena) -> Result<(), ModelError> {
@@ -291,27 +376,19 @@ impl LlamaModel {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention_block(
-        &self,
-        li: usize,
-        layer: &LayerWeights,
-        batch: &[SeqChunk],
-        kv: &mut KvArena,
-        s: &mut Scratch,
-        d: usize,
-        kvd: usize,
-    ) {
+    /// Attention norm, the Q/K/V projections and RoPE of every row of `s`.
+    fn qkv(&self, layer: &LayerWeights, s: &mut Scratch, ex: Exec) {
         let t = s.rows.len();
         let hp = &self.hparams;
+        let (d, kvd) = (hp.n_embd, hp.n_head_kv * hp.head_dim);
         resize(&mut s.h, t * d);
         rms_norm_rows(&s.x, &layer.attn_norm, hp.rms_eps, &mut s.h);
         resize(&mut s.q, t * d);
         resize(&mut s.k, t * kvd);
         resize(&mut s.v, t * kvd);
-        self.matmul(&layer.wq, &s.h, t, &mut s.q, &mut s.matmul);
-        self.matmul(&layer.wk, &s.h, t, &mut s.k, &mut s.matmul);
-        self.matmul(&layer.wv, &s.h, t, &mut s.v, &mut s.matmul);
+        self.matmul(&layer.wq, &s.h, t, &mut s.q, &mut s.matmul, ex);
+        self.matmul(&layer.wk, &s.h, t, &mut s.k, &mut s.matmul, ex);
+        self.matmul(&layer.wv, &s.h, t, &mut s.v, &mut s.matmul, ex);
         let hd = hp.head_dim;
         let pairs = self.inv_freq.len();
         for r in 0..t {
@@ -322,13 +399,42 @@ impl LlamaModel {
                 rope(head, cos, sin);
             }
         }
+    }
+
+    /// Stores every row's K and V of layer `li` at its position.
+    fn write_kv(&self, li: usize, batch: &[SeqChunk], kv: &mut KvArena, s: &Scratch) {
+        let kvd = self.hparams.n_head_kv * self.hparams.head_dim;
         let bt = kv.layout().block_tokens;
         for (r, info) in s.rows.iter().enumerate() {
             let block = batch[info.seq].blocks[info.pos / bt];
             kv.write(block, li, info.pos % bt, &s.k[r * kvd..(r + 1) * kvd], &s.v[r * kvd..(r + 1) * kvd]);
         }
-        self.attention(li, batch, kv, s);
-        self.matmul(&layer.wo, &s.attn, t, &mut s.h, &mut s.matmul);
+    }
+
+    /// Attention over the cache, the output projection and the residual add.
+    fn attention_out(
+        &self,
+        li: usize,
+        layer: &LayerWeights,
+        batch: &[SeqChunk],
+        kv: &KvArena,
+        s: &mut Scratch,
+        ex: Exec,
+    ) {
+        let t = s.rows.len();
+        match ex {
+            Exec::Pool => self.attention(li, batch, kv, s),
+            Exec::Serial => {
+                let (d, shape) = (self.hparams.n_embd, self.attn_shape());
+                resize(&mut s.attn, t * d);
+                for ((r, info), out) in s.rows.iter().enumerate().zip(s.attn.chunks_exact_mut(d)) {
+                    let q = &s.q[r * d..(r + 1) * d];
+                    let blocks = &batch[info.seq].blocks;
+                    attend_row(self.kernels, shape, li, q, info.pos, blocks, kv, &mut s.attn_row, out);
+                }
+            }
+        }
+        self.matmul(&layer.wo, &s.attn, t, &mut s.h, &mut s.matmul, ex);
         for (x, o) in s.x.iter_mut().zip(&s.h) {
             *x += o;
         }
@@ -385,52 +491,84 @@ impl LlamaModel {
         });
     }
 
-    fn ffn_block(&self, layer: &LayerWeights, s: &mut Scratch) {
+    fn ffn_block(&self, layer: &LayerWeights, s: &mut Scratch, ex: Exec) {
         let t = s.rows.len();
         let ff = self.hparams.n_ff;
         rms_norm_rows(&s.x, &layer.ffn_norm, self.hparams.rms_eps, &mut s.h);
         resize(&mut s.gate, t * ff);
         resize(&mut s.up, t * ff);
-        self.matmul(&layer.w_gate, &s.h, t, &mut s.gate, &mut s.matmul);
-        self.matmul(&layer.w_up, &s.h, t, &mut s.up, &mut s.matmul);
+        self.matmul(&layer.w_gate, &s.h, t, &mut s.gate, &mut s.matmul, ex);
+        self.matmul(&layer.w_up, &s.h, t, &mut s.up, &mut s.matmul, ex);
         for (g, u) in s.gate.iter_mut().zip(&s.up) {
             *g = silu(*g) * u;
         }
-        self.matmul(&layer.w_down, &s.gate, t, &mut s.h, &mut s.matmul);
+        self.matmul(&layer.w_down, &s.gate, t, &mut s.h, &mut s.matmul, ex);
         for (x, o) in s.x.iter_mut().zip(&s.h) {
             *x += o;
         }
     }
 
-    /// Final norm and output head for the rows that want logits, in batch order.
-    fn output_logits(&self, batch: &[SeqChunk], s: &mut Scratch, d: usize, logits: &mut Vec<f32>) {
+    /// Final norm and output head for the rows of `batch` (the sequences whose rows `s`
+    /// holds) that want logits, in batch order, into `out`.
+    fn output_logits(&self, batch: &[SeqChunk], s: &mut Scratch, out: &mut [f32], ex: Exec) {
+        let d = self.hparams.n_embd;
         let (mut n, mut r) = (0, 0);
         for c in batch {
-            let len = c.tokens.len();
-            let wanted = match c.logits {
-                LogitsWanted::None => 0..0,
-                LogitsWanted::Last => len - 1..len,
-                LogitsWanted::All => 0..len,
-            };
-            for i in wanted {
+            for i in logit_rows(c) {
                 let row = &s.x[(r + i) * d..(r + i + 1) * d];
                 rms_norm(row, &self.output_norm, self.hparams.rms_eps, &mut s.h[n * d..(n + 1) * d]);
                 n += 1;
             }
-            r += len;
+            r += c.tokens.len();
         }
-        if n == 0 {
-            return;
+        if n > 0 {
+            let h = std::mem::take(&mut s.h);
+            self.matmul(&self.output, &h[..n * d], n, out, &mut s.matmul, ex);
+            s.h = h;
         }
-        logits.resize(n * self.hparams.n_vocab, 0.0);
-        let h = std::mem::take(&mut s.h);
-        self.matmul(&self.output, &h[..n * d], n, logits, &mut s.matmul);
-        s.h = h;
     }
 
-    fn matmul(&self, m: &MatrixRef, x: &[f32], n: usize, y: &mut [f32], scratch: &mut MatmulScratch) {
+    fn matmul(&self, m: &MatrixRef, x: &[f32], n: usize, y: &mut [f32], scratch: &mut MatmulScratch, ex: Exec) {
         let w = self.qmatrix(m);
-        self.kernels.matmul(&w, &x[..n * m.cols], n, &mut y[..n * m.rows], scratch, &self.pool);
+        let (x, y) = (&x[..n * m.cols], &mut y[..n * m.rows]);
+        match ex {
+            Exec::Pool => self.kernels.matmul(&w, x, n, y, scratch, &self.pool),
+            Exec::Serial => self.kernels.matmul_serial(&w, x, n, y),
+        }
+    }
+}
+
+/// Splits a batch of many sequences into one contiguous run of sequences per pool
+/// thread, when every run gets at least [`SPLIT_MIN_ROWS`] rows and the largest is at
+/// most a quarter above an even share; `None` otherwise (few rows, or one long prefill).
+fn sequence_groups(batch: &[SeqChunk], threads: usize) -> Option<Vec<Range<usize>>> {
+    let total: usize = batch.iter().map(|c| c.tokens.len()).sum();
+    if threads < 2 || batch.len() < threads || total < SPLIT_MIN_ROWS * threads {
+        return None;
+    }
+    let mut groups = Vec::with_capacity(threads);
+    let (mut start, mut rows) = (0, 0);
+    for (i, c) in batch.iter().enumerate() {
+        rows += c.tokens.len();
+        if groups.len() + 1 < threads && rows * threads >= total * (groups.len() + 1) {
+            groups.push(start..i + 1);
+            start = i + 1;
+        }
+    }
+    groups.push(start..batch.len());
+    let sizes: Vec<usize> = groups.iter().map(|g| batch[g.clone()].iter().map(|c| c.tokens.len()).sum()).collect();
+    let (least, most) = (sizes.iter().min()?, sizes.iter().max()?);
+    let balanced = groups.len() == threads && *least >= SPLIT_MIN_ROWS && most * threads * 4 <= total * 5;
+    balanced.then_some(groups)
+}
+
+/// The rows of `c` whose logits the caller wants.
+fn logit_rows(c: &SeqChunk) -> Range<usize> {
+    let len = c.tokens.len();
+    match c.logits {
+        LogitsWanted::None => 0..0,
+        LogitsWanted::Last => len.saturating_sub(1)..len,
+        LogitsWanted::All => 0..len,
     }
 }
 
@@ -465,4 +603,32 @@ fn tensor<'a>(file: &'a GgufFile, name: &str) -> Result<&'a TensorInfo, ModelErr
     file.header
         .tensor(name)
         .ok_or_else(|| ModelError::Tensor { name: name.into(), message: "missing from the file".into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(rows: &[usize]) -> Vec<SeqChunk> {
+        let chunk =
+            |&n: &usize| SeqChunk { tokens: vec![0; n], start_pos: 0, blocks: vec![], logits: LogitsWanted::Last };
+        rows.iter().map(chunk).collect()
+    }
+
+    #[test]
+    fn batches_split_by_sequence_only_when_every_thread_gets_a_full_even_share() {
+        assert_eq!(sequence_groups(&batch(&[1; 16]), 2), Some(vec![0..8, 8..16]));
+        assert_eq!(sequence_groups(&batch(&[1; 17]), 2), Some(vec![0..9, 9..17]));
+        assert_eq!(sequence_groups(&batch(&[1; 32]), 4), Some(vec![0..8, 8..16, 16..24, 24..32]));
+        assert_eq!(sequence_groups(&batch(&[10, 10, 10, 10]), 2), Some(vec![0..2, 2..4]));
+        // Too few rows for a full tile per thread, or one thread.
+        assert_eq!(sequence_groups(&batch(&[1; 15]), 2), None);
+        assert_eq!(sequence_groups(&batch(&[1; 16]), 1), None);
+        // One long prefill, or one that leaves the other thread a much smaller share.
+        assert_eq!(sequence_groups(&batch(&[100]), 2), None);
+        assert_eq!(sequence_groups(&batch(&[100, 1]), 2), None);
+        let mut mixed = vec![30];
+        mixed.extend([1; 15]);
+        assert_eq!(sequence_groups(&batch(&mixed), 2), None);
+    }
 }

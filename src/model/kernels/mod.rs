@@ -271,6 +271,20 @@ impl Kernels {
         Ok(())
     }
 
+    /// [`Kernels::matmul`] on the calling thread alone: for callers that already keep every
+    /// thread busy (the model's batch split by sequence). Same kernel calls, same bits.
+    ///
+    /// # Panics
+    /// If `x` or `y` have the wrong length, as [`Kernels::matmul`].
+    pub fn matmul_serial(&self, w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
+        if let Err(e) = check_lengths(w, x.len(), n, y.len()) {
+            panic!("matmul: {e}");
+        }
+        if n > 0 && w.rows > 0 {
+            self.compute(w, x, 0..w.rows, 0..n, y, Layout { row_stride: 1, x_stride: w.rows });
+        }
+    }
+
     /// Parallel over chunks of x rows; each chunk writes its own rows of `y`.
     fn split_x_rows(
         &self,
