@@ -104,14 +104,36 @@ macro_rules! dot_rows {
     }};
 }
 
-/// Q4_1 row · `NX` x rows: `Σ_c (q_c·d + m)·x_c`.
+/// Q4_1 rows · `NX` x rows: `Σ_c (q_c·d + m)·x_c` for each of the `count` rows of `row_bytes` in `rows`
+/// and each x row, handed to `emit` with the row's index. The row loop lives here so that
+/// `emit` (the caller's store) inlines into the kernel.
 #[target_feature(enable = "avx,avx2,fma,f16c,sse3")]
-pub(crate) fn q4_1<const NX: usize>(row: &[u8], xs: &[&[f32]; NX]) -> [f32; NX] {
-    dot_rows!(row, xs, Q4_1_BYTES, q4_1_block)
+pub(crate) fn q4_1<const NX: usize>(
+    rows: &[u8],
+    row_bytes: usize,
+    count: usize,
+    xs: &[&[f32]; NX],
+    mut emit: impl FnMut(usize, &[f32]),
+) {
+    for k in 0..count {
+        let row = &rows[k * row_bytes..(k + 1) * row_bytes];
+        emit(k, &dot_rows!(row, xs, Q4_1_BYTES, q4_1_block));
+    }
 }
 
-/// Q8_0 row · `NX` x rows: `Σ_c (q_c·d)·x_c`.
+/// Q8_0 rows · `NX` x rows: `Σ_c (q_c·d)·x_c` for each of the `count` rows of `row_bytes` in `rows`
+/// and each x row, handed to `emit` with the row's index. The row loop lives here so that
+/// `emit` (the caller's store) inlines into the kernel.
 #[target_feature(enable = "avx,avx2,fma,f16c,sse3")]
-pub(crate) fn q8_0<const NX: usize>(row: &[u8], xs: &[&[f32]; NX]) -> [f32; NX] {
-    dot_rows!(row, xs, Q8_0_BYTES, q8_0_block)
+pub(crate) fn q8_0<const NX: usize>(
+    rows: &[u8],
+    row_bytes: usize,
+    count: usize,
+    xs: &[&[f32]; NX],
+    mut emit: impl FnMut(usize, &[f32]),
+) {
+    for k in 0..count {
+        let row = &rows[k * row_bytes..(k + 1) * row_bytes];
+        emit(k, &dot_rows!(row, xs, Q8_0_BYTES, q8_0_block));
+    }
 }

@@ -354,68 +354,84 @@ impl Kernels {
         out: &mut [f32],
         at: Layout,
     ) {
-        let tile_bytes = self.x_tile(w.cols) * w.cols * 4;
+        let tile = self.x_tile(w.cols);
+        let tile_bytes = tile * w.cols * 4;
         let group = (ROW_GROUP_BYTES.saturating_sub(tile_bytes).max(4096) / w.row_bytes().max(1)).max(1);
         for g0 in rows.clone().step_by(group) {
             let g1 = (g0 + group).min(rows.end);
-            let tile = self.x_tile(w.cols);
             for i0 in xs.clone().step_by(tile) {
-                let nx = tile.min(xs.end - i0);
-                for r in g0..g1 {
-                    if xs.len() > 1 && i0 == xs.start && r + group < rows.end {
-                        // A batch's first pass over this group fetches the next one (one x row
-                        // streams fine on the hardware prefetcher alone).
+                // A batch's first pass over this group fetches the next one (one x row
+                // streams fine on the hardware prefetcher alone).
+                let fetch = xs.len() > 1 && i0 == xs.start;
+                let mut emit = |r: usize, vals: &[f32]| {
+                    if fetch && r + group < rows.end {
                         prefetch(w.row(r + group));
                     }
-                    let vals = self.tile(w, acts, r, i0, nx);
-                    for (j, &v) in vals[..nx].iter().enumerate() {
+                    for (j, &v) in vals.iter().enumerate() {
                         out[(r - rows.start) * at.row_stride + (i0 + j - xs.start) * at.x_stride] = v;
                     }
+                };
+                let nx = tile.min(xs.end - i0);
+                match nx {
+                    8 => self.tile::<8, _>(w, acts, g0..g1, i0, &mut emit),
+                    7 => self.tile::<7, _>(w, acts, g0..g1, i0, &mut emit),
+                    6 => self.tile::<6, _>(w, acts, g0..g1, i0, &mut emit),
+                    5 => self.tile::<5, _>(w, acts, g0..g1, i0, &mut emit),
+                    4 => self.tile::<4, _>(w, acts, g0..g1, i0, &mut emit),
+                    3 => self.tile::<3, _>(w, acts, g0..g1, i0, &mut emit),
+                    2 => self.tile::<2, _>(w, acts, g0..g1, i0, &mut emit),
+                    _ => self.tile::<1, _>(w, acts, g0..g1, i0, &mut emit),
                 }
             }
         }
     }
 
-    /// `W[r] · x[i0 + j]` for `j in 0..nx` (`nx <= X_TILE`).
-    fn tile(&self, w: &QMatrix, acts: &[f32], r: usize, i0: usize, nx: usize) -> [f32; X_TILE] {
-        let mut vals = [0.0; X_TILE];
-        match nx {
-            8 => vals.copy_from_slice(&self.tile_n::<8>(w, acts, r, i0)),
-            7 => vals[..7].copy_from_slice(&self.tile_n::<7>(w, acts, r, i0)),
-            6 => vals[..6].copy_from_slice(&self.tile_n::<6>(w, acts, r, i0)),
-            5 => vals[..5].copy_from_slice(&self.tile_n::<5>(w, acts, r, i0)),
-            4 => vals[..4].copy_from_slice(&self.tile_n::<4>(w, acts, r, i0)),
-            3 => vals[..3].copy_from_slice(&self.tile_n::<3>(w, acts, r, i0)),
-            2 => vals[..2].copy_from_slice(&self.tile_n::<2>(w, acts, r, i0)),
-            _ => vals[..1].copy_from_slice(&self.tile_n::<1>(w, acts, r, i0)),
-        }
-        vals
-    }
-
-    fn tile_n<const NX: usize>(&self, w: &QMatrix, acts: &[f32], r: usize, i0: usize) -> [f32; NX] {
-        let (t, row, cols) = (w.ggml_type, w.row(r), w.cols);
+    /// `W[r] · x[i0 + j]` for every `r` of `rows` and `j in 0..NX`, handed row by row to
+    /// `emit(r, values)`.
+    fn tile<const NX: usize, E: FnMut(usize, &[f32])>(
+        &self,
+        w: &QMatrix,
+        acts: &[f32],
+        rows: std::ops::Range<usize>,
+        i0: usize,
+        emit: &mut E,
+    ) {
+        let (t, cols, rb) = (w.ggml_type, w.cols, w.row_bytes());
         let xs: [&[f32]; NX] = std::array::from_fn(|j| &acts[(i0 + j) * cols..(i0 + j + 1) * cols]);
+        let (start, count) = (rows.start, rows.len());
+        let data = &w.data[start * rb..rows.end * rb];
+        let emit_at = |k: usize, v: &[f32]| emit(start + k, v);
         #[cfg(target_arch = "x86_64")]
         match (self.isa, t) {
             // SAFETY: `Avx512` is only built by `available()` after detecting avx512f/bw/vl,
             // avx2, fma and f16c, the features these kernels enable.
-            (Isa::Avx512, GgmlType::Q4_1) => return unsafe { x86::q4_1(row, &xs) },
+            (Isa::Avx512, GgmlType::Q4_1) => return unsafe { x86::q4_1(data, rb, count, &xs, emit_at) },
             // SAFETY: as above.
-            (Isa::Avx512, GgmlType::Q8_0) => return unsafe { x86::q8_0(row, &xs) },
+            (Isa::Avx512, GgmlType::Q8_0) => return unsafe { x86::q8_0(data, rb, count, &xs, emit_at) },
             // SAFETY: `Avx2` is only built by `available()` after detecting avx2, fma and
             // f16c, the features these kernels enable.
-            (Isa::Avx2, GgmlType::Q4_1) => return unsafe { avx2::q4_1(row, &xs) },
+            (Isa::Avx2, GgmlType::Q4_1) => return unsafe { avx2::q4_1(data, rb, count, &xs, emit_at) },
             // SAFETY: as above.
-            (Isa::Avx2, GgmlType::Q8_0) => return unsafe { avx2::q8_0(row, &xs) },
-            // The portable code compiled wide, where that measured faster (criterion,
-            // 768x768: F32 4-8x, F16 and BF16 2-3x, K-quants 1.4-1.6x; Q4_0/Q5_x not).
-            // SAFETY: as for the AVX-512 kernels above.
-            (Isa::Avx512, t) if wide_portable(t) => return unsafe { portable::tile_avx512(t, row, &xs) },
-            // SAFETY: as for the AVX2 kernels above.
-            (Isa::Avx2, t) if wide_portable(t) => return unsafe { portable::tile_avx2(t, row, &xs) },
+            (Isa::Avx2, GgmlType::Q8_0) => return unsafe { avx2::q8_0(data, rb, count, &xs, emit_at) },
             _ => {}
         }
-        portable::tile(t, row, &xs)
+        for r in rows {
+            emit(r, &self.portable_tile(t, w.row(r), &xs));
+        }
+    }
+
+    /// The portable kernels for one row, compiled wide where that measured faster
+    /// (criterion, 768x768: F32 4-8x, F16 and BF16 2-3x, K-quants 1.4-1.6x; Q4_0/Q5_x not).
+    fn portable_tile<const NX: usize>(&self, t: GgmlType, row: &[u8], xs: &[&[f32]; NX]) -> [f32; NX] {
+        #[cfg(target_arch = "x86_64")]
+        match self.isa {
+            // SAFETY: as for the AVX-512 kernels in `tile`.
+            Isa::Avx512 if wide_portable(t) => return unsafe { portable::tile_avx512(t, row, xs) },
+            // SAFETY: as for the AVX2 kernels in `tile`.
+            Isa::Avx2 if wide_portable(t) => return unsafe { portable::tile_avx2(t, row, xs) },
+            _ => {}
+        }
+        portable::tile(t, row, xs)
     }
 }
 
