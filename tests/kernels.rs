@@ -261,9 +261,11 @@ fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
         [AttnShape { n_head: 6, n_head_kv: 2, head_dim: 24 }, AttnShape { n_head: 9, n_head_kv: 3, head_dim: 64 }]
     {
         let (kvd, qd) = (shape.n_head_kv * shape.head_dim, shape.n_head * shape.head_dim);
-        let layout = KvLayout { n_layer: 2, kv_dim: kvd, block_tokens: 16 };
-        // One chunk, a chunk boundary, a ragged last chunk and a last block cut short.
-        for positions in [1, 5, CHUNK, CHUNK + 1, 3 * CHUNK - 7] {
+        // One chunk, a chunk boundary, a ragged last chunk and a last block cut short; blocks
+        // of 16 rows, and of 48 (runs of rows longer than the AVX-512 path's sixteen).
+        let cases = [16, 48].into_iter().flat_map(|bt| [1, 5, CHUNK, CHUNK + 1, 3 * CHUNK - 7].map(|p| (bt, p)));
+        for (bt, positions) in cases {
+            let layout = KvLayout { n_layer: 2, kv_dim: kvd, block_tokens: bt };
             let keys: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, kvd, 3.0)).collect();
             let vals: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, kvd, 1.0)).collect();
             let q = values(&mut rng, qd, 1.0);
@@ -273,7 +275,7 @@ fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
                 let mut table = BlockTable::default();
                 table.reserve(&mut arena, positions).unwrap();
                 for (pos, (k, v)) in keys.iter().zip(&vals).enumerate() {
-                    arena.write(table.blocks[pos / 16], 1, pos % 16, k, v);
+                    arena.write(table.blocks[pos / bt], 1, pos % bt, k, v);
                 }
                 // The reference sees what the arena holds (f16-rounded rows in an f16 arena).
                 let stored = |rows: &[Vec<f32>]| -> Vec<Vec<f32>> {
@@ -293,7 +295,7 @@ fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
                         let name = kernels.name();
                         assert!(
                             err <= 1e-5 * (1.0 + w.abs()),
-                            "{name} {shape:?} {dtype:?} {positions}: out[{i}] {got} vs {w}"
+                            "{name} {shape:?} {dtype:?} {bt}/{positions}: out[{i}] {got} vs {w}"
                         );
                     }
                 }
