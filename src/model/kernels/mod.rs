@@ -360,13 +360,7 @@ impl Kernels {
         for g0 in rows.clone().step_by(group) {
             let g1 = (g0 + group).min(rows.end);
             for i0 in xs.clone().step_by(tile) {
-                // A batch's first pass over this group fetches the next one (one x row
-                // streams fine on the hardware prefetcher alone).
-                let fetch = xs.len() > 1 && i0 == xs.start;
                 let mut emit = |r: usize, vals: &[f32]| {
-                    if fetch && r + group < rows.end {
-                        prefetch(w.row(r + group));
-                    }
                     for (j, &v) in vals.iter().enumerate() {
                         out[(r - rows.start) * at.row_stride + (i0 + j - xs.start) * at.x_stride] = v;
                     }
@@ -433,19 +427,6 @@ impl Kernels {
         }
         portable::tile(t, row, xs)
     }
-}
-
-/// Starts loading `bytes` into L2 (a hint: no effect on results).
-#[inline]
-fn prefetch(bytes: &[u8]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in bytes.chunks(64) {
-        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-        // SAFETY: a prefetch never faults and reads nothing; `line` is a live slice anyway.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
 }
 
 /// Types whose portable kernel runs faster compiled for AVX2/AVX-512 (same bits).
