@@ -361,8 +361,13 @@ impl Kernels {
             let g1 = (g0 + group).min(rows.end);
             for i0 in xs.clone().step_by(tile) {
                 let mut emit = |r: usize, vals: &[f32]| {
+                    // One bounds check per weight row instead of one per value.
+                    let base = (r - rows.start) * at.row_stride + (i0 - xs.start) * at.x_stride;
+                    let last = base + vals.len().saturating_sub(1) * at.x_stride;
+                    assert!(vals.is_empty() || last < out.len(), "output index {last} past {}", out.len());
                     for (j, &v) in vals.iter().enumerate() {
-                        out[(r - rows.start) * at.row_stride + (i0 + j - xs.start) * at.x_stride] = v;
+                        // SAFETY: `base + j * x_stride <= last < out.len()` for every `j < vals.len()`.
+                        unsafe { *out.get_unchecked_mut(base + j * at.x_stride) = v };
                     }
                 };
                 let nx = tile.min(xs.end - i0);
