@@ -120,6 +120,9 @@ fn every_matmul_path_matches_the_reference_on_ragged_shapes() {
                     k.matmul(&w, &x, n, &mut y, &mut MatmulScratch::default(), p);
                     check_against_reference(k, &w, &x, &y);
                 }
+                let mut y = vec![f32::NAN; n * rows];
+                k.matmul_serial(&w, &x, n, &mut y);
+                check_against_reference(k, &w, &x, &y);
             }
         }
     }
@@ -157,11 +160,14 @@ fn matmul_is_batch_invariant_bit_for_bit() {
                     let start = (n * 7) % total;
                     let idx: Vec<usize> = (0..n).map(|j| (start + j) % total).collect();
                     let batch: Vec<f32> = idx.iter().flat_map(|&i| xs[i * cols..(i + 1) * cols].to_vec()).collect();
-                    let y = matmul(k, &w, &batch, n, p);
-                    for (pos, &i) in idx.iter().enumerate() {
-                        for r in 0..rows {
-                            let (a, b) = (y[pos * rows + r], alone[i][r]);
-                            assert_eq!(a.to_bits(), b.to_bits(), "{t} {} n={n} pos={pos} row {r}", k.name());
+                    let mut serial = vec![0.0; n * rows];
+                    k.matmul_serial(&w, &batch, n, &mut serial);
+                    for y in [matmul(k, &w, &batch, n, p), serial] {
+                        for (pos, &i) in idx.iter().enumerate() {
+                            for r in 0..rows {
+                                let (a, b) = (y[pos * rows + r], alone[i][r]);
+                                assert_eq!(a.to_bits(), b.to_bits(), "{t} {} n={n} pos={pos} row {r}", k.name());
+                            }
                         }
                     }
                 }

@@ -257,12 +257,21 @@ fn a_decode_step_of_sixteen_sequences_split_over_the_threads_matches_each_alone(
         .zip(&firsts)
         .map(|(c, l)| SeqChunk { tokens: vec![argmax(l) as u32], start_pos: c.tokens.len(), ..c.clone() })
         .collect();
+    // Mixed wants: no logits, every position's, an empty chunk, and (in the second half)
+    // one sequence that asks for its last two positions' logits by running two tokens.
+    steps[3].logits = LogitsWanted::None;
+    steps[5].tokens.clear();
+    let second = argmax(&firsts[9]) as u32;
+    steps[9].tokens.push(second);
+    steps[9].logits = LogitsWanted::All;
     let alone: Vec<Vec<f32>> =
-        steps.iter().map(|s| run_batch(model, std::slice::from_mut(&mut s.clone()), &mut arena).remove(0)).collect();
+        steps.iter().flat_map(|s| run_batch(model, std::slice::from_mut(&mut s.clone()), &mut arena)).collect();
+    // Eight rows a thread: sequences 0..9 (one of them empty) and 9..16.
+    assert_eq!(model.sequence_groups(&steps), Some(vec![0..9, 9..16]), "the batch is split by sequence");
     let together = run_batch(model, &mut steps, &mut arena);
-    assert_eq!(together.len(), 16);
+    assert_eq!(together.len(), 15, "13 last positions, none for two sequences, two for another");
     for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
-        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "sequence {i} differs alone vs split");
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "logits row {i} differs alone vs split");
     }
 }
 

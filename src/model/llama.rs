@@ -218,8 +218,9 @@ impl LlamaModel {
         self.pool.current_num_threads()
     }
 
-    /// Bytes the attention partials of the forward pass hold (their capacity): at most
-    /// `MAX_ATTN_CHUNKS` (4,096) chunks' worth however long the batch's rows are.
+    /// Bytes the attention partials of the pooled forward pass hold (their capacity): at
+    /// most `MAX_ATTN_CHUNKS` (4,096) chunks' worth however long the batch's rows are. (A
+    /// batch split by sequence holds one row's partials per thread instead.)
     pub fn attention_scratch_bytes(&self) -> usize {
         let s = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         s.attn_parts.capacity() * std::mem::size_of::<f32>()
@@ -228,6 +229,12 @@ impl LlamaModel {
     /// The largest [`Self::attention_scratch_bytes`] can grow to.
     pub fn attention_scratch_cap(&self) -> usize {
         MAX_ATTN_CHUNKS * self.attn_shape().partial_len() * std::mem::size_of::<f32>()
+    }
+
+    /// The runs of sequences `batch` would be split into, one per pool thread, or `None`
+    /// when it runs with each matmul spread over the pool instead.
+    pub fn sequence_groups(&self, batch: &[SeqChunk]) -> Option<Vec<Range<usize>>> {
+        sequence_groups(batch, self.threads())
     }
 
     fn attn_shape(&self) -> AttnShape {
@@ -249,7 +256,8 @@ impl LlamaModel {
     pub fn forward(&self, batch: &[SeqChunk], kv: &mut KvArena, logits: &mut Vec<f32>) -> Result<(), ModelError> {
         self.check_batch(batch, kv)?;
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        // One pool entry for the whole pass: the ~200 matmuls inside fork from a pool thread.
+        // One pool entry for the whole pass: the forks inside (per matmul, or per layer for a
+        // batch split by sequence) start from a pool thread.
         let s: &mut Scratch = &mut guard;
         self.pool.install(|| self.run(batch, kv, s, logits));
         Ok(())
@@ -259,7 +267,7 @@ impl LlamaModel {
         let wanted: usize = batch.iter().map(|c| logit_rows(c).len()).sum();
         logits.clear();
         logits.resize(wanted * self.hparams.n_vocab, 0.0);
-        if let Some(groups) = sequence_groups(batch, self.pool.current_num_threads()) {
+        if let Some(groups) = self.sequence_groups(batch) {
             return self.run_split(batch, kv, s, &groups, logits);
         }
         self.prepare(batch, 0..batch.len(), s);
@@ -364,7 +372,7 @@ impl LlamaModel {
             if let Some(&id) = c.tokens.iter().find(|&&id| id as usize >= self.hparams.n_vocab) {
                 return Err(ModelError::TokenOutOfRange { id, vocab: self.hparams.n_vocab });
             }
-            let end = c.start_pos + c.tokens.len();
+            let end = c.start_pos.saturating_add(c.tokens.len());
             if end > self.hparams.n_ctx_train {
                 return Err(ModelError::ContextOverflow { pos: end - 1, n_ctx: self.hparams.n_ctx_train });
             }

@@ -8,9 +8,10 @@
 //! which AVX2/AVX-512 CPUs run compiled wide for F32, F16, BF16 and the K-quants (the same
 //! operations, so the same bits). [`attention`] holds attention over the KV cache.
 //!
-//! **Batch invariance.** Every output `y[i][r]` is computed by one kernel call whose float
-//! operations depend only on `W[r]` and x row `i`: tiling x rows, chunking rows over
-//! threads and batch size change which calls run where, never what a call computes.
+//! **Batch invariance.** Every output `y[i][r]` is computed by the same per-row dot code,
+//! whose float operations depend only on `W[r]` and x row `i`: tiling x rows, runs of weight
+//! rows per call, chunking over threads and batch size change which code runs where, never
+//! what it computes for one `(r, i)`.
 #![allow(unsafe_code)]
 
 pub mod attention;
@@ -395,24 +396,26 @@ impl Kernels {
         i0: usize,
         emit: &mut E,
     ) {
-        let (t, cols, rb) = (w.ggml_type, w.cols, w.row_bytes());
+        let (t, cols) = (w.ggml_type, w.cols);
         let xs: [&[f32]; NX] = std::array::from_fn(|j| &acts[(i0 + j) * cols..(i0 + j + 1) * cols]);
-        let (start, count) = (rows.start, rows.len());
-        let data = &w.data[start * rb..rows.end * rb];
-        let emit_at = |k: usize, v: &[f32]| emit(start + k, v);
         #[cfg(target_arch = "x86_64")]
-        match (self.isa, t) {
-            // SAFETY: `Avx512` is only built by `available()` after detecting avx512f/bw/vl,
-            // avx2, fma and f16c, the features these kernels enable.
-            (Isa::Avx512, GgmlType::Q4_1) => return unsafe { x86::q4_1(data, rb, count, &xs, emit_at) },
-            // SAFETY: as above.
-            (Isa::Avx512, GgmlType::Q8_0) => return unsafe { x86::q8_0(data, rb, count, &xs, emit_at) },
-            // SAFETY: `Avx2` is only built by `available()` after detecting avx2, fma and
-            // f16c, the features these kernels enable.
-            (Isa::Avx2, GgmlType::Q4_1) => return unsafe { avx2::q4_1(data, rb, count, &xs, emit_at) },
-            // SAFETY: as above.
-            (Isa::Avx2, GgmlType::Q8_0) => return unsafe { avx2::q8_0(data, rb, count, &xs, emit_at) },
-            _ => {}
+        {
+            let (start, count, rb) = (rows.start, rows.len(), w.row_bytes());
+            let data = &w.data[start * rb..rows.end * rb];
+            let emit_at = |k: usize, v: &[f32]| emit(start + k, v);
+            match (self.isa, t) {
+                // SAFETY: `Avx512` is only built by `available()` after detecting avx512f/bw/vl,
+                // avx2, fma and f16c, the features these kernels enable.
+                (Isa::Avx512, GgmlType::Q4_1) => return unsafe { x86::q4_1(data, rb, count, &xs, emit_at) },
+                // SAFETY: as above.
+                (Isa::Avx512, GgmlType::Q8_0) => return unsafe { x86::q8_0(data, rb, count, &xs, emit_at) },
+                // SAFETY: `Avx2` is only built by `available()` after detecting avx2, fma and
+                // f16c, the features these kernels enable.
+                (Isa::Avx2, GgmlType::Q4_1) => return unsafe { avx2::q4_1(data, rb, count, &xs, emit_at) },
+                // SAFETY: as above.
+                (Isa::Avx2, GgmlType::Q8_0) => return unsafe { avx2::q8_0(data, rb, count, &xs, emit_at) },
+                _ => {}
+            }
         }
         for r in rows {
             emit(r, &self.portable_tile(t, w.row(r), &xs));
