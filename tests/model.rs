@@ -9,7 +9,7 @@ use starling::config::KvDtype;
 use starling::kv::arena::{BlockTable, KvArena};
 use starling::model::eval::{argmax, last_logits, log_softmax_at, perplexity};
 use starling::model::kernels::attention::CHUNK;
-use starling::model::llama::{LlamaModel, LogitsWanted, SeqChunk};
+use starling::model::llama::{LlamaModel, LogitsWanted, ModelError, SeqChunk};
 use starling::tokenizer::GgufTokenizer;
 
 pub fn model_path() -> PathBuf {
@@ -275,6 +275,21 @@ fn a_decode_step_of_sixteen_sequences_split_over_the_threads_matches_each_alone(
     }
 }
 
+/// A chunk past the context (even one whose end would overflow) is refused before anything
+/// runs, and names the position.
+#[test]
+fn a_chunk_past_the_context_is_an_error_not_a_panic() {
+    let model = smollm2();
+    let layout = model.kv_layout(16);
+    let mut arena = KvArena::new(layout, (layout.block_bytes() * 4) as u64).unwrap();
+    let mut logits = Vec::new();
+    for start_pos in [model.hparams.n_ctx_train, usize::MAX] {
+        let c = SeqChunk { start_pos, ..chunk(&mut arena, vec![1, 2]) };
+        let err = model.forward(&[c], &mut arena, &mut logits).unwrap_err();
+        assert!(matches!(err, ModelError::ContextOverflow { .. }), "{err}");
+    }
+}
+
 /// A 1,100-token prompt in one forward call runs its attention in several groups of rows
 /// (over 4,096 chunks in all, the cap on partials held at once); prefilled in three calls it
 /// runs each call in one group. The last position's logits are the same bits either way, and
@@ -311,7 +326,7 @@ mod tiny {
     use starling::model::gguf::GgufFile;
     use starling::model::gguf_writer::{TinyLlamaSpec, f32_bytes, tiny_llama};
     use starling::model::kernels::{Kernels, reference};
-    use starling::model::llama::{LlamaModel, LogitsWanted, SeqChunk};
+    use starling::model::llama::{LlamaModel, LogitsWanted, ModelError, SeqChunk};
 
     /// Writes `bytes` to a fresh temp file and loads it with the given kernels.
     fn load(bytes: Vec<u8>, name: &str, kernels: Kernels) -> LlamaModel {
