@@ -326,7 +326,7 @@ mod tiny {
     use starling::model::gguf::GgufFile;
     use starling::model::gguf_writer::{TinyLlamaSpec, f32_bytes, tiny_llama};
     use starling::model::kernels::{Kernels, reference};
-    use starling::model::llama::{LlamaModel, LogitsWanted, ModelError, SeqChunk};
+    use starling::model::llama::{LlamaModel, LogitsWanted, SeqChunk};
 
     /// Writes `bytes` to a fresh temp file and loads it with the given kernels.
     fn load(bytes: Vec<u8>, name: &str, kernels: Kernels) -> LlamaModel {
