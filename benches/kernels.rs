@@ -62,6 +62,33 @@ fn bench_matmul_with(c: &mut Criterion, kernels: Kernels, pool: &rayon::ThreadPo
     group.finish();
 }
 
+/// One thread, no pool: the kernels alone, as the model's batch split by sequence runs them
+/// (eight x rows per thread for 16 sequences on two threads).
+fn bench_matmul_serial(c: &mut Criterion) {
+    for kernels in Kernels::available().into_iter().filter(|k| k.name() != "portable") {
+        let mut group = c.benchmark_group(format!("matmul_serial/{}", kernels.name()));
+        group.sample_size(20).measurement_time(Duration::from_secs(1)).warm_up_time(Duration::from_millis(300));
+        for (t, rows, cols) in [
+            (GgmlType::Q4_1, 1536, 576),
+            (GgmlType::Q4_1, 576, 1536),
+            (GgmlType::Q8_0, 8192, 576),
+            (GgmlType::Q4_1, 131072, 576),
+        ] {
+            let data = reference::quantize_row(t, &values(rows * cols, 1));
+            let w = QMatrix::new(t, rows, cols, &data).expect("matrix");
+            for n in [1, 8] {
+                let x = values(n * cols, 2);
+                let (mut y, mut scratch) = (vec![0.0; n * rows], MatmulScratch::default());
+                group.throughput(Throughput::Elements((2 * rows * cols * n) as u64));
+                group.bench_function(format!("{t}/{rows}x{cols}/n{n}"), |b| {
+                    b.iter(|| kernels.matmul_serial(&w, black_box(&x), n, &mut y, &mut scratch))
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
 /// Every weight type with kernels (the best this CPU runs), one 768×768 matrix (K-quants need
 /// rows of whole 256-value superblocks): a lone row and a 16-row batch.
 fn bench_matmul_every_type(c: &mut Criterion) {
@@ -180,6 +207,7 @@ fn bench_sampling(c: &mut Criterion) {
 criterion_group!(
     benches,
     bench_matmul,
+    bench_matmul_serial,
     bench_matmul_every_type,
     bench_dequantize,
     bench_row_ops,

@@ -9,6 +9,7 @@ use starling::config::KvDtype;
 use starling::kv::arena::{BlockTable, KvArena, KvLayout};
 use starling::model::ggml_type::GgmlType;
 use starling::model::kernels::attention::{AttnShape, CHUNK};
+use starling::model::kernels::quant_acts::{self, QuantActs};
 use starling::model::kernels::{KernelError, Kernels, MatmulScratch, QMatrix, reference};
 use starling::model::ops::{AttnScratch, attend_row};
 
@@ -121,7 +122,7 @@ fn every_matmul_path_matches_the_reference_on_ragged_shapes() {
                     check_against_reference(k, &w, &x, &y);
                 }
                 let mut y = vec![f32::NAN; n * rows];
-                k.matmul_serial(&w, &x, n, &mut y);
+                k.matmul_serial(&w, &x, n, &mut y, &mut MatmulScratch::default());
                 check_against_reference(k, &w, &x, &y);
             }
         }
@@ -130,15 +131,33 @@ fn every_matmul_path_matches_the_reference_on_ragged_shapes() {
 
 fn check_against_reference(k: Kernels, w: &QMatrix, x: &[f32], y: &[f32]) {
     let (t, cols) = (w.ggml_type, w.cols);
+    let mut acts = QuantActs::default();
     for (i, xi) in x.chunks(cols).enumerate() {
+        acts.quantize(xi, cols);
         for r in 0..w.rows {
             // f32 activations: only float rounding separates the fast paths from the exact dot.
-            let got = y[i * w.rows + r] as f64;
+            let got = y[i * w.rows + r];
             let exact = reference::dot(t, w.row(r), xi) as f64;
-            let tol = 1e-5 * abs_dot(t, w.row(r), xi) + 1e-6;
+            let mut tol = 1e-5 * abs_dot(t, w.row(r), xi) + 1e-6;
+            if k.quantizes_activations(t) {
+                // 16-bit activations: the scalar oracle's bits, and each value off by at
+                // most half its block's step.
+                let oracle = quant_acts::dot_q4_1(w.row(r), acts.row(0));
+                assert_eq!(got.to_bits(), oracle.to_bits(), "{t} {} r{r} i{i}: {got} vs oracle {oracle}", k.name());
+                tol += quantization_bound(t, w.row(r), acts.row(0).d);
+            }
+            let got = got as f64;
             assert!((got - exact).abs() <= tol, "{t} {} r{r} i{i}: {got} vs f32 dot {exact}", k.name());
         }
     }
+}
+
+/// Σ_c |w_c|·d_c/2: how far rounding x to 16-bit steps `d` (one per 32-value block) can
+/// move a dot product with weight row `row`.
+fn quantization_bound(t: GgmlType, row: &[u8], steps: &[f32]) -> f64 {
+    let mut w = vec![0.0; steps.len() * 32];
+    reference::dequantize_row(t, row, &mut w);
+    w.chunks(32).zip(steps).map(|(w, &d)| w.iter().map(|v| v.abs() as f64).sum::<f64>() * d as f64 / 2.0).sum()
 }
 
 #[test]
@@ -161,7 +180,7 @@ fn matmul_is_batch_invariant_bit_for_bit() {
                     let idx: Vec<usize> = (0..n).map(|j| (start + j) % total).collect();
                     let batch: Vec<f32> = idx.iter().flat_map(|&i| xs[i * cols..(i + 1) * cols].to_vec()).collect();
                     let mut serial = vec![0.0; n * rows];
-                    k.matmul_serial(&w, &batch, n, &mut serial);
+                    k.matmul_serial(&w, &batch, n, &mut serial, &mut MatmulScratch::default());
                     for y in [matmul(k, &w, &batch, n, p), serial] {
                         for (pos, &i) in idx.iter().enumerate() {
                             for r in 0..rows {
@@ -207,7 +226,14 @@ fn detect_picks_the_best_available_kernels() {
     let all = Kernels::available();
     assert_eq!(all[0].name(), "portable");
     assert_eq!(Kernels::portable().name(), "portable");
-    assert_eq!(Kernels::detect().name(), all.last().unwrap().name());
+    let default = all.iter().rfind(|k| k.name() != "avx512-vnni").unwrap();
+    assert_eq!(Kernels::detect().name(), default.name());
+    for k in &all {
+        assert_eq!(Kernels::named(k.name()).unwrap(), *k);
+    }
+    let err = Kernels::named("avx9000").unwrap_err();
+    assert!(matches!(&err, KernelError::UnknownKernels { name, .. } if name == "avx9000"), "{err}");
+    assert!(err.to_string().contains("portable"), "{err}");
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
         assert_ne!(Kernels::detect().name(), "portable");

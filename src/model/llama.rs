@@ -41,6 +41,8 @@ pub enum ModelError {
     KvLayoutMismatch { expected: KvLayout, found: KvLayout },
     #[error("cannot start the model thread pool: {0}")]
     ThreadPool(String),
+    #[error(transparent)]
+    Kernels(#[from] super::kernels::KernelError),
 }
 
 /// Most attention chunks whose partial results are held at once (about 10 MB for
@@ -156,10 +158,12 @@ pub struct LlamaModel {
 }
 
 impl LlamaModel {
-    /// Maps, validates and prepares a GGUF model; `threads` sizes the model's own pool.
+    /// Maps, validates and prepares a GGUF model; `threads` sizes the model's own pool. The
+    /// kernels are [`Kernels::from_env`]'s: the CPU's default set, or `STARLING_KERNELS`.
     pub fn load(path: &Path, threads: usize) -> Result<Self, ModelError> {
+        let kernels = Kernels::from_env()?;
         let file = GgufFile::open(path)?;
-        Self::from_file(file, threads, Kernels::detect())
+        Self::from_file(file, threads, kernels)
     }
 
     /// Builds the model over an opened file with the given kernels (tests pass `portable`).
@@ -541,7 +545,7 @@ impl LlamaModel {
         let (x, y) = (&x[..n * m.cols], &mut y[..n * m.rows]);
         match ex {
             Exec::Pool => self.kernels.matmul(&w, x, n, y, scratch, &self.pool),
-            Exec::Serial => self.kernels.matmul_serial(&w, x, n, y),
+            Exec::Serial => self.kernels.matmul_serial(&w, x, n, y, scratch),
         }
     }
 }

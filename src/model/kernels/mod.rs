@@ -19,9 +19,12 @@ pub mod attention;
 mod avx2;
 mod blocks;
 mod portable;
+pub mod quant_acts;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 mod simd_rows;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -29,6 +32,7 @@ use rayon::prelude::*;
 
 use crate::model::ggml_type::GgmlType;
 use attention::{CHUNK, ChunkJob, ChunkScratch};
+use quant_acts::{QRow, QuantActs};
 
 /// A shape or type problem in a kernel call, naming what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,6 +52,9 @@ pub enum KernelError {
     /// The matmul output is not `n * rows` values.
     #[error("matmul output has {actual} values, expected {expected} ({n} rows of {rows})")]
     OutputLength { n: usize, rows: usize, expected: usize, actual: usize },
+    /// `STARLING_KERNELS` names a kernel set this CPU does not run.
+    #[error("STARLING_KERNELS={name:?}: this CPU runs {available}")]
+    UnknownKernels { name: String, available: String },
 }
 
 /// A row-major matrix of `rows` rows, each `cols` values stored in `ggml_type` (ggml's [cols, rows]).
@@ -96,11 +103,20 @@ fn row_bytes(t: GgmlType, cols: usize) -> Result<usize, KernelError> {
     Ok(cols / block * t.block_bytes())
 }
 
-/// Reusable buffers for [`Kernels::matmul`]: a transposed output for small batches.
-/// Grows to the largest call, then never allocates.
+/// Reusable buffers for [`Kernels::matmul`]: a transposed output for small batches, and
+/// the quantized activations of the VNNI kernels. Grows to the largest call, then never
+/// allocates.
 #[derive(Default, Debug)]
 pub struct MatmulScratch {
     out: Vec<f32>,
+    acts: QuantActs,
+}
+
+/// A matmul's x rows: f32, and quantized where the kernels read them so.
+#[derive(Clone, Copy)]
+struct Acts<'a> {
+    f32: &'a [f32],
+    quantized: Option<&'a QuantActs>,
 }
 
 /// The instruction set a [`Kernels`] runs on.
@@ -109,6 +125,8 @@ enum Isa {
     Portable,
     Avx2,
     Avx512,
+    /// AVX-512 with VNNI: Q4_1 against 16-bit activations ([`quant_acts`]).
+    Avx512Vnni,
 }
 
 /// Kernels chosen once at run time for this CPU (`is_x86_feature_detected!`), with a
@@ -134,9 +152,28 @@ const X_TILE: usize = 8;
 const ROW_GROUP_BYTES: usize = 28 * 1024;
 
 impl Kernels {
-    /// The best kernels this CPU runs.
+    /// The default kernels for this CPU: the best set that keeps activations f32.
+    /// `avx512-vnni` is chosen explicitly ([`Kernels::from_env`]): it is faster for batches
+    /// and prefill, slower for a lone decoding sequence (see docs/ARCHITECTURE.md).
     pub fn detect() -> Self {
-        Self::available().into_iter().last().unwrap_or_else(Self::portable)
+        Self::available().into_iter().rfind(|k| k.isa != Isa::Avx512Vnni).unwrap_or_else(Self::portable)
+    }
+
+    /// The set named `name` (as [`Kernels::name`] gives it), if this CPU runs it.
+    pub fn named(name: &str) -> Result<Self, KernelError> {
+        let all = Self::available();
+        all.iter().copied().find(|k| k.name() == name).ok_or_else(|| KernelError::UnknownKernels {
+            name: name.to_owned(),
+            available: all.iter().map(|k| k.name()).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// The set `STARLING_KERNELS` names, or [`Kernels::detect`]'s when it is unset or empty.
+    pub fn from_env() -> Result<Self, KernelError> {
+        match std::env::var("STARLING_KERNELS") {
+            Ok(name) if !name.is_empty() => Self::named(&name),
+            _ => Ok(Self::detect()),
+        }
     }
 
     /// Kernels with no SIMD intrinsics (for comparison tests and other CPUs).
@@ -161,17 +198,49 @@ impl Kernels {
             if avx512 {
                 all.push(Kernels { isa: Isa::Avx512 });
             }
+            if avx512 && is_x86_feature_detected!("avx512vnni") {
+                all.push(Kernels { isa: Isa::Avx512Vnni });
+            }
         }
         all
     }
 
-    /// A short name: "avx512-f32", "avx2-f32" or "portable".
+    /// A short name: "avx512-vnni", "avx512-f32", "avx2-f32" or "portable".
     pub fn name(&self) -> &'static str {
         match self.isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2-f32",
             Isa::Avx512 => "avx512-f32",
+            Isa::Avx512Vnni => "avx512-vnni",
         }
+    }
+
+    /// Whether matmuls over `t` quantize their activations to 16 bits ([`quant_acts`]) on
+    /// these kernels, instead of keeping them f32.
+    pub fn quantizes_activations(&self, t: GgmlType) -> bool {
+        self.isa == Isa::Avx512Vnni && t == GgmlType::Q4_1
+    }
+
+    /// Weight rows one kernel call handles together: 16 lanes for the VNNI kernel, so row
+    /// ranges are cut at multiples of it.
+    fn row_tile(&self, t: GgmlType) -> usize {
+        if self.quantizes_activations(t) { 16 } else { 1 }
+    }
+
+    /// The x rows as the kernels for `w` read them, quantizing into `acts` where they must.
+    fn acts<'a>(&self, w: &QMatrix, x: &'a [f32], acts: &'a mut QuantActs) -> Acts<'a> {
+        let quantized = self.quantizes_activations(w.ggml_type).then(|| {
+            // SAFETY: only `Avx512Vnni` kernels quantize, and `available()` builds them after
+            // detecting avx512f.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                acts.quantize_avx512(x, w.cols)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            acts.quantize(x, w.cols);
+            &*acts
+        });
+        Acts { f32: x, quantized }
     }
 
     /// Dequantizes one row (`dst.len()` values) stored in `t`.
@@ -213,7 +282,7 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Avx512` is only built by `available()` after detecting avx512f/bw/vl,
             // avx2, fma and f16c, the features `chunk_avx512` enables.
-            Isa::Avx512 => unsafe { attention::chunk_avx512(job, scratch, part) },
+            Isa::Avx512 | Isa::Avx512Vnni => unsafe { attention::chunk_avx512(job, scratch, part) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Avx2` is only built by `available()` after detecting avx2, fma and f16c.
             Isa::Avx2 => unsafe { attention::chunk_avx2(job, scratch, part) },
@@ -254,7 +323,8 @@ impl Kernels {
         if n == 0 || w.rows == 0 {
             return Ok(());
         }
-        let out = &mut scratch.out;
+        let MatmulScratch { out, acts } = scratch;
+        let x = self.acts(w, x, acts);
         let threads = pool.current_num_threads().max(1);
         if n >= 8 * threads {
             self.split_x_rows(w, x, n, y, threads, pool);
@@ -277,25 +347,18 @@ impl Kernels {
     ///
     /// # Panics
     /// If `x` or `y` have the wrong length, as [`Kernels::matmul`].
-    pub fn matmul_serial(&self, w: &QMatrix, x: &[f32], n: usize, y: &mut [f32]) {
+    pub fn matmul_serial(&self, w: &QMatrix, x: &[f32], n: usize, y: &mut [f32], scratch: &mut MatmulScratch) {
         if let Err(e) = check_lengths(w, x.len(), n, y.len()) {
             panic!("matmul: {e}");
         }
         if n > 0 && w.rows > 0 {
+            let x = self.acts(w, x, &mut scratch.acts);
             self.compute(w, x, 0..w.rows, 0..n, y, Layout { row_stride: 1, x_stride: w.rows });
         }
     }
 
     /// Parallel over chunks of x rows; each chunk writes its own rows of `y`.
-    fn split_x_rows(
-        &self,
-        w: &QMatrix,
-        acts: &[f32],
-        n: usize,
-        y: &mut [f32],
-        threads: usize,
-        pool: &rayon::ThreadPool,
-    ) {
+    fn split_x_rows(&self, w: &QMatrix, acts: Acts, n: usize, y: &mut [f32], threads: usize, pool: &rayon::ThreadPool) {
         let tile = self.x_tile(w.cols);
         let tiles = n.div_ceil(tile);
         let chunks = tiles.min(4 * threads);
@@ -313,7 +376,7 @@ impl Kernels {
     fn split_w_rows(
         &self,
         w: &QMatrix,
-        acts: &[f32],
+        acts: Acts,
         n: usize,
         out: &mut [f32],
         threads: usize,
@@ -321,7 +384,7 @@ impl Kernels {
     ) {
         let work = w.rows * w.row_bytes() * n;
         let chunks = if work < (1 << 20) { threads } else { 4 * threads };
-        let chunk_rows = w.rows.div_ceil(chunks.min(w.rows));
+        let chunk_rows = w.rows.div_ceil(chunks.min(w.rows)).next_multiple_of(self.row_tile(w.ggml_type));
         let layout = Layout { row_stride: n, x_stride: 1 };
         if work < SERIAL_BYTES {
             // Too little work to pay for waking another thread: same kernel, this thread.
@@ -340,6 +403,7 @@ impl Kernels {
     fn x_tile(&self, cols: usize) -> usize {
         match self.isa {
             Isa::Avx512 if X_TILE * cols * 4 <= 20 * 1024 => X_TILE,
+            Isa::Avx512Vnni => X_TILE,
             _ => 4,
         }
     }
@@ -349,15 +413,17 @@ impl Kernels {
     fn compute(
         &self,
         w: &QMatrix,
-        acts: &[f32],
+        acts: Acts,
         rows: std::ops::Range<usize>,
         xs: std::ops::Range<usize>,
         out: &mut [f32],
         at: Layout,
     ) {
         let tile = self.x_tile(w.cols);
-        let tile_bytes = tile * w.cols * 4;
+        let x_bytes = if self.quantizes_activations(w.ggml_type) { 2 } else { 4 };
+        let tile_bytes = tile * w.cols * x_bytes;
         let group = (ROW_GROUP_BYTES.saturating_sub(tile_bytes).max(4096) / w.row_bytes().max(1)).max(1);
+        let group = group.next_multiple_of(self.row_tile(w.ggml_type));
         for g0 in rows.clone().step_by(group) {
             let g1 = (g0 + group).min(rows.end);
             for i0 in xs.clone().step_by(tile) {
@@ -391,24 +457,33 @@ impl Kernels {
     fn tile<const NX: usize, E: FnMut(usize, &[f32])>(
         &self,
         w: &QMatrix,
-        acts: &[f32],
+        acts: Acts,
         rows: std::ops::Range<usize>,
         i0: usize,
         emit: &mut E,
     ) {
         let (t, cols) = (w.ggml_type, w.cols);
-        let xs: [&[f32]; NX] = std::array::from_fn(|j| &acts[(i0 + j) * cols..(i0 + j + 1) * cols]);
+        let xs: [&[f32]; NX] = std::array::from_fn(|j| &acts.f32[(i0 + j) * cols..(i0 + j + 1) * cols]);
         #[cfg(target_arch = "x86_64")]
         {
             let (start, count, rb) = (rows.start, rows.len(), w.row_bytes());
             let data = &w.data[start * rb..rows.end * rb];
             let emit_at = |k: usize, v: &[f32]| emit(start + k, v);
+            if let Some(q) = acts.quantized {
+                let qs: [QRow; NX] = std::array::from_fn(|j| q.row(i0 + j));
+                // SAFETY: activations are quantized only on `Avx512Vnni` kernels, which
+                // `available()` builds after detecting avx512f/bw/vl, avx512vnni, avx2, fma and
+                // f16c, and only for Q4_1 (`quantizes_activations`).
+                return unsafe { vnni::q4_1(data, rb, count, &qs, emit_at) };
+            }
             match (self.isa, t) {
                 // SAFETY: `Avx512` is only built by `available()` after detecting avx512f/bw/vl,
                 // avx2, fma and f16c, the features these kernels enable.
                 (Isa::Avx512, GgmlType::Q4_1) => return unsafe { x86::q4_1(data, rb, count, &xs, emit_at) },
                 // SAFETY: as above.
-                (Isa::Avx512, GgmlType::Q8_0) => return unsafe { x86::q8_0(data, rb, count, &xs, emit_at) },
+                (Isa::Avx512 | Isa::Avx512Vnni, GgmlType::Q8_0) => {
+                    return unsafe { x86::q8_0(data, rb, count, &xs, emit_at) };
+                }
                 // SAFETY: `Avx2` is only built by `available()` after detecting avx2, fma and
                 // f16c, the features these kernels enable.
                 (Isa::Avx2, GgmlType::Q4_1) => return unsafe { avx2::q4_1(data, rb, count, &xs, emit_at) },
@@ -428,7 +503,7 @@ impl Kernels {
         #[cfg(target_arch = "x86_64")]
         match self.isa {
             // SAFETY: as for the AVX-512 kernels in `tile`.
-            Isa::Avx512 if wide_portable(t) => return unsafe { portable::tile_avx512(t, row, xs) },
+            Isa::Avx512 | Isa::Avx512Vnni if wide_portable(t) => return unsafe { portable::tile_avx512(t, row, xs) },
             // SAFETY: as for the AVX2 kernels in `tile`.
             Isa::Avx2 if wide_portable(t) => return unsafe { portable::tile_avx2(t, row, xs) },
             _ => {}

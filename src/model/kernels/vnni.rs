@@ -1,0 +1,171 @@
+//! AVX-512 VNNI kernel: Q4_1 weights against activations quantized to 16 bits
+//! ([`super::quant_acts`]).
+//!
+//! `vpdpwssd` multiplies 32 pairs of 16-bit integers into 16 lanes of 32-bit sums: two
+//! multiply-adds per lane and instruction where an f32 FMA does one. Each lane holds one
+//! weight row: a tile is 16 weight rows, and for every block the tile's nibbles are
+//! transposed once into 16 registers (register `p`, lane `j`: values `2p` and `2p+1` of row
+//! `j`'s block, as 16-bit integers). Every x row of the call then takes 16 `vpdpwssd`, its
+//! pairs broadcast from memory, for the exact integer dot products of the 16 rows' blocks,
+//! and applies the scales once per block for all 16 rows. No horizontal sums: lane `j` of
+//! the accumulator is the result for row `j`.
+//!
+//! A lane's arithmetic does not depend on the other lanes, on how many x rows share the
+//! call, or on the tile a row lands in (lanes past the last row repeat the tile's first
+//! row and are dropped): [`super::quant_acts::dot_q4_1`] gives the same bits.
+
+use std::arch::x86_64::*;
+
+use super::quant_acts::{QK, QRow};
+use super::simd_rows::Q4_1_BYTES;
+
+/// Weight rows per tile: one per lane.
+const TILE: usize = 16;
+/// Indices for `vpermt2d` that turn four zmm of four rows × 16 nibble bytes into four zmm of
+/// one dword (four bytes) of every row: dwords `u ∈ {0,1}` (`LO`) or `{2,3}` (`HI`) of the
+/// first two inputs' eight rows, then of all 16 rows (`FIRST`, `SECOND`).
+const PAIR_LO: [i32; 16] = [0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29];
+const PAIR_HI: [i32; 16] = [2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31];
+const FIRST: [i32; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23];
+const SECOND: [i32; 16] = [8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31];
+
+/// `vpshufb` controls: bytes 0,1 (`EVEN`) or 2,3 (`ODD`) of every dword spread into the low
+/// bytes of its two 16-bit halves, the high bytes zeroed.
+const EVEN: [i8; 16] = [0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1];
+const ODD: [i8; 16] = [2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15, -1];
+
+/// `acc + Σ pairs a·b` in 16-bit pairs (`vpdpwssd`). In `asm!` because LLVM otherwise
+/// emits `vpmaddwd` and `vpaddd`, two instructions for one.
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[inline]
+fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    // SAFETY: register-only arithmetic; the enclosing function requires avx512vnni.
+    unsafe {
+        std::arch::asm!("vpdpwssd {acc}, {a}, {b}", acc = inout(zmm_reg) acc, a = in(zmm_reg) a, b = in(zmm_reg) b,
+            options(pure, nomem, nostack));
+    }
+    acc
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn ints(v: &[i32; 16]) -> __m512i {
+    // SAFETY: `v` is 64 readable bytes; the load is unaligned.
+    unsafe { _mm512_loadu_si512(v.as_ptr().cast()) }
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn bytes4(v: &[i8; 16]) -> __m512i {
+    // SAFETY: `v` is 16 readable bytes; the load is unaligned.
+    _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(v.as_ptr().cast()) })
+}
+
+/// Q4_1 rows · `NX` quantized x rows, for each of the `count` rows of `row_bytes` in `rows`,
+/// handed to `emit` with the row's index.
+///
+/// # Panics
+/// If `rows` is shorter than `count` rows, a row is not whole Q4_1 blocks, or an x row is
+/// shorter than a weight row.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx,avx2,fma,f16c")]
+pub(crate) fn q4_1<const NX: usize>(
+    rows: &[u8],
+    row_bytes: usize,
+    count: usize,
+    xs: &[QRow; NX],
+    mut emit: impl FnMut(usize, &[f32]),
+) {
+    let blocks = row_bytes / Q4_1_BYTES;
+    assert_eq!(blocks * Q4_1_BYTES, row_bytes, "row of {row_bytes} bytes");
+    assert!(rows.len() >= count * row_bytes, "{} bytes for {count} rows", rows.len());
+    for x in xs {
+        assert!(x.q.len() >= blocks * QK && x.d.len() >= blocks && x.s.len() >= blocks, "x row too short");
+    }
+    let (pair_lo, pair_hi, first, second) = (ints(&PAIR_LO), ints(&PAIR_HI), ints(&FIRST), ints(&SECOND));
+    let (even, odd, nibble) = (bytes4(&EVEN), bytes4(&ODD), _mm512_set1_epi32(0x000F_000F));
+    for t0 in (0..count).step_by(TILE) {
+        let live = (count - t0).min(TILE);
+        // Lanes past the last row re-read the tile's first row; their results are dropped.
+        let offsets: [usize; TILE] = std::array::from_fn(|j| if j < live { j * row_bytes } else { 0 });
+        let tile = rows[t0 * row_bytes..(t0 + live) * row_bytes].as_ptr();
+        let mut acc = [_mm512_setzero_ps(); NX];
+        // The next tile, in address order over the first half of this tile's blocks: the 16
+        // strided row streams defeat the hardware prefetcher, and a lone x row (decode)
+        // would wait on memory. (Spread over all blocks, the rows at the end of the next tile
+        // arrive late for its first block.)
+        let next = &rows[(t0 + live) * row_bytes..(t0 + live + TILE).min(count) * row_bytes];
+        let lines = next.len().div_ceil(64);
+        let per_block = lines.div_ceil(blocks.div_ceil(2));
+        for b in 0..blocks {
+            for line in (b * per_block).min(lines)..((b + 1) * per_block).min(lines) {
+                // SAFETY: `line * 64 < next.len()`, so the address is inside `next`.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(next.as_ptr().add(line * 64).cast()) };
+            }
+            // SAFETY: every offset is that of a row among the tile's `live` rows and `b`
+            // is one of its blocks, so the 4-byte `d, m` reads and the 16-byte nibble
+            // reads stay inside `rows[t0 * row_bytes..(t0 + live) * row_bytes]`.
+            let (dm, quads) = unsafe {
+                let blk = tile.add(b * Q4_1_BYTES);
+                // `d, m` of row j into lane j, a masked broadcast per row (a gather
+                // stalled single-row decode on its cache misses).
+                let mut dm = _mm512_setzero_si512();
+                for (j, &off) in offsets.iter().enumerate() {
+                    dm = _mm512_mask_set1_epi32(dm, 1 << j, blk.add(off).cast::<i32>().read_unaligned());
+                }
+                let nib = |j: usize| _mm_loadu_si128(blk.add(offsets[j] + 4).cast());
+                let quad = |v: usize| {
+                    let z = _mm512_castsi128_si512(nib(4 * v));
+                    let z = _mm512_inserti32x4::<1>(z, nib(4 * v + 1));
+                    let z = _mm512_inserti32x4::<2>(z, nib(4 * v + 2));
+                    _mm512_inserti32x4::<3>(z, nib(4 * v + 3))
+                };
+                (dm, [quad(0), quad(1), quad(2), quad(3)])
+            };
+            let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+            let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm)));
+            // Dword u of all 16 rows' nibbles, for u = 0..4.
+            let lo01 = _mm512_permutex2var_epi32(quads[0], pair_lo, quads[1]);
+            let lo23 = _mm512_permutex2var_epi32(quads[2], pair_lo, quads[3]);
+            let hi01 = _mm512_permutex2var_epi32(quads[0], pair_hi, quads[1]);
+            let hi23 = _mm512_permutex2var_epi32(quads[2], pair_hi, quads[3]);
+            let cols = [
+                _mm512_permutex2var_epi32(lo01, first, lo23),
+                _mm512_permutex2var_epi32(lo01, second, lo23),
+                _mm512_permutex2var_epi32(hi01, first, hi23),
+                _mm512_permutex2var_epi32(hi01, second, hi23),
+            ];
+            // Byte k of a row holds values k (low nibble) and k + 16 (high nibble).
+            let mut w = [_mm512_setzero_si512(); 16];
+            for t in 0..8 {
+                let v = _mm512_shuffle_epi8(cols[t / 2], if t % 2 == 0 { even } else { odd });
+                w[t] = _mm512_and_si512(v, nibble);
+                w[t + 8] = _mm512_srli_epi16::<4>(v);
+            }
+            // Register p of every x row before register p + 1: NX independent sums in flight.
+            let mut dots = [_mm512_setzero_si512(); NX];
+            for (p, w) in w.iter().enumerate() {
+                for (dot, x) in dots.iter_mut().zip(xs) {
+                    // SAFETY: the x row holds `blocks * QK` values (asserted), so pair `p` of
+                    // block `b` is in bounds; the 4-byte read is unaligned.
+                    let pair = unsafe { x.q.as_ptr().add(b * QK + 2 * p).cast::<i32>().read_unaligned() };
+                    *dot = dpwssd(*dot, *w, _mm512_set1_epi32(pair));
+                }
+            }
+            for ((acc, dot), x) in acc.iter_mut().zip(dots).zip(xs) {
+                let dot = _mm512_cvtepi32_ps(dot);
+                *acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(x.d[b])), *acc);
+                *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(x.s[b]), *acc);
+            }
+        }
+        let mut out = [[0.0f32; TILE]; NX];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            // SAFETY: `o` is 16 writable floats; the store is unaligned.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *a) };
+        }
+        let by_row: [[f32; NX]; TILE] = std::array::from_fn(|lane| std::array::from_fn(|j| out[j][lane]));
+        for (lane, vals) in by_row.iter().take(live).enumerate() {
+            emit(t0 + lane, vals);
+        }
+    }
+}
