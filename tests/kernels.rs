@@ -142,7 +142,10 @@ fn check_against_reference(k: Kernels, w: &QMatrix, x: &[f32], y: &[f32]) {
             if k.quantizes_activations(t) {
                 // 16-bit activations: the scalar oracle's bits, and each value off by at
                 // most half its block's step.
-                let oracle = quant_acts::dot_q4_1(w.row(r), acts.row(0));
+                let oracle = match t {
+                    GgmlType::Q4_1 => quant_acts::dot_q4_1(w.row(r), acts.row(0)),
+                    _ => quant_acts::dot_q8_0(w.row(r), acts.row(0)),
+                };
                 assert_eq!(got.to_bits(), oracle.to_bits(), "{t} {} r{r} i{i}: {got} vs oracle {oracle}", k.name());
                 tol += quantization_bound(t, w.row(r), acts.row(0).d);
             }

@@ -125,7 +125,7 @@ enum Isa {
     Portable,
     Avx2,
     Avx512,
-    /// AVX-512 with VNNI: Q4_1 against 16-bit activations ([`quant_acts`]).
+    /// AVX-512 with VNNI: Q4_1 and Q8_0 against 16-bit activations ([`quant_acts`]).
     Avx512Vnni,
 }
 
@@ -218,7 +218,7 @@ impl Kernels {
     /// Whether matmuls over `t` quantize their activations to 16 bits ([`quant_acts`]) on
     /// these kernels, instead of keeping them f32.
     pub fn quantizes_activations(&self, t: GgmlType) -> bool {
-        self.isa == Isa::Avx512Vnni && t == GgmlType::Q4_1
+        self.isa == Isa::Avx512Vnni && matches!(t, GgmlType::Q4_1 | GgmlType::Q8_0)
     }
 
     /// Weight rows one kernel call handles together: 16 lanes for the VNNI kernel, so row
@@ -423,7 +423,10 @@ impl Kernels {
         let x_bytes = if self.quantizes_activations(w.ggml_type) { 2 } else { 4 };
         let tile_bytes = tile * w.cols * x_bytes;
         let group = (ROW_GROUP_BYTES.saturating_sub(tile_bytes).max(4096) / w.row_bytes().max(1)).max(1);
-        let group = group.next_multiple_of(self.row_tile(w.ggml_type));
+        // One pass of x rows reuses nothing from L1: then the whole range is one call, so the
+        // VNNI kernel's prefetch of its next tile runs across it.
+        let group =
+            if xs.len() <= tile { rows.len().max(1) } else { group.next_multiple_of(self.row_tile(w.ggml_type)) };
         for g0 in rows.clone().step_by(group) {
             let g1 = (g0 + group).min(rows.end);
             for i0 in xs.clone().step_by(tile) {
@@ -473,8 +476,13 @@ impl Kernels {
                 let qs: [QRow; NX] = std::array::from_fn(|j| q.row(i0 + j));
                 // SAFETY: activations are quantized only on `Avx512Vnni` kernels, which
                 // `available()` builds after detecting avx512f/bw/vl, avx512vnni, avx2, fma and
-                // f16c, and only for Q4_1 (`quantizes_activations`).
-                return unsafe { vnni::q4_1(data, rb, count, &qs, emit_at) };
+                // f16c, and only for Q4_1 and Q8_0 (`quantizes_activations`).
+                return unsafe {
+                    match t {
+                        GgmlType::Q4_1 => vnni::q4_1(data, rb, count, &qs, emit_at),
+                        _ => vnni::q8_0(data, rb, count, &qs, emit_at),
+                    }
+                };
             }
             match (self.isa, t) {
                 // SAFETY: `Avx512` is only built by `available()` after detecting avx512f/bw/vl,

@@ -8,7 +8,7 @@
 //! a per-block minimum (Q4_1: `w = q·d + m`) adds `m·d·Σq` for its minimum's share.
 //!
 //! [`quantize_block`] is the definition; the AVX-512 quantizer gives its bits (tested), and
-//! [`dot_q4_1`] is the tests' oracle for the kernel that reads them.
+//! [`dot_q4_1`] and [`dot_q8_0`] are the tests' oracles for the kernels that read them.
 
 use super::blocks::f16_at;
 
@@ -142,6 +142,19 @@ pub fn dot_q4_1(row: &[u8], x: QRow) -> f32 {
         }
         acc = (dot as f32).mul_add(d * x.d[b], acc);
         acc = m.mul_add(x.s[b], acc);
+    }
+    acc
+}
+
+/// The VNNI Q8_0 kernel's arithmetic, one value at a time: for each block in order,
+/// `acc = I·(d_w·d_x) + acc` (fused), `I` the exact integer dot product.
+pub fn dot_q8_0(row: &[u8], x: QRow) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, blk) in row.chunks_exact(34).enumerate() {
+        let d = f16_at(blk, 0);
+        let xq = &x.q[b * QK..(b + 1) * QK];
+        let dot: i32 = blk[2..].iter().zip(xq).map(|(&w, &x)| i32::from(w as i8) * i32::from(x)).sum();
+        acc = (dot as f32).mul_add(d * x.d[b], acc);
     }
     acc
 }

@@ -1,4 +1,4 @@
-//! AVX-512 VNNI kernel: Q4_1 weights against activations quantized to 16 bits
+//! AVX-512 VNNI kernels: Q4_1 and Q8_0 weights against activations quantized to 16 bits
 //! ([`super::quant_acts`]).
 //!
 //! `vpdpwssd` multiplies 32 pairs of 16-bit integers into 16 lanes of 32-bit sums: two
@@ -17,7 +17,7 @@
 use std::arch::x86_64::*;
 
 use super::quant_acts::{QK, QRow};
-use super::simd_rows::Q4_1_BYTES;
+use super::simd_rows::{Q4_1_BYTES, Q8_0_BYTES};
 
 /// Weight rows per tile: one per lane.
 const TILE: usize = 16;
@@ -33,6 +33,9 @@ const SECOND: [i32; 16] = [8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
 /// bytes of its two 16-bit halves, the high bytes zeroed.
 const EVEN: [i8; 16] = [0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1];
 const ODD: [i8; 16] = [2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15, -1];
+/// The same bytes into the high halves (Q8_0: then shifted down with their sign).
+const EVEN_HIGH: [i8; 16] = [-1, 0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13];
+const ODD_HIGH: [i8; 16] = [-1, 2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15];
 
 /// `acc + Σ pairs a·b` in 16-bit pairs (`vpdpwssd`). In `asm!` because LLVM otherwise
 /// emits `vpmaddwd` and `vpaddd`, two instructions for one.
@@ -62,6 +65,74 @@ fn bytes4(v: &[i8; 16]) -> __m512i {
     _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(v.as_ptr().cast()) })
 }
 
+/// The transposition's constant registers.
+#[derive(Clone, Copy)]
+struct Perms {
+    pair_lo: __m512i,
+    pair_hi: __m512i,
+    first: __m512i,
+    second: __m512i,
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn perms() -> Perms {
+    Perms { pair_lo: ints(&PAIR_LO), pair_hi: ints(&PAIR_HI), first: ints(&FIRST), second: ints(&SECOND) }
+}
+
+/// The 32 bits at `blk + offsets[j]` in lane j: a masked broadcast per row (a gather here
+/// stalled single-row decode on its cache misses).
+///
+/// # Safety
+/// Every `blk + offsets[j]` must have 4 readable bytes.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn lanes32(blk: *const u8, offsets: &[usize; TILE]) -> __m512i {
+    let mut v = _mm512_setzero_si512();
+    for (j, &off) in offsets.iter().enumerate() {
+        // SAFETY: the caller guarantees 4 readable bytes; the read is unaligned.
+        v = _mm512_mask_set1_epi32(v, 1 << j, unsafe { blk.add(off).cast::<i32>().read_unaligned() });
+    }
+    v
+}
+
+/// The 16 bytes at `blk + offsets[j]` of the 16 rows, transposed: register u holds bytes
+/// `4u..4u+4` of row j in lane j.
+///
+/// # Safety
+/// Every `blk + offsets[j]` must have 16 readable bytes.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn columns(blk: *const u8, offsets: &[usize; TILE], p: Perms) -> [__m512i; 4] {
+    // SAFETY: the caller guarantees 16 readable bytes at each; the loads are unaligned.
+    let row = |j: usize| unsafe { _mm_loadu_si128(blk.add(offsets[j]).cast()) };
+    let quad = |v: usize| {
+        let z = _mm512_castsi128_si512(row(4 * v));
+        let z = _mm512_inserti32x4::<1>(z, row(4 * v + 1));
+        let z = _mm512_inserti32x4::<2>(z, row(4 * v + 2));
+        _mm512_inserti32x4::<3>(z, row(4 * v + 3))
+    };
+    let quads = [quad(0), quad(1), quad(2), quad(3)];
+    let lo01 = _mm512_permutex2var_epi32(quads[0], p.pair_lo, quads[1]);
+    let lo23 = _mm512_permutex2var_epi32(quads[2], p.pair_lo, quads[3]);
+    let hi01 = _mm512_permutex2var_epi32(quads[0], p.pair_hi, quads[1]);
+    let hi23 = _mm512_permutex2var_epi32(quads[2], p.pair_hi, quads[3]);
+    [
+        _mm512_permutex2var_epi32(lo01, p.first, lo23),
+        _mm512_permutex2var_epi32(lo01, p.second, lo23),
+        _mm512_permutex2var_epi32(hi01, p.first, hi23),
+        _mm512_permutex2var_epi32(hi01, p.second, hi23),
+    ]
+}
+
+/// One block of a tile, decoded: register p holds values `2p, 2p+1` of row j in lane j as
+/// 16-bit integers; `d` the rows' scales, `m` their minimums where the format has them.
+struct Block {
+    w: [__m512i; 16],
+    d: __m512,
+    m: Option<__m512>,
+}
+
 /// Q4_1 rows · `NX` quantized x rows, for each of the `count` rows of `row_bytes` in `rows`,
 /// handed to `emit` with the row's index.
 ///
@@ -74,16 +145,77 @@ pub(crate) fn q4_1<const NX: usize>(
     row_bytes: usize,
     count: usize,
     xs: &[QRow; NX],
+    emit: impl FnMut(usize, &[f32]),
+) {
+    let p = perms();
+    let (even, odd, nibble) = (bytes4(&EVEN), bytes4(&ODD), _mm512_set1_epi32(0x000F_000F));
+    let decode = |blk: *const u8, offsets: &[usize; TILE]| {
+        // SAFETY: `tiles` points `blk + offsets[j]` at a whole Q4_1 block of 20 bytes:
+        // `d, m` at 0, 16 nibble bytes at 4.
+        let (dm, cols) = unsafe { (lanes32(blk, offsets), columns(blk.add(4), offsets, p)) };
+        // Byte k of a row holds values k (low nibble) and k + 16 (high nibble).
+        let mut w = [_mm512_setzero_si512(); 16];
+        for t in 0..8 {
+            let v = _mm512_shuffle_epi8(cols[t / 2], if t % 2 == 0 { even } else { odd });
+            w[t] = _mm512_and_si512(v, nibble);
+            w[t + 8] = _mm512_srli_epi16::<4>(v);
+        }
+        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+        let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm)));
+        Block { w, d, m: Some(m) }
+    };
+    tiles(rows, row_bytes, Q4_1_BYTES, count, xs, decode, emit);
+}
+
+/// Q8_0 rows · `NX` quantized x rows, as [`q4_1`].
+///
+/// # Panics
+/// As [`q4_1`], for Q8_0 blocks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx,avx2,fma,f16c")]
+pub(crate) fn q8_0<const NX: usize>(
+    rows: &[u8],
+    row_bytes: usize,
+    count: usize,
+    xs: &[QRow; NX],
+    emit: impl FnMut(usize, &[f32]),
+) {
+    let p = perms();
+    let (even, odd) = (bytes4(&EVEN_HIGH), bytes4(&ODD_HIGH));
+    let decode = |blk: *const u8, offsets: &[usize; TILE]| {
+        // SAFETY: `tiles` points `blk + offsets[j]` at a whole Q8_0 block of 34 bytes: `d`
+        // at 0 (the 4-byte read takes two value bytes too), 32 signed bytes at 2.
+        let (dq, lo, hi) =
+            unsafe { (lanes32(blk, offsets), columns(blk.add(2), offsets, p), columns(blk.add(18), offsets, p)) };
+        // Each byte into the high half of a 16-bit word, then shifted down with its sign.
+        let w = std::array::from_fn(|t| {
+            let cols = if t < 8 { &lo } else { &hi };
+            let v = _mm512_shuffle_epi8(cols[(t % 8) / 2], if t % 2 == 0 { even } else { odd });
+            _mm512_srai_epi16::<8>(v)
+        });
+        Block { w, d: _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dq)), m: None }
+    };
+    tiles(rows, row_bytes, Q8_0_BYTES, count, xs, decode, emit);
+}
+
+/// The shared tile loop over blocks of `block_bytes` (32 values each), `decode` reading
+/// block `b` of the tile's rows at `blk + offsets[j]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx,avx2,fma,f16c")]
+#[inline]
+fn tiles<const NX: usize>(
+    rows: &[u8],
+    row_bytes: usize,
+    block_bytes: usize,
+    count: usize,
+    xs: &[QRow; NX],
+    decode: impl Fn(*const u8, &[usize; TILE]) -> Block,
     mut emit: impl FnMut(usize, &[f32]),
 ) {
-    let blocks = row_bytes / Q4_1_BYTES;
-    assert_eq!(blocks * Q4_1_BYTES, row_bytes, "row of {row_bytes} bytes");
+    let blocks = row_bytes / block_bytes;
+    assert_eq!(blocks * block_bytes, row_bytes, "row of {row_bytes} bytes");
     assert!(rows.len() >= count * row_bytes, "{} bytes for {count} rows", rows.len());
     for x in xs {
         assert!(x.q.len() >= blocks * QK && x.d.len() >= blocks && x.s.len() >= blocks, "x row too short");
     }
-    let (pair_lo, pair_hi, first, second) = (ints(&PAIR_LO), ints(&PAIR_HI), ints(&FIRST), ints(&SECOND));
-    let (even, odd, nibble) = (bytes4(&EVEN), bytes4(&ODD), _mm512_set1_epi32(0x000F_000F));
     for t0 in (0..count).step_by(TILE) {
         let live = (count - t0).min(TILE);
         // Lanes past the last row re-read the tile's first row; their results are dropped.
@@ -102,49 +234,12 @@ pub(crate) fn q4_1<const NX: usize>(
                 // SAFETY: `line * 64 < next.len()`, so the address is inside `next`.
                 unsafe { _mm_prefetch::<_MM_HINT_T0>(next.as_ptr().add(line * 64).cast()) };
             }
-            // SAFETY: every offset is that of a row among the tile's `live` rows and `b`
-            // is one of its blocks, so the 4-byte `d, m` reads and the 16-byte nibble
-            // reads stay inside `rows[t0 * row_bytes..(t0 + live) * row_bytes]`.
-            let (dm, quads) = unsafe {
-                let blk = tile.add(b * Q4_1_BYTES);
-                // `d, m` of row j into lane j, a masked broadcast per row (a gather
-                // stalled single-row decode on its cache misses).
-                let mut dm = _mm512_setzero_si512();
-                for (j, &off) in offsets.iter().enumerate() {
-                    dm = _mm512_mask_set1_epi32(dm, 1 << j, blk.add(off).cast::<i32>().read_unaligned());
-                }
-                let nib = |j: usize| _mm_loadu_si128(blk.add(offsets[j] + 4).cast());
-                let quad = |v: usize| {
-                    let z = _mm512_castsi128_si512(nib(4 * v));
-                    let z = _mm512_inserti32x4::<1>(z, nib(4 * v + 1));
-                    let z = _mm512_inserti32x4::<2>(z, nib(4 * v + 2));
-                    _mm512_inserti32x4::<3>(z, nib(4 * v + 3))
-                };
-                (dm, [quad(0), quad(1), quad(2), quad(3)])
-            };
-            let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
-            let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm)));
-            // Dword u of all 16 rows' nibbles, for u = 0..4.
-            let lo01 = _mm512_permutex2var_epi32(quads[0], pair_lo, quads[1]);
-            let lo23 = _mm512_permutex2var_epi32(quads[2], pair_lo, quads[3]);
-            let hi01 = _mm512_permutex2var_epi32(quads[0], pair_hi, quads[1]);
-            let hi23 = _mm512_permutex2var_epi32(quads[2], pair_hi, quads[3]);
-            let cols = [
-                _mm512_permutex2var_epi32(lo01, first, lo23),
-                _mm512_permutex2var_epi32(lo01, second, lo23),
-                _mm512_permutex2var_epi32(hi01, first, hi23),
-                _mm512_permutex2var_epi32(hi01, second, hi23),
-            ];
-            // Byte k of a row holds values k (low nibble) and k + 16 (high nibble).
-            let mut w = [_mm512_setzero_si512(); 16];
-            for t in 0..8 {
-                let v = _mm512_shuffle_epi8(cols[t / 2], if t % 2 == 0 { even } else { odd });
-                w[t] = _mm512_and_si512(v, nibble);
-                w[t + 8] = _mm512_srli_epi16::<4>(v);
-            }
+            // Every offset is that of a row among the tile's `live` rows and `b` is one of
+            // its blocks: `decode` reads inside `rows[t0 * row_bytes..(t0 + live) * row_bytes]`.
+            let blk = decode(tile.wrapping_add(b * block_bytes), &offsets);
             // Register p of every x row before register p + 1: NX independent sums in flight.
             let mut dots = [_mm512_setzero_si512(); NX];
-            for (p, w) in w.iter().enumerate() {
+            for (p, w) in blk.w.iter().enumerate() {
                 for (dot, x) in dots.iter_mut().zip(xs) {
                     // SAFETY: the x row holds `blocks * QK` values (asserted), so pair `p` of
                     // block `b` is in bounds; the 4-byte read is unaligned.
@@ -154,8 +249,10 @@ pub(crate) fn q4_1<const NX: usize>(
             }
             for ((acc, dot), x) in acc.iter_mut().zip(dots).zip(xs) {
                 let dot = _mm512_cvtepi32_ps(dot);
-                *acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(x.d[b])), *acc);
-                *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(x.s[b]), *acc);
+                *acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(blk.d, _mm512_set1_ps(x.d[b])), *acc);
+                if let Some(m) = blk.m {
+                    *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(x.s[b]), *acc);
+                }
             }
         }
         let mut out = [[0.0f32; TILE]; NX];
