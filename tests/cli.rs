@@ -251,3 +251,16 @@ fn bench_concurrency_levels_parse_or_are_refused_by_name() {
     assert!(run("1,0").contains("`0` is not a concurrency level"), "{}", run("1,0"));
     assert!(run("four").contains("`four` is not a concurrency level"), "{}", run("four"));
 }
+
+#[test]
+fn an_unknown_kernel_set_is_a_named_error() {
+    let model = model_path();
+    let out = starling()
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "Hi", "--max-tokens", "1"])
+        .env("STARLING_KERNELS", "avx9000")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ran with STARLING_KERNELS=avx9000");
+    assert!(err.contains("STARLING_KERNELS=\"avx9000\"") && err.contains("portable"), "{err}");
+}

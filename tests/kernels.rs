@@ -205,6 +205,19 @@ fn matmul(k: Kernels, w: &QMatrix, x: &[f32], n: usize, p: &ThreadPool) -> Vec<f
 }
 
 #[test]
+fn rows_of_no_values_give_zeros_on_every_kernel_set() {
+    let p = pool(2);
+    for t in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        let w = QMatrix::new(t, 3, 0, &[]).unwrap();
+        for k in Kernels::available() {
+            let mut y = vec![f32::NAN; 2 * 3];
+            k.matmul(&w, &[], 2, &mut y, &mut MatmulScratch::default(), &p);
+            assert_eq!(y, vec![0.0; 6], "{t} {}", k.name());
+        }
+    }
+}
+
+#[test]
 fn scratch_is_reused_across_shapes() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let t = GgmlType::Q4_1;

@@ -172,6 +172,7 @@ impl Kernels {
     pub fn from_env() -> Result<Self, KernelError> {
         match std::env::var("STARLING_KERNELS") {
             Ok(name) if !name.is_empty() => Self::named(&name),
+            Err(std::env::VarError::NotUnicode(name)) => Self::named(&name.to_string_lossy()),
             _ => Ok(Self::detect()),
         }
     }
@@ -229,7 +230,7 @@ impl Kernels {
 
     /// The x rows as the kernels for `w` read them, quantizing into `acts` where they must.
     fn acts<'a>(&self, w: &QMatrix, x: &'a [f32], acts: &'a mut QuantActs) -> Acts<'a> {
-        let quantized = self.quantizes_activations(w.ggml_type).then(|| {
+        let quantized = (self.quantizes_activations(w.ggml_type) && w.cols > 0).then(|| {
             // SAFETY: only `Avx512Vnni` kernels quantize, and `available()` builds them after
             // detecting avx512f.
             #[cfg(target_arch = "x86_64")]

@@ -82,14 +82,20 @@ impl QuantActs {
 }
 
 /// One block: fills `q` and returns `(d, d·Σq)`. A block holding a NaN or an infinity gets
-/// `d = NaN`, so the dot products it enters are NaN, as in f32.
+/// `d = NaN`, so the dot products it enters are NaN, as in f32. A block whose largest
+/// magnitude is zero, or so small (under about 1e-34) that its step `32767/max` overflows,
+/// is all zeros.
 pub fn quantize_block(x: &[f32; QK], q: &mut [i16; QK]) -> (f32, f32) {
-    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    if !x.iter().all(|v| v.is_finite()) || amax == 0.0 {
+    if !x.iter().all(|v| v.is_finite()) {
         q.fill(0);
-        return if amax == 0.0 { (0.0, 0.0) } else { (f32::NAN, f32::NAN) };
+        return (f32::NAN, f32::NAN);
     }
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let id = QMAX / amax;
+    if !id.is_finite() {
+        q.fill(0);
+        return (0.0, 0.0);
+    }
     let mut sum = 0i32;
     for (q, &x) in q.iter_mut().zip(x) {
         *q = (x * id).round_ties_even().clamp(-QMAX, QMAX) as i16;
@@ -109,11 +115,16 @@ fn quantize_block_avx512(x: &[f32; QK], q: &mut [i16; QK]) -> (f32, f32) {
     let (a, b) = unsafe { (_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(x.as_ptr().add(16))) };
     let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
     let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, a) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(b, b);
-    if nan != 0 || amax.is_infinite() || amax == 0.0 {
+    if nan != 0 || amax.is_infinite() {
         q.fill(0);
-        return if amax == 0.0 && nan == 0 { (0.0, 0.0) } else { (f32::NAN, f32::NAN) };
+        return (f32::NAN, f32::NAN);
     }
-    let id = _mm512_set1_ps(QMAX / amax);
+    let id = QMAX / amax;
+    if !id.is_finite() {
+        q.fill(0);
+        return (0.0, 0.0);
+    }
+    let id = _mm512_set1_ps(id);
     let (lo, hi) = (_mm512_set1_ps(-QMAX), _mm512_set1_ps(QMAX));
     let round = |v| _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, id), lo), hi));
     let (qa, qb) = (round(a), round(b));
@@ -200,6 +211,14 @@ mod tests {
         x[32..64].fill(0.0); // block 1: zeros
         x[100] = f32::NAN; // block 3
         x[200] = f32::NEG_INFINITY; // block 6
+        x[256..288].fill(0.0); // block 8: zeros and one NaN
+        x[260] = f32::NAN;
+        x[288..320].fill(1e-37); // block 9: too small for a finite step
+        x[290] = 0.0;
+        for (i, v) in x[320..352].iter_mut().enumerate() {
+            // block 10: amax 32767, so step 1 and values on .5 ties
+            *v = if i == 0 { 32767.0 } else { i as f32 - 15.5 };
+        }
         for k in (0..x.len()).step_by(33) {
             x[k] *= 100.0; // an outlier in most blocks
         }
@@ -211,7 +230,9 @@ mod tests {
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&a.d), bits(&b.d));
         assert_eq!(bits(&a.s), bits(&b.s));
-        assert!(a.d[1] == 0.0 && a.d[3].is_nan() && a.d[6].is_nan());
+        assert!(a.d[1] == 0.0 && a.d[3].is_nan() && a.d[6].is_nan() && a.d[8].is_nan());
+        assert_eq!((a.d[9], a.s[9]), (0.0, 0.0));
+        assert_eq!(&a.q[320..324], &[32767, -14, -14, -12]); // -14.5 → -14, -13.5 → -14, -12.5 → -12
     }
 
     #[test]
