@@ -1,8 +1,8 @@
 //! What the x86 kernels (AVX-512 and AVX2) share: the block sizes of the types they
 //! handle, and the bounds check their unchecked loads rely on.
 
-/// Values per Q4_1 / Q8_0 block.
-pub(super) const QK: usize = 32;
+/// Values per Q4_1 / Q8_0 block (the activation block too).
+pub(super) use super::quant_acts::QK;
 /// Bytes of one Q4_1 block: f16 d, f16 m, 16 bytes of nibbles.
 pub(super) const Q4_1_BYTES: usize = 20;
 /// Bytes of one Q8_0 block: f16 d, 32 signed bytes.
