@@ -1,11 +1,13 @@
 //! Quantized kernels: dequantize a row, and `y = x · Wᵀ` over weights kept in their ggml
 //! block layout (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K).
 //!
-//! Activations stay f32: weight blocks are dequantized exactly (in registers on the fast
-//! paths) and multiplied into f32 values, so a matmul matches an f32 dot product to float
-//! rounding. Q4_1 and Q8_0 have AVX-512 and AVX2 kernels, the best picked at run time by
-//! [`Kernels::detect`]; every other type (and every other CPU) runs the portable kernels,
-//! which AVX2/AVX-512 CPUs run compiled wide for F32, F16, BF16 and the K-quants (the same
+//! Q4_1 and Q8_0 have AVX-512 VNNI, AVX-512 and AVX2 kernels, the best this CPU runs picked
+//! at run time by [`Kernels::detect`]. The VNNI kernels ([`vnni`]) round activations to 16
+//! bits per 32-value block ([`quant_acts`]) and multiply in exact integers. The others keep
+//! activations f32: weight blocks are dequantized exactly (in registers on the fast paths)
+//! and multiplied into f32 values, so a matmul matches an f32 dot product to float
+//! rounding. Every other type (and every other CPU) runs the portable kernels, which
+//! AVX2/AVX-512 CPUs run compiled wide for F32, F16, BF16 and the K-quants (the same
 //! operations, so the same bits). [`attention`] holds attention over the KV cache.
 //!
 //! **Batch invariance.** Every output `y[i][r]` is computed by the same per-row dot code,
@@ -152,11 +154,10 @@ const X_TILE: usize = 8;
 const ROW_GROUP_BYTES: usize = 28 * 1024;
 
 impl Kernels {
-    /// The default kernels for this CPU: the best set that keeps activations f32.
-    /// `avx512-vnni` is chosen explicitly ([`Kernels::from_env`]): it is faster for batches
-    /// and prefill, slower for a lone decoding sequence (see docs/ARCHITECTURE.md).
+    /// The default kernels for this CPU: the best set it runs (`avx512-vnni` where present).
+    /// Another set is chosen with `STARLING_KERNELS` ([`Kernels::from_env`]).
     pub fn detect() -> Self {
-        Self::available().into_iter().rfind(|k| k.isa != Isa::Avx512Vnni).unwrap_or_else(Self::portable)
+        Self::available().pop().unwrap_or_else(Self::portable)
     }
 
     /// The set named `name` (as [`Kernels::name`] gives it), if this CPU runs it.

@@ -197,6 +197,14 @@ pub(crate) fn q8_0<const NX: usize>(
     tiles(rows, row_bytes, Q8_0_BYTES, count, xs, decode, emit);
 }
 
+/// Most partial sums per x row (see [`ways`]).
+const MAX_WAYS: usize = 4;
+
+/// Partial sums per x row in a call with `NX` x rows: four chains in flight in all.
+const fn ways<const NX: usize>() -> usize {
+    if NX >= MAX_WAYS { 1 } else { MAX_WAYS / NX }
+}
+
 /// The shared tile loop over blocks of `block_bytes` (32 values each), `decode` reading
 /// block `b` of the tile's rows at `blk + offsets[j]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx,avx2,fma,f16c")]
@@ -225,29 +233,36 @@ fn tiles<const NX: usize>(
         // The next tile, in address order over the first half of this tile's blocks: the 16
         // strided row streams defeat the hardware prefetcher, and a lone x row (decode)
         // would wait on memory. (Spread over all blocks, the rows at the end of the next tile
-        // arrive late for its first block.)
+        // arrive late for its first block.) Into L2, not L1: with one x row, requests for a
+        // whole tile into L1 queued behind each other, and the Q8_0 output head ran at 0.75×
+        // the f32 kernel's speed against 1.0× into L2 (criterion `matmul`, n1).
         let next = &rows[(t0 + live) * row_bytes..(t0 + live + TILE).min(count) * row_bytes];
         let lines = next.len().div_ceil(64);
         let per_block = lines.div_ceil(blocks.div_ceil(2));
         for b in 0..blocks {
             for line in (b * per_block).min(lines)..((b + 1) * per_block).min(lines) {
                 // SAFETY: `line * 64 < next.len()`, so the address is inside `next`.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(next.as_ptr().add(line * 64).cast()) };
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(next.as_ptr().add(line * 64).cast()) };
             }
             // Every offset is that of a row among the tile's `live` rows and `b` is one of
             // its blocks: `decode` reads inside `rows[t0 * row_bytes..(t0 + live) * row_bytes]`.
             let blk = decode(tile.wrapping_add(b * block_bytes), &offsets);
-            // Register p of every x row before register p + 1: NX independent sums in flight.
-            let mut dots = [_mm512_setzero_si512(); NX];
+            // Register p of every x row before register p + 1, and register p into sum
+            // p % `ways`: at least four independent chains of `vpdpwssd` in flight even for one
+            // x row, whose 16 dependent ones would otherwise wait on each other's latency.
+            // Integer sums are exact, so the split does not change the result.
+            let mut dots = [[_mm512_setzero_si512(); MAX_WAYS]; NX];
             for (p, w) in blk.w.iter().enumerate() {
                 for (dot, x) in dots.iter_mut().zip(xs) {
                     // SAFETY: the x row holds `blocks * QK` values (asserted), so pair `p` of
                     // block `b` is in bounds; the 4-byte read is unaligned.
                     let pair = unsafe { x.q.as_ptr().add(b * QK + 2 * p).cast::<i32>().read_unaligned() };
-                    *dot = dpwssd(*dot, *w, _mm512_set1_epi32(pair));
+                    let k = p % ways::<NX>();
+                    dot[k] = dpwssd(dot[k], *w, _mm512_set1_epi32(pair));
                 }
             }
             for ((acc, dot), x) in acc.iter_mut().zip(dots).zip(xs) {
+                let dot = dot[..ways::<NX>()].iter().fold(_mm512_setzero_si512(), |s, &d| _mm512_add_epi32(s, d));
                 let dot = _mm512_cvtepi32_ps(dot);
                 *acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(blk.d, _mm512_set1_ps(x.d[b])), *acc);
                 if let Some(m) = blk.m {
