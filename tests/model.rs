@@ -319,6 +319,60 @@ fn a_decode_step_of_sixteen_sequences_split_over_the_threads_matches_each_alone(
     }
 }
 
+/// Decoding allocates nothing per token once warm: the model's scratch, the kernels'
+/// buffers and the attention partials are grown on a first pass over the positions and
+/// reused when the same steps run again. Counted in a child process with this test alone,
+/// for one sequence and for 16 split over the threads.
+#[test]
+fn decode_steps_allocate_nothing_once_warm() {
+    if !crate::support::run_alone_in_child("model::decode_steps_allocate_nothing_once_warm") {
+        return;
+    }
+    const PROMPT: usize = 8;
+    const STEPS: usize = 96;
+    let model = smollm2();
+    let layout = model.kv_layout(16);
+    let mut arena = KvArena::new(layout, (layout.block_bytes() * 128) as u64).unwrap();
+    let mut logits = Vec::new();
+    for seqs in [1, 16] {
+        let mut steps: Vec<SeqChunk> = (0..seqs)
+            .map(|s| {
+                let mut table = BlockTable::default();
+                table.reserve(&mut arena, PROMPT + STEPS).unwrap();
+                let tokens = vec![1 + s as u32; PROMPT];
+                SeqChunk { tokens, start_pos: 0, blocks: table.blocks, logits: LogitsWanted::Last }
+            })
+            .collect();
+        model.forward(&steps, &mut arena, &mut logits).unwrap();
+        let firsts: Vec<u32> = logits.chunks_exact(model.hparams.n_vocab).map(|row| argmax(row) as u32).collect();
+        for c in &mut steps {
+            c.tokens.truncate(1);
+        }
+        let mut decode = |steps: &mut [SeqChunk], logits: &mut Vec<f32>| {
+            for (c, &first) in steps.iter_mut().zip(&firsts) {
+                (c.tokens[0], c.start_pos) = (first, PROMPT);
+            }
+            crate::support::allocations_during(|| {
+                for _ in 0..STEPS {
+                    model.forward(steps, &mut arena, logits).unwrap();
+                    for (c, row) in steps.iter_mut().zip(logits.chunks_exact(model.hparams.n_vocab)) {
+                        c.tokens[0] = argmax(row) as u32;
+                        c.start_pos += 1;
+                    }
+                }
+            })
+        };
+        let cold = decode(&mut steps, &mut logits);
+        let warm = decode(&mut steps, &mut logits);
+        eprintln!("allocations in {STEPS} decode steps of {seqs} sequence(s): {cold} cold, {warm} warm");
+        // Each step sends one job into the model's rayon pool from outside it, and rayon's
+        // queue for those allocates a block per 63 jobs: two at most in 96 steps. The bound
+        // allows one more; anything of ours would allocate every step.
+        let bound = STEPS.div_ceil(63) as u64 + 1;
+        assert!(warm <= bound, "{seqs} sequence(s): {warm} allocations in {STEPS} warm steps");
+    }
+}
+
 /// A chunk past the context (even one whose end would overflow) is refused before anything
 /// runs, and names the position.
 #[test]

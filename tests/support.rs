@@ -423,3 +423,63 @@ fn serve_file(
     let _ = out.flush();
     let _ = out.shutdown(std::net::Shutdown::Both);
 }
+
+/// Counts heap allocations made by every thread of this test binary (see
+/// [`allocations_during`]).
+pub struct CountingAlloc;
+
+static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the counter is a side
+// effect only.
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed through.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: the caller's contract is passed through.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed through.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// Heap allocations (and reallocations) made by any thread while `f` runs. Other tests run
+/// in parallel in this binary, so only a test alone in its process (see
+/// [`run_alone_in_child`]) reads an exact figure.
+pub fn allocations_during(f: impl FnOnce()) -> u64 {
+    let before = ALLOCATIONS.load(std::sync::atomic::Ordering::SeqCst);
+    f();
+    ALLOCATIONS.load(std::sync::atomic::Ordering::SeqCst) - before
+}
+
+/// Runs test `name` again in a child process of this binary, alone (`--exact`, one test
+/// thread), and fails if it fails. Returns `true` in that child, where the caller does the
+/// work; `false` in the parent once the child passed.
+pub fn run_alone_in_child(name: &str) -> bool {
+    const CHILD: &str = "STARLING_TEST_ALONE";
+    if std::env::var_os(CHILD).is_some() {
+        return true;
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary path"))
+        .args([name, "--exact", "--test-threads=1", "--nocapture"])
+        .env(CHILD, "1")
+        .output()
+        .expect("test binary runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{name} failed alone:\n{text}");
+    assert!(text.contains("1 passed"), "{name} did not run alone:\n{text}");
+    eprintln!("{}", text.lines().filter(|l| l.contains("allocations")).collect::<Vec<_>>().join("\n"));
+    false
+}

@@ -134,6 +134,8 @@ struct Scratch {
     attn_row: AttnScratch,
     /// One scratch per sequence group when a batch is split over the threads.
     groups: Vec<Scratch>,
+    /// The sequence groups of the current batch (see [`sequence_groups`]).
+    seq_groups: Vec<Range<usize>>,
 }
 
 #[derive(Clone, Copy)]
@@ -238,7 +240,8 @@ impl LlamaModel {
     /// The runs of sequences `batch` would be split into, one per pool thread, or `None`
     /// when it runs with each matmul spread over the pool instead.
     pub fn sequence_groups(&self, batch: &[SeqChunk]) -> Option<Vec<Range<usize>>> {
-        sequence_groups(batch, self.threads())
+        let mut groups = Vec::new();
+        sequence_groups(batch, self.threads(), &mut groups).then_some(groups)
     }
 
     fn attn_shape(&self) -> AttnShape {
@@ -271,9 +274,13 @@ impl LlamaModel {
         let wanted: usize = batch.iter().map(|c| logit_rows(c).len()).sum();
         logits.clear();
         logits.resize(wanted * self.hparams.n_vocab, 0.0);
-        if let Some(groups) = self.sequence_groups(batch) {
-            return self.run_split(batch, kv, s, &groups, logits);
+        let mut groups = std::mem::take(&mut s.seq_groups);
+        if sequence_groups(batch, self.threads(), &mut groups) {
+            self.run_split(batch, kv, s, &groups, logits);
+            s.seq_groups = groups;
+            return;
         }
+        s.seq_groups = groups;
         self.prepare(batch, 0..batch.len(), s);
         if s.rows.is_empty() {
             return;
@@ -321,20 +328,23 @@ impl LlamaModel {
                 }
             });
         }
-        let vocab = self.hparams.n_vocab;
-        let mut outs = Vec::with_capacity(groups.len());
-        let mut rest = logits;
-        for seqs in groups {
-            let n: usize = batch[seqs.clone()].iter().map(|c| logit_rows(c).len()).sum();
-            let (out, tail) = rest.split_at_mut(n * vocab);
-            outs.push(out);
-            rest = tail;
+        self.pool.install(|| self.group_logits(batch, gs, groups, logits));
+    }
+
+    /// Each group's output logits into its own run of `logits`, the groups in parallel: the
+    /// slice is halved with the groups (one `join` per level), so nothing is allocated.
+    fn group_logits(&self, batch: &[SeqChunk], gs: &mut [Scratch], groups: &[Range<usize>], logits: &mut [f32]) {
+        if let ([g], [seqs]) = (&mut *gs, groups) {
+            return self.output_logits(&batch[seqs.clone()], g, logits, Exec::Serial);
         }
-        self.pool.install(|| {
-            gs.par_iter_mut().zip(outs).zip(groups.par_iter()).for_each(|((g, out), seqs)| {
-                self.output_logits(&batch[seqs.clone()], g, out, Exec::Serial);
-            });
-        });
+        let mid = groups.len() / 2;
+        let rows: usize = groups[..mid].iter().flat_map(|seqs| &batch[seqs.clone()]).map(|c| logit_rows(c).len()).sum();
+        let (out_a, out_b) = logits.split_at_mut(rows * self.hparams.n_vocab);
+        let (gs_a, gs_b) = gs.split_at_mut(mid);
+        rayon::join(
+            || self.group_logits(batch, gs_a, &groups[..mid], out_a),
+            || self.group_logits(batch, gs_b, &groups[mid..], out_b),
+        );
     }
 
     /// Runs `f` on every group's scratch and sequence range, one pool task per group.
@@ -551,14 +561,15 @@ impl LlamaModel {
 }
 
 /// Splits a batch of many sequences into one contiguous run of sequences per pool
-/// thread, when every run gets at least [`SPLIT_MIN_ROWS`] rows and the largest is at
-/// most a quarter above an even share; `None` otherwise (few rows, or one long prefill).
-fn sequence_groups(batch: &[SeqChunk], threads: usize) -> Option<Vec<Range<usize>>> {
+/// thread, written into `groups` (reused, so a decode step allocates nothing), when every
+/// run gets at least [`SPLIT_MIN_ROWS`] rows and the largest is at most a quarter above an
+/// even share; `false` otherwise (few rows, or one long prefill).
+fn sequence_groups(batch: &[SeqChunk], threads: usize, groups: &mut Vec<Range<usize>>) -> bool {
+    groups.clear();
     let total: usize = batch.iter().map(|c| c.tokens.len()).sum();
     if threads < 2 || batch.len() < threads || total < SPLIT_MIN_ROWS * threads {
-        return None;
+        return false;
     }
-    let mut groups = Vec::with_capacity(threads);
     let (mut start, mut rows) = (0, 0);
     for (i, c) in batch.iter().enumerate() {
         rows += c.tokens.len();
@@ -568,10 +579,9 @@ fn sequence_groups(batch: &[SeqChunk], threads: usize) -> Option<Vec<Range<usize
         }
     }
     groups.push(start..batch.len());
-    let sizes: Vec<usize> = groups.iter().map(|g| batch[g.clone()].iter().map(|c| c.tokens.len()).sum()).collect();
-    let (least, most) = (sizes.iter().min()?, sizes.iter().max()?);
-    let balanced = groups.len() == threads && *least >= SPLIT_MIN_ROWS && most * threads * 4 <= total * 5;
-    balanced.then_some(groups)
+    let sizes = groups.iter().map(|g| batch[g.clone()].iter().map(|c| c.tokens.len()).sum::<usize>());
+    let (least, most) = sizes.fold((usize::MAX, 0), |(lo, hi), n| (lo.min(n), hi.max(n)));
+    groups.len() == threads && least >= SPLIT_MIN_ROWS && most * threads * 4 <= total * 5
 }
 
 /// The rows of `c` whose logits the caller wants.
@@ -627,20 +637,25 @@ mod tests {
         rows.iter().map(chunk).collect()
     }
 
+    fn groups_of(batch: &[SeqChunk], threads: usize) -> Option<Vec<Range<usize>>> {
+        let mut groups = vec![5..6, 7..9]; // stale entries are cleared
+        sequence_groups(batch, threads, &mut groups).then_some(groups)
+    }
+
     #[test]
     fn batches_split_by_sequence_only_when_every_thread_gets_a_full_even_share() {
-        assert_eq!(sequence_groups(&batch(&[1; 16]), 2), Some(vec![0..8, 8..16]));
-        assert_eq!(sequence_groups(&batch(&[1; 17]), 2), Some(vec![0..9, 9..17]));
-        assert_eq!(sequence_groups(&batch(&[1; 32]), 4), Some(vec![0..8, 8..16, 16..24, 24..32]));
-        assert_eq!(sequence_groups(&batch(&[10, 10, 10, 10]), 2), Some(vec![0..2, 2..4]));
+        assert_eq!(groups_of(&batch(&[1; 16]), 2), Some(vec![0..8, 8..16]));
+        assert_eq!(groups_of(&batch(&[1; 17]), 2), Some(vec![0..9, 9..17]));
+        assert_eq!(groups_of(&batch(&[1; 32]), 4), Some(vec![0..8, 8..16, 16..24, 24..32]));
+        assert_eq!(groups_of(&batch(&[10, 10, 10, 10]), 2), Some(vec![0..2, 2..4]));
         // Too few rows for a full tile per thread, or one thread.
-        assert_eq!(sequence_groups(&batch(&[1; 15]), 2), None);
-        assert_eq!(sequence_groups(&batch(&[1; 16]), 1), None);
+        assert_eq!(groups_of(&batch(&[1; 15]), 2), None);
+        assert_eq!(groups_of(&batch(&[1; 16]), 1), None);
         // One long prefill, or one that leaves the other thread a much smaller share.
-        assert_eq!(sequence_groups(&batch(&[100]), 2), None);
-        assert_eq!(sequence_groups(&batch(&[100, 1]), 2), None);
+        assert_eq!(groups_of(&batch(&[100]), 2), None);
+        assert_eq!(groups_of(&batch(&[100, 1]), 2), None);
         let mut mixed = vec![30];
         mixed.extend([1; 15]);
-        assert_eq!(sequence_groups(&batch(&mixed), 2), None);
+        assert_eq!(groups_of(&batch(&mixed), 2), None);
     }
 }
