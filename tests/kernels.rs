@@ -243,6 +243,17 @@ fn detect_picks_the_best_available_kernels() {
     assert_eq!(all[0].name(), "portable");
     assert_eq!(Kernels::portable().name(), "portable");
     assert_eq!(Kernels::detect(), *all.last().unwrap());
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        assert_eq!(Kernels::detect().name(), "avx512-vnni", "a VNNI CPU runs the VNNI kernels by default");
+    }
     for k in &all {
         assert_eq!(Kernels::named(k.name()).unwrap(), *k);
     }

@@ -55,8 +55,8 @@ fn next_token_logprobs_match_the_references() {
 }
 
 /// The model runtime's bar on `model`: top-1 equal to a reference's, top-10 log-probabilities
-/// within 0.3 of the f32 reference. Returns the largest difference.
-fn check_logprobs(model: &LlamaModel) -> f64 {
+/// within 0.3 of the f32 reference; and the largest difference within [`logprob_bar`].
+fn check_logprobs(model: &LlamaModel) {
     let lines = jsonl("prompt_logprobs.jsonl");
     let mut worst = 0.0f64;
     let mut prompts = 0;
@@ -81,8 +81,9 @@ fn check_logprobs(model: &LlamaModel) -> f64 {
         prompts += 1;
     }
     assert!(prompts >= 3, "fixture has {prompts} prompts");
-    eprintln!("{}: max |logprob - f32 reference| over top-10 of {prompts} prompts: {worst:.4}", model.kernels().name());
-    worst
+    let (name, bar) = (model.kernels().name(), logprob_bar(model.kernels()));
+    eprintln!("{name}: max |logprob - f32 reference| over top-10 of {prompts} prompts: {worst:.2e}");
+    assert!(worst <= bar, "{name}: a log-probability is {worst:.2e} from the f32 reference (bar {bar:.0e})");
 }
 
 /// Greedy continuation with, for each step, the gap between our best and second-best logit.
@@ -109,8 +110,8 @@ fn greedy_with_margins(model: &LlamaModel, prompt: &[u32], steps: usize) -> Vec<
 
 /// Compared token for token up to the first near-tie (llama.cpp margin < 0.1, the fixture's
 /// rule). llama.cpp quantizes activations to 8 bits; we keep them in f32 or round them to 16
-/// bits (our logprobs match the f32 reference within 1e-4 or 0.002). The only divergence accepted before that point is one
-/// where both sides see a close race: our margin under 0.25 and llama.cpp's under 0.5. The
+/// bits (see [`logprob_bar`]). The only divergence accepted before that point is one where
+/// both sides see a close race: our margin under 0.25 and llama.cpp's under 0.5. The
 /// comparison of that prompt ends there (the continuations differ after it), and the test
 /// prints how many steps were compared.
 #[test]
@@ -131,6 +132,13 @@ fn check_greedy(model: &LlamaModel) {
                 assert!(
                     our_margin < 0.25 && margins[step] < 0.5,
                     "prompt {:?} step {step}: {token} vs llama.cpp's {} with margins {our_margin:.3} (ours) and {:.3}",
+                    line["prompt"],
+                    want[step],
+                    margins[step]
+                );
+                eprintln!(
+                    "{}: {:?} step {step} picks {token} (margin {our_margin:.3}), llama.cpp {} (margin {:.3})",
+                    model.kernels().name(),
                     line["prompt"],
                     want[step],
                     margins[step]
@@ -183,33 +191,24 @@ fn perplexity_of_the_reference_text_is_within_one_percent_of_llama_cpp() {
     check_perplexity(smollm2());
 }
 
-/// The VNNI kernels (the default where the CPU has them) round activations to 16 bits per
-/// 32-value block: the same bar holds, and the log-probabilities stay within 0.02 of the f32
-/// reference (0.0020 measured).
+/// Every other kernel set this CPU runs (portable aside: it is checked against the others
+/// in the kernel tests) meets the same bars as the default: `avx512-f32` and `avx2-f32` here.
 #[test]
-fn the_vnni_kernels_meet_the_same_correctness_bar() {
-    let Ok(kernels) = Kernels::named("avx512-vnni") else {
-        eprintln!("this CPU has no AVX-512 VNNI: skipped");
-        return;
-    };
-    let model = LlamaModel::from_file(GgufFile::open(&model_path()).unwrap(), 2, kernels).unwrap();
-    let worst = check_logprobs(&model);
-    assert!(worst <= 0.02, "16-bit activations moved a log-probability by {worst}");
-    check_greedy(&model);
-    check_perplexity(&model);
+fn every_other_kernel_set_meets_the_same_bars() {
+    let default = Kernels::detect();
+    for kernels in Kernels::available().into_iter().filter(|&k| k != default && k != Kernels::portable()) {
+        let model = LlamaModel::from_file(GgufFile::open(&model_path()).unwrap(), 2, kernels).unwrap();
+        check_logprobs(&model);
+        check_greedy(&model);
+        check_perplexity(&model);
+    }
 }
 
-/// The best kernel set that keeps activations f32 (the default on CPUs without VNNI, and
-/// `STARLING_KERNELS=avx512-f32` here) matches the f32 reference to float rounding: within
-/// 1e-3 (0.0001 measured), and the same greedy and perplexity bars.
-#[test]
-fn the_f32_activation_kernels_match_the_f32_reference_to_rounding() {
-    let kernels = Kernels::available().into_iter().rfind(|k| !k.quantizes_activations(GgmlType::Q4_1)).unwrap();
-    let model = LlamaModel::from_file(GgufFile::open(&model_path()).unwrap(), 2, kernels).unwrap();
-    let worst = check_logprobs(&model);
-    assert!(worst <= 1e-3, "{}: a log-probability is {worst} from the f32 reference", kernels.name());
-    check_greedy(&model);
-    check_perplexity(&model);
+/// How far a log-probability may be from the f32 reference on `kernels`: 2e-4 where
+/// activations stay f32 (float rounding; 0.0001 measured), 0.005 where they are rounded to
+/// 16 bits (0.0020 measured). Both are far inside the runtime's 0.3 bar.
+fn logprob_bar(kernels: Kernels) -> f64 {
+    if kernels.quantizes_activations(GgmlType::Q4_1) { 0.005 } else { 2e-4 }
 }
 
 fn check_perplexity(model: &LlamaModel) {
@@ -447,8 +446,9 @@ mod tiny {
         out
     }
 
-    /// Every supported weight type runs the whole forward pass and agrees with an F32 model
-    /// holding exactly the dequantized values of its weights.
+    /// Every supported weight type runs the whole forward pass, on every kernel set this CPU
+    /// runs, and agrees with an F32 model holding exactly the dequantized values of its
+    /// weights (within 1e-3, which also covers the VNNI set's 16-bit activations).
     #[test]
     fn every_weight_type_matches_its_dequantized_f32_twin() {
         let types = GgmlType::WITH_KERNELS;
@@ -470,7 +470,7 @@ mod tiny {
                 reference::dequantize_row(t, &reference::quantize_row(t, v), &mut back);
                 (GgmlType::F32, f32_bytes(&back))
             });
-            for kernels in [Kernels::portable(), Kernels::detect()] {
+            for kernels in Kernels::available() {
                 let got = logits(&load(quantized.clone(), &format!("{t}.gguf"), kernels), &tokens);
                 let want = logits(&load(twin.clone(), &format!("{t}-f32.gguf"), kernels), &tokens);
                 assert_eq!(got.len(), want.len());

@@ -200,9 +200,9 @@ pub(crate) fn q8_0<const NX: usize>(
 /// Most partial sums per x row (see [`ways`]).
 const MAX_WAYS: usize = 4;
 
-/// Partial sums per x row in a call with `NX` x rows: four chains in flight in all.
+/// Partial sums per x row in a call with `NX` x rows: at least four chains in flight.
 const fn ways<const NX: usize>() -> usize {
-    if NX >= MAX_WAYS { 1 } else { MAX_WAYS / NX }
+    MAX_WAYS.div_ceil(NX)
 }
 
 /// The shared tile loop over blocks of `block_bytes` (32 values each), `decode` reading
@@ -248,8 +248,8 @@ fn tiles<const NX: usize>(
             // its blocks: `decode` reads inside `rows[t0 * row_bytes..(t0 + live) * row_bytes]`.
             let blk = decode(tile.wrapping_add(b * block_bytes), &offsets);
             // Register p of every x row before register p + 1, and register p into sum
-            // p % `ways`: at least four independent chains of `vpdpwssd` in flight even for one
-            // x row, whose 16 dependent ones would otherwise wait on each other's latency.
+            // p % `ways`: at least four independent chains of `vpdpwssd` in flight, even for
+            // one x row, whose 16 would otherwise each wait on the last one's latency.
             // Integer sums are exact, so the split does not change the result.
             let mut dots = [[_mm512_setzero_si512(); MAX_WAYS]; NX];
             for (p, w) in blk.w.iter().enumerate() {
