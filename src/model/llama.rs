@@ -134,7 +134,8 @@ struct Scratch {
     attn_row: AttnScratch,
     /// One scratch per sequence group when a batch is split over the threads.
     groups: Vec<Scratch>,
-    /// The sequence groups of the current batch (see [`sequence_groups`]).
+    /// The sequence groups of the current batch when it is split, else empty (see
+    /// [`sequence_groups`]); kept to reuse its allocation.
     seq_groups: Vec<Range<usize>>,
 }
 
@@ -334,6 +335,10 @@ impl LlamaModel {
     /// Each group's output logits into its own run of `logits`, the groups in parallel: the
     /// slice is halved with the groups (one `join` per level), so nothing is allocated.
     fn group_logits(&self, batch: &[SeqChunk], gs: &mut [Scratch], groups: &[Range<usize>], logits: &mut [f32]) {
+        debug_assert_eq!(gs.len(), groups.len(), "one scratch per group");
+        if groups.is_empty() {
+            return;
+        }
         if let ([g], [seqs]) = (&mut *gs, groups) {
             return self.output_logits(&batch[seqs.clone()], g, logits, Exec::Serial);
         }
@@ -581,7 +586,11 @@ fn sequence_groups(batch: &[SeqChunk], threads: usize, groups: &mut Vec<Range<us
     groups.push(start..batch.len());
     let sizes = groups.iter().map(|g| batch[g.clone()].iter().map(|c| c.tokens.len()).sum::<usize>());
     let (least, most) = sizes.fold((usize::MAX, 0), |(lo, hi), n| (lo.min(n), hi.max(n)));
-    groups.len() == threads && least >= SPLIT_MIN_ROWS && most * threads * 4 <= total * 5
+    let split = groups.len() == threads && least >= SPLIT_MIN_ROWS && most * threads * 4 <= total * 5;
+    if !split {
+        groups.clear();
+    }
+    split
 }
 
 /// The rows of `c` whose logits the caller wants.
