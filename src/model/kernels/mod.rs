@@ -361,7 +361,7 @@ impl Kernels {
 
     /// Parallel over chunks of x rows; each chunk writes its own rows of `y`.
     fn split_x_rows(&self, w: &QMatrix, acts: Acts, n: usize, y: &mut [f32], threads: usize, pool: &rayon::ThreadPool) {
-        let tile = self.x_tile(w.cols);
+        let tile = self.x_tile(w);
         let tiles = n.div_ceil(tile);
         let chunks = tiles.min(4 * threads);
         let chunk_x = tiles.div_ceil(chunks) * tile;
@@ -401,11 +401,12 @@ impl Kernels {
         });
     }
 
-    /// X rows per kernel call on this ISA: eight AVX-512 rows while they take at most 20 KB.
-    fn x_tile(&self, cols: usize) -> usize {
+    /// X rows per kernel call for `w`: eight for the VNNI kernel (16-bit rows), eight f32
+    /// rows on AVX-512 while they take at most 20 KB, else four.
+    fn x_tile(&self, w: &QMatrix) -> usize {
         match self.isa {
-            Isa::Avx512 if X_TILE * cols * 4 <= 20 * 1024 => X_TILE,
-            Isa::Avx512Vnni => X_TILE,
+            _ if self.quantizes_activations(w.ggml_type) => X_TILE,
+            Isa::Avx512 | Isa::Avx512Vnni if X_TILE * w.cols * 4 <= 20 * 1024 => X_TILE,
             _ => 4,
         }
     }
@@ -421,7 +422,7 @@ impl Kernels {
         out: &mut [f32],
         at: Layout,
     ) {
-        let tile = self.x_tile(w.cols);
+        let tile = self.x_tile(w);
         let x_bytes = if self.quantizes_activations(w.ggml_type) { 2 } else { 4 };
         let tile_bytes = tile * w.cols * x_bytes;
         let group = (ROW_GROUP_BYTES.saturating_sub(tile_bytes).max(4096) / w.row_bytes().max(1)).max(1);
@@ -491,9 +492,7 @@ impl Kernels {
                 // avx2, fma and f16c, the features these kernels enable.
                 (Isa::Avx512, GgmlType::Q4_1) => return unsafe { x86::q4_1(data, rb, count, &xs, emit_at) },
                 // SAFETY: as above.
-                (Isa::Avx512 | Isa::Avx512Vnni, GgmlType::Q8_0) => {
-                    return unsafe { x86::q8_0(data, rb, count, &xs, emit_at) };
-                }
+                (Isa::Avx512, GgmlType::Q8_0) => return unsafe { x86::q8_0(data, rb, count, &xs, emit_at) },
                 // SAFETY: `Avx2` is only built by `available()` after detecting avx2, fma and
                 // f16c, the features these kernels enable.
                 (Isa::Avx2, GgmlType::Q4_1) => return unsafe { avx2::q4_1(data, rb, count, &xs, emit_at) },
