@@ -1,38 +1,52 @@
 //! Starling: a CPU-first LLM inference server.
 //!
-//! Layout (each module owns one concern; see `docs/ARCHITECTURE.md`):
-//! - [`types`]: ids and small values every part shares (`RequestId`, `SessionId`, `TokenId`, ...).
-//! - [`error`]: the one mapping from classified errors to HTTP status and snake_case `type`.
-//! - [`config`]: raw serde config as written in YAML/JSON, validated into typed limits.
-//! - [`protocol`]: the messages between gateway and engine (commands in, stream events out).
-//! - [`engine`]: the per-model engine thread; builds the tick `Schedule` from a pipeline file.
-//! - [`components`]: ECS components, one concern each; request and session entities carry them.
-//! - [`systems`]: the tick's stages (admit, tokenize, batch, forward, sample, emit, evict).
-//! - [`model`]: GGUF reader, tensor validation, quantized kernels, the llama forward pass.
-//! - [`tokenizer`]: GGUF vocabularies turned into Hugging Face `tokenizers`, streaming detokenizer.
-//! - [`sampler`]: sampling steps as pure functions over a logits row; stop strings; policies.
-//! - [`kv`]: the bounded KV block arena, block tables, sessions and eviction.
-//! - [`telemetry`]: logging, Chrome traces of ticks, Prometheus metrics.
-//! - [`gateway`]: the hyper HTTP server: routes, auth, validation, SSE, admin model lifecycle.
-//! - [`registry`]: model sources (model directories, http URLs) and the verified download cache.
-//! - [`bench`]: `starling bench`: prefill, decode and batched throughput, engine aggregate, peak RSS.
-//! - [`seams`]: the small traits (`Tokenizer`, `Sampler`, `KvCache`, `Scheduler`, `ModelRuntime`)
-//!   that let tests drive one part without the others.
+//! The modules form a one-way stack: each imports only modules on lower layers (and,
+//! within a layer, never two modules each other). `tests/layout.rs` checks it.
+//!
+//! 1. Foundation:
+//!    - [`types`]: ids and small values every part shares (`RequestId`, `TokenId`, ...).
+//!    - [`error`]: the one mapping from classified errors to HTTP status and snake_case `type`.
+//!    - [`config`]: raw serde config as written in YAML/JSON, validated into typed limits.
+//!    - [`protocol`]: the messages between gateway and engine (commands in, stream events
+//!      out) and the sampling parameters both speak.
+//!    - [`stale`]: sweeping temporary files a crashed process left behind.
+//! 2. [`telemetry`]: metrics, logging, Chrome traces, readiness and liveness from plain
+//!    numbers.
+//! 3. The parts an engine is made of:
+//!    - [`kv`]: the bounded KV block arena, block tables, sessions and eviction.
+//!    - [`model`]: GGUF reader, tensor validation, quantized kernels, the forward pass.
+//!    - [`tokenizer`]: GGUF vocabularies turned into Hugging Face `tokenizers`, streaming
+//!      detokenizer.
+//!    - [`sampler`]: sampling steps as pure functions over a logits row; stop strings;
+//!      content policies.
+//!    - [`registry`]: model sources (model directories, http URLs) and the verified
+//!      download cache.
+//! 4. [`engine`]: the per-model engine thread; its tick `Schedule` is built from a pipeline
+//!    file; components, systems (the stages) and the observer of finished requests.
+//! 5. [`gateway`]: the hyper HTTP server: the route table, auth, quotas, the generation
+//!    service, rendering, and the admin model lifecycle.
+//! 6. [`bench`]: `starling bench`: prefill, decode and batched throughput, engine
+//!    aggregate, HTTP load, peak RSS.
+//!
+//! Above them, the `starling` binary (`src/main.rs`, `src/cli/`) parses arguments and runs
+//! one command module.
 
-pub mod bench;
-pub mod components;
 pub mod config;
-pub mod engine;
 pub mod error;
-pub mod gateway;
+pub mod protocol;
+pub mod stale;
+pub mod types;
+
+pub mod telemetry;
+
 pub mod kv;
 pub mod model;
-pub mod protocol;
 pub mod registry;
 pub mod sampler;
-pub mod seams;
-pub mod stale;
-pub mod systems;
-pub mod telemetry;
 pub mod tokenizer;
-pub mod types;
+
+pub mod engine;
+
+pub mod gateway;
+
+pub mod bench;

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use starling::engine::observe::EngineTelemetry;
 use starling::engine::pipeline::PipelineSpec;
 use starling::engine::resources::{EngineLimits, EngineStatus, Policies, StageLog, TickReport};
 use starling::engine::scheduler::TenantLimits;
@@ -46,7 +47,7 @@ pub fn parts(pipeline: PipelineSpec) -> EngineParts {
         policies: Policies::default(),
         inbox_capacity: 64,
         max_queue_delay: Duration::ZERO,
-        telemetry: starling::telemetry::Observability::new().unwrap().engine_telemetry("test", false),
+        telemetry: EngineTelemetry::observed_by(&starling::telemetry::Observability::new().unwrap(), "test", false),
     }
 }
 
@@ -164,7 +165,7 @@ fn a_no_op_tick_runs_every_stage_in_file_order() {
     world.resource_mut::<StageLog>().enabled = true;
     schedule.run(&mut world);
     schedule.run(&mut world);
-    let names = &world.resource::<StageLog>().names;
+    let names: Vec<&str> = world.resource::<StageLog>().stages.iter().map(|s| s.name()).collect();
     let once = ["admit", "evict", "tokenize", "input_policy", "batch", "forward", "sample", "output_policy", "emit"];
     assert_eq!(names[..9], once);
     assert_eq!(names[9..], once);

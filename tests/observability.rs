@@ -468,7 +468,7 @@ fn liveness_needs_pending_work_and_a_stale_tick() {
 
 #[test]
 fn capture_seconds_is_bounded() {
-    use starling::telemetry::routes::capture_seconds;
+    use starling::gateway::capture_seconds;
     assert_eq!(capture_seconds(None).unwrap(), Duration::from_secs(5));
     assert_eq!(capture_seconds(Some("x=1&seconds=2.5")).unwrap(), Duration::from_millis(2500));
     for bad in ["seconds=0", "seconds=61", "seconds=abc", "seconds=-1"] {

@@ -10,9 +10,9 @@ use starling::error::ErrorKind;
 use starling::sampler::steps::{self, Candidates};
 use starling::sampler::{
     GateEnd, PolicyError, PolicyRules, SamplerLimits, SamplerState, SamplerStep, SamplingConfig, SamplingParams,
-    TenantPolicies, TextGate, TokenFinish,
+    TextGate, TokenFinish,
 };
-use starling::types::{TenantId, TokenId};
+use starling::types::TokenId;
 
 fn limits() -> SamplerLimits {
     SamplerLimits { vocab_size: 8, max_stop_strings: 4, default_max_tokens: 16, max_tokens_cap: 64 }
@@ -647,16 +647,4 @@ fn empty_regex_matches_never_count() {
     let r = PolicyRules::new(&[], &["z*".to_string()]).unwrap();
     assert!(r.check_input("abc").is_ok());
     assert!(r.check_input("abzc").is_err());
-}
-
-#[test]
-fn tenants_get_their_own_rules_or_the_default() {
-    let strict = Arc::new(PolicyRules::new(&["beans".to_string()], &[]).unwrap());
-    let mut policies = TenantPolicies::new(Some(rules()));
-    policies.insert(TenantId::from("acme"), strict);
-    let acme = policies.for_tenant(&TenantId::from("acme")).unwrap();
-    assert!(acme.check_input("beans").is_err() && acme.check_input("secret-123").is_ok());
-    let other = policies.for_tenant(&TenantId::from("other")).unwrap();
-    assert!(other.check_input("secret-123").is_err());
-    assert!(TenantPolicies::default().for_tenant(&TenantId::from("x")).is_none());
 }

@@ -6,7 +6,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bevy_ecs::prelude::*;
-use starling::components::{Phase, Request};
+use starling::engine::components::{Phase, Request};
+use starling::engine::observe::EngineTelemetry;
 use starling::engine::pipeline::PipelineSpec;
 use starling::engine::resources::{EngineLimits, EngineStatus, Kv, Policies, TickClock};
 use starling::engine::scheduler::{SchedulerStats, TenantLimits, TenantShare};
@@ -66,7 +67,6 @@ struct Harness {
     schedule: Schedule,
     tick: u64,
     now_ms: u64,
-    status: Arc<EngineStatus>,
     obs: starling::telemetry::Observability,
 }
 
@@ -85,11 +85,10 @@ impl Harness {
             policies: Policies::default(),
             inbox_capacity: 64,
             max_queue_delay: Duration::ZERO,
-            telemetry: obs.engine_telemetry("test", false),
+            telemetry: EngineTelemetry::observed_by(&obs, "test", false),
         };
-        let status = Arc::new(EngineStatus::default());
-        let (world, schedule) = build_world(parts, status.clone());
-        Harness { world, schedule, tick: 0, now_ms: 0, status, obs }
+        let (world, schedule) = build_world(parts, Arc::new(EngineStatus::default()));
+        Harness { world, schedule, tick: 0, now_ms: 0, obs }
     }
 
     fn submit(&mut self, tenant: &str, ids: Vec<u32>, sampling: SamplingConfig, capacity: usize) -> Stream {
@@ -138,7 +137,7 @@ impl Harness {
         self.now_ms += 1;
         *self.world.resource_mut::<TickClock>() = TickClock { now: Timestamp(self.now_ms * 1000), tick: self.tick };
         self.schedule.run(&mut self.world);
-        starling::telemetry::engine::after_tick(&mut self.world, Instant::now());
+        starling::engine::observe::after_tick(&mut self.world, Instant::now());
     }
 
     /// The value of a metric series of this engine (model label `test`).
@@ -453,7 +452,6 @@ fn a_tenant_runs_at_most_max_concurrent_and_a_prompt_waits_for_kv_room() {
     }
     assert_eq!(max_running, 1);
     assert!(reqs.iter().all(|s| s.finish() == Some(FinishReason::Length)));
-    assert_eq!(h.status.scheduler_stats(), h.stats(), "stats are published to EngineStatus");
 }
 
 #[test]

@@ -6,6 +6,7 @@ mod gateway;
 mod gguf;
 mod kernels;
 mod kv;
+mod layout;
 mod model;
 mod observability;
 mod registry;

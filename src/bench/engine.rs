@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{BenchError, BenchSettings, EngineFigure, bench_text, median};
+use super::common::{BenchError, BenchSettings, EngineFigure, bench_text, median};
 use crate::config::{Config, Format};
 use crate::engine::load::start_model;
 use crate::protocol::{EngineCommand, GenerateRequest, PromptInput, StreamEvent};

@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use super::{BenchError, bench_text};
+use super::common::{BenchError, bench_text};
 
 /// What the load generator sends, and where.
 #[derive(Clone, Debug)]

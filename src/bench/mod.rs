@@ -2,51 +2,16 @@
 //! batched decode, measured like `llamacpp_bench.py` so the numbers compare) and of the
 //! whole engine under 1..32 concurrent requests, plus peak memory and build facts.
 
+mod common;
 mod engine;
 pub mod http;
 mod model;
 
-use std::path::PathBuf;
-
 use serde::Serialize;
 
-use crate::model::llama::{LlamaModel, ModelError};
+use crate::model::llama::LlamaModel;
 
-/// Why a benchmark could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-    #[error("KV arena: {0}")]
-    Kv(String),
-    #[error("engine: {0}")]
-    Engine(String),
-    #[error("the benchmark needs at least 1 rep and 1 thread")]
-    Settings,
-    #[error("load generator: {0}")]
-    Http(String),
-}
-
-/// What to measure and how often.
-#[derive(Clone, Debug)]
-pub struct BenchSettings {
-    pub model: PathBuf,
-    pub threads: usize,
-    /// Runs per figure; each figure is their median.
-    pub reps: usize,
-    /// Concurrency levels of the engine measurement (empty = skip it).
-    pub engine_concurrency: Vec<usize>,
-}
-
-/// Aggregate engine throughput at one concurrency level.
-#[derive(Clone, Debug, Serialize)]
-pub struct EngineFigure {
-    pub concurrency: usize,
-    /// Generated tokens per second over all requests.
-    pub tok_s: f64,
-}
+pub use common::{BenchError, BenchSettings, EngineFigure};
 
 /// Every figure `starling bench` reports (the JSON keys of DESIGN.md's contract).
 #[derive(Clone, Debug, Serialize)]
@@ -65,11 +30,6 @@ pub struct BenchReport {
     pub batched_decode_tok_s: f64,
     pub engine_aggregate: Vec<EngineFigure>,
     pub peak_rss_bytes: u64,
-}
-
-/// Text the prompts are cut from (the peer script's).
-pub(crate) fn bench_text() -> String {
-    "The quick brown fox jumps over the lazy dog. ".repeat(400)
 }
 
 /// Runs every measurement.
@@ -99,16 +59,6 @@ pub fn run(settings: &BenchSettings) -> Result<BenchReport, BenchError> {
         engine_aggregate,
         peak_rss_bytes: peak_rss_bytes(),
     })
-}
-
-/// Median of the values (0 for none).
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
 /// `VmHWM` of this process in bytes, 0 where /proc is not available.
@@ -198,13 +148,6 @@ mod tests {
         assert_eq!(parse_vm_hwm(status), Some(2048 * 1024));
         assert_eq!(parse_vm_hwm("VmRSS: 1 kB"), None);
         assert_eq!(parse_vm_hwm("VmHWM: lots kB"), None);
-    }
-
-    #[test]
-    fn median_of_odd_and_even_counts() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert_eq!(median(vec![]), 0.0);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use super::{BenchError, bench_text, median};
+use super::common::{BenchError, bench_text, median};
 use crate::kv::arena::{BlockTable, KvArena};
 use crate::model::eval::argmax;
 use crate::model::llama::{LlamaModel, LogitsWanted, SeqChunk};

@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::observe::EngineTelemetry;
 use super::pipeline::{PipelineError, PipelineSpec, Stage};
 use super::resources::{EngineLimits, Policies};
+use super::runner::{EngineHandle, EngineParts};
 use super::scheduler::TenantLimits;
-use super::{EngineHandle, EngineParts};
 use crate::config::{Config, ConfigError, ModelConfig, PolicyRule};
 use crate::kv::arena::KvError;
 use crate::kv::cache::KvCache;
@@ -138,7 +139,7 @@ pub fn start_model_observed(config: &Config, index: usize, obs: &Observability) 
         policies,
         inbox_capacity: config.queue.high_watermark.max(16) * 2,
         max_queue_delay: config.queue.max_queue_delay,
-        telemetry: obs.engine_telemetry(id.as_str(), config.telemetry.log_prompts),
+        telemetry: EngineTelemetry::observed_by(obs, id.as_str(), config.telemetry.log_prompts),
     };
     let engine = EngineHandle::spawn(parts).map_err(|source| LoadError::Thread { id: id.clone(), source })?;
     tracing::info!(

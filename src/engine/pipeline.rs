@@ -86,10 +86,6 @@ pub struct StageParams {
     /// `sample`: the default sampler order for requests that do not name one (step names
     /// are checked when the model loads: `engine::load::default_sampler_order`).
     pub sampler_order: Option<Vec<String>>,
-    /// `evict`: run the TTL sweep every this many ticks (1 = every tick).
-    pub sweep_every_ticks: Option<u32>,
-    /// `emit`: send at most this many token events per sequence per tick before yielding.
-    pub max_events_per_tick: Option<u32>,
 }
 
 /// One validated pipeline: stages in run order, each with its parameters.
@@ -210,12 +206,6 @@ fn parse_params(
             param: param.clone(),
             message: message.to_owned(),
         };
-        let positive = |v: &serde_json::Value| {
-            v.as_u64()
-                .filter(|&n| n >= 1 && n <= u32::MAX as u64)
-                .map(|n| n as u32)
-                .ok_or_else(|| bad("must be an integer >= 1"))
-        };
         match (stage, param.as_str()) {
             (Stage::Sample, "samplers") => {
                 let list = value.as_array().ok_or_else(|| bad("must be a list of sampler step names"))?;
@@ -225,8 +215,6 @@ fn parse_params(
                     .collect::<Result<Vec<_>, _>>()?;
                 params.sampler_order = Some(names);
             }
-            (Stage::Evict, "sweep_every_ticks") => params.sweep_every_ticks = Some(positive(&value)?),
-            (Stage::Emit, "max_events_per_tick") => params.max_events_per_tick = Some(positive(&value)?),
             _ => return Err(PipelineError::UnknownParam { pipeline: pipeline.to_owned(), stage, param }),
         }
     }
@@ -300,20 +288,21 @@ mod tests {
 
     #[test]
     fn params_are_checked_per_stage() {
-        let ok = "stages: [{stage: admit}, {stage: tokenize}, {stage: batch}, {stage: forward}, {stage: sample, params: {samplers: [top_k, temperature]}}, {stage: emit}, {stage: evict, params: {sweep_every_ticks: 10}}]";
+        let ok = "stages: [{stage: admit}, {stage: tokenize}, {stage: batch}, {stage: forward}, {stage: sample, params: {samplers: [top_k, temperature]}}, {stage: emit}, {stage: evict}]";
         let spec = parse(ok).unwrap();
         assert_eq!(
             spec.params(Stage::Sample).unwrap().sampler_order.as_deref(),
             Some(&["top_k".to_string(), "temperature".to_string()][..])
         );
-        assert_eq!(spec.params(Stage::Evict).unwrap().sweep_every_ticks, Some(10));
 
-        let bad = ok.replace("sweep_every_ticks: 10", "sweep_every_ticks: 0");
+        let bad = ok.replace("samplers: [top_k, temperature]", "samplers: 3");
         let err = parse(&bad).unwrap_err();
-        assert!(err.to_string().contains("`sweep_every_ticks`: must be an integer >= 1"), "{err}");
+        assert!(err.to_string().contains("`samplers`: must be a list of sampler step names"), "{err}");
 
-        let unknown = ok.replace("sweep_every_ticks", "sweep_evry_ticks");
-        assert!(matches!(parse(&unknown).unwrap_err(), PipelineError::UnknownParam { stage: Stage::Evict, .. }));
+        let elsewhere = ok.replace("{stage: evict}", "{stage: evict, params: {samplers: [top_k]}}");
+        assert!(matches!(parse(&elsewhere).unwrap_err(), PipelineError::UnknownParam { stage: Stage::Evict, .. }));
+        let unknown = ok.replace("samplers:", "samplerz:");
+        assert!(matches!(parse(&unknown).unwrap_err(), PipelineError::UnknownParam { stage: Stage::Sample, .. }));
     }
 
     #[test]

@@ -1,18 +1,17 @@
 //! Engine resources: what the stages share within a tick.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bevy_ecs::prelude::*;
 
-use crate::engine::pipeline::StageParams;
-use crate::engine::scheduler::SchedulerStats;
+use crate::engine::pipeline::Stage;
 use crate::kv::cache::KvCache;
+use crate::model::runtime::ModelRuntime;
 use crate::protocol::EngineCommand;
 use crate::sampler::PolicyRules;
-use crate::seams::ModelRuntime;
 use crate::tokenizer::GgufTokenizer;
 use crate::types::{SessionId, TenantId, Timestamp};
 
@@ -95,10 +94,6 @@ pub struct AdmissionGate {
     pub open: bool,
 }
 
-/// Per-stage parameters from the pipeline file.
-#[derive(Resource, Default, Clone)]
-pub struct PipelineParams(pub HashMap<&'static str, StageParams>);
-
 /// Content-policy rules for the optional policy stages.
 #[derive(Resource, Default, Clone)]
 pub struct Policies {
@@ -110,7 +105,7 @@ pub struct Policies {
 #[derive(Resource, Default, Debug)]
 pub struct StageLog {
     pub enabled: bool,
-    pub names: Vec<&'static str>,
+    pub stages: Vec<Stage>,
 }
 
 /// What the last tick did; the loop uses it to decide whether to sleep.
@@ -139,16 +134,9 @@ pub struct EngineStatus {
     pub forward_calls: AtomicU64,
     pub admission_open: AtomicBool,
     pub stopped: AtomicBool,
-    /// The scheduler's gauges, counters and histograms, copied at the end of each batch stage.
-    pub scheduler: Mutex<SchedulerStats>,
 }
 
 impl EngineStatus {
-    /// A copy of the scheduler's stats as of the last tick.
-    pub fn scheduler_stats(&self) -> SchedulerStats {
-        self.scheduler.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
     pub fn kv_usage(&self) -> f64 {
         let total = self.kv_blocks_total.load(Ordering::Relaxed);
         if total == 0 { 0.0 } else { self.kv_blocks_used.load(Ordering::Relaxed) as f64 / total as f64 }

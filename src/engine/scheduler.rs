@@ -247,34 +247,10 @@ pub fn weighted_quotas(budget: usize, weights: &[(TenantId, u32)]) -> HashMap<Te
         .collect()
 }
 
-/// Counts in fixed buckets (`le` upper bounds, plus an overflow bucket), with sum and count.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Histogram {
-    pub bounds: Vec<u64>,
-    pub counts: Vec<u64>,
-    pub sum: u64,
-    pub count: u64,
-}
-
-impl Histogram {
-    pub fn with_bounds(bounds: &[u64]) -> Self {
-        Histogram { bounds: bounds.to_vec(), counts: vec![0; bounds.len() + 1], sum: 0, count: 0 }
-    }
-
-    pub fn observe(&mut self, value: u64) {
-        let i = self.bounds.iter().position(|&b| value <= b).unwrap_or(self.bounds.len());
-        if let Some(c) = self.counts.get_mut(i) {
-            *c += 1;
-        }
-        self.sum += value;
-        self.count += 1;
-    }
-}
-
-/// The scheduler's gauges, counters and histograms. Written by admit (queue, admissions,
-/// rejections) and batch (running, batch shape, pauses, preemptions); published to
-/// `EngineStatus::scheduler` every tick for the metrics exporter.
-#[derive(Resource, Clone, Debug, PartialEq, Eq)]
+/// The scheduler's gauges and counters. Written by admit (queue, admissions, rejections)
+/// and batch (running, pauses, preemptions); read by the engine's observer (preemptions)
+/// and by tests, from the world.
+#[derive(Resource, Clone, Debug, Default, PartialEq, Eq)]
 pub struct SchedulerStats {
     /// Requests waiting (gauge, at the end of admission).
     pub queue_depth: usize,
@@ -292,27 +268,6 @@ pub struct SchedulerStats {
     /// Running sequences preempted (blocks freed, recomputed later) so that an older
     /// sequence the KV cache could not grow could go on.
     pub preempted: u64,
-    /// Sequences per forward pass.
-    pub batch_size: Histogram,
-    /// Tokens per forward pass.
-    pub batch_tokens: Histogram,
-}
-
-impl Default for SchedulerStats {
-    fn default() -> Self {
-        SchedulerStats {
-            queue_depth: 0,
-            queued_tokens: 0,
-            running: 0,
-            max_queue_depth: 0,
-            admitted: 0,
-            rejected: BTreeMap::new(),
-            paused: 0,
-            preempted: 0,
-            batch_size: Histogram::with_bounds(&[1, 2, 4, 8, 16, 32, 64]),
-            batch_tokens: Histogram::with_bounds(&[1, 8, 32, 64, 128, 256, 512, 1024, 2048]),
-        }
-    }
 }
 
 impl SchedulerStats {
@@ -442,15 +397,6 @@ mod tests {
         assert_eq!(limits.get(&t("gold")).weight, 5);
         assert_eq!(limits.get(&t("gold")).max_queued, 3);
         assert_eq!(limits.get(&t("stranger")), share_of(&TenantConfig::with_defaults(t("x"))));
-    }
-
-    #[test]
-    fn histogram_buckets_by_upper_bound() {
-        let mut h = Histogram::with_bounds(&[1, 4]);
-        for v in [1, 2, 4, 9] {
-            h.observe(v);
-        }
-        assert_eq!((h.counts.clone(), h.sum, h.count), (vec![1, 2, 1], 16, 4));
     }
 
     #[test]

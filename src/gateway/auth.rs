@@ -4,6 +4,7 @@
 
 use sha2::{Digest, Sha256};
 
+use super::router::Guard;
 use crate::config::{ANONYMOUS, Config};
 use crate::error::{ApiError, ErrorKind};
 use crate::types::TenantId;
@@ -56,14 +57,13 @@ impl Authenticator {
         !self.keys.is_empty()
     }
 
-    /// The access level of `path`.
-    pub fn access(&self, path: &str) -> Access {
-        if self.public.iter().any(|p| p == path) {
-            Access::Public
-        } else if path == "/admin" || path.starts_with("/admin/") {
-            Access::Admin
-        } else {
-            Access::Client
+    /// The access level of a route with `guard` at `path`: admin routes always need the
+    /// admin key; client routes listed in `server.public_routes` need no key.
+    pub fn access(&self, guard: Guard, path: &str) -> Access {
+        match guard {
+            Guard::Admin => Access::Admin,
+            Guard::Client if self.public.iter().any(|p| p == path) => Access::Public,
+            Guard::Client => Access::Client,
         }
     }
 
@@ -164,7 +164,7 @@ mod tests {
     #[test]
     fn admin_routes_need_the_admin_key_and_client_keys_do_not_open_them() {
         let a = auth(&[("k1", "alpha")], Some("root"));
-        assert_eq!(a.access("/admin/stats"), Access::Admin);
+        assert_eq!(a.access(Guard::Admin, "/admin/stats"), Access::Admin);
         assert!(a.authenticate(Access::Admin, Some("Bearer root")).unwrap().admin);
         assert_eq!(a.authenticate(Access::Admin, Some("Bearer k1")).unwrap_err().status(), 403);
         assert_eq!(a.authenticate(Access::Admin, Some("Bearer nope")).unwrap_err().status(), 401);
@@ -173,10 +173,20 @@ mod tests {
     }
 
     #[test]
+    fn listing_an_admin_route_as_public_does_not_open_it() {
+        let mut config = Config::from_str("{}", Format::Json).unwrap();
+        config.server.public_routes.push("/admin/stats".into());
+        config.auth.admin_key = Some("root".into());
+        let a = Authenticator::new(&config);
+        assert_eq!(a.access(Guard::Admin, "/admin/stats"), Access::Admin);
+        assert_eq!(a.authenticate(Access::Admin, None).unwrap_err().status(), 401);
+    }
+
+    #[test]
     fn public_routes_come_from_the_config() {
         let a = auth(&[("k1", "alpha")], None);
-        assert_eq!(a.access("/healthz"), Access::Public);
-        assert_eq!(a.access("/v1/generate"), Access::Client);
+        assert_eq!(a.access(Guard::Client, "/healthz"), Access::Public);
+        assert_eq!(a.access(Guard::Client, "/v1/generate"), Access::Client);
         assert!(a.authenticate(Access::Public, None).is_ok());
     }
 }

@@ -2,186 +2,50 @@
 //! drain, then unmap), and hot reload (the new copy loads beside the old, routing switches
 //! in one table swap, the old copy drains). The admin routes call these; so can tests.
 
-use std::collections::HashMap;
-use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::records::{LifecycleError, LoadSpec, ModelLimits, ModelRecord, ModelState};
+use super::state::AppState;
 use crate::config::{Config, ModelConfig};
 use crate::engine::load::{Footprint, LoadError, LoadedModel, start_model_observed};
-use crate::registry::{Digest, ModelCache, RegistryError, Source, resolve_local, sha256_file};
+use crate::registry::{Digest, RegistryError, Source, resolve_local, sha256_file};
 use crate::types::ModelId;
 
-use super::AppState;
-
-/// Where a model is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ModelState {
-    Loading,
-    Ready,
-    /// Serving while a new copy loads beside it.
-    Reloading,
-    /// No longer admitting; finishing its requests before it is unmapped.
-    Draining,
-}
-
-impl ModelState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelState::Loading => "loading",
-            ModelState::Ready => "ready",
-            ModelState::Reloading => "reloading",
-            ModelState::Draining => "draining",
-        }
-    }
-}
-
-/// What the registry knows about one model: where it came from and what it takes.
-#[derive(Clone, Debug)]
-pub struct ModelRecord {
-    pub state: ModelState,
-    /// The source as given (a path or URL).
-    pub source: String,
-    /// The verified digest, when one was given or the file was downloaded.
-    pub sha256: Option<Digest>,
-    pub footprint: Footprint,
-    /// The settings the serving copy runs with (a reload keeps them).
-    pub settings: ModelConfig,
-}
-
-/// The registry side of the server: the download cache and a record per model.
-pub struct ModelRegistry {
-    pub cache: ModelCache,
-    records: Mutex<HashMap<ModelId, ModelRecord>>,
-}
-
-/// Why a lifecycle operation was refused or failed.
-#[derive(Debug, thiserror::Error)]
-pub enum LifecycleError {
-    #[error("model id `{0}`: expected 1..=64 characters from [A-Za-z0-9._:-]")]
-    BadId(String),
-    #[error("unknown model `{0}`")]
-    Unknown(String),
-    #[error("model `{id}` already exists (state: {})", state.as_str())]
-    Exists { id: String, state: ModelState },
-    #[error("model `{id}` is {}; retry when it is ready", state.as_str())]
-    Busy { id: String, state: ModelState },
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-    #[error(transparent)]
-    Load(#[from] LoadError),
-    #[error("the loader task failed: {0}")]
-    Task(String),
-}
-
-/// A model to load: its id, where its file comes from, the digest it must have, and the
-/// engine settings that differ from the template.
-#[derive(Clone, Debug)]
-pub struct LoadSpec {
-    pub id: ModelId,
-    pub source: Source,
-    pub sha256: Option<Digest>,
-    pub limits: ModelLimits,
-}
-
-/// Engine settings a load may choose; unset ones come from the template (`models[0]` of
-/// the config for a new model, the running copy's settings for a reload).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ModelLimits {
-    /// The model's own pipeline file (its stage list and default sampler order).
-    pub pipeline: Option<std::path::PathBuf>,
-    pub threads: Option<NonZeroUsize>,
-    pub max_batch: Option<NonZeroUsize>,
-    pub max_sessions: Option<NonZeroUsize>,
-    pub kv_cache_max_bytes: Option<u64>,
-}
-
-impl ModelLimits {
-    fn apply(&self, mc: &mut ModelConfig) {
-        if let Some(p) = &self.pipeline {
-            mc.pipeline = p.clone();
-        }
-        mc.threads = self.threads.unwrap_or(mc.threads);
-        mc.max_batch = self.max_batch.unwrap_or(mc.max_batch);
-        mc.max_sessions = self.max_sessions.unwrap_or(mc.max_sessions);
-        mc.kv_cache.max_bytes = self.kv_cache_max_bytes.unwrap_or(mc.kv_cache.max_bytes);
-    }
-}
-
-impl ModelRegistry {
-    pub fn new(config: &Config) -> Self {
-        ModelRegistry {
-            cache: ModelCache::new(&config.registry.cache_dir, config.registry.cache_max_bytes),
-            records: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Records a model loaded from the config (its source is its path).
-    pub fn record(&self, mc: &ModelConfig, footprint: Footprint) {
-        let record = ModelRecord {
-            state: ModelState::Ready,
-            source: mc.path.display().to_string(),
-            sha256: None,
-            footprint,
-            settings: mc.clone(),
-        };
-        self.records().insert(mc.id.clone(), record);
-    }
-
-    fn records(&self) -> std::sync::MutexGuard<'_, HashMap<ModelId, ModelRecord>> {
-        self.records.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Every model's record (loading, serving or draining).
-    pub fn list(&self) -> Vec<(ModelId, ModelRecord)> {
-        let mut all: Vec<_> = self.records().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        all.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
-        all
-    }
-
-    /// Bytes taken by every model in memory, except `except`.
-    fn in_use(&self, except: &ModelId) -> u64 {
-        self.records().iter().filter(|(k, _)| *k != except).map(|(_, r)| r.footprint.total()).sum()
-    }
-
-    /// The footprint of `id`'s serving copy while a new one loads beside it (else 0).
-    fn reloading_footprint(&self, id: &ModelId) -> u64 {
-        let records = self.records();
-        records.get(id).filter(|r| r.state == ModelState::Reloading).map_or(0, |r| r.footprint.total())
-    }
-
-    /// Digests of cached files in use (not to be evicted).
-    fn digests(&self) -> Vec<Digest> {
-        self.records().values().filter_map(|r| r.sha256.clone()).collect()
-    }
-
-    fn set_state(&self, id: &ModelId, state: ModelState) {
-        if let Some(r) = self.records().get_mut(id) {
-            r.state = state;
-        }
-    }
-
-    /// Moves `id` from `from` to `to`, or says why not.
-    fn transition(&self, id: &str, from: ModelState, to: ModelState) -> Result<ModelRecord, LifecycleError> {
-        let mut records = self.records();
-        let Some(r) = records.get_mut(&ModelId::from(id)) else { return Err(LifecycleError::Unknown(id.to_owned())) };
-        if r.state != from {
-            return Err(LifecycleError::Busy { id: id.to_owned(), state: r.state });
-        }
-        r.state = to;
-        Ok(r.clone())
-    }
-}
-
-/// Checks an id given over the admin API (no `/`: it is part of the admin paths).
-pub fn parse_id(id: &str) -> Result<ModelId, LifecycleError> {
-    let ok = (1..=64).contains(&id.len())
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'));
-    if ok { Ok(ModelId::from(id)) } else { Err(LifecycleError::BadId(id.to_owned())) }
-}
-
 impl AppState {
+    /// Marks model `id` as loading: `/readyz` turns 503 and its `starling_model_loaded` is 0.
+    pub fn begin_loading(&self, id: &ModelId) {
+        self.obs.metrics.model_loaded.with_label_values(&[id.as_str()]).set(0);
+        self.models.update(|t| {
+            if !t.is_loading(id.as_str()) {
+                t.loading.push(id.clone());
+            }
+        });
+    }
+
+    /// Publishes a loaded model (replacing one with the same id) and clears its loading mark;
+    /// returns the model it replaced, which the caller drains.
+    pub fn finish_loading(&self, model: LoadedModel) -> Option<Arc<LoadedModel>> {
+        let model = Arc::new(model);
+        self.obs.metrics.model_loaded.with_label_values(&[model.id.as_str()]).set(1);
+        self.models.update(|t| {
+            t.loading.retain(|l| *l != model.id);
+            match t.ready.iter_mut().find(|m| m.id == model.id) {
+                Some(slot) => Some(std::mem::replace(slot, model)),
+                None => {
+                    t.ready.push(model);
+                    None
+                }
+            }
+        })
+    }
+
+    /// Clears model `id`'s loading mark after a failed load.
+    pub fn abandon_loading(&self, id: &ModelId) {
+        self.models.update(|t| t.loading.retain(|l| l != id));
+    }
+
     /// Records a model loaded at startup (so the admin API can list, unload and reload it).
     pub fn record_configured(&self, mc: &ModelConfig, footprint: Footprint) {
         self.registry.record(mc, footprint);
@@ -335,6 +199,42 @@ impl AppState {
             }
         }
     }
+}
+
+/// Marks every configured model as loading. `serve` calls it before binding, so `/readyz`
+/// never answers "no model loaded" in the moment before the loader starts.
+pub fn mark_configured_loading(state: &AppState) {
+    for m in &state.config.models {
+        state.begin_loading(&m.id);
+    }
+}
+
+/// Loads every configured model in order (all are marked loading first), publishing each as
+/// it comes up. `serve` runs this on a blocking task after binding; the first failure is
+/// returned and the remaining models stay unloaded.
+pub fn load_configured(state: &AppState) -> Result<(), LoadError> {
+    let config = state.config.clone();
+    mark_configured_loading(state);
+    let mut in_use = 0u64;
+    for (index, m) in config.models.iter().enumerate() {
+        let loaded = Footprint::of(m)
+            .and_then(|f| f.check_budget(&m.id, in_use, config.registry.memory_budget).map(|()| f))
+            .and_then(|f| start_model_observed(&config, index, &state.obs).map(|model| (f, model)));
+        match loaded {
+            Ok((footprint, model)) => {
+                in_use += footprint.total();
+                state.record_configured(m, footprint);
+                state.finish_loading(model);
+            }
+            Err(e) => {
+                for m in &config.models[index..] {
+                    state.abandon_loading(&m.id);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How often draining checks whether a model is idle.

@@ -4,11 +4,9 @@
 
 use std::sync::{Arc, RwLock};
 
-use crate::engine::load::{Footprint, LoadError, LoadedModel, start_model_observed};
+use crate::engine::load::LoadedModel;
 use crate::error::{ApiError, ErrorKind};
 use crate::types::ModelId;
-
-use super::AppState;
 
 /// One consistent view of the served models.
 #[derive(Clone, Default)]
@@ -85,74 +83,4 @@ impl Models {
         *slot = Arc::new(next);
         out
     }
-}
-
-impl AppState {
-    /// Marks model `id` as loading: `/readyz` turns 503 and its `starling_model_loaded` is 0.
-    pub fn begin_loading(&self, id: &ModelId) {
-        self.obs.metrics.model_loaded.with_label_values(&[id.as_str()]).set(0);
-        self.models.update(|t| {
-            if !t.is_loading(id.as_str()) {
-                t.loading.push(id.clone());
-            }
-        });
-    }
-
-    /// Publishes a loaded model (replacing one with the same id) and clears its loading mark;
-    /// returns the model it replaced, which the caller drains.
-    pub fn finish_loading(&self, model: LoadedModel) -> Option<Arc<LoadedModel>> {
-        let model = Arc::new(model);
-        self.obs.metrics.model_loaded.with_label_values(&[model.id.as_str()]).set(1);
-        self.models.update(|t| {
-            t.loading.retain(|l| *l != model.id);
-            match t.ready.iter_mut().find(|m| m.id == model.id) {
-                Some(slot) => Some(std::mem::replace(slot, model)),
-                None => {
-                    t.ready.push(model);
-                    None
-                }
-            }
-        })
-    }
-
-    /// Clears model `id`'s loading mark after a failed load.
-    pub fn abandon_loading(&self, id: &ModelId) {
-        self.models.update(|t| t.loading.retain(|l| l != id));
-    }
-}
-
-/// Marks every configured model as loading. `serve` calls it before binding, so `/readyz`
-/// never answers "no model loaded" in the moment before the loader starts.
-pub fn mark_configured_loading(state: &AppState) {
-    for m in &state.config.models {
-        state.begin_loading(&m.id);
-    }
-}
-
-/// Loads every configured model in order (all are marked loading first), publishing each as
-/// it comes up. `serve` runs this on a blocking task after binding; the first failure is
-/// returned and the remaining models stay unloaded.
-pub fn load_configured(state: &AppState) -> Result<(), LoadError> {
-    let config = state.config.clone();
-    mark_configured_loading(state);
-    let mut in_use = 0u64;
-    for (index, m) in config.models.iter().enumerate() {
-        let loaded = Footprint::of(m)
-            .and_then(|f| f.check_budget(&m.id, in_use, config.registry.memory_budget).map(|()| f))
-            .and_then(|f| start_model_observed(&config, index, &state.obs).map(|model| (f, model)));
-        match loaded {
-            Ok((footprint, model)) => {
-                in_use += footprint.total();
-                state.record_configured(m, footprint);
-                state.finish_loading(model);
-            }
-            Err(e) => {
-                for m in &config.models[index..] {
-                    state.abandon_loading(&m.id);
-                }
-                return Err(e);
-            }
-        }
-    }
-    Ok(())
 }

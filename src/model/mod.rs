@@ -9,3 +9,4 @@ pub mod inspect;
 pub mod kernels;
 pub mod llama;
 pub mod ops;
+pub mod runtime;

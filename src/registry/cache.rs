@@ -10,8 +10,10 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use super::digest::Digest;
+use super::error::RegistryError;
+use super::http::HttpUrl;
 use super::http::{self, Reply};
-use super::{Digest, HttpUrl, RegistryError};
 
 /// Name prefix of partial downloads (`{prefix}{pid}-{n}.part`).
 const DOWNLOAD_PREFIX: &str = ".download-";

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use sha2::{Digest as _, Sha256};
 
-use super::RegistryError;
+use super::error::RegistryError;
 
 /// A sha256 digest: 64 lowercase hex digits.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -10,7 +10,7 @@ use hyper::header::{CONTENT_LENGTH, ETAG, HOST, IF_NONE_MATCH, USER_AGENT};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 
-use super::RegistryError;
+use super::error::RegistryError;
 
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -2,7 +2,8 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use super::{HttpUrl, RegistryError};
+use super::error::RegistryError;
+use super::http::HttpUrl;
 
 /// Where a model file comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]

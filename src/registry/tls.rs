@@ -11,7 +11,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 
-use super::RegistryError;
+use super::error::RegistryError;
 
 /// Extra trust anchors (DER) added at run time, on top of the built-in roots.
 fn extra_roots() -> &'static Mutex<Vec<CertificateDer<'static>>> {

@@ -1,7 +1,8 @@
 //! Sampling: from one logits row to the next token, and from decoded text to what a
 //! client may see.
 //!
-//! - [`params`]: wire-level [`SamplingParams`], validated once into a [`SamplingConfig`].
+//! - wire-level [`SamplingParams`], validated once into a [`SamplingConfig`], live in
+//!   [`crate::protocol::sampling`] (the gateway and the engine both speak them); re-exported here.
 //! - [`steps`]: the sampling steps as pure functions over a [`Candidates`] list.
 //! - [`state`]: [`SamplerState`], one per sequence: config, seeded `ChaCha8Rng`, buffers.
 //!   The chain is: logit bias → stop/EOS masking → the configurable steps in order
@@ -10,13 +11,12 @@
 //! - [`policy`]: [`PolicyRules`], the phrases and regexes of the content policy.
 
 pub mod gate;
-pub mod params;
 pub mod policy;
 pub mod state;
 pub mod steps;
 
+pub use crate::protocol::sampling::{SamplerLimits, SamplerStep, SamplingConfig, SamplingParams};
 pub use gate::{GateEnd, GateStep, TextGate};
-pub use params::{SamplerLimits, SamplerStep, SamplingConfig, SamplingParams};
-pub use policy::{PolicyError, PolicyRules, TenantPolicies};
+pub use policy::{PolicyError, PolicyRules};
 pub use state::{Sampled, SamplerState, TokenFinish};
 pub use steps::{Candidate, Candidates};

@@ -15,14 +15,11 @@
 //! longer than that may be missed if its beginning was already released. Empty matches
 //! never count. Anchors (`^`, `$`, `\b`) see only the text not yet released.
 
-use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
 
 use regex::Regex;
 
 use crate::error::{ApiError, ErrorKind};
-use crate::types::TenantId;
 
 /// Hold-back, in bytes, assumed for a regex whose matches have no length bound.
 pub const DEFAULT_REGEX_WINDOW: usize = 256;
@@ -121,28 +118,4 @@ impl PolicyRules {
 /// The longest text (bytes) `pattern` can match, when bounded.
 fn max_match_len(pattern: &str) -> Option<usize> {
     regex_syntax::parse(pattern).ok()?.properties().maximum_len()
-}
-
-/// Policy rules per tenant, with a fallback for tenants that have none of their own.
-#[derive(Clone, Debug, Default)]
-pub struct TenantPolicies {
-    default: Option<Arc<PolicyRules>>,
-    by_tenant: HashMap<TenantId, Arc<PolicyRules>>,
-}
-
-impl TenantPolicies {
-    /// Rules that apply to every tenant without its own.
-    pub fn new(default: Option<Arc<PolicyRules>>) -> Self {
-        TenantPolicies { default, by_tenant: HashMap::new() }
-    }
-
-    /// Gives `tenant` its own rules (replacing the default for it).
-    pub fn insert(&mut self, tenant: TenantId, rules: Arc<PolicyRules>) {
-        self.by_tenant.insert(tenant, rules);
-    }
-
-    /// The rules for `tenant`, if any apply.
-    pub fn for_tenant(&self, tenant: &TenantId) -> Option<&Arc<PolicyRules>> {
-        self.by_tenant.get(tenant).or(self.default.as_ref())
-    }
 }

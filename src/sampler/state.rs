@@ -4,8 +4,8 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::params::{SamplerStep, SamplingConfig};
 use super::steps::{self, Candidates};
+use crate::protocol::sampling::{SamplerStep, SamplingConfig};
 use crate::types::TokenId;
 
 /// The token picked for one step, with its log-probability in the chosen distribution.

@@ -181,7 +181,7 @@ impl Candidates {
 /// Adds each `(id, bias)` to that token's logit; a bias at or below `-100` bans it.
 pub fn apply_logit_bias(c: &mut Candidates, bias: &[(TokenId, f32)]) {
     c.update_by_id(bias, |logit, b| {
-        *logit = if b <= super::params::BAN_BIAS { f32::NEG_INFINITY } else { *logit + b };
+        *logit = if b <= crate::protocol::sampling::BAN_BIAS { f32::NEG_INFINITY } else { *logit + b };
     });
 }
 

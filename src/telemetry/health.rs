@@ -1,12 +1,24 @@
 //! Readiness (`/readyz`: should this instance get traffic?) and liveness (`/healthz`: are
 //! the engine threads alive and ticking?).
 
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
 
-use super::Observability;
-use super::engine::process_millis;
-use crate::engine::resources::EngineStatus;
+/// What an engine publishes for `/healthz`: when it last finished a tick, and how much work
+/// it had then. Written by the engine's observer; read by [`engine_liveness`].
+#[derive(Debug, Default)]
+pub struct Heartbeat {
+    /// Milliseconds since [`process_millis`]'s origin at the end of the last tick.
+    pub last_tick_ms: AtomicU64,
+    /// Requests alive in the engine at the end of the last tick.
+    pub pending: AtomicU64,
+}
+
+/// Milliseconds since the first call in this process (a shared monotonic clock).
+pub fn process_millis() -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
 
 /// Why the server should not get new traffic now.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,28 +55,31 @@ impl NotReady {
 /// One model as readiness sees it.
 pub struct ModelView<'a> {
     pub id: &'a str,
-    pub status: &'a EngineStatus,
+    /// The engine admits new requests (its queue is under the high watermark).
+    pub admission_open: bool,
+    /// Share of the KV blocks held (0..=1).
+    pub kv_usage: f64,
 }
 
 /// The first reason the server is not ready, or `None` when it is; `loading` is whether
-/// any model is being loaded.
-pub fn readiness(obs: &Observability, draining: bool, loading: bool, models: &[ModelView<'_>]) -> Option<NotReady> {
+/// any model is being loaded, `kv_ready_max` the KV usage above which a model is under
+/// pressure.
+pub fn readiness(draining: bool, loading: bool, kv_ready_max: f64, models: &[ModelView<'_>]) -> Option<NotReady> {
     if draining {
         return Some(NotReady::Draining);
     }
-    if loading || obs.loading.load(Ordering::Relaxed) {
+    if loading {
         return Some(NotReady::ModelLoading);
     }
     if models.is_empty() {
         return Some(NotReady::NoModel);
     }
     for m in models {
-        if !m.status.admission_open.load(Ordering::Relaxed) {
+        if !m.admission_open {
             return Some(NotReady::QueueFull { model: m.id.to_owned() });
         }
-        let usage = m.status.kv_usage();
-        if usage > obs.kv_ready_max {
-            return Some(NotReady::KvPressure { model: m.id.to_owned(), usage });
+        if m.kv_usage > kv_ready_max {
+            return Some(NotReady::KvPressure { model: m.id.to_owned(), usage: m.kv_usage });
         }
     }
     None
@@ -91,15 +106,4 @@ pub fn liveness(stopped: bool, pending: u64, last_tick_age: Duration, stall: Dur
     } else {
         Liveness::Alive
     }
-}
-
-/// The liveness of model `id`'s engine, from its status and registered heartbeat.
-pub fn engine_liveness(obs: &Observability, id: &str, status: &EngineStatus) -> Liveness {
-    let stopped = status.stopped.load(Ordering::Relaxed);
-    let Some(beat) = obs.heartbeat(id) else {
-        return liveness(stopped, 0, Duration::ZERO, obs.tick_stall);
-    };
-    let last = beat.last_tick_ms.load(Ordering::Relaxed);
-    let age = Duration::from_millis(process_millis().saturating_sub(last));
-    liveness(stopped, beat.pending.load(Ordering::Relaxed), age, obs.tick_stall)
 }

@@ -1,21 +1,23 @@
 //! Observability: Prometheus metrics, structured logs, Chrome traces, readiness and liveness.
 //!
 //! - [`Metrics`] (one per server) holds every series; engines get resolved handles through
-//!   [`Observability::engine_telemetry`], the gateway renders `/metrics` from it.
+//!   [`Observability::model_metrics`], the gateway renders `/metrics` from it.
 //! - [`init`] installs the global subscriber: text or JSON logs on stderr, and one Chrome
 //!   trace layer that records when a trace file is configured or an admin capture runs.
 //! - Every tick runs in a `tick` span and every stage in a `stage` span carrying the
-//!   batch size and token count (see `engine`), so a Chrome trace opened in Perfetto or
-//!   chrome://tracing shows each tick and its stages by name.
+//!   batch size and token count (the engine's observer opens them), so a Chrome trace opened
+//!   in Perfetto or chrome://tracing shows each tick and its stages by name.
+//! - [`health`]: readiness and liveness judged from plain numbers the engines publish.
+//!
+//! This layer imports only the foundation (`error`, `types`, `config`); the engine and the
+//! gateway report into it and read from it.
 
-pub mod engine;
 pub mod health;
 pub mod metrics;
-pub mod routes;
 pub mod trace;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +26,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-pub use engine::{EngineTelemetry, Heartbeat};
+pub use health::{Heartbeat, Liveness, ModelView, NotReady};
 pub use metrics::{Metrics, MetricsError, ModelMetrics};
 
 use crate::error::{ApiError, ErrorKind};
@@ -136,20 +138,42 @@ impl Observability {
         })
     }
 
-    /// The telemetry resource for model `model`'s engine; its heartbeat is registered here.
-    pub fn engine_telemetry(&self, model: &str, log_prompts: bool) -> EngineTelemetry {
-        let t = EngineTelemetry::new(self.metrics.for_model(model), log_prompts);
+    /// Metric handles for model `model`'s engine, resolved once.
+    pub fn model_metrics(&self, model: &str) -> ModelMetrics {
+        self.metrics.for_model(model)
+    }
+
+    /// A fresh heartbeat for model `model`'s engine, registered for `/healthz` (replacing
+    /// the one of an earlier copy of the model).
+    pub fn heartbeat_for(&self, model: &str) -> Arc<Heartbeat> {
+        let beat = Arc::new(Heartbeat::default());
         if let Ok(mut beats) = self.heartbeats.lock() {
             beats.retain(|(m, _)| m != model);
-            beats.push((model.to_owned(), t.heartbeat()));
+            beats.push((model.to_owned(), beat.clone()));
         }
-        t
+        beat
     }
 
     /// The heartbeat of `model`'s engine, if it has one.
     pub fn heartbeat(&self, model: &str) -> Option<Arc<Heartbeat>> {
         let beats = self.heartbeats.lock().ok()?;
         beats.iter().find(|(m, _)| m == model).map(|(_, h)| h.clone())
+    }
+
+    /// The first reason the server is not ready (see [`health::readiness`]), with this
+    /// server's loading flag and KV threshold.
+    pub fn readiness(&self, draining: bool, loading: bool, models: &[ModelView<'_>]) -> Option<NotReady> {
+        health::readiness(draining, loading || self.loading.load(Ordering::Relaxed), self.kv_ready_max, models)
+    }
+
+    /// The liveness of model `id`'s engine, from whether its thread ended and its heartbeat.
+    pub fn engine_liveness(&self, id: &str, stopped: bool) -> Liveness {
+        let Some(beat) = self.heartbeat(id) else {
+            return health::liveness(stopped, 0, Duration::ZERO, self.tick_stall);
+        };
+        let last = beat.last_tick_ms.load(Ordering::Relaxed);
+        let age = Duration::from_millis(health::process_millis().saturating_sub(last));
+        health::liveness(stopped, beat.pending.load(Ordering::Relaxed), age, self.tick_stall)
     }
 
     /// Counts and logs a request answered with an error, by its classified type.

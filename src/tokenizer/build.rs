@@ -10,7 +10,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
-use super::TokenizerError;
+use super::error::TokenizerError;
 use super::vocab::{TokenKind, VocabSpec};
 
 /// The GPT-2 split, as llama.cpp writes it (the final `\s+` alternative is implied: text no

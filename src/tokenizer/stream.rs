@@ -2,7 +2,8 @@
 
 use crate::types::TokenId;
 
-use super::{GgufTokenizer, TokenizerError};
+use super::error::TokenizerError;
+use super::gguf::GgufTokenizer;
 
 /// Streaming detokenizer: feed ids one at a time, get the text that is complete UTF-8 so far.
 ///
@@ -80,5 +81,16 @@ impl StreamDecoder {
         self.pending.copy_within(start.., 0);
         self.pending.truncate(keep);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_decoder_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<StreamDecoder>();
     }
 }

@@ -3,7 +3,7 @@
 use crate::model::gguf::{GgufHeader, GgufValue};
 use crate::types::TokenId;
 
-use super::TokenizerError;
+use super::error::TokenizerError;
 
 /// What kind of vocabulary `tokenizer.ggml.model` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,70 @@
+//! What the measurements share: settings, errors, the prompt text, medians.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::model::llama::ModelError;
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("KV arena: {0}")]
+    Kv(String),
+    #[error("engine: {0}")]
+    Engine(String),
+    #[error("the benchmark needs at least 1 rep and 1 thread")]
+    Settings,
+    #[error("load generator: {0}")]
+    Http(String),
+}
+
+/// What to measure and how often.
+#[derive(Clone, Debug)]
+pub struct BenchSettings {
+    pub model: PathBuf,
+    pub threads: usize,
+    /// Runs per figure; each figure is their median.
+    pub reps: usize,
+    /// Concurrency levels of the engine measurement (empty = skip it).
+    pub engine_concurrency: Vec<usize>,
+}
+
+/// Aggregate engine throughput at one concurrency level.
+#[derive(Clone, Debug, Serialize)]
+pub struct EngineFigure {
+    pub concurrency: usize,
+    /// Generated tokens per second over all requests.
+    pub tok_s: f64,
+}
+
+/// Text the prompts are cut from (the peer script's).
+pub fn bench_text() -> String {
+    "The quick brown fox jumps over the lazy dog. ".repeat(400)
+}
+
+/// Median of the values (0 for none).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+    }
+}

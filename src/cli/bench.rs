@@ -1,0 +1,117 @@
+//! `starling bench`: throughput figures comparable with llama.cpp's, or a load generator
+//! against a running server (`--http`).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use starling::bench::BenchSettings;
+use starling::bench::http::{HttpLoad, run as run_load};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// GGUF model to measure (in this process).
+    #[arg(long, required_unless_present = "http", conflicts_with = "http")]
+    model: Option<PathBuf>,
+    /// Threads of the model's pool.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Runs per figure (each figure is the median).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Concurrency levels, comma-separated: of the engine figure (an empty list skips it), or
+    /// of the load generator with --http (one run per level).
+    #[arg(long, default_value = "1,4,16,32", value_parser = parse_levels)]
+    concurrency: Levels,
+    /// Load-generate against a running server at this base URL (http://host:port) instead.
+    #[arg(long, value_name = "URL")]
+    http: Option<String>,
+    /// With --http: requests per concurrency level.
+    #[arg(long, default_value_t = 64, requires = "http")]
+    requests: usize,
+    /// With --http: tokens each request generates.
+    #[arg(long, default_value_t = 64, requires = "http")]
+    max_tokens: u32,
+    /// With --http: bearer key for the server.
+    #[arg(long, requires = "http", env = "STARLING_BENCH_KEY")]
+    api_key: Option<String>,
+    /// With --http: the model id to route requests to (default: the server's first).
+    #[arg(long, requires = "http")]
+    served_model: Option<String>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A comma-separated list of concurrency levels (may be empty).
+#[derive(Clone, Debug)]
+pub struct Levels(Vec<usize>);
+
+fn parse_levels(s: &str) -> Result<Levels, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.parse::<usize>() {
+            Ok(0) | Err(_) => Err(format!("`{p}` is not a concurrency level (a positive integer)")),
+            Ok(n) => Ok(n),
+        })
+        .collect::<Result<_, _>>()
+        .map(Levels)
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if let Some(url) = a.http {
+        return cmd_bench_http(url, a.concurrency.0, a.requests, a.max_tokens, a.api_key, a.served_model, a.json);
+    }
+    let settings = BenchSettings {
+        model: a.model.context("--model is required without --http")?,
+        threads: a.threads,
+        reps: a.reps,
+        engine_concurrency: a.concurrency.0,
+    };
+    let report = starling::bench::run(&settings)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
+}
+
+/// One load-generator run per concurrency level; exits non-zero if any request failed.
+fn cmd_bench_http(
+    url: String,
+    levels: Vec<usize>,
+    requests: usize,
+    max_tokens: u32,
+    api_key: Option<String>,
+    model: Option<String>,
+    json: bool,
+) -> Result<()> {
+    if levels.is_empty() {
+        bail!("--concurrency needs at least one level with --http");
+    }
+    let mut failed = 0;
+    for concurrency in levels {
+        let load = HttpLoad {
+            url: url.clone(),
+            concurrency,
+            requests,
+            max_tokens,
+            api_key: api_key.clone(),
+            model: model.clone(),
+        };
+        let report = run_load(&load)?;
+        failed += report.errors;
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!("{report}");
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} requests failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! The generation service: every route that generates, and the CLI's `generate`, go
+//! through it. A validated [`Job`] becomes an `EngineCommand`, admission is awaited (so
+//! refusals become HTTP statuses), and the request's events are either streamed by a
+//! renderer or gathered into one [`Collected`] result.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use super::state::{AppState, Ctx};
+use crate::config::LimitsConfig;
+use crate::engine::load::LoadedModel;
+use crate::error::{ApiError, ErrorKind};
+use crate::protocol::{
+    EngineCommand, FinishReason, GenerateRequest, PromptInput, SamplerLimits, SamplingConfig, SamplingParams,
+    StreamEvent, Timings, TokenLogprob, Usage,
+};
+use crate::types::{RequestId, SessionId, TenantId, TokenId};
+
+/// Events buffered per stream before a slow reader pauses its sequence.
+const STREAM_CAPACITY: usize = 64;
+
+/// What to generate, validated: the engine-facing part of a generation request.
+pub struct Job {
+    pub input: PromptInput,
+    pub sampling: SamplingConfig,
+    pub session: Option<SessionId>,
+    /// How long the request may run in total; `None` = the configured default.
+    pub timeout: Option<Duration>,
+}
+
+/// Who a job runs for: the tenant it is billed to, and the name the client knows it by
+/// (its `x-request-id`, used by cancel and the request log).
+pub struct Origin {
+    pub tenant: TenantId,
+    pub client_id: Option<String>,
+}
+
+/// An admitted generation: its event receiver, plus what the stream needs on the way out
+/// (the tenant's token charge, the server's cancellation signal).
+pub struct Submission {
+    pub rx: mpsc::Receiver<StreamEvent>,
+    meter: Option<Meter>,
+    /// Turns `true` when shutdown cancels open streams.
+    pub cancel: watch::Receiver<bool>,
+}
+
+/// Charges a finished request's tokens to its tenant.
+struct Meter {
+    state: Arc<AppState>,
+    tenant: TenantId,
+}
+
+impl Submission {
+    /// Charges the request's tokens to its tenant (call on the `Done` event).
+    pub fn charge(&self, usage: &Usage) {
+        if let Some(m) = &self.meter {
+            let used = usage.prompt_tokens + usage.completion_tokens;
+            m.state.live().quotas.charge(&m.tenant, used, Instant::now());
+        }
+    }
+}
+
+/// Validates sampling parameters against the model and the server limits.
+pub fn validate_sampling(
+    limits: &LimitsConfig,
+    model: &LoadedModel,
+    p: &SamplingParams,
+) -> Result<SamplingConfig, ApiError> {
+    if p.logprobs.is_some_and(|n| n > limits.max_logprobs) {
+        return Err(ApiError::invalid_parameter(
+            "logprobs",
+            format!("`logprobs` must be in [0, {}]", limits.max_logprobs),
+        ));
+    }
+    p.validate_with_order(
+        &SamplerLimits {
+            vocab_size: model.tokenizer.vocab_size(),
+            max_stop_strings: limits.max_stop_strings,
+            default_max_tokens: limits.default_max_tokens,
+            max_tokens_cap: limits.max_tokens_cap,
+        },
+        &model.sampler_order,
+    )
+}
+
+/// Checks a client-chosen session name.
+pub fn session_id(raw: Option<String>) -> Result<Option<SessionId>, ApiError> {
+    match raw {
+        Some(s) if s.is_empty() || s.len() > 256 => {
+            Err(ApiError::invalid_parameter("session_id", "`session_id` must be 1 to 256 characters"))
+        }
+        s => Ok(s.map(SessionId)),
+    }
+}
+
+/// Sends `job` to the model's engine and waits for admission (the first event): an error
+/// there is returned; after it, errors travel in the stream. `default_timeout` applies
+/// when the job sets none.
+pub async fn start(
+    model: &LoadedModel,
+    origin: Origin,
+    job: Job,
+    default_timeout: Duration,
+) -> Result<Submission, ApiError> {
+    let Job { input, sampling, session, timeout } = job;
+    let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
+    let request = GenerateRequest {
+        id: RequestId::next(),
+        client_id: origin.client_id,
+        tenant: origin.tenant,
+        session,
+        input,
+        sampling,
+        timeout: timeout.unwrap_or(default_timeout),
+        received_at: Instant::now(),
+        events: tx,
+    };
+    model.engine.send(EngineCommand::Generate(Box::new(request)))?;
+    match rx.recv().await {
+        Some(StreamEvent::Started { .. }) => Ok(Submission { rx, meter: None, cancel: watch::channel(false).1 }),
+        Some(StreamEvent::Error(e)) => Err(e),
+        Some(other) => Err(ApiError::new(ErrorKind::Internal, format!("unexpected first event {other:?}"))),
+        None => {
+            Err(ApiError::new(ErrorKind::Unavailable, "the engine dropped the request").with_code("engine_stopped"))
+        }
+    }
+}
+
+/// [`start`] for an HTTP request: refused while the server drains, refusals counted in
+/// the metrics, tokens charged to the caller's tenant, and the stream ended at shutdown.
+pub async fn submit(state: &Arc<AppState>, ctx: &Ctx, model: &LoadedModel, job: Job) -> Result<Submission, ApiError> {
+    if state.draining.load(Ordering::Relaxed) {
+        let e = ApiError::new(ErrorKind::Unavailable, "the server is shutting down").with_code("draining");
+        return Err(state.obs.rejected(model.id.as_str(), e));
+    }
+    let origin = Origin { tenant: ctx.caller.tenant.clone(), client_id: Some(ctx.request_id.clone()) };
+    let default_timeout = state.live().config.limits.default_timeout;
+    let mut sub =
+        start(model, origin, job, default_timeout).await.map_err(|e| state.obs.rejected(model.id.as_str(), e))?;
+    sub.meter = Some(Meter { state: state.clone(), tenant: ctx.caller.tenant.clone() });
+    sub.cancel = state.cancel.subscribe();
+    Ok(sub)
+}
+
+/// A finished generation gathered from its events.
+pub struct Collected {
+    pub tokens: Vec<TokenId>,
+    pub text: String,
+    pub logprobs: Vec<(TokenId, f32, Vec<TokenLogprob>)>,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    pub timings: Timings,
+    pub seed: u64,
+}
+
+/// Reads events to the end. An error after admission is returned as the error.
+pub async fn collect(sub: Submission) -> Result<Collected, ApiError> {
+    collect_streaming(sub, |_| {}).await
+}
+
+/// [`collect`], handing each piece of text to `on_text` as it arrives.
+pub async fn collect_streaming(mut sub: Submission, mut on_text: impl FnMut(&str)) -> Result<Collected, ApiError> {
+    let mut out = Collected {
+        tokens: vec![],
+        text: String::new(),
+        logprobs: vec![],
+        finish_reason: FinishReason::Error,
+        usage: Usage::default(),
+        timings: Timings::default(),
+        seed: 0,
+    };
+    while let Some(event) = sub.rx.recv().await {
+        match event {
+            StreamEvent::Started { .. } => {}
+            StreamEvent::Token { id, text, logprob, top_logprobs } => {
+                on_text(&text);
+                out.tokens.push(id);
+                out.text.push_str(&text);
+                out.logprobs.push((id, logprob.unwrap_or(0.0), top_logprobs));
+            }
+            StreamEvent::Done { finish_reason, usage, timings, seed, text } => {
+                sub.charge(&usage);
+                on_text(&text);
+                out.text.push_str(&text);
+                (out.finish_reason, out.usage, out.timings, out.seed) = (finish_reason, usage, timings, seed);
+                return Ok(out);
+            }
+            StreamEvent::Error(e) => return Err(e),
+        }
+    }
+    Err(ApiError::new(ErrorKind::Internal, "the engine ended the request without a final event"))
+}

@@ -1,0 +1,103 @@
+//! What every handler reads: the server's config, its models, the live (reloadable) keys
+//! and quotas, and the shutdown signals. Engines are reached only through their handles.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
+
+use super::auth::{Authenticator, Caller};
+use super::models::Models;
+use super::quota::Quotas;
+use super::records::ModelRegistry;
+use crate::config::{Config, Overrides};
+use crate::engine::load::{Footprint, LoadedModel};
+use crate::error::ApiError;
+use crate::telemetry::Observability;
+
+/// Everything handlers read. Engines are reached only through their handles.
+pub struct AppState {
+    /// The config the server started with (`server:` and `models:` are read from here).
+    pub config: Arc<Config>,
+    /// The served models, late-bound: swapped whole on load, unload and reload.
+    pub models: Models,
+    /// Set on shutdown: `/readyz` turns 503 and new generations are refused.
+    pub draining: AtomicBool,
+    /// Turns `true` when the shutdown grace period is over: open streams end with an error event.
+    pub cancel: watch::Sender<bool>,
+    /// Metrics, engine heartbeats and readiness thresholds.
+    pub obs: Arc<Observability>,
+    /// The download cache and what is known about each model.
+    pub registry: ModelRegistry,
+    /// The file `POST /admin/config/reload` reads, with the overrides given at startup.
+    pub config_source: Option<(PathBuf, Overrides)>,
+    live: RwLock<Arc<Live>>,
+}
+
+/// The parts of the config that `POST /admin/config/reload` replaces while serving.
+pub struct Live {
+    /// The latest accepted config (tenants, keys and limits are read from here).
+    pub config: Arc<Config>,
+    /// API keys and route access.
+    pub auth: Authenticator,
+    /// Per-tenant request and token buckets.
+    pub quotas: Quotas,
+}
+
+impl Live {
+    fn new(config: Arc<Config>) -> Self {
+        Live { auth: Authenticator::new(&config), quotas: Quotas::new(&config), config }
+    }
+}
+
+/// What every handler knows about the request besides its body.
+pub struct Ctx {
+    pub caller: Caller,
+    pub request_id: String,
+}
+
+impl AppState {
+    /// State whose models report to `obs` (see `start_model_observed`); `models` may be
+    /// empty and filled later (see `load_configured`).
+    pub fn new(config: Arc<Config>, models: Vec<LoadedModel>, obs: Arc<Observability>) -> Self {
+        let registry = ModelRegistry::new(&config);
+        for m in &models {
+            registry.record(&m.config, Footprint::of(&m.config).unwrap_or_default());
+        }
+        AppState {
+            live: RwLock::new(Arc::new(Live::new(config.clone()))),
+            registry,
+            config_source: None,
+            models: Models::new(models.into_iter().map(Arc::new).collect()),
+            draining: AtomicBool::new(false),
+            cancel: watch::Sender::new(false),
+            obs,
+            config,
+        }
+    }
+
+    /// Names the config file `POST /admin/config/reload` re-reads (with `overrides` applied).
+    pub fn with_config_source(mut self, path: PathBuf, overrides: Overrides) -> Self {
+        self.config_source = Some((path, overrides));
+        self
+    }
+
+    /// The live config, keys and quotas (one snapshot per request).
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the live config: tenants, keys and limits apply to the next request (rate
+    /// buckets start full). The admin key stays the one the server started with.
+    pub fn replace_live(&self, mut config: Config) {
+        config.auth.admin_key = self.config.auth.admin_key.clone();
+        let next = Arc::new(Live::new(Arc::new(config)));
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+
+    /// The model a request names, or the first one when it names none.
+    pub fn model(&self, name: Option<&str>) -> Result<Arc<LoadedModel>, ApiError> {
+        self.models.snapshot().route(name)
+    }
+}
