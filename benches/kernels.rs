@@ -12,8 +12,9 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use starling::config::KvDtype;
 use starling::kv::arena::{BlockTable, KvArena, KvLayout};
+use starling::model::desc::RopeStyle;
 use starling::model::ggml_type::GgmlType;
-use starling::model::kernels::attention::AttnShape;
+use starling::model::kernels::attention::{AttnShape, Span};
 use starling::model::kernels::{Kernels, MatmulScratch, QMatrix, reference};
 use starling::model::ops::{self, AttnScratch};
 use starling::sampler::{SamplerLimits, SamplerState, SamplingParams};
@@ -139,9 +140,9 @@ fn bench_row_ops(c: &mut Criterion) {
     let (mut cos, mut sin) = (vec![0.0; 32], vec![0.0; 32]);
     group.bench_function("rope/9x64", |b| {
         b.iter(|| {
-            ops::rope_angles(black_box(300), &inv_freq, &mut cos, &mut sin);
+            ops::rope_angles(black_box(300), &inv_freq, 1.0, &mut cos, &mut sin);
             for head in q.chunks_exact_mut(64) {
-                ops::rope(black_box(head), &cos, &sin);
+                ops::rope(RopeStyle::Adjacent, black_box(head), &cos, &sin);
             }
         })
     });
@@ -171,10 +172,10 @@ fn bench_attention(c: &mut Criterion) {
                 b.iter(|| {
                     ops::attend_row(
                         kernels,
-                        AttnShape { n_head: 9, n_head_kv: 3, head_dim: 64 },
+                        AttnShape::new(9, 3, 64),
                         0,
                         black_box(&q),
-                        positions - 1,
+                        Span::new(positions - 1, None),
                         &table.blocks,
                         &arena,
                         &mut scratch,

@@ -111,8 +111,8 @@ fn tokenize_json_parses_special_tokens_and_reports_offsets() {
 fn inspect_json_reports_the_architecture() {
     let v = run_json(&["inspect", model_path().to_str().unwrap(), "--json"]);
     assert_eq!(v["version"], 3);
-    assert_eq!(v["llama"]["n_layer"], 30);
-    assert_eq!(v["llama"]["n_vocab"], 49152);
+    assert_eq!(v["architecture"]["n_layer"], 30);
+    assert_eq!(v["architecture"]["n_vocab"], 49152);
 }
 
 #[test]

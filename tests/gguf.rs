@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use starling::model::arch::{ArchError, LlamaHparams, validate_llama};
+use starling::model::arch::describe as validate_llama;
+use starling::model::desc::{Activation, ArchDesc, ArchError, LayerDesc, LayerRope, RopeFactors, RopeStyle};
 use starling::model::ggml_type::GgmlType;
 use starling::model::gguf::{GgufError, GgufFile, GgufHeader, GgufValue, parse_header};
 use starling::model::gguf_writer::{
@@ -427,7 +428,9 @@ fn set_key(metadata: &mut [(String, GgufValue)], key: &str, value: GgufValue) {
 fn tiny_llama_validates_with_its_spec() {
     let spec = TinyLlamaSpec { tied_output: false, ..TinyLlamaSpec::default() };
     let hp = validate_llama(&tiny_header(&spec)).expect("valid");
-    let want = LlamaHparams {
+    let layer = LayerDesc { sliding: false, rope: LayerRope { freq_base: 10000.0, freq_scale: 1.0 } };
+    let want = ArchDesc {
+        family: "llama",
         n_vocab: TINY_BASE_VOCAB,
         n_embd: 64,
         n_layer: 2,
@@ -436,9 +439,19 @@ fn tiny_llama_validates_with_its_spec() {
         head_dim: 16,
         n_ff: 128,
         n_ctx_train: 256,
-        rope_freq_base: 10000.0,
-        rope_dim: 16,
         rms_eps: 1e-5,
+        activation: Activation::Silu,
+        qk_norm: false,
+        post_norms: false,
+        embed_scale: None,
+        attn_scale: 0.25,
+        rope_style: RopeStyle::Adjacent,
+        rope_dim: 16,
+        rope_factors: RopeFactors::None,
+        rope_magnitude: 1.0,
+        sliding_window: None,
+        layers: vec![layer; 2],
+        logit_softcap: None,
         tied_output: false,
         extra_tensors: vec![],
     };
@@ -504,8 +517,8 @@ fn other_architectures_are_unsupported() {
     let h =
         rebuild(&TinyLlamaSpec::default(), |m, _| set_key(m, "general.architecture", GgufValue::String("gpt2".into())));
     let err = llama_err(&h);
-    assert!(matches!(&err, ArchError::UnsupportedArchitecture(a) if a == "gpt2"), "{err:?}");
-    assert_names(&err, &["`gpt2`", "llama"]);
+    assert!(matches!(&err, ArchError::UnsupportedArchitecture { found, .. } if found == "gpt2"), "{err:?}");
+    assert_names(&err, &["`gpt2`", "llama, qwen2, qwen3, gemma3, phi3"]);
 }
 
 #[test]
@@ -545,8 +558,13 @@ fn missing_tensors_are_named() {
 }
 
 #[test]
-fn a_huge_block_count_fails_at_the_first_missing_layer() {
+fn a_huge_block_count_is_refused_before_anything_per_layer_is_allocated() {
     let h = rebuild(&TinyLlamaSpec::default(), |m, _| set_key(m, "llama.block_count", GgufValue::U32(u32::MAX)));
+    let err = llama_err(&h);
+    assert!(matches!(&err, ArchError::BadValue { key, .. } if key == "llama.block_count"), "{err:?}");
+    assert_names(&err, &["llama.block_count", "at most 3 for a file of 20 tensors"]);
+    // A count the file could hold fails at its first missing layer.
+    let h = rebuild(&TinyLlamaSpec::default(), |m, _| set_key(m, "llama.block_count", GgufValue::U32(3)));
     let err = llama_err(&h);
     assert!(matches!(&err, ArchError::MissingTensor { name, .. } if name == "blk.2.attn_norm.weight"), "{err:?}");
 }
@@ -602,7 +620,7 @@ fn rope_dimension_must_be_even_and_fit_the_head() {
             if key == "llama.rope.dimension_count" && *found == dims.to_string()),
             "{err:?}"
         );
-        assert_names(&err, &["head_dim 16", &dims.to_string()]);
+        assert_names(&err, &["head size 16", &dims.to_string()]);
     }
 }
 
@@ -628,7 +646,7 @@ fn optional_keys_take_their_defaults() {
         m.retain(|(k, _)| !optional.contains(&k.as_str()));
     });
     let hp = validate_llama(&h).expect("valid");
-    assert_eq!((hp.n_head_kv, hp.rope_freq_base, hp.rope_dim), (4, 10000.0, 16));
+    assert_eq!((hp.n_head_kv, hp.layers[0].rope.freq_base, hp.rope_dim), (4, 10000.0, 16));
     assert_eq!(hp.n_vocab, TINY_BASE_VOCAB, "vocab from tokenizer.ggml.tokens");
 }
 
@@ -654,12 +672,21 @@ fn missing_or_mistyped_required_keys_are_named() {
 }
 
 #[test]
-fn extra_tensors_are_allowed_and_listed() {
+fn extra_tensors_outside_layers_are_allowed_and_listed() {
     let h = rebuild(&TinyLlamaSpec::default(), |_, t| {
-        t.push(("rope_freqs.weight".into(), vec![8], GgmlType::F32, vec![0; 32]));
+        t.push(("cls_out.weight".into(), vec![8], GgmlType::F32, vec![0; 32]));
     });
     let hp = validate_llama(&h).expect("valid");
-    assert_eq!(hp.extra_tensors, vec!["rope_freqs.weight".to_owned()]);
+    assert_eq!(hp.extra_tensors, vec!["cls_out.weight".to_owned()]);
+}
+
+#[test]
+fn a_layer_tensor_the_pass_would_skip_is_refused() {
+    let h = rebuild(&TinyLlamaSpec::default(), |_, t| {
+        t.push(("blk.0.ffn_up.bias".into(), vec![128], GgmlType::F32, vec![0; 512]));
+    });
+    let err = llama_err(&h);
+    assert!(matches!(&err, ArchError::UnusedLayerTensor { name, .. } if name == "blk.0.ffn_up.bias"), "{err:?}");
 }
 
 // ---- the real model ----
@@ -674,7 +701,7 @@ fn smollm2_validates_with_the_known_hparams() {
     );
     assert!(hp.tied_output);
     assert_eq!(hp.rope_dim, 64);
-    assert!(hp.rms_eps > 0.0 && hp.rope_freq_base > 0.0);
+    assert!(hp.rms_eps > 0.0 && hp.layers[0].rope.freq_base > 0.0);
     let t = file.header.tensor("blk.0.ffn_down.weight").expect("ffn_down");
     assert_eq!((t.ggml_type, t.dims.as_slice()), (GgmlType::Q4_1, [1536u64, 576].as_slice()));
     assert_eq!(file.tensor_data(t).len() as u64, 1536 * 576 / 32 * 20);
@@ -695,10 +722,10 @@ fn inspect_reports_the_real_model() {
     let tokens = report.metadata.iter().find(|m| m.key == "tokenizer.ggml.tokens").expect("tokens");
     assert_eq!((tokens.value_type.as_str(), tokens.len), ("array<string>", Some(49152)));
     assert_eq!(tokens.value.as_array().map(Vec::len), Some(5));
-    assert_eq!(report.llama.as_ref().map(|h| h.n_layer), Some(30));
+    assert_eq!(report.architecture.as_ref().map(|h| h.n_layer), Some(30));
 
     let json = serde_json::to_value(&report).expect("serializes");
-    assert_eq!(json["llama"]["n_embd"], 576);
+    assert_eq!(json["architecture"]["n_embd"], 576);
     assert_eq!(json["validation_error"], serde_json::Value::Null);
     let text = report.to_string();
     for part in ["GGUF v3", "blk.29.ffn_down.weight", "Q4_1", "layers 30", "tied to token_embd"] {
@@ -717,11 +744,11 @@ fn inspect_reports_why_validation_failed() {
     let file = GgufFile::open(&path).expect("opens");
     let report = inspect(&file);
     std::fs::remove_file(&path).expect("cleanup");
-    assert!(report.llama.is_none());
+    assert!(report.architecture.is_none());
     assert!(report.validation_error.as_deref().is_some_and(|e| e.contains("`mamba`")));
     let long = report.metadata.iter().find(|m| m.key == "long").expect("long");
     assert!(long.value.as_str().is_some_and(|s| s.ends_with("…(420 more chars)")));
-    assert!(report.to_string().contains("not a runnable llama model"));
+    assert!(report.to_string().contains("not a runnable model"));
 }
 
 #[test]

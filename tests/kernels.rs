@@ -8,7 +8,7 @@ use rayon::ThreadPool;
 use starling::config::KvDtype;
 use starling::kv::arena::{BlockTable, KvArena, KvLayout};
 use starling::model::ggml_type::GgmlType;
-use starling::model::kernels::attention::{AttnShape, CHUNK};
+use starling::model::kernels::attention::{AttnShape, CHUNK, Span};
 use starling::model::kernels::quant_acts::{self, QuantActs};
 use starling::model::kernels::{KernelError, Kernels, MatmulScratch, QMatrix, reference};
 use starling::model::ops::{AttnScratch, attend_row};
@@ -289,15 +289,16 @@ fn bad_shapes_are_named_errors() {
 }
 
 /// Softmax attention in f64 straight from the definition: head `h` reads KV head
-/// `h / (n_head / n_head_kv)` of every position `0..=pos`.
+/// `h / (n_head / n_head_kv)` of every position given (`keys` and `vals` are the positions
+/// the row sees), scores scaled by `shape.scale`.
 fn attention_reference(shape: AttnShape, q: &[f32], keys: &[Vec<f32>], vals: &[Vec<f32>]) -> Vec<f64> {
-    let AttnShape { n_head, n_head_kv, head_dim: hd } = shape;
+    let AttnShape { n_head, n_head_kv, head_dim: hd, scale } = shape;
     let mut out = vec![0.0f64; n_head * hd];
     for h in 0..n_head {
         let g = h / (n_head / n_head_kv);
         let scores: Vec<f64> = keys
             .iter()
-            .map(|k| (0..hd).map(|i| q[h * hd + i] as f64 * k[g * hd + i] as f64).sum::<f64>() / (hd as f64).sqrt())
+            .map(|k| (0..hd).map(|i| q[h * hd + i] as f64 * k[g * hd + i] as f64).sum::<f64>() * scale as f64)
             .collect();
         let top = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let weights: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
@@ -314,15 +315,20 @@ fn attention_reference(shape: AttnShape, q: &[f32], keys: &[Vec<f32>], vals: &[V
 #[test]
 fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
-    // A generic head width, and the 64-wide heads with their own AVX-512 path.
-    for shape in
-        [AttnShape { n_head: 6, n_head_kv: 2, head_dim: 24 }, AttnShape { n_head: 9, n_head_kv: 3, head_dim: 64 }]
-    {
+    // A generic head width, the 64-wide heads with their own AVX-512 path, and Gemma 3's
+    // 256-wide single KV head with its own score scale.
+    let gemma = AttnShape { scale: 0.0625, ..AttnShape::new(4, 1, 256) };
+    for (shape, windows) in [
+        (AttnShape::new(6, 2, 24), [None, Some(37)]),
+        (AttnShape::new(9, 3, 64), [None, Some(CHUNK + 5)]),
+        (gemma, [None, Some(70)]),
+    ] {
         let (kvd, qd) = (shape.n_head_kv * shape.head_dim, shape.n_head * shape.head_dim);
         // One chunk, a chunk boundary, a ragged last chunk and a last block cut short; blocks
-        // of 16 rows, and of 48 (runs of rows longer than the AVX-512 path's sixteen).
+        // of 16 rows, and of 48 (runs of rows longer than the AVX-512 path's sixteen); with
+        // and without a sliding window starting inside a chunk.
         let cases = [16, 48].into_iter().flat_map(|bt| [1, 5, CHUNK, CHUNK + 1, 3 * CHUNK - 7].map(|p| (bt, p)));
-        for (bt, positions) in cases {
+        for ((bt, positions), window) in cases.flat_map(|c| windows.map(|w| (c, w))) {
             let layout = KvLayout { n_layer: 2, kv_dim: kvd, block_tokens: bt };
             let keys: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, kvd, 3.0)).collect();
             let vals: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, kvd, 1.0)).collect();
@@ -344,16 +350,18 @@ fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
                         })
                         .collect()
                 };
-                let want = attention_reference(shape, &q, &stored(&keys), &stored(&vals));
+                let span = Span::new(positions - 1, window);
+                let seen = span.lo..positions;
+                let want = attention_reference(shape, &q, &stored(&keys[seen.clone()]), &stored(&vals[seen]));
                 for kernels in Kernels::available() {
                     let (mut scratch, mut out) = (AttnScratch::default(), vec![f32::NAN; qd]);
-                    attend_row(kernels, shape, 1, &q, positions - 1, &table.blocks, &arena, &mut scratch, &mut out);
+                    attend_row(kernels, shape, 1, &q, span, &table.blocks, &arena, &mut scratch, &mut out);
                     for (i, (&got, &w)) in out.iter().zip(&want).enumerate() {
                         let err = (got as f64 - w).abs();
                         let name = kernels.name();
                         assert!(
                             err <= 1e-5 * (1.0 + w.abs()),
-                            "{name} {shape:?} {dtype:?} {bt}/{positions}: out[{i}] {got} vs {w}"
+                            "{name} {shape:?} {dtype:?} {bt}/{positions} window {window:?}: out[{i}] {got} vs {w}"
                         );
                     }
                 }

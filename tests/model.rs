@@ -12,7 +12,7 @@ use starling::model::ggml_type::GgmlType;
 use starling::model::gguf::GgufFile;
 use starling::model::kernels::Kernels;
 use starling::model::kernels::attention::CHUNK;
-use starling::model::llama::{LlamaModel, LogitsWanted, ModelError, SeqChunk};
+use starling::model::transformer::{LogitsWanted, ModelError, SeqChunk, Transformer};
 use starling::tokenizer::GgufTokenizer;
 
 pub fn model_path() -> PathBuf {
@@ -26,13 +26,13 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// The real model, loaded once per test binary (2 threads, like the references).
-pub fn smollm2_shared() -> Arc<LlamaModel> {
-    static MODEL: OnceLock<Arc<LlamaModel>> = OnceLock::new();
-    MODEL.get_or_init(|| Arc::new(LlamaModel::load(&model_path(), 2).expect("default model loads"))).clone()
+pub fn smollm2_shared() -> Arc<Transformer> {
+    static MODEL: OnceLock<Arc<Transformer>> = OnceLock::new();
+    MODEL.get_or_init(|| Arc::new(Transformer::load(&model_path(), 2).expect("default model loads"))).clone()
 }
 
-pub fn smollm2() -> &'static LlamaModel {
-    static MODEL: OnceLock<Arc<LlamaModel>> = OnceLock::new();
+pub fn smollm2() -> &'static Transformer {
+    static MODEL: OnceLock<Arc<Transformer>> = OnceLock::new();
     MODEL.get_or_init(smollm2_shared)
 }
 
@@ -56,7 +56,7 @@ fn next_token_logprobs_match_the_references() {
 
 /// The model runtime's bar on `model`: top-1 equal to a reference's, top-10 log-probabilities
 /// within 0.3 of the f32 reference; and the largest difference within [`logprob_bar`].
-fn check_logprobs(model: &LlamaModel) {
+fn check_logprobs(model: &Transformer) {
     let lines = jsonl("prompt_logprobs.jsonl");
     let mut worst = 0.0f64;
     let mut prompts = 0;
@@ -87,7 +87,7 @@ fn check_logprobs(model: &LlamaModel) {
 }
 
 /// Greedy continuation with, for each step, the gap between our best and second-best logit.
-fn greedy_with_margins(model: &LlamaModel, prompt: &[u32], steps: usize) -> Vec<(u32, f32)> {
+fn greedy_with_margins(model: &Transformer, prompt: &[u32], steps: usize) -> Vec<(u32, f32)> {
     let layout = model.kv_layout(16);
     let mut arena =
         KvArena::new(layout, (layout.blocks_for(prompt.len() + steps) * layout.block_bytes()) as u64).unwrap();
@@ -119,7 +119,7 @@ fn greedy_continuations_match_llama_cpp_up_to_the_first_near_tie() {
     check_greedy(smollm2());
 }
 
-fn check_greedy(model: &LlamaModel) {
+fn check_greedy(model: &Transformer) {
     let (mut compared, mut fixture_steps) = (0, 0);
     for line in jsonl("greedy.jsonl") {
         let want = ids(&line["greedy_ids"]);
@@ -154,7 +154,7 @@ fn check_greedy(model: &LlamaModel) {
 }
 
 /// Logits after the whole prompt, computed with K/V stored in an f16 arena.
-fn last_logits_f16_kv(model: &LlamaModel, prompt: &[u32]) -> Vec<f32> {
+fn last_logits_f16_kv(model: &Transformer, prompt: &[u32]) -> Vec<f32> {
     let layout = model.kv_layout(16);
     let cap = layout.blocks_for(prompt.len()) * layout.block_bytes_as(KvDtype::F16);
     let mut arena = KvArena::with_dtype(layout, cap as u64, KvDtype::F16).unwrap();
@@ -205,7 +205,7 @@ fn every_other_kernel_set_meets_the_same_bars() {
         others.iter().map(|k| k.name()).collect::<Vec<_>>()
     );
     for kernels in others {
-        let model = LlamaModel::from_file(GgufFile::open(&model_path()).unwrap(), 2, kernels).unwrap();
+        let model = Transformer::from_file(GgufFile::open(&model_path()).unwrap(), 2, kernels).unwrap();
         check_logprobs(&model);
         check_greedy(&model);
         check_perplexity(&model);
@@ -219,7 +219,7 @@ fn logprob_bar(kernels: Kernels) -> f64 {
     if kernels.quantizes_activations(GgmlType::Q4_1) { 0.005 } else { 2e-4 }
 }
 
-fn check_perplexity(model: &LlamaModel) {
+fn check_perplexity(model: &Transformer) {
     let tok = GgufTokenizer::from_gguf(&model.file().header).unwrap();
     let text = std::fs::read_to_string(fixture("ppl_text.txt")).unwrap();
     let ids = tok.encode(&text, false).unwrap();
@@ -230,10 +230,10 @@ fn check_perplexity(model: &LlamaModel) {
 }
 
 /// Runs chunks in one forward call, each sequence with its own fresh blocks.
-fn run_batch(model: &LlamaModel, chunks: &mut [SeqChunk], arena: &mut KvArena) -> Vec<Vec<f32>> {
+fn run_batch(model: &Transformer, chunks: &mut [SeqChunk], arena: &mut KvArena) -> Vec<Vec<f32>> {
     let mut logits = Vec::new();
     model.forward(chunks, arena, &mut logits).unwrap();
-    logits.chunks_exact(model.hparams.n_vocab).map(<[f32]>::to_vec).collect()
+    logits.chunks_exact(model.desc.n_vocab).map(<[f32]>::to_vec).collect()
 }
 
 fn chunk(arena: &mut KvArena, tokens: Vec<u32>) -> SeqChunk {
@@ -353,7 +353,7 @@ fn decode_steps_allocate_nothing_once_warm() {
             })
             .collect();
         model.forward(&steps, &mut arena, &mut logits).unwrap();
-        let firsts: Vec<u32> = logits.chunks_exact(model.hparams.n_vocab).map(|row| argmax(row) as u32).collect();
+        let firsts: Vec<u32> = logits.chunks_exact(model.desc.n_vocab).map(|row| argmax(row) as u32).collect();
         for c in &mut steps {
             c.tokens.truncate(1);
         }
@@ -365,7 +365,7 @@ fn decode_steps_allocate_nothing_once_warm() {
             crate::support::allocations_during(|| {
                 for _ in 0..STEPS {
                     model.forward(steps, &mut arena, logits).unwrap();
-                    for (c, row) in steps.iter_mut().zip(logits.chunks_exact(model.hparams.n_vocab)) {
+                    for (c, row) in steps.iter_mut().zip(logits.chunks_exact(model.desc.n_vocab)) {
                         c.tokens[0] = argmax(row) as u32;
                         c.start_pos += 1;
                     }
@@ -391,7 +391,7 @@ fn a_chunk_past_the_context_is_an_error_not_a_panic() {
     let layout = model.kv_layout(16);
     let mut arena = KvArena::new(layout, (layout.block_bytes() * 4) as u64).unwrap();
     let mut logits = Vec::new();
-    for start_pos in [model.hparams.n_ctx_train, usize::MAX] {
+    for start_pos in [model.desc.n_ctx_train, usize::MAX] {
         let c = SeqChunk { start_pos, ..chunk(&mut arena, vec![1, 2]) };
         let err = model.forward(&[c], &mut arena, &mut logits).unwrap_err();
         assert!(matches!(err, ModelError::ContextOverflow { .. }), "{err}");
@@ -434,19 +434,19 @@ mod tiny {
     use starling::model::gguf::GgufFile;
     use starling::model::gguf_writer::{TinyLlamaSpec, f32_bytes, tiny_llama};
     use starling::model::kernels::{Kernels, reference};
-    use starling::model::llama::{LlamaModel, LogitsWanted, SeqChunk};
+    use starling::model::transformer::{LogitsWanted, SeqChunk, Transformer};
 
     /// Writes `bytes` to a fresh temp file and loads it with the given kernels.
-    fn load(bytes: Vec<u8>, name: &str, kernels: Kernels) -> LlamaModel {
+    fn load(bytes: Vec<u8>, name: &str, kernels: Kernels) -> Transformer {
         let dir = std::env::temp_dir().join(format!("starling-tiny-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(name);
         std::fs::write(&path, bytes).unwrap();
-        LlamaModel::from_file(GgufFile::open(&path).unwrap(), 2, kernels).unwrap()
+        Transformer::from_file(GgufFile::open(&path).unwrap(), 2, kernels).unwrap()
     }
 
     /// Logits for every position of a short prompt.
-    fn logits(model: &LlamaModel, tokens: &[u32]) -> Vec<f32> {
+    fn logits(model: &Transformer, tokens: &[u32]) -> Vec<f32> {
         let layout = model.kv_layout(4);
         let mut arena = KvArena::new(layout, (layout.block_bytes() * 8) as u64).unwrap();
         let mut table = BlockTable::default();
@@ -498,8 +498,8 @@ mod tiny {
             let spec = TinyLlamaSpec { tied_output, ..Default::default() };
             let bytes = starling::model::gguf_writer::tiny_llama_f32(&spec);
             let model = load(bytes, &format!("tied-{tied_output}.gguf"), Kernels::detect());
-            assert_eq!(model.hparams.tied_output, tied_output);
-            assert_eq!(logits(&model, &[1, 2, 3]).len(), 3 * model.hparams.n_vocab);
+            assert_eq!(model.desc.tied_output, tied_output);
+            assert_eq!(logits(&model, &[1, 2, 3]).len(), 3 * model.desc.n_vocab);
         }
     }
 }

@@ -14,16 +14,16 @@ use starling::engine::scheduler::{SchedulerStats, TenantLimits, TenantShare};
 use starling::engine::{EngineParts, build_world};
 use starling::kv::arena::KvArena;
 use starling::kv::cache::KvCache;
-use starling::model::llama::LlamaModel;
+use starling::model::transformer::Transformer;
 use starling::protocol::{EngineCommand, FinishReason, GenerateRequest, PromptInput, StreamEvent};
 use starling::sampler::{SamplerLimits, SamplingConfig, SamplingParams};
 use starling::tokenizer::GgufTokenizer;
 use starling::types::{RequestId, TenantId, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 
-fn model() -> Arc<LlamaModel> {
-    static MODEL: OnceLock<Arc<LlamaModel>> = OnceLock::new();
-    MODEL.get_or_init(|| Arc::new(LlamaModel::load(&super::model::model_path(), 2).expect("model loads"))).clone()
+fn model() -> Arc<Transformer> {
+    static MODEL: OnceLock<Arc<Transformer>> = OnceLock::new();
+    MODEL.get_or_init(|| Arc::new(Transformer::load(&super::model::model_path(), 2).expect("model loads"))).clone()
 }
 
 fn tokenizer() -> Arc<GgufTokenizer> {
@@ -36,7 +36,7 @@ fn limits(max_batch: usize, max_batch_tokens: usize) -> EngineLimits {
         max_batch,
         max_batch_tokens,
         max_prompt_tokens: 4096,
-        n_ctx: model().hparams.n_ctx_train,
+        n_ctx: model().desc.n_ctx_train,
         high_watermark: 1000,
         low_watermark: 900,
         high_watermark_tokens: 1 << 20,

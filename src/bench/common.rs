@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::model::llama::ModelError;
+use crate::model::transformer::ModelError;
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]

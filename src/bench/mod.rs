@@ -9,7 +9,7 @@ mod model;
 
 use serde::Serialize;
 
-use crate::model::llama::LlamaModel;
+use crate::model::transformer::Transformer;
 
 pub use common::{BenchError, BenchSettings, EngineFigure};
 
@@ -37,7 +37,7 @@ pub fn run(settings: &BenchSettings) -> Result<BenchReport, BenchError> {
     if settings.reps == 0 || settings.threads == 0 {
         return Err(BenchError::Settings);
     }
-    let lm = LlamaModel::load(&settings.model, settings.threads)?;
+    let lm = Transformer::load(&settings.model, settings.threads)?;
     let figures = model::measure(&lm, settings.reps)?;
     let kernels = lm.kernels().name().to_string();
     drop(lm);

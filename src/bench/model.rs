@@ -5,7 +5,7 @@ use std::time::Instant;
 use super::common::{BenchError, bench_text, median};
 use crate::kv::arena::{BlockTable, KvArena};
 use crate::model::eval::argmax;
-use crate::model::llama::{LlamaModel, LogitsWanted, SeqChunk};
+use crate::model::transformer::{LogitsWanted, SeqChunk, Transformer};
 use crate::tokenizer::GgufTokenizer;
 use crate::types::TokenId;
 
@@ -36,7 +36,7 @@ struct Kv {
 }
 
 impl Kv {
-    fn new(model: &LlamaModel, seqs: usize, positions: usize) -> Result<Self, BenchError> {
+    fn new(model: &Transformer, seqs: usize, positions: usize) -> Result<Self, BenchError> {
         let layout = model.kv_layout(BLOCK_TOKENS);
         let bytes = (seqs * layout.blocks_for(positions) * layout.block_bytes()) as u64;
         let mut arena = KvArena::new(layout, bytes).map_err(|e| BenchError::Kv(e.to_string()))?;
@@ -55,7 +55,7 @@ impl Kv {
 }
 
 /// Prefill, single-stream decode at two context lengths, and batched decode.
-pub(crate) fn measure(model: &LlamaModel, reps: usize) -> Result<ModelFigures, BenchError> {
+pub(crate) fn measure(model: &Transformer, reps: usize) -> Result<ModelFigures, BenchError> {
     let tok = GgufTokenizer::from_gguf(&model.file().header).map_err(|e| BenchError::Tokenizer(e.to_string()))?;
     let mut ids = tok.encode(&bench_text(), false).map_err(|e| BenchError::Tokenizer(e.to_string()))?;
     ids.truncate(PROMPT_TOKENS);
@@ -82,7 +82,7 @@ pub(crate) fn measure(model: &LlamaModel, reps: usize) -> Result<ModelFigures, B
 
 /// Greedy tokens per second over `GEN_TOKENS` steps after a prompt of `ctx` positions
 /// whose logits are in `logits`.
-fn decode(model: &LlamaModel, kv: &mut Kv, logits: &mut Vec<f32>, ctx: usize) -> Result<f64, BenchError> {
+fn decode(model: &Transformer, kv: &mut Kv, logits: &mut Vec<f32>, ctx: usize) -> Result<f64, BenchError> {
     let t = Instant::now();
     for step in 0..GEN_TOKENS {
         let next = argmax(logits) as TokenId;
@@ -93,8 +93,8 @@ fn decode(model: &LlamaModel, kv: &mut Kv, logits: &mut Vec<f32>, ctx: usize) ->
 
 /// `BATCH` sequences with `BATCH_PROMPT`-token prompts (shifted windows of `ids`), prefilled
 /// together, then `BATCH_STEPS` greedy steps of one token each: generated tokens per second.
-fn batched_decode(model: &LlamaModel, ids: &[TokenId]) -> Result<f64, BenchError> {
-    let vocab = model.hparams.n_vocab;
+fn batched_decode(model: &Transformer, ids: &[TokenId]) -> Result<f64, BenchError> {
+    let vocab = model.desc.n_vocab;
     let mut kv = Kv::new(model, BATCH, BATCH_PROMPT + BATCH_STEPS)?;
     let prompts: Vec<SeqChunk> = (0..BATCH).map(|s| kv.chunk(s, ids[s..s + BATCH_PROMPT].to_vec(), 0)).collect();
     let mut logits = Vec::new();

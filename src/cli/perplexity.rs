@@ -26,7 +26,7 @@ pub struct PerplexityArgs {
 
 pub fn run(a: PerplexityArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
-    let model = starling::model::llama::LlamaModel::load(&a.model, a.threads)?;
+    let model = starling::model::transformer::Transformer::load(&a.model, a.threads)?;
     let tok = GgufTokenizer::from_gguf(&model.file().header)?;
     let ids = tok.encode(&text, false)?;
     let n = a.tokens.min(ids.len());

@@ -12,7 +12,7 @@ use super::scheduler::TenantLimits;
 use crate::config::{Config, ConfigError, ModelConfig, PolicyRule};
 use crate::kv::arena::KvError;
 use crate::kv::cache::KvCache;
-use crate::model::llama::{LlamaModel, ModelError};
+use crate::model::transformer::{ModelError, Transformer};
 use crate::sampler::{PolicyError, PolicyRules, SamplerStep};
 use crate::telemetry::{MetricsError, Observability};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
@@ -81,7 +81,7 @@ impl Footprint {
 /// A model that is loaded and has a running engine.
 pub struct LoadedModel {
     pub id: ModelId,
-    pub model: Arc<LlamaModel>,
+    pub model: Arc<Transformer>,
     pub tokenizer: Arc<GgufTokenizer>,
     pub engine: EngineHandle,
     pub config: ModelConfig,
@@ -101,14 +101,14 @@ pub fn start_model(config: &Config, index: usize) -> Result<LoadedModel, LoadErr
 pub fn start_model_observed(config: &Config, index: usize, obs: &Observability) -> Result<LoadedModel, LoadError> {
     let mc = &config.models[index];
     let id = mc.id.clone();
-    let model = LlamaModel::load(&mc.path, mc.threads.get()).map_err(|e| LoadError::Model {
+    let model = Transformer::load(&mc.path, mc.threads.get()).map_err(|e| LoadError::Model {
         id: id.clone(),
         path: mc.path.clone(),
         source: Box::new(e),
     })?;
     let tokenizer = GgufTokenizer::from_gguf(&model.file().header)
         .map_err(|source| LoadError::Tokenizer { id: id.clone(), source })?;
-    let n_ctx = model.hparams.n_ctx_train;
+    let n_ctx = model.desc.n_ctx_train;
     config.check_against_model(index, n_ctx).map_err(|source| LoadError::Config { id: id.clone(), source })?;
     let pipeline = PipelineSpec::load(&mc.pipeline).map_err(|source| LoadError::Pipeline { id: id.clone(), source })?;
     let sampler_order =

@@ -1,7 +1,7 @@
 //! Whole-sequence evaluation helpers over a private KV arena: last-position logits and
 //! perplexity. Used by the CLI and the correctness tests against the golden references.
 
-use super::llama::{LlamaModel, LogitsWanted, ModelError, SeqChunk};
+use super::transformer::{LogitsWanted, ModelError, SeqChunk, Transformer};
 use crate::kv::arena::{BlockTable, KvArena};
 use crate::types::TokenId;
 
@@ -9,7 +9,7 @@ const BLOCK_TOKENS: usize = 16;
 /// Positions computed per forward call.
 const CHUNK: usize = 256;
 
-fn arena_for(model: &LlamaModel, positions: usize) -> Result<(KvArena, BlockTable), ModelError> {
+fn arena_for(model: &Transformer, positions: usize) -> Result<(KvArena, BlockTable), ModelError> {
     let layout = model.kv_layout(BLOCK_TOKENS);
     let bytes = (layout.blocks_for(positions) * layout.block_bytes()) as u64;
     let mut arena =
@@ -23,9 +23,9 @@ fn arena_for(model: &LlamaModel, positions: usize) -> Result<(KvArena, BlockTabl
 
 /// Runs `ids` in chunks and calls `each` with (position, logits row) for every position
 /// whose logits `wanted` asks for.
-fn run(model: &LlamaModel, ids: &[TokenId], all: bool, mut each: impl FnMut(usize, &[f32])) -> Result<(), ModelError> {
+fn run(model: &Transformer, ids: &[TokenId], all: bool, mut each: impl FnMut(usize, &[f32])) -> Result<(), ModelError> {
     let (mut arena, table) = arena_for(model, ids.len())?;
-    let vocab = model.hparams.n_vocab;
+    let vocab = model.desc.n_vocab;
     let mut logits = Vec::new();
     for start in (0..ids.len()).step_by(CHUNK) {
         let end = (start + CHUNK).min(ids.len());
@@ -53,14 +53,14 @@ fn run(model: &LlamaModel, ids: &[TokenId], all: bool, mut each: impl FnMut(usiz
 }
 
 /// Logits after the whole prompt (the next-token distribution).
-pub fn last_logits(model: &LlamaModel, ids: &[TokenId]) -> Result<Vec<f32>, ModelError> {
+pub fn last_logits(model: &Transformer, ids: &[TokenId]) -> Result<Vec<f32>, ModelError> {
     let mut out = Vec::new();
     run(model, ids, false, |_, row| out = row.to_vec())?;
     Ok(out)
 }
 
 /// exp(mean negative log-likelihood) of each token given the ones before it.
-pub fn perplexity(model: &LlamaModel, ids: &[TokenId]) -> Result<f64, ModelError> {
+pub fn perplexity(model: &Transformer, ids: &[TokenId]) -> Result<f64, ModelError> {
     let mut nll = 0.0f64;
     let mut n = 0usize;
     run(model, ids, true, |pos, row| {
@@ -82,7 +82,7 @@ pub fn log_softmax_at(row: &[f32], index: usize) -> f64 {
 /// Greedy (argmax) continuation of `ids` for up to `n_new` tokens, stopping after `stop`.
 /// Prefills the prompt in one call, then decodes one token per call.
 pub fn greedy(
-    model: &LlamaModel,
+    model: &Transformer,
     ids: &[TokenId],
     n_new: usize,
     stop: Option<TokenId>,

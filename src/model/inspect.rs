@@ -7,7 +7,8 @@ use std::fmt;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::arch::{LlamaHparams, validate_llama};
+use super::arch::describe;
+use super::desc::{ArchDesc, RopeFactors};
 use super::gguf::{GgufFile, GgufValue};
 
 /// Array items shown before the rest is summarised by its length.
@@ -28,8 +29,9 @@ pub struct InspectReport {
     pub tensors: Vec<TensorEntry>,
     /// Per ggml type: tensor count, elements, bytes (sorted by type name).
     pub totals: Vec<TypeTotal>,
-    /// The llama hyperparameters, when the file validates as a llama model.
-    pub llama: Option<LlamaHparams>,
+    /// The resolved architecture description, when the file validates as a model
+    /// Starling runs.
+    pub architecture: Option<ArchDesc>,
     /// Why validation failed, when it did.
     pub validation_error: Option<String>,
 }
@@ -66,7 +68,7 @@ pub struct TypeTotal {
     pub n_bytes: u64,
 }
 
-/// Summarises `file`: header, metadata, tensors, per-type totals and llama validation.
+/// Summarises `file`: header, metadata, tensors, per-type totals and the architecture.
 pub fn inspect(file: &GgufFile) -> InspectReport {
     let h = &file.header;
     let tensors: Vec<TensorEntry> = h
@@ -93,8 +95,8 @@ pub fn inspect(file: &GgufFile) -> InspectReport {
         e.elems += t.n_elems();
         e.n_bytes += t.n_bytes;
     }
-    let (llama, validation_error) = match validate_llama(h) {
-        Ok(hp) => (Some(hp), None),
+    let (architecture, validation_error) = match describe(h) {
+        Ok(desc) => (Some(desc), None),
         Err(e) => (None, Some(e.to_string())),
     };
     InspectReport {
@@ -106,7 +108,7 @@ pub fn inspect(file: &GgufFile) -> InspectReport {
         metadata: h.metadata.iter().map(|(k, v)| summarise(k, v)).collect(),
         tensors,
         totals: totals.into_values().collect(),
-        llama,
+        architecture,
         validation_error,
     }
 }
@@ -179,31 +181,62 @@ impl fmt::Display for InspectReport {
                 t.ggml_type, t.tensors, t.elems, t.n_bytes
             )?;
         }
-        match (&self.llama, &self.validation_error) {
-            (Some(hp), _) => write_hparams(f, hp),
-            (None, Some(err)) => writeln!(f, "\nnot a runnable llama model: {err}"),
+        match (&self.architecture, &self.validation_error) {
+            (Some(desc), _) => write_desc(f, desc),
+            (None, Some(err)) => writeln!(f, "\nnot a runnable model: {err}"),
             (None, None) => Ok(()),
         }
     }
 }
 
-fn write_hparams(f: &mut fmt::Formatter<'_>, hp: &LlamaHparams) -> fmt::Result {
-    writeln!(f, "\nllama: valid")?;
+fn write_desc(f: &mut fmt::Formatter<'_>, d: &ArchDesc) -> fmt::Result {
+    writeln!(f, "\narchitecture: {} (valid)", d.family)?;
     writeln!(
         f,
         "  vocab {}  embd {}  layers {}  heads {} (kv {}, dim {})  ffn {}  ctx {}",
-        hp.n_vocab, hp.n_embd, hp.n_layer, hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_ff, hp.n_ctx_train
+        d.n_vocab, d.n_embd, d.n_layer, d.n_head, d.n_head_kv, d.head_dim, d.n_ff, d.n_ctx_train
     )?;
+    let yes = |b: bool| if b { "yes" } else { "no" };
     writeln!(
         f,
-        "  rope base {} dims {}  rms eps {:e}  output head {}",
-        hp.rope_freq_base,
-        hp.rope_dim,
-        hp.rms_eps,
-        if hp.tied_output { "tied to token_embd" } else { "output.weight" }
+        "  rms eps {:e}  q/k norms {}  post norms {}  activation {:?}  embedding scale {}",
+        d.rms_eps,
+        yes(d.qk_norm),
+        yes(d.post_norms),
+        d.activation,
+        d.embed_scale.map_or("none".to_owned(), |s| format!("{s}")),
     )?;
-    if !hp.extra_tensors.is_empty() {
-        writeln!(f, "  unused tensors: {}", hp.extra_tensors.join(", "))?;
+    let factors = match &d.rope_factors {
+        RopeFactors::None => "none".to_owned(),
+        RopeFactors::Tensor(name) => name.clone(),
+    };
+    writeln!(
+        f,
+        "  rope {:?} over {} dims, factors {factors}, magnitude {}  attention scale {}",
+        d.rope_style, d.rope_dim, d.rope_magnitude, d.attn_scale
+    )?;
+    let mut bases: Vec<(String, Vec<usize>)> = Vec::new();
+    for (i, l) in d.layers.iter().enumerate() {
+        let kind = match (l.sliding, d.sliding_window) {
+            (true, Some(w)) => format!("window {w}, rope base {} scale {}", l.rope.freq_base, l.rope.freq_scale),
+            _ => format!("global, rope base {} scale {}", l.rope.freq_base, l.rope.freq_scale),
+        };
+        match bases.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, layers)) => layers.push(i),
+            None => bases.push((kind, vec![i])),
+        }
+    }
+    for (kind, layers) in bases {
+        writeln!(f, "  layers {layers:?}: {kind}")?;
+    }
+    writeln!(
+        f,
+        "  output head {}  logit softcap {}",
+        if d.tied_output { "tied to token_embd" } else { "output.weight" },
+        d.logit_softcap.map_or("none".to_owned(), |c| c.to_string())
+    )?;
+    if !d.extra_tensors.is_empty() {
+        writeln!(f, "  unused tensors: {}", d.extra_tensors.join(", "))?;
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! The engine holds the model as `Arc<dyn ModelRuntime>`, so it never names a model type.
 
 use crate::kv::arena::{KvArena, KvLayout};
-use crate::model::llama::{LlamaModel, ModelError, SeqChunk};
+use crate::model::transformer::{ModelError, SeqChunk, Transformer};
 
 /// Turns a batch of sequence chunks into logits, reading and appending K/V in `kv`.
 pub trait ModelRuntime: Send + Sync {
@@ -16,20 +16,20 @@ pub trait ModelRuntime: Send + Sync {
     fn forward(&self, batch: &[SeqChunk], kv: &mut KvArena, logits: &mut Vec<f32>) -> Result<(), ModelError>;
 }
 
-impl ModelRuntime for LlamaModel {
+impl ModelRuntime for Transformer {
     fn n_vocab(&self) -> usize {
-        self.hparams.n_vocab
+        self.desc.n_vocab
     }
 
     fn n_ctx(&self) -> usize {
-        self.hparams.n_ctx_train
+        self.desc.n_ctx_train
     }
 
     fn kv_layout(&self, block_tokens: usize) -> KvLayout {
-        LlamaModel::kv_layout(self, block_tokens)
+        Transformer::kv_layout(self, block_tokens)
     }
 
     fn forward(&self, batch: &[SeqChunk], kv: &mut KvArena, logits: &mut Vec<f32>) -> Result<(), ModelError> {
-        LlamaModel::forward(self, batch, kv, logits)
+        Transformer::forward(self, batch, kv, logits)
     }
 }

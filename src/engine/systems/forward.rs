@@ -5,7 +5,7 @@ use bevy_ecs::prelude::*;
 use crate::engine::components::*;
 use crate::engine::resources::*;
 use crate::error::{ApiError, ErrorKind};
-use crate::model::llama::{LogitsWanted, SeqChunk};
+use crate::model::transformer::{LogitsWanted, SeqChunk};
 
 /// Runs the model on every planned chunk, appending K/V and leaving one logits row per
 /// sampling sequence in [`Logits`].

@@ -73,7 +73,7 @@ fn describe(id: &str, record: &ModelRecord, model: Option<&Arc<LoadedModel>>) ->
         v["queued"] = json!(s.queued.load(Ordering::Relaxed));
         v["running"] = json!(s.running.load(Ordering::Relaxed));
         v["kv_blocks_used"] = json!(s.kv_blocks_used.load(Ordering::Relaxed));
-        v["context_length"] = json!(m.model.hparams.n_ctx_train);
+        v["context_length"] = json!(m.model.desc.n_ctx_train);
     }
     v
 }

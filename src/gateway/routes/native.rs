@@ -61,7 +61,7 @@ pub fn list_models(state: &AppState) -> Response<Body> {
     let data: Vec<_> = table
         .ready
         .iter()
-        .map(|m| json!({"id": m.id, "object": "model", "owned_by": "starling", "context_length": m.model.hparams.n_ctx_train}))
+        .map(|m| json!({"id": m.id, "object": "model", "owned_by": "starling", "context_length": m.model.desc.n_ctx_train}))
         .collect();
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
 }

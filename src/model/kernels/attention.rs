@@ -22,22 +22,52 @@ use crate::kv::arena::{BlockId, KvArena, KvRows};
 pub const CHUNK: usize = 64;
 
 /// The attention geometry of a model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttnShape {
     pub n_head: usize,
     pub n_head_kv: usize,
     pub head_dim: usize,
+    /// Multiplies every score `q·k` before the softmax (usually `1/sqrt(head_dim)`).
+    pub scale: f32,
 }
 
 impl AttnShape {
+    /// The usual shape: scores scaled by `1/sqrt(head_dim)`.
+    pub fn new(n_head: usize, n_head_kv: usize, head_dim: usize) -> Self {
+        AttnShape { n_head, n_head_kv, head_dim, scale: 1.0 / (head_dim as f32).sqrt() }
+    }
+
     /// Floats of one chunk's partial result: per head `[m, s, acc[head_dim]]`.
     pub fn partial_len(&self) -> usize {
         self.n_head * (self.head_dim + 2)
     }
+}
 
-    /// Chunks of a row at position `pos` (it attends to `0..=pos`).
-    pub fn chunks(pos: usize) -> usize {
-        (pos + 1).div_ceil(CHUNK)
+/// What a query row at position `pos` attends to: `lo..=pos`, where `lo` is 0, or for a
+/// sliding-window layer the first of the last `window` positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub lo: usize,
+    pub pos: usize,
+}
+
+impl Span {
+    /// The positions a row at `pos` sees with an optional sliding window (itself included).
+    pub fn new(pos: usize, window: Option<usize>) -> Self {
+        let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w.max(1)));
+        Span { lo, pos }
+    }
+
+    /// How many chunks the span touches. Chunk `c` covers positions
+    /// `c·CHUNK..(c+1)·CHUNK`, so boundaries depend only on positions.
+    pub fn chunks(self) -> usize {
+        self.pos / CHUNK - self.lo / CHUNK + 1
+    }
+
+    /// The positions of the span's `i`th chunk.
+    pub fn chunk(self, i: usize) -> Range<usize> {
+        let c = self.lo / CHUNK + i;
+        (c * CHUNK).max(self.lo)..((c + 1) * CHUNK).min(self.pos + 1)
     }
 }
 
@@ -48,7 +78,7 @@ pub struct ChunkJob<'a> {
     pub layer: usize,
     /// The row's query, `n_head × head_dim` values.
     pub q: &'a [f32],
-    /// Positions of the chunk: from a multiple of [`CHUNK`], at most [`CHUNK`] of them.
+    /// Positions of the chunk: within one run `c·CHUNK..(c+1)·CHUNK` (see [`Span::chunk`]).
     pub range: Range<usize>,
     /// The sequence's blocks, covering `range`.
     pub blocks: &'a [BlockId],
@@ -215,7 +245,7 @@ fn chunk_body<A: Arith>(job: &ChunkJob, scratch: &mut ChunkScratch, part: &mut [
     let ChunkJob { shape, layer, q, ref range, blocks, kv } = *job;
     let AttnShape { n_head, head_dim: hd, .. } = shape;
     let n = range.len();
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = shape.scale;
     let ChunkScratch { scores, rows } = scratch;
     scores.resize(n_head * CHUNK, 0.0);
     let mut j = range.start;

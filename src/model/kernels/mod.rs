@@ -278,7 +278,7 @@ impl Kernels {
         assert_eq!(part.len(), shape.partial_len(), "partial length");
         assert!(shape.n_head_kv > 0 && shape.n_head.is_multiple_of(shape.n_head_kv), "head groups");
         assert_eq!(kv.layout().kv_dim, shape.n_head_kv * shape.head_dim, "KV row width");
-        assert!(range.start.is_multiple_of(CHUNK) && !range.is_empty() && range.len() <= CHUNK, "chunk {range:?}");
+        assert!(!range.is_empty() && range.start / CHUNK == (range.end - 1) / CHUNK, "chunk {range:?}");
         assert!(range.end <= job.blocks.len() * kv.layout().block_tokens, "block table too short for {range:?}");
         match self.isa {
             #[cfg(target_arch = "x86_64")]

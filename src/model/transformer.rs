@@ -1,7 +1,11 @@
-//! The llama-family forward pass over a batch of sequences.
+//! The forward pass over a batch of sequences, for every family: what differs between
+//! architectures comes from the [`ArchDesc`] (norm placement, biases, Q/K norms, RoPE style
+//! and bases, activation, sliding windows, embedding scale, fused tensors), never from a
+//! family name.
 //!
-//! Weights stay in the memory-mapped GGUF file in their stored (quantized) form; only the
-//! small norm vectors are copied. K/V live outside the model, in the [`KvArena`] the caller
+//! Weights stay in the memory-mapped GGUF file in their stored (quantized) form; fused
+//! tensors are used as row views of their parts. Only the small vectors (norms, biases,
+//! RoPE factors) are copied. K/V live outside the model, in the [`KvArena`] the caller
 //! passes in. One call runs any mix of sequences: some prefilling many tokens, some decoding
 //! one. Every per-row computation (norms, RoPE, attention, and the kernels' matmul) is done
 //! the same way whatever else is in the batch, so a sequence's logits are bit-identical
@@ -13,12 +17,15 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use super::arch::{LlamaHparams, validate_llama};
+use super::arch::describe;
+use super::desc::{Activation, ArchDesc, RopeFactors};
 use super::ggml_type::GgmlType;
 use super::gguf::{GgufError, GgufFile, TensorInfo};
-use super::kernels::attention::{AttnShape, CHUNK, ChunkJob, ChunkScratch, merge};
+use super::kernels::attention::{AttnShape, ChunkJob, ChunkScratch, Span, merge};
 use super::kernels::{Kernels, MatmulScratch, QMatrix};
-use super::ops::{AttnScratch, attend_row, rms_norm, rms_norm_rows, rope, rope_angles, silu};
+use super::ops::{
+    AttnScratch, attend_row, gelu_tanh, rms_norm, rms_norm_in_place, rms_norm_rows, rope, rope_angles, silu,
+};
 use crate::kv::arena::{BlockId, KvArena, KvLayout};
 use crate::types::TokenId;
 
@@ -28,7 +35,7 @@ pub enum ModelError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
     #[error(transparent)]
-    Arch(#[from] super::arch::ArchError),
+    Arch(#[from] super::desc::ArchError),
     #[error("tensor `{name}`: {message}")]
     Tensor { name: String, message: String },
     #[error("token id {id} is outside the vocabulary ({vocab} tokens)")]
@@ -46,7 +53,7 @@ pub enum ModelError {
 }
 
 /// Most attention chunks whose partial results are held at once (about 10 MB for
-/// SmolLM2's 9 heads of 64).
+/// SmolLM2's 9 heads of 64, 17 MB for Gemma 3's 4 heads of 256).
 const MAX_ATTN_CHUNKS: usize = 4096;
 
 /// Fewest rows per pool thread for a batch to be split by sequence (one full x tile of
@@ -88,12 +95,21 @@ pub struct SeqChunk {
     pub logits: LogitsWanted,
 }
 
-/// Where a weight matrix lives in the file.
+/// Where a weight matrix lives in the file: rows `first_row..first_row + rows` of a
+/// tensor (all of them, or one part of a fused tensor).
 #[derive(Clone, Debug)]
 struct MatrixRef {
     info: TensorInfo,
+    first_row: usize,
     rows: usize,
     cols: usize,
+}
+
+impl MatrixRef {
+    /// Rows `first..first + rows` of this matrix.
+    fn rows(&self, first: usize, rows: usize) -> MatrixRef {
+        MatrixRef { info: self.info.clone(), first_row: self.first_row + first, rows, cols: self.cols }
+    }
 }
 
 struct LayerWeights {
@@ -101,11 +117,23 @@ struct LayerWeights {
     wq: MatrixRef,
     wk: MatrixRef,
     wv: MatrixRef,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
     wo: MatrixRef,
+    bo: Option<Vec<f32>>,
+    post_attn_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
     w_gate: MatrixRef,
     w_up: MatrixRef,
     w_down: MatrixRef,
+    post_ffn_norm: Option<Vec<f32>>,
+    /// Which of the model's RoPE tables this layer uses.
+    rope: usize,
+    /// The layer's sliding window, if it has one.
+    window: Option<usize>,
 }
 
 /// Reusable buffers for one forward call (grown, never shrunk).
@@ -125,10 +153,10 @@ struct Scratch {
     gate: Vec<f32>,
     up: Vec<f32>,
     rows: Vec<RowInfo>,
-    /// RoPE cosines and sines of each row's position (`rope_dim / 2` per row), shared by
-    /// every head and layer.
-    rope_cos: Vec<f32>,
-    rope_sin: Vec<f32>,
+    /// Per RoPE table, the cosines and sines of each row's position (`rope_dim / 2` per
+    /// row), shared by every head and by the layers using that table.
+    rope_cos: Vec<Vec<f32>>,
+    rope_sin: Vec<Vec<f32>>,
     matmul: MatmulScratch,
     /// Attention buffers of one row at a time (serial groups).
     attn_row: AttnScratch,
@@ -145,22 +173,24 @@ struct RowInfo {
     pos: usize,
 }
 
-/// A loaded llama-family model: hyper-parameters, weight locations, kernels, thread pool.
-pub struct LlamaModel {
-    pub hparams: LlamaHparams,
+/// A loaded model: its architecture description, weight locations, kernels, thread pool.
+pub struct Transformer {
+    pub desc: ArchDesc,
     file: GgufFile,
     embeddings: MatrixRef,
     output: MatrixRef,
+    output_bias: Option<Vec<f32>>,
     output_norm: Vec<f32>,
     layers: Vec<LayerWeights>,
-    /// RoPE inverse frequencies, one per rotated pair.
-    inv_freq: Vec<f64>,
+    /// RoPE inverse frequencies (one per rotated pair), one table per distinct base and
+    /// scale among the layers.
+    rope_tables: Vec<Vec<f64>>,
     kernels: Kernels,
     pool: rayon::ThreadPool,
     scratch: Mutex<Scratch>,
 }
 
-impl LlamaModel {
+impl Transformer {
     /// Maps, validates and prepares a GGUF model; `threads` sizes the model's own pool. The
     /// kernels are [`Kernels::from_env`]'s: the CPU's default set, or `STARLING_KERNELS`.
     pub fn load(path: &Path, threads: usize) -> Result<Self, ModelError> {
@@ -171,42 +201,94 @@ impl LlamaModel {
 
     /// Builds the model over an opened file with the given kernels (tests pass `portable`).
     pub fn from_file(file: GgufFile, threads: usize, kernels: Kernels) -> Result<Self, ModelError> {
-        let hp = validate_llama(&file.header)?;
+        let desc = describe(&file.header)?;
         let matrix = |name: &str| matrix_ref(&file, name);
         let vector = |name: &str| f32_vector(&file, name);
-        let mut layers = Vec::with_capacity(hp.n_layer);
-        for i in 0..hp.n_layer {
+        let optional = |name: &str| file.header.tensor(name).map(|_| f32_vector(&file, name)).transpose();
+        let factors = match &desc.rope_factors {
+            RopeFactors::None => None,
+            RopeFactors::Tensor(name) => Some(vector(name)?),
+        };
+        let mut rope_tables: Vec<Vec<f64>> = Vec::new();
+        let mut rope_keys: Vec<(u32, u32)> = Vec::new();
+        let (q, kv, ff) = (desc.q_dim(), desc.kv_dim(), desc.n_ff);
+        let mut layers = Vec::with_capacity(desc.n_layer);
+        for (i, ld) in desc.layers.iter().enumerate() {
+            let blk = |part: &str| format!("blk.{i}.{part}");
+            let ((wq, wk, wv), (bq, bk, bv)) = match file.header.tensor(&blk("attn_qkv.weight")) {
+                Some(_) => {
+                    let w = matrix(&blk("attn_qkv.weight"))?;
+                    let b = optional(&blk("attn_qkv.bias"))?;
+                    let split = |b: &Vec<f32>| (b[..q].to_vec(), b[q..q + kv].to_vec(), b[q + kv..].to_vec());
+                    let (bq, bk, bv) = match b.as_ref().map(split) {
+                        Some((bq, bk, bv)) => (Some(bq), Some(bk), Some(bv)),
+                        None => (None, None, None),
+                    };
+                    ((w.rows(0, q), w.rows(q, kv), w.rows(q + kv, kv)), (bq, bk, bv))
+                }
+                None => (
+                    (matrix(&blk("attn_q.weight"))?, matrix(&blk("attn_k.weight"))?, matrix(&blk("attn_v.weight"))?),
+                    (optional(&blk("attn_q.bias"))?, optional(&blk("attn_k.bias"))?, optional(&blk("attn_v.bias"))?),
+                ),
+            };
+            let (w_gate, w_up) = match file.header.tensor(&blk("ffn_gate.weight")) {
+                Some(_) => (matrix(&blk("ffn_gate.weight"))?, matrix(&blk("ffn_up.weight"))?),
+                None => {
+                    let fused = matrix(&blk("ffn_up.weight"))?;
+                    (fused.rows(0, ff), fused.rows(ff, ff))
+                }
+            };
+            let key = (ld.rope.freq_base.to_bits(), ld.rope.freq_scale.to_bits());
+            let rope = match rope_keys.iter().position(|k| *k == key) {
+                Some(r) => r,
+                None => {
+                    rope_keys.push(key);
+                    rope_tables.push(inv_freq(&desc, ld.rope.freq_base, ld.rope.freq_scale, factors.as_deref()));
+                    rope_tables.len() - 1
+                }
+            };
+            let post = |part: &str| if desc.post_norms { vector(&blk(part)).map(Some) } else { Ok(None) };
+            let qk = |part: &str| if desc.qk_norm { vector(&blk(part)).map(Some) } else { Ok(None) };
             layers.push(LayerWeights {
-                attn_norm: vector(&format!("blk.{i}.attn_norm.weight"))?,
-                wq: matrix(&format!("blk.{i}.attn_q.weight"))?,
-                wk: matrix(&format!("blk.{i}.attn_k.weight"))?,
-                wv: matrix(&format!("blk.{i}.attn_v.weight"))?,
-                wo: matrix(&format!("blk.{i}.attn_output.weight"))?,
-                ffn_norm: vector(&format!("blk.{i}.ffn_norm.weight"))?,
-                w_gate: matrix(&format!("blk.{i}.ffn_gate.weight"))?,
-                w_up: matrix(&format!("blk.{i}.ffn_up.weight"))?,
-                w_down: matrix(&format!("blk.{i}.ffn_down.weight"))?,
+                attn_norm: vector(&blk("attn_norm.weight"))?,
+                wq,
+                wk,
+                wv,
+                bq,
+                bk,
+                bv,
+                q_norm: qk("attn_q_norm.weight")?,
+                k_norm: qk("attn_k_norm.weight")?,
+                wo: matrix(&blk("attn_output.weight"))?,
+                bo: optional(&blk("attn_output.bias"))?,
+                post_attn_norm: post("post_attention_norm.weight")?,
+                ffn_norm: vector(&blk("ffn_norm.weight"))?,
+                w_gate,
+                w_up,
+                w_down: matrix(&blk("ffn_down.weight"))?,
+                post_ffn_norm: post("post_ffw_norm.weight")?,
+                rope,
+                window: if ld.sliding { desc.sliding_window } else { None },
             });
         }
         let embeddings = matrix("token_embd.weight")?;
-        let output = if hp.tied_output { embeddings.clone() } else { matrix("output.weight")? };
+        let output = if desc.tied_output { embeddings.clone() } else { matrix("output.weight")? };
+        let output_bias = optional("output.bias")?;
         let output_norm = vector("output_norm.weight")?;
-        let inv_freq = (0..hp.rope_dim / 2)
-            .map(|i| (hp.rope_freq_base as f64).powf(-2.0 * i as f64 / hp.rope_dim as f64))
-            .collect();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(|i| format!("starling-model-{i}"))
             .build()
             .map_err(|e| ModelError::ThreadPool(e.to_string()))?;
-        Ok(LlamaModel {
-            hparams: hp,
+        Ok(Transformer {
+            desc,
             file,
             embeddings,
             output,
+            output_bias,
             output_norm,
             layers,
-            inv_freq,
+            rope_tables,
             kernels,
             pool,
             scratch: Mutex::new(Scratch::default()),
@@ -246,17 +328,19 @@ impl LlamaModel {
     }
 
     fn attn_shape(&self) -> AttnShape {
-        let hp = &self.hparams;
-        AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hp.head_dim }
+        let d = &self.desc;
+        AttnShape { n_head: d.n_head, n_head_kv: d.n_head_kv, head_dim: d.head_dim, scale: d.attn_scale }
     }
 
     /// The KV geometry this model needs, with the given block size.
     pub fn kv_layout(&self, block_tokens: usize) -> KvLayout {
-        KvLayout { n_layer: self.hparams.n_layer, kv_dim: self.hparams.n_head_kv * self.hparams.head_dim, block_tokens }
+        KvLayout { n_layer: self.desc.n_layer, kv_dim: self.desc.kv_dim(), block_tokens }
     }
 
     fn qmatrix(&self, m: &MatrixRef) -> QMatrix<'_> {
-        QMatrix::new(m.info.ggml_type, m.rows, m.cols, self.file.tensor_data(&m.info)).expect("shape checked at load")
+        let row_bytes = m.cols / m.info.ggml_type.block_elems() * m.info.ggml_type.block_bytes();
+        let data = &self.file.tensor_data(&m.info)[m.first_row * row_bytes..(m.first_row + m.rows) * row_bytes];
+        QMatrix::new(m.info.ggml_type, m.rows, m.cols, data).expect("shape checked at load")
     }
 
     /// Runs the batch, appending K/V for every token, and writes logits into `logits`:
@@ -274,7 +358,7 @@ impl LlamaModel {
     fn run(&self, batch: &[SeqChunk], kv: &mut KvArena, s: &mut Scratch, logits: &mut Vec<f32>) {
         let wanted: usize = batch.iter().map(|c| logit_rows(c).len()).sum();
         logits.clear();
-        logits.resize(wanted * self.hparams.n_vocab, 0.0);
+        logits.resize(wanted * self.desc.n_vocab, 0.0);
         let mut groups = std::mem::take(&mut s.seq_groups);
         if sequence_groups(batch, self.threads(), &mut groups) {
             self.run_split(batch, kv, s, &groups, logits);
@@ -344,7 +428,7 @@ impl LlamaModel {
         }
         let mid = groups.len() / 2;
         let rows: usize = groups[..mid].iter().flat_map(|seqs| &batch[seqs.clone()]).map(|c| logit_rows(c).len()).sum();
-        let (out_a, out_b) = logits.split_at_mut(rows * self.hparams.n_vocab);
+        let (out_a, out_b) = logits.split_at_mut(rows * self.desc.n_vocab);
         let (gs_a, gs_b) = gs.split_at_mut(mid);
         rayon::join(
             || self.group_logits(batch, gs_a, &groups[..mid], out_a),
@@ -360,25 +444,31 @@ impl LlamaModel {
     /// Fills `s` for the rows of sequences `seqs`: row positions, RoPE angles and the
     /// token embeddings.
     fn prepare(&self, batch: &[SeqChunk], seqs: Range<usize>, s: &mut Scratch) {
-        let d = self.hparams.n_embd;
+        let d = self.desc.n_embd;
         s.rows.clear();
         for seq in seqs.clone() {
             let c = &batch[seq];
             s.rows.extend((0..c.tokens.len()).map(|i| RowInfo { seq, pos: c.start_pos + i }));
         }
         let t = s.rows.len();
-        let pairs = self.inv_freq.len();
-        resize(&mut s.rope_cos, t * pairs);
-        resize(&mut s.rope_sin, t * pairs);
-        for ((info, cos), sin) in
-            s.rows.iter().zip(s.rope_cos.chunks_exact_mut(pairs)).zip(s.rope_sin.chunks_exact_mut(pairs))
-        {
-            rope_angles(info.pos, &self.inv_freq, cos, sin);
+        let pairs = self.desc.rope_dim / 2;
+        let magnitude = f64::from(self.desc.rope_magnitude);
+        s.rope_cos.resize_with(self.rope_tables.len(), Vec::new);
+        s.rope_sin.resize_with(self.rope_tables.len(), Vec::new);
+        for ((table, cos), sin) in self.rope_tables.iter().zip(&mut s.rope_cos).zip(&mut s.rope_sin) {
+            resize(cos, t * pairs);
+            resize(sin, t * pairs);
+            for ((info, c), sn) in s.rows.iter().zip(cos.chunks_exact_mut(pairs)).zip(sin.chunks_exact_mut(pairs)) {
+                rope_angles(info.pos, table, magnitude, c, sn);
+            }
         }
         resize(&mut s.x, t * d);
         let emb = self.qmatrix(&self.embeddings);
         for (row, tok) in s.x.chunks_exact_mut(d).zip(batch[seqs].iter().flat_map(|c| c.tokens.iter())) {
             self.kernels.dequantize_row(emb.ggml_type, emb.row(*tok as usize), row);
+            if let Some(scale) = self.desc.embed_scale {
+                row.iter_mut().for_each(|v| *v *= scale);
+            }
         }
     }
 
@@ -388,12 +478,12 @@ impl LlamaModel {
             return Err(ModelError::KvLayoutMismatch { expected, found: kv.layout() });
         }
         for (seq, c) in batch.iter().enumerate() {
-            if let Some(&id) = c.tokens.iter().find(|&&id| id as usize >= self.hparams.n_vocab) {
-                return Err(ModelError::TokenOutOfRange { id, vocab: self.hparams.n_vocab });
+            if let Some(&id) = c.tokens.iter().find(|&&id| id as usize >= self.desc.n_vocab) {
+                return Err(ModelError::TokenOutOfRange { id, vocab: self.desc.n_vocab });
             }
             let end = c.start_pos.saturating_add(c.tokens.len());
-            if end > self.hparams.n_ctx_train {
-                return Err(ModelError::ContextOverflow { pos: end - 1, n_ctx: self.hparams.n_ctx_train });
+            if end > self.desc.n_ctx_train {
+                return Err(ModelError::ContextOverflow { pos: end - 1, n_ctx: self.desc.n_ctx_train });
             }
             let capacity = c.blocks.len() * expected.block_tokens;
             if capacity < end {
@@ -403,34 +493,42 @@ impl LlamaModel {
         Ok(())
     }
 
-    /// Attention norm, the Q/K/V projections and RoPE of every row of `s`.
+    /// Attention norm, the Q/K/V projections (with biases), the per-head Q/K norms and
+    /// RoPE of every row of `s`.
     fn qkv(&self, layer: &LayerWeights, s: &mut Scratch, ex: Exec) {
         let t = s.rows.len();
-        let hp = &self.hparams;
-        let (d, kvd) = (hp.n_embd, hp.n_head_kv * hp.head_dim);
+        let desc = &self.desc;
+        let (d, qd, kvd, hd) = (desc.n_embd, desc.q_dim(), desc.kv_dim(), desc.head_dim);
         resize(&mut s.h, t * d);
-        rms_norm_rows(&s.x, &layer.attn_norm, hp.rms_eps, &mut s.h);
-        resize(&mut s.q, t * d);
+        rms_norm_rows(&s.x, &layer.attn_norm, desc.rms_eps, &mut s.h);
+        resize(&mut s.q, t * qd);
         resize(&mut s.k, t * kvd);
         resize(&mut s.v, t * kvd);
         self.matmul(&layer.wq, &s.h, t, &mut s.q, &mut s.matmul, ex);
         self.matmul(&layer.wk, &s.h, t, &mut s.k, &mut s.matmul, ex);
         self.matmul(&layer.wv, &s.h, t, &mut s.v, &mut s.matmul, ex);
-        let hd = hp.head_dim;
-        let pairs = self.inv_freq.len();
+        add_bias(&mut s.q, layer.bq.as_deref());
+        add_bias(&mut s.k, layer.bk.as_deref());
+        add_bias(&mut s.v, layer.bv.as_deref());
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            rms_norm_in_place(&mut s.q, qn, desc.rms_eps);
+            rms_norm_in_place(&mut s.k, kn, desc.rms_eps);
+        }
+        let pairs = desc.rope_dim / 2;
+        let (cos, sin) = (&s.rope_cos[layer.rope], &s.rope_sin[layer.rope]);
         for r in 0..t {
-            let (cos, sin) = (&s.rope_cos[r * pairs..(r + 1) * pairs], &s.rope_sin[r * pairs..(r + 1) * pairs]);
+            let (cos, sin) = (&cos[r * pairs..(r + 1) * pairs], &sin[r * pairs..(r + 1) * pairs]);
             for head in
-                s.q[r * d..(r + 1) * d].chunks_exact_mut(hd).chain(s.k[r * kvd..(r + 1) * kvd].chunks_exact_mut(hd))
+                s.q[r * qd..(r + 1) * qd].chunks_exact_mut(hd).chain(s.k[r * kvd..(r + 1) * kvd].chunks_exact_mut(hd))
             {
-                rope(head, cos, sin);
+                rope(desc.rope_style, head, cos, sin);
             }
         }
     }
 
     /// Stores every row's K and V of layer `li` at its position.
     fn write_kv(&self, li: usize, batch: &[SeqChunk], kv: &mut KvArena, s: &Scratch) {
-        let kvd = self.hparams.n_head_kv * self.hparams.head_dim;
+        let kvd = self.desc.kv_dim();
         let bt = kv.layout().block_tokens;
         for (r, info) in s.rows.iter().enumerate() {
             let block = batch[info.seq].blocks[info.pos / bt];
@@ -438,7 +536,8 @@ impl LlamaModel {
         }
     }
 
-    /// Attention over the cache, the output projection and the residual add.
+    /// Attention over the cache, the output projection (with its bias and post-norm) and
+    /// the residual add.
     fn attention_out(
         &self,
         li: usize,
@@ -449,19 +548,26 @@ impl LlamaModel {
         ex: Exec,
     ) {
         let t = s.rows.len();
+        let (d, qd) = (self.desc.n_embd, self.desc.q_dim());
         match ex {
-            Exec::Pool => self.attention(li, batch, kv, s),
+            Exec::Pool => self.attention(li, layer.window, batch, kv, s),
             Exec::Serial => {
-                let (d, shape) = (self.hparams.n_embd, self.attn_shape());
-                resize(&mut s.attn, t * d);
-                for ((r, info), out) in s.rows.iter().enumerate().zip(s.attn.chunks_exact_mut(d)) {
-                    let q = &s.q[r * d..(r + 1) * d];
+                let shape = self.attn_shape();
+                resize(&mut s.attn, t * qd);
+                for ((r, info), out) in s.rows.iter().enumerate().zip(s.attn.chunks_exact_mut(qd)) {
+                    let q = &s.q[r * qd..(r + 1) * qd];
                     let blocks = &batch[info.seq].blocks;
-                    attend_row(self.kernels, shape, li, q, info.pos, blocks, kv, &mut s.attn_row, out);
+                    let span = Span::new(info.pos, layer.window);
+                    attend_row(self.kernels, shape, li, q, span, blocks, kv, &mut s.attn_row, out);
                 }
             }
         }
+        resize(&mut s.h, t * d);
         self.matmul(&layer.wo, &s.attn, t, &mut s.h, &mut s.matmul, ex);
+        add_bias(&mut s.h, layer.bo.as_deref());
+        if let Some(w) = &layer.post_attn_norm {
+            rms_norm_in_place(&mut s.h, w, self.desc.rms_eps);
+        }
         for (x, o) in s.x.iter_mut().zip(&s.h) {
             *x += o;
         }
@@ -471,39 +577,47 @@ impl LlamaModel {
     /// one long row keeps both cores busy), then each row's chunks merged in order. Rows go
     /// in groups of at most [`MAX_ATTN_CHUNKS`] chunks, which bounds the partials' memory
     /// (a deep prefill would otherwise hold every row's chunks at once).
-    fn attention(&self, li: usize, batch: &[SeqChunk], kv: &KvArena, s: &mut Scratch) {
-        let d = self.hparams.n_embd;
-        resize(&mut s.attn, s.rows.len() * d);
+    fn attention(&self, li: usize, window: Option<usize>, batch: &[SeqChunk], kv: &KvArena, s: &mut Scratch) {
+        resize(&mut s.attn, s.rows.len() * self.desc.q_dim());
         let mut r0 = 0;
         while r0 < s.rows.len() {
             let (mut r1, mut chunks) = (r0, 0);
-            while r1 < s.rows.len() && (r1 == r0 || chunks + AttnShape::chunks(s.rows[r1].pos) <= MAX_ATTN_CHUNKS) {
-                chunks += AttnShape::chunks(s.rows[r1].pos);
+            let chunks_of = |r: usize| Span::new(s.rows[r].pos, window).chunks();
+            while r1 < s.rows.len() && (r1 == r0 || chunks + chunks_of(r1) <= MAX_ATTN_CHUNKS) {
+                chunks += chunks_of(r1);
                 r1 += 1;
             }
-            self.attention_rows(li, batch, kv, s, r0..r1);
+            self.attention_rows(li, window, batch, kv, s, r0..r1);
             r0 = r1;
         }
     }
 
     /// [`Self::attention`] for rows `rows` of the batch.
-    fn attention_rows(&self, li: usize, batch: &[SeqChunk], kv: &KvArena, s: &mut Scratch, rows: Range<usize>) {
+    fn attention_rows(
+        &self,
+        li: usize,
+        window: Option<usize>,
+        batch: &[SeqChunk],
+        kv: &KvArena,
+        s: &mut Scratch,
+        rows: Range<usize>,
+    ) {
         let shape = self.attn_shape();
-        let (d, plen) = (self.hparams.n_embd, shape.partial_len());
+        let (d, plen) = (self.desc.q_dim(), shape.partial_len());
         let infos = &s.rows[rows.clone()];
         s.attn_items.clear();
         s.attn_first.clear();
         for (r, info) in infos.iter().enumerate() {
             s.attn_first.push(s.attn_items.len() * plen);
-            s.attn_items.extend((0..AttnShape::chunks(info.pos)).map(|c| (r, c * CHUNK)));
+            s.attn_items.extend((0..Span::new(info.pos, window).chunks()).map(|c| (r, c)));
         }
         resize(&mut s.attn_parts, s.attn_items.len() * plen);
         let q = &s.q[rows.start * d..rows.end * d];
         let (items, kernels) = (&s.attn_items, self.kernels);
         self.pool.install(|| {
-            s.attn_parts.par_chunks_mut(plen).zip(items.par_iter()).for_each(|(part, &(r, first))| {
+            s.attn_parts.par_chunks_mut(plen).zip(items.par_iter()).for_each(|(part, &(r, c))| {
                 let info = infos[r];
-                let range = first..(first + CHUNK).min(info.pos + 1);
+                let range = Span::new(info.pos, window).chunk(c);
                 let q = &q[r * d..(r + 1) * d];
                 let job = ChunkJob { shape, layer: li, q, range, blocks: &batch[info.seq].blocks, kv };
                 ATTN_SCRATCH.with_borrow_mut(|scratch| kernels.attend_chunk(&job, scratch, part));
@@ -512,24 +626,29 @@ impl LlamaModel {
         let (parts, firsts) = (&s.attn_parts, &s.attn_first);
         self.pool.install(|| {
             s.attn[rows.start * d..rows.end * d].par_chunks_mut(d).enumerate().for_each(|(r, out)| {
-                let n = AttnShape::chunks(infos[r].pos) * plen;
+                let n = Span::new(infos[r].pos, window).chunks() * plen;
                 merge(shape, &parts[firsts[r]..firsts[r] + n], out);
             });
         });
     }
 
+    /// The FFN norm, the gated FFN, its post-norm and the residual add.
     fn ffn_block(&self, layer: &LayerWeights, s: &mut Scratch, ex: Exec) {
         let t = s.rows.len();
-        let ff = self.hparams.n_ff;
-        rms_norm_rows(&s.x, &layer.ffn_norm, self.hparams.rms_eps, &mut s.h);
+        let (ff, eps) = (self.desc.n_ff, self.desc.rms_eps);
+        rms_norm_rows(&s.x, &layer.ffn_norm, eps, &mut s.h);
         resize(&mut s.gate, t * ff);
         resize(&mut s.up, t * ff);
         self.matmul(&layer.w_gate, &s.h, t, &mut s.gate, &mut s.matmul, ex);
         self.matmul(&layer.w_up, &s.h, t, &mut s.up, &mut s.matmul, ex);
-        for (g, u) in s.gate.iter_mut().zip(&s.up) {
-            *g = silu(*g) * u;
+        match self.desc.activation {
+            Activation::Silu => s.gate.iter_mut().zip(&s.up).for_each(|(g, u)| *g = silu(*g) * u),
+            Activation::GeluTanh => s.gate.iter_mut().zip(&s.up).for_each(|(g, u)| *g = gelu_tanh(*g) * u),
         }
         self.matmul(&layer.w_down, &s.gate, t, &mut s.h, &mut s.matmul, ex);
+        if let Some(w) = &layer.post_ffn_norm {
+            rms_norm_in_place(&mut s.h, w, eps);
+        }
         for (x, o) in s.x.iter_mut().zip(&s.h) {
             *x += o;
         }
@@ -538,12 +657,12 @@ impl LlamaModel {
     /// Final norm and output head for the rows of `batch` (the sequences whose rows `s`
     /// holds) that want logits, in batch order, into `out`.
     fn output_logits(&self, batch: &[SeqChunk], s: &mut Scratch, out: &mut [f32], ex: Exec) {
-        let d = self.hparams.n_embd;
+        let d = self.desc.n_embd;
         let (mut n, mut r) = (0, 0);
         for c in batch {
             for i in logit_rows(c) {
                 let row = &s.x[(r + i) * d..(r + i + 1) * d];
-                rms_norm(row, &self.output_norm, self.hparams.rms_eps, &mut s.h[n * d..(n + 1) * d]);
+                rms_norm(row, &self.output_norm, self.desc.rms_eps, &mut s.h[n * d..(n + 1) * d]);
                 n += 1;
             }
             r += c.tokens.len();
@@ -552,6 +671,11 @@ impl LlamaModel {
             let h = std::mem::take(&mut s.h);
             self.matmul(&self.output, &h[..n * d], n, out, &mut s.matmul, ex);
             s.h = h;
+            let out = &mut out[..n * self.desc.n_vocab];
+            add_bias(out, self.output_bias.as_deref());
+            if let Some(cap) = self.desc.logit_softcap {
+                out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+            }
         }
     }
 
@@ -608,6 +732,29 @@ fn resize(v: &mut Vec<f32>, n: usize) {
     v.resize(n, 0.0);
 }
 
+/// Adds `bias` to every `bias.len()`-wide row of `rows`.
+fn add_bias(rows: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in rows.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        }
+    }
+}
+
+/// RoPE inverse frequencies of one table: `scale · base^(-2i/n_rot) / factor_i` per pair
+/// (the factors of Llama 3 or Phi-3 LongRoPE divide the frequency), in f64.
+fn inv_freq(desc: &ArchDesc, base: f32, scale: f32, factors: Option<&[f32]>) -> Vec<f64> {
+    (0..desc.rope_dim / 2)
+        .map(|i| {
+            let mut f = f64::from(base).powf(-2.0 * i as f64 / desc.rope_dim as f64);
+            if let Some(ff) = factors {
+                f /= f64::from(ff[i]);
+            }
+            f * f64::from(scale)
+        })
+        .collect()
+}
+
 fn matrix_ref(file: &GgufFile, name: &str) -> Result<MatrixRef, ModelError> {
     let info = tensor(file, name)?;
     if info.dims.len() != 2 {
@@ -616,7 +763,10 @@ fn matrix_ref(file: &GgufFile, name: &str) -> Result<MatrixRef, ModelError> {
             message: format!("expected 2 dims, found {:?}", info.dims),
         });
     }
-    Ok(MatrixRef { info: info.clone(), cols: info.dims[0] as usize, rows: info.dims[1] as usize })
+    let (cols, rows) = (info.dims[0] as usize, info.dims[1] as usize);
+    QMatrix::new(info.ggml_type, rows, cols, file.tensor_data(info))
+        .map_err(|e| ModelError::Tensor { name: name.into(), message: e.to_string() })?;
+    Ok(MatrixRef { info: info.clone(), first_row: 0, cols, rows })
 }
 
 fn f32_vector(file: &GgufFile, name: &str) -> Result<Vec<f32>, ModelError> {
