@@ -264,3 +264,26 @@ fn an_unknown_kernel_set_is_a_named_error() {
     assert!(!out.status.success(), "ran with STARLING_KERNELS=avx9000");
     assert!(err.contains("STARLING_KERNELS=\"avx9000\"") && err.contains("portable"), "{err}");
 }
+
+#[test]
+fn a_load_error_is_one_line_naming_the_file_and_its_cause_once() {
+    let dir = std::env::temp_dir().join(format!("starling-cli-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gpt2-arch.gguf");
+    let mut spec = starling::model::gguf_writer::TinyModelSpec::family("llama");
+    spec.arch = "gpt2";
+    std::fs::write(&path, starling::model::gguf_writer::tiny_model(&spec)).unwrap();
+    for args in [
+        vec!["generate", "--model", path.to_str().unwrap(), "--prompt", "hi"],
+        vec!["serve", "--bind", "127.0.0.1:0", "--model", path.to_str().unwrap()],
+    ] {
+        let out = starling().args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} ran");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{args:?}: {err}"));
+        assert!(line.contains(path.to_str().unwrap()), "{line}");
+        assert_eq!(line.matches("architecture `gpt2`").count(), 1, "{line}");
+        assert!(line.contains("supported: llama, qwen2, qwen3, gemma3, phi3"), "{line}");
+        assert!(!line.contains("smollm2-135m"), "a file given with --model is not the config's model: {line}");
+    }
+}

@@ -2,6 +2,7 @@
 mod cli;
 mod config;
 mod engine;
+mod families;
 mod gateway;
 mod gguf;
 mod kernels;

@@ -21,7 +21,7 @@ use crate::types::ModelId;
 /// Why a model could not be brought up.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("model `{id}` ({path}): {source}")]
+    #[error("cannot load model file {path}: {source}")]
     Model { id: ModelId, path: PathBuf, source: Box<ModelError> },
     #[error("model `{id}`: tokenizer: {source}")]
     Tokenizer { id: ModelId, source: TokenizerError },

@@ -7,7 +7,9 @@
 //! test can corrupt one precise field.
 //!
 //! [`tiny_llama`] writes a complete, loadable llama model with random weights and a
-//! byte-level gpt2 vocabulary (see [`tiny_vocab`] for the exact vocabulary).
+//! byte-level gpt2 vocabulary (see [`tiny_vocab`] for the exact vocabulary);
+//! [`tiny_model`] does the same for every family Starling runs, with each family's own
+//! tensors and keys (`examples/tiny_models.rs` writes them for the fixture tools).
 
 use std::path::Path;
 
@@ -411,6 +413,231 @@ fn tiny_llama_tensors(spec: &TinyLlamaSpec) -> Vec<(String, Vec<u64>)> {
             blk("ffn_up", vec![embd, ff]),
             blk("ffn_down", vec![ff, embd]),
         ]);
+    }
+    out.push(("output_norm.weight".to_owned(), vec![embd]));
+    if !spec.tied_output {
+        out.push(("output.weight".to_owned(), vec![embd, vocab]));
+    }
+    out
+}
+
+/// A random tiny model of any family Starling runs (see [`tiny_model`]); the presets of
+/// [`TinyModelSpec::family`] exercise what each family adds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TinyModelSpec {
+    /// `general.architecture`.
+    pub arch: &'static str,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    /// Written as `{arch}.attention.key_length` and `value_length`.
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub n_ctx: usize,
+    /// `{arch}.rope.dimension_count` (at most `head_dim`).
+    pub rope_dim: usize,
+    pub rope_base: f32,
+    /// Q/K/V biases.
+    pub qkv_bias: bool,
+    /// Per-head `attn_q_norm` / `attn_k_norm`.
+    pub qk_norm: bool,
+    /// `post_attention_norm` / `post_ffw_norm`.
+    pub post_norms: bool,
+    /// One `attn_qkv` tensor instead of three.
+    pub fused_qkv: bool,
+    /// Gate and up in one `ffn_up` of twice the width (gate first).
+    pub fused_gate_up: bool,
+    /// `(window, pattern)`: `{arch}.attention.sliding_window` and `sliding_window_pattern`.
+    pub sliding_window: Option<(u32, u32)>,
+    /// `{arch}.rope.freq_base_swa`.
+    pub swa_base: Option<f32>,
+    /// Llama 3's `rope_freqs.weight` factors.
+    pub rope_freqs: bool,
+    /// `{arch}.rope.scaling.type = linear` with this factor.
+    pub linear_scale: Option<f32>,
+    /// Phi-3 LongRoPE: `(original_context_length, attn_factor)` and both factor tensors.
+    pub longrope: Option<(u32, f32)>,
+    /// No `output.weight`: the head reuses `token_embd`.
+    pub tied_output: bool,
+    pub seed: u64,
+}
+
+impl TinyModelSpec {
+    /// The preset of `arch`: width 64, a gpt2 vocabulary of [`TINY_BASE_VOCAB`] tokens, and
+    /// what the family adds switched on (llama: Llama 3 factors; qwen2: biases; qwen3: Q/K
+    /// norms with heads wider than `n_embd / n_head`; gemma3: Q/K and post norms, a window
+    /// of 8 with every third layer global, linear scaling of the global layers; phi3:
+    /// fused tensors, partial rotary and LongRoPE).
+    pub fn family(arch: &'static str) -> Self {
+        let base = TinyModelSpec {
+            arch,
+            n_embd: 64,
+            n_layer: 2,
+            n_head: 4,
+            n_head_kv: 2,
+            head_dim: 16,
+            n_ff: 128,
+            n_ctx: 256,
+            rope_dim: 16,
+            rope_base: 10_000.0,
+            qkv_bias: false,
+            qk_norm: false,
+            post_norms: false,
+            fused_qkv: false,
+            fused_gate_up: false,
+            sliding_window: None,
+            swa_base: None,
+            rope_freqs: false,
+            linear_scale: None,
+            longrope: None,
+            tied_output: true,
+            seed: 7,
+        };
+        match arch {
+            "llama" => TinyModelSpec { rope_freqs: true, tied_output: false, ..base },
+            "qwen2" => TinyModelSpec { qkv_bias: true, rope_base: 1_000_000.0, ..base },
+            "qwen3" => TinyModelSpec { qk_norm: true, head_dim: 32, rope_dim: 32, ..base },
+            "gemma3" => TinyModelSpec {
+                qk_norm: true,
+                post_norms: true,
+                n_layer: 3,
+                n_head_kv: 1,
+                head_dim: 32,
+                rope_dim: 32,
+                rope_base: 1_000_000.0,
+                sliding_window: Some((8, 3)),
+                swa_base: Some(10_000.0),
+                linear_scale: Some(2.0),
+                ..base
+            },
+            "phi3" => TinyModelSpec {
+                fused_qkv: true,
+                fused_gate_up: true,
+                rope_dim: 12,
+                longrope: Some((64, 1.1)),
+                tied_output: false,
+                ..base
+            },
+            _ => base,
+        }
+    }
+}
+
+/// A random tiny model of `spec.arch` as GGUF v3 bytes, every tensor F32: norm weights
+/// uniform in [0.9, 1.1], RoPE factors in [1, 4], everything else uniform in ±0.035
+/// (biases ±0.1), drawn in file order from a `ChaCha8Rng` seeded with `spec.seed`. The
+/// tensor set is exactly what llama.cpp asks for, so the file loads there too.
+pub fn tiny_model(spec: &TinyModelSpec) -> Vec<u8> {
+    let mut w = GgufWriter::new(3);
+    tiny_model_metadata(&mut w, spec);
+    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
+    for (name, dims) in tiny_model_tensors(spec) {
+        let n = dims.iter().product::<u64>() as usize;
+        let range = if name.ends_with("norm.weight") {
+            0.9f32..1.1
+        } else if name.starts_with("rope_") {
+            1.0f32..4.0
+        } else if name.ends_with(".bias") {
+            -0.1f32..0.1
+        } else {
+            -0.035f32..0.035
+        };
+        let values: Vec<f32> = (0..n).map(|_| rng.random_range(range.clone())).collect();
+        w.tensor(&name, &dims, GgmlType::F32, f32_bytes(&values));
+    }
+    w.to_bytes()
+}
+
+fn tiny_model_metadata(w: &mut GgufWriter, spec: &TinyModelSpec) {
+    let u32v = |x: usize| GgufValue::U32(u32::try_from(x).unwrap_or(u32::MAX));
+    let key = |k: &str| format!("{}.{k}", spec.arch);
+    let (tokens, types) = tiny_vocab(TINY_BASE_VOCAB);
+    let strings = |v: Vec<String>| GgufValue::Array(v.into_iter().map(GgufValue::String).collect());
+    let merges = TINY_MERGES.iter().map(|m| m.to_string()).collect();
+    w.metadata("general.architecture", GgufValue::String(spec.arch.into()))
+        .metadata("general.name", GgufValue::String(format!("starling-tiny-{}", spec.arch.replace('3', "-three"))))
+        .metadata(&key("context_length"), u32v(spec.n_ctx))
+        .metadata(&key("embedding_length"), u32v(spec.n_embd))
+        .metadata(&key("block_count"), u32v(spec.n_layer))
+        .metadata(&key("feed_forward_length"), u32v(spec.n_ff))
+        .metadata(&key("attention.head_count"), u32v(spec.n_head))
+        .metadata(&key("attention.head_count_kv"), u32v(spec.n_head_kv))
+        .metadata(&key("attention.key_length"), u32v(spec.head_dim))
+        .metadata(&key("attention.value_length"), u32v(spec.head_dim))
+        .metadata(&key("rope.dimension_count"), u32v(spec.rope_dim))
+        .metadata(&key("rope.freq_base"), GgufValue::F32(spec.rope_base))
+        .metadata(&key("attention.layer_norm_rms_epsilon"), GgufValue::F32(1e-6));
+    if let Some(factor) = spec.linear_scale {
+        w.metadata(&key("rope.scaling.type"), GgufValue::String("linear".into()))
+            .metadata(&key("rope.scaling.factor"), GgufValue::F32(factor));
+    }
+    if let Some((window, pattern)) = spec.sliding_window {
+        w.metadata(&key("attention.sliding_window"), GgufValue::U32(window))
+            .metadata(&key("attention.sliding_window_pattern"), GgufValue::U32(pattern));
+    }
+    if let Some(base) = spec.swa_base {
+        w.metadata(&key("rope.freq_base_swa"), GgufValue::F32(base));
+    }
+    if let Some((original, attn_factor)) = spec.longrope {
+        w.metadata(&key("rope.scaling.original_context_length"), GgufValue::U32(original))
+            .metadata(&key("rope.scaling.attn_factor"), GgufValue::F32(attn_factor));
+    }
+    w.metadata("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
+        .metadata("tokenizer.ggml.pre", GgufValue::String("default".into()))
+        .metadata("tokenizer.ggml.tokens", strings(tokens))
+        .metadata("tokenizer.ggml.token_type", GgufValue::Array(types.into_iter().map(GgufValue::I32).collect()))
+        .metadata("tokenizer.ggml.merges", strings(merges))
+        .metadata("tokenizer.ggml.bos_token_id", GgufValue::U32(TINY_EOS_ID))
+        .metadata("tokenizer.ggml.eos_token_id", GgufValue::U32(TINY_EOS_ID))
+        .metadata("tokenizer.ggml.add_bos_token", GgufValue::Bool(false));
+}
+
+/// Every tensor of a [`tiny_model`], in file order, with ggml dims.
+fn tiny_model_tensors(spec: &TinyModelSpec) -> Vec<(String, Vec<u64>)> {
+    let [vocab, embd, ff] = [TINY_BASE_VOCAB, spec.n_embd, spec.n_ff].map(|x| x as u64);
+    let (q, kv, hd) = ((spec.n_head * spec.head_dim) as u64, (spec.n_head_kv * spec.head_dim) as u64, spec.head_dim);
+    let mut out = vec![("token_embd.weight".to_owned(), vec![embd, vocab])];
+    if spec.rope_freqs {
+        out.push(("rope_freqs.weight".to_owned(), vec![(spec.rope_dim / 2) as u64]));
+    }
+    if spec.longrope.is_some() {
+        for name in ["rope_factors_long.weight", "rope_factors_short.weight"] {
+            out.push((name.to_owned(), vec![(spec.rope_dim / 2) as u64]));
+        }
+    }
+    for i in 0..spec.n_layer {
+        let blk = |part: &str, dims: Vec<u64>| (format!("blk.{i}.{part}"), dims);
+        out.push(blk("attn_norm.weight", vec![embd]));
+        if spec.fused_qkv {
+            out.push(blk("attn_qkv.weight", vec![embd, q + 2 * kv]));
+        } else {
+            out.extend([
+                blk("attn_q.weight", vec![embd, q]),
+                blk("attn_k.weight", vec![embd, kv]),
+                blk("attn_v.weight", vec![embd, kv]),
+            ]);
+            if spec.qkv_bias {
+                out.extend([blk("attn_q.bias", vec![q]), blk("attn_k.bias", vec![kv]), blk("attn_v.bias", vec![kv])]);
+            }
+        }
+        if spec.qk_norm {
+            out.extend([blk("attn_q_norm.weight", vec![hd as u64]), blk("attn_k_norm.weight", vec![hd as u64])]);
+        }
+        out.push(blk("attn_output.weight", vec![q, embd]));
+        if spec.post_norms {
+            out.push(blk("post_attention_norm.weight", vec![embd]));
+        }
+        out.push(blk("ffn_norm.weight", vec![embd]));
+        if spec.fused_gate_up {
+            out.push(blk("ffn_up.weight", vec![embd, 2 * ff]));
+        } else {
+            out.extend([blk("ffn_gate.weight", vec![embd, ff]), blk("ffn_up.weight", vec![embd, ff])]);
+        }
+        out.push(blk("ffn_down.weight", vec![ff, embd]));
+        if spec.post_norms {
+            out.push(blk("post_ffw_norm.weight", vec![embd]));
+        }
     }
     out.push(("output_norm.weight".to_owned(), vec![embd]));
     if !spec.tied_output {
