@@ -4,6 +4,7 @@ mod config;
 mod engine;
 mod families;
 mod gateway;
+mod gemma3;
 mod gguf;
 mod kernels;
 mod kv;

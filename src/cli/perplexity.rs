@@ -15,7 +15,7 @@ pub struct PerplexityArgs {
     model: PathBuf,
     #[arg(long)]
     file: PathBuf,
-    /// Tokens of the file to score.
+    /// Text tokens of the file to score (after BOS, for models that start with one).
     #[arg(long, default_value_t = 512)]
     tokens: usize,
     #[arg(long, default_value_t = default_threads())]
@@ -28,12 +28,17 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
     let model = starling::model::transformer::Transformer::load(&a.model, a.threads)?;
     let tok = GgufTokenizer::from_gguf(&model.file().header)?;
-    let ids = tok.encode(&text, false)?;
-    let n = a.tokens.min(ids.len());
-    if n < 2 {
+    // A model that wants BOS (add_bos_token) gets it first, and then every text token is
+    // predicted; without, the first text token has nothing to be predicted from.
+    let bos = tok.bos_id().filter(|_| tok.add_bos());
+    let mut ids: Vec<u32> = bos.into_iter().collect();
+    ids.extend(tok.encode(&text, false)?);
+    let n = a.tokens.min(ids.len() - usize::from(bos.is_some()));
+    let end = n + usize::from(bos.is_some());
+    if end < 2 {
         bail!("{} has {} tokens; perplexity needs at least 2", a.file.display(), ids.len());
     }
-    let ppl = starling::model::eval::perplexity(&model, &ids[..n])?;
+    let ppl = starling::model::eval::perplexity(&model, &ids[..end])?;
     if a.json {
         println!("{}", serde_json::json!({"perplexity": ppl, "tokens": n}));
     } else {
