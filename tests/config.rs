@@ -238,7 +238,7 @@ fn kv_cap_larger_than_machine_memory_is_rejected() {
 
 #[test]
 fn sum_of_kv_caps_must_fit_in_memory() {
-    let small = Machine { mem_total: Some(GIB), parallelism: NonZeroUsize::new(2).unwrap() };
+    let small = Machine { mem_total: Some(GIB), parallelism: NonZeroUsize::new(2).unwrap(), open_files: Some(1024) };
     let mut v = base();
     let mut second = v["models"][0].clone();
     second["id"] = json!("m1");

@@ -6,6 +6,7 @@ mod families;
 mod gateway;
 mod gemma3;
 mod gguf;
+mod hostile;
 mod kernels;
 mod kv;
 mod layout;

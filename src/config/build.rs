@@ -33,7 +33,7 @@ pub fn build(raw: RawConfig, machine: &Machine) -> Result<Config> {
             .collect::<Result<_>>()?,
     };
     Ok(Config {
-        server: server(raw.server.unwrap_or_default())?,
+        server: server(raw.server.unwrap_or_default(), machine)?,
         auth: auth(raw.auth.unwrap_or_default())?,
         tenants: tenants(raw.tenants.unwrap_or_default())?,
         models,
@@ -61,7 +61,14 @@ fn registry(raw: RawRegistry) -> Result<RegistryConfig> {
     })
 }
 
-fn server(raw: RawServer) -> Result<ServerConfig> {
+/// Connections served at once when the config names no cap: three quarters of the
+/// open-file limit (the rest is left for model files, spill files and downloads), at most
+/// 4,096, at least 16.
+pub fn default_max_connections(open_files: Option<u64>) -> i64 {
+    open_files.map_or(4096, |n| (n.saturating_mul(3) / 4).saturating_sub(16).clamp(16, 4096) as i64)
+}
+
+fn server(raw: RawServer, machine: &Machine) -> Result<ServerConfig> {
     let routes = raw.public_routes.unwrap_or_else(|| ["/healthz", "/readyz", "/metrics"].map(String::from).to_vec());
     for (i, route) in routes.iter().enumerate() {
         if !route.starts_with('/') {
@@ -75,6 +82,16 @@ fn server(raw: RawServer) -> Result<ServerConfig> {
         sse_keepalive: secs("server.sse_keepalive_secs", raw.sse_keepalive_secs, 15, ANY_POSITIVE)?,
         shutdown_grace: secs("server.shutdown_grace_secs", raw.shutdown_grace_secs, 10, 0..=i64::MAX)?,
         public_routes: routes,
+        header_read_timeout: secs("server.header_read_timeout_secs", raw.header_read_timeout_secs, 10, 1..=3600)?,
+        max_connections: nonzero(
+            "server.max_connections",
+            raw.max_connections,
+            default_max_connections(machine.open_files),
+            1..=1_000_000,
+        )?,
+        stream_stall: secs("server.stream_stall_secs", raw.stream_stall_secs, 30, 1..=86_400)?,
+        cpu_workers: nonzero("server.cpu_workers", raw.cpu_workers, machine.parallelism.get() as i64, 1..=1024)?,
+        cpu_queue: ranged("server.cpu_queue", raw.cpu_queue, 256, 0..=1_000_000)? as usize,
     })
 }
 

@@ -9,6 +9,9 @@ pub struct Machine {
     pub mem_total: Option<u64>,
     /// Cores available to this process: the default `models[].threads`.
     pub parallelism: NonZeroUsize,
+    /// The soft limit on open files (`Max open files` of `/proc/self/limits`); sizes the
+    /// default `server.max_connections`. `None` when unknown or unlimited.
+    pub open_files: Option<u64>,
 }
 
 impl Machine {
@@ -16,8 +19,15 @@ impl Machine {
     pub fn detect() -> Self {
         let mem_total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| mem_total_from_meminfo(&text));
         let parallelism = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
-        Machine { mem_total, parallelism }
+        let open_files = std::fs::read_to_string("/proc/self/limits").ok().and_then(|t| open_files_from_limits(&t));
+        Machine { mem_total, parallelism, open_files }
     }
+}
+
+/// The soft `Max open files` limit of a `/proc/self/limits` text (`None` if unlimited).
+pub fn open_files_from_limits(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..].split_whitespace().next()?.parse().ok()
 }
 
 /// Parses the `MemTotal:  24684096 kB` line of a `/proc/meminfo` text into bytes.
@@ -37,6 +47,15 @@ pub fn mem_total_from_meminfo(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_files_come_from_the_soft_limit() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units\n\
+                    Max cpu time              unlimited            unlimited            seconds\n\
+                    Max open files            1024                 524288               files\n";
+        assert_eq!(open_files_from_limits(text), Some(1024));
+        assert_eq!(open_files_from_limits("Max open files unlimited unlimited files"), None);
+    }
 
     #[test]
     fn reads_mem_total_in_kib() {

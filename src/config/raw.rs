@@ -35,6 +35,11 @@ pub struct RawServer {
     pub sse_keepalive_secs: Option<i64>,
     pub shutdown_grace_secs: Option<i64>,
     pub public_routes: Option<Vec<String>>,
+    pub header_read_timeout_secs: Option<i64>,
+    pub max_connections: Option<i64>,
+    pub stream_stall_secs: Option<i64>,
+    pub cpu_workers: Option<i64>,
+    pub cpu_queue: Option<i64>,
 }
 
 /// `auth:` — API keys and the admin key.

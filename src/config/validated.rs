@@ -63,6 +63,19 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Routes served without an API key.
     pub public_routes: Vec<String>,
+    /// A connection must send each request's headers within this time of opening or of
+    /// finishing its previous request (so it also bounds how long an idle kept-alive
+    /// connection stays open).
+    pub header_read_timeout: Duration,
+    /// Connections served at once; past it a connection gets one polite 429 (health
+    /// routes still answer) and is closed.
+    pub max_connections: NonZeroUsize,
+    /// A stream whose client has read nothing for this long is cancelled and its KV freed.
+    pub stream_stall: Duration,
+    /// Threads for CPU-heavy request work (tokenizing, detokenizing, chat templates).
+    pub cpu_workers: NonZeroUsize,
+    /// Jobs waiting for those threads; past it a request gets 429 `cpu_busy`.
+    pub cpu_queue: usize,
 }
 
 /// API keys and the admin key. No API keys means auth is off.

@@ -62,6 +62,11 @@ const TABLE: &[(Method, &str, Route, Guard)] = &[
 ];
 
 impl Route {
+    /// Liveness and readiness probes, answered even past the connection cap.
+    pub fn is_health(self) -> bool {
+        matches!(self, Route::Healthz | Route::Readyz)
+    }
+
     /// Whether the route starts a generation (and so spends the tenant's rate limits).
     pub fn generates(self) -> bool {
         matches!(self, Route::Generate | Route::Completions | Route::ChatCompletions)

@@ -1,0 +1,199 @@
+//! Hostile clients, bounded in time and count, on 127.0.0.1: each attack checks that other
+//! clients keep being served (health answers within 100 ms, requests complete) and that the
+//! server frees what the attackers held.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::support::TestServer;
+
+/// `GET path` on a fresh connection: its status and how long the answer took.
+fn probe(addr: SocketAddr, path: &str) -> (u16, Duration) {
+    let started = Instant::now();
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else { return (0, started.elapsed()) };
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    if write!(s, "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").is_err() {
+        return (0, started.elapsed());
+    }
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    let status = std::str::from_utf8(&buf[..n]).ok().and_then(|t| t.split(' ').nth(1)?.parse().ok()).unwrap_or(0);
+    (status, started.elapsed())
+}
+
+/// Probes `/healthz` and `/readyz` every 50 ms for `window`; returns the slowest answer and
+/// every probe that failed or took longer than 100 ms.
+fn probe_health_for(addr: SocketAddr, window: Duration) -> (Duration, Vec<(String, u16, Duration)>) {
+    let (until, mut slowest, mut bad) = (Instant::now() + window, Duration::ZERO, Vec::new());
+    while Instant::now() < until {
+        for path in ["/healthz", "/readyz"] {
+            let (status, took) = probe(addr, path);
+            slowest = slowest.max(took);
+            if status != 200 || took > Duration::from_millis(100) {
+                bad.push((path.to_owned(), status, took));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (slowest, bad)
+}
+
+/// Whether the server has closed `s` (a read sees end of file or an error, not a timeout).
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        }
+    }
+}
+
+/// 600 connections that send half a request header and stop: health keeps answering within
+/// 100 ms, and every one of them is closed by the header-read timeout (1 s here).
+#[test]
+fn slow_headers_are_cut_off_and_health_keeps_answering() {
+    let server = TestServer::start(|c| {
+        c.server.header_read_timeout = Duration::from_secs(1);
+        c.server.max_connections = 64.try_into().unwrap();
+    });
+    let mut attackers: Vec<TcpStream> = (0..600)
+        .filter_map(|_| {
+            let mut s = TcpStream::connect(server.addr).ok()?;
+            s.write_all(b"POST /v1/generate HTTP/1.1\r\nHost: a\r\nContent-Le").ok()?;
+            Some(s)
+        })
+        .collect();
+    assert!(attackers.len() >= 550, "only {} attackers connected", attackers.len());
+    let (slowest, bad) = probe_health_for(server.addr, Duration::from_millis(2500));
+    assert!(bad.is_empty(), "health probes failed or were slow during the attack: {bad:?}");
+    let open = attackers.iter_mut().map(closed_by_server).filter(|closed| !closed).count();
+    println!("slow headers: slowest health answer {slowest:?}; {open} of 600 attackers still open after 2.5 s");
+    assert_eq!(open, 0, "connections with half a header outlived the header-read timeout");
+}
+
+/// Past `server.max_connections`, a connection gets one polite 429 with `Retry-After` (or
+/// its health check answered), never a hang; when the attackers leave, requests are served.
+#[test]
+fn connections_past_the_cap_get_429_and_health_still_answers() {
+    let server = TestServer::start(|c| {
+        c.server.header_read_timeout = Duration::from_secs(5);
+        c.server.max_connections = 16.try_into().unwrap();
+    });
+    // Sixteen idle connections take every served slot.
+    let held: Vec<TcpStream> = (0..16).map(|_| TcpStream::connect(server.addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let r = crate::support::request(server.addr, "GET", "/v1/models", &[], b"");
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.json()["error"]["code"], "too_many_connections");
+    // Forty more idle connections beyond the cap do not starve the health checks.
+    let flood: Vec<TcpStream> = (0..40).map(|_| TcpStream::connect(server.addr).unwrap()).collect();
+    let (slowest, bad) = probe_health_for(server.addr, Duration::from_millis(1000));
+    assert!(bad.is_empty(), "health probes failed or were slow past the cap: {bad:?}");
+    println!("past the cap: slowest health answer {slowest:?}");
+    drop(held);
+    drop(flood);
+    std::thread::sleep(Duration::from_millis(200));
+    let r = crate::support::request(server.addr, "GET", "/v1/models", &[], b"");
+    assert_eq!(r.status, 200, "served again once the attackers left: {}", r.text());
+}
+
+/// A `starling serve` child process under `ulimit -n 256`, logging to `log`; returns it and
+/// its address once its model is loaded. `extra` is appended to the config file.
+fn serve_with_fd_limit(name: &str, extra: &str) -> (std::process::Child, SocketAddr, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("starling-hostile-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.yaml");
+    let model = crate::model::model_path();
+    let root = env!("CARGO_MANIFEST_DIR");
+    std::fs::write(
+        &config,
+        format!(
+            "server:\n  bind: 127.0.0.1:0\n  header_read_timeout_secs: 5\n{extra}\
+             models:\n  - id: m\n    path: {}\n    pipeline: {root}/pipelines/default.yaml\n    threads: 1\n    \
+             kv_cache: {{max_bytes: 16MiB}}\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.join("stderr.log");
+    let child = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 256 && exec '{}' serve --config '{}' 2>'{}'",
+            env!("CARGO_BIN_EXE_starling"),
+            config.display(),
+            log.display()
+        ))
+        .env_remove("RUST_LOG")
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let addr: SocketAddr = loop {
+        assert!(Instant::now() < deadline, "the server did not report its address");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(rest) = text.split("addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    while probe(addr, "/readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "the model did not load");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, addr, log)
+}
+
+/// CPU seconds a process has used (user + system, from /proc).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// Under `ulimit -n 256`, 400 idle connections: the default connection cap (sized from the
+/// open-file limit) keeps descriptors for health checks, which answer within 100 ms. With a
+/// cap set above what the limit allows, accepts fail for want of descriptors: the server
+/// backs off instead of spinning and logs a bounded number of lines, and recovers when the
+/// attackers leave.
+#[test]
+fn descriptor_exhaustion_neither_starves_health_nor_floods_the_log() {
+    let (mut child, addr, _) = serve_with_fd_limit("capped", "");
+    let attackers: Vec<TcpStream> = (0..400).filter_map(|_| TcpStream::connect(addr).ok()).collect();
+    let (slowest, bad) = probe_health_for(addr, Duration::from_secs(2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(attackers);
+    assert!(bad.is_empty(), "health probes failed or were slow with 400 idle connections: {bad:?}");
+    println!("ulimit 256, default cap, 400 idle connections: slowest health answer {slowest:?}");
+
+    let (mut child, addr, log) = serve_with_fd_limit("uncapped", "  max_connections: 1000\n");
+    let (log_before, cpu_before) = (std::fs::metadata(&log).unwrap().len(), cpu_seconds(child.id()));
+    let started = Instant::now();
+    let attackers: Vec<TcpStream> = (0..400).filter_map(|_| TcpStream::connect(addr).ok()).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let (logged, busy) = (std::fs::metadata(&log).unwrap().len() - log_before, cpu_seconds(child.id()) - cpu_before);
+    let wall = started.elapsed().as_secs_f64();
+    drop(attackers);
+    let recovered = Instant::now();
+    while probe(addr, "/healthz").0 != 200 {
+        assert!(recovered.elapsed() < Duration::from_secs(10), "health did not recover after the attackers left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    println!(
+        "ulimit 256, cap 1000: {logged} log bytes and {busy:.2} CPU s in {wall:.1} s of exhaustion; \
+         healthy again {:?} after the attackers left",
+        recovered.elapsed()
+    );
+    assert!(text.contains("accept failed"), "the descriptor shortage was logged");
+    assert!(logged < 4096, "{logged} bytes of log in {wall:.1} s");
+    assert!(busy < 0.3 * wall, "{busy:.2} CPU seconds in {wall:.1} s: the accept loop spins");
+}
