@@ -45,7 +45,7 @@ pub fn parts(pipeline: PipelineSpec) -> EngineParts {
         tenants: TenantLimits::default(),
         pipeline,
         policies: Policies::default(),
-        inbox_capacity: 64,
+        control_capacity: 64,
         max_queue_delay: Duration::ZERO,
         telemetry: EngineTelemetry::observed_by(&starling::telemetry::Observability::new().unwrap(), "test", false),
     }

@@ -197,3 +197,33 @@ fn descriptor_exhaustion_neither_starves_health_nor_floods_the_log() {
     assert!(logged < 4096, "{logged} bytes of log in {wall:.1} s");
     assert!(busy < 0.3 * wall, "{busy:.2} CPU seconds in {wall:.1} s: the accept loop spins");
 }
+
+/// 40 clients at once against a queue of 4: each is served or told 429 with `Retry-After`;
+/// none sees a 503, which load balancers take for a dead replica.
+#[test]
+fn a_flood_past_the_queue_gets_429_never_503() {
+    let server = TestServer::start(|c| {
+        c.queue.high_watermark = 4;
+        c.queue.low_watermark = 2;
+        c.tenants.iter_mut().for_each(|t| t.max_queued = 1000);
+    });
+    let addr = server.addr;
+    let body = serde_json::json!({"prompt": "Count to ten:", "max_tokens": 8, "stream": false, "ignore_eos": true});
+    let threads: Vec<_> = (0..40)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || crate::support::post_json(addr, "/v1/generate", &body))
+        })
+        .collect();
+    let responses: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let count = |s: u16| responses.iter().filter(|r| r.status == s).count();
+    println!("40 clients, queue of 4: {} served, {} told 429", count(200), count(429));
+    for r in &responses {
+        assert!(r.status == 200 || r.status == 429, "status {}: {}", r.status, r.text());
+        if r.status == 429 {
+            assert_eq!(r.header("retry-after"), Some("1"), "{}", r.text());
+            assert_eq!(r.json()["error"]["code"], "queue_full");
+        }
+    }
+    assert!(count(200) >= 4 && count(429) > 0, "{} served, {} refused", count(200), count(429));
+}

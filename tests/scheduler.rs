@@ -83,7 +83,7 @@ impl Harness {
             tenants,
             pipeline: PipelineSpec::default_spec(),
             policies: Policies::default(),
-            inbox_capacity: 64,
+            control_capacity: 64,
             max_queue_delay: Duration::ZERO,
             telemetry: EngineTelemetry::observed_by(&obs, "test", false),
         };

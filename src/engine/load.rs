@@ -18,6 +18,9 @@ use crate::telemetry::{MetricsError, Observability};
 use crate::tokenizer::{GgufTokenizer, TokenizerError};
 use crate::types::ModelId;
 
+/// Inbox room for commands other than generations (cancels, session closes).
+const CONTROL_CAPACITY: usize = 64;
+
 /// Why a model could not be brought up.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -137,7 +140,7 @@ pub fn start_model_observed(config: &Config, index: usize, obs: &Observability) 
         tenants: TenantLimits::from_config(&config.tenants),
         pipeline,
         policies,
-        inbox_capacity: config.queue.high_watermark.max(16) * 2,
+        control_capacity: CONTROL_CAPACITY,
         max_queue_delay: config.queue.max_queue_delay,
         telemetry: EngineTelemetry::observed_by(obs, id.as_str(), config.telemetry.log_prompts),
     };

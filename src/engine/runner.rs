@@ -2,7 +2,7 @@
 //! runs one schedule pass per tick.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -40,8 +40,10 @@ pub struct EngineParts {
     pub tenants: scheduler::TenantLimits,
     pub pipeline: PipelineSpec,
     pub policies: Policies,
-    /// Capacity of the command inbox (commands beyond it are refused with 503).
-    pub inbox_capacity: usize,
+    /// Room in the command inbox for commands other than generations (cancel, close
+    /// session); generations get `limits.high_watermark` more, so the inbox never fills
+    /// before admission says no.
+    pub control_capacity: usize,
     pub max_queue_delay: Duration,
     /// Metric handles and liveness heartbeat for this engine.
     pub telemetry: EngineTelemetry,
@@ -52,30 +54,51 @@ pub struct EngineHandle {
     tx: SyncSender<EngineCommand>,
     thread: Option<JoinHandle<()>>,
     pub status: Arc<EngineStatus>,
+    /// Generations sent but not yet taken from the inbox by the engine.
+    pending: Arc<AtomicUsize>,
+    /// Generations queued (in the engine or its inbox) at which new ones are refused.
+    high_watermark: usize,
 }
 
 impl EngineHandle {
     /// Starts the engine thread. The schedule is built before the thread starts, so a bad
     /// pipeline is reported here.
     pub fn spawn(parts: EngineParts) -> Result<EngineHandle, std::io::Error> {
-        let (tx, rx) = mpsc::sync_channel(parts.inbox_capacity.max(1));
+        let high_watermark = parts.limits.high_watermark;
+        let (tx, rx) = mpsc::sync_channel(high_watermark + parts.control_capacity.max(1));
         let status = Arc::new(EngineStatus::default());
+        let pending = Arc::new(AtomicUsize::new(0));
         let max_queue_delay = parts.max_queue_delay;
         let (world, schedule) = build_world(parts, status.clone());
+        let inbox = Receiver { rx, pending: pending.clone() };
         let thread = std::thread::Builder::new()
             .name("starling-engine".into())
-            .spawn(move || run_loop(world, schedule, rx, max_queue_delay))?;
-        Ok(EngineHandle { tx, thread: Some(thread), status })
+            .spawn(move || run_loop(world, schedule, inbox, max_queue_delay))?;
+        Ok(EngineHandle { tx, thread: Some(thread), status, pending, high_watermark })
     }
 
-    /// Hands a command to the engine without blocking; a full inbox is a 503.
+    /// Hands a command to the engine without blocking. A generation is refused with 429
+    /// `queue_full` when the engine's published queue plus what waits in its inbox is at the
+    /// high watermark (or admission is closed): the inbox, sized past that, never fills
+    /// with generations, so overload always reads as 429, never as a dead engine.
     pub fn send(&self, cmd: EngineCommand) -> Result<(), ApiError> {
-        self.tx.try_send(cmd).map_err(|e| match e {
-            TrySendError::Full(_) => ApiError::new(ErrorKind::Unavailable, "the engine inbox is full; retry shortly")
-                .with_code("engine_busy")
-                .with_retry_after(1),
-            TrySendError::Disconnected(_) => {
-                ApiError::new(ErrorKind::Unavailable, "the engine has stopped").with_code("engine_stopped")
+        let generation = matches!(cmd, EngineCommand::Generate(_));
+        if generation {
+            let waiting = self.status.queued.load(Ordering::Relaxed) + self.pending.fetch_add(1, Ordering::AcqRel);
+            if waiting >= self.high_watermark || !self.status.admission_open.load(Ordering::Relaxed) {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
+                return Err(queue_full(waiting));
+            }
+        }
+        self.tx.try_send(cmd).map_err(|e| {
+            if generation {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
+            }
+            match e {
+                TrySendError::Full(_) => queue_full(self.high_watermark),
+                TrySendError::Disconnected(_) => {
+                    ApiError::new(ErrorKind::Unavailable, "the engine has stopped").with_code("engine_stopped")
+                }
             }
         })
     }
@@ -178,6 +201,37 @@ fn run_stage(world: &mut World, stage: Stage, id: SystemId) {
     }
 }
 
+/// 429 `queue_full`: the engine has `waiting` requests queued.
+fn queue_full(waiting: usize) -> ApiError {
+    ApiError::new(ErrorKind::RateLimited, format!("the request queue is full ({waiting} waiting); retry later"))
+        .with_code("queue_full")
+        .with_retry_after(1)
+}
+
+/// The engine's end of its inbox: takes commands and keeps the handle's count of pending
+/// generations.
+struct Receiver {
+    rx: mpsc::Receiver<EngineCommand>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl Receiver {
+    fn taken(&self, cmd: EngineCommand) -> EngineCommand {
+        if matches!(cmd, EngineCommand::Generate(_)) {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+        cmd
+    }
+
+    fn recv_timeout(&self, wait: Duration) -> Result<EngineCommand, RecvTimeoutError> {
+        self.rx.recv_timeout(wait).map(|cmd| self.taken(cmd))
+    }
+
+    fn try_recv(&self) -> Option<EngineCommand> {
+        self.rx.try_recv().ok().map(|cmd| self.taken(cmd))
+    }
+}
+
 /// Whether any request is alive (queued, running, or with events still to deliver).
 fn has_work(world: &mut World) -> bool {
     !world.resource::<Inbox>().0.is_empty() || world.query::<&Request>().iter(world).next().is_some()
@@ -195,7 +249,7 @@ impl Drop for StoppedOnDrop {
     }
 }
 
-fn run_loop(mut world: World, mut schedule: Schedule, rx: mpsc::Receiver<EngineCommand>, max_queue_delay: Duration) {
+fn run_loop(mut world: World, mut schedule: Schedule, rx: Receiver, max_queue_delay: Duration) {
     let _stopped = StoppedOnDrop(world.resource::<Status>().0.clone());
     let origin = MonotonicOrigin(Instant::now());
     let mut tick = 0u64;
@@ -225,7 +279,7 @@ fn run_loop(mut world: World, mut schedule: Schedule, rx: mpsc::Receiver<EngineC
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        while let Ok(cmd) = rx.try_recv() {
+        while let Some(cmd) = rx.try_recv() {
             world.resource_mut::<Inbox>().0.push_back(cmd);
         }
         tick += 1;

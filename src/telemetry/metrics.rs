@@ -24,7 +24,7 @@ const BATCH_TOKEN_BUCKETS: &[f64] =
 
 /// The `reason` values of `starling_admission_rejections_total` (anything else is `other`).
 const REJECTION_REASONS: &[&str] =
-    &["queue_full", "too_many_sessions", "session_busy", "engine_busy", "draining", "engine_stopped", "other"];
+    &["queue_full", "too_many_sessions", "session_busy", "draining", "engine_stopped", "other"];
 
 /// Why the metrics registry could not be built (a duplicate or malformed series: a bug).
 #[derive(Debug, thiserror::Error)]
