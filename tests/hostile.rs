@@ -227,3 +227,33 @@ fn a_flood_past_the_queue_gets_429_never_503() {
     }
     assert!(count(200) >= 4 && count(429) > 0, "{} served, {} refused", count(200), count(429));
 }
+
+/// `/metrics` is public by default: tenant names and their traffic appear in it only when
+/// `telemetry.tenant_labels` is on.
+#[test]
+fn tenant_names_reach_metrics_only_when_asked_for() {
+    for labels in [false, true] {
+        let server = TestServer::start(|c| {
+            c.auth.api_keys = starling::config::parse_api_keys("k-acme:acme-corp").unwrap();
+            c.tenants.push(starling::config::TenantConfig::with_defaults("acme-corp".into()));
+            c.telemetry.tenant_labels = labels;
+        });
+        let r = crate::support::post_json_as(
+            server.addr,
+            "k-acme",
+            "/v1/generate",
+            &serde_json::json!({"prompt": "Hi", "max_tokens": 2, "stream": false}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let metrics = loop {
+            let m = crate::support::request(server.addr, "GET", "/metrics", &[], b"").text();
+            if m.contains("starling_requests_total{") || Instant::now() > deadline {
+                break m;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(metrics.contains("starling_requests_total{"), "{metrics}");
+        assert_eq!(metrics.contains("acme-corp"), labels, "tenant_labels {labels}:\n{metrics}");
+    }
+}

@@ -180,7 +180,7 @@ fn metrics_count_real_requests() {
         metric(&m, name, labels).unwrap_or_else(|| panic!("series {name} {labels:?} missing from /metrics:\n{m}"))
     };
     assert_eq!(get("starling_kv_evictions_total", &[("model", "smollm2"), ("reason", "close")]), 1.0);
-    let ok = [("model", "smollm2"), ("tenant", "anonymous"), ("status", "ok"), ("finish_reason", "length")];
+    let ok = [("model", "smollm2"), ("tenant", "all"), ("status", "ok"), ("finish_reason", "length")];
     assert_eq!(get("starling_requests_total", &ok), 3.0);
     assert_eq!(get("starling_request_errors_total", &[("type", "invalid_request")]), 1.0);
     assert_eq!(get("starling_prompt_tokens_total", &model), usage_sum(&outs, "prompt_tokens"));

@@ -104,7 +104,8 @@ fn auth(raw: RawAuth) -> Result<AuthConfig> {
     let mut api_keys = Vec::new();
     for (i, k) in raw.api_keys.unwrap_or_default().into_iter().enumerate() {
         let field = format!("auth.api_keys[{i}]");
-        let tenant = k.tenant.as_deref().unwrap_or(ANONYMOUS);
+        let own = key_tenant(&k.key);
+        let tenant = k.tenant.as_deref().unwrap_or(own.as_str());
         api_keys.push(api_key(&field, &k.key, tenant)?);
     }
     if let Some(admin) = &raw.admin_key
@@ -113,6 +114,16 @@ fn auth(raw: RawAuth) -> Result<AuthConfig> {
         return Err(invalid("auth.admin_key", "", "a non-empty key (omit the field to disable admin)"));
     }
     Ok(AuthConfig { api_keys, admin_key: raw.admin_key })
+}
+
+/// The tenant of a key that names none: its own, `key-` and the first 12 hex digits of the
+/// key's sha256 (so keys never share sessions, prefix caches or cancel rights by accident,
+/// and the name reveals nothing of the key).
+pub fn key_tenant(key: &str) -> TenantId {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    TenantId(format!("key-{hex}"))
 }
 
 /// Checks one key and its tenant name; `field` is the entry's path (`auth.api_keys[2]`).
@@ -135,6 +146,7 @@ fn tenants(raw: Vec<RawTenant>) -> Result<Vec<TenantConfig>> {
                 max_queued: ranged(&f("max_queued"), t.max_queued, 64, ANY_U32)? as u32,
                 requests_per_minute: optional(&f("requests_per_minute"), t.requests_per_minute)?,
                 tokens_per_minute: optional(&f("tokens_per_minute"), t.tokens_per_minute)?,
+                max_sessions: ranged(&f("max_sessions"), t.max_sessions, 64, ANY_U32)? as u32,
             })
         })
         .collect()
@@ -222,7 +234,13 @@ fn telemetry(raw: RawTelemetry) -> Result<TelemetryConfig> {
         None => None,
         Some(p) => Some(non_empty_path("telemetry.trace_chrome", &p)?),
     };
-    Ok(TelemetryConfig { log_format, log_level, trace_chrome, log_prompts: raw.log_prompts.unwrap_or(false) })
+    Ok(TelemetryConfig {
+        log_format,
+        log_level,
+        trace_chrome,
+        log_prompts: raw.log_prompts.unwrap_or(false),
+        tenant_labels: raw.tenant_labels.unwrap_or(false),
+    })
 }
 
 fn policy(raw: RawPolicy) -> Result<PolicyConfig> {

@@ -21,6 +21,15 @@ pub fn check(config: &mut Config, machine: &Machine) -> Result<()> {
     if config.tenant(ANONYMOUS).is_none() {
         config.tenants.push(TenantConfig::with_defaults(TenantId::from(ANONYMOUS)));
     }
+    // A key that names no tenant is its own tenant, with the default limits.
+    let own: Vec<TenantId> = config
+        .auth
+        .api_keys
+        .iter()
+        .filter(|k| k.tenant == super::build::key_tenant(&k.key) && config.tenant(k.tenant.as_str()).is_none())
+        .map(|k| k.tenant.clone())
+        .collect();
+    config.tenants.extend(own.into_iter().map(TenantConfig::with_defaults));
     check_tenants_known(config)?;
     check_memory(config, machine)?;
     check_files(config)

@@ -155,6 +155,12 @@ impl Config {
         }
         if let Some(list) = &o.api_keys {
             self.auth.api_keys = parse_api_keys(list)?;
+            // A tenant named only in the environment gets the default limits.
+            for k in &self.auth.api_keys {
+                if self.tenant(k.tenant.as_str()).is_none() {
+                    self.tenants.push(TenantConfig::with_defaults(k.tenant.clone()));
+                }
+            }
         }
         if let Some(admin) = &o.admin_key {
             self.auth.admin_key = Some(admin.clone());
@@ -163,7 +169,8 @@ impl Config {
     }
 }
 
-/// Parses `STARLING_API_KEYS`: comma-separated `key` (tenant `anonymous`) or `key:tenant`.
+/// Parses `STARLING_API_KEYS`: comma-separated `key` (its own tenant, see
+/// `build::key_tenant`) or `key:tenant`.
 /// Entries are named `auth.api_keys[i]` in errors, since that is what they replace.
 pub fn parse_api_keys(list: &str) -> Result<Vec<ApiKey>, ConfigError> {
     list.split(',')
@@ -171,8 +178,11 @@ pub fn parse_api_keys(list: &str) -> Result<Vec<ApiKey>, ConfigError> {
         .filter(|entry| !entry.is_empty())
         .enumerate()
         .map(|(i, entry)| {
-            let (key, tenant) = entry.split_once(':').unwrap_or((entry, ANONYMOUS));
-            build::api_key(&format!("auth.api_keys[{i}]"), key.trim(), tenant.trim())
+            let field = format!("auth.api_keys[{i}]");
+            match entry.split_once(':') {
+                Some((key, tenant)) => build::api_key(&field, key.trim(), tenant.trim()),
+                None => build::api_key(&field, entry, build::key_tenant(entry).as_str()),
+            }
         })
         .collect()
 }

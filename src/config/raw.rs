@@ -68,6 +68,7 @@ pub struct RawTenant {
     pub max_queued: Option<i64>,
     pub requests_per_minute: Option<i64>,
     pub tokens_per_minute: Option<i64>,
+    pub max_sessions: Option<i64>,
 }
 
 /// One `models[]` entry.
@@ -133,6 +134,7 @@ pub struct RawTelemetry {
     pub log_level: Option<String>,
     pub trace_chrome: Option<String>,
     pub log_prompts: Option<bool>,
+    pub tenant_labels: Option<bool>,
 }
 
 /// `registry:` — where models may be loaded from, the download cache, the memory budget.

@@ -92,7 +92,8 @@ pub struct AuthConfig {
 pub struct ApiKey {
     /// The secret itself (never shown by `Debug`).
     pub key: String,
-    /// Tenant the key's requests belong to (listed under `tenants`, or `anonymous`).
+    /// Tenant the key's requests belong to: one listed under `tenants`, or the key's own
+    /// (`key-…`, see `key_tenant`), which gets default limits.
     pub tenant: TenantId,
 }
 
@@ -111,6 +112,8 @@ pub struct TenantConfig {
     pub requests_per_minute: Option<u32>,
     /// Token rate limit (prompt + completion); `None` = unlimited.
     pub tokens_per_minute: Option<u32>,
+    /// Sessions this tenant may hold in one model at once (each model also has its own cap).
+    pub max_sessions: u32,
 }
 
 /// One served model and its engine's limits.
@@ -219,6 +222,10 @@ pub struct TelemetryConfig {
     pub trace_chrome: Option<PathBuf>,
     /// Log prompt and output text (off by default: prompts may be private).
     pub log_prompts: bool,
+    /// Label request and token series with the tenant's name (off by default: `/metrics` is
+    /// usually public, and tenant names and their traffic may not be; off, the label is
+    /// `all`).
+    pub tenant_labels: bool,
 }
 
 /// Log line format.
@@ -275,6 +282,7 @@ impl TenantConfig {
             max_queued: 64,
             requests_per_minute: None,
             tokens_per_minute: None,
+            max_sessions: 64,
         }
     }
 }

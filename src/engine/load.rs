@@ -142,7 +142,8 @@ pub fn start_model_observed(config: &Config, index: usize, obs: &Observability) 
         policies,
         control_capacity: CONTROL_CAPACITY,
         max_queue_delay: config.queue.max_queue_delay,
-        telemetry: EngineTelemetry::observed_by(obs, id.as_str(), config.telemetry.log_prompts),
+        telemetry: EngineTelemetry::observed_by(obs, id.as_str(), config.telemetry.log_prompts)
+            .with_tenant_labels(config.telemetry.tenant_labels),
     };
     let engine = EngineHandle::spawn(parts).map_err(|source| LoadError::Thread { id: id.clone(), source })?;
     tracing::info!(

@@ -66,6 +66,12 @@ impl EngineTelemetry {
         EngineTelemetry::new(obs.model_metrics(model), obs.heartbeat_for(model), log_prompts)
     }
 
+    /// Labels request and token series with tenant names (`telemetry.tenant_labels`).
+    pub fn with_tenant_labels(mut self, on: bool) -> Self {
+        self.metrics.tenant_labels = on;
+        self
+    }
+
     fn stage_histogram(&mut self, stage: Stage) -> &Histogram {
         let i = match self.stages.iter().position(|(s, _)| *s == stage) {
             Some(i) => i,

@@ -20,11 +20,14 @@ pub struct TenantShare {
     pub max_concurrent: usize,
     /// Requests of this tenant waiting in the queue; more are refused with 429.
     pub max_queued: usize,
+    /// Sessions this tenant may hold at once; a new one past it is refused with 429.
+    pub max_sessions: usize,
 }
 
 impl TenantShare {
     /// Weight 1 and no per-tenant limits (only the engine-wide ones apply).
-    pub const UNLIMITED: TenantShare = TenantShare { weight: 1, max_concurrent: usize::MAX, max_queued: usize::MAX };
+    pub const UNLIMITED: TenantShare =
+        TenantShare { weight: 1, max_concurrent: usize::MAX, max_queued: usize::MAX, max_sessions: usize::MAX };
 }
 
 /// Every tenant's share. Built by `engine::load` from config `tenants`; read by admit
@@ -69,6 +72,7 @@ fn share_of(t: &TenantConfig) -> TenantShare {
         weight: t.weight.max(1),
         max_concurrent: t.max_concurrent.max(1) as usize,
         max_queued: t.max_queued.max(1) as usize,
+        max_sessions: t.max_sessions.max(1) as usize,
     }
 }
 
@@ -335,7 +339,7 @@ mod tests {
         let mut q = QueueLoad::default();
         q.add(&t("a"), 1);
         q.add(&t("a"), 1);
-        let share = TenantShare { weight: 1, max_concurrent: 1, max_queued: 2 };
+        let share = TenantShare { weight: 1, max_concurrent: 1, max_queued: 2, max_sessions: 4 };
         assert_eq!(MARKS.admit(&mut open, &q, &t("a"), share, 1), Err(Rejection::TenantQueueFull));
         assert_eq!(MARKS.admit(&mut open, &q, &t("b"), share, 1), Ok(()));
         assert!(open, "a tenant limit does not close admission for everyone");

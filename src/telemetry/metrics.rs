@@ -284,6 +284,7 @@ impl Metrics {
             prompt_vec: self.prompt_tokens.clone(),
             generation_vec: self.generation_tokens.clone(),
             cached_vec: self.cached_tokens.clone(),
+            tenant_labels: false,
         }
     }
 }
@@ -316,6 +317,8 @@ pub struct ModelMetrics {
     prompt_vec: IntCounterVec,
     generation_vec: IntCounterVec,
     cached_vec: IntCounterVec,
+    /// Label series with tenant names (`telemetry.tenant_labels`); else `all`.
+    pub tenant_labels: bool,
 }
 
 /// Token counts and outcome of one finished request.
@@ -336,7 +339,7 @@ impl ModelMetrics {
 
     /// Counts a finished request (per request, never per token).
     pub fn record_outcome(&self, o: &RequestOutcome<'_>) {
-        let (model, tenant) = (self.model.as_str(), o.tenant);
+        let (model, tenant) = (self.model.as_str(), if self.tenant_labels { o.tenant } else { "all" });
         self.requests_vec.with_label_values(&[model, tenant, o.status, o.finish_reason]).inc();
         self.prompt_vec.with_label_values(&[model, tenant]).inc_by(o.prompt_tokens as u64);
         self.generation_vec.with_label_values(&[model, tenant]).inc_by(o.generated_tokens as u64);

@@ -7,7 +7,7 @@ use bevy_ecs::prelude::*;
 use crate::engine::components::*;
 use crate::engine::resources::*;
 use crate::engine::scheduler::{
-    QueueLoad, Rejection, SchedulerStats, TenantLimits, Watermarks, estimate_tokens, rejection_error,
+    QueueLoad, Rejection, SchedulerStats, TenantLimits, TenantShare, Watermarks, estimate_tokens, rejection_error,
 };
 use crate::error::{ApiError, ErrorKind};
 use crate::protocol::{EngineCommand, FinishReason, GenerateRequest, StreamEvent};
@@ -69,7 +69,8 @@ pub fn admit_requests(
             continue;
         }
         let session = match req.session.clone() {
-            Some(id) => match session_entity(&mut commands, &mut sessions, &mut caches, &req, id, &limits, clock.now) {
+            Some(id) => match session_entity(&mut commands, &mut sessions, &mut caches, &req, id, (&limits, share), clock.now)
+            {
                 Ok(e) => Some(e),
                 Err((reason, e)) => {
                     stats.reject(reason);
@@ -169,7 +170,7 @@ fn session_entity(
     caches: &mut Query<&mut SessionCache>,
     req: &GenerateRequest,
     id: SessionId,
-    limits: &EngineLimits,
+    (limits, share): (&EngineLimits, TenantShare),
     now: Timestamp,
 ) -> Result<Entity, (Rejection, ApiError)> {
     let key = (req.tenant.clone(), id.clone());
@@ -191,6 +192,21 @@ fn session_entity(
         cache.in_flight = true;
         commands.entity(e).insert(LastUsed(now));
         return Ok(e);
+    }
+    let held = sessions.0.keys().filter(|(tenant, _)| *tenant == req.tenant).count();
+    if held >= share.max_sessions {
+        return Err((
+            Rejection::TooManySessions,
+            ApiError::new(
+                ErrorKind::RateLimited,
+                format!(
+                    "tenant `{}` holds its maximum of {} sessions (tenants[].max_sessions); close one or retry later",
+                    req.tenant, share.max_sessions
+                ),
+            )
+            .with_code("too_many_sessions")
+            .with_retry_after(5),
+        ));
     }
     if sessions.0.len() >= limits.max_sessions {
         return Err((
