@@ -55,7 +55,9 @@ fn smollm_metadata_is_exposed() {
     assert_eq!(tok.bos_id(), Some(1));
     assert_eq!(tok.eos_id(), Some(2));
     assert!(!tok.add_bos());
-    assert_eq!(tok.eog_ids(), &[0, 2], "<|endoftext|> and <|im_end|> end generation");
+    // <|endoftext|> and <|im_end|> by name, and <reponame> as llama.cpp's FIM repo token
+    // (llama-cpp-python 0.3.36's `llama_vocab_is_eog` is true for exactly these three).
+    assert_eq!(tok.eog_ids(), &[0, 2, 4]);
     assert!(tok.chat_template().unwrap().contains("<|im_start|>"));
     assert_eq!(tok.token_text(1).unwrap(), "<|im_start|>");
     assert!(tok.is_special(1) && !tok.is_special(19556));
@@ -214,6 +216,12 @@ fn s(v: &str) -> GgufValue {
 /// A SentencePiece vocabulary: `<unk>`, `<s>`, `</s>`, optionally the 256 byte tokens, then
 /// `pieces` with their scores.
 fn spm(pieces: &[(&str, f32)], byte_fallback: bool, extra: Vec<(&str, GgufValue)>) -> GgufTokenizer {
+    let typed: Vec<(&str, f32, i32)> = pieces.iter().map(|&(p, sc)| (p, sc, 1)).collect();
+    spm_typed(&typed, byte_fallback, extra)
+}
+
+/// As [`spm`], with each piece's `tokenizer.ggml.token_type` (1 normal, 3 control, 4 user-defined).
+fn spm_typed(pieces: &[(&str, f32, i32)], byte_fallback: bool, extra: Vec<(&str, GgufValue)>) -> GgufTokenizer {
     let mut tokens = vec!["<unk>".to_owned(), "<s>".to_owned(), "</s>".to_owned()];
     let mut types = vec![2, 3, 3];
     if byte_fallback {
@@ -223,10 +231,10 @@ fn spm(pieces: &[(&str, f32)], byte_fallback: bool, extra: Vec<(&str, GgufValue)
         }
     }
     let mut scores = vec![0.0f32; tokens.len()];
-    for (p, sc) in pieces {
-        tokens.push((*p).to_owned());
-        types.push(1);
-        scores.push(*sc);
+    for &(p, sc, ty) in pieces {
+        tokens.push(p.to_owned());
+        types.push(ty);
+        scores.push(sc);
     }
     let mut kv = vec![
         ("tokenizer.ggml.model", s("llama")),
@@ -323,6 +331,91 @@ fn spm_merges_follow_scores_not_vocabulary_order() {
     let ab_first = spm(&[base[0], base[1], base[2], ("ab", -1.5), ("bc", -2.0)], false, no_prefix());
     assert_eq!(ab_first.encode("abc", false).unwrap(), vec![id_of(&ab_first, "ab"), id_of(&ab_first, "c")]);
     assert_eq!(ab_first.decode(&ab_first.encode("abc", false).unwrap(), false).unwrap(), "abc");
+}
+
+// The expectations below were checked against llama.cpp (llama-cpp-python 0.3.36) on the same
+// vocabularies written as GGUF files.
+
+#[test]
+fn spm_user_defined_tokens_are_cut_out_even_without_parse_special() {
+    let pieces = [("▁", -1.0, 1), ("a", -2.0, 1), ("b", -2.0, 1), ("▁a", -1.5, 1), ("▁b", -1.5, 1), ("<u>", 0.0, 4)];
+    let tok = spm_typed(&pieces, true, vec![]);
+    let want = vec![id_of(&tok, "▁a"), id_of(&tok, "<u>"), id_of(&tok, "▁b")];
+    assert_eq!(tok.encode("a<u>b", false).unwrap(), want, "the text after it gets the leading space again");
+    assert_eq!(tok.encode("a<u>b", true).unwrap(), want);
+    let enc = tok.encode_with_offsets("a<u>b", false).unwrap();
+    assert_eq!(enc.offsets, vec![(0, 1), (1, 4), (4, 5)]);
+}
+
+const PHI3_PIECES: &[(&str, f32, i32)] = &[
+    ("▁", -1.0, 1),
+    ("h", -2.0, 1),
+    ("i", -2.0, 1),
+    ("hi", -1.8, 1),
+    ("▁hi", -1.0, 1),
+    ("<|user|>", 0.0, 3),
+    ("<|end|>", 0.0, 3),
+    ("<|endoftext|>", 0.0, 3),
+];
+
+#[test]
+fn phi3_special_tokens_eat_the_whitespace_after_them() {
+    let name = |n: &str| vec![("general.name", s(n))];
+    let phi = spm_typed(PHI3_PIECES, true, name("Phi-3 mini tiny"));
+    let [user, end, eot, hi, space] = ["<|user|>", "<|end|>", "<|endoftext|>", "▁hi", "▁"].map(|t| id_of(&phi, t));
+    assert_eq!(phi.encode("<|user|>\nhi<|end|>\n", true).unwrap(), vec![user, hi, end]);
+    // `<|endoftext|>` keeps the space after it.
+    assert_eq!(phi.encode("<|user|> \t\nhi <|endoftext|> hi", true).unwrap(), vec![user, hi, space, eot, space, hi]);
+    let other = spm_typed(PHI3_PIECES, true, name("tiny"));
+    let hi_bare = id_of(&other, "hi");
+    let newline = 3 + u32::from(b'\n');
+    assert_eq!(
+        other.encode("<|user|>\nhi<|end|>\n", true).unwrap(),
+        vec![user, space, newline, hi_bare, end, space, newline]
+    );
+}
+
+#[test]
+fn eog_set_and_attributes_follow_llama_cpp() {
+    let pieces = [
+        ("▁", -1.0, 1),
+        ("x", -2.0, 1),
+        ("▁x", -1.0, 1),
+        ("<end_of_turn>", 0.0, 4),
+        ("<|fim_pad|>", 0.0, 1),
+        ("<unused7>", 0.0, 3),
+    ];
+    let x = 3 + 256 + 1;
+    let tok = spm_typed(&pieces, true, vec![("tokenizer.ggml.eot_token_id", GgufValue::U32(x))]);
+    let [eot, pad, unused, sx] = ["<end_of_turn>", "<|fim_pad|>", "<unused7>", "▁x"].map(|t| id_of(&tok, t));
+    // `</s>` (eos and by name), `x` (the eot key), `<end_of_turn>` (by name, though
+    // user-defined), `<|fim_pad|>` (the FIM pad, though normal).
+    assert_eq!(tok.eog_ids(), &[2, x, eot, pad]);
+    // A user-defined token that ends generation is promoted to control, so it is matched
+    // only with parse_special.
+    assert!(tok.is_control(eot) && tok.is_special(eot) && tok.is_control(pad));
+    let mut spelled = vec![sx];
+    spelled.extend("<end_of_turn>".bytes().map(|b| 3 + u32::from(b)));
+    assert_eq!(tok.encode("x<end_of_turn>", false).unwrap(), spelled);
+    assert_eq!(tok.encode("x<end_of_turn>", true).unwrap(), vec![sx, eot]);
+    // A control token named `unused` is unused and still control (still matched as text).
+    assert!(tok.is_unused(unused) && tok.is_control(unused) && !tok.is_unused(eot));
+    assert_eq!(tok.encode("<unused7>", true).unwrap(), vec![unused]);
+}
+
+#[test]
+fn spm_special_ids_default_as_in_llama_cpp() {
+    let tokens = ["<pad>", "<go>", "<stop>", "▁", "a", "▁a"];
+    let tok = GgufTokenizer::from_gguf(&header(vec![
+        ("tokenizer.ggml.model", s("llama")),
+        ("tokenizer.ggml.tokens", strs(&tokens)),
+        ("tokenizer.ggml.token_type", GgufValue::Array([3, 3, 3, 1, 1, 1].map(GgufValue::I32).to_vec())),
+        ("tokenizer.ggml.scores", GgufValue::Array([0.0, 0.0, 0.0, -1.0, -2.0, -1.0].map(GgufValue::F32).to_vec())),
+    ]))
+    .unwrap();
+    assert_eq!((tok.bos_id(), tok.eos_id(), tok.unk_id()), (Some(1), Some(2), Some(0)));
+    assert_eq!(tok.eog_ids(), &[2]);
+    assert_eq!(tok.encode_prompt("a", false).unwrap(), vec![1, 5]);
 }
 
 /// A WordPiece vocabulary as llama.cpp's converter writes it (`▁` marks word starts).

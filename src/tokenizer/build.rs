@@ -116,7 +116,7 @@ pub(crate) fn sentencepiece(spec: &VocabSpec) -> Result<Tokenizer, TokenizerErro
     let merges = ranked.into_iter().map(|(_, _, a, b)| (a, b)).collect();
     let has_bytes = (0..=255u8).all(|b| vocab.contains_key(&format!("<0x{b:02X}>")));
     let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(has_bytes);
-    if let Some(unk) = spec.unk.and_then(|u| texts[u as usize].clone()) {
+    if let Some(unk) = spec.ids.unk.and_then(|u| texts[u as usize].clone()) {
         builder = builder.unk_token(unk);
     }
     Ok(Tokenizer::new(builder.build().map_err(build_err)?))
@@ -152,7 +152,7 @@ pub(crate) fn wordpiece(spec: &VocabSpec) -> Result<Tokenizer, TokenizerError> {
         };
         vocab.entry(text).or_insert(id as u32);
     }
-    let unk_id = spec.unk.ok_or(TokenizerError::MissingUnknown)?;
+    let unk_id = spec.ids.unk.ok_or(TokenizerError::MissingUnknown)?;
     let unk = spec.tokens[unk_id as usize].clone();
     let model = WordPiece::builder()
         .vocab(vocab)
