@@ -337,6 +337,38 @@ fn spm_merges_follow_scores_not_vocabulary_order() {
 // vocabularies written as GGUF files.
 
 #[test]
+fn spm_equal_scores_merge_the_leftmost_pair_first() {
+    // `bc` has the lower id, which is what a rank-ordered BPE merge list would prefer.
+    let pieces = [("a", -1.0), ("b", -1.0), ("c", -1.0), ("bc", -2.0), ("ab", -2.0)];
+    let tok = spm(&pieces, false, vec![("tokenizer.ggml.add_space_prefix", GgufValue::Bool(false))]);
+    let [ab, bc, c] = ["ab", "bc", "c"].map(|t| id_of(&tok, t));
+    assert_eq!(tok.encode("abc", false).unwrap(), vec![ab, c]);
+    assert_eq!(tok.encode("abcbc", false).unwrap(), vec![ab, c, bc]);
+}
+
+#[test]
+fn spm_merges_characters_that_are_not_tokens_themselves() {
+    // `x` is not in the vocabulary, `▁x` is: llama.cpp merges before falling back to bytes.
+    let tok = spm(&[("▁", -1.0), ("▁x", -3.0), ("y", -1.0)], true, vec![]);
+    let (x, y) = (id_of(&tok, "▁x"), id_of(&tok, "y"));
+    assert_eq!(tok.encode("x", false).unwrap(), vec![x]);
+    assert_eq!(tok.encode("xy", false).unwrap(), vec![x, y]);
+}
+
+#[test]
+fn spm_merges_can_spell_a_control_token_and_a_missing_space_piece_is_bytes() {
+    let pieces = [("<c", -5.0, 1), ("<ct", -5.0, 1), ("<ctl", -5.0, 1), ("<ctl>", -1000.0, 3)];
+    let tok = spm_typed(&pieces, true, vec![]);
+    let ctl = id_of(&tok, "<ctl>");
+    // No `▁` token: the added leading space is spelled as its three UTF-8 bytes, with no bytes
+    // of the text behind them.
+    let enc = tok.encode_with_offsets("<ctl>", false).unwrap();
+    assert_eq!(enc.ids, vec![3 + 0xE2, 3 + 0x96, 3 + 0x81, ctl]);
+    assert_eq!(enc.offsets, vec![(0, 0), (0, 0), (0, 0), (0, 5)]);
+    assert_eq!(tok.encode("<ctl>", true).unwrap(), vec![ctl]);
+}
+
+#[test]
 fn spm_user_defined_tokens_are_cut_out_even_without_parse_special() {
     let pieces = [("▁", -1.0, 1), ("a", -2.0, 1), ("b", -2.0, 1), ("▁a", -1.5, 1), ("▁b", -1.5, 1), ("<u>", 0.0, 4)];
     let tok = spm_typed(&pieces, true, vec![]);

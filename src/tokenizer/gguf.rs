@@ -1,4 +1,4 @@
-//! [`GgufTokenizer`]: a GGUF file's vocabulary as a Hugging Face tokenizer, with the special
+//! [`GgufTokenizer`]: a GGUF file's vocabulary as llama.cpp tokenizes it, with the special
 //! tokens, BOS/EOS rules, end-of-generation set and chat template the file declares.
 
 use std::path::Path;
@@ -8,6 +8,7 @@ use super::build;
 use super::error::TokenizerError;
 use super::pieces::TokenBytes;
 use super::special::{Fragment, Special, SpecialMatcher};
+use super::spm::{self, Spm};
 use super::vocab::{VocabKind, VocabSpec};
 use crate::model::gguf::{GgufFile, GgufHeader};
 use crate::types::TokenId;
@@ -23,10 +24,18 @@ pub struct Encoding {
     pub pieces: Vec<String>,
 }
 
+/// The model that encodes plain text between special tokens.
+enum TextModel {
+    /// Byte-level BPE and WordPiece, through Hugging Face `tokenizers`.
+    Hf(Box<tokenizers::Tokenizer>),
+    /// SentencePiece, written out as llama.cpp runs it.
+    Spm(Spm),
+}
+
 /// A GGUF file's own tokenizer. Immutable once built: `Send + Sync`, share it behind an `Arc`.
 pub struct GgufTokenizer {
     kind: VocabKind,
-    hf: tokenizers::Tokenizer,
+    model: TextModel,
     tokens: Vec<String>,
     attrs: Vec<Attrs>,
     bytes: TokenBytes,
@@ -63,10 +72,10 @@ impl GgufTokenizer {
     pub fn from_gguf(h: &GgufHeader) -> Result<Self, TokenizerError> {
         let spec = VocabSpec::read(h)?;
         let style = build::piece_style(&spec);
-        let hf = match spec.kind {
-            VocabKind::ByteBpe => build::byte_bpe(&spec)?,
-            VocabKind::SentencePiece => build::sentencepiece(&spec)?,
-            VocabKind::WordPiece => build::wordpiece(&spec)?,
+        let model = match spec.kind {
+            VocabKind::ByteBpe => TextModel::Hf(Box::new(build::byte_bpe(&spec)?)),
+            VocabKind::SentencePiece => TextModel::Spm(Spm::new(&spec)?),
+            VocabKind::WordPiece => TextModel::Hf(Box::new(build::wordpiece(&spec)?)),
         };
         let bytes = TokenBytes::build(&spec, style);
         let attrs::Derived { attrs, eog } = attrs::derive(&spec);
@@ -88,7 +97,7 @@ impl GgufTokenizer {
         );
         Ok(GgufTokenizer {
             kind: spec.kind,
-            hf,
+            model,
             bytes,
             specials,
             bos: spec.ids.bos,
@@ -189,6 +198,7 @@ impl GgufTokenizer {
         ids: &mut Vec<TokenId>,
         mut offsets: Option<&mut Vec<(usize, usize)>>,
     ) -> Result<(), TokenizerError> {
+        let mut scratch = spm::Scratch::default();
         for frag in self.specials.split(text, parse_special) {
             match frag {
                 Fragment::Special { id, start, end } => {
@@ -198,7 +208,13 @@ impl GgufTokenizer {
                     }
                 }
                 Fragment::Text { start, end } if start < end => {
-                    self.encode_text(&text[start..end], start, ids, offsets.as_deref_mut())?;
+                    let seg = &text[start..end];
+                    match &self.model {
+                        // Every text fragment is either the first or follows a special token,
+                        // which is exactly when llama.cpp adds SentencePiece's leading space.
+                        TextModel::Spm(spm) => spm.encode(seg, start, ids, offsets.as_deref_mut(), &mut scratch)?,
+                        TextModel::Hf(hf) => self.encode_hf(hf, seg, start, ids, offsets.as_deref_mut())?,
+                    }
                 }
                 Fragment::Text { .. } => {}
             }
@@ -206,24 +222,16 @@ impl GgufTokenizer {
         Ok(())
     }
 
-    /// Runs the model over one stretch of plain text starting at byte `base` of the input.
-    fn encode_text(
+    /// Runs a Hugging Face model over one stretch of plain text starting at byte `base`.
+    fn encode_hf(
         &self,
+        hf: &tokenizers::Tokenizer,
         seg: &str,
         base: usize,
         ids: &mut Vec<TokenId>,
         offsets: Option<&mut Vec<(usize, usize)>>,
     ) -> Result<(), TokenizerError> {
-        // Every text fragment is either the first or follows a special token, which is
-        // exactly when llama.cpp adds SentencePiece's leading space.
-        let prefixed;
-        let (input, shift) = if self.add_space_prefix {
-            prefixed = format!(" {seg}");
-            (prefixed.as_str(), 1)
-        } else {
-            (seg, 0)
-        };
-        let enc = self.hf.encode(input, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let enc = hf.encode(seg, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
         let first = ids.len();
         ids.extend_from_slice(enc.get_ids());
         let Some(offsets) = offsets else { return Ok(()) };
@@ -236,32 +244,9 @@ impl GgufTokenizer {
                 pos += len;
             }
         } else {
-            let at = |o: usize| base + o.saturating_sub(shift);
-            let start = offsets.len();
-            offsets.extend(enc.get_offsets().iter().map(|&(s, e)| (at(s), at(e))));
-            self.split_shared_ranges(&ids[first..], &mut offsets[start..]);
+            offsets.extend(enc.get_offsets().iter().map(|&(s, e)| (base + s, base + e)));
         }
         Ok(())
-    }
-
-    /// Byte-fallback tokens of one character all report the character's range; give each
-    /// its own byte instead, when their bytes add up to exactly that range.
-    fn split_shared_ranges(&self, ids: &[TokenId], offsets: &mut [(usize, usize)]) {
-        let mut i = 0;
-        while i < offsets.len() {
-            let range = offsets[i];
-            let run = offsets[i..].iter().take_while(|&&o| o == range).count();
-            let len = |id: &TokenId| self.bytes.get(*id as usize).map_or(0, <[u8]>::len);
-            let group = &ids[i..i + run];
-            if run > 1 && group.iter().map(len).sum::<usize>() == range.1 - range.0 {
-                let mut pos = range.0;
-                for (o, id) in offsets[i..i + run].iter_mut().zip(group) {
-                    *o = (pos, pos + len(id));
-                    pos += len(id);
-                }
-            }
-            i += run;
-        }
     }
 
     fn check(&self, id: TokenId) -> Result<usize, TokenizerError> {
