@@ -66,6 +66,83 @@ fn smollm_metadata_is_exposed() {
     assert_eq!(tok.token_bytes(198).unwrap(), b"\n");
 }
 
+/// The real Gemma 3 270M file (a 262,144-token SentencePiece vocabulary).
+fn gemma() -> &'static GgufTokenizer {
+    static T: OnceLock<GgufTokenizer> = OnceLock::new();
+    T.get_or_init(|| {
+        let path = root().join("models/gemma-3-270m-q4_k_m.gguf");
+        assert!(path.exists(), "{} is missing: run `scripts/fetch-model.sh gemma3-270m`", path.display());
+        GgufTokenizer::open(&path).expect("Gemma 3 tokenizer builds")
+    })
+}
+
+fn gemma_cases() -> Vec<Case> {
+    let fixture = std::fs::read_to_string(root().join("tests/fixtures/gemma3/tokenize.jsonl")).unwrap();
+    fixture.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// `tests/fixtures/gemma3/tokenize.jsonl` is llama.cpp's output (made by
+/// `tools/fixtures/gemma3_tokenize.py`), without BOS.
+#[test]
+fn gemma3_reproduces_every_llama_cpp_fixture_line() {
+    let tok = gemma();
+    let mut checked = [0usize; 2];
+    let mut wrong = Vec::new();
+    for case in gemma_cases() {
+        let ids = tok.encode(&case.text, case.parse_special).unwrap();
+        if ids != case.ids {
+            wrong.push(format!(
+                "{:?} parse_special {}: got {ids:?}, llama.cpp {:?}",
+                case.text, case.parse_special, case.ids
+            ));
+        }
+        checked[usize::from(case.parse_special)] += 1;
+    }
+    assert!(wrong.is_empty(), "{} lines differ:\n{}", wrong.len(), wrong.join("\n"));
+    assert!(checked[0] >= 40 && checked[1] >= 40, "both settings covered: {checked:?}");
+}
+
+#[test]
+fn gemma3_offsets_partition_the_text_and_decode_round_trips() {
+    let tok = gemma();
+    for case in gemma_cases() {
+        let enc = tok.encode_with_offsets(&case.text, case.parse_special).unwrap();
+        assert_eq!(enc.ids, case.ids);
+        // No leading space is added (add_space_prefix is false): the tokens spell the text.
+        let mut pos = 0;
+        for (&id, &(start, end)) in enc.ids.iter().zip(&enc.offsets) {
+            assert_eq!(start, pos, "{:?}: contiguous offsets", case.text);
+            // A literal `▁` in the text decodes as a space, as in llama.cpp.
+            if !case.text.contains('\u{2581}') {
+                assert_eq!(&case.text.as_bytes()[start..end], tok.token_bytes(id).unwrap(), "{:?}", case.text);
+            }
+            pos = end;
+        }
+        assert_eq!(pos, case.text.len());
+        if !case.text.contains('\u{2581}') {
+            assert_eq!(tok.decode(&enc.ids, false).unwrap(), case.text);
+        }
+    }
+}
+
+#[test]
+fn gemma3_metadata_bos_and_end_of_generation() {
+    let tok = gemma();
+    assert_eq!(tok.vocab_size(), 262_144);
+    assert_eq!((tok.bos_id(), tok.eos_id(), tok.unk_id(), tok.pad_id()), (Some(2), Some(1), Some(3), Some(0)));
+    assert!(tok.add_bos() && !tok.add_eos());
+    assert_eq!(tok.encode_prompt("Hello world", false).unwrap(), vec![2, 9259, 1902]);
+    assert_eq!(tok.encode_prompt("", true).unwrap(), vec![2]);
+    // <eos>, <end_of_turn>, and the user-defined `</s>` llama.cpp ends on by its text.
+    assert_eq!(tok.eog_ids(), &[1, 106, 212]);
+    assert!(tok.is_control(212) && tok.is_special(212) && !tok.is_control(168), "`</s>` promoted, `<table>` not");
+    assert!(tok.is_unused(6) && tok.is_control(6) && tok.is_unused(256_001) && !tok.is_unused(105));
+    let chat = tok.encode("<start_of_turn>user\nHi<end_of_turn>\n", true).unwrap();
+    assert_eq!(chat, vec![105, 2364, 107, 10979, 106, 107]);
+    assert_eq!(tok.decode(&chat, true).unwrap(), "user\nHi\n");
+    assert_eq!(tok.chat_template(), None, "the base model ships no template");
+}
+
 #[test]
 fn unknown_ids_are_errors_naming_the_id() {
     let tok = smollm();
