@@ -229,6 +229,39 @@ proptest! {
         out.push_str(&dec.finish());
         prop_assert_eq!(out, s);
     }
+
+    #[test]
+    fn gemma3_offsets_partition_any_text_and_decode_round_trips(s in nasty_text(), parse_special in any::<bool>()) {
+        let tok = gemma();
+        let enc = tok.encode_with_offsets(&s, parse_special).unwrap();
+        prop_assert_eq!(&enc.ids, &tok.encode(&s, parse_special).unwrap());
+        let mut pos = 0;
+        for &(start, end) in &enc.offsets {
+            prop_assert_eq!(start, pos, "no leading space is added: offsets are contiguous");
+            prop_assert!(end > start);
+            pos = end;
+        }
+        prop_assert_eq!(pos, s.len());
+        // A literal `▁` decodes as a space, as in llama.cpp.
+        if !s.contains('\u{2581}') {
+            prop_assert_eq!(tok.decode(&enc.ids, false).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn spm_offsets_stay_in_order_inside_the_text(s in nasty_text()) {
+        // Leading space added, byte tokens, `unk` for characters without them.
+        for byte_fallback in [true, false] {
+            let tok = spm(SPM_PIECES, byte_fallback, vec![]);
+            let enc = tok.encode_with_offsets(&s, true).unwrap();
+            prop_assert_eq!(enc.ids.len(), enc.offsets.len());
+            let mut pos = 0;
+            for &(start, end) in &enc.offsets {
+                prop_assert!(start >= pos && end >= start && end <= s.len(), "{:?}", enc.offsets);
+                pos = start;
+            }
+        }
+    }
 }
 
 /// A text whose characters span 1–4 bytes, fed to the stream decoder one byte token at a time:
