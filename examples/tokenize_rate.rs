@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use starling::model::gguf::GgufFile;
 use starling::tokenizer::GgufTokenizer;
 
 fn main() -> anyhow::Result<()> {
@@ -17,8 +18,11 @@ fn main() -> anyhow::Result<()> {
         text.push('\n');
     }
     let t0 = Instant::now();
-    let tok = GgufTokenizer::open(&model)?;
-    let load = t0.elapsed();
+    let file = GgufFile::open(&model)?;
+    let read = t0.elapsed();
+    let t0 = Instant::now();
+    let tok = GgufTokenizer::from_gguf(&file.header)?;
+    let build = t0.elapsed();
     for parse_special in [false, true] {
         let t = Instant::now();
         let ids = tok.encode(&text, parse_special)?;
@@ -38,6 +42,11 @@ fn main() -> anyhow::Result<()> {
             dec.as_secs_f64() * 1e3
         );
     }
-    println!("load {:.1} ms", load.as_secs_f64() * 1e3);
+    println!(
+        "{} tokens: header read {:.1} ms, tokenizer build {:.1} ms",
+        tok.vocab_size(),
+        read.as_secs_f64() * 1e3,
+        build.as_secs_f64() * 1e3
+    );
     Ok(())
 }

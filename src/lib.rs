@@ -15,8 +15,8 @@
 //! 3. The parts an engine is made of:
 //!    - [`kv`]: the bounded KV block arena, block tables, sessions and eviction.
 //!    - [`model`]: GGUF reader, tensor validation, quantized kernels, the forward pass.
-//!    - [`tokenizer`]: GGUF vocabularies turned into Hugging Face `tokenizers`, streaming
-//!      detokenizer.
+//!    - [`tokenizer`]: GGUF vocabularies tokenized as llama.cpp does (SentencePiece by hand,
+//!      BPE and WordPiece through Hugging Face `tokenizers`), streaming detokenizer.
 //!    - [`sampler`]: sampling steps as pure functions over a logits row; stop strings;
 //!      content policies.
 //!    - [`registry`]: model sources (model directories, http URLs) and the verified

@@ -55,13 +55,92 @@ fn smollm_metadata_is_exposed() {
     assert_eq!(tok.bos_id(), Some(1));
     assert_eq!(tok.eos_id(), Some(2));
     assert!(!tok.add_bos());
-    assert_eq!(tok.eog_ids(), &[0, 2], "<|endoftext|> and <|im_end|> end generation");
+    // <|endoftext|> and <|im_end|> by name, and <reponame> as llama.cpp's FIM repo token
+    // (llama-cpp-python 0.3.36's `llama_vocab_is_eog` is true for exactly these three).
+    assert_eq!(tok.eog_ids(), &[0, 2, 4]);
     assert!(tok.chat_template().unwrap().contains("<|im_start|>"));
     assert_eq!(tok.token_text(1).unwrap(), "<|im_start|>");
     assert!(tok.is_special(1) && !tok.is_special(19556));
     assert_eq!(tok.token_text(2899).unwrap(), "Ġleading");
     assert_eq!(tok.token_bytes(2899).unwrap(), b" leading");
     assert_eq!(tok.token_bytes(198).unwrap(), b"\n");
+}
+
+/// The real Gemma 3 270M file (a 262,144-token SentencePiece vocabulary).
+fn gemma() -> &'static GgufTokenizer {
+    static T: OnceLock<GgufTokenizer> = OnceLock::new();
+    T.get_or_init(|| {
+        let path = root().join("models/gemma-3-270m-q4_k_m.gguf");
+        assert!(path.exists(), "{} is missing: run `scripts/fetch-model.sh gemma3-270m`", path.display());
+        GgufTokenizer::open(&path).expect("Gemma 3 tokenizer builds")
+    })
+}
+
+fn gemma_cases() -> Vec<Case> {
+    let fixture = std::fs::read_to_string(root().join("tests/fixtures/gemma3/tokenize.jsonl")).unwrap();
+    fixture.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// `tests/fixtures/gemma3/tokenize.jsonl` is llama.cpp's output (made by
+/// `tools/fixtures/gemma3_tokenize.py`), without BOS.
+#[test]
+fn gemma3_reproduces_every_llama_cpp_fixture_line() {
+    let tok = gemma();
+    let mut checked = [0usize; 2];
+    let mut wrong = Vec::new();
+    for case in gemma_cases() {
+        let ids = tok.encode(&case.text, case.parse_special).unwrap();
+        if ids != case.ids {
+            wrong.push(format!(
+                "{:?} parse_special {}: got {ids:?}, llama.cpp {:?}",
+                case.text, case.parse_special, case.ids
+            ));
+        }
+        checked[usize::from(case.parse_special)] += 1;
+    }
+    assert!(wrong.is_empty(), "{} lines differ:\n{}", wrong.len(), wrong.join("\n"));
+    assert!(checked[0] >= 40 && checked[1] >= 40, "both settings covered: {checked:?}");
+}
+
+#[test]
+fn gemma3_offsets_partition_the_text_and_decode_round_trips() {
+    let tok = gemma();
+    for case in gemma_cases() {
+        let enc = tok.encode_with_offsets(&case.text, case.parse_special).unwrap();
+        assert_eq!(enc.ids, case.ids);
+        // No leading space is added (add_space_prefix is false): the tokens spell the text.
+        let mut pos = 0;
+        for (&id, &(start, end)) in enc.ids.iter().zip(&enc.offsets) {
+            assert_eq!(start, pos, "{:?}: contiguous offsets", case.text);
+            // A literal `▁` in the text decodes as a space, as in llama.cpp.
+            if !case.text.contains('\u{2581}') {
+                assert_eq!(&case.text.as_bytes()[start..end], tok.token_bytes(id).unwrap(), "{:?}", case.text);
+            }
+            pos = end;
+        }
+        assert_eq!(pos, case.text.len());
+        if !case.text.contains('\u{2581}') {
+            assert_eq!(tok.decode(&enc.ids, false).unwrap(), case.text);
+        }
+    }
+}
+
+#[test]
+fn gemma3_metadata_bos_and_end_of_generation() {
+    let tok = gemma();
+    assert_eq!(tok.vocab_size(), 262_144);
+    assert_eq!((tok.bos_id(), tok.eos_id(), tok.unk_id(), tok.pad_id()), (Some(2), Some(1), Some(3), Some(0)));
+    assert!(tok.add_bos() && !tok.add_eos());
+    assert_eq!(tok.encode_prompt("Hello world", false).unwrap(), vec![2, 9259, 1902]);
+    assert_eq!(tok.encode_prompt("", true).unwrap(), vec![2]);
+    // <eos>, <end_of_turn>, and the user-defined `</s>` llama.cpp ends on by its text.
+    assert_eq!(tok.eog_ids(), &[1, 106, 212]);
+    assert!(tok.is_control(212) && tok.is_special(212) && !tok.is_control(168), "`</s>` promoted, `<table>` not");
+    assert!(tok.is_unused(6) && tok.is_control(6) && tok.is_unused(256_001) && !tok.is_unused(105));
+    let chat = tok.encode("<start_of_turn>user\nHi<end_of_turn>\n", true).unwrap();
+    assert_eq!(chat, vec![105, 2364, 107, 10979, 106, 107]);
+    assert_eq!(tok.decode(&chat, true).unwrap(), "user\nHi\n");
+    assert_eq!(tok.chat_template(), None, "the base model ships no template");
 }
 
 #[test]
@@ -150,6 +229,39 @@ proptest! {
         out.push_str(&dec.finish());
         prop_assert_eq!(out, s);
     }
+
+    #[test]
+    fn gemma3_offsets_partition_any_text_and_decode_round_trips(s in nasty_text(), parse_special in any::<bool>()) {
+        let tok = gemma();
+        let enc = tok.encode_with_offsets(&s, parse_special).unwrap();
+        prop_assert_eq!(&enc.ids, &tok.encode(&s, parse_special).unwrap());
+        let mut pos = 0;
+        for &(start, end) in &enc.offsets {
+            prop_assert_eq!(start, pos, "no leading space is added: offsets are contiguous");
+            prop_assert!(end > start);
+            pos = end;
+        }
+        prop_assert_eq!(pos, s.len());
+        // A literal `▁` decodes as a space, as in llama.cpp.
+        if !s.contains('\u{2581}') {
+            prop_assert_eq!(tok.decode(&enc.ids, false).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn spm_offsets_stay_in_order_inside_the_text(s in nasty_text()) {
+        // Leading space added, byte tokens, `unk` for characters without them.
+        for byte_fallback in [true, false] {
+            let tok = spm(SPM_PIECES, byte_fallback, vec![]);
+            let enc = tok.encode_with_offsets(&s, true).unwrap();
+            prop_assert_eq!(enc.ids.len(), enc.offsets.len());
+            let mut pos = 0;
+            for &(start, end) in &enc.offsets {
+                prop_assert!(start >= pos && end >= start && end <= s.len(), "{:?}", enc.offsets);
+                pos = start;
+            }
+        }
+    }
 }
 
 /// A text whose characters span 1–4 bytes, fed to the stream decoder one byte token at a time:
@@ -214,6 +326,12 @@ fn s(v: &str) -> GgufValue {
 /// A SentencePiece vocabulary: `<unk>`, `<s>`, `</s>`, optionally the 256 byte tokens, then
 /// `pieces` with their scores.
 fn spm(pieces: &[(&str, f32)], byte_fallback: bool, extra: Vec<(&str, GgufValue)>) -> GgufTokenizer {
+    let typed: Vec<(&str, f32, i32)> = pieces.iter().map(|&(p, sc)| (p, sc, 1)).collect();
+    spm_typed(&typed, byte_fallback, extra)
+}
+
+/// As [`spm`], with each piece's `tokenizer.ggml.token_type` (1 normal, 3 control, 4 user-defined).
+fn spm_typed(pieces: &[(&str, f32, i32)], byte_fallback: bool, extra: Vec<(&str, GgufValue)>) -> GgufTokenizer {
     let mut tokens = vec!["<unk>".to_owned(), "<s>".to_owned(), "</s>".to_owned()];
     let mut types = vec![2, 3, 3];
     if byte_fallback {
@@ -223,10 +341,10 @@ fn spm(pieces: &[(&str, f32)], byte_fallback: bool, extra: Vec<(&str, GgufValue)
         }
     }
     let mut scores = vec![0.0f32; tokens.len()];
-    for (p, sc) in pieces {
-        tokens.push((*p).to_owned());
-        types.push(1);
-        scores.push(*sc);
+    for &(p, sc, ty) in pieces {
+        tokens.push(p.to_owned());
+        types.push(ty);
+        scores.push(sc);
     }
     let mut kv = vec![
         ("tokenizer.ggml.model", s("llama")),
@@ -323,6 +441,123 @@ fn spm_merges_follow_scores_not_vocabulary_order() {
     let ab_first = spm(&[base[0], base[1], base[2], ("ab", -1.5), ("bc", -2.0)], false, no_prefix());
     assert_eq!(ab_first.encode("abc", false).unwrap(), vec![id_of(&ab_first, "ab"), id_of(&ab_first, "c")]);
     assert_eq!(ab_first.decode(&ab_first.encode("abc", false).unwrap(), false).unwrap(), "abc");
+}
+
+// The expectations below were checked against llama.cpp (llama-cpp-python 0.3.36) on the same
+// vocabularies written as GGUF files.
+
+#[test]
+fn spm_equal_scores_merge_the_leftmost_pair_first() {
+    // `bc` has the lower id, which is what a rank-ordered BPE merge list would prefer.
+    let pieces = [("a", -1.0), ("b", -1.0), ("c", -1.0), ("bc", -2.0), ("ab", -2.0)];
+    let tok = spm(&pieces, false, vec![("tokenizer.ggml.add_space_prefix", GgufValue::Bool(false))]);
+    let [ab, bc, c] = ["ab", "bc", "c"].map(|t| id_of(&tok, t));
+    assert_eq!(tok.encode("abc", false).unwrap(), vec![ab, c]);
+    assert_eq!(tok.encode("abcbc", false).unwrap(), vec![ab, c, bc]);
+}
+
+#[test]
+fn spm_merges_characters_that_are_not_tokens_themselves() {
+    // `x` is not in the vocabulary, `▁x` is: llama.cpp merges before falling back to bytes.
+    let tok = spm(&[("▁", -1.0), ("▁x", -3.0), ("y", -1.0)], true, vec![]);
+    let (x, y) = (id_of(&tok, "▁x"), id_of(&tok, "y"));
+    assert_eq!(tok.encode("x", false).unwrap(), vec![x]);
+    assert_eq!(tok.encode("xy", false).unwrap(), vec![x, y]);
+}
+
+#[test]
+fn spm_merges_can_spell_a_control_token_and_a_missing_space_piece_is_bytes() {
+    let pieces = [("<c", -5.0, 1), ("<ct", -5.0, 1), ("<ctl", -5.0, 1), ("<ctl>", -1000.0, 3)];
+    let tok = spm_typed(&pieces, true, vec![]);
+    let ctl = id_of(&tok, "<ctl>");
+    // No `▁` token: the added leading space is spelled as its three UTF-8 bytes, with no bytes
+    // of the text behind them.
+    let enc = tok.encode_with_offsets("<ctl>", false).unwrap();
+    assert_eq!(enc.ids, vec![3 + 0xE2, 3 + 0x96, 3 + 0x81, ctl]);
+    assert_eq!(enc.offsets, vec![(0, 0), (0, 0), (0, 0), (0, 5)]);
+    assert_eq!(tok.encode("<ctl>", true).unwrap(), vec![ctl]);
+}
+
+#[test]
+fn spm_user_defined_tokens_are_cut_out_even_without_parse_special() {
+    let pieces = [("▁", -1.0, 1), ("a", -2.0, 1), ("b", -2.0, 1), ("▁a", -1.5, 1), ("▁b", -1.5, 1), ("<u>", 0.0, 4)];
+    let tok = spm_typed(&pieces, true, vec![]);
+    let want = vec![id_of(&tok, "▁a"), id_of(&tok, "<u>"), id_of(&tok, "▁b")];
+    assert_eq!(tok.encode("a<u>b", false).unwrap(), want, "the text after it gets the leading space again");
+    assert_eq!(tok.encode("a<u>b", true).unwrap(), want);
+    let enc = tok.encode_with_offsets("a<u>b", false).unwrap();
+    assert_eq!(enc.offsets, vec![(0, 1), (1, 4), (4, 5)]);
+}
+
+const PHI3_PIECES: &[(&str, f32, i32)] = &[
+    ("▁", -1.0, 1),
+    ("h", -2.0, 1),
+    ("i", -2.0, 1),
+    ("hi", -1.8, 1),
+    ("▁hi", -1.0, 1),
+    ("<|user|>", 0.0, 3),
+    ("<|end|>", 0.0, 3),
+    ("<|endoftext|>", 0.0, 3),
+];
+
+#[test]
+fn phi3_special_tokens_eat_the_whitespace_after_them() {
+    let name = |n: &str| vec![("general.name", s(n))];
+    let phi = spm_typed(PHI3_PIECES, true, name("Phi-3 mini tiny"));
+    let [user, end, eot, hi, space] = ["<|user|>", "<|end|>", "<|endoftext|>", "▁hi", "▁"].map(|t| id_of(&phi, t));
+    assert_eq!(phi.encode("<|user|>\nhi<|end|>\n", true).unwrap(), vec![user, hi, end]);
+    // `<|endoftext|>` keeps the space after it.
+    assert_eq!(phi.encode("<|user|> \t\nhi <|endoftext|> hi", true).unwrap(), vec![user, hi, space, eot, space, hi]);
+    let other = spm_typed(PHI3_PIECES, true, name("tiny"));
+    let hi_bare = id_of(&other, "hi");
+    let newline = 3 + u32::from(b'\n');
+    assert_eq!(
+        other.encode("<|user|>\nhi<|end|>\n", true).unwrap(),
+        vec![user, space, newline, hi_bare, end, space, newline]
+    );
+}
+
+#[test]
+fn eog_set_and_attributes_follow_llama_cpp() {
+    let pieces = [
+        ("▁", -1.0, 1),
+        ("x", -2.0, 1),
+        ("▁x", -1.0, 1),
+        ("<end_of_turn>", 0.0, 4),
+        ("<|fim_pad|>", 0.0, 1),
+        ("<unused7>", 0.0, 3),
+    ];
+    let x = 3 + 256 + 1;
+    let tok = spm_typed(&pieces, true, vec![("tokenizer.ggml.eot_token_id", GgufValue::U32(x))]);
+    let [eot, pad, unused, sx] = ["<end_of_turn>", "<|fim_pad|>", "<unused7>", "▁x"].map(|t| id_of(&tok, t));
+    // `</s>` (eos and by name), `x` (the eot key), `<end_of_turn>` (by name, though
+    // user-defined), `<|fim_pad|>` (the FIM pad, though normal).
+    assert_eq!(tok.eog_ids(), &[2, x, eot, pad]);
+    // A user-defined token that ends generation is promoted to control, so it is matched
+    // only with parse_special.
+    assert!(tok.is_control(eot) && tok.is_special(eot) && tok.is_control(pad));
+    let mut spelled = vec![sx];
+    spelled.extend("<end_of_turn>".bytes().map(|b| 3 + u32::from(b)));
+    assert_eq!(tok.encode("x<end_of_turn>", false).unwrap(), spelled);
+    assert_eq!(tok.encode("x<end_of_turn>", true).unwrap(), vec![sx, eot]);
+    // A control token named `unused` is unused and still control (still matched as text).
+    assert!(tok.is_unused(unused) && tok.is_control(unused) && !tok.is_unused(eot));
+    assert_eq!(tok.encode("<unused7>", true).unwrap(), vec![unused]);
+}
+
+#[test]
+fn spm_special_ids_default_as_in_llama_cpp() {
+    let tokens = ["<pad>", "<go>", "<stop>", "▁", "a", "▁a"];
+    let tok = GgufTokenizer::from_gguf(&header(vec![
+        ("tokenizer.ggml.model", s("llama")),
+        ("tokenizer.ggml.tokens", strs(&tokens)),
+        ("tokenizer.ggml.token_type", GgufValue::Array([3, 3, 3, 1, 1, 1].map(GgufValue::I32).to_vec())),
+        ("tokenizer.ggml.scores", GgufValue::Array([0.0, 0.0, 0.0, -1.0, -2.0, -1.0].map(GgufValue::F32).to_vec())),
+    ]))
+    .unwrap();
+    assert_eq!((tok.bos_id(), tok.eos_id(), tok.unk_id()), (Some(1), Some(2), Some(0)));
+    assert_eq!(tok.eog_ids(), &[2]);
+    assert_eq!(tok.encode_prompt("a", false).unwrap(), vec![1, 5]);
 }
 
 /// A WordPiece vocabulary as llama.cpp's converter writes it (`▁` marks word starts).

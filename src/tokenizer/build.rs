@@ -1,5 +1,6 @@
-//! Turning a [`VocabSpec`] into a Hugging Face `tokenizers::Tokenizer` for plain text
-//! (special tokens are split out before the text reaches it, see `special.rs`).
+//! Turning a byte-level BPE or WordPiece [`VocabSpec`] into a Hugging Face
+//! `tokenizers::Tokenizer` for plain text (special tokens are split out before the text reaches
+//! it, see `special.rs`; SentencePiece is `spm.rs`).
 
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::models::wordpiece::WordPiece;
@@ -74,54 +75,6 @@ fn vocab_map<'a>(tokens: impl Iterator<Item = &'a str>) -> Vocab {
     vocab
 }
 
-/// SentencePiece BPE: every way to split a piece into two pieces is a merge, ranked by the
-/// merged piece's score (higher first), which is how llama.cpp picks bigrams. The vocabulary
-/// is handed over with `▁` written as a space, so the text needs no escaping and offsets stay
-/// in the caller's bytes. Pieces that contain a raw space can never be produced (llama.cpp
-/// escapes every space) and are left out.
-pub(crate) fn sentencepiece(spec: &VocabSpec) -> Result<Tokenizer, TokenizerError> {
-    let scores = spec.scores.as_ref().ok_or(TokenizerError::MissingScores)?;
-    let texts: Vec<Option<String>> = spec
-        .tokens
-        .iter()
-        .zip(&spec.kinds)
-        .map(|(t, k)| match k {
-            _ if t.contains(' ') => None,
-            TokenKind::Normal | TokenKind::UserDefined | TokenKind::Byte | TokenKind::Unknown => {
-                Some(t.replace('\u{2581}', " "))
-            }
-            TokenKind::Control | TokenKind::Unused => None,
-        })
-        .collect();
-    let mut vocab = Vocab::default();
-    for (id, t) in texts.iter().enumerate() {
-        if let Some(t) = t {
-            vocab.entry(t.clone()).or_insert(id as u32);
-        }
-    }
-    let mut ranked: Vec<(f32, u32, String, String)> = Vec::new();
-    for (id, t) in texts.iter().enumerate() {
-        let Some(t) = t.as_deref() else { continue };
-        if spec.kinds[id] != TokenKind::Normal && spec.kinds[id] != TokenKind::UserDefined {
-            continue;
-        }
-        for (cut, _) in t.char_indices().skip(1) {
-            let (a, b) = t.split_at(cut);
-            if vocab.contains_key(a) && vocab.contains_key(b) {
-                ranked.push((scores[id], id as u32, a.to_owned(), b.to_owned()));
-            }
-        }
-    }
-    ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
-    let merges = ranked.into_iter().map(|(_, _, a, b)| (a, b)).collect();
-    let has_bytes = (0..=255u8).all(|b| vocab.contains_key(&format!("<0x{b:02X}>")));
-    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(has_bytes);
-    if let Some(unk) = spec.unk.and_then(|u| texts[u as usize].clone()) {
-        builder = builder.unk_token(unk);
-    }
-    Ok(Tokenizer::new(builder.build().map_err(build_err)?))
-}
-
 /// How WordPiece pieces are written in a GGUF vocabulary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PieceStyle {
@@ -152,7 +105,7 @@ pub(crate) fn wordpiece(spec: &VocabSpec) -> Result<Tokenizer, TokenizerError> {
         };
         vocab.entry(text).or_insert(id as u32);
     }
-    let unk_id = spec.unk.ok_or(TokenizerError::MissingUnknown)?;
+    let unk_id = spec.ids.unk.ok_or(TokenizerError::MissingUnknown)?;
     let unk = spec.tokens[unk_id as usize].clone();
     let model = WordPiece::builder()
         .vocab(vocab)

@@ -1,13 +1,15 @@
-//! [`GgufTokenizer`]: a GGUF file's vocabulary as a Hugging Face tokenizer, with the special
-//! tokens, BOS/EOS rules and chat template the file declares.
+//! [`GgufTokenizer`]: a GGUF file's vocabulary as llama.cpp tokenizes it, with the special
+//! tokens, BOS/EOS rules, end-of-generation set and chat template the file declares.
 
 use std::path::Path;
 
+use super::attrs::{self, Attrs};
 use super::build;
 use super::error::TokenizerError;
 use super::pieces::TokenBytes;
-use super::special::{Fragment, SpecialMatcher};
-use super::vocab::{TokenKind, VocabKind, VocabSpec};
+use super::special::{Fragment, Special, SpecialMatcher};
+use super::spm::{self, Spm};
+use super::vocab::{VocabKind, VocabSpec};
 use crate::model::gguf::{GgufFile, GgufHeader};
 use crate::types::TokenId;
 
@@ -22,16 +24,20 @@ pub struct Encoding {
     pub pieces: Vec<String>,
 }
 
-/// Tokens that end generation when llama.cpp finds them as control tokens.
-const EOG_NAMES: &[&str] =
-    &["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>"];
+/// The model that encodes plain text between special tokens.
+enum TextModel {
+    /// Byte-level BPE and WordPiece, through Hugging Face `tokenizers`.
+    Hf(Box<tokenizers::Tokenizer>),
+    /// SentencePiece, written out as llama.cpp runs it.
+    Spm(Spm),
+}
 
 /// A GGUF file's own tokenizer. Immutable once built: `Send + Sync`, share it behind an `Arc`.
 pub struct GgufTokenizer {
     kind: VocabKind,
-    hf: tokenizers::Tokenizer,
+    model: TextModel,
     tokens: Vec<String>,
-    kinds: Vec<TokenKind>,
+    attrs: Vec<Attrs>,
     bytes: TokenBytes,
     specials: SpecialMatcher,
     bos: Option<TokenId>,
@@ -66,46 +72,45 @@ impl GgufTokenizer {
     pub fn from_gguf(h: &GgufHeader) -> Result<Self, TokenizerError> {
         let spec = VocabSpec::read(h)?;
         let style = build::piece_style(&spec);
-        let hf = match spec.kind {
-            VocabKind::ByteBpe => build::byte_bpe(&spec)?,
-            VocabKind::SentencePiece => build::sentencepiece(&spec)?,
-            VocabKind::WordPiece => build::wordpiece(&spec)?,
+        let model = match spec.kind {
+            VocabKind::ByteBpe => TextModel::Hf(Box::new(build::byte_bpe(&spec)?)),
+            VocabKind::SentencePiece => TextModel::Spm(Spm::new(&spec)?),
+            VocabKind::WordPiece => TextModel::Hf(Box::new(build::wordpiece(&spec)?)),
         };
         let bytes = TokenBytes::build(&spec, style);
-        let matchable = |k: &TokenKind| matches!(k, TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown);
+        let attrs::Derived { attrs, eog } = attrs::derive(&spec);
+        let matchable = Attrs::CONTROL | Attrs::USER_DEFINED | Attrs::UNKNOWN;
         let specials = SpecialMatcher::new(
             spec.tokens
                 .iter()
-                .zip(&spec.kinds)
+                .zip(&attrs)
                 .enumerate()
-                .filter(|(_, (_, k))| matchable(k))
-                .map(|(id, (t, _))| (t.clone(), id as TokenId))
+                .filter(|(_, (_, a))| a.any(matchable))
+                .map(|(id, (t, a))| Special {
+                    text: t.clone(),
+                    id: id as TokenId,
+                    needs_parse_special: a.any(Attrs::CONTROL | Attrs::UNKNOWN),
+                    lstrip: a.any(Attrs::LSTRIP),
+                    rstrip: a.any(Attrs::RSTRIP),
+                })
                 .collect(),
         );
-        let mut eog: Vec<TokenId> = spec.eos.into_iter().chain(spec.extra_eog.iter().copied()).collect();
-        for (id, (t, k)) in spec.tokens.iter().zip(&spec.kinds).enumerate() {
-            if *k == TokenKind::Control && EOG_NAMES.contains(&t.as_str()) {
-                eog.push(id as TokenId);
-            }
-        }
-        eog.sort_unstable();
-        eog.dedup();
         Ok(GgufTokenizer {
             kind: spec.kind,
-            hf,
+            model,
             bytes,
             specials,
-            bos: spec.bos,
-            eos: spec.eos,
-            unk: spec.unk,
-            pad: spec.pad,
+            bos: spec.ids.bos,
+            eos: spec.ids.eos,
+            unk: spec.ids.unk,
+            pad: spec.ids.pad,
             eog,
             add_bos: spec.add_bos,
             add_eos: spec.add_eos,
             add_space_prefix: spec.add_space_prefix && spec.kind == VocabKind::SentencePiece,
             chat_template: spec.chat_template,
             tokens: spec.tokens,
-            kinds: spec.kinds,
+            attrs,
         })
     }
 
@@ -130,8 +135,9 @@ impl GgufTokenizer {
         self.pad
     }
 
-    /// End-of-generation ids: eos, eot/eom ids the metadata names, and control tokens such as
-    /// `<|im_end|>`, `<|eot_id|>`, `<|endoftext|>` (llama.cpp's list). Sorted, no duplicates.
+    /// End-of-generation ids, as llama.cpp builds the set: the FIM pad/repo/separator tokens,
+    /// every token named like `<|im_end|>`, `<end_of_turn>`, `</s>` whatever its type (llama.cpp's
+    /// list), and the eos/eot/eom ids. Sorted, no duplicates.
     pub fn eog_ids(&self) -> &[TokenId] {
         &self.eog
     }
@@ -192,16 +198,9 @@ impl GgufTokenizer {
         ids: &mut Vec<TokenId>,
         mut offsets: Option<&mut Vec<(usize, usize)>>,
     ) -> Result<(), TokenizerError> {
-        let whole = [Fragment::Text { start: 0, end: text.len() }];
-        let split;
-        let frags: &[Fragment] = if parse_special {
-            split = self.specials.split(text);
-            &split
-        } else {
-            &whole
-        };
-        for frag in frags {
-            match *frag {
+        let mut scratch = spm::Scratch::default();
+        for frag in self.specials.split(text, parse_special) {
+            match frag {
                 Fragment::Special { id, start, end } => {
                     ids.push(id);
                     if let Some(o) = offsets.as_deref_mut() {
@@ -209,7 +208,13 @@ impl GgufTokenizer {
                     }
                 }
                 Fragment::Text { start, end } if start < end => {
-                    self.encode_text(&text[start..end], start, ids, offsets.as_deref_mut())?;
+                    let seg = &text[start..end];
+                    match &self.model {
+                        // Every text fragment is either the first or follows a special token,
+                        // which is exactly when llama.cpp adds SentencePiece's leading space.
+                        TextModel::Spm(spm) => spm.encode(seg, start, ids, offsets.as_deref_mut(), &mut scratch)?,
+                        TextModel::Hf(hf) => self.encode_hf(hf, seg, start, ids, offsets.as_deref_mut())?,
+                    }
                 }
                 Fragment::Text { .. } => {}
             }
@@ -217,24 +222,16 @@ impl GgufTokenizer {
         Ok(())
     }
 
-    /// Runs the model over one stretch of plain text starting at byte `base` of the input.
-    fn encode_text(
+    /// Runs a Hugging Face model over one stretch of plain text starting at byte `base`.
+    fn encode_hf(
         &self,
+        hf: &tokenizers::Tokenizer,
         seg: &str,
         base: usize,
         ids: &mut Vec<TokenId>,
         offsets: Option<&mut Vec<(usize, usize)>>,
     ) -> Result<(), TokenizerError> {
-        // Every text fragment is either the first or follows a special token, which is
-        // exactly when llama.cpp adds SentencePiece's leading space.
-        let prefixed;
-        let (input, shift) = if self.add_space_prefix {
-            prefixed = format!(" {seg}");
-            (prefixed.as_str(), 1)
-        } else {
-            (seg, 0)
-        };
-        let enc = self.hf.encode(input, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let enc = hf.encode(seg, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
         let first = ids.len();
         ids.extend_from_slice(enc.get_ids());
         let Some(offsets) = offsets else { return Ok(()) };
@@ -247,32 +244,9 @@ impl GgufTokenizer {
                 pos += len;
             }
         } else {
-            let at = |o: usize| base + o.saturating_sub(shift);
-            let start = offsets.len();
-            offsets.extend(enc.get_offsets().iter().map(|&(s, e)| (at(s), at(e))));
-            self.split_shared_ranges(&ids[first..], &mut offsets[start..]);
+            offsets.extend(enc.get_offsets().iter().map(|&(s, e)| (base + s, base + e)));
         }
         Ok(())
-    }
-
-    /// Byte-fallback tokens of one character all report the character's range; give each
-    /// its own byte instead, when their bytes add up to exactly that range.
-    fn split_shared_ranges(&self, ids: &[TokenId], offsets: &mut [(usize, usize)]) {
-        let mut i = 0;
-        while i < offsets.len() {
-            let range = offsets[i];
-            let run = offsets[i..].iter().take_while(|&&o| o == range).count();
-            let len = |id: &TokenId| self.bytes.get(*id as usize).map_or(0, <[u8]>::len);
-            let group = &ids[i..i + run];
-            if run > 1 && group.iter().map(len).sum::<usize>() == range.1 - range.0 {
-                let mut pos = range.0;
-                for (o, id) in offsets[i..i + run].iter_mut().zip(group) {
-                    *o = (pos, pos + len(id));
-                    pos += len(id);
-                }
-            }
-            i += run;
-        }
     }
 
     fn check(&self, id: TokenId) -> Result<usize, TokenizerError> {
@@ -315,14 +289,25 @@ impl GgufTokenizer {
         Ok(&self.tokens[self.check(id)?])
     }
 
-    /// Control and user-defined tokens (false for ids outside the vocabulary).
-    pub fn is_special(&self, id: TokenId) -> bool {
-        matches!(self.kinds.get(id as usize), Some(TokenKind::Control | TokenKind::UserDefined))
+    fn has(&self, id: TokenId, attrs: Attrs) -> bool {
+        self.attrs.get(id as usize).is_some_and(|a| a.any(attrs))
     }
 
-    /// Control tokens only: the ones `skip_special` drops from decoded text.
+    /// Control and user-defined tokens (false for ids outside the vocabulary).
+    pub fn is_special(&self, id: TokenId) -> bool {
+        self.has(id, Attrs::CONTROL | Attrs::USER_DEFINED)
+    }
+
+    /// Control tokens only: the ones `skip_special` drops from decoded text. Includes tokens
+    /// llama.cpp promotes to control because of their text (a user-defined `</s>`).
     pub fn is_control(&self, id: TokenId) -> bool {
-        matches!(self.kinds.get(id as usize), Some(TokenKind::Control))
+        self.has(id, Attrs::CONTROL)
+    }
+
+    /// Unused tokens: typed unused in the file, or control tokens whose text contains `unused`
+    /// (Gemma's `<unused0>`…), which stay control as well.
+    pub fn is_unused(&self, id: TokenId) -> bool {
+        self.has(id, Attrs::UNUSED)
     }
 }
 

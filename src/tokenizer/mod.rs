@@ -1,20 +1,24 @@
-//! GGUF vocabularies turned into Hugging Face `tokenizers`, plus a streaming detokenizer.
+//! GGUF vocabularies tokenized as llama.cpp tokenizes them, plus a streaming detokenizer.
 //!
 //! [`GgufTokenizer::from_gguf`] reads `tokenizer.ggml.*` and builds the model the file names:
-//! byte-level BPE (`gpt2`) with the pre-tokenizer `tokenizer.ggml.pre` names, SentencePiece
-//! BPE (`llama`) with byte fallback and the leading-space rule, or WordPiece (`bert`).
-//! Control and user-defined tokens are special: with `parse_special` they are matched whole
-//! in the text (longest first, as llama.cpp does) and the rest goes to the model.
+//! byte-level BPE (`gpt2`, Hugging Face `tokenizers`) with the pre-tokenizer
+//! `tokenizer.ggml.pre` names, SentencePiece (`llama`, hand-written in `spm.rs`) with byte
+//! fallback and the leading-space rule, or WordPiece (`bert`, Hugging Face). Token attributes
+//! and the end-of-generation set are derived as llama.cpp derives them (`attrs.rs`). Special
+//! tokens are cut out of the text first, longest first (`special.rs`): user-defined ones always,
+//! control ones with `parse_special`; the rest goes to the model.
 //!
 //! All offsets in this module are **byte offsets** into the `&str` given to encode, as
 //! half-open ranges `[start, end)`. A byte-level token may hold part of a character, so an
 //! offset can fall inside a character: slice `text.as_bytes()`, not `text`.
 
+mod attrs;
 mod build;
 mod error;
 mod gguf;
 mod pieces;
 mod special;
+mod spm;
 mod stream;
 mod vocab;
 

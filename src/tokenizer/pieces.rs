@@ -79,7 +79,7 @@ fn push_token(
                 }
             }
         }
-        VocabKind::SentencePiece => match byte_token(text) {
+        VocabKind::SentencePiece => match byte_token(text).filter(|_| kind == TokenKind::Byte) {
             Some(b) => buf.push(b),
             None => buf.extend_from_slice(text.replace('\u{2581}', " ").as_bytes()),
         },

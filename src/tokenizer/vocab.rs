@@ -48,18 +48,33 @@ pub(crate) struct VocabSpec {
     pub kinds: Vec<TokenKind>,
     pub scores: Option<Vec<f32>>,
     pub merges: Vec<String>,
-    pub bos: Option<TokenId>,
-    pub eos: Option<TokenId>,
-    pub unk: Option<TokenId>,
-    pub pad: Option<TokenId>,
-    /// Extra end-of-generation ids named by the metadata (eot, eom).
-    pub extra_eog: Vec<TokenId>,
+    pub ids: SpecialIds,
     pub add_bos: bool,
     pub add_eos: bool,
     pub add_space_prefix: bool,
     pub lowercase: bool,
     pub strip_accents: bool,
     pub chat_template: Option<String>,
+    /// `general.name`: llama.cpp changes token attributes by it (the Phi-3 hack).
+    pub name: Option<String>,
+}
+
+/// The special token ids the metadata names (`tokenizer.ggml.*_token_id`), with llama.cpp's
+/// defaults for SentencePiece files (bos 1, eos 2, unk 0) where a key is absent.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SpecialIds {
+    pub bos: Option<TokenId>,
+    pub eos: Option<TokenId>,
+    pub unk: Option<TokenId>,
+    pub pad: Option<TokenId>,
+    pub eot: Option<TokenId>,
+    pub eom: Option<TokenId>,
+    pub fim_pre: Option<TokenId>,
+    pub fim_suf: Option<TokenId>,
+    pub fim_mid: Option<TokenId>,
+    pub fim_pad: Option<TokenId>,
+    pub fim_rep: Option<TokenId>,
+    pub fim_sep: Option<TokenId>,
 }
 
 fn opt_bool(h: &GgufHeader, key: &str) -> Result<Option<bool>, TokenizerError> {
@@ -92,15 +107,33 @@ impl VocabSpec {
         };
         let id = |key: &'static str| read_id(h, key, n);
         let is_wpm = kind == VocabKind::WordPiece;
+        // llama.cpp's SentencePiece defaults, dropped when outside the vocabulary.
+        let spm_default =
+            |default: TokenId| Some(default).filter(|&d| kind == VocabKind::SentencePiece && (d as usize) < n);
         let eos = match id("tokenizer.ggml.eos_token_id")? {
             None if is_wpm => id("tokenizer.ggml.seperator_token_id")?,
+            None => spm_default(2),
             other => other,
         };
         let bos = match id("tokenizer.ggml.bos_token_id")? {
             None if is_wpm => id("tokenizer.ggml.cls_token_id")?,
+            None => spm_default(1),
             other => other,
         };
-        let extra_eog = [id("tokenizer.ggml.eot_token_id")?, id("tokenizer.ggml.eom_token_id")?];
+        let ids = SpecialIds {
+            bos,
+            eos,
+            unk: id("tokenizer.ggml.unknown_token_id")?.or_else(|| spm_default(0)),
+            pad: id("tokenizer.ggml.padding_token_id")?,
+            eot: id("tokenizer.ggml.eot_token_id")?,
+            eom: id("tokenizer.ggml.eom_token_id")?,
+            fim_pre: id("tokenizer.ggml.fim_pre_token_id")?,
+            fim_suf: id("tokenizer.ggml.fim_suf_token_id")?,
+            fim_mid: id("tokenizer.ggml.fim_mid_token_id")?,
+            fim_pad: id("tokenizer.ggml.fim_pad_token_id")?,
+            fim_rep: id("tokenizer.ggml.fim_rep_token_id")?,
+            fim_sep: id("tokenizer.ggml.fim_sep_token_id")?,
+        };
         // llama.cpp's defaults when a flag is absent.
         let add_bos = opt_bool(h, "tokenizer.ggml.add_bos_token")?.unwrap_or(kind != VocabKind::ByteBpe);
         let add_eos = match opt_bool(h, "tokenizer.ggml.add_eos_token")? {
@@ -122,17 +155,14 @@ impl VocabSpec {
             kinds,
             scores,
             merges,
-            bos,
-            eos,
-            unk: id("tokenizer.ggml.unknown_token_id")?,
-            pad: id("tokenizer.ggml.padding_token_id")?,
-            extra_eog: extra_eog.into_iter().flatten().collect(),
+            ids,
             add_bos,
             add_eos,
             add_space_prefix,
             lowercase,
             strip_accents,
             chat_template,
+            name: h.get("general.name").and_then(GgufValue::as_str).map(str::to_owned),
         })
     }
 }

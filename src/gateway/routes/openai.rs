@@ -156,7 +156,7 @@ pub async fn chat_completions(
     let tok = &model.tokenizer;
     let piece = |id: Option<TokenId>| id.and_then(|id| tok.token_text(id).ok()).unwrap_or("").to_owned();
     let (bos, eos) = (piece(tok.bos_id()), piece(tok.eos_id()));
-    let specials = Specials { bos_token: &bos, eos_token: &eos };
+    let specials = Specials { bos_token: &bos, eos_token: &eos, tools: None };
     let text = render_chat(model.id.as_str(), tok.chat_template(), &messages, &specials)?;
     run(state, ctx, Kind::Chat, body, PromptInput::Text { text, parse_special: true }).await
 }
