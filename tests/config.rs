@@ -314,7 +314,7 @@ fn duplicate_api_keys_are_rejected_without_echoing_the_key() {
 }
 
 #[test]
-fn api_key_tenants_must_be_listed_or_anonymous() {
+fn api_key_tenants_must_be_listed_or_the_keys_own() {
     let keys = json!([{"key": "k1", "tenant": "team-a"}]);
     assert_rejects(with(|v| v["auth"] = json!({"api_keys": keys})), "auth.api_keys[0].tenant", "team-a");
     let c = with(|v| {
@@ -323,7 +323,9 @@ fn api_key_tenants_must_be_listed_or_anonymous() {
     })
     .unwrap();
     assert_eq!(c.auth.api_keys[0].tenant.as_str(), "team-a");
-    assert_eq!(c.auth.api_keys[1].tenant.as_str(), "anonymous");
+    assert_eq!(c.auth.api_keys[1].tenant, starling::config::key_tenant("k2"), "a key without a tenant is its own");
+    assert!(c.auth.api_keys[1].tenant.as_str().starts_with("key-"));
+    assert_eq!(c.tenant(starling::config::key_tenant("k2").as_str()).unwrap().max_concurrent, 16, "with defaults");
     assert_eq!(c.tenant("team-a").unwrap().weight, 3);
     assert_eq!(c.tenant("anonymous").unwrap().weight, 1, "anonymous added with defaults");
 }
@@ -424,7 +426,8 @@ fn overrides_come_from_the_environment_and_cli_wins() {
 fn api_key_list_parses_keys_and_tenants() {
     let keys = parse_api_keys(" k1 , k2:team-a ,, ").unwrap();
     let pairs: Vec<_> = keys.iter().map(|k| (k.key.as_str(), k.tenant.as_str())).collect();
-    assert_eq!(pairs, [("k1", "anonymous"), ("k2", "team-a")]);
+    let own = starling::config::key_tenant("k1");
+    assert_eq!(pairs, [("k1", own.as_str()), ("k2", "team-a")]);
     let err = parse_api_keys("k1,:team").unwrap_err();
     assert_eq!(err.field(), Some("auth.api_keys[1].key"), "{err}");
     let err = parse_api_keys("k1:bad tenant").unwrap_err();
@@ -449,11 +452,13 @@ fn apply_overrides_replaces_fields_and_revalidates() {
     let before = c.clone();
     let bad_bind = Overrides { bind: Some("nowhere".into()), ..Default::default() };
     assert_rejects(c.apply_overrides(&bad_bind).map(|_| c.clone()), "server.bind", "HOST:PORT");
-    let ghost = Overrides { api_keys: Some("k3:ghost".into()), ..Default::default() };
-    assert_rejects(c.apply_overrides(&ghost).map(|_| c.clone()), "auth.api_keys[0].tenant", "ghost");
     let no_model = Overrides { model: Some(scratch().join("absent.gguf")), ..Default::default() };
     assert_rejects(c.apply_overrides(&no_model).map(|_| c.clone()), "models[0].path", "fetch-model.sh");
     assert_eq!(c, before, "a rejected override leaves the config unchanged");
+    // A tenant named only in STARLING_API_KEYS is created with the default limits.
+    let ghost = Overrides { api_keys: Some("k3:ghost".into()), ..Default::default() };
+    c.apply_overrides(&ghost).unwrap();
+    assert_eq!(c.tenant("ghost").unwrap().max_queued, 64);
 }
 
 #[test]

@@ -102,8 +102,9 @@ fn connections_past_the_cap_get_429_and_health_still_answers() {
     assert_eq!(r.status, 200, "served again once the attackers left: {}", r.text());
 }
 
-/// A `starling serve` child process under `ulimit -n 256`, logging to `log`; returns it and
-/// its address once its model is loaded. `extra` is appended to the config file.
+/// A `starling serve` child process under `ulimit -n 256`, logging to a file; returns it,
+/// its address once its model is loaded, and the log's path. `extra` is appended to the
+/// config's `server:` section.
 fn serve_with_fd_limit(name: &str, extra: &str) -> (std::process::Child, SocketAddr, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("starling-hostile-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -256,4 +257,71 @@ fn tenant_names_reach_metrics_only_when_asked_for() {
         assert!(metrics.contains("starling_requests_total{"), "{metrics}");
         assert_eq!(metrics.contains("acme-corp"), labels, "tenant_labels {labels}:\n{metrics}");
     }
+}
+
+/// A model name with a newline in it (an unknown model, logged with the 404) cannot forge a
+/// log line: control characters are escaped in text logs.
+#[test]
+fn control_characters_cannot_forge_log_lines() {
+    let (mut child, addr, log) = serve_with_fd_limit("logs", "");
+    let forged = "evil\n2026-01-01T00:00:00Z  INFO forged: admin logged in";
+    let body = serde_json::json!({"model": forged, "prompt": "Hi", "max_tokens": 1});
+    let r = crate::support::post_json(addr, "/v1/generate", &body);
+    assert_eq!(r.status, 404, "{}", r.text());
+    std::thread::sleep(Duration::from_millis(200));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("evil\\n2026"), "the name is logged, escaped:\n{text}");
+    assert!(!text.lines().any(|l| l.starts_with("2026-01-01T00:00:00Z")), "a forged line:\n{text}");
+}
+
+/// Keys that name no tenant are tenants of their own: one key cannot see another's
+/// sessions, prefix cache or requests; request ids are 128 random bits; and one tenant
+/// cannot take every session slot.
+#[test]
+fn keys_are_isolated_and_sessions_are_capped_per_tenant() {
+    let server = TestServer::start(|c| {
+        c.auth.api_keys = starling::config::parse_api_keys("key-one,key-two,key-three:small").unwrap();
+        let mut small = starling::config::TenantConfig::with_defaults("small".into());
+        small.max_sessions = 2;
+        c.tenants.push(small);
+        c.apply_overrides(&starling::config::Overrides::default()).unwrap();
+    });
+    let generate =
+        |key: &str, body: serde_json::Value| crate::support::post_json_as(server.addr, key, "/v1/generate", &body);
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(6);
+    let first =
+        generate("key-one", serde_json::json!({"prompt": prompt, "max_tokens": 1, "stream": false, "session_id": "s"}));
+    assert_eq!(first.status, 200, "{}", first.text());
+    // The same prompt from another key finds nothing cached; its session "s" is its own.
+    let second = generate("key-two", serde_json::json!({"prompt": prompt, "max_tokens": 1, "stream": false}));
+    assert_eq!(second.json()["usage"]["cached_tokens"], 0, "a prefix leaked across keys: {}", second.text());
+    let close = |key: &str| {
+        crate::support::post_json_as(server.addr, key, "/v1/session/close", &serde_json::json!({"session_id": "s"}))
+    };
+    assert_eq!(close("key-two").status, 404, "key two sees key one's session");
+    assert_eq!(close("key-one").status, 200);
+    // Generated request ids are random 128-bit names.
+    let fresh = generate("key-two", serde_json::json!({"prompt": "Hi", "max_tokens": 1, "stream": false}));
+    let ids = [second.header("x-request-id").unwrap(), fresh.header("x-request-id").unwrap()];
+    for id in ids {
+        let hex = id.strip_prefix("req-").unwrap_or_else(|| panic!("{id}"));
+        assert!(hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+    }
+    assert_ne!(ids[0], ids[1]);
+    // A tenant capped at two sessions gets 429 for a third; others still open theirs.
+    for s in ["a", "b"] {
+        let r = generate(
+            "key-three",
+            serde_json::json!({"prompt": "Hi", "max_tokens": 1, "stream": false, "session_id": s}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r =
+        generate("key-three", serde_json::json!({"prompt": "Hi", "max_tokens": 1, "stream": false, "session_id": "c"}));
+    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (429, Some("too_many_sessions")), "{}", r.text());
+    let r =
+        generate("key-one", serde_json::json!({"prompt": "Hi", "max_tokens": 1, "stream": false, "session_id": "c"}));
+    assert_eq!(r.status, 200, "{}", r.text());
 }

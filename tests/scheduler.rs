@@ -428,7 +428,8 @@ fn a_slow_reader_pauses_only_its_own_sequence() {
 
 #[test]
 fn a_tenant_runs_at_most_max_concurrent_and_a_prompt_waits_for_kv_room() {
-    let tenants = TenantLimits::default().with("a", TenantShare { weight: 1, max_concurrent: 1, max_queued: 10, max_sessions: 64 });
+    let tenants = TenantLimits::default()
+        .with("a", TenantShare { weight: 1, max_concurrent: 1, max_queued: 10, max_sessions: 64 });
     let block_bytes = model().kv_layout(16).block_bytes() as u64;
     // 6 blocks of 16: a 70-token prompt needs 5, so two cannot run at once.
     let mut h = Harness::new(limits(8, 64), TenantLimits::default(), block_bytes * 6);
@@ -456,7 +457,8 @@ fn a_tenant_runs_at_most_max_concurrent_and_a_prompt_waits_for_kv_room() {
 
 #[test]
 fn a_tenant_past_max_queued_gets_429_with_its_reason() {
-    let tenants = TenantLimits::default().with("a", TenantShare { weight: 1, max_concurrent: 1, max_queued: 2, max_sessions: 64 });
+    let tenants = TenantLimits::default()
+        .with("a", TenantShare { weight: 1, max_concurrent: 1, max_queued: 2, max_sessions: 64 });
     let mut h = Harness::new(limits(8, 64), tenants, KV_BYTES);
     let mut a: Vec<Stream> = (0..4).map(|i| h.submit("a", prompt(5, i), sampling(2, 0.0, 1), 64)).collect();
     let mut b = h.submit("b", prompt(5, 9), sampling(2, 0.0, 1), 64);

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use build::key_tenant;
 pub use error::ConfigError;
 pub use machine::{Machine, mem_total_from_meminfo, open_files_from_limits};
 pub use units::parse_byte_size;

@@ -77,6 +77,13 @@ impl EngineHandle {
         Ok(EngineHandle { tx, thread: Some(thread), status, pending, high_watermark })
     }
 
+    /// Whether a generation sent now would be admitted as far as queue room goes (what
+    /// `/readyz` reports as queue pressure).
+    pub fn accepting(&self) -> bool {
+        let waiting = self.status.queued.load(Ordering::Relaxed) + self.pending.load(Ordering::Relaxed);
+        waiting < self.high_watermark && self.status.admission_open.load(Ordering::Relaxed)
+    }
+
     /// Hands a command to the engine without blocking. A generation is refused with 429
     /// `queue_full` when the engine's published queue plus what waits in its inbox is at the
     /// high watermark (or admission is closed): the inbox, sized past that, never fills

@@ -8,7 +8,6 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::error::{ApiError, ErrorKind};
-use crate::types::RequestId;
 
 /// Reads the whole body up to `limit` bytes (413 past it).
 pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
@@ -88,12 +87,19 @@ pub fn from_map_with_path<T: DeserializeOwned>(map: Map<String, Value>) -> Resul
     })
 }
 
-/// The client's `x-request-id` if it sent a sane one, else a fresh id.
+/// The client's `x-request-id` if it sent a sane one, else a fresh random one.
 pub fn request_id(req: &Request<Incoming>) -> String {
     req.headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
         .map(str::to_owned)
-        .unwrap_or_else(|| RequestId::next().to_string())
+        .unwrap_or_else(|| random_id("req"))
+}
+
+/// `prefix-` and 128 random bits in hex: ids a client cannot guess (a cancel names a
+/// request by its id).
+pub fn random_id(prefix: &str) -> String {
+    use rand::RngExt;
+    format!("{prefix}-{:032x}", rand::rng().random::<u128>())
 }

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tracing_subscriber::field::MakeExt;
 use tracing_subscriber::filter::{LevelFilter, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -75,6 +76,7 @@ pub fn init(style: LogStyle, level: &str, chrome_trace: Option<&Path>) -> Result
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_target(false)
+            .fmt_fields(escaped_fields())
             .boxed(),
         LogStyle::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -101,6 +103,29 @@ pub fn init(style: LogStyle, level: &str, chrome_trace: Option<&Path>) -> Result
         .map_err(|_| TelemetryError::AlreadyInstalled)?;
     trace::install(guard, chrome_trace.map(Path::to_path_buf));
     Ok(TelemetryGuard { _private: () })
+}
+
+/// Text log fields with control characters escaped (`\n`, `\u{1b}`), so a value that came
+/// from a client (a model name, a message) can never forge a line or a terminal sequence.
+fn escaped_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let text = escape_controls(&format!("{value:?}"));
+        if field.name() == "message" { write!(w, "{text}") } else { write!(w, "{field}={text}") }
+    })
+    .delimited(" ")
+}
+
+/// `text` with every control character written as its Rust escape.
+pub fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn trace_file(path: &Path) -> Result<std::fs::File, TelemetryError> {

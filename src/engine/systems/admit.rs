@@ -69,15 +69,16 @@ pub fn admit_requests(
             continue;
         }
         let session = match req.session.clone() {
-            Some(id) => match session_entity(&mut commands, &mut sessions, &mut caches, &req, id, (&limits, share), clock.now)
-            {
-                Ok(e) => Some(e),
-                Err((reason, e)) => {
-                    stats.reject(reason);
-                    reject(&req, e);
-                    continue;
+            Some(id) => {
+                match session_entity(&mut commands, &mut sessions, &mut caches, &req, id, (&limits, share), clock.now) {
+                    Ok(e) => Some(e),
+                    Err((reason, e)) => {
+                        stats.reject(reason);
+                        reject(&req, e);
+                        continue;
+                    }
                 }
-            },
+            }
             None => None,
         };
         load.add(&req.tenant, tokens);

@@ -15,14 +15,14 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{ApiError, ErrorKind};
-use crate::gateway::extract::{from_map_with_path, read_object};
+use crate::gateway::extract::{from_map_with_path, random_id, read_object};
 use crate::gateway::render::openai::{Kind, OpenAiRender, Shape};
 use crate::gateway::render::{Body, json_response, sse};
 use crate::gateway::service::{Job, collect, session_id, submit, validate_sampling};
 use crate::gateway::state::{AppState, Ctx};
 use crate::gateway::template::{ChatMessage, Specials, render_chat};
 use crate::protocol::{PromptInput, SamplingParams};
-use crate::types::{RequestId, TokenId};
+use crate::types::TokenId;
 
 /// A string or a list of strings (`stop`, `prompt`).
 #[derive(Deserialize)]
@@ -210,7 +210,7 @@ async fn run(
     let sub = submit(state, ctx, &model, Job { input, sampling, session, timeout: None }).await?;
     let shape = Shape {
         kind,
-        id: format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, RequestId::next().0),
+        id: random_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }),
         created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         model: model.id.to_string(),
         top,

@@ -31,7 +31,7 @@ pub fn readyz(state: &AppState) -> Response<Body> {
         .iter()
         .map(|m| ModelView {
             id: m.id.as_str(),
-            admission_open: m.engine.status.admission_open.load(Ordering::Relaxed),
+            admission_open: m.engine.accepting(),
             kv_usage: m.engine.status.kv_usage(),
         })
         .collect();
