@@ -236,11 +236,18 @@ fn readyz(addr: SocketAddr) -> (u16, String) {
     (status, v["reason"].as_str().unwrap_or("").to_owned())
 }
 
-/// Polls `probe` while `work` runs; returns every (status, reason) seen.
+/// Polls `probe` while `work` runs (the requests sent 30 ms apart, so each reaches the
+/// engine's queue before the next arrives); returns every (status, reason) seen.
 fn observe_during(addr: SocketAddr, probe: fn(SocketAddr) -> (u16, String), work: Vec<Value>) -> Vec<(u16, String)> {
     let handles: Vec<_> = work
         .into_iter()
-        .map(|b| std::thread::spawn(move || http(addr, "POST", "/v1/generate", &[], Some(&b))))
+        .enumerate()
+        .map(|(i, b)| {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30 * i as u64));
+                http(addr, "POST", "/v1/generate", &[], Some(&b))
+            })
+        })
         .collect();
     let mut seen = vec![];
     while !handles.iter().all(|h| h.is_finished()) {
