@@ -29,6 +29,7 @@ pub fn limits() -> EngineLimits {
         low_watermark: 48,
         max_sessions: 16,
         session_ttl: Duration::from_secs(600),
+        stream_stall: Duration::from_secs(30),
     }
 }
 

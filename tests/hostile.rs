@@ -325,3 +325,35 @@ fn keys_are_isolated_and_sessions_are_capped_per_tenant() {
         generate("key-one", serde_json::json!({"prompt": "Hi", "max_tokens": 1, "stream": false, "session_id": "c"}));
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// Tokens are charged as they are generated: a client that disconnects mid-stream has
+/// still spent its prompt and the tokens it received, and is refused once over its
+/// tokens-per-minute limit.
+#[test]
+fn a_disconnect_mid_stream_still_pays_for_its_tokens() {
+    let server = TestServer::start(|c| {
+        c.auth.api_keys = starling::config::parse_api_keys("k-meter:metered").unwrap();
+        let mut t = starling::config::TenantConfig::with_defaults("metered".into());
+        t.tokens_per_minute = Some(30);
+        c.tenants.push(t);
+    });
+    let body =
+        serde_json::json!({"prompt": "Tell me a long story about a fox.", "max_tokens": 200, "ignore_eos": true});
+    let conn = crate::support::open(
+        server.addr,
+        "POST",
+        "/v1/generate",
+        &[("Content-Type", "application/json"), ("Authorization", "Bearer k-meter")],
+        body.to_string().as_bytes(),
+    );
+    let mut sse = conn.sse();
+    for _ in 0..30 {
+        assert_eq!(sse.next_event().expect("a token event").event.as_deref(), Some("token"));
+    }
+    drop(sse);
+    std::thread::sleep(Duration::from_millis(100));
+    let small = serde_json::json!({"prompt": "Hi", "max_tokens": 1, "stream": false});
+    let r = crate::support::post_json_as(server.addr, "k-meter", "/v1/generate", &small);
+    assert_eq!(r.status, 429, "the tokens streamed before the disconnect were charged: {}", r.text());
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+}

@@ -42,6 +42,7 @@ fn limits(max_batch: usize, max_batch_tokens: usize) -> EngineLimits {
         high_watermark_tokens: 1 << 20,
         max_sessions: 16,
         session_ttl: Duration::from_secs(600),
+        stream_stall: Duration::from_secs(30),
     }
 }
 
@@ -756,4 +757,50 @@ fn a_prompt_preempted_mid_prefill_starts_over_and_both_complete() {
     assert_eq!(a.tokens(), run_alone(prompt(15, 1), sampling(30, 0.0, 1)));
     assert_eq!(p.tokens(), run_alone(prompt(60, 2), sampling(4, 0.0, 1)));
     assert_eq!(h.kv_used(), 0);
+}
+
+/// A client that stops reading (its channel full with events waiting) for `stream_stall`
+/// loses its request: cancelled, its KV blocks freed, instead of holding them until the
+/// deadline.
+#[test]
+fn a_stream_whose_client_stopped_reading_is_cancelled_and_its_blocks_freed() {
+    let mut l = limits(8, 64);
+    l.stream_stall = Duration::from_millis(50);
+    let mut h = Harness::new(l, TenantLimits::default(), KV_BYTES);
+    // Room for two events: the stream stalls after `started` and one token.
+    let _stalled = h.submit("a", prompt(20, 1), sampling(200, 0.0, 1), 2);
+    for _ in 0..5 {
+        h.run_tick();
+    }
+    assert!(h.kv_used() > 0 && h.live_requests() == 1, "holding blocks while stalled");
+    for _ in 0..60 {
+        h.run_tick();
+    }
+    assert_eq!((h.kv_used(), h.live_requests()), (0, 0), "the stalled request was ended and its blocks freed");
+}
+
+/// When the KV cache cannot grow a sequence, a stalled one gives up its blocks first,
+/// though it was admitted before the sequence that needs them.
+#[test]
+fn preemption_takes_a_stalled_sequence_before_a_newer_reading_one() {
+    let block_bytes = model().kv_layout(16).block_bytes() as u64;
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), block_bytes * 6);
+    let mut stalled = h.submit("a", prompt(20, 1), sampling(60, 0.0, 1), 2);
+    for _ in 0..3 {
+        h.run_tick();
+    }
+    assert_eq!((h.kv_used(), h.live_requests()), (2, 1), "the stalled request holds its prompt's blocks");
+    // 20 + 60 positions need 5 blocks; with the stalled request's 2, the cache runs out.
+    let mut reader = h.submit("a", prompt(20, 2), sampling(60, 0.0, 1), 256);
+    for _ in 0..200 {
+        h.run_tick();
+        reader.drain();
+        if reader.finish().is_some() {
+            break;
+        }
+    }
+    assert_eq!(reader.finish(), Some(FinishReason::Length), "{:?}", reader.error());
+    assert!(h.stats().preempted > 0, "the cache ran out");
+    stalled.drain();
+    assert!(stalled.finish().is_none(), "the stalled request was preempted, not ended");
 }

@@ -56,6 +56,8 @@ pub struct EngineLimits {
     pub high_watermark_tokens: usize,
     pub max_sessions: usize,
     pub session_ttl: Duration,
+    /// A stream whose client has read nothing for this long is cancelled and its KV freed.
+    pub stream_stall: Duration,
 }
 
 /// One planned piece of work: run `n_tokens` of `entity` starting at its KV length.

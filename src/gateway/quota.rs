@@ -1,8 +1,9 @@
 //! Per-tenant rate limits: a requests-per-minute and a tokens-per-minute token bucket.
 //!
 //! A request needs one request credit and a token bucket that is not in debt. Tokens are
-//! charged when the request ends (prompt + completion, known only then), so the token
-//! bucket may go negative; the tenant then waits until it refills. Time is passed in, so
+//! charged as they are used (the prompt on admission, each generated token as it is
+//! streamed, whatever ends the stream), so the token bucket may go negative; the tenant
+//! then waits until it refills. Time is passed in, so
 //! the arithmetic is tested exactly.
 
 use std::collections::HashMap;
@@ -116,7 +117,7 @@ impl Quotas {
         })
     }
 
-    /// Charges the tokens a finished request used.
+    /// Charges tokens a request used.
     pub fn charge(&self, tenant: &TenantId, tokens: usize, now: Instant) {
         self.with(tenant, now, |b| {
             if let Some(t) = b.tokens.as_mut() {

@@ -43,22 +43,30 @@ pub struct Origin {
 pub struct Submission {
     pub rx: mpsc::Receiver<StreamEvent>,
     meter: Option<Meter>,
+    /// Prompt tokens of the request (counted when it was admitted).
+    pub prompt_tokens: usize,
     /// Turns `true` when shutdown cancels open streams.
     pub cancel: watch::Receiver<bool>,
 }
 
-/// Charges a finished request's tokens to its tenant.
+/// Charges a request's tokens to its tenant as they are used: the prompt on admission,
+/// each generated token as it reaches the stream, however the stream then ends.
 struct Meter {
     state: Arc<AppState>,
     tenant: TenantId,
 }
 
+impl Meter {
+    fn charge(&self, tokens: usize) {
+        self.state.live().quotas.charge(&self.tenant, tokens, Instant::now());
+    }
+}
+
 impl Submission {
-    /// Charges the request's tokens to its tenant (call on the `Done` event).
-    pub fn charge(&self, usage: &Usage) {
-        if let Some(m) = &self.meter {
-            let used = usage.prompt_tokens + usage.completion_tokens;
-            m.state.live().quotas.charge(&m.tenant, used, Instant::now());
+    /// Charges what `event` carries to the request's tenant (one token per token event).
+    pub fn meter(&self, event: &StreamEvent) {
+        if let (Some(m), StreamEvent::Token { .. }) = (&self.meter, event) {
+            m.charge(1);
         }
     }
 }
@@ -120,7 +128,9 @@ pub async fn start(
     };
     model.engine.send(EngineCommand::Generate(Box::new(request)))?;
     match rx.recv().await {
-        Some(StreamEvent::Started { .. }) => Ok(Submission { rx, meter: None, cancel: watch::channel(false).1 }),
+        Some(StreamEvent::Started { prompt_tokens, .. }) => {
+            Ok(Submission { rx, meter: None, prompt_tokens, cancel: watch::channel(false).1 })
+        }
         Some(StreamEvent::Error(e)) => Err(e),
         Some(other) => Err(ApiError::new(ErrorKind::Internal, format!("unexpected first event {other:?}"))),
         None => {
@@ -140,7 +150,9 @@ pub async fn submit(state: &Arc<AppState>, ctx: &Ctx, model: &LoadedModel, job: 
     let default_timeout = state.live().config.limits.default_timeout;
     let mut sub =
         start(model, origin, job, default_timeout).await.map_err(|e| state.obs.rejected(model.id.as_str(), e))?;
-    sub.meter = Some(Meter { state: state.clone(), tenant: ctx.caller.tenant.clone() });
+    let meter = Meter { state: state.clone(), tenant: ctx.caller.tenant.clone() };
+    meter.charge(sub.prompt_tokens);
+    sub.meter = Some(meter);
     sub.cancel = state.cancel.subscribe();
     Ok(sub)
 }
@@ -173,6 +185,7 @@ pub async fn collect_streaming(mut sub: Submission, mut on_text: impl FnMut(&str
         seed: 0,
     };
     while let Some(event) = sub.rx.recv().await {
+        sub.meter(&event);
         match event {
             StreamEvent::Started { .. } => {}
             StreamEvent::Token { id, text, logprob, top_logprobs } => {
@@ -182,7 +195,6 @@ pub async fn collect_streaming(mut sub: Submission, mut on_text: impl FnMut(&str
                 out.logprobs.push((id, logprob.unwrap_or(0.0), top_logprobs));
             }
             StreamEvent::Done { finish_reason, usage, timings, seed, text } => {
-                sub.charge(&usage);
                 on_text(&text);
                 out.text.push_str(&text);
                 (out.finish_reason, out.usage, out.timings, out.seed) = (finish_reason, usage, timings, seed);

@@ -114,6 +114,10 @@ pub struct Outbox {
     pub pending: std::collections::VecDeque<StreamEvent>,
     /// The final event (done or error) has been queued: nothing more will be added.
     pub closed: bool,
+    /// Since when the client's channel has been full with events still waiting (the client
+    /// stopped reading). Written by emit; read by evict (a stall past the limit cancels) and
+    /// batch (preemption takes stalled sequences first).
+    pub stalled_since: Option<Timestamp>,
 }
 
 impl Outbox {

@@ -191,17 +191,17 @@ fn plan_decode(
 }
 
 /// The sequence whose blocks `needy` takes: a waiting one still holding adopted blocks,
-/// else the most recently admitted running one. `None` when `needy` holds the only blocks
+/// else one whose client stopped reading, else the most recently admitted running one. `None` when `needy` holds the only blocks
 /// there are to take.
 fn pick_victim(seqs: &SeqQuery, needy: Entity) -> Option<Entity> {
     let holders = seqs
         .iter()
         .filter(|(_, phase, _, handle, ..)| !matches!(**phase, Phase::Finished(_)) && !handle.0.blocks.is_empty());
-    let (victim, others) = holders.fold((None, 0usize), |(best, n), (e, phase, _, _, _, timing, ..)| {
-        let key = (*phase == Phase::Queued, timing.admitted.0, e);
-        (Some(best.map_or(key, |b: (bool, u64, Entity)| b.max(key))), n + usize::from(e != needy))
+    let (victim, others) = holders.fold((None, 0usize), |(best, n), (e, phase, _, _, outbox, timing, ..)| {
+        let key = (*phase == Phase::Queued, outbox.stalled_since.is_some(), timing.admitted.0, e);
+        (Some(best.map_or(key, |b: (bool, bool, u64, Entity)| b.max(key))), n + usize::from(e != needy))
     });
-    victim.map(|(_, _, e)| e).filter(|_| others > 0)
+    victim.map(|(.., e)| e).filter(|_| others > 0)
 }
 
 /// Recompute preemption: frees the sequence's blocks (its full blocks stay in the prefix

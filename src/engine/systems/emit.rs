@@ -92,6 +92,10 @@ pub fn emit_events(
             outbox.closed = true;
         }
         report.events_sent += send_pending(outbox, tx, &mut phase);
+        outbox.stalled_since = match (outbox.pending.is_empty(), outbox.stalled_since) {
+            (true, _) => None,
+            (false, since) => since.or(Some(clock.now)),
+        };
     }
 }
 

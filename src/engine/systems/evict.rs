@@ -30,7 +30,8 @@ fn held_tokens<'a>(tokens: Option<&'a Tokens>, table: &BlockTable) -> &'a [Token
     tokens.map_or(&[][..], |t| &t.ids[..table.len.min(t.ids.len())])
 }
 
-/// Ends requests past their deadline (`deadline`) or whose client left (`cancelled`),
+/// Ends requests past their deadline (`deadline`) or whose client left or stopped reading
+/// for `stream_stall` (`cancelled`),
 /// despawns delivered requests (their full blocks are published for prefix sharing, then
 /// released, or parked in the KV cache for their session; a finished request without a
 /// session whose last events wait for a slow reader releases its blocks at once), and
@@ -47,6 +48,14 @@ pub fn evict_finished(
 ) {
     for (entity, mut phase, mut outbox, tx, deadline, mut handle, tokens, link, tenant) in &mut requests {
         if tx.0.is_closed() {
+            if !matches!(*phase, Phase::Finished(_)) {
+                *phase = Phase::Finished(FinishReason::Cancelled);
+            }
+            outbox.pending.clear();
+            outbox.closed = true;
+        } else if outbox.stalled_since.is_some_and(|since| clock.now.saturating_since(since) >= limits.stream_stall) {
+            // The client stopped reading: give its KV blocks back instead of holding them
+            // until the deadline.
             if !matches!(*phase, Phase::Finished(_)) {
                 *phase = Phase::Finished(FinishReason::Cancelled);
             }

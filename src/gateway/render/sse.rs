@@ -62,9 +62,7 @@ pub fn response<R: Render>(sub: Submission, render: R, keepalive: Duration) -> R
         let text = match wake {
             Wake::Idle => ": keep-alive\n\n".to_owned(),
             Wake::Event(Some(event)) => {
-                if let StreamEvent::Done { usage, .. } = &event {
-                    s.sub.charge(usage);
-                }
+                s.sub.meter(&event);
                 let (text, end) = s.render.render(event);
                 s.done = end;
                 text
