@@ -357,3 +357,56 @@ fn a_disconnect_mid_stream_still_pays_for_its_tokens() {
     assert_eq!(r.status, 429, "the tokens streamed before the disconnect were charged: {}", r.text());
     assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
 }
+
+/// 32 prompts of about 1 MiB at once (refused afterwards as longer than the context) while
+/// another client streams: they are tokenized on the CPU pool, not on the engine's thread,
+/// so the stream keeps getting tokens and health keeps answering.
+#[test]
+fn large_prompts_at_once_do_not_stall_other_streams() {
+    let server = TestServer::start(|c| c.server.max_body_bytes = (2 << 20).try_into().unwrap());
+    let addr = server.addr;
+    let body = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true});
+    let mut sse = crate::support::stream_json(addr, "/v1/generate", &body).sse();
+    for _ in 0..5 {
+        sse.next_event().expect("the stream started");
+    }
+    let big = "All work and no play makes Jack a dull boy. ".repeat(23_000);
+    let floods: Vec<_> = (0..32)
+        .map(|_| {
+            let body = serde_json::json!({"prompt": big, "max_tokens": 1, "stream": false});
+            std::thread::spawn(move || crate::support::post_json(addr, "/v1/generate", &body).status)
+        })
+        .collect();
+    let (mut gaps, mut last) = (Vec::new(), Instant::now());
+    while !floods.iter().all(|f| f.is_finished()) {
+        let e = sse.next_event().expect("the stream goes on");
+        gaps.push(last.elapsed());
+        last = Instant::now();
+        assert_eq!(e.event.as_deref(), Some("token"), "{e:?}");
+        if gaps.len() % 20 == 0 {
+            let (status, took) = probe(addr, "/healthz");
+            assert!(status == 200 && took < Duration::from_millis(100), "health {status} in {took:?}");
+        }
+    }
+    let statuses: Vec<u16> = floods.into_iter().map(|f| f.join().unwrap()).collect();
+    let worst = gaps.iter().max().copied().unwrap_or_default();
+    println!("32 prompts of ~1 MiB: {} tokens streamed meanwhile, largest gap {worst:?}", gaps.len());
+    assert!(statuses.iter().all(|&s| s == 413 || s == 429), "{statuses:?}");
+    assert!(worst < Duration::from_secs(2), "the stream stalled for {worst:?}");
+}
+
+/// Tokenizing and detokenizing cost CPU, so they count against the request rate limit.
+#[test]
+fn tokenize_and_detokenize_count_against_the_rate_limit() {
+    let server = TestServer::start(|c| {
+        c.auth.api_keys = starling::config::parse_api_keys("k-rate:rated").unwrap();
+        let mut t = starling::config::TenantConfig::with_defaults("rated".into());
+        t.requests_per_minute = Some(2);
+        c.tenants.push(t);
+    });
+    let call = |path: &str, body: serde_json::Value| crate::support::post_json_as(server.addr, "k-rate", path, &body);
+    assert_eq!(call("/v1/tokenize", serde_json::json!({"text": "hello"})).status, 200);
+    assert_eq!(call("/v1/detokenize", serde_json::json!({"tokens": [1, 2]})).status, 200);
+    let r = call("/v1/tokenize", serde_json::json!({"text": "hello"}));
+    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (429, Some("rate_limit_exceeded")), "{}", r.text());
+}

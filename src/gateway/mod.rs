@@ -2,7 +2,8 @@
 //!
 //! Layout, each file importing only the ones listed before it:
 //! - [`router`]: the route table (404/405 and each route's guard derive from it).
-//! - `auth`, `quota`, `template`: API keys and tenants, rate limits, chat templates.
+//! - `auth`, `quota`, `template`, `cpu`: API keys and tenants, rate limits, chat templates,
+//!   the bounded pool CPU-heavy request work runs on.
 //! - `models`, `records`: the served models (a swappable table) and what is known of each.
 //! - `state`: [`AppState`], what every handler reads.
 //! - `lifecycle`: loading, unloading and reloading models while serving.
@@ -15,6 +16,7 @@
 //! The gateway shares nothing mutable with engines.
 
 mod auth;
+mod cpu;
 mod extract;
 mod lifecycle;
 mod models;

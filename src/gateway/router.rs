@@ -67,9 +67,13 @@ impl Route {
         matches!(self, Route::Healthz | Route::Readyz)
     }
 
-    /// Whether the route starts a generation (and so spends the tenant's rate limits).
-    pub fn generates(self) -> bool {
-        matches!(self, Route::Generate | Route::Completions | Route::ChatCompletions)
+    /// Whether the route costs CPU (a generation, or tokenizing / detokenizing a body) and so
+    /// spends the tenant's request rate limit.
+    pub fn metered(self) -> bool {
+        matches!(
+            self,
+            Route::Generate | Route::Completions | Route::ChatCompletions | Route::Tokenize | Route::Detokenize
+        )
     }
 }
 

@@ -252,11 +252,11 @@ async fn handle(
     let span = tracing::info_span!("gateway", %method, %path, request_id = %request_id, tenant = tracing::field::Empty);
     let started = Instant::now();
     let routed = router::resolve(&method, &path);
-    let (guard, generates) = match &routed {
-        Ok(m) => (m.guard, m.route.generates()),
+    let (guard, metered) = match &routed {
+        Ok(m) => (m.guard, m.route.metered()),
         Err(_) => (Unrouted::guard(&path), false),
     };
-    let mut response = match gate(&state, &req, &path, guard, generates) {
+    let mut response = match gate(&state, &req, &path, guard, metered) {
         Err(refused) => refused,
         Ok((caller, rate)) => {
             span.record("tenant", caller.tenant.as_str());
@@ -302,19 +302,20 @@ fn failed(state: &AppState, request_id: &str, e: &ApiError) -> Response<Body> {
     error_response(e)
 }
 
-/// Authentication for the route's guard, then the tenant's rate limits for generation routes.
+/// Authentication for the route's guard, then the tenant's rate limits for routes that cost
+/// CPU.
 #[allow(clippy::result_large_err)]
 fn gate(
     state: &AppState,
     req: &Request<Incoming>,
     path: &str,
     guard: router::Guard,
-    generates: bool,
+    metered: bool,
 ) -> Result<(Caller, RateInfo), Response<Body>> {
     let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
     let live = state.live();
     let caller = live.auth.authenticate(live.auth.access(guard, path), header).map_err(|e| error_response(&e))?;
-    if !generates {
+    if !metered {
         return Ok((caller, RateInfo::default()));
     }
     match live.quotas.admit(&caller.tenant, Instant::now()) {

@@ -148,6 +148,18 @@ pub async fn submit(state: &Arc<AppState>, ctx: &Ctx, model: &LoadedModel, job: 
     }
     let origin = Origin { tenant: ctx.caller.tenant.clone(), client_id: Some(ctx.request_id.clone()) };
     let default_timeout = state.live().config.limits.default_timeout;
+    // Text is tokenized on the CPU pool, never on the engine's thread.
+    let job = match job.input {
+        PromptInput::Text { text, parse_special } => {
+            let tok = model.tokenizer.clone();
+            let ids = state.cpu.run(move || tok.encode_prompt(&text, parse_special)).await?.map_err(|e| {
+                ApiError::new(ErrorKind::InvalidRequest, format!("cannot tokenize the prompt: {e}"))
+                    .with_param("prompt")
+            })?;
+            Job { input: PromptInput::Tokens(ids), ..job }
+        }
+        PromptInput::Tokens(_) => job,
+    };
     let mut sub =
         start(model, origin, job, default_timeout).await.map_err(|e| state.obs.rejected(model.id.as_str(), e))?;
     let meter = Meter { state: state.clone(), tenant: ctx.caller.tenant.clone() };

@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
 use super::auth::{Authenticator, Caller};
+use super::cpu::CpuPool;
 use super::models::Models;
 use super::quota::Quotas;
 use super::records::ModelRegistry;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub registry: ModelRegistry,
     /// The file `POST /admin/config/reload` reads, with the overrides given at startup.
     pub config_source: Option<(PathBuf, Overrides)>,
+    /// Where tokenizing, detokenizing and chat-template rendering run.
+    pub cpu: CpuPool,
     live: RwLock<Arc<Live>>,
 }
 
@@ -69,6 +72,7 @@ impl AppState {
             live: RwLock::new(Arc::new(Live::new(config.clone()))),
             registry,
             config_source: None,
+            cpu: CpuPool::new(config.server.cpu_workers.get(), config.server.cpu_queue),
             models: Models::new(models.into_iter().map(Arc::new).collect()),
             draining: AtomicBool::new(false),
             cancel: watch::Sender::new(false),

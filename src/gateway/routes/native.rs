@@ -115,9 +115,11 @@ struct TokenizeBody {
 pub async fn tokenize(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let body: TokenizeBody = from_map(read_object(req, state.config.server.max_body_bytes.get()).await?)?;
     let model = state.model(body.model.as_deref())?;
-    let enc = model
-        .tokenizer
-        .encode_with_offsets(&body.text, body.parse_special.unwrap_or(true))
+    let (tok, text, special) = (model.tokenizer.clone(), body.text, body.parse_special.unwrap_or(true));
+    let enc = state
+        .cpu
+        .run(move || tok.encode_with_offsets(&text, special))
+        .await?
         .map_err(|e| ApiError::new(ErrorKind::InvalidRequest, e.to_string()).with_param("text"))?;
     let mut v = json!({"ids": enc.ids, "count": enc.ids.len()});
     if body.with_offsets.unwrap_or(false) {
@@ -154,9 +156,11 @@ pub async fn detokenize(state: &Arc<AppState>, req: Request<Incoming>) -> Result
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let text = model
-        .tokenizer
-        .decode(&ids, body.skip_special.unwrap_or(false))
+    let (tok, skip) = (model.tokenizer.clone(), body.skip_special.unwrap_or(false));
+    let text = state
+        .cpu
+        .run(move || tok.decode(&ids, skip))
+        .await?
         .map_err(|e| ApiError::invalid_parameter("tokens", e.to_string()))?;
     Ok(json_response(StatusCode::OK, &json!({"text": text})))
 }

@@ -153,11 +153,17 @@ pub async fn chat_completions(
     let body: OpenAiBody = from_map_with_path(read_object(req, state.config.server.max_body_bytes.get()).await?)?;
     let model = state.model(body.model.as_deref())?;
     let messages = chat_messages(body.messages.as_deref())?;
-    let tok = &model.tokenizer;
-    let piece = |id: Option<TokenId>| id.and_then(|id| tok.token_text(id).ok()).unwrap_or("").to_owned();
-    let (bos, eos) = (piece(tok.bos_id()), piece(tok.eos_id()));
-    let specials = Specials { bos_token: &bos, eos_token: &eos, tools: None };
-    let text = render_chat(model.id.as_str(), tok.chat_template(), &messages, &specials)?;
+    let tok = model.tokenizer.clone();
+    let id = model.id.clone();
+    let text = state
+        .cpu
+        .run(move || {
+            let piece = |id: Option<TokenId>| id.and_then(|id| tok.token_text(id).ok()).unwrap_or("").to_owned();
+            let (bos, eos) = (piece(tok.bos_id()), piece(tok.eos_id()));
+            let specials = Specials { bos_token: &bos, eos_token: &eos, tools: None };
+            render_chat(id.as_str(), tok.chat_template(), &messages, &specials)
+        })
+        .await??;
     run(state, ctx, Kind::Chat, body, PromptInput::Text { text, parse_special: true }).await
 }
 
