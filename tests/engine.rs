@@ -293,3 +293,124 @@ fn the_pipeline_names_the_default_sampler_order() {
     let err = default_sampler_order(&pipeline("top_q")).unwrap_err().to_string();
     assert!(err.contains("samplers") && err.contains("top_q"), "{err}");
 }
+
+/// The real model, except that a batch holding `FAIL` fails, and that `n_vocab` panics while
+/// `armed` (a panic outside the model's forward call, where only a restart can recover).
+struct Faulty {
+    inner: Arc<starling::model::transformer::Transformer>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+const FAIL: u32 = 4242;
+
+impl starling::model::runtime::ModelRuntime for Faulty {
+    fn n_vocab(&self) -> usize {
+        assert!(!self.armed.load(Ordering::Relaxed), "injected panic");
+        self.inner.desc.n_vocab
+    }
+
+    fn n_ctx(&self) -> usize {
+        self.inner.desc.n_ctx_train
+    }
+
+    fn kv_layout(&self, block_tokens: usize) -> starling::kv::arena::KvLayout {
+        self.inner.kv_layout(block_tokens)
+    }
+
+    fn forward(
+        &self,
+        batch: &[starling::model::transformer::SeqChunk],
+        kv: &mut KvArena,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), starling::model::transformer::ModelError> {
+        if batch.iter().any(|c| c.tokens.contains(&FAIL)) {
+            let message = "injected failure".to_owned();
+            return Err(starling::model::transformer::ModelError::Tensor { name: "test".into(), message });
+        }
+        self.inner.forward(batch, kv, logits)
+    }
+}
+
+fn faulty_engine() -> (EngineHandle, Arc<Faulty>) {
+    let faulty = Arc::new(Faulty { inner: smollm2_shared(), armed: false.into() });
+    let mut p = parts(PipelineSpec::default_spec());
+    p.model = faulty.clone();
+    (EngineHandle::spawn(p).unwrap(), faulty)
+}
+
+fn ids_request(ids: Vec<u32>, max_tokens: u32) -> (GenerateRequest, tokio::sync::mpsc::Receiver<StreamEvent>) {
+    let (mut req, rx) = request("", max_tokens);
+    req.input = PromptInput::Tokens(ids);
+    (req, rx)
+}
+
+/// A forward pass that fails on one sequence of a batch fails only that request: the
+/// others, run again alone, finish with exactly the tokens they get alone.
+#[test]
+fn a_failed_forward_fails_only_the_request_it_is_pinned_on() {
+    let prompts: Vec<Vec<u32>> =
+        vec![vec![504, 3458, 282, 4649, 314], vec![10, 20, 30, 40], vec![7, FAIL, 9], vec![500, 501]];
+    let (engine, _) = faulty_engine();
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .filter(|p| !p.contains(&FAIL))
+        .map(|p| {
+            let (req, mut rx) = ids_request(p.clone(), 6);
+            engine.send(EngineCommand::Generate(Box::new(req))).unwrap();
+            drain(&mut rx).0
+        })
+        .collect();
+    let mut streams: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (req, rx) = ids_request(p.clone(), 6);
+            engine.send(EngineCommand::Generate(Box::new(req))).unwrap();
+            rx
+        })
+        .collect();
+    let results: Vec<(Vec<u32>, StreamEvent)> = streams.iter_mut().map(drain).collect();
+    let mut good = alone.iter();
+    for (p, (ids, last)) in prompts.iter().zip(&results) {
+        if p.contains(&FAIL) {
+            assert!(matches!(last, StreamEvent::Error(e) if e.message.contains("injected failure")), "{last:?}");
+        } else {
+            assert!(matches!(last, StreamEvent::Done { .. }), "{last:?}");
+            assert_eq!(ids, good.next().unwrap(), "a batch-mate of the failure changed its output");
+        }
+    }
+    assert_eq!(engine.status.restarts.load(Ordering::Relaxed), 0);
+    engine.shutdown();
+}
+
+/// A panic that escapes a stage ends the requests in flight with an error, and the engine
+/// thread restarts on an emptied KV cache and serves the next request as before.
+#[test]
+fn an_engine_that_panics_restarts_and_serves_again() {
+    let (engine, faulty) = faulty_engine();
+    let (req, mut before) = request("The capital of France is", 5);
+    engine.send(EngineCommand::Generate(Box::new(req))).unwrap();
+    let want = drain(&mut before).0;
+    let (req, mut running) = long_request("Once upon a time");
+    engine.send(EngineCommand::Generate(Box::new(req))).unwrap();
+    wait_for_token(&mut running);
+    faulty.armed.store(true, Ordering::Relaxed);
+    let (poison, mut poisoned) = ids_request(vec![FAIL], 3);
+    engine.send(EngineCommand::Generate(Box::new(poison))).unwrap();
+    let restarted = |e: &StreamEvent| matches!(e, StreamEvent::Error(e) if e.code == Some("engine_restarted"));
+    assert!(restarted(&drain(&mut running).1), "the running request ends with an error");
+    assert!(restarted(&drain(&mut poisoned).1));
+    faulty.armed.store(false, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.status.restarting.load(Ordering::Relaxed) || engine.status.restarts.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "the engine did not restart");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (req, mut after) = request("The capital of France is", 5);
+    engine.send(EngineCommand::Generate(Box::new(req))).unwrap();
+    let (ids, last) = drain(&mut after);
+    assert!(matches!(last, StreamEvent::Done { .. }), "{last:?}");
+    assert_eq!(ids, want, "the restarted engine gives the same tokens");
+    assert!(!engine.status.stopped.load(Ordering::Relaxed));
+    assert_eq!(engine.status.restarts.load(Ordering::Relaxed), 1);
+    engine.shutdown();
+}

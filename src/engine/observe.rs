@@ -66,6 +66,13 @@ impl EngineTelemetry {
         EngineTelemetry::new(obs.model_metrics(model), obs.heartbeat_for(model), log_prompts)
     }
 
+    /// Moves this telemetry into a fresh world (after an engine restart): cached queries
+    /// belong to the world that built them, so they are dropped.
+    pub fn for_new_world(mut self) -> Self {
+        self.tokens_query = None;
+        self
+    }
+
     /// Labels request and token series with tenant names (`telemetry.tenant_labels`).
     pub fn with_tenant_labels(mut self, on: bool) -> Self {
         self.metrics.tenant_labels = on;

@@ -136,6 +136,10 @@ pub struct EngineStatus {
     pub forward_calls: AtomicU64,
     pub admission_open: AtomicBool,
     pub stopped: AtomicBool,
+    /// Set while the engine rebuilds itself after a panic.
+    pub restarting: AtomicBool,
+    /// Times the engine thread panicked and was restarted.
+    pub restarts: AtomicU64,
 }
 
 impl EngineStatus {

@@ -1,6 +1,7 @@
 //! The engine thread: it owns a `World` and a `Schedule` built from a pipeline file, and
 //! runs one schedule pass per tick.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
@@ -12,7 +13,7 @@ use bevy_ecs::schedule::ScheduleConfigs;
 use bevy_ecs::system::ScheduleSystem;
 use bevy_ecs::system::SystemId;
 
-use crate::engine::components::{Outbox, Phase, Request, SessionCache};
+use crate::engine::components::{Outbox, Phase, Request, SessionCache, StreamTx};
 use crate::engine::observe::{self, EngineTelemetry};
 use crate::engine::pipeline::{PipelineSpec, Stage};
 use crate::engine::resources::*;
@@ -69,11 +70,12 @@ impl EngineHandle {
         let status = Arc::new(EngineStatus::default());
         let pending = Arc::new(AtomicUsize::new(0));
         let max_queue_delay = parts.max_queue_delay;
+        let pipeline = parts.pipeline.clone();
         let (world, schedule) = build_world(parts, status.clone());
         let inbox = Receiver { rx, pending: pending.clone() };
         let thread = std::thread::Builder::new()
             .name("starling-engine".into())
-            .spawn(move || run_loop(world, schedule, inbox, max_queue_delay))?;
+            .spawn(move || supervise(world, schedule, &inbox, max_queue_delay, &pipeline))?;
         Ok(EngineHandle { tx, thread: Some(thread), status, pending, high_watermark })
     }
 
@@ -244,24 +246,92 @@ fn has_work(world: &mut World) -> bool {
     !world.resource::<Inbox>().0.is_empty() || world.query::<&Request>().iter(world).next().is_some()
 }
 
-/// Marks the engine stopped when the loop ends, normally or by a panic, so `/healthz` sees it.
+/// Marks the engine stopped when its thread ends, however it ends, so `/healthz` sees it.
 struct StoppedOnDrop(Arc<EngineStatus>);
 
 impl Drop for StoppedOnDrop {
     fn drop(&mut self) {
         self.0.stopped.store(true, Ordering::Relaxed);
-        if std::thread::panicking() {
-            tracing::error!("the engine thread panicked; its model stops serving");
+    }
+}
+
+/// Runs the tick loop; if it panics, fails every request the engine held (their clients
+/// get an error event), rebuilds the world on an emptied KV cache, and runs again. While
+/// it restarts, `EngineStatus::restarting` is set (`/healthz` answers 503).
+fn supervise(
+    mut world: World,
+    mut schedule: Schedule,
+    rx: &Receiver,
+    max_queue_delay: Duration,
+    pipeline: &PipelineSpec,
+) {
+    let status = world.resource::<Status>().0.clone();
+    let _stopped = StoppedOnDrop(status.clone());
+    loop {
+        let ran = catch_unwind(AssertUnwindSafe(|| run_loop(&mut world, &mut schedule, rx, max_queue_delay)));
+        let Err(panic) = ran else { return };
+        status.restarting.store(true, Ordering::Relaxed);
+        status.restarts.fetch_add(1, Ordering::Relaxed);
+        let reason = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(panic = %reason, "the engine thread panicked; failing its requests and restarting it");
+        fail_everything(&mut world);
+        (world, schedule) = rebuild(world, pipeline, status.clone());
+        status.restarting.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Sends an error to every request the world holds, queued commands included.
+fn fail_everything(world: &mut World) {
+    let error = || {
+        ApiError::new(ErrorKind::Internal, "the engine restarted after an internal error; retry the request")
+            .with_code("engine_restarted")
+    };
+    for tx in world.query::<&StreamTx>().iter(world) {
+        let _ = tx.0.try_send(crate::protocol::StreamEvent::Error(error()));
+    }
+    let inbox = std::mem::take(&mut world.resource_mut::<Inbox>().0);
+    for cmd in inbox {
+        match cmd {
+            EngineCommand::Generate(req) => {
+                let _ = req.events.try_send(crate::protocol::StreamEvent::Error(error()));
+            }
+            EngineCommand::Cancel { reply, .. } | EngineCommand::CloseSession { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            EngineCommand::Shutdown => {}
         }
     }
 }
 
-fn run_loop(mut world: World, mut schedule: Schedule, rx: Receiver, max_queue_delay: Duration) {
-    let _stopped = StoppedOnDrop(world.resource::<Status>().0.clone());
+/// A fresh world and schedule for the same model, limits and telemetry, on the old KV
+/// arena emptied (no block table from before the panic can be trusted).
+fn rebuild(mut old: World, pipeline: &PipelineSpec, status: Arc<EngineStatus>) -> (World, Schedule) {
+    let mut kv = old.remove_resource::<Kv>().expect("the world has its KV cache").0;
+    kv.reset();
+    let parts = EngineParts {
+        model: old.resource::<Model>().0.clone(),
+        tokenizer: old.resource::<TokenizerRes>().0.clone(),
+        kv,
+        limits: old.resource::<EngineLimits>().clone(),
+        tenants: old.resource::<scheduler::TenantLimits>().clone(),
+        pipeline: pipeline.clone(),
+        policies: old.resource::<Policies>().clone(),
+        control_capacity: 0,
+        max_queue_delay: Duration::ZERO,
+        telemetry: old.remove_resource::<EngineTelemetry>().expect("the world has its telemetry").for_new_world(),
+    };
+    build_world(parts, status)
+}
+
+fn run_loop(world: &mut World, schedule: &mut Schedule, rx: &Receiver, max_queue_delay: Duration) {
     let origin = MonotonicOrigin(Instant::now());
     let mut tick = 0u64;
     loop {
-        let busy = has_work(&mut world);
+        let busy = has_work(world);
         let stalled = {
             let r = world.resource::<TickReport>();
             busy && r.planned_tokens == 0 && r.events_sent == 0
@@ -298,11 +368,11 @@ fn run_loop(mut world: World, mut schedule: Schedule, rx: Receiver, max_queue_de
             r.events_sent = 0;
         }
         let (span, started) = (tracing::info_span!("tick", tick), Instant::now());
-        span.in_scope(|| schedule.run(&mut world));
-        publish_status(&mut world, now);
-        observe::after_tick(&mut world, started);
+        span.in_scope(|| schedule.run(world));
+        publish_status(world, now);
+        observe::after_tick(world, started);
         if world.resource::<TickReport>().stop_requested {
-            cancel_all(&mut world, &mut schedule);
+            cancel_all(world, schedule);
             break;
         }
     }

@@ -182,6 +182,19 @@ impl KvArena {
         self.dtype
     }
 
+    /// Frees every block (their generations move on, so old handles fail their checks);
+    /// the memory stays committed.
+    pub fn reset(&mut self) {
+        for (b, allocated) in self.allocated.iter_mut().enumerate() {
+            if *allocated {
+                self.meta[b].generation = self.meta[b].generation.wrapping_add(1);
+                *allocated = false;
+            }
+            self.meta[b].owner = 0;
+        }
+        self.free = (0..self.allocated.len() as BlockId).rev().collect();
+    }
+
     /// The record of block `b` (generation and owner).
     pub fn meta(&self, b: BlockId) -> Option<BlockMeta> {
         self.meta.get(b as usize).copied()

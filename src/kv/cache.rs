@@ -118,6 +118,18 @@ impl KvCache {
         }
     }
 
+    /// Forgets everything: sequences, sessions and cached prefixes (after an engine restart,
+    /// when no block table from before can be trusted). Counters are kept.
+    pub fn reset(&mut self) {
+        self.arena.reset();
+        self.blocks.iter_mut().for_each(|b| *b = BlockState::default());
+        self.prefix.clear();
+        self.idle.clear();
+        if let Some(spill) = self.spill.as_mut() {
+            spill.reset();
+        }
+    }
+
     /// Builds the arena (and spill file) a model's `kv_cache` config asks for.
     pub fn from_config(layout: KvLayout, config: &KvCacheConfig) -> Result<Self, KvError> {
         let arena = KvArena::with_dtype(layout, config.max_bytes, config.dtype)?;

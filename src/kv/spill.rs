@@ -115,6 +115,11 @@ impl SpillFile {
         Ok(crc32c(bytes) == page.crc)
     }
 
+    /// Frees every page.
+    pub fn reset(&mut self) {
+        self.free = (0..self.n_pages as u32).rev().collect();
+    }
+
     /// Returns a page to the free list without reading it.
     pub fn release(&mut self, page: SpillPage) {
         if (page.index as usize) < self.n_pages && !self.free.contains(&page.index) {

@@ -1,14 +1,22 @@
 //! `forward`: one forward pass over the whole planned batch.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
 use bevy_ecs::prelude::*;
 
 use crate::engine::components::*;
 use crate::engine::resources::*;
 use crate::error::{ApiError, ErrorKind};
+use crate::kv::arena::KvArena;
+use crate::model::runtime::ModelRuntime;
 use crate::model::transformer::{LogitsWanted, SeqChunk};
 
 /// Runs the model on every planned chunk, appending K/V and leaving one logits row per
 /// sampling sequence in [`Logits`].
+///
+/// If the pass fails (an error, or a panic in the model), each chunk is run again alone,
+/// so only the sequences that fail by themselves end with an error; the others go on with
+/// the same logits they would have had (a row does not depend on its batch).
 pub fn run_forward(
     plan: Res<BatchPlan>,
     model: Res<Model>,
@@ -23,39 +31,81 @@ pub fn run_forward(
     }
     let span = tracing::info_span!("forward", batch_size = plan.items.len(), batch_tokens = plan.total_tokens());
     let _g = span.enter();
-    let chunks: Vec<SeqChunk> = plan
+    let chunks: Vec<(usize, SeqChunk)> = plan
         .items
         .iter()
-        .filter_map(|item| {
+        .enumerate()
+        .filter_map(|(i, item)| {
             let (tokens, handle, _, _) = seqs.get(item.entity).ok()?;
-            Some(SeqChunk {
+            let chunk = SeqChunk {
                 tokens: tokens.ids[item.start_pos..item.start_pos + item.n_tokens].to_vec(),
                 start_pos: item.start_pos,
                 blocks: handle.0.blocks.clone(),
                 logits: if item.samples { LogitsWanted::Last } else { LogitsWanted::None },
-            })
+            };
+            Some((i, chunk))
         })
         .collect();
     report.forward_calls += 1;
-    match model.0.forward(&chunks, kv.0.arena_mut(), &mut logits.0) {
-        Ok(()) => {
-            for item in &plan.items {
-                if let Ok((_, mut handle, _, _)) = seqs.get_mut(item.entity) {
-                    handle.0.len = item.start_pos + item.n_tokens;
-                }
+    let arena = kv.0.arena_mut();
+    let all: Vec<SeqChunk> = chunks.iter().map(|(_, c)| c.clone()).collect();
+    let failed: Vec<(usize, String)> = match guarded(&*model.0, &all, arena, &mut logits.0) {
+        Ok(()) => Vec::new(),
+        Err(e) => {
+            tracing::error!(error = %e, sequences = all.len(), "forward pass failed; running each sequence alone");
+            retry_alone(&*model.0, &chunks, arena, &mut logits.0)
+        }
+    };
+    for (i, item) in plan.items.iter().enumerate() {
+        let Ok((_, mut handle, mut phase, mut outbox)) = seqs.get_mut(item.entity) else { continue };
+        match failed.iter().find(|(f, _)| *f == i) {
+            None => handle.0.len = item.start_pos + item.n_tokens,
+            Some((_, e)) => {
+                let error = ApiError::new(ErrorKind::Internal, format!("forward pass failed: {e}"));
+                fail(&mut phase, &mut outbox, error);
             }
         }
-        Err(e) => {
-            tracing::error!(error = %e, "forward pass failed");
-            for item in &plan.items {
-                if let Ok((_, _, mut phase, mut outbox)) = seqs.get_mut(item.entity) {
-                    fail(
-                        &mut phase,
-                        &mut outbox,
-                        ApiError::new(ErrorKind::Internal, format!("forward pass failed: {e}")),
-                    );
+    }
+}
+
+/// One forward call; a panic inside the model becomes an error.
+fn guarded(model: &dyn ModelRuntime, batch: &[SeqChunk], kv: &mut KvArena, out: &mut Vec<f32>) -> Result<(), String> {
+    match catch_unwind(AssertUnwindSafe(|| model.forward(batch, kv, out))) {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(panic) => Err(panic_message(&panic)),
+    }
+}
+
+/// Runs each chunk alone; returns the plan indices of those that failed, with their errors.
+/// `logits` gets one row per sampling chunk in plan order (zeros for a failed one, whose
+/// sequence ends before it samples).
+fn retry_alone(
+    model: &dyn ModelRuntime,
+    chunks: &[(usize, SeqChunk)],
+    kv: &mut KvArena,
+    logits: &mut Vec<f32>,
+) -> Vec<(usize, String)> {
+    let n_vocab = model.n_vocab();
+    let (mut failed, mut row) = (Vec::new(), Vec::new());
+    logits.clear();
+    for (i, chunk) in chunks {
+        let samples = chunk.logits != LogitsWanted::None;
+        match guarded(model, std::slice::from_ref(chunk), kv, &mut row) {
+            Ok(()) => logits.extend_from_slice(&row),
+            Err(e) => {
+                tracing::error!(error = %e, "forward pass failed for one sequence");
+                failed.push((*i, e));
+                if samples {
+                    logits.resize(logits.len() + n_vocab, 0.0);
                 }
             }
         }
     }
+    failed
+}
+
+/// The text of a panic's payload.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let text = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+    format!("the model panicked: {}", text.unwrap_or_else(|| "(no message)".into()))
 }

@@ -96,6 +96,7 @@ pub fn stats(state: &AppState) -> Response<Body> {
                 "kv_blocks_total": s.kv_blocks_total.load(Ordering::Relaxed),
                 "forward_calls": s.forward_calls.load(Ordering::Relaxed),
                 "admission_open": s.admission_open.load(Ordering::Relaxed),
+                "restarts": s.restarts.load(Ordering::Relaxed),
             })
         })
         .collect();

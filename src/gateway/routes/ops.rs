@@ -44,11 +44,15 @@ pub fn readyz(state: &AppState) -> Response<Body> {
     }
 }
 
-/// `GET /healthz`: 200 while every engine thread runs and ticks, else 503 naming the models.
+/// `GET /healthz`: 200 while every engine thread runs and ticks, else 503 naming the models
+/// (stopped, restarting after a panic, or stuck).
 pub fn healthz(state: &AppState) -> Response<Body> {
-    let mut stopped = vec![];
-    let mut stuck = vec![];
+    let (mut stopped, mut stuck, mut restarting) = (vec![], vec![], vec![]);
     for m in &state.models.snapshot().ready {
+        if m.engine.status.restarting.load(Ordering::Relaxed) {
+            restarting.push(m.id.to_string());
+            continue;
+        }
         match state.obs.engine_liveness(m.id.as_str(), m.engine.status.stopped.load(Ordering::Relaxed)) {
             Liveness::Alive => {}
             Liveness::Stopped => stopped.push(m.id.to_string()),
@@ -57,6 +61,8 @@ pub fn healthz(state: &AppState) -> Response<Body> {
     }
     if !stopped.is_empty() {
         json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "engine_stopped", "models": stopped}))
+    } else if !restarting.is_empty() {
+        json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "engine_restarting", "models": restarting}))
     } else if !stuck.is_empty() {
         json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "engine_stuck", "models": stuck}))
     } else {
