@@ -150,6 +150,13 @@ fn hostile_metadata_is_a_load_error_naming_the_key_or_tensor() {
         let e = err_of(describe_edited(arch, |m, _| set(m, &key("block_count"), GgufValue::U32(1 << 30))));
         assert!(e.to_string().contains(&key("block_count")), "{arch}: {e}");
 
+        // A vocabulary size the tokenizer disagrees with.
+        let e = err_of(describe_edited(arch, |m, _| set(m, &key("vocab_size"), GgufValue::U32(7))));
+        assert!(
+            e.to_string().contains(&key("vocab_size")) && e.to_string().contains("tokenizer.ggml.tokens"),
+            "{arch}: {e}"
+        );
+
         // A projection of the wrong width, fused or not.
         let qkv = if family.name == "phi3" { "blk.1.attn_qkv.weight" } else { "blk.1.attn_k.weight" };
         let e = err_of(describe_edited(arch, |_, t| {

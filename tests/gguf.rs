@@ -771,3 +771,90 @@ fn tiny_vocab_loads_as_a_byte_level_bpe() {
     assert_eq!(enc.get_tokens(), ["Ġthe", "Ġ", "he", "ll", "o", "Ċ"]);
     assert_eq!(enc.get_ids()[0], 256 + 3);
 }
+
+/// A GGUF v3 header with the given metadata entries (already encoded as key, type, value)
+/// and no tensors.
+fn raw_metadata_file(n_kv: u64, entries: &[u8]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend(n_kv.to_le_bytes());
+    b.extend_from_slice(entries);
+    b
+}
+
+fn raw_key(b: &mut Vec<u8>, key: &str) {
+    b.extend((key.len() as u64).to_le_bytes());
+    b.extend(key.as_bytes());
+}
+
+/// A u8 array costs 32 bytes of RAM per byte on disk once parsed, so the count of
+/// metadata values is capped ([`MAX_METADATA_VALUES`]) and the cap is checked before the
+/// array is allocated, whether one array or several cross it.
+#[test]
+fn metadata_past_the_value_cap_is_refused_before_it_is_allocated() {
+    use starling::model::gguf::MAX_METADATA_VALUES;
+    let array = |b: &mut Vec<u8>, key: &str, len: u64| {
+        raw_key(b, key);
+        b.extend(9u32.to_le_bytes());
+        b.extend(0u32.to_le_bytes());
+        b.extend(len.to_le_bytes());
+        b.extend(std::iter::repeat_n(7u8, len as usize));
+    };
+    let mut one = vec![];
+    array(&mut one, "big", MAX_METADATA_VALUES + 1);
+    let err = parse_err(&raw_metadata_file(1, &one));
+    assert!(matches!(err, GgufError::MetadataTooLarge { .. }), "{err:?}");
+    assert_names(&err, &["more than 4194304 values"]);
+
+    // Each array counts as one value besides its elements: two of half the cap less one
+    // reach it exactly, and one element more is refused.
+    let half = MAX_METADATA_VALUES / 2 - 1;
+    let mut two = vec![];
+    array(&mut two, "a", half);
+    array(&mut two, "b", half);
+    let h = parse_header(&raw_metadata_file(2, &two)).expect("exactly at the cap parses");
+    assert_eq!(h.get_array("b").unwrap().len() as u64, half);
+    let mut three = two.clone();
+    array(&mut three, "c", 1);
+    assert!(matches!(parse_err(&raw_metadata_file(3, &three)), GgufError::MetadataTooLarge { .. }));
+}
+
+/// Duplicate checks are linear: half a million distinct keys and as many tensors parse
+/// (checking each against all before it would take minutes), and a duplicate at the very
+/// end is still found.
+#[test]
+fn duplicate_checks_scale_to_half_a_million_keys_and_tensors() {
+    const N: u64 = 500_000;
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(N.to_le_bytes());
+    b.extend(N.to_le_bytes());
+    for i in 0..N {
+        raw_key(&mut b, &format!("key.{i:07}"));
+        b.extend(4u32.to_le_bytes());
+        b.extend((i as u32).to_le_bytes());
+    }
+    let tensors_at = b.len();
+    for i in 0..N {
+        raw_key(&mut b, &format!("t.{i:07}"));
+        b.extend(1u32.to_le_bytes());
+        b.extend(8u64.to_le_bytes());
+        b.extend(0u32.to_le_bytes());
+        b.extend((i * 32).to_le_bytes());
+    }
+    let data_at = b.len().div_ceil(32) * 32;
+    b.resize(data_at + N as usize * 32, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let parse = |bytes: Vec<u8>| {
+        let tx = tx.clone();
+        std::thread::spawn(move || tx.send(parse_header(&bytes).map(|h| (h.metadata.len(), h.tensors.len()))));
+        rx.recv_timeout(std::time::Duration::from_secs(60)).expect("parsing is not quadratic")
+    };
+    assert_eq!(parse(b.clone()).unwrap(), (N as usize, N as usize));
+    // Rename the last tensor to the first one's name.
+    let last = b[tensors_at..].windows(9).rposition(|w| w == b"t.0499999").unwrap() + tensors_at;
+    b[last..last + 9].copy_from_slice(b"t.0000000");
+    let err = parse(b).unwrap_err();
+    assert!(matches!(&err, GgufError::Duplicate { what: "tensor", name } if name == "t.0000000"), "{err:?}");
+}

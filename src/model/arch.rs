@@ -154,15 +154,21 @@ fn rope_scale(h: &GgufHeader, arch: &str) -> Result<f32, ArchError> {
     }
 }
 
-/// `{arch}.vocab_size`, or else the length of `tokenizer.ggml.tokens`.
+/// The length of `tokenizer.ggml.tokens`, which `{arch}.vocab_size` must match when given
+/// (a tokenizer with more ids than embedding rows could feed the model ids it has no row
+/// for; one with fewer could not spell what the model samples).
 fn n_vocab(h: &GgufHeader, arch: &str) -> Result<usize, ArchError> {
-    let key = format!("{arch}.vocab_size");
-    if h.get(&key).is_some() {
-        return size(h, &key);
-    }
     let n = h.get_array("tokenizer.ggml.tokens")?.len();
     if n == 0 {
         return Err(bad("tokenizer.ggml.tokens", "a non-empty array", "an empty array"));
+    }
+    let key = format!("{arch}.vocab_size");
+    if h.get(&key).is_some() {
+        let given = size(h, &key)?;
+        if given != n {
+            let want = format!("the {n} entries of tokenizer.ggml.tokens");
+            return Err(bad(&key, &want, given.to_string()));
+        }
     }
     Ok(n)
 }

@@ -18,6 +18,11 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 /// Deepest nesting of arrays accepted (arrays of arrays are legal, unbounded depth is not).
 const MAX_ARRAY_DEPTH: usize = 8;
 const MAX_DIMS: u32 = 4;
+/// Most metadata values (array elements included) a file may hold. A parsed value takes
+/// 32 bytes however small it is on disk, so this caps the header's memory at 128 MiB plus
+/// the file's own string bytes. The largest real vocabularies (262k tokens with scores and
+/// types, or 152k tokens with 151k merges) use under a million.
+pub const MAX_METADATA_VALUES: u64 = 4 << 20;
 
 /// Why a GGUF file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +61,8 @@ pub enum GgufError {
     BadAlignment(u64),
     #[error("tensor `{second}` data [{second_start}, ..) overlaps tensor `{first}` data [.., {first_end})")]
     Overlap { first: String, first_end: u64, second: String, second_start: u64 },
+    #[error("metadata holds more than {MAX_METADATA_VALUES} values (at byte {offset})")]
+    MetadataTooLarge { offset: u64 },
     #[error("metadata key `{0}` is missing")]
     MissingKey(String),
     #[error("metadata key `{key}` has type {found}, expected {expected}")]
@@ -303,7 +310,7 @@ fn map_file(file: &File) -> std::io::Result<Mmap> {
 
 /// Parses everything up to the tensor data, checking every range against `bytes.len()`.
 pub fn parse_header(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
-    let mut r = Reader { bytes, pos: 0 };
+    let mut r = Reader { bytes, pos: 0, values: 0 };
     let magic: [u8; 4] = r.take(4, "magic")?.try_into().expect("4 bytes");
     if &magic != MAGIC {
         return Err(GgufError::BadMagic { found: magic });
@@ -321,9 +328,10 @@ pub fn parse_header(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
     r.check_count(n_kv, 13, "metadata", n_kv_at)?;
     r.check_count(n_tensors, 32, "tensor", n_tensors_at)?;
     let mut metadata: Vec<(String, GgufValue)> = Vec::with_capacity(n_kv as usize);
+    let mut seen = std::collections::HashSet::with_capacity(n_kv as usize);
     for _ in 0..n_kv {
         let key = r.string("metadata key")?;
-        if metadata.iter().any(|(k, _)| *k == key) {
+        if !seen.insert(key.clone()) {
             return Err(GgufError::Duplicate { what: "metadata key", name: key });
         }
         let type_offset = r.pos as u64;
@@ -344,6 +352,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
     };
 
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors as usize);
+    let mut seen = std::collections::HashSet::with_capacity(n_tensors as usize);
     for _ in 0..n_tensors {
         let name = r.string("tensor name")?;
         let n_dims = r.u32("tensor dimension count")?;
@@ -368,7 +377,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
         if !offset.is_multiple_of(alignment) {
             return Err(GgufError::Misaligned { name, offset, alignment });
         }
-        if tensors.iter().any(|t| t.name == name) {
+        if !seen.insert(name.clone()) {
             return Err(GgufError::Duplicate { what: "tensor", name });
         }
         tensors.push(TensorInfo { name, dims, ggml_type, offset, n_bytes });
@@ -411,6 +420,8 @@ fn check_data_ranges(tensors: &[TensorInfo], data_offset: u64, file_len: u64) ->
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
+    /// Metadata values read so far (see [`MAX_METADATA_VALUES`]).
+    values: u64,
 }
 
 impl<'a> Reader<'a> {
@@ -456,6 +467,10 @@ impl<'a> Reader<'a> {
     }
 
     fn value(&mut self, key: &str, type_id: u32, offset: u64, depth: usize) -> Result<GgufValue, GgufError> {
+        self.values += 1;
+        if self.values > MAX_METADATA_VALUES {
+            return Err(GgufError::MetadataTooLarge { offset: self.pos as u64 });
+        }
         Ok(match type_id {
             0 => GgufValue::U8(u8::from_le_bytes(self.array("u8 value")?)),
             1 => GgufValue::I8(i8::from_le_bytes(self.array("i8 value")?)),
@@ -490,6 +505,9 @@ impl<'a> Reader<'a> {
                     }
                 };
                 self.check_count(len, min, "array element", len_offset)?;
+                if self.values.saturating_add(len) > MAX_METADATA_VALUES {
+                    return Err(GgufError::MetadataTooLarge { offset: len_offset });
+                }
                 let mut items = Vec::with_capacity(len as usize);
                 for _ in 0..len {
                     items.push(self.value(key, elem_type, elem_offset, depth + 1)?);

@@ -32,6 +32,8 @@ pub enum TemplateError {
     Compile(String),
     #[error("the chat template refused the messages: {0}")]
     Render(String),
+    #[error("rendering the chat template {0}; the messages are too large for this model's template")]
+    TooCostly(String),
 }
 
 impl From<TemplateError> for ApiError {
@@ -42,6 +44,9 @@ impl From<TemplateError> for ApiError {
             }
             TemplateError::Compile(_) => ApiError::new(ErrorKind::Internal, e.to_string()),
             TemplateError::Render(_) => ApiError::new(ErrorKind::InvalidRequest, e.to_string()).with_param("messages"),
+            TemplateError::TooCostly(_) => ApiError::new(ErrorKind::InvalidRequest, e.to_string())
+                .with_param("messages")
+                .with_code("template_limit"),
         }
     }
 }
@@ -58,9 +63,46 @@ pub struct Specials<'a> {
     pub tools: Option<&'a serde_json::Value>,
 }
 
+/// Limits on one render, so a hostile template cannot pin a worker or exhaust memory.
+/// Fuel is MiniJinja's work budget: about one unit per instruction and per 64 bytes of data
+/// created (output included), so it bounds both time and allocation. The fixed part covers
+/// any real template on a short chat (they use a few thousand); the rest grows with the input.
+const BASE_FUEL: u64 = 200_000;
+/// Fuel added per byte of messages and tools given to the template.
+const FUEL_PER_INPUT_BYTE: u64 = 1;
+/// Deepest nesting MiniJinja allows (its default; a macro call takes about seven levels, so
+/// this is some 70 nested calls, which real templates printing JSON schemas stay far below).
+const RECURSION_LIMIT: usize = 500;
+/// Largest prompt a template may write: a fixed allowance plus a multiple of its input.
+const BASE_OUTPUT_BYTES: usize = 256 << 10;
+const OUTPUT_PER_INPUT_BYTE: usize = 4;
+
+/// An output that refuses to grow past its limit.
+struct Capped {
+    out: Vec<u8>,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.limit {
+            self.overflowed = true;
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The environment every chat template renders in.
 fn environment<'s>() -> Result<Environment<'s>, Error> {
     let mut env = Environment::new();
+    env.set_recursion_limit(RECURSION_LIMIT);
     env.set_syntax(SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build()?);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_filter("tojson", pyjson::tojson);
@@ -104,10 +146,15 @@ pub fn render_chat(
     let template = template.ok_or_else(|| TemplateError::Missing(model.to_owned()))?;
     let source = without_generation_tags(template);
     let compile_error = |e: Error| TemplateError::Compile(format!("{e:#}"));
-    let env = environment().map_err(compile_error)?;
+    let mut env = environment().map_err(compile_error)?;
+    let input_bytes = messages.iter().map(|m| m.role.len() + m.content.len()).sum::<usize>()
+        + specials.tools.map_or(0, |t| t.to_string().len());
+    env.set_fuel(Some(BASE_FUEL + FUEL_PER_INPUT_BYTE * input_bytes as u64));
     let compiled = env.template_from_str(&source).map_err(compile_error)?;
-    compiled
-        .render(context! {
+    let limit = BASE_OUTPUT_BYTES + OUTPUT_PER_INPUT_BYTE * input_bytes;
+    let mut out = Capped { out: Vec::new(), limit, overflowed: false };
+    let rendered = compiled.render_captured_to(
+        context! {
             messages => Value::from(Serde(messages)),
             add_generation_prompt => true,
             bos_token => specials.bos_token,
@@ -116,8 +163,22 @@ pub fn render_chat(
             tool_choice => (),
             functions => (),
             function_call => (),
-        })
-        .map_err(|e| TemplateError::Render(e.to_string()))
+        },
+        &mut out,
+    );
+    match rendered {
+        Ok(_) => String::from_utf8(out.out).map_err(|_| TemplateError::Render("the output is not UTF-8".into())),
+        Err(e) => Err(match e.kind() {
+            JinjaErrorKind::OutOfFuel => TemplateError::TooCostly("ran out of its work budget".into()),
+            JinjaErrorKind::WriteFailure if out.overflowed => {
+                TemplateError::TooCostly(format!("would write more than {limit} bytes"))
+            }
+            JinjaErrorKind::InvalidOperation if e.detail() == Some("recursion limit exceeded") => {
+                TemplateError::TooCostly(format!("recursed deeper than {RECURSION_LIMIT} levels"))
+            }
+            _ => TemplateError::Render(e.to_string()),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -213,6 +274,45 @@ mod tests {
         tools: Option<serde_json::Value>,
         prompt: Option<String>,
         error: Option<String>,
+    }
+
+    /// Each hostile template fails that render alone with a `template_limit` error, quickly
+    /// and without a large allocation; a long chat through a real template still renders.
+    #[test]
+    fn hostile_templates_hit_their_limits() {
+        let hostile = [
+            ("nested loops", "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"),
+            (
+                "string doubling",
+                "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}",
+            ),
+            ("huge repeat", "{{ 'x' * 10000000000 }}"),
+            // Not covered: doubling a list with `+` 33 times. MiniJinja 3.1 keeps list
+            // concatenation lazy and uncharged, then materializes 2^33 items at once; see
+            // docs/ARCHITECTURE.md (chat templates).
+            ("endless recursion", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"),
+            ("output flood", "{{ 'x' * 300000 }}"),
+        ];
+        for (what, t) in hostile {
+            let err = render(t, &[msg("user", "hi")]).unwrap_err();
+            assert!(matches!(err, TemplateError::TooCostly(_)), "{what}: {err:?}");
+            let api = ApiError::from(err);
+            assert_eq!(api.code, Some("template_limit"), "{what}");
+        }
+        let err = render("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", &[]).unwrap_err();
+        assert!(err.to_string().contains("recursed deeper than 500"), "{err}");
+        let err = render("{{ 'x' * 300000 }}", &[]).unwrap_err();
+        assert!(err.to_string().contains("more than 262144 bytes"), "{err}");
+        // Recursion within the limit and a 1 MiB message are fine.
+        let t = "{% macro f(n) %}{% if n < 40 %}{{ f(n + 1) }}{% else %}{{ n }}{% endif %}{% endmacro %}{{ f(0) }}";
+        assert_eq!(render(t, &[]).unwrap(), "40");
+        let long = "word ".repeat(200_000);
+        let many: Vec<ChatMessage> =
+            (0..200).map(|i| msg(if i % 2 == 0 { "user" } else { "assistant" }, &long[..5000])).collect();
+        for messages in [vec![msg("user", &long)], many] {
+            let out = render(CHATML, &messages).unwrap();
+            assert!(out.len() > messages.iter().map(|m| m.content.len()).sum::<usize>());
+        }
     }
 
     #[test]
