@@ -13,7 +13,7 @@ use starling::model::kernels::quant_acts::{self, QuantActs};
 use starling::model::kernels::{KernelError, Kernels, MatmulScratch, QMatrix, reference};
 use starling::model::ops::{AttnScratch, attend_row};
 
-const ALL: [GgmlType; 11] = GgmlType::WITH_KERNELS;
+const ALL: [GgmlType; 15] = GgmlType::WITH_KERNELS;
 
 fn values(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-scale..scale)).collect()
@@ -72,6 +72,12 @@ fn round_trip_bound(t: GgmlType) -> f32 {
         GgmlType::Q4K => 0.2,
         GgmlType::Q5K => 0.1,
         GgmlType::Q6K => 0.05,
+        // Four (eight) levels a sub-block, their scales rounded to 4 (6) bits.
+        GgmlType::Q2K => 0.45,
+        GgmlType::Q3K => 0.3,
+        // Half the widest gap between levels (24 of 127), plus a 6-bit scale's rounding.
+        GgmlType::IQ4NL => 0.1,
+        GgmlType::IQ4XS => 0.15,
         _ => unreachable!(),
     }
 }
@@ -167,7 +173,7 @@ fn quantization_bound(t: GgmlType, row: &[u8], steps: &[f32]) -> f64 {
 fn matmul_is_batch_invariant_bit_for_bit() {
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let pools = [pool(1), pool(2)];
-    for t in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q5_0, GgmlType::F16] {
+    for t in ALL {
         // Three blocks per row (odd, so no kernel can rely on pairs) and 1..=37 x rows: every
         // tile width and ragged tail.
         let (rows, cols, total) = (37, cols_for(t, 3), 37);
@@ -276,7 +282,7 @@ fn bad_shapes_are_named_errors() {
     );
     let err = QMatrix::new(GgmlType::Q4_1, 3, 32, &data).unwrap_err();
     assert!(matches!(err, KernelError::DataLength { expected: 60, actual: 40, .. }), "{err}");
-    assert_eq!(QMatrix::new(GgmlType::Q2K, 1, 256, &[0; 84]).unwrap_err(), KernelError::Unsupported(GgmlType::Q2K));
+    assert_eq!(QMatrix::new(GgmlType::Q8K, 1, 256, &[0; 292]).unwrap_err(), KernelError::Unsupported(GgmlType::Q8K));
 
     let w = QMatrix::new(GgmlType::Q4_1, 2, 32, &data).unwrap();
     let (k, p, mut s) = (Kernels::detect(), pool(1), MatmulScratch::default());
@@ -385,6 +391,61 @@ fn wide_compiled_portable_kernels_give_the_portable_bits() {
         for k in Kernels::available() {
             let got = matmul(k, &w, &x, n, &p);
             assert!(got.iter().zip(&want).all(|(a, b)| same_bits(*a, *b)), "{t} {}", k.name());
+        }
+    }
+}
+
+/// The bytes of `n` pseudo-random blocks of `t` (every bit pattern, NaN and infinite scales
+/// included), from an LCG the hashes in [`dequantization_matches_gguf_py`] share.
+fn lcg_bytes(t: GgmlType, n: usize) -> Vec<u8> {
+    let step = |s: u64| s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = step(u64::from(t.id()));
+    (0..n * t.block_bytes())
+        .map(|_| {
+            s = step(s);
+            (s >> 56) as u8
+        })
+        .collect()
+}
+
+/// FNV-1a over the values' bits, NaNs as one pattern.
+fn fnv(values: &[f32]) -> u64 {
+    let bits = values.iter().flat_map(|v| if v.is_nan() { 0x7FC0_0000u32 } else { v.to_bits() }.to_le_bytes());
+    bits.fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
+}
+
+/// Pseudo-random blocks of every type, dequantized by the reference and by every kernel set,
+/// hash to what the `gguf` Python package's `gguf.quants.dequantize` (ggml's bits) gives for
+/// the same bytes (`gguf` 0.17; eight blocks, or 512 values of a float type).
+#[test]
+fn dequantization_matches_gguf_py() {
+    let want = [
+        (GgmlType::F32, 0x9b40653a4744dc5f),
+        (GgmlType::F16, 0xd62adab2c92b7bc4),
+        (GgmlType::BF16, 0x3cd1bb3413c83e7b),
+        (GgmlType::Q4_0, 0x6a656f77878ab56d),
+        (GgmlType::Q4_1, 0x6a12a76bfeaafca0),
+        (GgmlType::Q5_0, 0xb6d97f459bb46ca9),
+        (GgmlType::Q5_1, 0x34d14e6a3f009193),
+        (GgmlType::Q8_0, 0x14a2f134bf56c4d6),
+        (GgmlType::Q2K, 0x8b135a51a20e3f29),
+        (GgmlType::Q3K, 0x971f264255b021ad),
+        (GgmlType::Q4K, 0x54d3d11232aa9fc4),
+        (GgmlType::Q5K, 0x87005c7df4ae1c8a),
+        (GgmlType::Q6K, 0x63bf73854e04049c),
+        (GgmlType::IQ4NL, 0x9b5347b764b92436),
+        (GgmlType::IQ4XS, 0xa3c8fc4c0db75886),
+    ];
+    assert_eq!(want.len(), ALL.len());
+    for (t, hash) in want {
+        let n = if t.block_elems() == 1 { 512 } else { 8 };
+        let src = lcg_bytes(t, n);
+        let mut got = vec![0.0; n * t.block_elems()];
+        reference::dequantize_row(t, &src, &mut got);
+        assert_eq!(fnv(&got), hash, "{t}: the reference");
+        for k in Kernels::available() {
+            k.dequantize_row(t, &src, &mut got);
+            assert_eq!(fnv(&got), hash, "{t}: {}", k.name());
         }
     }
 }

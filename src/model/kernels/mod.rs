@@ -1,5 +1,6 @@
 //! Quantized kernels: dequantize a row, and `y = x · Wᵀ` over weights kept in their ggml
-//! block layout (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K).
+//! block layout (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+//! IQ4_NL, IQ4_XS), each block format described once in [`formats`].
 //!
 //! Q4_1 and Q8_0 have AVX-512 VNNI, AVX-512 and AVX2 kernels, the best this CPU runs picked
 //! at run time by [`Kernels::detect`]. The VNNI kernels ([`vnni`]) round activations to 16
@@ -7,7 +8,7 @@
 //! activations f32: weight blocks are dequantized exactly (in registers on the fast paths)
 //! and multiplied into f32 values, so a matmul matches an f32 dot product to float
 //! rounding. Every other type (and every other CPU) runs the portable kernels, which
-//! AVX2/AVX-512 CPUs run compiled wide for F32, F16, BF16 and the K-quants (the same
+//! AVX2/AVX-512 CPUs run compiled wide for F32, F16, BF16, Q4_K, Q5_K and Q6_K (the same
 //! operations, so the same bits). [`attention`] holds attention over the KV cache.
 //!
 //! **Batch invariance.** Every output `y[i][r]` is computed by the same per-row dot code,
@@ -19,7 +20,7 @@
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
-mod blocks;
+mod formats;
 mod portable;
 pub mod quant_acts;
 pub mod reference;
@@ -502,22 +503,26 @@ impl Kernels {
             }
         }
         for r in rows {
-            emit(r, &self.portable_tile(t, w.row(r), &xs));
+            let mut out = [0.0; NX];
+            self.portable_tile(t, w.row(r), &xs, &mut out);
+            emit(r, &out);
         }
     }
 
     /// The portable kernels for one row, compiled wide where that measured faster
     /// (criterion, 768x768: F32 4-8x, F16 and BF16 2-3x, K-quants 1.4-1.6x; Q4_0/Q5_x not).
-    fn portable_tile<const NX: usize>(&self, t: GgmlType, row: &[u8], xs: &[&[f32]; NX]) -> [f32; NX] {
+    fn portable_tile(&self, t: GgmlType, row: &[u8], xs: &[&[f32]], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         match self.isa {
             // SAFETY: as for the AVX-512 kernels in `tile`.
-            Isa::Avx512 | Isa::Avx512Vnni if wide_portable(t) => return unsafe { portable::tile_avx512(t, row, xs) },
+            Isa::Avx512 | Isa::Avx512Vnni if wide_portable(t) => {
+                return unsafe { portable::tile_avx512(t, row, xs, out) };
+            }
             // SAFETY: as for the AVX2 kernels in `tile`.
-            Isa::Avx2 if wide_portable(t) => return unsafe { portable::tile_avx2(t, row, xs) },
+            Isa::Avx2 if wide_portable(t) => return unsafe { portable::tile_avx2(t, row, xs, out) },
             _ => {}
         }
-        portable::tile(t, row, xs)
+        portable::tile(t, row, xs, out)
     }
 }
 

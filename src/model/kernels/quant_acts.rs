@@ -10,7 +10,10 @@
 //! [`quantize_block`] is the definition; the AVX-512 quantizer gives its bits (tested), and
 //! [`dot_q4_1`] and [`dot_q8_0`] are the tests' oracles for the kernels that read them.
 
-use super::blocks::f16_at;
+/// The little-endian f16 at `off`, as f32.
+fn f16_at(b: &[u8], off: usize) -> f32 {
+    half::f16::from_le_bytes([b[off], b[off + 1]]).to_f32()
+}
 
 /// Values per block (Q4_1, Q8_0 and the quantized activations alike).
 pub const QK: usize = 32;
