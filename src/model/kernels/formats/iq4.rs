@@ -2,10 +2,13 @@
 //! IQ4_NL has an f16 scale per 32 values; IQ4_XS a 6-bit scale per 32 values against an f16
 //! per 256.
 
+use std::mem::offset_of;
+
 use bytemuck::{Pod, Zeroable};
 
 use super::{Format, Ints, QK, f16, inv, signed_max, to_f16};
 use crate::model::ggml_type::GgmlType;
+use crate::model::kernels::lanes::{Floats, Lanes, Tile, Unit};
 
 /// The levels a nibble indexes (ggml's `kvalues_iq4nl`).
 pub(crate) const LEVELS: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
@@ -43,6 +46,28 @@ fn levels(qs: &[u8], q: &mut [i8]) {
     }
 }
 
+/// [`LEVELS`] as bytes.
+const LEVEL_BYTES: [u8; 16] = {
+    let mut b = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        b[i] = LEVELS[i] as u8;
+        i += 1;
+    }
+    b
+};
+
+/// [`levels`] in lanes.
+#[inline(always)]
+fn levels_lanes<V: Lanes>(t: &Tile<V>, raw: [V; 4]) -> [V; 8] {
+    let table = V::bytes(t.isa(), LEVEL_BYTES);
+    let mut q = t.nibbles16(raw);
+    for v in &mut q {
+        *v = table.lookup(*v);
+    }
+    q
+}
+
 /// The nibble indexing the level nearest `v`.
 fn nearest(v: f32) -> u8 {
     let dist = |i: usize| (f32::from(LEVELS[i]) - v).abs();
@@ -64,6 +89,12 @@ impl Format for IQ4NL {
         levels(&b.qs, &mut out.q);
     }
 
+    #[inline(always)]
+    fn lanes<V: Lanes>(t: &Tile<V>, _: usize, out: &mut Unit<V>) {
+        out.scale[0] = [t.dword(offset_of!(BlockIQ4NL, d)).f16_lo(); 2];
+        out.q[0] = levels_lanes(t, t.bytes16(offset_of!(BlockIQ4NL, qs)));
+    }
+
     fn quantize(x: &[f32]) -> BlockIQ4NL {
         let d = f16(to_f16(signed_max(x) / f32::from(LEVELS[0])));
         BlockIQ4NL { d: to_f16(d), qs: quantize_levels(x, d) }
@@ -81,6 +112,21 @@ impl Format for IQ4XS {
             let s = i32::from(low) | (i32::from((high >> (2 * g)) & 3) << 4);
             out.set32(g, d * (s - 32) as f32, 0.0);
             levels(&b.qs[16 * g..16 * g + 16], &mut out.q[32 * g..]);
+        }
+    }
+
+    #[inline(always)]
+    fn lanes<V: Lanes>(t: &Tile<V>, unit: usize, out: &mut Unit<V>) {
+        let head = t.dword(offset_of!(BlockIQ4XS, d));
+        let (d, high) = (head.f16_lo(), head.shr32(16));
+        let low = t.dword(offset_of!(BlockIQ4XS, scales_l));
+        let (m4, m2, bias) = (t.splat(15), t.splat(3), t.splat(32));
+        for k in 0..4 {
+            let g = 4 * unit + k;
+            let s = low.shr32((8 * (g / 2) + 4 * (g % 2)) as u32).and(m4);
+            let s = s.or(high.shr32(2 * g as u32).and(m2).shl32(4)).sub32(bias);
+            out.scale[k] = [d.mul(s.to_f32()); 2];
+            out.q[k] = levels_lanes(t, t.bytes16(offset_of!(BlockIQ4XS, qs) + 16 * g));
         }
     }
 

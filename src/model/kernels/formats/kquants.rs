@@ -6,10 +6,13 @@
 //! Q4_K and Q5_K keep values `64·j + l` and `64·j + 32 + l` in the low and high nibble of
 //! byte `32·j + l`. A [`Format::lanes`] unit is one half (128 values, four 32-value blocks).
 
+use std::mem::offset_of;
+
 use bytemuck::{Pod, Zeroable};
 
 use super::{Format, Ints, f16, inv, signed_max, to_f16};
 use crate::model::ggml_type::GgmlType;
+use crate::model::kernels::lanes::{Floats, Lanes, Tile, Unit};
 
 /// Q2_K: value `(d · sc) · q − dmin · m` with 2-bit `q` and, per 16 values, a byte holding
 /// the 4-bit `sc` (low nibble) and `m` (high nibble).
@@ -85,6 +88,21 @@ fn scale_min(g: usize, s: &[u8; 12]) -> (u8, u8) {
     }
 }
 
+/// [`scale_min`] in lanes, from the 12 bytes as three registers of four.
+#[inline(always)]
+fn scale_min_lanes<V: Lanes>(t: &Tile<V>, g: usize, s: [V; 3]) -> (V, V) {
+    let (m6, m4, m2) = (t.splat(63), t.splat(15), t.splat(3));
+    if g < 4 {
+        let at = 8 * g as u32;
+        (s[0].shr32(at).and(m6), s[1].shr32(at).and(m6))
+    } else {
+        let at = 8 * (g - 4) as u32;
+        let sc = s[2].shr32(at).and(m4).or(s[0].shr32(at + 6).and(m2).shl32(4));
+        let m = s[2].shr32(at + 4).and(m4).or(s[1].shr32(at + 6).and(m2).shl32(4));
+        (sc, m)
+    }
+}
+
 /// The 6-bit scale `k` (0..16) of Q3_K's 12 bytes, minus 32.
 fn q3k_scale(k: usize, s: &[u8; 12]) -> i32 {
     let low = if k < 8 { s[k] & 0xF } else { s[k - 8] >> 4 };
@@ -104,6 +122,17 @@ fn decode_k45(d: [u8; 2], dmin: [u8; 2], scales: &[u8; 12], qs: &[u8; 128], qh: 
             let high = qh.map_or(0, |h| ((h[l] >> g) & 1) << 4);
             out.q[32 * g + l] = (((chunk[l] >> shift) & 0xF) | high) as i8;
         }
+    }
+}
+
+/// Q4_K and Q5_K scales of unit `unit`'s four sub-blocks, from the block's first 16 bytes.
+#[inline(always)]
+fn lanes_k45_scales<V: Lanes>(t: &Tile<V>, unit: usize, out: &mut Unit<V>) {
+    let [dm, s0, s1, s2] = t.bytes16(0);
+    let (d, dmin) = (dm.f16_lo(), dm.shr32(16).f16_lo());
+    for k in 0..4 {
+        let (sc, m) = scale_min_lanes(t, 4 * unit + k, [s0, s1, s2]);
+        out.set32(k, d.mul(sc.to_f32()), dmin.mul(m.to_f32()).neg());
     }
 }
 
@@ -150,6 +179,7 @@ fn pack_k45_nibbles(q: &[u8; 256]) -> [u8; 128] {
 impl Format for Q2K {
     const TYPE: GgmlType = GgmlType::Q2K;
     type Block = BlockQ2K;
+    const PER_16: bool = true;
     const HAS_OFFSET: bool = true;
 
     fn decode(b: &BlockQ2K, out: &mut Ints) {
@@ -161,6 +191,25 @@ impl Format for Q2K {
         for (v, q) in out.q.iter_mut().enumerate() {
             let (n, j, l) = (v / 128, (v % 128) / 32, v % 32);
             *q = ((b.qs[32 * n + l] >> (2 * j)) & 3) as i8;
+        }
+    }
+
+    #[inline(always)]
+    fn lanes<V: Lanes>(t: &Tile<V>, n: usize, out: &mut Unit<V>) {
+        let scales = t.bytes16(offset_of!(BlockQ2K, scales));
+        let dd = t.dword(offset_of!(BlockQ2K, d));
+        let (d, dmin) = (dd.f16_lo(), dd.shr32(16).f16_lo());
+        let qs = t.bytes32(offset_of!(BlockQ2K, qs) + 32 * n);
+        let m4 = t.splat(15);
+        for j in 0..4 {
+            for (q, &v) in out.q[j].iter_mut().zip(&qs) {
+                *q = t.field(v, 2 * j as u32, 2, 0);
+            }
+            for h in 0..2 {
+                let s = t.byte(&scales, 8 * n + 2 * j + h, 0);
+                out.scale[j][h] = d.mul(s.and(m4).to_f32());
+                out.offset[j][h] = dmin.mul(s.shr32(4).and(m4).to_f32()).neg();
+            }
         }
     }
 
@@ -195,6 +244,7 @@ impl Format for Q2K {
 impl Format for Q3K {
     const TYPE: GgmlType = GgmlType::Q3K;
     type Block = BlockQ3K;
+    const PER_16: bool = true;
 
     fn decode(b: &BlockQ3K, out: &mut Ints) {
         let d = f16(b.d);
@@ -206,6 +256,32 @@ impl Format for Q3K {
             let low = (b.qs[32 * n + l] >> (2 * j)) & 3;
             let high = (b.hmask[l] >> (4 * n + j)) & 1;
             *q = (low | (high << 2)) as i8 - 4;
+        }
+    }
+
+    #[inline(always)]
+    fn lanes<V: Lanes>(t: &Tile<V>, n: usize, out: &mut Unit<V>) {
+        // The 16 bytes ending the block: the 12 scale bytes at 2..14, `d` at 14..16.
+        let at = size_of::<BlockQ3K>() - 16;
+        let tail = t.bytes16(at);
+        let d = tail[3].shr32(16).f16_lo();
+        let sb = offset_of!(BlockQ3K, scales) - at;
+        let (m4, m2, bias) = (t.splat(15), t.splat(3), t.splat(32));
+        let qs = t.bytes32(offset_of!(BlockQ3K, qs) + 32 * n);
+        let hmask = t.bytes32(offset_of!(BlockQ3K, hmask));
+        let four = t.splat(0x0404_0404);
+        for j in 0..4 {
+            let high = (4 * n + j) as u32;
+            for u in 0..8 {
+                let low = t.field(qs[u], 2 * j as u32, 2, 0);
+                out.q[j][u] = low.or(t.field(hmask[u], high, 1, 2)).sub8(four);
+            }
+            for h in 0..2 {
+                let k = 8 * n + 2 * j + h;
+                let low = if k < 8 { t.byte(&tail, sb + k, 0) } else { t.byte(&tail, sb + k - 8, 4) };
+                let high = t.byte(&tail, sb + 8 + k % 4, 2 * (k / 4) as u32).and(m2);
+                out.scale[j][h] = d.mul(low.and(m4).or(high.shl32(4)).sub32(bias).to_f32());
+            }
         }
     }
 
@@ -248,6 +324,16 @@ impl Format for Q4K {
         decode_k45(b.d, b.dmin, &b.scales, &b.qs, None, out);
     }
 
+    #[inline(always)]
+    fn lanes<V: Lanes>(t: &Tile<V>, unit: usize, out: &mut Unit<V>) {
+        lanes_k45_scales(t, unit, out);
+        for c in 0..2 {
+            let raw = t.bytes32(offset_of!(BlockQ4K, qs) + 32 * (2 * unit + c));
+            out.q[2 * c] = t.nibbles(&raw, false);
+            out.q[2 * c + 1] = t.nibbles(&raw, true);
+        }
+    }
+
     fn quantize(x: &[f32]) -> BlockQ4K {
         let (d, dmin, scales, q) = quantize_k45(x, 15);
         BlockQ4K { d, dmin, scales, qs: pack_k45_nibbles(&q) }
@@ -263,6 +349,22 @@ impl Format for Q5K {
         decode_k45(b.d, b.dmin, &b.scales, &b.qs, Some(&b.qh), out);
     }
 
+    #[inline(always)]
+    fn lanes<V: Lanes>(t: &Tile<V>, unit: usize, out: &mut Unit<V>) {
+        lanes_k45_scales(t, unit, out);
+        let qh = t.bytes32(offset_of!(BlockQ5K, qh));
+        for c in 0..2 {
+            let raw = t.bytes32(offset_of!(BlockQ5K, qs) + 32 * (2 * unit + c));
+            for (k, high) in [(2 * c, false), (2 * c + 1, true)] {
+                let g = (4 * unit + k) as u32;
+                let low = t.nibbles(&raw, high);
+                for u in 0..8 {
+                    out.q[k][u] = low[u].or(t.field(qh[u], g, 1, 4));
+                }
+            }
+        }
+    }
+
     fn quantize(x: &[f32]) -> BlockQ5K {
         let (d, dmin, scales, q) = quantize_k45(x, 31);
         let qh = std::array::from_fn(|l| (0..8).fold(0u8, |h, g| h | ((q[32 * g + l] >> 4) << g)));
@@ -273,6 +375,7 @@ impl Format for Q5K {
 impl Format for Q6K {
     const TYPE: GgmlType = GgmlType::Q6K;
     type Block = BlockQ6K;
+    const PER_16: bool = true;
 
     fn decode(b: &BlockQ6K, out: &mut Ints) {
         let d = f16(b.d);
@@ -284,6 +387,26 @@ impl Format for Q6K {
             let low = (b.ql[64 * n + 32 * (j % 2) + l] >> (4 * (j / 2))) & 0xF;
             let high = (b.qh[32 * n + l] >> (2 * j)) & 3;
             *q = (low | (high << 4)) as i8 - 32;
+        }
+    }
+
+    #[inline(always)]
+    fn lanes<V: Lanes>(t: &Tile<V>, n: usize, out: &mut Unit<V>) {
+        let scales = t.bytes16(offset_of!(BlockQ6K, scales));
+        // `d` is the block's last two bytes: read the four ending there.
+        let d = t.dword(offset_of!(BlockQ6K, d) - 2).shr32(16).f16_lo();
+        let at = offset_of!(BlockQ6K, ql) + 64 * n;
+        let ql = [t.bytes32(at), t.bytes32(at + 32)];
+        let qh = t.bytes32(offset_of!(BlockQ6K, qh) + 32 * n);
+        let bias = t.splat(0x2020_2020);
+        for j in 0..4 {
+            let low = t.nibbles(&ql[j % 2], j >= 2);
+            for u in 0..8 {
+                out.q[j][u] = low[u].or(t.field(qh[u], 2 * j as u32, 2, 4)).sub8(bias);
+            }
+            for h in 0..2 {
+                out.scale[j][h] = d.mul(t.i8_at(&scales, 8 * n + 2 * j + h));
+            }
         }
     }
 

@@ -1,10 +1,13 @@
 //! The 32-value formats: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (one f16 scale per block, and for
 //! the `_1` kinds an f16 minimum).
 
+use std::mem::offset_of;
+
 use bytemuck::{Pod, Zeroable};
 
 use super::{Format, Ints, QK, f16, inv, signed_max, to_f16};
 use crate::model::ggml_type::GgmlType;
+use crate::model::kernels::lanes::{Lanes, Tile, Unit};
 
 /// Q4_0: `d · (n − 8)` for 4-bit `n`; byte `j` holds values `j` (low nibble) and `j + 16`.
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -104,6 +107,17 @@ impl Format for Q4_0 {
         unpack(&b.qs, None, 8, &mut out.q);
     }
 
+    #[inline(always)]
+    fn lanes<V: Lanes>(t: &Tile<V>, _: usize, out: &mut Unit<V>) {
+        let d = t.dword(offset_of!(BlockQ4_0, d)).f16_lo();
+        let eight = t.splat(0x0808_0808);
+        out.q[0] = t.nibbles16(t.bytes16(offset_of!(BlockQ4_0, qs)));
+        for v in &mut out.q[0] {
+            *v = v.sub8(eight);
+        }
+        out.scale[0] = [d; 2];
+    }
+
     fn quantize(x: &[f32]) -> BlockQ4_0 {
         let (d, q) = quantize_sym(x, 8);
         BlockQ4_0 { d: to_f16(d), qs: pack(&q).0 }
@@ -120,6 +134,13 @@ impl Format for Q4_1 {
         unpack(&b.qs, None, 0, &mut out.q);
     }
 
+    #[inline(always)]
+    fn lanes<V: Lanes>(t: &Tile<V>, _: usize, out: &mut Unit<V>) {
+        let dm = t.dword(offset_of!(BlockQ4_1, d));
+        out.q[0] = t.nibbles16(t.bytes16(offset_of!(BlockQ4_1, qs)));
+        out.set32(0, dm.f16_lo(), dm.shr32(16).f16_lo());
+    }
+
     fn quantize(x: &[f32]) -> BlockQ4_1 {
         let (d, m, q) = quantize_affine(x, 15);
         BlockQ4_1 { d: to_f16(d), m: to_f16(m), qs: pack(&q).0 }
@@ -133,6 +154,18 @@ impl Format for Q5_0 {
     fn decode(b: &BlockQ5_0, out: &mut Ints) {
         out.set32(0, f16(b.d), 0.0);
         unpack(&b.qs, Some(b.qh), 16, &mut out.q);
+    }
+
+    #[inline(always)]
+    fn lanes<V: Lanes>(t: &Tile<V>, _: usize, out: &mut Unit<V>) {
+        let d = t.dword(offset_of!(BlockQ5_0, d)).f16_lo();
+        let high = t.mask_bytes(t.dword(offset_of!(BlockQ5_0, qh)), 0x10);
+        let low = t.nibbles16(t.bytes16(offset_of!(BlockQ5_0, qs)));
+        let sixteen = t.splat(0x1010_1010);
+        for u in 0..8 {
+            out.q[0][u] = low[u].or(high[u]).sub8(sixteen);
+        }
+        out.scale[0] = [d; 2];
     }
 
     fn quantize(x: &[f32]) -> BlockQ5_0 {
@@ -152,6 +185,17 @@ impl Format for Q5_1 {
         unpack(&b.qs, Some(b.qh), 0, &mut out.q);
     }
 
+    #[inline(always)]
+    fn lanes<V: Lanes>(t: &Tile<V>, _: usize, out: &mut Unit<V>) {
+        let dm = t.dword(offset_of!(BlockQ5_1, d));
+        let high = t.mask_bytes(t.dword(offset_of!(BlockQ5_1, qh)), 0x10);
+        let low = t.nibbles16(t.bytes16(offset_of!(BlockQ5_1, qs)));
+        for u in 0..8 {
+            out.q[0][u] = low[u].or(high[u]);
+        }
+        out.set32(0, dm.f16_lo(), dm.shr32(16).f16_lo());
+    }
+
     fn quantize(x: &[f32]) -> BlockQ5_1 {
         let (d, m, q) = quantize_affine(x, 31);
         let (qs, qh) = pack(&q);
@@ -168,6 +212,13 @@ impl Format for Q8_0 {
         for (q, &v) in out.q.iter_mut().zip(&b.qs) {
             *q = v as i8;
         }
+    }
+
+    #[inline(always)]
+    fn lanes<V: Lanes>(t: &Tile<V>, _: usize, out: &mut Unit<V>) {
+        // The 4-byte read at `d` takes two value bytes too; `f16_lo` keeps the scale.
+        out.scale[0] = [t.dword(offset_of!(BlockQ8_0, d)).f16_lo(); 2];
+        out.q[0] = t.bytes32(offset_of!(BlockQ8_0, qs));
     }
 
     fn quantize(x: &[f32]) -> BlockQ8_0 {

@@ -1,6 +1,7 @@
 //! Each GGUF block format described once: its `#[repr(C)]` block, its values as small
 //! integers with scales ([`Format::decode`], the scalar description every kernel agrees
-//! with), and a plain quantizer for tests.
+//! with), the same decoding on a tile of rows in SIMD lanes ([`Format::lanes`], written once
+//! for every instruction set against [`Lanes`]), and a plain quantizer for tests.
 //!
 //! Every quantized value is `scale · q (+ offset)`, with an integer `q` that fits an `i8`, a
 //! scale per 16 or 32 values and, in some formats, an offset per 16 or 32 values. The scales
@@ -17,9 +18,10 @@ pub(crate) use iq4::{IQ4NL, IQ4XS};
 pub(crate) use kquants::{Q2K, Q3K, Q4K, Q5K, Q6K};
 pub(crate) use legacy::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 
+use super::lanes::{Lanes, Tile, Unit};
 use crate::model::ggml_type::GgmlType;
 
-/// Values per activation block.
+/// Values per activation block: the unit of the integer dot products and of [`Unit`].
 pub(crate) const QK: usize = 32;
 
 /// One block-quantized GGUF format.
@@ -31,11 +33,24 @@ pub(crate) trait Format: 'static {
     const ELEMS: usize = Self::TYPE.block_elems();
     /// Bytes per block.
     const BYTES: usize = Self::TYPE.block_bytes();
+    /// A scale (and offset) per 16 values rather than per 32 (Q2_K, Q3_K, Q6_K).
+    const PER_16: bool = false;
     /// Values are `scale · q + offset` rather than `scale · q`.
     const HAS_OFFSET: bool = false;
+    /// Values [`Format::lanes`] decodes per call: a whole 32-value block, or a 128-value half
+    /// of a 256-value one.
+    const UNIT: usize = if Self::TYPE.block_elems() == 32 { 32 } else { 128 };
+
     /// One block as integers: value `i` is `scale[i / 16] · q[i]`, plus `offset[i / 16]` when
     /// [`Format::HAS_OFFSET`]. With a scale per 32 values both halves carry the same one.
     fn decode(b: &Self::Block, out: &mut Ints);
+
+    /// [`Format::decode`] for unit `unit` of the current block of every row of `t`, lane `j`
+    /// holding row `j`: `out.q[k][u]` holds values `4u..4u + 4` of the unit's 32-value block
+    /// `k` as bytes, `out.scale[k][h]` and `out.offset[k][h]` those of its half `h` (with a
+    /// scale per 32 values, only `[k][0]` is read). The same values, scales and offsets as
+    /// [`Format::decode`], bit for bit.
+    fn lanes<V: Lanes>(t: &Tile<V>, unit: usize, out: &mut Unit<V>);
 
     /// Quantizes `x` ([`Format::ELEMS`] values) round-to-nearest. For tests and benches: it
     /// writes valid blocks, and does not try to be ggml's quantizer.
