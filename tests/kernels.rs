@@ -447,6 +447,40 @@ fn dequantization_matches_gguf_py() {
     }
 }
 
+/// The first four rows of a tensor of each type in the Gemma 3 270M file (Q8_0, Q5_0, Q4_K,
+/// Q6_K), dequantized by the reference and by every kernel set, hash to what gguf-py gives;
+/// and every set's matmul over its first 40 rows matches the reference (and the oracle).
+#[test]
+fn gemma3_tensors_dequantize_as_gguf_py() {
+    use starling::model::gguf::GgufFile;
+    let file = GgufFile::open(&crate::gemma3::gemma3_path()).unwrap();
+    let (mut rng, p) = (ChaCha8Rng::seed_from_u64(14), pool(2));
+    for (name, t, hash) in [
+        ("token_embd.weight", GgmlType::Q8_0, 0xcc19f4a516052958),
+        ("blk.0.attn_k.weight", GgmlType::Q5_0, 0xaaa15aaa14cf7f47),
+        ("blk.0.attn_output.weight", GgmlType::Q4K, 0xa03f040070f9793f),
+        ("blk.0.ffn_down.weight", GgmlType::Q6K, 0x6e52adebdb05c4bb),
+    ] {
+        let info = file.header.tensor(name).unwrap();
+        assert_eq!(info.ggml_type, t, "{name}");
+        let cols = info.dims[0] as usize;
+        let src = &file.tensor_data(info)[..4 * cols / t.block_elems() * t.block_bytes()];
+        let mut got = vec![0.0; 4 * cols];
+        reference::dequantize_row(t, src, &mut got);
+        assert_eq!(fnv(&got), hash, "{name}: the reference");
+        for k in Kernels::available() {
+            k.dequantize_row(t, src, &mut got);
+            assert_eq!(fnv(&got), hash, "{name}: {}", k.name());
+        }
+        let rows = 40;
+        let w = QMatrix::new(t, rows, cols, &file.tensor_data(info)[..rows * src.len() / 4]).unwrap();
+        let x = values(&mut rng, 3 * cols, 2.0);
+        for k in Kernels::available() {
+            check_against_reference(k, &w, &x, &matmul(k, &w, &x, 3, &p));
+        }
+    }
+}
+
 /// Blocks of random bytes reach encodings no quantizer writes (extreme and non-finite scales,
 /// Q8_0's −128, every level): on the VNNI sets every matmul gives the integer oracle's bits,
 /// on the others it stays within float rounding of the reference where that is finite.
