@@ -1,10 +1,12 @@
-//! Kernel speed at the default model's shapes (SmolLM2-135M: n_embd 576, FFN 1536, vocab 49152).
+//! Kernel speed at the default model's shapes (SmolLM2-135M: n_embd 576, FFN 1536, vocab 49152)
+//! and Gemma 3 270M's (n_embd 640, FFN 2048).
 //!
-//! Matmul per kernel variant at the model's shapes and for every weight type, dequantization,
-//! RMSNorm, RoPE, attention over
-//! the KV arena, and sampling.
+//! Matmul per kernel set at the model's shapes, and for every weight type on every set
+//! (`matmul_type`), dequantization, RMSNorm, RoPE, attention over the KV arena, and sampling.
+//! Throughput is in FLOP (two per weight and x row), so criterion's `Gelem/s` reads GFLOP/s.
 //!
-//! `cargo bench -j2 --bench kernels` (add a filter such as `matmul/Q4_1` to run fewer).
+//! `cargo bench -j2 --bench kernels` (add a filter such as `matmul/` or
+//! `matmul_type/avx512-vnni/Q4_K` to run fewer).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -90,26 +92,37 @@ fn bench_matmul_serial(c: &mut Criterion) {
     }
 }
 
-/// Every weight type with kernels (the best this CPU runs), one 768×768 matrix (K-quants need
-/// rows of whole 256-value superblocks): a lone row and a 16-row batch.
-fn bench_matmul_every_type(c: &mut Criterion) {
-    let (kernels, pool) = (Kernels::detect(), rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("pool"));
-    let mut group = c.benchmark_group(format!("matmul_by_type/{}", kernels.name()));
-    group.sample_size(10).measurement_time(Duration::from_millis(800)).warm_up_time(Duration::from_millis(200));
-    let (rows, cols) = (768, 768);
-    for t in GgmlType::WITH_KERNELS {
-        let data = reference::quantize_row(t, &values(rows * cols, 4));
-        let w = QMatrix::new(t, rows, cols, &data).expect("matrix");
-        for n in [1, 16] {
-            let x = values(n * cols, 5);
-            let (mut y, mut scratch) = (vec![0.0; n * rows], MatmulScratch::default());
-            group.throughput(Throughput::Elements((2 * rows * cols * n) as u64));
-            group.bench_function(format!("{t}/n{n}"), |b| {
-                b.iter(|| kernels.matmul(&w, black_box(&x), n, &mut y, &mut scratch, &pool))
-            });
+/// Every weight type on every kernel set, at three shapes of the models' (rows x cols; the
+/// 256-value K-quant and IQ4_XS blocks need rows of whole blocks, so they take the 2048- and
+/// 1536-wide down projections where the 32-value types take 640 and 576): a lone x row
+/// (decode) and 16 (prefill, batched decode), on two threads.
+fn bench_matmul_by_type(c: &mut Criterion) {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("pool");
+    for kernels in Kernels::available() {
+        let mut group = c.benchmark_group(format!("matmul_type/{}", kernels.name()));
+        group.sample_size(10).measurement_time(Duration::from_millis(800)).warm_up_time(Duration::from_millis(200));
+        for t in GgmlType::WITH_KERNELS {
+            let shapes = if t.block_elems() == 256 {
+                [(640, 1024), (640, 2048), (576, 1536)]
+            } else {
+                [(640, 1024), (2048, 640), (1536, 576)]
+            };
+            for (rows, cols) in shapes {
+                for n in [1, 16] {
+                    group.throughput(Throughput::Elements((2 * rows * cols * n) as u64));
+                    group.bench_function(format!("{t}/{rows}x{cols}/n{n}"), |b| {
+                        // Set up here, so that a filtered-out case costs nothing.
+                        let data = reference::quantize_row(t, &values(rows * cols, 4));
+                        let w = QMatrix::new(t, rows, cols, &data).expect("matrix");
+                        let x = values(n * cols, 5);
+                        let (mut y, mut scratch) = (vec![0.0; n * rows], MatmulScratch::default());
+                        b.iter(|| kernels.matmul(&w, black_box(&x), n, &mut y, &mut scratch, &pool))
+                    });
+                }
+            }
         }
+        group.finish();
     }
-    group.finish();
 }
 
 fn bench_dequantize(c: &mut Criterion) {
@@ -209,7 +222,7 @@ criterion_group!(
     benches,
     bench_matmul,
     bench_matmul_serial,
-    bench_matmul_every_type,
+    bench_matmul_by_type,
     bench_dequantize,
     bench_row_ops,
     bench_attention,

@@ -430,6 +430,7 @@ fn deep_prefill_gives_the_same_logits_in_one_call_or_three() {
 
 mod tiny {
     use starling::kv::arena::{BlockTable, KvArena};
+    use starling::model::eval::log_softmax_at;
     use starling::model::ggml_type::GgmlType;
     use starling::model::gguf::GgufFile;
     use starling::model::gguf_writer::{TinyLlamaSpec, f32_bytes, tiny_llama};
@@ -459,7 +460,9 @@ mod tiny {
 
     /// Every supported weight type runs the whole forward pass, on every kernel set this CPU
     /// runs, and agrees with an F32 model holding exactly the dequantized values of its
-    /// weights (within 1e-3, which also covers the VNNI set's 16-bit activations).
+    /// weights: logits within 1e-3, and the twin's ten most likely tokens at every position
+    /// within the set's log-probability bar ([`super::logprob_bar`]; what the VNNI sets' 16-bit
+    /// activations cost per weight type, printed).
     #[test]
     fn every_weight_type_matches_its_dequantized_f32_twin() {
         let types = GgmlType::WITH_KERNELS;
@@ -488,6 +491,17 @@ mod tiny {
                 let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
                 assert!(worst < 1e-3, "{t} with {}: logits differ by {worst}", kernels.name());
                 assert!(got.iter().all(|x| x.is_finite()), "{t}: non-finite logits");
+                let mut gap = 0.0f64;
+                for (got, want) in got.chunks_exact(spec.n_vocab).zip(want.chunks_exact(spec.n_vocab)) {
+                    let mut top: Vec<usize> = (0..want.len()).collect();
+                    top.sort_by(|&i, &j| want[j].total_cmp(&want[i]));
+                    for &id in &top[..10] {
+                        gap = gap.max((log_softmax_at(got, id) - log_softmax_at(want, id)).abs());
+                    }
+                }
+                let (name, bar) = (kernels.name(), super::logprob_bar(kernels));
+                eprintln!("{t} on {name}: logits within {worst:.1e} of the twin's, log-probabilities {gap:.1e}");
+                assert!(gap <= bar, "{t} with {name}: a log-probability is {gap:.2e} from the twin's (bar {bar:.0e})");
             }
         }
     }

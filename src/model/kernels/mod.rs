@@ -1,14 +1,18 @@
 //! Quantized kernels: dequantize a row, and `y = x · Wᵀ` over weights kept in their ggml
-//! block layout (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K).
+//! block layout (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+//! IQ4_NL, IQ4_XS).
 //!
-//! Q4_1 and Q8_0 have AVX-512 VNNI, AVX-512 and AVX2 kernels, the best this CPU runs picked
-//! at run time by [`Kernels::detect`]. The VNNI kernels ([`vnni`]) round activations to 16
-//! bits per 32-value block ([`quant_acts`]) and multiply in exact integers. The others keep
-//! activations f32: weight blocks are dequantized exactly (in registers on the fast paths)
-//! and multiplied into f32 values, so a matmul matches an f32 dot product to float
-//! rounding. Every other type (and every other CPU) runs the portable kernels, which
-//! AVX2/AVX-512 CPUs run compiled wide for F32, F16, BF16 and the K-quants (the same
-//! operations, so the same bits). [`attention`] holds attention over the KV cache.
+//! Each block format is described once ([`formats`]): its block, its values as small integers
+//! with scales, the same decoding on a tile of rows in SIMD lanes, and a quantizer for tests.
+//! Each instruction set supplies only what differs ([`tiles`]): the lane width (16 rows for
+//! AVX-512, 8 for AVX2) and the product. The VNNI sets (`avx512-vnni`, `avx-vnni`) round
+//! activations to 16 bits per 32-value block ([`quant_acts`]) and multiply bytes in exact
+//! integers; the f32 sets (`avx512-f32`, `avx2-f32`) dequantize each block in registers and
+//! multiply it into f32 activations, so a matmul matches an f32 dot product to float
+//! rounding. The best set this CPU runs is picked at run time by [`Kernels::detect`]. Float
+//! weights, and every type on the `portable` set, run the portable kernels, which AVX2 and
+//! AVX-512 CPUs run compiled wide for the float types (the same operations, so the same
+//! bits). [`attention`] holds attention over the KV cache.
 //!
 //! **Batch invariance.** Every output `y[i][r]` is computed by the same per-row dot code,
 //! whose float operations depend only on `W[r]` and x row `i`: tiling x rows, runs of weight
@@ -17,18 +21,17 @@
 #![allow(unsafe_code)]
 
 pub mod attention;
+mod formats;
+mod lanes;
 #[cfg(target_arch = "x86_64")]
-mod avx2;
-mod blocks;
+mod lanes_avx2;
+#[cfg(target_arch = "x86_64")]
+mod lanes_avx512;
 mod portable;
 pub mod quant_acts;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
-mod simd_rows;
-#[cfg(target_arch = "x86_64")]
-mod vnni;
-#[cfg(target_arch = "x86_64")]
-mod x86;
+mod tiles;
 
 use rayon::prelude::*;
 
@@ -126,8 +129,13 @@ struct Acts<'a> {
 enum Isa {
     Portable,
     Avx2,
+    /// AVX2 with 256-bit `vpdpbusd`: block formats against 16-bit activations
+    /// ([`quant_acts`]). `evex`: in AVX-512 VNNI's encoding, on a CPU without AVX-VNNI.
+    AvxVnni {
+        evex: bool,
+    },
     Avx512,
-    /// AVX-512 with VNNI: Q4_1 and Q8_0 against 16-bit activations ([`quant_acts`]).
+    /// AVX-512 with VNNI: block formats against 16-bit activations.
     Avx512Vnni,
 }
 
@@ -147,8 +155,8 @@ struct Layout {
 
 /// Below this many weight bytes × x rows, a matmul runs on the calling thread.
 const SERIAL_BYTES: usize = 32 * 1024;
-/// Most x rows per kernel call (each weight block is decoded once for this many rows):
-/// eight for AVX-512 (32 registers), four elsewhere.
+/// Most x rows per kernel call (each weight block is decoded once for this many rows): eight
+/// for the tile kernels, and for the float types on AVX-512 (four elsewhere).
 const X_TILE: usize = 8;
 /// L1 bytes a pass over a group of weight rows may fill: the x tile plus the group.
 const ROW_GROUP_BYTES: usize = 28 * 1024;
@@ -190,56 +198,66 @@ impl Kernels {
         {
             let avx2 =
                 is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
-            if avx2 {
-                all.push(Kernels { isa: Isa::Avx2 });
-            }
             let avx512 = avx2
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl");
+            let vnni512 = avx512 && is_x86_feature_detected!("avx512vnni");
+            if avx2 {
+                all.push(Kernels { isa: Isa::Avx2 });
+            }
+            if avx2 && is_x86_feature_detected!("avxvnni") {
+                all.push(Kernels { isa: Isa::AvxVnni { evex: false } });
+            } else if vnni512 {
+                all.push(Kernels { isa: Isa::AvxVnni { evex: true } });
+            }
             if avx512 {
                 all.push(Kernels { isa: Isa::Avx512 });
             }
-            if avx512 && is_x86_feature_detected!("avx512vnni") {
+            if vnni512 {
                 all.push(Kernels { isa: Isa::Avx512Vnni });
             }
         }
         all
     }
 
-    /// A short name: "avx512-vnni", "avx512-f32", "avx2-f32" or "portable".
+    /// A short name: "avx512-vnni", "avx512-f32", "avx-vnni", "avx2-f32" or "portable".
     pub fn name(&self) -> &'static str {
         match self.isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2-f32",
+            Isa::AvxVnni { .. } => "avx-vnni",
             Isa::Avx512 => "avx512-f32",
             Isa::Avx512Vnni => "avx512-vnni",
         }
     }
 
     /// Whether matmuls over `t` quantize their activations to 16 bits ([`quant_acts`]) on
-    /// these kernels, instead of keeping them f32.
+    /// these kernels, instead of keeping them f32: on the VNNI sets, for every block format.
     pub fn quantizes_activations(&self, t: GgmlType) -> bool {
-        self.isa == Isa::Avx512Vnni && matches!(t, GgmlType::Q4_1 | GgmlType::Q8_0)
+        matches!(self.isa, Isa::AvxVnni { .. } | Isa::Avx512Vnni) && t.block_elems() > 1 && t.has_kernels()
     }
 
-    /// Weight rows one kernel call handles together: 16 lanes for the VNNI kernel, so row
-    /// ranges are cut at multiples of it.
+    /// Weight rows one kernel call handles together (a tile, one per lane), so row ranges are
+    /// cut at multiples of it.
     fn row_tile(&self, t: GgmlType) -> usize {
-        if self.quantizes_activations(t) { 16 } else { 1 }
+        match self.isa {
+            _ if t.block_elems() == 1 => 1,
+            Isa::Avx512 | Isa::Avx512Vnni => 16,
+            Isa::Avx2 | Isa::AvxVnni { .. } => 8,
+            Isa::Portable => 1,
+        }
     }
 
     /// The x rows as the kernels for `w` read them, quantizing into `acts` where they must.
     fn acts<'a>(&self, w: &QMatrix, x: &'a [f32], acts: &'a mut QuantActs) -> Acts<'a> {
         let quantized = (self.quantizes_activations(w.ggml_type) && w.cols > 0).then(|| {
-            // SAFETY: only `Avx512Vnni` kernels quantize, and `available()` builds them after
-            // detecting avx512f.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                acts.quantize_avx512(x, w.cols)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            acts.quantize(x, w.cols);
+            match self.isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `available()` builds `Avx512Vnni` only after detecting avx512f.
+                Isa::Avx512Vnni => unsafe { acts.quantize_avx512(x, w.cols) },
+                _ => acts.quantize(x, w.cols),
+            }
             &*acts
         });
         Acts { f32: x, quantized }
@@ -286,8 +304,9 @@ impl Kernels {
             // avx2, fma and f16c, the features `chunk_avx512` enables.
             Isa::Avx512 | Isa::Avx512Vnni => unsafe { attention::chunk_avx512(job, scratch, part) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Avx2` is only built by `available()` after detecting avx2, fma and f16c.
-            Isa::Avx2 => unsafe { attention::chunk_avx2(job, scratch, part) },
+            // SAFETY: `Avx2` and `AvxVnni` are only built by `available()` after detecting avx2,
+            // fma and f16c.
+            Isa::Avx2 | Isa::AvxVnni { .. } => unsafe { attention::chunk_avx2(job, scratch, part) },
             _ => attention::chunk_portable(job, scratch, part),
         }
     }
@@ -401,11 +420,13 @@ impl Kernels {
         });
     }
 
-    /// X rows per kernel call for `w`: eight for the VNNI kernel (16-bit rows), eight f32
-    /// rows on AVX-512 while they take at most 20 KB, else four.
+    /// X rows per kernel call for `w`: eight for the tile kernels (every block format on a
+    /// SIMD set; eight f32 rows measured 40% faster than four on both f32 sets, 1,024-wide
+    /// rows, one thread); for float weights, eight f32 rows on AVX-512 while they take at
+    /// most 20 KB, else four.
     fn x_tile(&self, w: &QMatrix) -> usize {
         match self.isa {
-            _ if self.quantizes_activations(w.ggml_type) => X_TILE,
+            _ if self.row_tile(w.ggml_type) > 1 => X_TILE,
             Isa::Avx512 | Isa::Avx512Vnni if X_TILE * w.cols * 4 <= 20 * 1024 => X_TILE,
             _ => 4,
         }
@@ -443,88 +464,109 @@ impl Kernels {
                         unsafe { *out.get_unchecked_mut(base + j * at.x_stride) = v };
                     }
                 };
-                let nx = tile.min(xs.end - i0);
-                match nx {
-                    8 => self.tile::<8, _>(w, acts, g0..g1, i0, &mut emit),
-                    7 => self.tile::<7, _>(w, acts, g0..g1, i0, &mut emit),
-                    6 => self.tile::<6, _>(w, acts, g0..g1, i0, &mut emit),
-                    5 => self.tile::<5, _>(w, acts, g0..g1, i0, &mut emit),
-                    4 => self.tile::<4, _>(w, acts, g0..g1, i0, &mut emit),
-                    3 => self.tile::<3, _>(w, acts, g0..g1, i0, &mut emit),
-                    2 => self.tile::<2, _>(w, acts, g0..g1, i0, &mut emit),
-                    _ => self.tile::<1, _>(w, acts, g0..g1, i0, &mut emit),
-                }
+                self.tile(w, acts, g0..g1, i0..(i0 + tile).min(xs.end), &mut emit);
             }
         }
     }
 
-    /// `W[r] · x[i0 + j]` for every `r` of `rows` and `j in 0..NX`, handed row by row to
-    /// `emit(r, values)`.
-    fn tile<const NX: usize, E: FnMut(usize, &[f32])>(
+    /// `W[r] · x[i]` for every `r` of `rows` and `i` of `xs` (at most [`X_TILE`]), handed row by
+    /// row to `emit(r, values)`.
+    fn tile<E: FnMut(usize, &[f32])>(
         &self,
         w: &QMatrix,
         acts: Acts,
         rows: std::ops::Range<usize>,
-        i0: usize,
+        xs: std::ops::Range<usize>,
         emit: &mut E,
     ) {
-        let (t, cols) = (w.ggml_type, w.cols);
-        let xs: [&[f32]; NX] = std::array::from_fn(|j| &acts.f32[(i0 + j) * cols..(i0 + j + 1) * cols]);
+        let (t, cols, nx) = (w.ggml_type, w.cols, xs.len());
+        let x: [&[f32]; X_TILE] =
+            std::array::from_fn(|j| if j < nx { &acts.f32[(xs.start + j) * cols..][..cols] } else { &[] });
         #[cfg(target_arch = "x86_64")]
-        {
-            let (start, count, rb) = (rows.start, rows.len(), w.row_bytes());
-            let data = &w.data[start * rb..rows.end * rb];
-            let emit_at = |k: usize, v: &[f32]| emit(start + k, v);
-            if let Some(q) = acts.quantized {
-                let qs: [QRow; NX] = std::array::from_fn(|j| q.row(i0 + j));
-                // SAFETY: activations are quantized only on `Avx512Vnni` kernels, which
-                // `available()` builds after detecting avx512f/bw/vl, avx512vnni, avx2, fma and
-                // f16c, and only for Q4_1 and Q8_0 (`quantizes_activations`).
-                return unsafe {
-                    match t {
-                        GgmlType::Q4_1 => vnni::q4_1(data, rb, count, &qs, emit_at),
-                        _ => vnni::q8_0(data, rb, count, &qs, emit_at),
-                    }
-                };
-            }
-            match (self.isa, t) {
-                // SAFETY: `Avx512` is only built by `available()` after detecting avx512f/bw/vl,
-                // avx2, fma and f16c, the features these kernels enable.
-                (Isa::Avx512, GgmlType::Q4_1) => return unsafe { x86::q4_1(data, rb, count, &xs, emit_at) },
-                // SAFETY: as above.
-                (Isa::Avx512, GgmlType::Q8_0) => return unsafe { x86::q8_0(data, rb, count, &xs, emit_at) },
-                // SAFETY: `Avx2` is only built by `available()` after detecting avx2, fma and
-                // f16c, the features these kernels enable.
-                (Isa::Avx2, GgmlType::Q4_1) => return unsafe { avx2::q4_1(data, rb, count, &xs, emit_at) },
-                // SAFETY: as above.
-                (Isa::Avx2, GgmlType::Q8_0) => return unsafe { avx2::q8_0(data, rb, count, &xs, emit_at) },
-                _ => {}
+        if self.isa != Isa::Portable && t.block_elems() > 1 && cols > 0 {
+            let (start, rb) = (rows.start, w.row_bytes());
+            let run = Tiles {
+                isa: self.isa,
+                data: &w.data[start * rb..rows.end * rb],
+                row_bytes: rb,
+                count: rows.len(),
+                x: &x[..nx],
+                q: acts.quantized.map(|q| std::array::from_fn(|j| q.row(xs.start + j.min(nx - 1)))),
+                emit: |k: usize, v: &[f32]| emit(start + k, v),
+            };
+            if formats::with_format(t, run).is_some() {
+                return;
             }
         }
+        let mut out = [0.0f32; X_TILE];
         for r in rows {
-            emit(r, &self.portable_tile(t, w.row(r), &xs));
+            self.portable_tile(t, w.row(r), &x[..nx], &mut out[..nx]);
+            emit(r, &out[..nx]);
         }
     }
 
-    /// The portable kernels for one row, compiled wide where that measured faster
-    /// (criterion, 768x768: F32 4-8x, F16 and BF16 2-3x, K-quants 1.4-1.6x; Q4_0/Q5_x not).
-    fn portable_tile<const NX: usize>(&self, t: GgmlType, row: &[u8], xs: &[&[f32]; NX]) -> [f32; NX] {
+    /// The portable kernels for one row, compiled wide for the float types where that
+    /// measured faster (criterion, 768x768: F32 4-8x, F16 and BF16 2-3x).
+    fn portable_tile(&self, t: GgmlType, row: &[u8], xs: &[&[f32]], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         match self.isa {
-            // SAFETY: as for the AVX-512 kernels in `tile`.
-            Isa::Avx512 | Isa::Avx512Vnni if wide_portable(t) => return unsafe { portable::tile_avx512(t, row, xs) },
-            // SAFETY: as for the AVX2 kernels in `tile`.
-            Isa::Avx2 if wide_portable(t) => return unsafe { portable::tile_avx2(t, row, xs) },
-            _ => {}
+            // SAFETY: `available()` builds `Avx512` and `Avx512Vnni` only after detecting
+            // avx512f/bw/vl, avx2, fma and f16c, the features `tile_avx512` enables.
+            Isa::Avx512 | Isa::Avx512Vnni => return unsafe { portable::tile_avx512(t, row, xs, out) },
+            // SAFETY: `available()` builds `Avx2` and `AvxVnni` only after detecting avx2, fma
+            // and f16c.
+            Isa::Avx2 | Isa::AvxVnni { .. } => return unsafe { portable::tile_avx2(t, row, xs, out) },
+            Isa::Portable => {}
         }
-        portable::tile(t, row, xs)
+        portable::tile(t, row, xs, out)
     }
 }
 
-/// Types whose portable kernel runs faster compiled for AVX2/AVX-512 (same bits).
+/// One call of a kernel set's SIMD kernels over the format of a type ([`tiles`]).
 #[cfg(target_arch = "x86_64")]
-fn wide_portable(t: GgmlType) -> bool {
-    matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K)
+struct Tiles<'a, E> {
+    isa: Isa,
+    data: &'a [u8],
+    row_bytes: usize,
+    count: usize,
+    /// The f32 x rows.
+    x: &'a [&'a [f32]],
+    /// The same rows quantized, on the VNNI sets (past `x.len()`, repeats of the last).
+    q: Option<[QRow<'a>; X_TILE]>,
+    emit: E,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<E: FnMut(usize, &[f32])> formats::FormatFn for Tiles<'_, E> {
+    type Out = ();
+
+    fn call<F: formats::Format>(self) {
+        use lanes_avx2::{Avx2, AvxVnni, Vnni256Evex};
+        use lanes_avx512::{Avx512, Vnni512};
+        let Tiles { isa, data, row_bytes: rb, count, x, q, emit } = self;
+        let q = q.as_ref().map(|q| &q[..x.len()]);
+        let vnni = || q.expect("quantized activations on a VNNI set");
+        // SAFETY (every arm): `available()` builds each `Isa` only after detecting the
+        // features its kernels enable and its tokens stand for: avx2, fma and f16c for all;
+        // avx512f/bw/vl for `Avx512` and `Avx512Vnni`; avx512vnni for `Avx512Vnni`; avxvnni
+        // for `AvxVnni { evex: false }`, avx512f/bw/vl and avx512vnni for `{ evex: true }`.
+        unsafe {
+            match isa {
+                Isa::Avx512Vnni => {
+                    tiles::avx512_vnni::<F>(Avx512::new(), Vnni512::new(), data, rb, count, vnni(), emit)
+                }
+                Isa::AvxVnni { evex: true } => {
+                    tiles::avx_vnni::<F, _>(Avx2::new(), Vnni256Evex::new(), data, rb, count, vnni(), emit)
+                }
+                Isa::AvxVnni { evex: false } => {
+                    tiles::avx_vnni::<F, _>(Avx2::new(), AvxVnni::new(), data, rb, count, vnni(), emit)
+                }
+                Isa::Avx512 => tiles::avx512_f32::<F>(Avx512::new(), data, rb, count, x, emit),
+                Isa::Avx2 => tiles::avx2_f32::<F>(Avx2::new(), data, rb, count, x, emit),
+                Isa::Portable => unreachable!("the portable set has no tiles"),
+            }
+        }
+    }
 }
 
 /// Checks `x` is `n * cols` values and `y` is `n * rows` values.

@@ -1,51 +1,66 @@
-//! Portable kernels (no intrinsics): weight blocks dequantized exactly and dotted with
-//! f32 activations in 16 running lanes.
+//! Portable kernels (no intrinsics): weight blocks dequantized exactly ([`Format::decode`])
+//! and dotted with f32 activations in 16 running lanes.
 //!
 //! Each function computes one output with a fixed sequence of float operations, so
 //! its result does not depend on where the call comes from.
 
-use super::blocks::Unpacked;
+use super::formats::{BF16, F16, F32, FloatFormat, Format, FormatFn, Ints, blocks, with_format};
 use crate::model::ggml_type::GgmlType;
 
 /// Lanes of the running sums.
 pub(super) const LANES: usize = 16;
 
-/// `row · x` for each of `NX` x rows, by [`dot_float`] or [`dot_quantized`].
+/// `row · x` for each x row of `xs`, into `out`.
 #[inline(always)]
-pub(crate) fn tile<const NX: usize>(t: GgmlType, row: &[u8], xs: &[&[f32]; NX]) -> [f32; NX] {
-    let mut out = [0.0f32; NX];
+pub(crate) fn tile(t: GgmlType, row: &[u8], xs: &[&[f32]], out: &mut [f32]) {
     for (o, x) in out.iter_mut().zip(xs) {
-        *o = if t.block_elems() == 1 { dot_float(t, row, x) } else { dot_quantized(t, row, x) };
+        *o = match t {
+            GgmlType::F32 => dot_float::<F32>(row, x),
+            GgmlType::F16 => dot_float::<F16>(row, x),
+            GgmlType::BF16 => dot_float::<BF16>(row, x),
+            _ => with_format(t, Dot(row, x)).unwrap_or_else(|| panic!("no kernels for {t}")),
+        };
     }
-    out
 }
 
 /// [`tile`] compiled for AVX-512: the same operations in the same order (no fused
 /// multiply-add is introduced), so the same bits, with the lane loops 16 wide.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c")]
-pub(crate) fn tile_avx512<const NX: usize>(t: GgmlType, row: &[u8], xs: &[&[f32]; NX]) -> [f32; NX] {
-    tile(t, row, xs)
+pub(crate) fn tile_avx512(t: GgmlType, row: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+    tile(t, row, xs, out)
 }
 
 /// [`tile`] compiled for AVX2 (same bits, 8-wide lane loops).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,avx2,fma,f16c")]
-pub(crate) fn tile_avx2<const NX: usize>(t: GgmlType, row: &[u8], xs: &[&[f32]; NX]) -> [f32; NX] {
-    tile(t, row, xs)
+pub(crate) fn tile_avx2(t: GgmlType, row: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+    tile(t, row, xs, out)
+}
+
+/// [`dot_quantized`] for the format of a type.
+struct Dot<'a>(&'a [u8], &'a [f32]);
+
+impl FormatFn for Dot<'_> {
+    type Out = f32;
+    #[inline(always)]
+    fn call<F: Format>(self) -> f32 {
+        dot_quantized::<F>(self.0, self.1)
+    }
 }
 
 /// Dot of one block-quantized row with one f32 activation row.
 #[inline(always)]
-pub(crate) fn dot_quantized(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
-    let be = t.block_elems();
-    let mut u = Unpacked::default();
+fn dot_quantized<F: Format>(row: &[u8], x: &[f32]) -> f32 {
+    let mut ints = Ints::default();
     let mut w = [0.0f32; 256];
     let mut lanes = [0.0f32; LANES];
-    for (block, xb) in row.chunks_exact(t.block_bytes()).zip(x.chunks_exact(be)) {
-        u.decode(t, block);
-        u.dequantize(&mut w[..be]);
-        for (wc, xc) in w[..be].chunks_exact(LANES).zip(xb.chunks_exact(LANES)) {
+    for (block, xb) in blocks::<F>(row).iter().zip(x.chunks_exact(F::ELEMS)) {
+        F::decode(block, &mut ints);
+        for (i, v) in w[..F::ELEMS].iter_mut().enumerate() {
+            *v = ints.value::<F>(i);
+        }
+        for (wc, xc) in w[..F::ELEMS].chunks_exact(LANES).zip(xb.chunks_exact(LANES)) {
             for k in 0..LANES {
                 lanes[k] += wc[k] * xc[k];
             }
@@ -70,13 +85,14 @@ pub(super) fn sum_lanes(l: &[f32; LANES]) -> f32 {
 
 /// Dot of one float row (F32, F16, BF16) with f32 activations, in 8 running lanes.
 #[inline(always)]
-pub(crate) fn dot_float(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+fn dot_float<F: FloatFormat>(row: &[u8], x: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let mut w = [0.0f32; 8];
-    let bytes = t.block_bytes();
-    for (wb, xc) in row.chunks(8 * bytes).zip(x.chunks(8)) {
-        for (k, v) in wb.chunks_exact(bytes).enumerate() {
-            w[k] = float_at(t, v);
+    const { assert!(size_of::<F::Block>() == F::TYPE.block_bytes()) };
+    let values: &[F::Block] = bytemuck::cast_slice(row);
+    for (wb, xc) in values.chunks(8).zip(x.chunks(8)) {
+        for (k, &v) in wb.iter().enumerate() {
+            w[k] = F::value(v);
         }
         for k in 0..xc.len() {
             lanes[k] += w[k] * xc[k];
@@ -86,28 +102,30 @@ pub(crate) fn dot_float(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
 }
 
-/// Decodes one stored float of type `t` (F32, F16 or BF16).
-#[inline(always)]
-pub(crate) fn float_at(t: GgmlType, b: &[u8]) -> f32 {
-    match t {
-        GgmlType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        GgmlType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
-        _ => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-    }
-}
-
-/// Dequantizes a row block by block through [`Unpacked`] (or float decoding).
+/// Dequantizes a row: block by block through [`Format::decode`], or value by value.
 pub(crate) fn dequantize_row(t: GgmlType, src: &[u8], dst: &mut [f32]) {
-    let be = t.block_elems();
-    if be == 1 {
-        for (v, b) in dst.iter_mut().zip(src.chunks_exact(t.block_bytes())) {
-            *v = float_at(t, b);
+    fn floats<F: FloatFormat>(src: &[u8], dst: &mut [f32]) {
+        for (v, &b) in dst.iter_mut().zip(bytemuck::cast_slice::<u8, F::Block>(src)) {
+            *v = F::value(b);
         }
-        return;
     }
-    let mut u = Unpacked::default();
-    for (block, y) in src.chunks_exact(t.block_bytes()).zip(dst.chunks_exact_mut(be)) {
-        u.decode(t, block);
-        u.dequantize(y);
+    struct Dequantize<'a>(&'a [u8], &'a mut [f32]);
+    impl FormatFn for Dequantize<'_> {
+        type Out = ();
+        fn call<F: Format>(self) {
+            let mut ints = Ints::default();
+            for (block, y) in blocks::<F>(self.0).iter().zip(self.1.chunks_exact_mut(F::ELEMS)) {
+                F::decode(block, &mut ints);
+                for (i, v) in y.iter_mut().enumerate() {
+                    *v = ints.value::<F>(i);
+                }
+            }
+        }
+    }
+    match t {
+        GgmlType::F32 => floats::<F32>(src, dst),
+        GgmlType::F16 => floats::<F16>(src, dst),
+        GgmlType::BF16 => floats::<BF16>(src, dst),
+        _ => with_format(t, Dequantize(src, dst)).unwrap_or_else(|| panic!("no kernels for {t}")),
     }
 }

@@ -1,10 +1,31 @@
-//! Plain scalar kernels, written straight from ggml's block layouts: the tests' oracle.
+//! Plain scalar kernels, written straight from ggml's dequantizers (value by value, apart from
+//! [`super::formats`]' decoders): the tests' oracle. Checked against the `gguf` Python
+//! package's dequantizers, which give ggml's bits (tests/kernels.rs).
 //!
 //! These functions panic on a type without kernels or on lengths that are not whole
-//! blocks; they serve tests and tools, never the request path.
+//! blocks; they serve tests, benches and tools, never the request path.
 
-use super::blocks::{f16_at, f16_round, scale_min_k4};
+use super::formats::{BF16, F16, F32, FloatFormat, Format, FormatFn, with_format};
 use crate::model::ggml_type::GgmlType;
+
+/// The little-endian f16 at `off`, as f32.
+fn f16_at(b: &[u8], off: usize) -> f32 {
+    half::f16::from_le_bytes([b[off], b[off + 1]]).to_f32()
+}
+
+/// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K/Q5_K block's 12 scale bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        let sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        let m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+        (sc, m)
+    }
+}
+
+/// ggml's `kvalues_iq4nl`.
+const IQ4_LEVELS: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 /// Dequantizes `dst.len()` values stored in `t` from `src`.
 pub fn dequantize_row(t: GgmlType, src: &[u8], dst: &mut [f32]) {
@@ -22,9 +43,13 @@ pub fn dequantize_row(t: GgmlType, src: &[u8], dst: &mut [f32]) {
             GgmlType::Q5_0 => dequant_q5(b, y, false),
             GgmlType::Q5_1 => dequant_q5(b, y, true),
             GgmlType::Q8_0 => dequant_q8_0(b, y),
+            GgmlType::Q2K => dequant_q2k(b, y),
+            GgmlType::Q3K => dequant_q3k(b, y),
             GgmlType::Q4K => dequant_q4k(b, y),
             GgmlType::Q5K => dequant_q5k(b, y),
             GgmlType::Q6K => dequant_q6k(b, y),
+            GgmlType::IQ4NL => dequant_iq4nl(b, y),
+            GgmlType::IQ4XS => dequant_iq4xs(b, y),
             _ => panic!("no reference kernel for {t}"),
         }
     }
@@ -68,6 +93,82 @@ fn dequant_q8_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     for j in 0..32 {
         y[j] = (b[2 + j] as i8) as f32 * d;
+    }
+}
+
+fn dequant_q2k(b: &[u8], y: &mut [f32]) {
+    let (scales, qs) = (&b[0..16], &b[16..80]);
+    let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+    let mut out = y.iter_mut();
+    let mut is = 0;
+    for n in 0..2 {
+        let q = &qs[32 * n..];
+        for shift in [0, 2, 4, 6] {
+            for half in 0..2 {
+                let sc = scales[is];
+                is += 1;
+                let (dl, ml) = (d * (sc & 0xF) as f32, dmin * (sc >> 4) as f32);
+                for l in 0..16 {
+                    *out.next().unwrap() = dl * ((q[16 * half + l] >> shift) & 3) as f32 - ml;
+                }
+            }
+        }
+    }
+}
+
+fn dequant_q3k(b: &[u8], y: &mut [f32]) {
+    let (hm, qs, sc) = (&b[0..32], &b[32..96], &b[96..108]);
+    let d_all = f16_at(b, 108);
+    // ggml's unpacking of the 16 six-bit scales through four u32s.
+    let aux: [u32; 3] =
+        std::array::from_fn(|i| u32::from_le_bytes([sc[4 * i], sc[4 * i + 1], sc[4 * i + 2], sc[4 * i + 3]]));
+    let (kmask1, kmask2) = (0x0303_0303u32, 0x0f0f_0f0fu32);
+    let tmp = aux[2];
+    let unpacked = [
+        (aux[0] & kmask2) | ((tmp & kmask1) << 4),
+        (aux[1] & kmask2) | (((tmp >> 2) & kmask1) << 4),
+        ((aux[0] >> 4) & kmask2) | (((tmp >> 4) & kmask1) << 4),
+        ((aux[1] >> 4) & kmask2) | (((tmp >> 6) & kmask1) << 4),
+    ];
+    let scales: Vec<i8> = unpacked.iter().flat_map(|w| w.to_le_bytes()).map(|b| b as i8).collect();
+    let mut out = y.iter_mut();
+    let (mut is, mut m) = (0, 1u8);
+    for n in 0..2 {
+        let q = &qs[32 * n..];
+        for shift in [0, 2, 4, 6] {
+            for half in 0..2 {
+                let dl = d_all * (scales[is] as i32 - 32) as f32;
+                is += 1;
+                for l in 16 * half..16 * half + 16 {
+                    let v = ((q[l] >> shift) & 3) as i32 - if hm[l] & m != 0 { 0 } else { 4 };
+                    *out.next().unwrap() = dl * v as f32;
+                }
+            }
+            m <<= 1;
+        }
+    }
+}
+
+fn dequant_iq4nl(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for j in 0..16 {
+        y[j] = d * IQ4_LEVELS[(b[2 + j] & 0xF) as usize] as f32;
+        y[j + 16] = d * IQ4_LEVELS[(b[2 + j] >> 4) as usize] as f32;
+    }
+}
+
+fn dequant_iq4xs(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let scales_h = u16::from_le_bytes([b[2], b[3]]);
+    let (scales_l, qs) = (&b[4..8], &b[8..136]);
+    for ib in 0..8 {
+        let ls = ((scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF) as i32 | ((((scales_h >> (2 * ib)) & 3) as i32) << 4);
+        let dl = d * (ls - 32) as f32;
+        let (q, y) = (&qs[16 * ib..16 * ib + 16], &mut y[32 * ib..32 * ib + 32]);
+        for j in 0..16 {
+            y[j] = dl * IQ4_LEVELS[(q[j] & 0xF) as usize] as f32;
+            y[j + 16] = dl * IQ4_LEVELS[(q[j] >> 4) as usize] as f32;
+        }
     }
 }
 
@@ -130,152 +231,25 @@ pub fn dot(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     w.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32
 }
 
-/// Quantizes `src` (a whole number of blocks) into blocks of `t`, round-to-nearest.
+/// Quantizes `src` (a whole number of blocks) into blocks of `t`, round-to-nearest, with each
+/// format's own simple quantizer ([`Format::quantize`]): valid blocks, not ggml's choices.
 pub fn quantize_row(t: GgmlType, src: &[f32]) -> Vec<u8> {
+    fn floats<F: FloatFormat>(src: &[f32]) -> Vec<u8> {
+        src.iter().flat_map(|&v| bytemuck::bytes_of(&F::quantize(v)).to_vec()).collect()
+    }
+    struct Quantize<'a>(&'a [f32]);
+    impl FormatFn for Quantize<'_> {
+        type Out = Vec<u8>;
+        fn call<F: Format>(self) -> Vec<u8> {
+            self.0.chunks_exact(F::ELEMS).flat_map(|x| bytemuck::bytes_of(&F::quantize(x)).to_vec()).collect()
+        }
+    }
     let be = t.block_elems();
     assert!(src.len().is_multiple_of(be), "{} values is not whole {t} blocks", src.len());
-    let mut out = Vec::with_capacity(src.len() / be * t.block_bytes());
-    for x in src.chunks_exact(be) {
-        match t {
-            GgmlType::F32 => out.extend_from_slice(&x[0].to_le_bytes()),
-            GgmlType::F16 => out.extend_from_slice(&half::f16::from_f32(x[0]).to_le_bytes()),
-            GgmlType::BF16 => out.extend_from_slice(&half::bf16::from_f32(x[0]).to_le_bytes()),
-            GgmlType::Q4_0 => quant_sym(x, 8, &mut out, false),
-            GgmlType::Q5_0 => quant_sym(x, 16, &mut out, true),
-            GgmlType::Q4_1 => quant_affine(x, 15, &mut out, false),
-            GgmlType::Q5_1 => quant_affine(x, 31, &mut out, true),
-            GgmlType::Q8_0 => quant_q8_0(x, &mut out),
-            GgmlType::Q4K => quant_k45(x, 15, &mut out),
-            GgmlType::Q5K => quant_k45(x, 31, &mut out),
-            GgmlType::Q6K => quant_q6k(x, &mut out),
-            _ => panic!("no reference quantizer for {t}"),
-        }
+    match t {
+        GgmlType::F32 => floats::<F32>(src),
+        GgmlType::F16 => floats::<F16>(src),
+        GgmlType::BF16 => floats::<BF16>(src),
+        _ => with_format(t, Quantize(src)).unwrap_or_else(|| panic!("no reference quantizer for {t}")),
     }
-    out
-}
-
-/// The value of largest magnitude, with its sign.
-fn signed_max(x: &[f32]) -> f32 {
-    x.iter().fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m })
-}
-
-fn inv(d: f32) -> f32 {
-    if d != 0.0 { 1.0 / d } else { 0.0 }
-}
-
-/// Packs 32 quantized values as ggml does: nibbles j | j+16 << 4, the 5th bits into `qh`.
-fn pack_32(q: &[u8; 32], five_bits: bool, out: &mut Vec<u8>) {
-    if five_bits {
-        let qh = (0..32).fold(0u32, |h, j| h | (((q[j] >> 4) as u32 & 1) << j));
-        out.extend_from_slice(&qh.to_le_bytes());
-    }
-    out.extend((0..16).map(|j| (q[j] & 0xF) | ((q[j + 16] & 0xF) << 4)));
-}
-
-/// Q4_0 / Q5_0: `d = max / -half`, `q = x / d + half` (ggml's reference quantizer).
-fn quant_sym(x: &[f32], half: i32, out: &mut Vec<u8>, five_bits: bool) {
-    let d = signed_max(x) / -(half as f32);
-    let id = inv(d);
-    let mut q = [0u8; 32];
-    for (qv, &v) in q.iter_mut().zip(x) {
-        *qv = ((v * id + half as f32 + 0.5) as i32).clamp(0, 2 * half - 1) as u8;
-    }
-    out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
-    pack_32(&q, five_bits, out);
-}
-
-/// Q4_1 / Q5_1: `d = (max - min) / levels`, `m = min`.
-fn quant_affine(x: &[f32], levels: i32, out: &mut Vec<u8>, five_bits: bool) {
-    let min = x.iter().copied().fold(f32::INFINITY, f32::min);
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let d = (max - min) / levels as f32;
-    let id = inv(d);
-    let mut q = [0u8; 32];
-    for (qv, &v) in q.iter_mut().zip(x) {
-        *qv = (((v - min) * id + 0.5) as i32).clamp(0, levels) as u8;
-    }
-    out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
-    out.extend_from_slice(&half::f16::from_f32(min).to_le_bytes());
-    pack_32(&q, five_bits, out);
-}
-
-fn quant_q8_0(x: &[f32], out: &mut Vec<u8>) {
-    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-    let d = amax / 127.0;
-    let id = inv(d);
-    out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
-    out.extend(x.iter().map(|&v| ((v * id).round() as i32).clamp(-127, 127) as i8 as u8));
-}
-
-/// Q4_K / Q5_K: per 32 values an affine scale and min, both quantized to 6 bits against
-/// the block's f16 `d` and `dmin`; then round-to-nearest values in `0..=levels`.
-fn quant_k45(x: &[f32], levels: i32, out: &mut Vec<u8>) {
-    let (mut scale, mut mins) = ([0.0f32; 8], [0.0f32; 8]);
-    for (g, xs) in x.chunks_exact(32).enumerate() {
-        let min = xs.iter().copied().fold(0.0f32, f32::min);
-        let max = xs.iter().copied().fold(0.0f32, f32::max);
-        scale[g] = (max - min) / levels as f32;
-        mins[g] = -min;
-    }
-    let d = f16_round(scale.iter().copied().fold(0.0, f32::max) / 63.0);
-    let dmin = f16_round(mins.iter().copied().fold(0.0, f32::max) / 63.0);
-    let mut scales = [0u8; 12];
-    let mut q = [0u8; 256];
-    for g in 0..8 {
-        let ls = ((scale[g] * inv(d)).round() as i32).clamp(0, 63) as u8;
-        let lm = ((mins[g] * inv(dmin)).round() as i32).clamp(0, 63) as u8;
-        if g < 4 {
-            scales[g] = ls;
-            scales[g + 4] = lm;
-        } else {
-            scales[g + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
-            scales[g - 4] |= (ls >> 4) << 6;
-            scales[g] |= (lm >> 4) << 6;
-        }
-        let (step, off) = (d * ls as f32, dmin * lm as f32);
-        for l in 0..32 {
-            let v = ((x[32 * g + l] + off) * inv(step)).round() as i32;
-            q[32 * g + l] = v.clamp(0, levels) as u8;
-        }
-    }
-    out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
-    out.extend_from_slice(&half::f16::from_f32(dmin).to_le_bytes());
-    out.extend_from_slice(&scales);
-    if levels == 31 {
-        out.extend((0..32).map(|l| (0..8).fold(0u8, |h, g| h | ((q[32 * g + l] >> 4) << g))));
-    }
-    for j in 0..4 {
-        out.extend((0..32).map(|l| (q[64 * j + l] & 0xF) | ((q[64 * j + 32 + l] & 0xF) << 4)));
-    }
-}
-
-/// Q6_K: per 16 values a scale `max / -32` quantized to i8 against the block's f16 `d`.
-fn quant_q6k(x: &[f32], out: &mut Vec<u8>) {
-    let mut sub = [0.0f32; 16];
-    for (s, xs) in sub.iter_mut().zip(x.chunks_exact(16)) {
-        *s = signed_max(xs) / -32.0;
-    }
-    let max_scale = signed_max(&sub);
-    let iscale = if max_scale != 0.0 { -128.0 / max_scale } else { 0.0 };
-    let d = f16_round(inv(iscale));
-    let sc: Vec<i8> = sub.iter().map(|&s| ((s * iscale).round() as i32).clamp(-128, 127) as i8).collect();
-    let mut q = [0u8; 256];
-    for (i, qv) in q.iter_mut().enumerate() {
-        let step = d * sc[i / 16] as f32;
-        *qv = (((x[i] * inv(step)).round() as i32).clamp(-32, 31) + 32) as u8;
-    }
-    let (mut ql, mut qh) = ([0u8; 128], [0u8; 64]);
-    for n in 0..2 {
-        let (q, ql, qh) = (&q[128 * n..], &mut ql[64 * n..], &mut qh[32 * n..]);
-        for l in 0..32 {
-            let (q1, q2, q3, q4) = (q[l], q[l + 32], q[l + 64], q[l + 96]);
-            ql[l] = (q1 & 0xF) | ((q3 & 0xF) << 4);
-            ql[l + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4);
-            qh[l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
-        }
-    }
-    out.extend_from_slice(&ql);
-    out.extend_from_slice(&qh);
-    out.extend(sc.iter().map(|&s| s as u8));
-    out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
 }

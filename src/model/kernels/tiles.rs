@@ -1,0 +1,306 @@
+//! The SIMD matmul kernels: one tile loop for every format and instruction set.
+//!
+//! A tile is [`Lanes::L`] weight rows, one per lane (16 for AVX-512, 8 for AVX2). For each
+//! block, the format decodes the tile's rows into [`Unit`]s ([`Format::lanes`]): each 32
+//! values as signed bytes, four per lane and register, with their scales and offsets. Each x
+//! row of the call then takes its products from the decoded block, so a block is decoded
+//! once for up to [`MAX_X`] x rows, and the tile's 16 (8) results come out as the lanes of
+//! one accumulator: no horizontal sums.
+//!
+//! What differs per instruction set is the lane width ([`Lanes`]) and the product:
+//! - [`IntDot`] (the VNNI sets) takes activations rounded to 16 bits per 32-value block
+//!   ([`super::quant_acts`]) and multiplies bytes with `vpdpbusd` in exact integers; the
+//!   scales apply once per block (or half block). [`super::quant_acts::dot`] gives its bits.
+//! - [`F32Dot`] (the f32 sets) dequantizes each decoded block (`q·scale + offset`, one FMA)
+//!   and multiplies it into f32 activations with FMAs.
+//!
+//! A lane's arithmetic does not depend on the other lanes, on how many x rows share the call,
+//! or on the tile a row lands in, so results are the same bits whatever the batch.
+
+use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+
+use super::formats::{Format, QK};
+use super::lanes::{Floats, Lanes, Tile, Unit};
+use super::lanes_avx2::{Avx2, Y};
+use super::lanes_avx512::{Avx512, Vnni512, Z};
+use super::quant_acts::QRow;
+
+/// Most x rows per kernel call.
+pub(crate) const MAX_X: usize = 8;
+
+/// `vpdpbusd` for lanes `V`: `acc + Σ a·b` over each lane's four unsigned bytes of `a` and
+/// signed bytes of `b`. A value of the implementing type proves the CPU runs it.
+pub(crate) trait Dpbusd<V: Lanes>: Copy {
+    fn dpbusd(self, acc: V, a: V, b: V) -> V;
+}
+
+/// How a decoded block meets the x rows (see the module doc).
+pub(crate) trait Dot<V: Lanes>: Copy {
+    /// One x row as the kernel reads it.
+    type Row<'a>: Copy;
+    /// Values in `x`.
+    fn values(x: &Self::Row<'_>) -> usize;
+    /// Adds block `k` of `unit` times 32-value block `b` of each x row into `acc`.
+    fn block<F: Format>(self, isa: V::Isa, unit: &Unit<V>, k: usize, b: usize, xs: &[Self::Row<'_>], acc: &mut [V::F]);
+}
+
+/// Integer products against 16-bit activations (see the module doc).
+#[derive(Clone, Copy)]
+pub(crate) struct IntDot<D>(pub D);
+
+impl<V: Lanes, D: Dpbusd<V>> Dot<V> for IntDot<D> {
+    type Row<'a> = QRow<'a>;
+
+    fn values(x: &QRow) -> usize {
+        x.q.len().min(x.planes.len() / 2).min(x.d.len() * QK).min(x.s.len() * QK).min(x.s16.len() * 16)
+    }
+
+    /// With `u = q + 32768 = 256·hi + lo`: `Σ w·q = 256·Σ w·hi + Σ w·lo − 32768·Σ w` per
+    /// half block, every sum exact in 32 bits (`|Σ w·q| ≤ 16·128·32767`).
+    #[inline(always)]
+    fn block<F: Format>(self, isa: V::Isa, unit: &Unit<V>, k: usize, b: usize, xs: &[QRow], acc: &mut [V::F]) {
+        let (w, dp) = (&unit.q[k], self.0);
+        let zero = V::splat(isa, 0);
+        let ones = V::splat(isa, 0x0101_0101);
+        // 32768·Σ w per half block. (Every loop here keeps its sums in locals: an array
+        // indexed by a loop counter lives on the stack when the loop is not unrolled.)
+        let (mut b0, mut b1) = (zero, zero);
+        for u in 0..4 {
+            b0 = dp.dpbusd(b0, ones, w[u]);
+            b1 = dp.dpbusd(b1, ones, w[u + 4]);
+        }
+        let bias = [b0.shl32(15), b1.shl32(15)];
+        let bias32 = bias[0].add32(bias[1]);
+        for (x, acc) in xs.iter().zip(acc.iter_mut()) {
+            let planes: &[u8; 2 * QK] = x.planes[2 * QK * b..2 * QK * (b + 1)].try_into().expect("64 bytes");
+            // High and low bytes of each half: four chains of four in flight.
+            let (mut hi0, mut lo0, mut hi1, mut lo1) = (zero, zero, zero, zero);
+            for u in 0..4 {
+                hi0 = dp.dpbusd(hi0, V::splat(isa, quad(planes, u)), w[u]);
+                lo0 = dp.dpbusd(lo0, V::splat(isa, quad(planes, 8 + u)), w[u]);
+                hi1 = dp.dpbusd(hi1, V::splat(isa, quad(planes, 4 + u)), w[4 + u]);
+                lo1 = dp.dpbusd(lo1, V::splat(isa, quad(planes, 12 + u)), w[4 + u]);
+            }
+            let d = V::fsplat(isa, x.d[b]);
+            let mut a = *acc;
+            if F::PER_16 {
+                let i0 = hi0.shl32(8).add32(lo0).sub32(bias[0]);
+                let i1 = hi1.shl32(8).add32(lo1).sub32(bias[1]);
+                a = i0.to_f32().fma(unit.scale[k][0].mul(d), a);
+                if F::HAS_OFFSET {
+                    a = unit.offset[k][0].fma(V::fsplat(isa, x.s16[2 * b]), a);
+                }
+                a = i1.to_f32().fma(unit.scale[k][1].mul(d), a);
+                if F::HAS_OFFSET {
+                    a = unit.offset[k][1].fma(V::fsplat(isa, x.s16[2 * b + 1]), a);
+                }
+            } else {
+                let i = hi0.add32(hi1).shl32(8).add32(lo0.add32(lo1)).sub32(bias32);
+                a = i.to_f32().fma(unit.scale[k][0].mul(d), a);
+                if F::HAS_OFFSET {
+                    a = unit.offset[k][0].fma(V::fsplat(isa, x.s[b]), a);
+                }
+            }
+            *acc = a;
+        }
+    }
+}
+
+/// The little-endian u32 at 4-byte slot `p` of `planes`.
+#[inline(always)]
+fn quad(planes: &[u8; 2 * QK], p: usize) -> u32 {
+    u32::from_le_bytes([planes[4 * p], planes[4 * p + 1], planes[4 * p + 2], planes[4 * p + 3]])
+}
+
+/// Dequantized weights against f32 activations (see the module doc).
+#[derive(Clone, Copy)]
+pub(crate) struct F32Dot;
+
+impl<V: Lanes> Dot<V> for F32Dot {
+    type Row<'a> = &'a [f32];
+
+    fn values(x: &&[f32]) -> usize {
+        x.len()
+    }
+
+    /// Each x row's 32 products in four partial sums (value `c` into sum `c % 4`), added as
+    /// `(p0 + p1) + (p2 + p3)` to its accumulator.
+    #[inline(always)]
+    fn block<F: Format>(self, isa: V::Isa, unit: &Unit<V>, k: usize, b: usize, xs: &[&[f32]], acc: &mut [V::F]) {
+        let zero = V::fsplat(isa, 0.0);
+        if let ([x], [acc]) = (xs, &mut *acc) {
+            // One x row (decode): the same operations, each value used as it is dequantized
+            // rather than kept for more rows (1.7x faster on both f32 sets, one thread).
+            let x: &[f32; QK] = x[QK * b..QK * (b + 1)].try_into().expect("32 values");
+            let (mut p0, mut p1, mut p2, mut p3) = (zero, zero, zero, zero);
+            for (u, x) in x.chunks_exact(4).enumerate() {
+                let w = dequantize4::<V, F>(unit, k, u);
+                p0 = w[0].fma(V::fsplat(isa, x[0]), p0);
+                p1 = w[1].fma(V::fsplat(isa, x[1]), p1);
+                p2 = w[2].fma(V::fsplat(isa, x[2]), p2);
+                p3 = w[3].fma(V::fsplat(isa, x[3]), p3);
+            }
+            *acc = acc.add(p0.add(p1).add(p2.add(p3)));
+            return;
+        }
+        // (Sums live in locals, as in `IntDot`.)
+        let mut wf = [[zero; 4]; 8];
+        for (u, wf) in wf.iter_mut().enumerate() {
+            *wf = dequantize4::<V, F>(unit, k, u);
+        }
+        for (x, acc) in xs.iter().zip(acc.iter_mut()) {
+            let x: &[f32; QK] = x[QK * b..QK * (b + 1)].try_into().expect("32 values");
+            let (mut p0, mut p1, mut p2, mut p3) = (zero, zero, zero, zero);
+            for (w, x) in wf.iter().zip(x.chunks_exact(4)) {
+                p0 = w[0].fma(V::fsplat(isa, x[0]), p0);
+                p1 = w[1].fma(V::fsplat(isa, x[1]), p1);
+                p2 = w[2].fma(V::fsplat(isa, x[2]), p2);
+                p3 = w[3].fma(V::fsplat(isa, x[3]), p3);
+            }
+            *acc = acc.add(p0.add(p1).add(p2.add(p3)));
+        }
+    }
+}
+
+/// Values `4u..4u + 4` of block `k` of `unit`, each `q·scale + offset` (one FMA): the same four
+/// calls every time, so every shift is a constant.
+#[inline(always)]
+fn dequantize4<V: Lanes, F: Format>(unit: &Unit<V>, k: usize, u: usize) -> [V::F; 4] {
+    let w = unit.q[k][u];
+    let h = if F::PER_16 { u / 4 } else { 0 };
+    let (scale, offset) = (unit.scale[k][h], unit.offset[k][h]);
+    let mut q = [w.byte_f32(0), w.byte_f32(1), w.byte_f32(2), w.byte_f32(3)];
+    for q in &mut q {
+        *q = if F::HAS_OFFSET { q.fma(scale, offset) } else { q.mul(scale) };
+    }
+    q
+}
+
+/// `W[r] · x` for each of the `count` rows of `row_bytes` in `rows` (format `F`) and each x
+/// row in `xs` (at most [`MAX_X`]), handed to `emit` with the row's index.
+///
+/// # Panics
+/// If `rows` is shorter than `count` rows, a row is not whole blocks, there are more than
+/// [`MAX_X`] x rows, or an x row is shorter than a weight row.
+#[inline(always)]
+pub(crate) fn tiles<V: Lanes, D: Dot<V>, F: Format>(
+    isa: V::Isa,
+    dot: D,
+    rows: &[u8],
+    row_bytes: usize,
+    count: usize,
+    xs: &[D::Row<'_>],
+    mut emit: impl FnMut(usize, &[f32]),
+) {
+    let blocks = row_bytes / F::BYTES;
+    assert_eq!(blocks * F::BYTES, row_bytes, "a row of {row_bytes} bytes is not whole {} blocks", F::TYPE);
+    assert!(rows.len() >= count * row_bytes, "{} bytes for {count} rows", rows.len());
+    assert!(xs.len() <= MAX_X, "{} x rows", xs.len());
+    for x in xs {
+        assert!(D::values(x) >= blocks * F::ELEMS, "an x row of {} values for {blocks} blocks", D::values(x));
+    }
+    let mut unit = Unit::new(isa);
+    for t0 in (0..count).step_by(V::L) {
+        let live = (count - t0).min(V::L);
+        let mut tile = Tile::new(isa, &rows[t0 * row_bytes..(t0 + live) * row_bytes], live, row_bytes, F::BYTES);
+        let mut acc = [V::fsplat(isa, 0.0); MAX_X];
+        // The next tile, in address order over the first half of this tile's blocks: the
+        // strided row streams defeat the hardware prefetcher, and a lone x row (decode)
+        // would wait on memory. Into L2, not L1: with one x row, requests for a whole tile
+        // into L1 queued behind each other (perf-log, "The VNNI kernel set").
+        let next = &rows[(t0 + live) * row_bytes..(t0 + live + V::L).min(count) * row_bytes];
+        let lines = next.len().div_ceil(64);
+        let per_block = lines.div_ceil(blocks.div_ceil(2).max(1));
+        for blk in 0..blocks {
+            for line in (blk * per_block).min(lines)..((blk + 1) * per_block).min(lines) {
+                // SAFETY: `line * 64 < next.len()`, so the address is inside `next`.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(next.as_ptr().add(line * 64).cast()) };
+            }
+            tile.seek(blk * F::BYTES);
+            for u in 0..F::ELEMS / F::UNIT {
+                F::lanes(&tile, u, &mut unit);
+                for k in 0..F::UNIT / QK {
+                    let b = (blk * F::ELEMS + u * F::UNIT) / QK + k;
+                    dot.block::<F>(isa, &unit, k, b, xs, &mut acc[..xs.len()]);
+                }
+            }
+        }
+        let mut out = [[0.0f32; 16]; MAX_X];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            a.store(o);
+        }
+        let mut vals = [0.0f32; MAX_X];
+        for lane in 0..live {
+            for (v, o) in vals.iter_mut().zip(&out) {
+                *v = o[lane];
+            }
+            emit(t0 + lane, &vals[..xs.len()]);
+        }
+    }
+}
+
+/// The `avx512-vnni` kernels.
+///
+/// # Panics
+/// As [`tiles`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx,avx2,fma,f16c")]
+pub(crate) fn avx512_vnni<F: Format>(
+    isa: Avx512,
+    vnni: Vnni512,
+    rows: &[u8],
+    row_bytes: usize,
+    count: usize,
+    xs: &[QRow],
+    emit: impl FnMut(usize, &[f32]),
+) {
+    tiles::<Z, _, F>(isa, IntDot(vnni), rows, row_bytes, count, xs, emit);
+}
+
+/// The `avx-vnni` kernels, with `vpdpbusd` in either encoding.
+///
+/// # Panics
+/// As [`tiles`].
+#[target_feature(enable = "avx,avx2,fma,f16c")]
+pub(crate) fn avx_vnni<F: Format, D: Dpbusd<Y>>(
+    isa: Avx2,
+    vnni: D,
+    rows: &[u8],
+    row_bytes: usize,
+    count: usize,
+    xs: &[QRow],
+    emit: impl FnMut(usize, &[f32]),
+) {
+    tiles::<Y, _, F>(isa, IntDot(vnni), rows, row_bytes, count, xs, emit);
+}
+
+/// The `avx512-f32` kernels.
+///
+/// # Panics
+/// As [`tiles`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c")]
+pub(crate) fn avx512_f32<F: Format>(
+    isa: Avx512,
+    rows: &[u8],
+    row_bytes: usize,
+    count: usize,
+    xs: &[&[f32]],
+    emit: impl FnMut(usize, &[f32]),
+) {
+    tiles::<Z, _, F>(isa, F32Dot, rows, row_bytes, count, xs, emit);
+}
+
+/// The `avx2-f32` kernels.
+///
+/// # Panics
+/// As [`tiles`].
+#[target_feature(enable = "avx,avx2,fma,f16c")]
+pub(crate) fn avx2_f32<F: Format>(
+    isa: Avx2,
+    rows: &[u8],
+    row_bytes: usize,
+    count: usize,
+    xs: &[&[f32]],
+    emit: impl FnMut(usize, &[f32]),
+) {
+    tiles::<Y, _, F>(isa, F32Dot, rows, row_bytes, count, xs, emit);
+}
