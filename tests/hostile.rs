@@ -358,20 +358,25 @@ fn a_disconnect_mid_stream_still_pays_for_its_tokens() {
     assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
 }
 
-/// 32 prompts of about 1 MiB at once (refused afterwards as longer than the context) while
+/// 12 prompts of about 1 MiB at once (refused afterwards as longer than the context) while
 /// another client streams: they are tokenized on the CPU pool, not on the engine's thread,
 /// so the stream keeps getting tokens and health keeps answering.
 #[test]
 fn large_prompts_at_once_do_not_stall_other_streams() {
     let server = TestServer::start(|c| c.server.max_body_bytes = (2 << 20).try_into().unwrap());
     let addr = server.addr;
+    // A stream that ends while the floods are still being answered is followed by another.
     let body = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true});
-    let mut sse = crate::support::stream_json(addr, "/v1/generate", &body).sse();
-    for _ in 0..5 {
-        sse.next_event().expect("the stream started");
-    }
+    let start = || {
+        let mut sse = crate::support::stream_json(addr, "/v1/generate", &body).sse();
+        for _ in 0..5 {
+            assert_eq!(sse.next_event().expect("the stream started").event.as_deref(), Some("token"));
+        }
+        sse
+    };
+    let mut sse = start();
     let big = "All work and no play makes Jack a dull boy. ".repeat(23_000);
-    let floods: Vec<_> = (0..32)
+    let floods: Vec<_> = (0..12)
         .map(|_| {
             let body = serde_json::json!({"prompt": big, "max_tokens": 1, "stream": false});
             std::thread::spawn(move || crate::support::post_json(addr, "/v1/generate", &body).status)
@@ -380,6 +385,11 @@ fn large_prompts_at_once_do_not_stall_other_streams() {
     let (mut gaps, mut last) = (Vec::new(), Instant::now());
     while !floods.iter().all(|f| f.is_finished()) {
         let e = sse.next_event().expect("the stream goes on");
+        if e.event.as_deref() == Some("done") {
+            sse = start();
+            last = Instant::now();
+            continue;
+        }
         gaps.push(last.elapsed());
         last = Instant::now();
         assert_eq!(e.event.as_deref(), Some("token"), "{e:?}");
@@ -390,7 +400,7 @@ fn large_prompts_at_once_do_not_stall_other_streams() {
     }
     let statuses: Vec<u16> = floods.into_iter().map(|f| f.join().unwrap()).collect();
     let worst = gaps.iter().max().copied().unwrap_or_default();
-    println!("32 prompts of ~1 MiB: {} tokens streamed meanwhile, largest gap {worst:?}", gaps.len());
+    println!("12 prompts of ~1 MiB: {} tokens streamed meanwhile, largest gap {worst:?}", gaps.len());
     assert!(statuses.iter().all(|&s| s == 413 || s == 429), "{statuses:?}");
     assert!(worst < Duration::from_secs(2), "the stream stalled for {worst:?}");
 }

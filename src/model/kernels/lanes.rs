@@ -240,3 +240,9 @@ impl<V: Lanes> Unit<V> {
         self.offset[k] = [offset; 2];
     }
 }
+
+/// `vpdpbusd` for lanes `V`: `acc + Σ a·b` over each lane's four unsigned bytes of `a` and
+/// signed bytes of `b`. A value of the implementing type proves the CPU runs it.
+pub(crate) trait Dpbusd<V: Lanes>: Copy {
+    fn dpbusd(self, acc: V, a: V, b: V) -> V;
+}

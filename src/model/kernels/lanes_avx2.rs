@@ -4,8 +4,7 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
-use super::lanes::{Floats, Lanes};
-use super::tiles::Dpbusd;
+use super::lanes::{Dpbusd, Floats, Lanes};
 
 /// Proof that the CPU runs avx2, fma and f16c.
 #[derive(Clone, Copy, Debug)]

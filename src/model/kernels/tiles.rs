@@ -20,19 +20,13 @@
 use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
 
 use super::formats::{Format, QK};
-use super::lanes::{Floats, Lanes, Tile, Unit};
+use super::lanes::{Dpbusd, Floats, Lanes, Tile, Unit};
 use super::lanes_avx2::{Avx2, Y};
 use super::lanes_avx512::{Avx512, Vnni512, Z};
 use super::quant_acts::QRow;
 
 /// Most x rows per kernel call.
 pub(crate) const MAX_X: usize = 8;
-
-/// `vpdpbusd` for lanes `V`: `acc + Σ a·b` over each lane's four unsigned bytes of `a` and
-/// signed bytes of `b`. A value of the implementing type proves the CPU runs it.
-pub(crate) trait Dpbusd<V: Lanes>: Copy {
-    fn dpbusd(self, acc: V, a: V, b: V) -> V;
-}
 
 /// How a decoded block meets the x rows (see the module doc).
 pub(crate) trait Dot<V: Lanes>: Copy {

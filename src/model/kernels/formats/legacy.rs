@@ -5,7 +5,7 @@ use std::mem::offset_of;
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{Format, Ints, QK, f16, inv, signed_max, to_f16};
+use super::block::{Format, Ints, QK, f16, inv, signed_max, to_f16};
 use crate::model::ggml_type::GgmlType;
 use crate::model::kernels::lanes::{Lanes, Tile, Unit};
 
