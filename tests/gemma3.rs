@@ -154,3 +154,40 @@ fn a_prompt_past_the_sliding_window_matches_both_references() {
         assert!(worst <= bar, "{worst} from {reference}");
     }
 }
+
+/// Gemma served beside SmolLM2 by one server (`config/two-models.yaml`): each request runs on the model it names, a
+/// greedy completion from Gemma is the f32 reference's, and chat with Gemma (a base model
+/// whose file has no chat template) is a 400 naming the missing template.
+#[test]
+fn gemma_is_served_beside_smollm2() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut config = starling::config::Config::load(&root.join("config/two-models.yaml")).unwrap();
+    for m in &mut config.models {
+        m.path = root.join(&m.path);
+        m.pipeline = root.join(&m.pipeline);
+        m.threads = 2.try_into().unwrap();
+        m.kv_cache.max_bytes = 64 << 20;
+    }
+    assert_eq!(config.models[1].path, gemma3_path());
+    let server = crate::support::TestServer::start_all(config);
+    let listed = crate::support::get_as(server.addr, None, "/v1/models").json();
+    let served: Vec<&str> = listed["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(served, ["smollm2-135m", "gemma3-270m"]);
+
+    let r = &jsonl("greedy.jsonl")[0];
+    assert_eq!(r["prompt"], "The capital of France is");
+    let want = ids(&r["greedy_ids"]);
+    let body = serde_json::json!({"model": "gemma3-270m", "prompt": r["prompt"], "max_tokens": 10,
+        "temperature": 0, "stream": false});
+    let got = crate::support::post_json(server.addr, "/v1/generate", &body).json();
+    assert_eq!(ids(&got["tokens"]), want[..10], "{got}");
+    assert_eq!(got["usage"]["prompt_tokens"], 6, "BOS and five text tokens: {got}");
+
+    let smol = serde_json::json!({"model": "smollm2-135m", "prompt": r["prompt"], "max_tokens": 4, "stream": false});
+    assert_eq!(crate::support::post_json(server.addr, "/v1/generate", &smol).status, 200);
+
+    let chat = serde_json::json!({"model": "gemma3-270m", "messages": [{"role": "user", "content": "hi"}]});
+    let refused = crate::support::post_json(server.addr, "/v1/chat/completions", &chat);
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert!(refused.json()["error"]["message"].as_str().unwrap().contains("chat template"), "{}", refused.text());
+}

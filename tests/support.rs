@@ -51,6 +51,15 @@ impl TestServer {
         TestServer::serve_state(Arc::new(AppState::new(Arc::new(config), vec![model], obs)))
     }
 
+    /// Serves every model of `config`.
+    pub fn start_all(config: Config) -> TestServer {
+        let obs = Arc::new(Observability::new().expect("metrics registry"));
+        let models = (0..config.models.len())
+            .map(|i| start_model_observed(&config, i, &obs).expect("the model starts"))
+            .collect();
+        TestServer::serve_state(Arc::new(AppState::new(Arc::new(config), models, obs)))
+    }
+
     /// Starts graceful shutdown (like SIGTERM) without waiting for it.
     pub fn begin_shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
