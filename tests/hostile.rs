@@ -106,6 +106,19 @@ fn connections_past_the_cap_get_429_and_health_still_answers() {
 /// its address once its model is loaded, and the log's path. `extra` is appended to the
 /// config's `server:` section.
 fn serve_with_fd_limit(name: &str, extra: &str) -> (std::process::Child, SocketAddr, std::path::PathBuf) {
+    serve_limited(name, "ulimit -n 256", extra, "")
+}
+
+/// A `starling serve` child process started by bash after `limits` (shell commands such as
+/// `ulimit -n 256`), logging to a file; returns it, its address once its model is loaded,
+/// and the log's path. `extra` is appended to the config's `server:` section and
+/// `kv_extra` to the model's `kv_cache` map.
+fn serve_limited(
+    name: &str,
+    limits: &str,
+    extra: &str,
+    kv_extra: &str,
+) -> (std::process::Child, SocketAddr, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("starling-hostile-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("config.yaml");
@@ -116,7 +129,7 @@ fn serve_with_fd_limit(name: &str, extra: &str) -> (std::process::Child, SocketA
         format!(
             "server:\n  bind: 127.0.0.1:0\n  header_read_timeout_secs: 5\n{extra}\
              models:\n  - id: m\n    path: {}\n    pipeline: {root}/pipelines/default.yaml\n    threads: 1\n    \
-             kv_cache: {{max_bytes: 16MiB}}\n",
+             kv_cache: {{max_bytes: 16MiB{kv_extra}}}\n",
             model.display()
         ),
     )
@@ -125,7 +138,7 @@ fn serve_with_fd_limit(name: &str, extra: &str) -> (std::process::Child, SocketA
     let child = std::process::Command::new("bash")
         .arg("-c")
         .arg(format!(
-            "ulimit -n 256 && exec '{}' serve --config '{}' 2>'{}'",
+            "{limits} && exec '{}' serve --config '{}' 2>'{}'",
             env!("CARGO_BIN_EXE_starling"),
             config.display(),
             log.display()
@@ -257,6 +270,27 @@ fn tenant_names_reach_metrics_only_when_asked_for() {
         assert!(metrics.contains("starling_requests_total{"), "{metrics}");
         assert_eq!(metrics.contains("acme-corp"), labels, "tenant_labels {labels}:\n{metrics}");
     }
+}
+
+/// A spill directory without room for the spill file (a file-size limit below the spill
+/// cap stands in for a full disk) turns spilling off with a warning: the model loads and
+/// serves, and no partial spill file is left behind.
+#[test]
+fn a_spill_disk_without_room_turns_spill_off_and_the_model_serves() {
+    let spill = std::env::temp_dir().join(format!("starling-hostile-spill-dir-{}", std::process::id()));
+    let kv = format!(", spill: {{dir: '{}', max_bytes: 64MiB}}", spill.display());
+    // 4,096 blocks of 512 or 1,024 bytes (dash or bash): 2 or 4 MiB, far below the cap.
+    let limits = "ulimit -n 256 && ulimit -f 4096 && trap '' XFSZ";
+    let (mut child, addr, log) = serve_limited("spill", limits, "", &kv);
+    let body = serde_json::json!({"prompt": "Hi", "max_tokens": 4, "stream": false});
+    let r = crate::support::post_json(addr, "/v1/generate", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("KV spill off") && text.contains("cannot reserve"), "{text}");
+    let left: Vec<_> = std::fs::read_dir(&spill).unwrap().collect();
+    assert!(left.is_empty(), "spill files left behind: {left:?}");
 }
 
 /// A model name with a newline in it (an unknown model, logged with the 404) cannot forge a

@@ -133,10 +133,17 @@ impl KvCache {
     /// Builds the arena (and spill file) a model's `kv_cache` config asks for.
     pub fn from_config(layout: KvLayout, config: &KvCacheConfig) -> Result<Self, KvError> {
         let arena = KvArena::with_dtype(layout, config.max_bytes, config.dtype)?;
-        let spill = match &config.spill {
-            Some(s) => Some(SpillFile::create(&s.dir, s.max_bytes, arena.block_bytes())?),
-            None => None,
-        };
+        // A spill file that cannot be had (full disk, file-size limit, unwritable directory)
+        // turns spilling off rather than stopping the model: evicted blocks are dropped, as
+        // without spill.
+        let spill =
+            config.spill.as_ref().and_then(|s| match SpillFile::create(&s.dir, s.max_bytes, arena.block_bytes()) {
+                Ok(file) => Some(file),
+                Err(e) => {
+                    tracing::warn!(error = %e, "KV spill off: evicted blocks will be dropped");
+                    None
+                }
+            });
         Ok(Self::new(arena, spill))
     }
 

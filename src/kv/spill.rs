@@ -51,9 +51,14 @@ impl SpillFile {
         crate::stale::remove_stale_files(dir, FILE_PREFIX);
         let (file, path) = create_private(dir).map_err(io)?;
         let n_pages = (max_bytes / page_bytes.max(1) as u64).min(u32::MAX as u64) as usize;
-        let at = |e: std::io::Error| KvError::Spill(format!("{}: {e}", path.display()));
-        file.set_len((n_pages * page_bytes) as u64).map_err(at)?;
-        let map = if n_pages == 0 { None } else { Some(map_private_file(&file).map_err(at)?) };
+        let len = (n_pages * page_bytes) as u64;
+        let sized = file.set_len(len).and_then(|()| reserve(&file, len));
+        let map = sized.and_then(|()| if n_pages == 0 { Ok(None) } else { map_private_file(&file).map(Some) });
+        let map = map.map_err(|e| {
+            // Nothing of a file that could not be had stays behind.
+            let _ = std::fs::remove_file(&path);
+            KvError::Spill(format!("{}: cannot reserve {len} bytes on disk: {e}", path.display()))
+        })?;
         Ok(SpillFile { map, _file: file, path, page_bytes, free: (0..n_pages as u32).rev().collect(), n_pages })
     }
 
@@ -155,7 +160,25 @@ fn create_private(dir: &Path) -> std::io::Result<(File, PathBuf)> {
     }
 }
 
-/// The one unsafe step of the spill file.
+/// Allocates the file's `len` bytes on disk now, so that writing a page through the map can
+/// never find the disk full: a sparse file would take its blocks at the first write, and a
+/// write through a mapping that finds no space is a SIGBUS, not an error.
+#[allow(unsafe_code)]
+fn reserve(file: &File, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return Ok(());
+    }
+    let len = libc::off_t::try_from(len).map_err(|_| std::io::Error::from(ErrorKind::FileTooLarge))?;
+    // SAFETY: `posix_fallocate` only reads its integer arguments and acts on the descriptor,
+    // which `file` keeps open for the duration of the call.
+    match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) } {
+        0 => Ok(()),
+        errno => Err(std::io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// The other unsafe step of the spill file.
 #[allow(unsafe_code)]
 fn map_private_file(file: &File) -> std::io::Result<MmapMut> {
     // SAFETY: mapping is sound because nothing else changes the file's size or bytes
@@ -200,6 +223,18 @@ mod tests {
     fn crc32c_matches_the_standard_check_value() {
         assert_eq!(crc32c(b"123456789"), 0xE306_9283);
         assert_eq!(crc32c(b""), 0);
+    }
+
+    /// The file's blocks are allocated when it is made, not at the first write through the
+    /// map (a sparse file would have none yet).
+    #[test]
+    fn the_whole_file_is_allocated_up_front() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = dir("reserve");
+        let f = SpillFile::create(&dir, 1 << 20, 4096).unwrap();
+        let meta = std::fs::metadata(f.path()).unwrap();
+        assert_eq!(meta.len(), 1 << 20);
+        assert!(meta.blocks() * 512 >= meta.len(), "{} of {} bytes allocated", meta.blocks() * 512, meta.len());
     }
 
     #[test]
