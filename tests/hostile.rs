@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::support::TestServer;
 
 /// `GET path` on a fresh connection: its status and how long the answer took.
-fn probe(addr: SocketAddr, path: &str) -> (u16, Duration) {
+pub fn probe(addr: SocketAddr, path: &str) -> (u16, Duration) {
     let started = Instant::now();
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else { return (0, started.elapsed()) };
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();

@@ -3,6 +3,7 @@ mod cli;
 mod config;
 mod engine;
 mod families;
+mod fuzz;
 mod gateway;
 mod gemma3;
 mod gguf;

@@ -1,9 +1,9 @@
 //! Any bytes: `parse_header` returns a header or a typed error, never panics, never
-//! allocates beyond what the input can back; a parsed header goes through llama validation.
+//! allocates beyond what the input can back; a parsed header goes through the architecture description.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use starling::model::arch::validate_llama;
+use starling::model::arch::describe;
 use starling::model::gguf::parse_header;
 
 fuzz_target!(|data: &[u8]| {
@@ -15,6 +15,6 @@ fuzz_target!(|data: &[u8]| {
                 t.name
             );
         }
-        let _ = validate_llama(&header);
+        let _ = describe(&header);
     }
 });

@@ -223,6 +223,73 @@ mod tests {
         assert!(matches!(render("{% for %}", &[]), Err(TemplateError::Compile(_))));
     }
 
+    /// Templates stitched from pieces of real templates and hostile ones (unbalanced tags,
+    /// huge ranges, string growth, deep recursion, bad filters), over any messages: each
+    /// render returns a prompt within the output cap or a typed error, never a panic.
+    /// (List doubling is left out: see the limits' note above.)
+    mod arbitrary {
+        use super::*;
+        use proptest::prelude::*;
+
+        const PIECES: &[&str] = &[
+            "{% for m in messages %}",
+            "{% endfor %}",
+            "{% if loop.first %}",
+            "{% if m.role == 'user' %}",
+            "{% elif m.role == 'system' %}",
+            "{% else %}",
+            "{% endif %}",
+            "{{ m.content }}",
+            "{{ m['role'] }}",
+            "{{ messages[0].content | trim }}",
+            "{{ messages | length }}",
+            "{{ bos_token }}",
+            "{{ m.content | tojson }}",
+            "{{ tools | tojson }}",
+            "<|im_start|>",
+            "\n",
+            "{% if add_generation_prompt %}assistant:{% endif %}",
+            "{{ raise_exception('no') }}",
+            "{% set ns = namespace(s='ab') %}",
+            "{% for i in range(30) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+            "{% for i in range(1000000) %}{% endfor %}",
+            "{{ 'x' * 200000 }}",
+            "{{ m.content * 1000 }}",
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "{{ m.content.split(' ') | join('|') }}",
+            "{{ m.content | upper }}{{ m.content.startswith('a') }}",
+            "{{ strftime_now('%Y') }}",
+            "{{ undefined_thing.field }}",
+            "{{ 1 / 0 }}",
+            "{% for %}",
+            "{{",
+            "}}",
+            "{% break %}",
+            "{{ messages[-1]['content'][::-1] }}",
+        ];
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_template_renders_within_its_limits_or_fails_cleanly(
+                picks in prop::collection::vec(0..PIECES.len(), 0..12),
+                messages in prop::collection::vec(("user|assistant|system|tool|[a-z]{0,4}", "\\PC{0,40}"), 0..4),
+            ) {
+                let template: String = picks.iter().map(|&i| PIECES[i]).collect();
+                let messages: Vec<ChatMessage> = messages.iter().map(|(r, c)| msg(r, c)).collect();
+                let input: usize = messages.iter().map(|m| m.role.len() + m.content.len()).sum();
+                match render(&template, &messages) {
+                    Ok(out) => prop_assert!(out.len() <= BASE_OUTPUT_BYTES + OUTPUT_PER_INPUT_BYTE * input),
+                    Err(e) => {
+                        let api = ApiError::from(e);
+                        prop_assert!((400..=500).contains(&api.status()) && !api.message.is_empty(), "{api:?}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn block_tags_eat_their_line_and_loops_break() {
         let t = "{% for m in messages %}\n  {% if m.role == 'stop' %}\n    {% break %}\n  {% endif %}\n{{ m.content }}\n{% endfor %}";
