@@ -439,6 +439,170 @@ fn large_prompts_at_once_do_not_stall_other_streams() {
     assert!(worst < Duration::from_secs(2), "the stream stalled for {worst:?}");
 }
 
+/// Three waves of 24 clients that leave at the worst moments (after the request line, with
+/// half a body sent, after the response head, after the first token) while another client
+/// streams: that stream never stalls, health keeps answering, and once the storm has passed
+/// every KV block the leavers held is free again and new requests are served.
+#[test]
+fn a_disconnect_storm_loses_nothing_and_frees_every_block() {
+    let server = TestServer::start(|_| {});
+    let addr = server.addr;
+    let steady = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true});
+    let mut sse = crate::support::stream_json(addr, "/v1/generate", &steady).sse();
+    sse.next_event().expect("the steady stream started");
+    let leaver = |i: usize| {
+        std::thread::spawn(move || {
+            let body =
+                serde_json::json!({"prompt": format!("Story number {i}:"), "max_tokens": 300, "ignore_eos": true})
+                    .to_string();
+            let Ok(mut s) = TcpStream::connect(addr) else { return };
+            let head = format!(
+                "POST /v1/generate HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            match i % 4 {
+                0 => {}
+                1 => drop(s.write_all(&body.as_bytes()[..body.len() / 2])),
+                _ => {
+                    let _ = s.write_all(body.as_bytes());
+                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 256];
+                    // Case 2 leaves once the head has arrived, case 3 once a token has.
+                    let want: &[u8] = if i % 4 == 2 { b"\r\n\r\n" } else { b"event: token" };
+                    while !seen.windows(want.len()).any(|w| w == want) {
+                        match s.read(&mut buf) {
+                            Ok(n) if n > 0 => seen.extend_from_slice(&buf[..n]),
+                            _ => break,
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let (mut worst, mut last, mut tokens) = (Duration::ZERO, Instant::now(), 0);
+    for wave in 0..3 {
+        let leavers: Vec<_> = (0..24).map(|i| leaver(wave * 24 + i)).collect();
+        while !leavers.iter().all(|t| t.is_finished()) {
+            let e = sse.next_event().expect("the steady stream goes on");
+            assert_eq!(e.event.as_deref(), Some("token"), "the steady stream ended early: {e:?}");
+            worst = worst.max(last.elapsed());
+            last = Instant::now();
+            tokens += 1;
+        }
+        let (status, took) = probe(addr, "/healthz");
+        assert!(status == 200 && took < Duration::from_millis(100), "health {status} in {took:?}");
+    }
+    drop(sse);
+    println!("72 leavers in three waves: {tokens} steady tokens meanwhile, largest gap {worst:?}");
+    assert!(worst < Duration::from_secs(2), "the steady stream stalled for {worst:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.kv_blocks_used() != 0 {
+        assert!(Instant::now() < deadline, "{} KV blocks still held after the storm", server.kv_blocks_used());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = crate::support::post_json(
+        addr,
+        "/v1/generate",
+        &serde_json::json!({"prompt": "Hi", "max_tokens": 3, "stream": false}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// A model whose file carries a hostile chat template (nested loops of 10^10 steps) served
+/// beside the real one: a chat with it is a 400 `template_limit` within a second, its plain
+/// completions and the other model's stream go on being served.
+#[test]
+fn a_hostile_chat_template_fails_only_its_own_requests() {
+    use starling::model::gguf::GgufValue;
+    use starling::model::gguf_writer::{TinyModelSpec, tiny_model_writer};
+    let path = std::env::temp_dir().join(format!("starling-hostile-template-{}.gguf", std::process::id()));
+    let mut w = tiny_model_writer(&TinyModelSpec::family("llama"));
+    let bomb = "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}";
+    w.metadata("tokenizer.chat_template", GgufValue::String(bomb.into()));
+    w.write(&path).unwrap();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut config = crate::support::test_config(|_| {});
+    let mut hostile = config.models[0].clone();
+    hostile.id = "hostile".into();
+    hostile.path = path.clone();
+    hostile.pipeline = root.join("pipelines/default.yaml");
+    config.models.push(hostile);
+    let server = TestServer::start_all(config);
+    let addr = server.addr;
+
+    let steady = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": true});
+    let mut sse = crate::support::stream_json(addr, "/v1/generate", &steady).sse();
+    sse.next_event().expect("the steady stream started");
+    let chat = serde_json::json!({"model": "hostile", "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..4 {
+        let started = Instant::now();
+        let r = crate::support::post_json(addr, "/v1/chat/completions", &chat);
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], "template_limit", "{}", r.text());
+        assert!(started.elapsed() < Duration::from_secs(1), "the refusal took {:?}", started.elapsed());
+        assert_eq!(sse.next_event().expect("the steady stream goes on").event.as_deref(), Some("token"));
+    }
+    let plain = serde_json::json!({"model": "hostile", "prompt": "hi", "max_tokens": 3, "stream": false});
+    assert_eq!(crate::support::post_json(addr, "/v1/completions", &plain).status, 200);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Hostile model files loaded through the admin API while a client streams: each is refused
+/// with a 4xx naming the problem, the stream goes on, and only the real model is listed.
+#[test]
+fn hostile_model_files_are_refused_while_others_are_served() {
+    use starling::model::gguf::GgufValue;
+    use starling::model::gguf_writer::{TinyModelSpec, tiny_model, tiny_model_writer};
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hostile-files");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let llama = TinyModelSpec::family("llama");
+    let with = |key: &str, value: GgufValue| {
+        let mut w = tiny_model_writer(&llama);
+        w.metadata(key, value);
+        w.to_bytes()
+    };
+    let whole = tiny_model(&llama);
+    let mut gemma = TinyModelSpec::family("gemma3");
+    gemma.sliding_window = Some((gemma.n_ctx as u32 * 4, 2));
+    let files: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("duplicate-key", with("llama.block_count", GgufValue::U32(2)), "llama.block_count"),
+        ("vocab-mismatch", with("llama.vocab_size", GgufValue::U32(5)), "vocab_size"),
+        ("truncated", whole[..whole.len() / 2].to_vec(), ""),
+        ("garbage", b"GGUF\x03\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\x7f".to_vec(), ""),
+        ("window-past-context", tiny_model(&gemma), "sliding_window"),
+    ];
+    let server = TestServer::start(|c| {
+        c.auth.admin_key = Some("admin-secret".into());
+        c.registry.model_dirs = vec![dir.clone()];
+        c.registry.cache_dir = dir.join("cache");
+    });
+    let addr = server.addr;
+    let steady = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": true});
+    let mut sse = crate::support::stream_json(addr, "/v1/generate", &steady).sse();
+    sse.next_event().expect("the steady stream started");
+    for (name, bytes, named) in &files {
+        let file = dir.join(format!("{name}.gguf"));
+        std::fs::write(&file, bytes).unwrap();
+        let body = serde_json::json!({"id": name, "source": file, "threads": 1, "kv_cache_max_bytes": 8 << 20});
+        let r = crate::support::request(
+            addr,
+            "POST",
+            "/admin/models",
+            &[("Authorization", "Bearer admin-secret"), ("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        );
+        assert!((400..500).contains(&r.status), "{name}: {} {}", r.status, r.text());
+        let message = r.json()["error"]["message"].as_str().unwrap_or_default().to_owned();
+        assert!(message.contains(named), "{name}: the error names `{named}`: {message}");
+        assert_eq!(sse.next_event().expect("the steady stream goes on").event.as_deref(), Some("token"), "{name}");
+    }
+    let listed = crate::support::get_as(addr, None, "/v1/models").json();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
+}
+
 /// Tokenizing and detokenizing cost CPU, so they count against the request rate limit.
 #[test]
 fn tokenize_and_detokenize_count_against_the_rate_limit() {

@@ -529,6 +529,11 @@ impl TinyModelSpec {
 /// (biases ±0.1), drawn in file order from a `ChaCha8Rng` seeded with `spec.seed`. The
 /// tensor set is exactly what llama.cpp asks for, so the file loads there too.
 pub fn tiny_model(spec: &TinyModelSpec) -> Vec<u8> {
+    tiny_model_writer(spec).to_bytes()
+}
+
+/// The writer [`tiny_model`] writes, for tests that add metadata (a chat template, say).
+pub fn tiny_model_writer(spec: &TinyModelSpec) -> GgufWriter {
     let mut w = GgufWriter::new(3);
     tiny_model_metadata(&mut w, spec);
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
@@ -546,7 +551,7 @@ pub fn tiny_model(spec: &TinyModelSpec) -> Vec<u8> {
         let values: Vec<f32> = (0..n).map(|_| rng.random_range(range.clone())).collect();
         w.tensor(&name, &dims, GgmlType::F32, f32_bytes(&values));
     }
-    w.to_bytes()
+    w
 }
 
 fn tiny_model_metadata(w: &mut GgufWriter, spec: &TinyModelSpec) {
