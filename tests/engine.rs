@@ -217,7 +217,7 @@ mod policy {
         world.resource_mut::<Inbox>().0.push_back(EngineCommand::Generate(Box::new(req)));
         let mut events = Vec::new();
         for tick in 1..=40 {
-            *world.resource_mut::<TickClock>() = TickClock { now: Timestamp(tick * 1000), tick };
+            *world.resource_mut::<TickClock>() = TickClock { now: Timestamp(tick * 1000), tick, live: None };
             schedule.run(&mut world);
             while let Ok(e) = rx.try_recv() {
                 events.push(e);

@@ -514,3 +514,49 @@ fn grafana_dashboard_charts_every_series() {
         assert!(exprs.iter().any(|e| e.contains(name)), "no panel charts {name}");
     }
 }
+
+/// Server-reported timings agree with what a streaming client measures on its own clock,
+/// within 20 ms: time to first token and total duration from the `done` event, and the
+/// time-to-first-token histogram, for a prompt prefilled in one tick and for one of three
+/// chunks (about 660 tokens through 256-token ticks).
+#[test]
+fn reported_timings_match_what_the_client_measures() {
+    let server = crate::support::TestServer::start(|c| {
+        c.models[0].max_batch_tokens = 256.try_into().unwrap();
+    });
+    let series = "starling_time_to_first_token_seconds_sum{model=\"smollm2-135m\"}";
+    let long = "All work and no play makes Jack a dull boy. ".repeat(60);
+    for (what, prompt) in [("one tick", "The capital of France is"), ("three chunks", long.as_str())] {
+        let before = crate::support::metric_value(server.addr, series).unwrap_or(0.0);
+        let body = json!({"prompt": prompt, "max_tokens": 8, "ignore_eos": true, "temperature": 0});
+        let sent = Instant::now();
+        let mut sse = crate::support::stream_json(server.addr, "/v1/generate", &body).sse();
+        let mut first = None;
+        let done = loop {
+            let e = sse.next_event().unwrap_or_else(|| panic!("{what}: the stream ended early"));
+            match e.event.as_deref() {
+                Some("token") => {
+                    first.get_or_insert_with(|| sent.elapsed());
+                }
+                Some("done") => break (serde_json::from_str::<Value>(&e.data).unwrap(), sent.elapsed()),
+                other => panic!("{what}: unexpected event {other:?}"),
+            }
+        };
+        let (client_ttft, client_total) = (first.unwrap().as_secs_f64() * 1e3, done.1.as_secs_f64() * 1e3);
+        let timings = &done.0["timings"];
+        let (ttft, total) =
+            (timings["time_to_first_token_ms"].as_f64().unwrap(), timings["total_ms"].as_f64().unwrap());
+        println!("{what}: ttft {ttft:.1} ms (client {client_ttft:.1}), total {total:.1} ms (client {client_total:.1})");
+        assert!((ttft - client_ttft).abs() < 20.0, "{what}: server ttft {ttft} ms, client {client_ttft} ms");
+        assert!((total - client_total).abs() < 20.0, "{what}: server total {total} ms, client {client_total} ms");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let observed = loop {
+            let now = crate::support::metric_value(server.addr, series).unwrap_or(0.0);
+            if now != before || Instant::now() > deadline {
+                break (now - before) * 1e3;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!((observed - client_ttft).abs() < 20.0, "{what}: histogram {observed} ms, client {client_ttft} ms");
+    }
+}

@@ -136,7 +136,8 @@ impl Harness {
     fn run_tick(&mut self) {
         self.tick += 1;
         self.now_ms += 1;
-        *self.world.resource_mut::<TickClock>() = TickClock { now: Timestamp(self.now_ms * 1000), tick: self.tick };
+        *self.world.resource_mut::<TickClock>() =
+            TickClock { now: Timestamp(self.now_ms * 1000), tick: self.tick, live: None };
         self.schedule.run(&mut self.world);
         starling::engine::observe::after_tick(&mut self.world, Instant::now());
     }

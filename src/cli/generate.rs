@@ -108,7 +108,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         session: None,
         timeout: None,
     };
-    let origin = Origin { tenant: TenantId::from("cli"), client_id: None };
+    let origin = Origin { tenant: TenantId::from("cli"), client_id: None, received_at: std::time::Instant::now() };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
     let mut stdout = std::io::stdout().lock();
     let streamed = runtime.block_on(async {

@@ -275,7 +275,7 @@ fn on_request_removed(
     if let Some(t) = ttft {
         m.ttft.observe(t);
     }
-    let duration = secs(timing.received, clock.now);
+    let duration = secs(timing.received, clock.read());
     m.e2e.observe(duration);
     let session = link.and_then(|l| names.get(l.0).ok()).map_or("", |n| n.id.0.as_str());
     let prompt = match (tel.log_prompts, tokens) {

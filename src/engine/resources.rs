@@ -13,7 +13,7 @@ use crate::model::runtime::ModelRuntime;
 use crate::protocol::EngineCommand;
 use crate::sampler::PolicyRules;
 use crate::tokenizer::GgufTokenizer;
-use crate::types::{SessionId, TenantId, Timestamp};
+use crate::types::{MonotonicOrigin, SessionId, TenantId, Timestamp};
 
 /// Commands received since the last tick. Filled by the engine loop; drained by admit.
 #[derive(Resource, Default)]
@@ -23,8 +23,20 @@ pub struct Inbox(pub VecDeque<EngineCommand>);
 /// hand); read by admit (timestamps), evict (deadlines, TTL) and emit (timings).
 #[derive(Resource, Clone, Copy, Debug, Default)]
 pub struct TickClock {
+    /// When the tick started: what deadlines and TTLs are judged against.
     pub now: Timestamp,
     pub tick: u64,
+    /// The live clock, when the engine runs on one (tests that set `now` by hand leave it
+    /// out, and [`TickClock::read`] is then `now`).
+    pub live: Option<MonotonicOrigin>,
+}
+
+impl TickClock {
+    /// The time at this moment: stamps what happens partway through a tick (a token emitted
+    /// after the forward pass, a request finished), so timings include the tick's own work.
+    pub fn read(&self) -> Timestamp {
+        self.live.map_or(self.now, |origin| origin.now())
+    }
 }
 
 /// The model runtime. Read by tokenize (vocabulary bounds), forward.

@@ -361,7 +361,7 @@ fn run_loop(world: &mut World, schedule: &mut Schedule, rx: &Receiver, max_queue
         }
         tick += 1;
         let now = origin.now();
-        *world.resource_mut::<TickClock>() = TickClock { now, tick };
+        *world.resource_mut::<TickClock>() = TickClock { now, tick, live: Some(origin) };
         {
             let mut r = world.resource_mut::<TickReport>();
             r.planned_tokens = 0;

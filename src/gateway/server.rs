@@ -260,7 +260,7 @@ async fn handle(
         Err(refused) => refused,
         Ok((caller, rate)) => {
             span.record("tenant", caller.tenant.as_str());
-            let ctx = Ctx { caller, request_id: request_id.clone() };
+            let ctx = Ctx { caller, request_id: request_id.clone(), received_at: started };
             let mut r = match routed {
                 Ok(matched) if over_cap && !matched.route.is_health() => {
                     let e = ApiError::new(

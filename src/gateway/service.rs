@@ -36,6 +36,8 @@ pub struct Job {
 pub struct Origin {
     pub tenant: TenantId,
     pub client_id: Option<String>,
+    /// When the request arrived (its timings count from here).
+    pub received_at: Instant,
 }
 
 /// An admitted generation: its event receiver, plus what the stream needs on the way out
@@ -123,7 +125,7 @@ pub async fn start(
         input,
         sampling,
         timeout: timeout.unwrap_or(default_timeout),
-        received_at: Instant::now(),
+        received_at: origin.received_at,
         events: tx,
     };
     model.engine.send(EngineCommand::Generate(Box::new(request)))?;
@@ -146,7 +148,11 @@ pub async fn submit(state: &Arc<AppState>, ctx: &Ctx, model: &LoadedModel, job: 
         let e = ApiError::new(ErrorKind::Unavailable, "the server is shutting down").with_code("draining");
         return Err(state.obs.rejected(model.id.as_str(), e));
     }
-    let origin = Origin { tenant: ctx.caller.tenant.clone(), client_id: Some(ctx.request_id.clone()) };
+    let origin = Origin {
+        tenant: ctx.caller.tenant.clone(),
+        client_id: Some(ctx.request_id.clone()),
+        received_at: ctx.received_at,
+    };
     let default_timeout = state.live().config.limits.default_timeout;
     // Text is tokenized on the CPU pool, never on the engine's thread.
     let job = match job.input {

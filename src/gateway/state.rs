@@ -58,6 +58,8 @@ impl Live {
 pub struct Ctx {
     pub caller: Caller,
     pub request_id: String,
+    /// When the request's head arrived: where its queue time and time to first token start.
+    pub received_at: std::time::Instant,
 }
 
 impl AppState {

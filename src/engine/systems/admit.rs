@@ -84,7 +84,7 @@ pub fn admit_requests(
         load.add(&req.tenant, tokens);
         stats.admitted += 1;
         let tenant = req.tenant.clone();
-        let entity = spawn_request(&mut commands, *req, ClientId(name.clone()), session, clock.now);
+        let entity = spawn_request(&mut commands, *req, ClientId(name.clone()), session, clock.read());
         spawned.push((entity, tenant, name));
     }
     stats.queue_depth = load.requests;

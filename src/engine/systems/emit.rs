@@ -33,6 +33,9 @@ pub fn emit_events(
     clock: Res<TickClock>,
     mut report: ResMut<TickReport>,
 ) {
+    // Emit runs after the forward pass: tokens are stamped now, not at the tick's start, so
+    // time to first token includes the prefill that produced it.
+    let now = clock.read();
     for (mut outbox, mut text_out, mut phase, mut timing, tx, tokens, sampling, cached) in &mut seqs {
         let outbox = &mut *outbox;
         let text_out = &mut *text_out;
@@ -41,7 +44,7 @@ pub fn emit_events(
             if outbox.closed {
                 break;
             }
-            timing.first_token.get_or_insert(clock.now);
+            timing.first_token.get_or_insert(now);
             let piece = if tok.is_stop {
                 String::new()
             } else {
@@ -84,7 +87,7 @@ pub fn emit_events(
                     cached_tokens: cached.0,
                     completion_tokens: tokens.n_generated(),
                 },
-                timings: timings(&timing, clock.now),
+                timings: timings(&timing, now),
                 seed: sampling.0.seed(),
                 text: tail,
             };
