@@ -385,6 +385,36 @@ fn a_url_source_is_downloaded_verified_and_loaded() {
 }
 
 #[test]
+fn a_url_source_must_be_pinned_on_reload_as_on_load() {
+    let dir = scratch("reload-pin");
+    let server = admin_server(&dir, |_| {});
+    let files = FileServer::start();
+    files.put("/tiny.gguf", tiny_gguf(8), "p1");
+    let unpinned = json!({"id": "web", "source": files.url("/tiny.gguf")});
+    let load = admin(&server, "POST", "/admin/models", Some(&unpinned));
+    let reload = admin(
+        &server,
+        "POST",
+        &format!("/admin/models/{MODEL_ID}/reload"),
+        Some(&json!({"source": files.url("/tiny.gguf")})),
+    );
+    for r in [&load, &reload] {
+        let e = &r.json()["error"];
+        assert_eq!(
+            (r.status, e["code"].clone(), e["param"].clone()),
+            (400, json!("sha256_required"), json!("sha256")),
+            "{}",
+            r.text()
+        );
+    }
+    assert_eq!(load.json()["error"]["message"], reload.json()["error"]["message"], "one rule, one message");
+    assert!(files.log().is_empty(), "nothing was downloaded: {:?}", files.log());
+    let listed = admin(&server, "GET", "/admin/models", None).json();
+    assert_eq!(listed["models"][0]["state"], "ready", "the refused reload left the model serving");
+    assert_eq!(generate_with(&server, MODEL_ID).status, 200);
+}
+
+#[test]
 fn a_model_beyond_the_memory_budget_is_refused() {
     let dir = scratch("budget");
     let real = std::fs::metadata(model_path()).unwrap().len() + (64 << 20);

@@ -163,6 +163,18 @@ fn limits(body: &LoadBody) -> Result<ModelLimits, ApiError> {
 /// Smallest KV arena a loaded model may ask for (1 MiB).
 const MIN_KV_BYTES: u64 = 1 << 20;
 
+/// Refuses an `http(s)://` source without the digest it must have: a URL's content may
+/// change under it, so load and reload alike pin it (400 `sha256_required`).
+fn require_pin(source: &Source, sha256: Option<&Digest>) -> Result<(), ApiError> {
+    if matches!(source, Source::Http(_)) && sha256.is_none() {
+        let message = "a URL source needs the expected `sha256` (64 hex digits)";
+        return Err(ApiError::new(ErrorKind::InvalidRequest, message)
+            .with_code("sha256_required")
+            .with_param("sha256"));
+    }
+    Ok(())
+}
+
 fn parse_sha(text: Option<&str>) -> Result<Option<Digest>, ApiError> {
     text.map(Digest::parse)
         .transpose()
@@ -177,10 +189,9 @@ pub async fn load(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Respo
     let limits = limits(&body)?;
     let id = parse_id(&body.id).map_err(api_error)?;
     let source = Source::parse(&body.source).map_err(|e| api_error(e.into()))?;
-    if matches!(source, Source::Http(_)) && body.sha256.is_none() {
-        return Err(ApiError::invalid_parameter("sha256", "a URL source needs the expected `sha256`"));
-    }
-    let spec = LoadSpec { id: id.clone(), source, sha256: parse_sha(body.sha256.as_deref())?, limits };
+    let sha256 = parse_sha(body.sha256.as_deref())?;
+    require_pin(&source, sha256.as_ref())?;
+    let spec = LoadSpec { id: id.clone(), source, sha256, limits };
     let record = state.load_model(spec).await.map_err(api_error)?;
     let table = state.models.snapshot();
     Ok(json_response(StatusCode::CREATED, &describe(id.as_str(), &record, table.get(id.as_str()))))
@@ -192,14 +203,18 @@ pub async fn unload(state: &Arc<AppState>, id: &str) -> Result<Response<Body>, A
     Ok(json_response(StatusCode::OK, &json!({"id": id, "state": "unloaded", "drained": drained})))
 }
 
-/// `POST /admin/models/{id}/reload` (optional `{"source", "sha256"}`): a new copy loads
-/// beside the serving one, then takes over.
+/// `POST /admin/models/{id}/reload` (optional `{"source", "sha256"}`, a URL source pinned
+/// like a load's): a new copy loads beside the serving one, then takes over.
 pub async fn reload(state: &Arc<AppState>, id: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let map = read_optional_object(req, state.config.server.max_body_bytes.get()).await?;
     reject_unknown(&map, &[&["source", "sha256"]])?;
     let sha256 = parse_sha(map.get("sha256").and_then(Value::as_str))?;
     let source = match map.get("source").and_then(Value::as_str) {
-        Some(s) => Some((Source::parse(s).map_err(|e| api_error(e.into()))?, sha256)),
+        Some(s) => {
+            let source = Source::parse(s).map_err(|e| api_error(e.into()))?;
+            require_pin(&source, sha256.as_ref())?;
+            Some((source, sha256))
+        }
         None if sha256.is_some() => {
             return Err(ApiError::invalid_parameter("sha256", "`sha256` needs a `source` beside it"));
         }
