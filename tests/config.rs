@@ -473,6 +473,21 @@ fn model_override_rescues_a_missing_model_file() {
 }
 
 #[test]
+fn registry_allowed_hosts_take_hosts_with_optional_ports() {
+    assert_eq!(with(|_| {}).unwrap().registry.allowed_hosts, None, "unset = any host");
+    let c = with(|v| v["registry"] = json!({"allowed_hosts": ["Models.Example.org", "10.0.0.5:8080", "[::1]:81"]}))
+        .unwrap();
+    let got: Vec<(String, Option<u16>)> =
+        c.registry.allowed_hosts.unwrap().into_iter().map(|a| (a.host, a.port)).collect();
+    let want = [("models.example.org", None), ("10.0.0.5", Some(8080)), ("::1", Some(81))];
+    assert_eq!(got, want.map(|(h, p)| (h.to_owned(), p)));
+    for bad in ["", "host:0", "host:99999", "http://host", "user@host", "[::1", "host:port"] {
+        let r = with(|v| v["registry"] = json!({"allowed_hosts": ["ok.example", bad]}));
+        assert_rejects(r, "registry.allowed_hosts[1]", "optionally with :PORT");
+    }
+}
+
+#[test]
 fn debug_output_redacts_keys() {
     let c = with(|v| v["auth"] = json!({"api_keys": [{"key": "sk-live-123"}], "admin_key": "adm-456"})).unwrap();
     let shown = format!("{c:?}");

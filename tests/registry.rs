@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
-use starling::config::{ApiKey, Config, Overrides};
+use starling::config::{AllowedHost, ApiKey, Config, Overrides};
 use starling::gateway::{AppState, load_configured};
 use starling::model::gguf_writer::{TinyLlamaSpec, tiny_llama_f32};
 use starling::registry::{Digest, HttpUrl, ModelCache, Origin, RegistryError, Source, resolve_local};
@@ -412,6 +412,33 @@ fn a_url_source_must_be_pinned_on_reload_as_on_load() {
     let listed = admin(&server, "GET", "/admin/models", None).json();
     assert_eq!(listed["models"][0]["state"], "ready", "the refused reload left the model serving");
     assert_eq!(generate_with(&server, MODEL_ID).status, 200);
+}
+
+#[test]
+fn a_url_whose_host_is_not_allowed_is_refused_before_any_connection() {
+    let files = FileServer::start();
+    let body = tiny_gguf(9);
+    files.put("/tiny.gguf", body.clone(), "h1");
+    let host = |host: &str, port: Option<u16>| AllowedHost { host: host.to_owned(), port };
+    // Another host, and the server's host on another port: both refused.
+    let other_port = vec![host("models.example.org", None), host("127.0.0.1", Some(files.addr.port() ^ 1))];
+    let dir = scratch("allowed-hosts");
+    let server = admin_server(&dir, |c| c.registry.allowed_hosts = Some(other_port));
+    let load = json!({"id": "web", "source": files.url("/tiny.gguf"), "sha256": sha(&body).to_string()});
+    let r = admin(&server, "POST", "/admin/models", Some(&load));
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("host_not_allowed")), "{}", r.text());
+    assert!(r.text().contains("registry.allowed_hosts"), "{}", r.text());
+    let reload = json!({"source": files.url("/tiny.gguf"), "sha256": sha(&body).to_string()});
+    let r = admin(&server, "POST", &format!("/admin/models/{MODEL_ID}/reload"), Some(&reload));
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("host_not_allowed")), "{}", r.text());
+    assert!(files.log().is_empty(), "no request reached the server: {:?}", files.log());
+    assert_eq!(generate_with(&server, "web").status, 404);
+
+    let dir = scratch("allowed-hosts-ok");
+    let listed = vec![host("127.0.0.1", Some(files.addr.port()))];
+    let server = admin_server(&dir, |c| c.registry.allowed_hosts = Some(listed));
+    let r = admin(&server, "POST", "/admin/models", Some(&load));
+    assert_eq!(r.status, 201, "a listed host and port load: {}", r.text());
 }
 
 #[test]

@@ -48,6 +48,17 @@ pub struct RegistryConfig {
     pub memory_budget: Option<u64>,
     /// How long an unloaded or replaced model may finish its requests before they are cancelled.
     pub drain_grace: Duration,
+    /// Hosts URL sources may name; `None` = any host. Checked before any connection is made.
+    pub allowed_hosts: Option<Vec<AllowedHost>>,
+}
+
+/// One `registry.allowed_hosts` entry: a host, and the one port allowed when it names one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowedHost {
+    /// A host name (lowercase) or an IP address (IPv6 without its brackets).
+    pub host: String,
+    /// The only port allowed on that host; `None` = any port.
+    pub port: Option<u16>,
 }
 
 /// The HTTP listener.

@@ -10,7 +10,7 @@ use super::records::{LifecycleError, LoadSpec, ModelLimits, ModelRecord, ModelSt
 use super::state::AppState;
 use crate::config::{Config, ModelConfig};
 use crate::engine::load::{Footprint, LoadError, LoadedModel, start_model_observed};
-use crate::registry::{Digest, RegistryError, Source, resolve_local, sha256_file};
+use crate::registry::{Digest, RegistryError, Source, check_allowed_host, resolve_local, sha256_file};
 use crate::types::ModelId;
 
 impl AppState {
@@ -193,6 +193,7 @@ impl AppState {
                 Ok((real, Some(got)))
             }
             Source::Http(url) => {
+                check_allowed_host(url, self.config.registry.allowed_hosts.as_deref())?;
                 let fetched = self.registry.cache.fetch(url, spec.sha256.as_ref(), &self.registry.digests()).await?;
                 tracing::info!(source = url.as_str(), origin = ?fetched.origin, sha256 = %fetched.sha256, "model file ready");
                 Ok((fetched.path, Some(fetched.sha256)))

@@ -27,6 +27,8 @@ pub enum RegistryError {
     BadDigest(String),
     #[error("{from}: {size} bytes exceed the cache cap of {cap} bytes")]
     TooLarge { from: String, size: u64, cap: u64 },
+    #[error("{url}: host `{host}` is not in `registry.allowed_hosts` ({allowed}); nothing was fetched")]
+    HostNotAllowed { url: String, host: String, allowed: String },
     #[error("cache index {}: {reason}", path.display())]
     Index { path: PathBuf, reason: String },
 }

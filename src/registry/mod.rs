@@ -3,7 +3,8 @@
 //!
 //! - [`Source`]: a local path (only under the configured model directories; `..` and
 //!   symlinks leading out of them are refused) or an `http://` or `https://` URL (rustls;
-//!   see [`trust_pem`] for private CAs).
+//!   see [`trust_pem`] for private CAs) whose host [`check_allowed_host`] checks against
+//!   `registry.allowed_hosts` before any connection.
 //! - [`ModelCache`]: downloads stream into a temporary file in the cache directory while
 //!   their sha256 is computed, are fsync'd and renamed into place only once verified; an
 //!   index (`index.json`) records source, sha256, size, ETag and last use. A pinned digest
@@ -21,6 +22,6 @@ mod tls;
 pub use cache::{CacheEntry, Fetched, ModelCache, Origin};
 pub use digest::{Digest, sha256_file};
 pub use error::RegistryError;
-pub use http::HttpUrl;
+pub use http::{HttpUrl, check_allowed_host};
 pub use source::{Source, resolve_local};
 pub use tls::trust_pem;

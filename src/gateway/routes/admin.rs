@@ -39,6 +39,7 @@ fn api_error(e: LifecycleError) -> ApiError {
                 (ErrorKind::Internal, "io_error")
             }
             RegistryError::Index { .. } => (ErrorKind::Internal, "cache_index"),
+            RegistryError::HostNotAllowed { .. } => (ErrorKind::InvalidRequest, "host_not_allowed"),
             _ => (ErrorKind::InvalidRequest, "invalid_source"),
         },
         LifecycleError::Load(LoadError::OverBudget { .. }) => (ErrorKind::Conflict, "memory_budget_exceeded"),
