@@ -488,6 +488,17 @@ fn registry_allowed_hosts_take_hosts_with_optional_ports() {
 }
 
 #[test]
+fn registry_download_timeout_is_bounded() {
+    assert_eq!(with(|_| {}).unwrap().registry.download_timeout, Duration::from_secs(3600));
+    let c = with(|v| v["registry"] = json!({"download_timeout_secs": 60})).unwrap();
+    assert_eq!(c.registry.download_timeout, Duration::from_secs(60));
+    for bad in [0, 604_801] {
+        let r = with(|v| v["registry"] = json!({"download_timeout_secs": bad}));
+        assert_rejects(r, "registry.download_timeout_secs", "604800");
+    }
+}
+
+#[test]
 fn debug_output_redacts_keys() {
     let c = with(|v| v["auth"] = json!({"api_keys": [{"key": "sk-live-123"}], "admin_key": "adm-456"})).unwrap();
     let shown = format!("{c:?}");

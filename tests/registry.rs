@@ -1,9 +1,11 @@
 //! Late-bound models and the model registry: readiness while a model loads, the download
 //! cache (against a local HTTP server), and the admin lifecycle routes.
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -209,6 +211,200 @@ fn a_connection_dropped_mid_body_leaves_nothing_under_the_final_name() {
     let whole = HttpUrl::parse(&files.url("/whole.gguf")).unwrap();
     block_on(cache.fetch(&whole, Some(&sha(&body)), &[])).expect("downloads");
     assert!(!orphan.exists(), "the dead process's partial download is removed");
+}
+
+/// Reads one request's head from `stream` and returns its path.
+fn read_request_path(stream: &TcpStream) -> String {
+    let mut reader = BufReader::new(stream);
+    let mut first = String::new();
+    let _ = reader.read_line(&mut first);
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+        line.clear();
+    }
+    first.split(' ').nth(1).unwrap_or("/").to_owned()
+}
+
+/// A server on 127.0.0.1 that announces `body` whole but sends it one byte every 20 ms,
+/// until the client goes away (at most a minute).
+fn trickle_server(body: Vec<u8>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                read_request_path(&stream);
+                let mut out = stream;
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = out.write_all(head.as_bytes());
+                for b in body {
+                    if out.write_all(&[b]).and_then(|()| out.flush()).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_download_past_its_deadline_fails_and_leaves_no_partial_file() {
+    // 3,000 bytes at one per 20 ms: a minute, never idle long enough for the idle timeout.
+    let body = vec![7u8; 3000];
+    let url = HttpUrl::parse(&format!("http://{}/slow.gguf", trickle_server(body.clone()))).unwrap();
+    let dir = scratch("deadline");
+    let cache = ModelCache::new(&dir, 64 << 20).with_download_timeout(Duration::from_millis(300));
+    let err = block_on(cache.fetch(&url, Some(&sha(&body)), &[])).unwrap_err();
+    assert!(matches!(err, RegistryError::Deadline { .. }), "{err}");
+    assert!(err.to_string().contains("registry.download_timeout_secs"), "{err}");
+    assert!(cache_files(&dir).is_empty(), "the partial download is removed: {:?}", cache_files(&dir));
+    assert!(cache.entries().unwrap().is_empty());
+}
+
+/// A server on 127.0.0.1 that logs `start <path>` when a request arrives and `end <path>`
+/// before it sends the second half of the body, which it holds back until two requests
+/// have started (or 20 s have passed, so a server that never sees the second still ends).
+struct PacedServer {
+    addr: SocketAddr,
+    events: Arc<(Mutex<Vec<String>>, Condvar)>,
+}
+
+impl PacedServer {
+    fn start(files: Vec<(&'static str, Vec<u8>)>) -> PacedServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let events = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let shared = events.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let (events, files) = (shared.clone(), files.clone());
+                std::thread::spawn(move || {
+                    let path = read_request_path(&stream);
+                    let body = files.iter().find(|(p, _)| *p == path).map(|(_, b)| b.clone()).unwrap_or_default();
+                    let (log, turn) = &*events;
+                    log.lock().unwrap().push(format!("start {path}"));
+                    turn.notify_all();
+                    let mut out = stream;
+                    let head =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                    let half = body.len() / 2;
+                    let _ = out.write_all(head.as_bytes()).and_then(|()| out.write_all(&body[..half]));
+                    let _ = out.flush();
+                    let started = |log: &mut Vec<String>| log.iter().filter(|e| e.starts_with("start")).count() < 2;
+                    let (mut log, _) =
+                        turn.wait_timeout_while(log.lock().unwrap(), Duration::from_secs(20), started).unwrap();
+                    log.push(format!("end {path}"));
+                    drop(log);
+                    let _ = out.write_all(&body[half..]);
+                });
+            }
+        });
+        PacedServer { addr, events }
+    }
+
+    fn events(&self) -> Vec<String> {
+        self.events.0.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn downloads_of_different_files_run_at_the_same_time() {
+    let (a, b) = (tiny_gguf(10), tiny_gguf(11));
+    let server = PacedServer::start(vec![("/a.gguf", a.clone()), ("/b.gguf", b.clone())]);
+    let dir = scratch("parallel");
+    let cache = ModelCache::new(&dir, 64 << 20);
+    let url = |p: &str| HttpUrl::parse(&format!("http://{}{p}", server.addr)).unwrap();
+    let (ua, ub, da, db) = (url("/a.gguf"), url("/b.gguf"), sha(&a), sha(&b));
+    let (ra, rb) = block_on(async { tokio::join!(cache.fetch(&ua, Some(&da), &[]), cache.fetch(&ub, Some(&db), &[])) });
+    assert_eq!((ra.unwrap().sha256, rb.unwrap().sha256), (sha(&a), sha(&b)));
+    let events = server.events();
+    let first_end = events.iter().position(|e| e.starts_with("end")).unwrap();
+    assert_eq!(
+        events[..first_end].iter().filter(|e| e.starts_with("start")).count(),
+        2,
+        "the second download started before the first finished: {events:?}"
+    );
+    let mut names = cache_files(&dir);
+    names.sort();
+    let mut want = vec![format!("{}.gguf", sha(&a)), format!("{}.gguf", sha(&b))];
+    want.sort();
+    assert_eq!(names, want, "both are cached, no temporary file is left");
+    assert_eq!(cache.entries().unwrap().len(), 2, "neither index update lost the other's entry");
+}
+
+/// Opens the FIFO at `path` for writing if a reader waits on it (never blocks; `None` when
+/// nobody reads it or it is no longer a FIFO) and writes an empty cache index into it.
+#[cfg(target_os = "linux")]
+fn feed_index_fifo(path: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    /// `O_NONBLOCK` on Linux: opening a FIFO for writing fails at once when no reader waits.
+    const O_NONBLOCK: i32 = 0o4000;
+    let Ok(mut fifo) = std::fs::OpenOptions::new().write(true).custom_flags(O_NONBLOCK).open(path) else {
+        return false;
+    };
+    if !fifo.metadata().is_ok_and(|m| m.file_type().is_fifo()) {
+        return false;
+    }
+    fifo.write_all(br#"{"next_seq": 0, "entries": []}"#).is_ok()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn cache_file_work_leaves_the_async_worker_free() {
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+    const PROBE: u8 = 1;
+    const WATCHDOG: u8 = 2;
+    let files = FileServer::start();
+    let body = tiny_gguf(12);
+    files.put("/m.gguf", body.clone(), "f1");
+    let dir = scratch("off-worker");
+    // The index is a FIFO: reading it blocks until someone writes it.
+    let index = dir.join("index.json");
+    assert!(Command::new("mkfifo").arg(&index).status().unwrap().success());
+    let fed_first = Arc::new(AtomicU8::new(0));
+    // Were the index read on the runtime's only thread, the probe task below could not run:
+    // the watchdog then feeds the FIFO every 20 s so the test ends (and fails).
+    let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
+    let watchdog = {
+        let (index, fed_first) = (index.clone(), fed_first.clone());
+        std::thread::spawn(move || {
+            while cancelled.recv_timeout(Duration::from_secs(20)).is_err() {
+                if feed_index_fifo(&index) {
+                    let _ = fed_first.compare_exchange(0, WATCHDOG, Ordering::SeqCst, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    let cache = Arc::new(ModelCache::new(&dir, 64 << 20));
+    let url = HttpUrl::parse(&files.url("/m.gguf")).unwrap();
+    let digest = sha(&body);
+    let done = Arc::new(AtomicBool::new(false));
+    let fetched = block_on(async {
+        let fetch = tokio::spawn(async move { cache.fetch(&url, Some(&digest), &[]).await });
+        let probe = {
+            let (index, fed_first, done) = (index.clone(), fed_first.clone(), done.clone());
+            tokio::spawn(async move {
+                // Feeds the index whenever the fetch waits reading it, until the fetch ends.
+                while !done.load(Ordering::SeqCst) {
+                    if feed_index_fifo(&index) {
+                        let _ = fed_first.compare_exchange(0, PROBE, Ordering::SeqCst, Ordering::SeqCst);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        let fetched = fetch.await.unwrap();
+        done.store(true, Ordering::SeqCst);
+        probe.await.unwrap();
+        fetched
+    });
+    let _ = cancel.send(());
+    watchdog.join().unwrap();
+    assert_eq!(fed_first.load(Ordering::SeqCst), PROBE, "another task ran while the index was being read");
+    assert_eq!(fetched.expect("the download completes").origin, Origin::Downloaded);
 }
 
 #[test]

@@ -65,6 +65,7 @@ fn registry(raw: RawRegistry) -> Result<RegistryConfig> {
                 list.iter().enumerate().map(|(i, h)| allowed_host(&field(i), h)).collect::<Result<_>>()
             })
             .transpose()?,
+        download_timeout: secs("registry.download_timeout_secs", raw.download_timeout_secs, 3600, 1..=604_800)?,
     })
 }
 

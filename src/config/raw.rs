@@ -147,6 +147,7 @@ pub struct RawRegistry {
     pub memory_budget: Option<RawBytes>,
     pub drain_grace_secs: Option<i64>,
     pub allowed_hosts: Option<Vec<String>>,
+    pub download_timeout_secs: Option<i64>,
 }
 
 /// `policy:` — content rules on prompts (`input`) and generated text (`output`).

@@ -50,6 +50,8 @@ pub struct RegistryConfig {
     pub drain_grace: Duration,
     /// Hosts URL sources may name; `None` = any host. Checked before any connection is made.
     pub allowed_hosts: Option<Vec<AllowedHost>>,
+    /// How long one download may take in all (connect to last byte) before it is abandoned.
+    pub download_timeout: Duration,
 }
 
 /// One `registry.allowed_hosts` entry: a host, and the one port allowed when it names one.

@@ -109,7 +109,8 @@ impl ModelLimits {
 impl ModelRegistry {
     pub fn new(config: &Config) -> Self {
         ModelRegistry {
-            cache: ModelCache::new(&config.registry.cache_dir, config.registry.cache_max_bytes),
+            cache: ModelCache::new(&config.registry.cache_dir, config.registry.cache_max_bytes)
+                .with_download_timeout(config.registry.download_timeout),
             records: Mutex::new(HashMap::new()),
         }
     }

@@ -29,6 +29,12 @@ pub enum RegistryError {
     TooLarge { from: String, size: u64, cap: u64 },
     #[error("{url}: host `{host}` is not in `registry.allowed_hosts` ({allowed}); nothing was fetched")]
     HostNotAllowed { url: String, host: String, allowed: String },
+    #[error(
+        "GET {url}: not finished within {limit:?} (`registry.download_timeout_secs`); the partial download was removed"
+    )]
+    Deadline { url: String, limit: std::time::Duration },
+    #[error("a cache file task failed: {0}")]
+    Task(String),
     #[error("cache index {}: {reason}", path.display())]
     Index { path: PathBuf, reason: String },
 }

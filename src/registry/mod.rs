@@ -10,7 +10,8 @@
 //!   index (`index.json`) records source, sha256, size, ETag and last use. A pinned digest
 //!   already in the cache is a hit with no request; an unpinned source is revalidated with
 //!   `If-None-Match` (304 = hit). A size cap evicts the least recently used entries that are
-//!   not in use.
+//!   not in use. Each fetch has an overall deadline; fetches of different files run in
+//!   parallel, and file work stays off the async workers.
 
 mod cache;
 mod digest;
@@ -19,7 +20,7 @@ mod http;
 mod source;
 mod tls;
 
-pub use cache::{CacheEntry, Fetched, ModelCache, Origin};
+pub use cache::{CacheEntry, DEFAULT_DOWNLOAD_TIMEOUT, Fetched, ModelCache, Origin};
 pub use digest::{Digest, sha256_file};
 pub use error::RegistryError;
 pub use http::{HttpUrl, check_allowed_host};

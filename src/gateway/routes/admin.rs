@@ -38,7 +38,8 @@ fn api_error(e: LifecycleError) -> ApiError {
             RegistryError::Io { error, .. } if error.kind() != std::io::ErrorKind::NotFound => {
                 (ErrorKind::Internal, "io_error")
             }
-            RegistryError::Index { .. } => (ErrorKind::Internal, "cache_index"),
+            RegistryError::Deadline { .. } => (ErrorKind::Unavailable, "download_timeout"),
+            RegistryError::Index { .. } | RegistryError::Task(_) => (ErrorKind::Internal, "cache_index"),
             RegistryError::HostNotAllowed { .. } => (ErrorKind::InvalidRequest, "host_not_allowed"),
             _ => (ErrorKind::InvalidRequest, "invalid_source"),
         },
