@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 use starling::config::{AllowedHost, ApiKey, Config, Overrides};
+use starling::engine::load::Footprint;
 use starling::gateway::{AppState, load_configured};
 use starling::model::gguf_writer::{TinyLlamaSpec, tiny_llama_f32};
 use starling::registry::{Digest, HttpUrl, ModelCache, Origin, RegistryError, Source, resolve_local};
@@ -646,6 +647,49 @@ fn a_model_beyond_the_memory_budget_is_refused() {
     assert_eq!((r.status, r.json()["error"]["code"].clone()), (409, json!("memory_budget_exceeded")), "{}", r.text());
     assert!(r.text().contains("memory budget"), "{}", r.text());
     assert_eq!(generate_with(&server, "tiny").status, 404);
+}
+
+#[test]
+fn a_reservation_holds_the_budget_until_it_is_dropped() {
+    let server = TestServer::start_empty(|_| {});
+    let registry = &server.state.registry;
+    for id in ["a", "b"] {
+        let mut mc = server.state.config.models[0].clone();
+        mc.id = ModelId::from(id);
+        registry.record(&mc, Footprint::default());
+    }
+    let six = Footprint { weights_bytes: 600, kv_cap_bytes: 0 };
+    let held = registry.reserve(&ModelId::from("a"), six, Some(1000)).expect("600 of 1000 fit");
+    let refused = registry.reserve(&ModelId::from("b"), six, Some(1000)).err().expect("600 more do not fit");
+    assert!(refused.to_string().contains("only 400 of the 1000-byte"), "{refused}");
+    drop(held);
+    assert!(registry.reserve(&ModelId::from("b"), six, Some(1000)).is_ok(), "a dropped reservation is given back");
+}
+
+#[test]
+fn two_concurrent_loads_that_fit_only_one_at_a_time_cannot_both_pass() {
+    let dir = scratch("budget-race");
+    let kv = 8u64 << 20;
+    let tiny = tiny_gguf(42).len() as u64;
+    let serving = std::fs::metadata(model_path()).unwrap().len() + (64 << 20);
+    let server = admin_server(&dir, |c| c.registry.memory_budget = Some(serving + tiny + kv + (4 << 20)));
+    let addr = server.addr;
+    let loads: Vec<_> = ["t1", "t2"]
+        .map(|id| {
+            std::thread::spawn(move || {
+                let body = json!({"id": id, "source": "tiny.gguf", "kv_cache_max_bytes": kv}).to_string();
+                let headers =
+                    [("Authorization", format!("Bearer {ADMIN}")), ("Content-Type", "application/json".into())];
+                let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let r = request(addr, "POST", "/admin/models", &headers, body.as_bytes());
+                (r.status, r.json()["error"]["code"].clone())
+            })
+        })
+        .into_iter()
+        .collect();
+    let mut outcomes: Vec<(u16, Value)> = loads.into_iter().map(|t| t.join().unwrap()).collect();
+    outcomes.sort_by_key(|o| o.0);
+    assert_eq!(outcomes, [(201, Value::Null), (409, json!("memory_budget_exceeded"))]);
 }
 
 /// Streams one generation and says whether it ended with a `done` event.
