@@ -650,6 +650,27 @@ fn a_model_beyond_the_memory_budget_is_refused() {
 }
 
 #[test]
+fn a_kv_cap_beyond_the_memory_budget_or_the_machine_is_refused_before_allocating() {
+    let dir = scratch("kv-bound");
+    let budget = 1u64 << 40;
+    let server = admin_server(&dir, |c| c.registry.memory_budget = Some(budget));
+    let over = json!({"id": "tiny", "source": "tiny.gguf", "kv_cache_max_bytes": budget + 1});
+    let r = admin(&server, "POST", "/admin/models", Some(&over));
+    assert_eq!((r.status, r.json()["error"]["param"].clone()), (422, json!("kv_cache_max_bytes")), "{}", r.text());
+    let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains(&format!("at most {budget}")) && message.contains("registry.memory_budget"), "{message}");
+
+    // Without a budget, the machine's memory bounds it.
+    let dir = scratch("kv-bound-machine");
+    let server = admin_server(&dir, |c| c.registry.memory_budget = None);
+    let huge = json!({"id": "tiny", "source": "tiny.gguf", "kv_cache_max_bytes": 1u64 << 62});
+    let r = admin(&server, "POST", "/admin/models", Some(&huge));
+    assert_eq!((r.status, r.json()["error"]["param"].clone()), (422, json!("kv_cache_max_bytes")), "{}", r.text());
+    assert!(r.text().contains("MemTotal"), "{}", r.text());
+    assert_eq!(generate_with(&server, "tiny").status, 404);
+}
+
+#[test]
 fn a_reservation_holds_the_budget_until_it_is_dropped() {
     let server = TestServer::start_empty(|_| {});
     let registry = &server.state.registry;

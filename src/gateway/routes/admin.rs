@@ -12,7 +12,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::config::Config;
+use crate::config::{Config, Machine};
 use crate::engine::load::{LoadError, LoadedModel};
 use crate::error::{ApiError, ErrorKind};
 use crate::gateway::extract::{from_map, read_object, read_optional_object, reject_unknown};
@@ -141,13 +141,26 @@ fn limit(name: &str, value: Option<u64>, max: u64) -> Result<Option<NonZeroUsize
     }
 }
 
-fn limits(body: &LoadBody) -> Result<ModelLimits, ApiError> {
-    let kv = match body.kv_cache_max_bytes {
-        Some(v) if v < MIN_KV_BYTES => {
+/// The largest KV arena a load may ask for, and what sets it: the memory budget, else the
+/// machine's memory. The arena is committed whole at load, so this is checked first.
+fn kv_bound(state: &AppState) -> Option<(u64, &'static str)> {
+    match state.config.registry.memory_budget {
+        Some(budget) => Some((budget, "`registry.memory_budget`")),
+        None => Machine::detect().mem_total.map(|total| (total, "the machine's memory (MemTotal)")),
+    }
+}
+
+fn limits(body: &LoadBody, kv_bound: Option<(u64, &str)>) -> Result<ModelLimits, ApiError> {
+    let kv = match (body.kv_cache_max_bytes, kv_bound) {
+        (Some(v), _) if v < MIN_KV_BYTES => {
             let message = format!("`kv_cache_max_bytes` must be at least {MIN_KV_BYTES}");
             return Err(ApiError::invalid_parameter("kv_cache_max_bytes", message));
         }
-        other => other,
+        (Some(v), Some((max, what))) if v > max => {
+            let message = format!("`kv_cache_max_bytes` must be at most {max} bytes ({what})");
+            return Err(ApiError::invalid_parameter("kv_cache_max_bytes", message));
+        }
+        (other, _) => other,
     };
     let pipeline = match body.pipeline.as_deref().map(str::trim) {
         Some("") => return Err(ApiError::invalid_parameter("pipeline", "`pipeline` names a pipeline file")),
@@ -188,7 +201,7 @@ pub async fn load(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Respo
     let map = read_object(req, state.config.server.max_body_bytes.get()).await?;
     reject_unknown(&map, &[LOAD_FIELDS])?;
     let body: LoadBody = from_map(map)?;
-    let limits = limits(&body)?;
+    let limits = limits(&body, kv_bound(state))?;
     let id = parse_id(&body.id).map_err(api_error)?;
     let source = Source::parse(&body.source).map_err(|e| api_error(e.into()))?;
     let sha256 = parse_sha(body.sha256.as_deref())?;
