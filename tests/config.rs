@@ -488,6 +488,13 @@ fn registry_allowed_hosts_take_hosts_with_optional_ports() {
 }
 
 #[test]
+fn registry_pipeline_dirs_default_to_the_pipelines_directory() {
+    assert_eq!(with(|_| {}).unwrap().registry.pipeline_dirs, [PathBuf::from("pipelines")]);
+    let r = with(|v| v["registry"] = json!({"pipeline_dirs": ["pipelines", " "]}));
+    assert_rejects(r, "registry.pipeline_dirs[1]", "a non-empty path");
+}
+
+#[test]
 fn registry_download_timeout_is_bounded() {
     assert_eq!(with(|_| {}).unwrap().registry.download_timeout, Duration::from_secs(3600));
     let c = with(|v| v["registry"] = json!({"download_timeout_secs": 60})).unwrap();

@@ -450,9 +450,9 @@ fn local_sources_stay_inside_the_model_directories() {
     let dotdot = resolve_local(Path::new("../outside.gguf"), &dirs).unwrap_err();
     assert!(matches!(dotdot, RegistryError::ParentComponent { .. }), "{dotdot}");
     let link = resolve_local(Path::new("escape.gguf"), &dirs).unwrap_err();
-    assert!(matches!(link, RegistryError::OutsideModelDirs { .. }), "{link}");
+    assert!(matches!(link, RegistryError::OutsideDirs { .. }), "{link}");
     let abs = resolve_local(&root.join("outside.gguf"), &dirs).unwrap_err();
-    assert!(abs.to_string().contains("outside the model directories"), "{abs}");
+    assert!(abs.to_string().contains("outside `registry.model_dirs`"), "{abs}");
     let missing = resolve_local(Path::new("nope.gguf"), &dirs).unwrap_err();
     assert!(missing.to_string().contains("nope.gguf"), "{missing}");
     let ftp = Source::parse("ftp://example.org/m.gguf").unwrap_err();
@@ -512,7 +512,7 @@ fn models_load_route_and_unload_through_the_admin_api() {
     assert_eq!((r.status, r.json()["error"]["param"].clone()), (422, json!("threads")));
     let missing = json!({"id": "tiny", "source": "tiny.gguf", "pipeline": "pipelines/nonexistent.yaml"});
     let r = admin(&server, "POST", "/admin/models", Some(&missing));
-    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("invalid_model")), "{}", r.text());
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("invalid_pipeline")), "{}", r.text());
     assert!(r.text().contains("nonexistent.yaml"), "the error names the pipeline file: {}", r.text());
     let guarded = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pipelines/guarded.yaml");
     let own = json!({"id": "tiny", "source": "tiny.gguf", "threads": 1, "kv_cache_max_bytes": 8 << 20,
@@ -711,6 +711,41 @@ fn two_concurrent_loads_that_fit_only_one_at_a_time_cannot_both_pass() {
     let mut outcomes: Vec<(u16, Value)> = loads.into_iter().map(|t| t.join().unwrap()).collect();
     outcomes.sort_by_key(|o| o.0);
     assert_eq!(outcomes, [(201, Value::Null), (409, json!("memory_budget_exceeded"))]);
+}
+
+#[test]
+fn a_pipeline_file_must_be_a_small_regular_file_under_the_pipeline_dirs() {
+    let dir = scratch("pipeline-dirs");
+    let own = dir.join("pipelines");
+    std::fs::create_dir_all(own.join("sub")).unwrap();
+    std::fs::write(own.join("big.yaml"), vec![b'#'; 64 * 1024 + 1]).unwrap();
+    std::os::unix::fs::symlink(manifest().join("config/starling.yaml"), own.join("out.yaml")).unwrap();
+    assert!(Command::new("mkfifo").arg(own.join("fifo.yaml")).status().unwrap().success());
+    let server = admin_server(&dir, |c| c.registry.pipeline_dirs = vec![manifest().join("pipelines"), own.clone()]);
+    let load = |pipeline: &Path| {
+        let body = json!({"id": "tiny", "source": "tiny.gguf", "pipeline": pipeline});
+        let r = admin(&server, "POST", "/admin/models", Some(&body));
+        (r.status, r.json()["error"]["code"].clone(), r.json()["error"]["param"].clone(), r.text())
+    };
+    let cases = [
+        (manifest().join("config/starling.yaml"), "pipeline_outside_dirs"),
+        (PathBuf::from("../pipelines/default.yaml"), "pipeline_outside_dirs"),
+        (own.join("out.yaml"), "pipeline_outside_dirs"),
+        (own.join("sub"), "pipeline_not_a_file"),
+        (own.join("fifo.yaml"), "pipeline_not_a_file"),
+        (own.join("big.yaml"), "pipeline_too_large"),
+        (own.join("missing.yaml"), "invalid_pipeline"),
+    ];
+    for (pipeline, code) in cases {
+        let (status, got, param, text) = load(&pipeline);
+        assert_eq!((status, got, param), (400, json!(code), json!("pipeline")), "{}: {text}", pipeline.display());
+    }
+    assert_eq!(generate_with(&server, "tiny").status, 404, "no refused load left a model");
+    let (status, _, _, text) = load(Path::new("guarded.yaml"));
+    assert_eq!(status, 201, "a relative name resolves under a pipeline dir: {text}");
+    let listed = admin(&server, "GET", "/admin/models", None).json();
+    let tiny = listed["models"].as_array().unwrap().iter().find(|m| m["id"] == "tiny").unwrap().clone();
+    assert_eq!(tiny["pipeline"], json!(manifest().join("pipelines/guarded.yaml").canonicalize().unwrap()));
 }
 
 /// Streams one generation and says whether it ended with a `done` event.

@@ -52,8 +52,15 @@ fn registry(raw: RawRegistry) -> Result<RegistryConfig> {
         .enumerate()
         .map(|(i, d)| non_empty_path(&format!("registry.model_dirs[{i}]"), d))
         .collect::<Result<_>>()?;
+    let dirs = raw.pipeline_dirs.unwrap_or_else(|| vec!["pipelines".to_owned()]);
+    let pipeline_dirs = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| non_empty_path(&format!("registry.pipeline_dirs[{i}]"), d))
+        .collect::<Result<_>>()?;
     Ok(RegistryConfig {
         model_dirs,
+        pipeline_dirs,
         cache_dir: non_empty_path("registry.cache_dir", raw.cache_dir.as_deref().unwrap_or("cache/models"))?,
         cache_max_bytes: bytes("registry.cache_max_bytes", raw.cache_max_bytes, 20 * 1024 * MIB)?,
         memory_budget: raw.memory_budget.map(|b| bytes("registry.memory_budget", Some(b), 0)).transpose()?,

@@ -148,6 +148,7 @@ pub struct RawRegistry {
     pub drain_grace_secs: Option<i64>,
     pub allowed_hosts: Option<Vec<String>>,
     pub download_timeout_secs: Option<i64>,
+    pub pipeline_dirs: Option<Vec<String>>,
 }
 
 /// `policy:` — content rules on prompts (`input`) and generated text (`output`).

@@ -40,6 +40,8 @@ pub struct Config {
 pub struct RegistryConfig {
     /// Directories local model paths must resolve into (symlinks are followed first).
     pub model_dirs: Vec<PathBuf>,
+    /// Directories a pipeline file named by an admin load must resolve into (same rules).
+    pub pipeline_dirs: Vec<PathBuf>,
     /// Where downloaded models are cached (with their `index.json`).
     pub cache_dir: PathBuf,
     /// Size cap of the download cache; least recently used models not loaded are deleted.

@@ -10,7 +10,9 @@ use super::records::{LifecycleError, LoadSpec, ModelLimits, ModelRecord, ModelSt
 use super::state::AppState;
 use crate::config::{Config, ModelConfig};
 use crate::engine::load::{Footprint, LoadError, LoadedModel, start_model_observed};
-use crate::registry::{Digest, RegistryError, Source, check_allowed_host, resolve_local, sha256_file};
+use crate::registry::{
+    Digest, RegistryError, Source, check_allowed_host, resolve_local, resolve_pipeline, sha256_file,
+};
 use crate::types::ModelId;
 
 impl AppState {
@@ -154,13 +156,18 @@ impl AppState {
         spec: &LoadSpec,
         template: ModelConfig,
     ) -> Result<(LoadedModel, ModelRecord, Reservation<'_>), LifecycleError> {
+        let mut limits = spec.limits.clone();
+        if let Some(pipeline) = &limits.pipeline {
+            let dirs = &self.config.registry.pipeline_dirs;
+            limits.pipeline = Some(resolve_pipeline(pipeline, dirs).map_err(LifecycleError::Pipeline)?);
+        }
         let (path, sha256) = self.resolve(spec).await?;
         let live = self.live();
         let mut config = Config::clone(&live.config);
         let mut mc = template;
         mc.id = spec.id.clone();
         mc.path = path;
-        spec.limits.apply(&mut mc);
+        limits.apply(&mut mc);
         let footprint = Footprint::of(&mc)?;
         let reservation = self.registry.reserve(&spec.id, footprint, self.config.registry.memory_budget)?;
         config.models = vec![mc.clone()];

@@ -68,6 +68,9 @@ pub enum LifecycleError {
     Busy { id: String, state: ModelState },
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The load's own pipeline file was refused (see `resolve_pipeline`).
+    #[error("pipeline: {0}")]
+    Pipeline(RegistryError),
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error("the loader task failed: {0}")]

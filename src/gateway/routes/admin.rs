@@ -43,6 +43,15 @@ fn api_error(e: LifecycleError) -> ApiError {
             RegistryError::HostNotAllowed { .. } => (ErrorKind::InvalidRequest, "host_not_allowed"),
             _ => (ErrorKind::InvalidRequest, "invalid_source"),
         },
+        LifecycleError::Pipeline(r) => {
+            let code = match r {
+                RegistryError::ParentComponent { .. } | RegistryError::OutsideDirs { .. } => "pipeline_outside_dirs",
+                RegistryError::NotAFile { .. } => "pipeline_not_a_file",
+                RegistryError::FileTooLarge { .. } => "pipeline_too_large",
+                _ => "invalid_pipeline",
+            };
+            return ApiError::new(ErrorKind::InvalidRequest, message).with_code(code).with_param("pipeline");
+        }
         LifecycleError::Load(LoadError::OverBudget { .. }) => (ErrorKind::Conflict, "memory_budget_exceeded"),
         LifecycleError::Load(LoadError::Thread { .. } | LoadError::Telemetry { .. }) => {
             (ErrorKind::Internal, "load_failed")
