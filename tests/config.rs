@@ -473,6 +473,39 @@ fn model_override_rescues_a_missing_model_file() {
 }
 
 #[test]
+fn registry_allowed_hosts_take_hosts_with_optional_ports() {
+    assert_eq!(with(|_| {}).unwrap().registry.allowed_hosts, None, "unset = any host");
+    let c = with(|v| v["registry"] = json!({"allowed_hosts": ["Models.Example.org", "10.0.0.5:8080", "[::1]:81"]}))
+        .unwrap();
+    let got: Vec<(String, Option<u16>)> =
+        c.registry.allowed_hosts.unwrap().into_iter().map(|a| (a.host, a.port)).collect();
+    let want = [("models.example.org", None), ("10.0.0.5", Some(8080)), ("::1", Some(81))];
+    assert_eq!(got, want.map(|(h, p)| (h.to_owned(), p)));
+    for bad in ["", "host:0", "host:99999", "http://host", "user@host", "[::1", "host:port"] {
+        let r = with(|v| v["registry"] = json!({"allowed_hosts": ["ok.example", bad]}));
+        assert_rejects(r, "registry.allowed_hosts[1]", "optionally with :PORT");
+    }
+}
+
+#[test]
+fn registry_pipeline_dirs_default_to_the_pipelines_directory() {
+    assert_eq!(with(|_| {}).unwrap().registry.pipeline_dirs, [PathBuf::from("pipelines")]);
+    let r = with(|v| v["registry"] = json!({"pipeline_dirs": ["pipelines", " "]}));
+    assert_rejects(r, "registry.pipeline_dirs[1]", "a non-empty path");
+}
+
+#[test]
+fn registry_download_timeout_is_bounded() {
+    assert_eq!(with(|_| {}).unwrap().registry.download_timeout, Duration::from_secs(3600));
+    let c = with(|v| v["registry"] = json!({"download_timeout_secs": 60})).unwrap();
+    assert_eq!(c.registry.download_timeout, Duration::from_secs(60));
+    for bad in [0, 604_801] {
+        let r = with(|v| v["registry"] = json!({"download_timeout_secs": bad}));
+        assert_rejects(r, "registry.download_timeout_secs", "604800");
+    }
+}
+
+#[test]
 fn debug_output_redacts_keys() {
     let c = with(|v| v["auth"] = json!({"api_keys": [{"key": "sk-live-123"}], "admin_key": "adm-456"})).unwrap();
     let shown = format!("{c:?}");

@@ -1,14 +1,17 @@
 //! Late-bound models and the model registry: readiness while a model loads, the download
 //! cache (against a local HTTP server), and the admin lifecycle routes.
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
-use starling::config::{ApiKey, Config, Overrides};
+use starling::config::{AllowedHost, ApiKey, Config, Overrides};
+use starling::engine::load::Footprint;
 use starling::gateway::{AppState, load_configured};
 use starling::model::gguf_writer::{TinyLlamaSpec, tiny_llama_f32};
 use starling::registry::{Digest, HttpUrl, ModelCache, Origin, RegistryError, Source, resolve_local};
@@ -211,6 +214,200 @@ fn a_connection_dropped_mid_body_leaves_nothing_under_the_final_name() {
     assert!(!orphan.exists(), "the dead process's partial download is removed");
 }
 
+/// Reads one request's head from `stream` and returns its path.
+fn read_request_path(stream: &TcpStream) -> String {
+    let mut reader = BufReader::new(stream);
+    let mut first = String::new();
+    let _ = reader.read_line(&mut first);
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+        line.clear();
+    }
+    first.split(' ').nth(1).unwrap_or("/").to_owned()
+}
+
+/// A server on 127.0.0.1 that announces `body` whole but sends it one byte every 20 ms,
+/// until the client goes away (at most a minute).
+fn trickle_server(body: Vec<u8>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                read_request_path(&stream);
+                let mut out = stream;
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = out.write_all(head.as_bytes());
+                for b in body {
+                    if out.write_all(&[b]).and_then(|()| out.flush()).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_download_past_its_deadline_fails_and_leaves_no_partial_file() {
+    // 3,000 bytes at one per 20 ms: a minute, never idle long enough for the idle timeout.
+    let body = vec![7u8; 3000];
+    let url = HttpUrl::parse(&format!("http://{}/slow.gguf", trickle_server(body.clone()))).unwrap();
+    let dir = scratch("deadline");
+    let cache = ModelCache::new(&dir, 64 << 20).with_download_timeout(Duration::from_millis(300));
+    let err = block_on(cache.fetch(&url, Some(&sha(&body)), &[])).unwrap_err();
+    assert!(matches!(err, RegistryError::Deadline { .. }), "{err}");
+    assert!(err.to_string().contains("registry.download_timeout_secs"), "{err}");
+    assert!(cache_files(&dir).is_empty(), "the partial download is removed: {:?}", cache_files(&dir));
+    assert!(cache.entries().unwrap().is_empty());
+}
+
+/// A server on 127.0.0.1 that logs `start <path>` when a request arrives and `end <path>`
+/// before it sends the second half of the body, which it holds back until two requests
+/// have started (or 20 s have passed, so a server that never sees the second still ends).
+struct PacedServer {
+    addr: SocketAddr,
+    events: Arc<(Mutex<Vec<String>>, Condvar)>,
+}
+
+impl PacedServer {
+    fn start(files: Vec<(&'static str, Vec<u8>)>) -> PacedServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let events = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let shared = events.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let (events, files) = (shared.clone(), files.clone());
+                std::thread::spawn(move || {
+                    let path = read_request_path(&stream);
+                    let body = files.iter().find(|(p, _)| *p == path).map(|(_, b)| b.clone()).unwrap_or_default();
+                    let (log, turn) = &*events;
+                    log.lock().unwrap().push(format!("start {path}"));
+                    turn.notify_all();
+                    let mut out = stream;
+                    let head =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                    let half = body.len() / 2;
+                    let _ = out.write_all(head.as_bytes()).and_then(|()| out.write_all(&body[..half]));
+                    let _ = out.flush();
+                    let started = |log: &mut Vec<String>| log.iter().filter(|e| e.starts_with("start")).count() < 2;
+                    let (mut log, _) =
+                        turn.wait_timeout_while(log.lock().unwrap(), Duration::from_secs(20), started).unwrap();
+                    log.push(format!("end {path}"));
+                    drop(log);
+                    let _ = out.write_all(&body[half..]);
+                });
+            }
+        });
+        PacedServer { addr, events }
+    }
+
+    fn events(&self) -> Vec<String> {
+        self.events.0.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn downloads_of_different_files_run_at_the_same_time() {
+    let (a, b) = (tiny_gguf(10), tiny_gguf(11));
+    let server = PacedServer::start(vec![("/a.gguf", a.clone()), ("/b.gguf", b.clone())]);
+    let dir = scratch("parallel");
+    let cache = ModelCache::new(&dir, 64 << 20);
+    let url = |p: &str| HttpUrl::parse(&format!("http://{}{p}", server.addr)).unwrap();
+    let (ua, ub, da, db) = (url("/a.gguf"), url("/b.gguf"), sha(&a), sha(&b));
+    let (ra, rb) = block_on(async { tokio::join!(cache.fetch(&ua, Some(&da), &[]), cache.fetch(&ub, Some(&db), &[])) });
+    assert_eq!((ra.unwrap().sha256, rb.unwrap().sha256), (sha(&a), sha(&b)));
+    let events = server.events();
+    let first_end = events.iter().position(|e| e.starts_with("end")).unwrap();
+    assert_eq!(
+        events[..first_end].iter().filter(|e| e.starts_with("start")).count(),
+        2,
+        "the second download started before the first finished: {events:?}"
+    );
+    let mut names = cache_files(&dir);
+    names.sort();
+    let mut want = vec![format!("{}.gguf", sha(&a)), format!("{}.gguf", sha(&b))];
+    want.sort();
+    assert_eq!(names, want, "both are cached, no temporary file is left");
+    assert_eq!(cache.entries().unwrap().len(), 2, "neither index update lost the other's entry");
+}
+
+/// Opens the FIFO at `path` for writing if a reader waits on it (never blocks; `None` when
+/// nobody reads it or it is no longer a FIFO) and writes an empty cache index into it.
+#[cfg(target_os = "linux")]
+fn feed_index_fifo(path: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    /// `O_NONBLOCK` on Linux: opening a FIFO for writing fails at once when no reader waits.
+    const O_NONBLOCK: i32 = 0o4000;
+    let Ok(mut fifo) = std::fs::OpenOptions::new().write(true).custom_flags(O_NONBLOCK).open(path) else {
+        return false;
+    };
+    if !fifo.metadata().is_ok_and(|m| m.file_type().is_fifo()) {
+        return false;
+    }
+    fifo.write_all(br#"{"next_seq": 0, "entries": []}"#).is_ok()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn cache_file_work_leaves_the_async_worker_free() {
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+    const PROBE: u8 = 1;
+    const WATCHDOG: u8 = 2;
+    let files = FileServer::start();
+    let body = tiny_gguf(12);
+    files.put("/m.gguf", body.clone(), "f1");
+    let dir = scratch("off-worker");
+    // The index is a FIFO: reading it blocks until someone writes it.
+    let index = dir.join("index.json");
+    assert!(Command::new("mkfifo").arg(&index).status().unwrap().success());
+    let fed_first = Arc::new(AtomicU8::new(0));
+    // Were the index read on the runtime's only thread, the probe task below could not run:
+    // the watchdog then feeds the FIFO every 20 s so the test ends (and fails).
+    let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
+    let watchdog = {
+        let (index, fed_first) = (index.clone(), fed_first.clone());
+        std::thread::spawn(move || {
+            while cancelled.recv_timeout(Duration::from_secs(20)).is_err() {
+                if feed_index_fifo(&index) {
+                    let _ = fed_first.compare_exchange(0, WATCHDOG, Ordering::SeqCst, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    let cache = Arc::new(ModelCache::new(&dir, 64 << 20));
+    let url = HttpUrl::parse(&files.url("/m.gguf")).unwrap();
+    let digest = sha(&body);
+    let done = Arc::new(AtomicBool::new(false));
+    let fetched = block_on(async {
+        let fetch = tokio::spawn(async move { cache.fetch(&url, Some(&digest), &[]).await });
+        let probe = {
+            let (index, fed_first, done) = (index.clone(), fed_first.clone(), done.clone());
+            tokio::spawn(async move {
+                // Feeds the index whenever the fetch waits reading it, until the fetch ends.
+                while !done.load(Ordering::SeqCst) {
+                    if feed_index_fifo(&index) {
+                        let _ = fed_first.compare_exchange(0, PROBE, Ordering::SeqCst, Ordering::SeqCst);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        let fetched = fetch.await.unwrap();
+        done.store(true, Ordering::SeqCst);
+        probe.await.unwrap();
+        fetched
+    });
+    let _ = cancel.send(());
+    watchdog.join().unwrap();
+    assert_eq!(fed_first.load(Ordering::SeqCst), PROBE, "another task ran while the index was being read");
+    assert_eq!(fetched.expect("the download completes").origin, Origin::Downloaded);
+}
+
 #[test]
 fn the_size_cap_evicts_the_least_recently_used_model_not_in_use() {
     let files = FileServer::start();
@@ -253,9 +450,9 @@ fn local_sources_stay_inside_the_model_directories() {
     let dotdot = resolve_local(Path::new("../outside.gguf"), &dirs).unwrap_err();
     assert!(matches!(dotdot, RegistryError::ParentComponent { .. }), "{dotdot}");
     let link = resolve_local(Path::new("escape.gguf"), &dirs).unwrap_err();
-    assert!(matches!(link, RegistryError::OutsideModelDirs { .. }), "{link}");
+    assert!(matches!(link, RegistryError::OutsideDirs { .. }), "{link}");
     let abs = resolve_local(&root.join("outside.gguf"), &dirs).unwrap_err();
-    assert!(abs.to_string().contains("outside the model directories"), "{abs}");
+    assert!(abs.to_string().contains("outside `registry.model_dirs`"), "{abs}");
     let missing = resolve_local(Path::new("nope.gguf"), &dirs).unwrap_err();
     assert!(missing.to_string().contains("nope.gguf"), "{missing}");
     let ftp = Source::parse("ftp://example.org/m.gguf").unwrap_err();
@@ -315,7 +512,7 @@ fn models_load_route_and_unload_through_the_admin_api() {
     assert_eq!((r.status, r.json()["error"]["param"].clone()), (422, json!("threads")));
     let missing = json!({"id": "tiny", "source": "tiny.gguf", "pipeline": "pipelines/nonexistent.yaml"});
     let r = admin(&server, "POST", "/admin/models", Some(&missing));
-    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("invalid_model")), "{}", r.text());
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("invalid_pipeline")), "{}", r.text());
     assert!(r.text().contains("nonexistent.yaml"), "the error names the pipeline file: {}", r.text());
     let guarded = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pipelines/guarded.yaml");
     let own = json!({"id": "tiny", "source": "tiny.gguf", "threads": 1, "kv_cache_max_bytes": 8 << 20,
@@ -385,6 +582,63 @@ fn a_url_source_is_downloaded_verified_and_loaded() {
 }
 
 #[test]
+fn a_url_source_must_be_pinned_on_reload_as_on_load() {
+    let dir = scratch("reload-pin");
+    let server = admin_server(&dir, |_| {});
+    let files = FileServer::start();
+    files.put("/tiny.gguf", tiny_gguf(8), "p1");
+    let unpinned = json!({"id": "web", "source": files.url("/tiny.gguf")});
+    let load = admin(&server, "POST", "/admin/models", Some(&unpinned));
+    let reload = admin(
+        &server,
+        "POST",
+        &format!("/admin/models/{MODEL_ID}/reload"),
+        Some(&json!({"source": files.url("/tiny.gguf")})),
+    );
+    for r in [&load, &reload] {
+        let e = &r.json()["error"];
+        assert_eq!(
+            (r.status, e["code"].clone(), e["param"].clone()),
+            (400, json!("sha256_required"), json!("sha256")),
+            "{}",
+            r.text()
+        );
+    }
+    assert_eq!(load.json()["error"]["message"], reload.json()["error"]["message"], "one rule, one message");
+    assert!(files.log().is_empty(), "nothing was downloaded: {:?}", files.log());
+    let listed = admin(&server, "GET", "/admin/models", None).json();
+    assert_eq!(listed["models"][0]["state"], "ready", "the refused reload left the model serving");
+    assert_eq!(generate_with(&server, MODEL_ID).status, 200);
+}
+
+#[test]
+fn a_url_whose_host_is_not_allowed_is_refused_before_any_connection() {
+    let files = FileServer::start();
+    let body = tiny_gguf(9);
+    files.put("/tiny.gguf", body.clone(), "h1");
+    let host = |host: &str, port: Option<u16>| AllowedHost { host: host.to_owned(), port };
+    // Another host, and the server's host on another port: both refused.
+    let other_port = vec![host("models.example.org", None), host("127.0.0.1", Some(files.addr.port() ^ 1))];
+    let dir = scratch("allowed-hosts");
+    let server = admin_server(&dir, |c| c.registry.allowed_hosts = Some(other_port));
+    let load = json!({"id": "web", "source": files.url("/tiny.gguf"), "sha256": sha(&body).to_string()});
+    let r = admin(&server, "POST", "/admin/models", Some(&load));
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("host_not_allowed")), "{}", r.text());
+    assert!(r.text().contains("registry.allowed_hosts"), "{}", r.text());
+    let reload = json!({"source": files.url("/tiny.gguf"), "sha256": sha(&body).to_string()});
+    let r = admin(&server, "POST", &format!("/admin/models/{MODEL_ID}/reload"), Some(&reload));
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("host_not_allowed")), "{}", r.text());
+    assert!(files.log().is_empty(), "no request reached the server: {:?}", files.log());
+    assert_eq!(generate_with(&server, "web").status, 404);
+
+    let dir = scratch("allowed-hosts-ok");
+    let listed = vec![host("127.0.0.1", Some(files.addr.port()))];
+    let server = admin_server(&dir, |c| c.registry.allowed_hosts = Some(listed));
+    let r = admin(&server, "POST", "/admin/models", Some(&load));
+    assert_eq!(r.status, 201, "a listed host and port load: {}", r.text());
+}
+
+#[test]
 fn a_model_beyond_the_memory_budget_is_refused() {
     let dir = scratch("budget");
     let real = std::fs::metadata(model_path()).unwrap().len() + (64 << 20);
@@ -393,6 +647,105 @@ fn a_model_beyond_the_memory_budget_is_refused() {
     assert_eq!((r.status, r.json()["error"]["code"].clone()), (409, json!("memory_budget_exceeded")), "{}", r.text());
     assert!(r.text().contains("memory budget"), "{}", r.text());
     assert_eq!(generate_with(&server, "tiny").status, 404);
+}
+
+#[test]
+fn a_kv_cap_beyond_the_memory_budget_or_the_machine_is_refused_before_allocating() {
+    let dir = scratch("kv-bound");
+    let budget = 1u64 << 40;
+    let server = admin_server(&dir, |c| c.registry.memory_budget = Some(budget));
+    let over = json!({"id": "tiny", "source": "tiny.gguf", "kv_cache_max_bytes": budget + 1});
+    let r = admin(&server, "POST", "/admin/models", Some(&over));
+    assert_eq!((r.status, r.json()["error"]["param"].clone()), (422, json!("kv_cache_max_bytes")), "{}", r.text());
+    let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains(&format!("at most {budget}")) && message.contains("registry.memory_budget"), "{message}");
+
+    // Without a budget, the machine's memory bounds it.
+    let dir = scratch("kv-bound-machine");
+    let server = admin_server(&dir, |c| c.registry.memory_budget = None);
+    let huge = json!({"id": "tiny", "source": "tiny.gguf", "kv_cache_max_bytes": 1u64 << 62});
+    let r = admin(&server, "POST", "/admin/models", Some(&huge));
+    assert_eq!((r.status, r.json()["error"]["param"].clone()), (422, json!("kv_cache_max_bytes")), "{}", r.text());
+    assert!(r.text().contains("MemTotal"), "{}", r.text());
+    assert_eq!(generate_with(&server, "tiny").status, 404);
+}
+
+#[test]
+fn a_reservation_holds_the_budget_until_it_is_dropped() {
+    let server = TestServer::start_empty(|_| {});
+    let registry = &server.state.registry;
+    for id in ["a", "b"] {
+        let mut mc = server.state.config.models[0].clone();
+        mc.id = ModelId::from(id);
+        registry.record(&mc, Footprint::default());
+    }
+    let six = Footprint { weights_bytes: 600, kv_cap_bytes: 0 };
+    let held = registry.reserve(&ModelId::from("a"), six, Some(1000)).expect("600 of 1000 fit");
+    let refused = registry.reserve(&ModelId::from("b"), six, Some(1000)).err().expect("600 more do not fit");
+    assert!(refused.to_string().contains("only 400 of the 1000-byte"), "{refused}");
+    drop(held);
+    assert!(registry.reserve(&ModelId::from("b"), six, Some(1000)).is_ok(), "a dropped reservation is given back");
+}
+
+#[test]
+fn two_concurrent_loads_that_fit_only_one_at_a_time_cannot_both_pass() {
+    let dir = scratch("budget-race");
+    let kv = 8u64 << 20;
+    let tiny = tiny_gguf(42).len() as u64;
+    let serving = std::fs::metadata(model_path()).unwrap().len() + (64 << 20);
+    let server = admin_server(&dir, |c| c.registry.memory_budget = Some(serving + tiny + kv + (4 << 20)));
+    let addr = server.addr;
+    let loads: Vec<_> = ["t1", "t2"]
+        .map(|id| {
+            std::thread::spawn(move || {
+                let body = json!({"id": id, "source": "tiny.gguf", "kv_cache_max_bytes": kv}).to_string();
+                let headers =
+                    [("Authorization", format!("Bearer {ADMIN}")), ("Content-Type", "application/json".into())];
+                let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let r = request(addr, "POST", "/admin/models", &headers, body.as_bytes());
+                (r.status, r.json()["error"]["code"].clone())
+            })
+        })
+        .into_iter()
+        .collect();
+    let mut outcomes: Vec<(u16, Value)> = loads.into_iter().map(|t| t.join().unwrap()).collect();
+    outcomes.sort_by_key(|o| o.0);
+    assert_eq!(outcomes, [(201, Value::Null), (409, json!("memory_budget_exceeded"))]);
+}
+
+#[test]
+fn a_pipeline_file_must_be_a_small_regular_file_under_the_pipeline_dirs() {
+    let dir = scratch("pipeline-dirs");
+    let own = dir.join("pipelines");
+    std::fs::create_dir_all(own.join("sub")).unwrap();
+    std::fs::write(own.join("big.yaml"), vec![b'#'; 64 * 1024 + 1]).unwrap();
+    std::os::unix::fs::symlink(manifest().join("config/starling.yaml"), own.join("out.yaml")).unwrap();
+    assert!(Command::new("mkfifo").arg(own.join("fifo.yaml")).status().unwrap().success());
+    let server = admin_server(&dir, |c| c.registry.pipeline_dirs = vec![manifest().join("pipelines"), own.clone()]);
+    let load = |pipeline: &Path| {
+        let body = json!({"id": "tiny", "source": "tiny.gguf", "pipeline": pipeline});
+        let r = admin(&server, "POST", "/admin/models", Some(&body));
+        (r.status, r.json()["error"]["code"].clone(), r.json()["error"]["param"].clone(), r.text())
+    };
+    let cases = [
+        (manifest().join("config/starling.yaml"), "pipeline_outside_dirs"),
+        (PathBuf::from("../pipelines/default.yaml"), "pipeline_outside_dirs"),
+        (own.join("out.yaml"), "pipeline_outside_dirs"),
+        (own.join("sub"), "pipeline_not_a_file"),
+        (own.join("fifo.yaml"), "pipeline_not_a_file"),
+        (own.join("big.yaml"), "pipeline_too_large"),
+        (own.join("missing.yaml"), "invalid_pipeline"),
+    ];
+    for (pipeline, code) in cases {
+        let (status, got, param, text) = load(&pipeline);
+        assert_eq!((status, got, param), (400, json!(code), json!("pipeline")), "{}: {text}", pipeline.display());
+    }
+    assert_eq!(generate_with(&server, "tiny").status, 404, "no refused load left a model");
+    let (status, _, _, text) = load(Path::new("guarded.yaml"));
+    assert_eq!(status, 201, "a relative name resolves under a pipeline dir: {text}");
+    let listed = admin(&server, "GET", "/admin/models", None).json();
+    let tiny = listed["models"].as_array().unwrap().iter().find(|m| m["id"] == "tiny").unwrap().clone();
+    assert_eq!(tiny["pipeline"], json!(manifest().join("pipelines/guarded.yaml").canonicalize().unwrap()));
 }
 
 /// Streams one generation and says whether it ended with a `done` event.

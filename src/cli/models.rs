@@ -56,7 +56,7 @@ fn open_cache(a: &CacheArgs) -> Result<ModelCache> {
         Config::from_str("{}", Format::Json)?
     };
     let dir = a.cache_dir.clone().unwrap_or(config.registry.cache_dir);
-    Ok(ModelCache::new(dir, config.registry.cache_max_bytes))
+    Ok(ModelCache::new(dir, config.registry.cache_max_bytes).with_download_timeout(config.registry.download_timeout))
 }
 
 fn pull(a: PullArgs) -> Result<()> {

@@ -52,13 +52,68 @@ fn registry(raw: RawRegistry) -> Result<RegistryConfig> {
         .enumerate()
         .map(|(i, d)| non_empty_path(&format!("registry.model_dirs[{i}]"), d))
         .collect::<Result<_>>()?;
+    let dirs = raw.pipeline_dirs.unwrap_or_else(|| vec!["pipelines".to_owned()]);
+    let pipeline_dirs = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| non_empty_path(&format!("registry.pipeline_dirs[{i}]"), d))
+        .collect::<Result<_>>()?;
     Ok(RegistryConfig {
         model_dirs,
+        pipeline_dirs,
         cache_dir: non_empty_path("registry.cache_dir", raw.cache_dir.as_deref().unwrap_or("cache/models"))?,
         cache_max_bytes: bytes("registry.cache_max_bytes", raw.cache_max_bytes, 20 * 1024 * MIB)?,
         memory_budget: raw.memory_budget.map(|b| bytes("registry.memory_budget", Some(b), 0)).transpose()?,
         drain_grace: secs("registry.drain_grace_secs", raw.drain_grace_secs, 30, 0..=i64::MAX)?,
+        allowed_hosts: raw
+            .allowed_hosts
+            .map(|list| {
+                let field = |i| format!("registry.allowed_hosts[{i}]");
+                list.iter().enumerate().map(|(i, h)| allowed_host(&field(i), h)).collect::<Result<_>>()
+            })
+            .transpose()?,
+        download_timeout: secs("registry.download_timeout_secs", raw.download_timeout_secs, 3600, 1..=604_800)?,
     })
+}
+
+/// Parses `host`, `host:port`, `[v6]` or `[v6]:port` (a registry.allowed_hosts entry).
+fn allowed_host(field: &str, text: &str) -> Result<AllowedHost> {
+    let bad = || {
+        invalid(
+            field,
+            text,
+            "a host name or IP address, optionally with :PORT (\"models.example.org\", \"10.0.0.5:8080\", \"[::1]:8080\")",
+        )
+    };
+    let t = text.trim().to_ascii_lowercase();
+    let (host, port) = match t.strip_prefix('[') {
+        Some(rest) => {
+            let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or_else(bad)?),
+            };
+            if host.is_empty() || !host.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.') {
+                return Err(bad());
+            }
+            (host.to_owned(), port)
+        }
+        None => {
+            let (host, port) = match t.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (t.as_str(), None),
+            };
+            if host.is_empty() || !host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') {
+                return Err(bad());
+            }
+            (host.to_owned(), port)
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?),
+    };
+    Ok(AllowedHost { host, port })
 }
 
 /// Connections served at once when the config names no cap: three quarters of the

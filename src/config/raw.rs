@@ -146,6 +146,9 @@ pub struct RawRegistry {
     pub cache_max_bytes: Option<RawBytes>,
     pub memory_budget: Option<RawBytes>,
     pub drain_grace_secs: Option<i64>,
+    pub allowed_hosts: Option<Vec<String>>,
+    pub download_timeout_secs: Option<i64>,
+    pub pipeline_dirs: Option<Vec<String>>,
 }
 
 /// `policy:` — content rules on prompts (`input`) and generated text (`output`).

@@ -40,6 +40,8 @@ pub struct Config {
 pub struct RegistryConfig {
     /// Directories local model paths must resolve into (symlinks are followed first).
     pub model_dirs: Vec<PathBuf>,
+    /// Directories a pipeline file named by an admin load must resolve into (same rules).
+    pub pipeline_dirs: Vec<PathBuf>,
     /// Where downloaded models are cached (with their `index.json`).
     pub cache_dir: PathBuf,
     /// Size cap of the download cache; least recently used models not loaded are deleted.
@@ -48,6 +50,19 @@ pub struct RegistryConfig {
     pub memory_budget: Option<u64>,
     /// How long an unloaded or replaced model may finish its requests before they are cancelled.
     pub drain_grace: Duration,
+    /// Hosts URL sources may name; `None` = any host. Checked before any connection is made.
+    pub allowed_hosts: Option<Vec<AllowedHost>>,
+    /// How long one download may take in all (connect to last byte) before it is abandoned.
+    pub download_timeout: Duration,
+}
+
+/// One `registry.allowed_hosts` entry: a host, and the one port allowed when it names one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowedHost {
+    /// A host name (lowercase) or an IP address (IPv6 without its brackets).
+    pub host: String,
+    /// The only port allowed on that host; `None` = any port.
+    pub port: Option<u16>,
 }
 
 /// The HTTP listener.

@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::records::{LifecycleError, LoadSpec, ModelLimits, ModelRecord, ModelState};
+use super::records::{LifecycleError, LoadSpec, ModelLimits, ModelRecord, ModelState, Reservation};
 use super::state::AppState;
 use crate::config::{Config, ModelConfig};
 use crate::engine::load::{Footprint, LoadError, LoadedModel, start_model_observed};
-use crate::registry::{Digest, RegistryError, Source, resolve_local, sha256_file};
+use crate::registry::{
+    Digest, RegistryError, Source, check_allowed_host, resolve_local, resolve_pipeline, sha256_file,
+};
 use crate::types::ModelId;
 
 impl AppState {
@@ -63,6 +65,7 @@ impl AppState {
                 source: spec.source.describe(),
                 sha256: spec.sha256.clone(),
                 footprint: Footprint::default(),
+                reserved: 0,
                 settings: self.config.models[0].clone(),
             };
             records.insert(spec.id.clone(), placeholder);
@@ -70,8 +73,9 @@ impl AppState {
         self.begin_loading(&spec.id);
         let result = self.bring_up(&spec, self.config.models[0].clone()).await;
         match result {
-            Ok((model, record)) => {
+            Ok((model, record, reservation)) => {
                 self.registry.records().insert(spec.id.clone(), record.clone());
+                drop(reservation);
                 self.finish_loading(model);
                 Ok(record)
             }
@@ -126,7 +130,7 @@ impl AppState {
                 }
             },
         };
-        let (model, record) = match self.bring_up(&spec, old.settings.clone()).await {
+        let (model, record, reservation) = match self.bring_up(&spec, old.settings.clone()).await {
             Ok(up) => up,
             Err(e) => {
                 self.registry.set_state(&spec.id, ModelState::Ready);
@@ -134,6 +138,7 @@ impl AppState {
             }
         };
         self.registry.records().insert(spec.id.clone(), record.clone());
+        drop(reservation);
         if let Some(previous) = self.finish_loading(model) {
             let grace = self.config.registry.drain_grace;
             tokio::spawn(async move {
@@ -144,32 +149,41 @@ impl AppState {
         Ok(record)
     }
 
-    /// Resolves the source, checks the budget and starts the engine (off the async threads).
+    /// Resolves the source, reserves its memory budget and starts the engine (off the async
+    /// threads). The caller records the new copy, then drops the reservation.
     async fn bring_up(
         self: &Arc<Self>,
         spec: &LoadSpec,
         template: ModelConfig,
-    ) -> Result<(LoadedModel, ModelRecord), LifecycleError> {
+    ) -> Result<(LoadedModel, ModelRecord, Reservation<'_>), LifecycleError> {
+        let mut limits = spec.limits.clone();
+        if let Some(pipeline) = &limits.pipeline {
+            let dirs = &self.config.registry.pipeline_dirs;
+            limits.pipeline = Some(resolve_pipeline(pipeline, dirs).map_err(LifecycleError::Pipeline)?);
+        }
         let (path, sha256) = self.resolve(spec).await?;
         let live = self.live();
         let mut config = Config::clone(&live.config);
         let mut mc = template;
         mc.id = spec.id.clone();
         mc.path = path;
-        spec.limits.apply(&mut mc);
+        limits.apply(&mut mc);
         let footprint = Footprint::of(&mc)?;
-        // While reloading, the old copy stays in memory beside the new one.
-        let old_copy = self.registry.reloading_footprint(&spec.id);
-        let in_use = self.registry.in_use(&spec.id) + old_copy;
-        footprint.check_budget(&spec.id, in_use, self.config.registry.memory_budget)?;
+        let reservation = self.registry.reserve(&spec.id, footprint, self.config.registry.memory_budget)?;
         config.models = vec![mc.clone()];
         let obs = self.obs.clone();
         let model = tokio::task::spawn_blocking(move || start_model_observed(&config, 0, &obs))
             .await
             .map_err(|e| LifecycleError::Task(e.to_string()))??;
-        let record =
-            ModelRecord { state: ModelState::Ready, source: spec.source.describe(), sha256, footprint, settings: mc };
-        Ok((model, record))
+        let record = ModelRecord {
+            state: ModelState::Ready,
+            source: spec.source.describe(),
+            sha256,
+            footprint,
+            reserved: 0,
+            settings: mc,
+        };
+        Ok((model, record, reservation))
     }
 
     /// The local file for `spec` and its digest (verified when one was given).
@@ -193,6 +207,7 @@ impl AppState {
                 Ok((real, Some(got)))
             }
             Source::Http(url) => {
+                check_allowed_host(url, self.config.registry.allowed_hosts.as_deref())?;
                 let fetched = self.registry.cache.fetch(url, spec.sha256.as_ref(), &self.registry.digests()).await?;
                 tracing::info!(source = url.as_str(), origin = ?fetched.origin, sha256 = %fetched.sha256, "model file ready");
                 Ok((fetched.path, Some(fetched.sha256)))

@@ -34,7 +34,7 @@ pub use auth::{Access, Authenticator, Caller};
 pub use lifecycle::{load_configured, mark_configured_loading};
 pub use models::{ModelTable, Models};
 pub use quota::{Quotas, RateInfo};
-pub use records::{LifecycleError, LoadSpec, ModelLimits, ModelRecord, ModelRegistry, ModelState};
+pub use records::{LifecycleError, LoadSpec, ModelLimits, ModelRecord, ModelRegistry, ModelState, Reservation};
 pub use render::Body;
 pub use routes::ops::capture_seconds;
 pub use server::serve;

@@ -42,6 +42,9 @@ pub struct ModelRecord {
     /// The verified digest, when one was given or the file was downloaded.
     pub sha256: Option<Digest>,
     pub footprint: Footprint,
+    /// Bytes of the memory budget held for a copy of this model being loaded (see
+    /// [`ModelRegistry::reserve`]); 0 otherwise.
+    pub reserved: u64,
     /// The settings the serving copy runs with (a reload keeps them).
     pub settings: ModelConfig,
 }
@@ -65,6 +68,9 @@ pub enum LifecycleError {
     Busy { id: String, state: ModelState },
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The load's own pipeline file was refused (see `resolve_pipeline`).
+    #[error("pipeline: {0}")]
+    Pipeline(RegistryError),
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error("the loader task failed: {0}")]
@@ -109,7 +115,8 @@ impl ModelLimits {
 impl ModelRegistry {
     pub fn new(config: &Config) -> Self {
         ModelRegistry {
-            cache: ModelCache::new(&config.registry.cache_dir, config.registry.cache_max_bytes),
+            cache: ModelCache::new(&config.registry.cache_dir, config.registry.cache_max_bytes)
+                .with_download_timeout(config.registry.download_timeout),
             records: Mutex::new(HashMap::new()),
         }
     }
@@ -121,6 +128,7 @@ impl ModelRegistry {
             source: mc.path.display().to_string(),
             sha256: None,
             footprint,
+            reserved: 0,
             settings: mc.clone(),
         };
         self.records().insert(mc.id.clone(), record);
@@ -137,15 +145,24 @@ impl ModelRegistry {
         all
     }
 
-    /// Bytes taken by every model in memory, except `except`.
-    pub(super) fn in_use(&self, except: &ModelId) -> u64 {
-        self.records().iter().filter(|(k, _)| *k != except).map(|(_, r)| r.footprint.total()).sum()
-    }
-
-    /// The footprint of `id`'s serving copy while a new one loads beside it (else 0).
-    pub(super) fn reloading_footprint(&self, id: &ModelId) -> u64 {
-        let records = self.records();
-        records.get(id).filter(|r| r.state == ModelState::Reloading).map_or(0, |r| r.footprint.total())
+    /// Checks that `footprint` fits under `budget` beside every copy in memory (a model being
+    /// reloaded keeps its serving copy) and every other reservation, and holds it for `id`,
+    /// all under the one records lock: two loads that each fit alone but not together cannot
+    /// both pass. `id` must have a record (a load's placeholder or the copy being reloaded).
+    /// The bytes are given back when the [`Reservation`] is dropped.
+    pub fn reserve(
+        &self,
+        id: &ModelId,
+        footprint: Footprint,
+        budget: Option<u64>,
+    ) -> Result<Reservation<'_>, LifecycleError> {
+        let mut records = self.records();
+        let in_use =
+            records.values().map(|r| r.footprint.total().saturating_add(r.reserved)).fold(0, u64::saturating_add);
+        footprint.check_budget(id, in_use, budget)?;
+        let Some(record) = records.get_mut(id) else { return Err(LifecycleError::Unknown(id.to_string())) };
+        record.reserved = footprint.total();
+        Ok(Reservation { registry: self, id: id.clone() })
     }
 
     /// Digests of cached files in use (not to be evicted).
@@ -168,6 +185,21 @@ impl ModelRegistry {
         }
         r.state = to;
         Ok(r.clone())
+    }
+}
+
+/// Memory budget held for a model being loaded ([`ModelRegistry::reserve`]). Dropping it
+/// gives the bytes back: after a failed load, or once the loaded copy's record counts them.
+pub struct Reservation<'a> {
+    registry: &'a ModelRegistry,
+    id: ModelId,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some(record) = self.registry.records().get_mut(&self.id) {
+            record.reserved = 0;
+        }
     }
 }
 

@@ -1,14 +1,22 @@
 //! The download cache: verified copies of remote model files, an index, and LRU clean-up.
+//!
+//! File work (the index, temporary files, writes, fsync, renames, eviction) runs on tokio's
+//! blocking threads, never on the async workers. Fetches of different files
+//! run in parallel: each holds the lock of its destination (the pinned digest, else the URL)
+//! for its whole run, and the index lock only while the index is read, changed and written.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use tokio::time::Instant;
 
 use super::digest::Digest;
 use super::error::RegistryError;
@@ -22,6 +30,11 @@ const DOWNLOAD_PREFIX: &str = ".download-";
 const INDEX: &str = "index.json";
 /// How long a download may wait for the next piece of its body.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Body bytes gathered before they are written out on a blocking thread.
+const WRITE_CHUNK: usize = 1 << 20;
+/// How long a whole download may take unless [`ModelCache::with_download_timeout`] says
+/// otherwise (`registry.download_timeout_secs`).
+pub const DEFAULT_DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// One cached file, as recorded in the index.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,135 +78,130 @@ pub struct Fetched {
     pub origin: Origin,
 }
 
-/// The cache directory, its index, and its size cap.
+/// The cache directory, its index, its size cap, and the download deadline.
 pub struct ModelCache {
+    files: Files,
+    /// How long one fetch may take, from connecting to the last byte.
+    download_timeout: Duration,
+    /// One fetch at a time per destination; fetches of different files run in parallel.
+    destinations: KeyedLocks,
+}
+
+/// The cache directory and the file work done in it, cloned into blocking tasks.
+#[derive(Clone)]
+struct Files {
     dir: PathBuf,
     max_bytes: u64,
-    /// One fetch at a time per process: the index is read, changed and written whole.
-    lock: tokio::sync::Mutex<()>,
+    /// Held while the index is read, changed and written, never across network I/O.
+    index_lock: Arc<Mutex<()>>,
+}
+
+/// What the index says before a request is made.
+enum Lookup {
+    /// The pinned digest is cached (its use is recorded).
+    Hit(Fetched),
+    /// Not cached: download, revalidating with this ETag when one is known.
+    Miss { etag: Option<String> },
 }
 
 /// Distinguishes temporary files of concurrent downloads in one process.
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl ModelCache {
-    /// A cache in `dir` (created on first use) holding at most `max_bytes` of files.
+    /// A cache in `dir` (created on first use) holding at most `max_bytes` of files, whose
+    /// downloads may each take [`DEFAULT_DOWNLOAD_TIMEOUT`].
     pub fn new(dir: impl Into<PathBuf>, max_bytes: u64) -> ModelCache {
-        ModelCache { dir: dir.into(), max_bytes, lock: tokio::sync::Mutex::new(()) }
+        ModelCache {
+            files: Files { dir: dir.into(), max_bytes, index_lock: Arc::new(Mutex::new(())) },
+            download_timeout: DEFAULT_DOWNLOAD_TIMEOUT,
+            destinations: KeyedLocks::default(),
+        }
+    }
+
+    /// The same cache with each fetch (connect, response head and body) bounded by `timeout`:
+    /// past it the fetch fails with [`RegistryError::Deadline`] and its partial file is removed.
+    pub fn with_download_timeout(mut self, timeout: Duration) -> ModelCache {
+        self.download_timeout = timeout;
+        self
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.files.dir
     }
 
-    /// Every cached file, least recently used first.
+    /// Every cached file, least recently used first (reads the index on this thread).
     pub fn entries(&self) -> Result<Vec<CacheEntry>, RegistryError> {
-        let mut entries = self.read_index()?.entries;
+        let mut entries = self.files.read_index()?.entries;
         entries.sort_by_key(|e| e.use_seq);
         Ok(entries)
     }
 
     /// The cached file with digest `sha256`.
     pub fn path_of(&self, sha256: &Digest) -> PathBuf {
-        self.dir.join(format!("{sha256}.gguf"))
+        self.files.path_of(sha256)
     }
 
     /// A verified copy of `url`. With `expected`, a cached copy of that digest is used
     /// without any request and a download must match it; without, a cached copy of the URL
     /// is revalidated with its ETag. After a download, least recently used entries whose
-    /// digests are not in `in_use` are deleted until the cache fits its cap.
+    /// digests are not in `in_use` are deleted until the cache fits its cap. The whole fetch
+    /// must end within the download timeout.
     pub async fn fetch(
         &self,
         url: &HttpUrl,
         expected: Option<&Digest>,
         in_use: &[Digest],
     ) -> Result<Fetched, RegistryError> {
-        let _one_at_a_time = self.lock.lock().await;
-        std::fs::create_dir_all(&self.dir).map_err(RegistryError::io(&self.dir))?;
-        // Partial downloads of processes that died mid-transfer.
-        crate::stale::remove_stale_files(&self.dir, DOWNLOAD_PREFIX);
-        let mut index = self.read_index()?;
-        if let Some(want) = expected
-            && let Some(hit) = self.present(&index, |e| e.sha256 == want.as_str())
-        {
-            return self.touch(&mut index, hit, url, Origin::Hit);
-        }
-        let prior = self.present(&index, |e| e.source == url.as_str());
-        let etag = prior.and_then(|i| index.entries[i].etag.clone()).filter(|_| expected.is_none());
-        let (etag, length, body) = match http::get(url, etag.as_deref()).await? {
-            Reply::NotModified => match prior {
-                Some(i) => return self.touch(&mut index, i, url, Origin::Revalidated),
-                None => {
-                    let reason = "304 Not Modified without a cached copy".to_owned();
-                    return Err(RegistryError::Http { url: url.as_str().to_owned(), reason });
-                }
-            },
+        let deadline = Instant::now() + self.download_timeout;
+        let destination = expected.map_or_else(|| url.as_str().to_owned(), Digest::to_string);
+        let _one_per_destination = self.destinations.lock(destination).await;
+        let (files, source, want) = (self.files.clone(), url.as_str().to_owned(), expected.cloned());
+        let etag = match blocking(move || files.lookup(&source, want.as_ref())).await? {
+            Lookup::Hit(hit) => return Ok(hit),
+            Lookup::Miss { etag } => etag,
+        };
+        let reply = tokio::time::timeout_at(deadline, http::get(url, etag.as_deref()))
+            .await
+            .map_err(|_| self.deadline_passed(url))??;
+        let (etag, length, body) = match reply {
+            Reply::NotModified => {
+                let (files, source) = (self.files.clone(), url.as_str().to_owned());
+                return blocking(move || files.revalidated(&source)).await;
+            }
             Reply::Body { etag, length, body } => (etag, length, body),
         };
-        let (sha256, size) = self.download(url, length, body, expected).await?;
+        let temp = self.files.dir.join(format!(
+            "{DOWNLOAD_PREFIX}{}-{}.part",
+            std::process::id(),
+            TEMP_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = self.write_verified(url, length, body, expected, &temp, deadline).await;
+        let (sha256, size) = match written {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = blocking(move || Ok(std::fs::remove_file(&temp))).await;
+                return Err(e);
+            }
+        };
         let entry = CacheEntry {
             source: url.as_str().to_owned(),
             sha256: sha256.to_string(),
             size,
             etag,
             last_used: unix_now(),
-            use_seq: next_seq(&mut index),
+            use_seq: 0,
         };
-        index.entries.retain(|e| e.sha256 != entry.sha256);
-        index.entries.push(entry);
-        let mut keep: Vec<&str> = in_use.iter().map(Digest::as_str).collect();
-        keep.push(sha256.as_str());
-        self.evict(&mut index, &keep);
-        self.write_index(&index)?;
+        let (files, keep) = (self.files.clone(), in_use.to_vec());
+        blocking(move || files.commit(&temp, entry, &keep)).await?;
         Ok(Fetched { path: self.path_of(&sha256), sha256, size, origin: Origin::Downloaded })
     }
 
-    /// The position of the first entry matching `pick` whose file is present and whole.
-    fn present(&self, index: &Index, pick: impl Fn(&CacheEntry) -> bool) -> Option<usize> {
-        index.entries.iter().position(|e| {
-            pick(e)
-                && Digest::parse(&e.sha256)
-                    .is_ok_and(|d| std::fs::metadata(self.path_of(&d)).is_ok_and(|m| m.len() == e.size))
-        })
+    fn deadline_passed(&self, url: &HttpUrl) -> RegistryError {
+        RegistryError::Deadline { url: url.as_str().to_owned(), limit: self.download_timeout }
     }
 
-    /// Records a use of entry `i` and returns it.
-    fn touch(&self, index: &mut Index, i: usize, url: &HttpUrl, origin: Origin) -> Result<Fetched, RegistryError> {
-        let seq = next_seq(index);
-        let e = &mut index.entries[i];
-        e.last_used = unix_now();
-        e.use_seq = seq;
-        e.source = url.as_str().to_owned();
-        let sha256 = Digest::parse(&e.sha256)?;
-        let size = e.size;
-        self.write_index(index)?;
-        Ok(Fetched { path: self.path_of(&sha256), sha256, size, origin })
-    }
-
-    /// Streams `body` into a temporary file, verifies it, and renames it to its digest's
-    /// name. On any failure the temporary file is removed and nothing else changes.
-    async fn download(
-        &self,
-        url: &HttpUrl,
-        length: Option<u64>,
-        body: Incoming,
-        expected: Option<&Digest>,
-    ) -> Result<(Digest, u64), RegistryError> {
-        if let Some(n) = length.filter(|n| *n > self.max_bytes) {
-            return Err(RegistryError::TooLarge { from: url.as_str().to_owned(), size: n, cap: self.max_bytes });
-        }
-        let temp = self.dir.join(format!(
-            "{DOWNLOAD_PREFIX}{}-{}.part",
-            std::process::id(),
-            TEMP_SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let result = self.write_verified(url, length, body, expected, &temp).await;
-        if result.is_err() {
-            let _ = std::fs::remove_file(&temp);
-        }
-        result
-    }
-
+    /// Streams `body` into `temp` while hashing it, checks its length and digest, and
+    /// fsyncs it. Fails once `deadline` passes; the caller removes `temp` on any failure.
     async fn write_verified(
         &self,
         url: &HttpUrl,
@@ -201,25 +209,39 @@ impl ModelCache {
         mut body: Incoming,
         expected: Option<&Digest>,
         temp: &Path,
+        deadline: Instant,
     ) -> Result<(Digest, u64), RegistryError> {
         let from = || url.as_str().to_owned();
-        let mut file = std::fs::File::create(temp).map_err(RegistryError::io(temp))?;
+        let cap = self.files.max_bytes;
+        if let Some(n) = length.filter(|n| *n > cap) {
+            return Err(RegistryError::TooLarge { from: from(), size: n, cap });
+        }
+        let path = temp.to_owned();
+        let mut file = blocking(move || std::fs::File::create(&path).map_err(RegistryError::io(&path))).await?;
+        let mut pending = Vec::with_capacity(WRITE_CHUNK);
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         loop {
-            let frame = tokio::time::timeout(IDLE_TIMEOUT, body.frame()).await.map_err(|_| RegistryError::Http {
-                url: from(),
-                reason: format!("no data for {IDLE_TIMEOUT:?}; download abandoned"),
-            })?;
+            let wait = deadline.min(Instant::now() + IDLE_TIMEOUT);
+            let Ok(frame) = tokio::time::timeout_at(wait, body.frame()).await else {
+                if Instant::now() >= deadline {
+                    return Err(self.deadline_passed(url));
+                }
+                let reason = format!("no data for {IDLE_TIMEOUT:?}; download abandoned");
+                return Err(RegistryError::Http { url: from(), reason });
+            };
             let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| RegistryError::Http { url: from(), reason: format!("body: {e}") })?;
             let Ok(data) = frame.into_data() else { continue };
             size += data.len() as u64;
-            if size > self.max_bytes {
-                return Err(RegistryError::TooLarge { from: from(), size, cap: self.max_bytes });
+            if size > cap {
+                return Err(RegistryError::TooLarge { from: from(), size, cap });
             }
             hasher.update(&data);
-            file.write_all(&data).map_err(RegistryError::io(temp))?;
+            pending.extend_from_slice(&data);
+            if pending.len() >= WRITE_CHUNK {
+                (file, pending) = write_out(file, pending, false, temp).await?;
+            }
         }
         if let Some(expected) = length.filter(|n| *n != size) {
             return Err(RegistryError::Truncated { url: from(), received: size, expected });
@@ -232,12 +254,91 @@ impl ModelCache {
                 actual: actual.to_string(),
             });
         }
-        file.sync_all().map_err(RegistryError::io(temp))?;
-        drop(file);
-        let dest = self.path_of(&actual);
-        std::fs::rename(temp, &dest).map_err(RegistryError::io(&dest))?;
-        sync_dir(&self.dir);
+        write_out(file, pending, true, temp).await?;
         Ok((actual, size))
+    }
+}
+
+impl Files {
+    fn path_of(&self, sha256: &Digest) -> PathBuf {
+        self.dir.join(format!("{sha256}.gguf"))
+    }
+
+    fn index(&self) -> MutexGuard<'_, ()> {
+        self.index_lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates the directory, clears partial downloads of dead processes, and looks `source`
+    /// up: a present file of digest `expected` is a hit (its use recorded).
+    fn lookup(&self, source: &str, expected: Option<&Digest>) -> Result<Lookup, RegistryError> {
+        std::fs::create_dir_all(&self.dir).map_err(RegistryError::io(&self.dir))?;
+        crate::stale::remove_stale_files(&self.dir, DOWNLOAD_PREFIX);
+        let _index = self.index();
+        let mut index = self.read_index()?;
+        if let Some(want) = expected
+            && let Some(hit) = self.present(&index, |e| e.sha256 == want.as_str())
+        {
+            return self.touch(&mut index, hit, source, Origin::Hit).map(Lookup::Hit);
+        }
+        let prior = self.present(&index, |e| e.source == source);
+        let etag = prior.and_then(|i| index.entries[i].etag.clone()).filter(|_| expected.is_none());
+        Ok(Lookup::Miss { etag })
+    }
+
+    /// After a `304 Not Modified`: the cached copy of `source`, its use recorded.
+    fn revalidated(&self, source: &str) -> Result<Fetched, RegistryError> {
+        let _index = self.index();
+        let mut index = self.read_index()?;
+        match self.present(&index, |e| e.source == source) {
+            Some(i) => self.touch(&mut index, i, source, Origin::Revalidated),
+            None => {
+                let reason = "304 Not Modified without a cached copy".to_owned();
+                Err(RegistryError::Http { url: source.to_owned(), reason })
+            }
+        }
+    }
+
+    /// Renames the verified `temp` to its digest's name, records `entry`, and evicts least
+    /// recently used entries not in `keep` until the cache fits its cap.
+    fn commit(&self, temp: &Path, mut entry: CacheEntry, keep: &[Digest]) -> Result<(), RegistryError> {
+        let digest = Digest::parse(&entry.sha256)?;
+        let dest = self.path_of(&digest);
+        if let Err(error) = std::fs::rename(temp, &dest) {
+            let _ = std::fs::remove_file(temp);
+            return Err(RegistryError::Io { path: dest, error });
+        }
+        sync_dir(&self.dir);
+        let _index = self.index();
+        let mut index = self.read_index()?;
+        entry.use_seq = next_seq(&mut index);
+        index.entries.retain(|e| e.sha256 != entry.sha256);
+        index.entries.push(entry);
+        let mut keep: Vec<&str> = keep.iter().map(Digest::as_str).collect();
+        keep.push(digest.as_str());
+        self.evict(&mut index, &keep);
+        self.write_index(&index)
+    }
+
+    /// The position of the first entry matching `pick` whose file is present and whole.
+    fn present(&self, index: &Index, pick: impl Fn(&CacheEntry) -> bool) -> Option<usize> {
+        index.entries.iter().position(|e| {
+            pick(e)
+                && Digest::parse(&e.sha256)
+                    .is_ok_and(|d| std::fs::metadata(self.path_of(&d)).is_ok_and(|m| m.len() == e.size))
+        })
+    }
+
+    /// Records a use of entry `i` and returns it.
+    fn touch(&self, index: &mut Index, i: usize, source: &str, origin: Origin) -> Result<Fetched, RegistryError> {
+        let seq = next_seq(index);
+        let e = &mut index.entries[i];
+        e.last_used = unix_now();
+        e.use_seq = seq;
+        e.source = source.to_owned();
+        let sha256 = Digest::parse(&e.sha256)?;
+        let size = e.size;
+        self.write_index(index)?;
+        Ok(Fetched { path: self.path_of(&sha256), sha256, size, origin })
     }
 
     /// Deletes least recently used entries not in `keep` until the total fits the cap.
@@ -294,6 +395,54 @@ impl ModelCache {
         sync_dir(&self.dir);
         Ok(())
     }
+}
+
+/// Async locks by name. An entry nobody holds or awaits is dropped on the next [`lock`].
+///
+/// [`lock`]: KeyedLocks::lock
+#[derive(Default)]
+struct KeyedLocks {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl KeyedLocks {
+    /// Waits for the lock named `key`; it is held until the guard is dropped.
+    async fn lock(&self, key: String) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            // Only the map holds these: nobody holds or awaits them.
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry(key).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+}
+
+/// Appends `bytes` to `file` (the temporary file `temp`) on a blocking thread, fsyncing it
+/// when `sync`; hands both back, `bytes` emptied.
+async fn write_out(
+    mut file: std::fs::File,
+    mut bytes: Vec<u8>,
+    sync: bool,
+    temp: &Path,
+) -> Result<(std::fs::File, Vec<u8>), RegistryError> {
+    let path = temp.to_owned();
+    blocking(move || {
+        file.write_all(&bytes).map_err(RegistryError::io(&path))?;
+        if sync {
+            file.sync_all().map_err(RegistryError::io(&path))?;
+        }
+        bytes.clear();
+        Ok((file, bytes))
+    })
+    .await
+}
+
+/// Runs file work on a blocking thread, off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, RegistryError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| RegistryError::Task(e.to_string()))?
 }
 
 fn next_seq(index: &mut Index) -> u64 {

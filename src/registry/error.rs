@@ -9,10 +9,14 @@ pub enum RegistryError {
     Tls(String),
     #[error("source `{given}`: {reason}")]
     BadSource { given: String, reason: String },
-    #[error("path {} contains `..`; name a file under a model directory", path.display())]
-    ParentComponent { path: PathBuf },
-    #[error("path {} resolves outside the model directories ({dirs})", path.display())]
-    OutsideModelDirs { path: PathBuf, dirs: String },
+    #[error("path {} contains `..`; name a file under `{key}`", path.display())]
+    ParentComponent { path: PathBuf, key: &'static str },
+    #[error("path {} resolves outside `{key}` ({dirs})", path.display())]
+    OutsideDirs { path: PathBuf, key: &'static str, dirs: String },
+    #[error("{} is not a regular file", path.display())]
+    NotAFile { path: PathBuf },
+    #[error("{}: {size} bytes exceed the {cap}-byte limit; nothing was read", path.display())]
+    FileTooLarge { path: PathBuf, size: u64, cap: u64 },
     #[error("{}: {error}", path.display())]
     Io { path: PathBuf, error: std::io::Error },
     #[error("GET {url}: {reason}")]
@@ -27,6 +31,14 @@ pub enum RegistryError {
     BadDigest(String),
     #[error("{from}: {size} bytes exceed the cache cap of {cap} bytes")]
     TooLarge { from: String, size: u64, cap: u64 },
+    #[error("{url}: host `{host}` is not in `registry.allowed_hosts` ({allowed}); nothing was fetched")]
+    HostNotAllowed { url: String, host: String, allowed: String },
+    #[error(
+        "GET {url}: not finished within {limit:?} (`registry.download_timeout_secs`); the partial download was removed"
+    )]
+    Deadline { url: String, limit: std::time::Duration },
+    #[error("a cache file task failed: {0}")]
+    Task(String),
     #[error("cache index {}: {reason}", path.display())]
     Index { path: PathBuf, reason: String },
 }

@@ -11,6 +11,7 @@ use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 
 use super::error::RegistryError;
+use crate::config::AllowedHost;
 
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,11 +47,42 @@ impl HttpUrl {
         self.uri.scheme_str() == Some("https")
     }
 
+    /// The host, lowercase, IPv6 addresses without their brackets.
+    fn host(&self) -> String {
+        let host = self.uri.host().unwrap_or_default();
+        host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase()
+    }
+
+    /// The port connected to: the URL's, or the scheme's default.
+    fn port(&self) -> u16 {
+        self.uri.port_u16().unwrap_or(if self.is_https() { 443 } else { 80 })
+    }
+
     fn authority(&self) -> String {
         let host = self.uri.host().unwrap_or_default();
         let default_port = if self.is_https() { 443 } else { 80 };
         format!("{host}:{}", self.uri.port_u16().unwrap_or(default_port))
     }
+}
+
+/// Refuses `url` unless `allowed` is `None` (any host) or lists its host, with its port or
+/// with none. Called before any connection is made.
+pub fn check_allowed_host(url: &HttpUrl, allowed: Option<&[AllowedHost]>) -> Result<(), RegistryError> {
+    let Some(list) = allowed else { return Ok(()) };
+    let (host, port) = (url.host(), url.port());
+    if list.iter().any(|a| a.host == host && a.port.is_none_or(|p| p == port)) {
+        return Ok(());
+    }
+    let shown: Vec<String> = list
+        .iter()
+        .map(|a| match (a.port, a.host.contains(':')) {
+            (None, _) => a.host.clone(),
+            (Some(p), true) => format!("[{}]:{p}", a.host),
+            (Some(p), false) => format!("{}:{p}", a.host),
+        })
+        .collect();
+    let allowed = if shown.is_empty() { "the list is empty".to_owned() } else { shown.join(", ") };
+    Err(RegistryError::HostNotAllowed { url: url.as_str().to_owned(), host: format!("{host}:{port}"), allowed })
 }
 
 /// A plain or TLS socket.
@@ -122,5 +154,22 @@ mod tests {
         assert!(HttpUrl::parse("http:///a").is_err());
         assert_eq!(HttpUrl::parse("https://example.org/a").unwrap().authority(), "example.org:443");
         assert!(HttpUrl::parse("ftp://example.org/a").is_err());
+    }
+
+    #[test]
+    fn allowed_hosts_match_the_host_and_a_listed_port() {
+        let list = |entries: &[(&str, Option<u16>)]| -> Vec<AllowedHost> {
+            entries.iter().map(|(h, p)| AllowedHost { host: (*h).to_owned(), port: *p }).collect()
+        };
+        let url = HttpUrl::parse("https://Models.Example.org/m.gguf").unwrap();
+        assert!(check_allowed_host(&url, None).is_ok(), "unset = any host");
+        assert!(check_allowed_host(&url, Some(&list(&[("models.example.org", None)]))).is_ok());
+        assert!(check_allowed_host(&url, Some(&list(&[("models.example.org", Some(443))]))).is_ok());
+        let e = check_allowed_host(&url, Some(&list(&[("models.example.org", Some(8443))]))).unwrap_err();
+        assert!(e.to_string().contains("host `models.example.org:443` is not in `registry.allowed_hosts`"), "{e}");
+        assert!(check_allowed_host(&url, Some(&list(&[("example.org", None)]))).is_err(), "no suffix matching");
+        assert!(check_allowed_host(&url, Some(&[])).is_err(), "an empty list allows no host");
+        let v6 = HttpUrl::parse("http://[::1]:8080/m.gguf").unwrap();
+        assert!(check_allowed_host(&v6, Some(&list(&[("::1", Some(8080))]))).is_ok());
     }
 }

@@ -43,13 +43,33 @@ impl Source {
     }
 }
 
-/// The real path of `path` if it names an existing file under one of `dirs`: a relative
-/// path is taken relative to each directory in turn. `..` components are refused, and
-/// symlinks are followed before the check, so a link pointing out of the directories is
-/// refused too.
+/// Largest pipeline file a load may name (64 KiB): it is read whole.
+pub const MAX_PIPELINE_BYTES: u64 = 64 << 10;
+
+/// The real path of a model file under `registry.model_dirs` (`dirs`); see [`resolve_under`].
 pub fn resolve_local(path: &Path, dirs: &[PathBuf]) -> Result<PathBuf, RegistryError> {
+    resolve_under(path, dirs, "registry.model_dirs")
+}
+
+/// The real path of a pipeline file named by a load: a regular file under
+/// `registry.pipeline_dirs` (`dirs`, the same rules as model paths) of at most
+/// [`MAX_PIPELINE_BYTES`], checked before anything reads it.
+pub fn resolve_pipeline(path: &Path, dirs: &[PathBuf]) -> Result<PathBuf, RegistryError> {
+    let real = resolve_under(path, dirs, "registry.pipeline_dirs")?;
+    let size = std::fs::metadata(&real).map_err(RegistryError::io(&real))?.len();
+    if size > MAX_PIPELINE_BYTES {
+        return Err(RegistryError::FileTooLarge { path: real, size, cap: MAX_PIPELINE_BYTES });
+    }
+    Ok(real)
+}
+
+/// The real path of `path` if it names an existing regular file under one of `dirs` (the
+/// directories config key `key` lists, named in errors): a relative path is taken relative
+/// to each directory in turn. `..` components are refused, and symlinks are followed before
+/// the check, so a link pointing out of the directories is refused too.
+pub fn resolve_under(path: &Path, dirs: &[PathBuf], key: &'static str) -> Result<PathBuf, RegistryError> {
     if path.components().any(|c| c == Component::ParentDir) {
-        return Err(RegistryError::ParentComponent { path: path.to_owned() });
+        return Err(RegistryError::ParentComponent { path: path.to_owned(), key });
     }
     let roots: Vec<PathBuf> = dirs.iter().filter_map(|d| d.canonicalize().ok()).collect();
     let candidates: Vec<PathBuf> =
@@ -60,14 +80,13 @@ pub fn resolve_local(path: &Path, dirs: &[PathBuf]) -> Result<PathBuf, RegistryE
             Ok(real) if roots.iter().any(|r| real.starts_with(r)) => {
                 return match real.is_file() {
                     true => Ok(real),
-                    false => {
-                        Err(RegistryError::BadSource { given: path.display().to_string(), reason: "not a file".into() })
-                    }
+                    false => Err(RegistryError::NotAFile { path: real }),
                 };
             }
             Ok(_) => {
-                return Err(RegistryError::OutsideModelDirs {
+                return Err(RegistryError::OutsideDirs {
                     path: path.to_owned(),
+                    key,
                     dirs: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
                 });
             }
@@ -76,7 +95,7 @@ pub fn resolve_local(path: &Path, dirs: &[PathBuf]) -> Result<PathBuf, RegistryE
     }
     Err(missing.unwrap_or_else(|| RegistryError::BadSource {
         given: path.display().to_string(),
-        reason: "no model directory is configured (`registry.model_dirs`)".into(),
+        reason: format!("no directory is configured (`{key}`)"),
     }))
 }
 

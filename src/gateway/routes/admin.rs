@@ -12,7 +12,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::config::Config;
+use crate::config::{Config, Machine};
 use crate::engine::load::{LoadError, LoadedModel};
 use crate::error::{ApiError, ErrorKind};
 use crate::gateway::extract::{from_map, read_object, read_optional_object, reject_unknown};
@@ -38,9 +38,20 @@ fn api_error(e: LifecycleError) -> ApiError {
             RegistryError::Io { error, .. } if error.kind() != std::io::ErrorKind::NotFound => {
                 (ErrorKind::Internal, "io_error")
             }
-            RegistryError::Index { .. } => (ErrorKind::Internal, "cache_index"),
+            RegistryError::Deadline { .. } => (ErrorKind::Unavailable, "download_timeout"),
+            RegistryError::Index { .. } | RegistryError::Task(_) => (ErrorKind::Internal, "cache_index"),
+            RegistryError::HostNotAllowed { .. } => (ErrorKind::InvalidRequest, "host_not_allowed"),
             _ => (ErrorKind::InvalidRequest, "invalid_source"),
         },
+        LifecycleError::Pipeline(r) => {
+            let code = match r {
+                RegistryError::ParentComponent { .. } | RegistryError::OutsideDirs { .. } => "pipeline_outside_dirs",
+                RegistryError::NotAFile { .. } => "pipeline_not_a_file",
+                RegistryError::FileTooLarge { .. } => "pipeline_too_large",
+                _ => "invalid_pipeline",
+            };
+            return ApiError::new(ErrorKind::InvalidRequest, message).with_code(code).with_param("pipeline");
+        }
         LifecycleError::Load(LoadError::OverBudget { .. }) => (ErrorKind::Conflict, "memory_budget_exceeded"),
         LifecycleError::Load(LoadError::Thread { .. } | LoadError::Telemetry { .. }) => {
             (ErrorKind::Internal, "load_failed")
@@ -139,13 +150,26 @@ fn limit(name: &str, value: Option<u64>, max: u64) -> Result<Option<NonZeroUsize
     }
 }
 
-fn limits(body: &LoadBody) -> Result<ModelLimits, ApiError> {
-    let kv = match body.kv_cache_max_bytes {
-        Some(v) if v < MIN_KV_BYTES => {
+/// The largest KV arena a load may ask for, and what sets it: the memory budget, else the
+/// machine's memory. The arena is committed whole at load, so this is checked first.
+fn kv_bound(state: &AppState) -> Option<(u64, &'static str)> {
+    match state.config.registry.memory_budget {
+        Some(budget) => Some((budget, "`registry.memory_budget`")),
+        None => Machine::detect().mem_total.map(|total| (total, "the machine's memory (MemTotal)")),
+    }
+}
+
+fn limits(body: &LoadBody, kv_bound: Option<(u64, &str)>) -> Result<ModelLimits, ApiError> {
+    let kv = match (body.kv_cache_max_bytes, kv_bound) {
+        (Some(v), _) if v < MIN_KV_BYTES => {
             let message = format!("`kv_cache_max_bytes` must be at least {MIN_KV_BYTES}");
             return Err(ApiError::invalid_parameter("kv_cache_max_bytes", message));
         }
-        other => other,
+        (Some(v), Some((max, what))) if v > max => {
+            let message = format!("`kv_cache_max_bytes` must be at most {max} bytes ({what})");
+            return Err(ApiError::invalid_parameter("kv_cache_max_bytes", message));
+        }
+        (other, _) => other,
     };
     let pipeline = match body.pipeline.as_deref().map(str::trim) {
         Some("") => return Err(ApiError::invalid_parameter("pipeline", "`pipeline` names a pipeline file")),
@@ -163,6 +187,18 @@ fn limits(body: &LoadBody) -> Result<ModelLimits, ApiError> {
 /// Smallest KV arena a loaded model may ask for (1 MiB).
 const MIN_KV_BYTES: u64 = 1 << 20;
 
+/// Refuses an `http(s)://` source without the digest it must have: a URL's content may
+/// change under it, so load and reload alike pin it (400 `sha256_required`).
+fn require_pin(source: &Source, sha256: Option<&Digest>) -> Result<(), ApiError> {
+    if matches!(source, Source::Http(_)) && sha256.is_none() {
+        let message = "a URL source needs the expected `sha256` (64 hex digits)";
+        return Err(ApiError::new(ErrorKind::InvalidRequest, message)
+            .with_code("sha256_required")
+            .with_param("sha256"));
+    }
+    Ok(())
+}
+
 fn parse_sha(text: Option<&str>) -> Result<Option<Digest>, ApiError> {
     text.map(Digest::parse)
         .transpose()
@@ -174,13 +210,12 @@ pub async fn load(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Respo
     let map = read_object(req, state.config.server.max_body_bytes.get()).await?;
     reject_unknown(&map, &[LOAD_FIELDS])?;
     let body: LoadBody = from_map(map)?;
-    let limits = limits(&body)?;
+    let limits = limits(&body, kv_bound(state))?;
     let id = parse_id(&body.id).map_err(api_error)?;
     let source = Source::parse(&body.source).map_err(|e| api_error(e.into()))?;
-    if matches!(source, Source::Http(_)) && body.sha256.is_none() {
-        return Err(ApiError::invalid_parameter("sha256", "a URL source needs the expected `sha256`"));
-    }
-    let spec = LoadSpec { id: id.clone(), source, sha256: parse_sha(body.sha256.as_deref())?, limits };
+    let sha256 = parse_sha(body.sha256.as_deref())?;
+    require_pin(&source, sha256.as_ref())?;
+    let spec = LoadSpec { id: id.clone(), source, sha256, limits };
     let record = state.load_model(spec).await.map_err(api_error)?;
     let table = state.models.snapshot();
     Ok(json_response(StatusCode::CREATED, &describe(id.as_str(), &record, table.get(id.as_str()))))
@@ -192,14 +227,18 @@ pub async fn unload(state: &Arc<AppState>, id: &str) -> Result<Response<Body>, A
     Ok(json_response(StatusCode::OK, &json!({"id": id, "state": "unloaded", "drained": drained})))
 }
 
-/// `POST /admin/models/{id}/reload` (optional `{"source", "sha256"}`): a new copy loads
-/// beside the serving one, then takes over.
+/// `POST /admin/models/{id}/reload` (optional `{"source", "sha256"}`, a URL source pinned
+/// like a load's): a new copy loads beside the serving one, then takes over.
 pub async fn reload(state: &Arc<AppState>, id: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let map = read_optional_object(req, state.config.server.max_body_bytes.get()).await?;
     reject_unknown(&map, &[&["source", "sha256"]])?;
     let sha256 = parse_sha(map.get("sha256").and_then(Value::as_str))?;
     let source = match map.get("source").and_then(Value::as_str) {
-        Some(s) => Some((Source::parse(s).map_err(|e| api_error(e.into()))?, sha256)),
+        Some(s) => {
+            let source = Source::parse(s).map_err(|e| api_error(e.into()))?;
+            require_pin(&source, sha256.as_ref())?;
+            Some((source, sha256))
+        }
         None if sha256.is_some() => {
             return Err(ApiError::invalid_parameter("sha256", "`sha256` needs a `source` beside it"));
         }
