@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use cli::{bench, generate, inspect, models, perplexity, serve, tokenize};
+use cli::{bench, chat, generate, inspect, models, perplexity, serve, tokenize};
 use starling::telemetry::{self, LogStyle};
 
 #[derive(Parser)]
@@ -29,6 +29,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Generate a continuation of a prompt, streaming text to stdout.
     Generate(generate::GenerateArgs),
+    /// Chat in the terminal with a model (loaded here, or a running server with --url).
+    Chat(chat::ChatArgs),
     /// Print the token ids of TEXT.
     Tokenize(tokenize::TokenizeArgs),
     /// Print a GGUF file's metadata and tensor table.
@@ -81,6 +83,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => {
             let _guard = telemetry::init(style.unwrap_or(LogStyle::Text), "warn", cli.trace_chrome.as_deref())?;
             generate::run(args)
+        }
+        Command::Chat(args) => {
+            let _guard = telemetry::init(style.unwrap_or(LogStyle::Text), "warn", cli.trace_chrome.as_deref())?;
+            chat::run(args)
         }
         Command::Tokenize(args) => tokenize::run(args),
         Command::Inspect(args) => inspect::run(args),

@@ -320,6 +320,7 @@ fn model_names_resolve_like_paths_and_unknown_names_list_the_known_ones() {
         vec!["tokenize", "--model", "llama-9000", "Hi"],
         vec!["generate", "--model", "llama-9000", "--prompt", "Hi"],
         vec!["serve", "--bind", "127.0.0.1:0", "--model", "llama-9000"],
+        vec!["chat", "llama-9000"],
     ] {
         let out = starling().args(&args).stdin(Stdio::null()).output().unwrap();
         assert!(!out.status.success(), "{args:?} ran");

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod catalog;
+pub mod chat;
 pub mod common;
 pub mod generate;
 pub mod inspect;
