@@ -365,3 +365,26 @@ fn models_pull_by_name_is_idempotent_and_refuses_unknown_names() {
     assert_eq!(left, ["SmolLM2-135M-Instruct.Q4_1.gguf"], "temporary files left behind");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `completions SHELL` prints a script naming every subcommand; each command's `--help`
+/// ends with an example.
+#[test]
+fn completions_name_the_subcommands_and_help_shows_examples() {
+    let out = starling().args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let script = String::from_utf8_lossy(&out.stdout);
+    for sub in ["serve", "generate", "chat", "tokenize", "inspect", "perplexity", "bench", "models", "completions"] {
+        assert!(script.contains(&format!("starling__subcmd__{sub}")), "bash completions miss `{sub}`");
+    }
+    for shell in ["zsh", "fish"] {
+        let out = starling().args(["completions", shell]).output().unwrap();
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("chat"), "{shell}");
+    }
+    let out = starling().args(["completions", "tcsh"]).output().unwrap();
+    assert!(!out.status.success());
+    for sub in ["serve", "generate", "chat", "tokenize", "inspect", "perplexity", "bench", "models", "completions"] {
+        let out = starling().args([sub, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("Example") && help.contains(&format!("starling {sub} ")), "{sub} --help: {help}");
+    }
+}
