@@ -388,3 +388,46 @@ fn completions_name_the_subcommands_and_help_shows_examples() {
         assert!(help.contains("Example") && help.contains(&format!("starling {sub} ")), "{sub} --help: {help}");
     }
 }
+
+/// Runs `starling ARGS` under a pty (`script`) with `env`; returns what the terminal showed.
+fn under_pty(args: &str, env: &[(&str, &str)]) -> String {
+    let command = format!("{} {args}", env!("CARGO_BIN_EXE_starling"));
+    let mut c = Command::new("script");
+    c.args(["-qfec", &command, "/dev/null"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("TERM", "xterm")
+        .env_remove("CI")
+        .env("PIP_NO_INDEX", "1")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{args}: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Long steps draw a progress bar on a terminal (the pull's sha256 check, a model load)
+/// and nothing of the kind when stderr is piped, under `--json` or with `CI=true`.
+#[test]
+fn progress_bars_only_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: `script` (util-linux) is not installed");
+        return;
+    }
+    let shown = under_pty("models pull smollm2-135m", &[]);
+    assert!(shown.contains("verifying sha256") && shown.contains("present"), "{shown:?}");
+    let shown = under_pty("generate --model smollm2-135m --prompt Hi --max-tokens 1", &[]);
+    assert!(shown.contains("loading smollm2-135m"), "{shown:?}");
+    for quiet in
+        [under_pty("models pull smollm2-135m", &[("CI", "true")]), under_pty("models pull smollm2-135m --json", &[])]
+    {
+        assert!(!quiet.contains("verifying sha256") && !quiet.contains('\x1b'), "{quiet:?}");
+    }
+
+    let out =
+        starling().args(["models", "pull", "smollm2-135m"]).env("PIP_NO_INDEX", "1").env_remove("CI").output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("verifying sha256") && !err.contains('\x1b'), "{err:?}");
+}

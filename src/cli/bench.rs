@@ -68,7 +68,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         reps: a.reps,
         engine_concurrency: a.concurrency.0,
     };
+    let running = super::progress::Progress::new(a.json).spinner(&format!(
+        "benchmarking {} ({} reps per figure)",
+        settings.model.display(),
+        settings.reps
+    ));
     let report = starling::bench::run(&settings)?;
+    running.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

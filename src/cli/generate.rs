@@ -80,7 +80,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut config = Config::from_str("{}", Format::Json)?;
     config.models[0].path = super::catalog::resolve(&a.model)?;
     config.models[0].threads = NonZeroUsize::new(a.threads.max(1)).expect("non-zero");
+    let loading = super::progress::Progress::new(a.json).spinner(&format!("loading {}", a.model));
     let loaded = start_model(&config, 0)?;
+    loading.finish_and_clear();
     let params = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,

@@ -4,6 +4,8 @@
 
 use std::io::IsTerminal;
 
+use std::time::Duration;
+
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// How a command reports progress; made once from its flags and the environment.
@@ -39,6 +41,23 @@ impl Progress {
         self.bar(total, label, "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
     }
 
+    /// A spinner for a step of unknown length (a model load, a benchmark); hidden when
+    /// bars are off (the step's result says enough).
+    pub fn spinner(&self, label: &str) -> ProgressBar {
+        if !self.bars {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        let style = ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner());
+        bar.set_style(style);
+        bar.set_message(label.to_owned());
+        bar.enable_steady_tick(Duration::from_millis(100));
+        // Drawn at once, however short the step.
+        bar.tick();
+        bar
+    }
+
     fn bar(&self, total: u64, label: &str, template: &str) -> ProgressBar {
         if !self.bars {
             return ProgressBar::hidden();
@@ -47,6 +66,7 @@ impl Progress {
         let style = ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style.progress_chars("=> "));
         bar.set_message(label.to_owned());
+        bar.tick();
         bar
     }
 }

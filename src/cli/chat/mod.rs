@@ -105,7 +105,10 @@ pub fn run(a: ChatArgs) -> Result<()> {
             let mut config = Config::from_str("{}", Format::Json)?;
             config.models[0].path = path;
             config.models[0].threads = NonZeroUsize::new(a.threads.max(1)).unwrap_or(NonZeroUsize::MIN);
+            let loading =
+                super::progress::Progress::new(false).spinner(&format!("loading {}", config.models[0].path.display()));
             let model = start_model(&config, 0)?;
+            loading.finish_and_clear();
             Backend::Local(Box::new(Local { config, model }))
         }
     };
