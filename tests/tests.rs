@@ -1,4 +1,5 @@
 //! The one integration-test binary: one `mod` per area (one link step on a 2-core machine).
+mod chat;
 mod cli;
 mod config;
 mod engine;

@@ -1,8 +1,6 @@
 //! `starling bench`: throughput figures comparable with llama.cpp's, or a load generator
 //! against a running server (`--http`).
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
@@ -11,9 +9,9 @@ use starling::bench::http::{HttpLoad, run as run_load};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// GGUF model to measure (in this process).
+    /// GGUF model to measure (in this process): a file or a model name.
     #[arg(long, required_unless_present = "http", conflicts_with = "http")]
-    model: Option<PathBuf>,
+    model: Option<String>,
     /// Threads of the model's pool.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -65,12 +63,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return cmd_bench_http(url, a.concurrency.0, a.requests, a.max_tokens, a.api_key, a.served_model, a.json);
     }
     let settings = BenchSettings {
-        model: a.model.context("--model is required without --http")?,
+        model: super::catalog::resolve(&a.model.context("--model is required without --http")?)?,
         threads: a.threads,
         reps: a.reps,
         engine_concurrency: a.concurrency.0,
     };
+    let running = super::progress::Progress::new(a.json).spinner(&format!(
+        "benchmarking {} ({} reps per figure)",
+        settings.model.display(),
+        settings.reps
+    ));
     let report = starling::bench::run(&settings)?;
+    running.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

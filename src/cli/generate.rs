@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
 
 use anyhow::{Result, anyhow};
 use clap::Args;
@@ -17,8 +16,9 @@ use starling::types::TenantId;
 
 #[derive(Args)]
 pub struct GenerateArgs {
+    /// GGUF model file, or a model name (`starling models pull NAME` fetches it).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     #[arg(long)]
     prompt: String,
     #[arg(long)]
@@ -78,9 +78,11 @@ fn parse_bias(s: &str) -> Result<(u32, f32), String> {
 /// Loads the model, runs the prompt, and prints the continuation.
 pub fn run(a: GenerateArgs) -> Result<()> {
     let mut config = Config::from_str("{}", Format::Json)?;
-    config.models[0].path = a.model.clone();
+    config.models[0].path = super::catalog::resolve(&a.model)?;
     config.models[0].threads = NonZeroUsize::new(a.threads.max(1)).expect("non-zero");
+    let loading = super::progress::Progress::new(a.json).spinner(&format!("loading {}", a.model));
     let loaded = start_model(&config, 0)?;
+    loading.finish_and_clear();
     let params = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,

@@ -5,14 +5,19 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
+use super::catalog::{self, Pulled};
+use super::progress::Progress;
 use starling::config::{Config, Format};
 use starling::registry::{Digest, ModelCache, Origin, Source};
 
 #[derive(Subcommand)]
 pub enum ModelsCommand {
-    /// Download URL into the cache (or find it there) and verify its sha256.
+    /// Fetch a model by name into the models directory, or a URL into the cache; verify its sha256.
+    #[command(
+        after_help = "Examples:\n  starling models pull smollm2-135m\n  starling models pull https://example.com/m.gguf --sha256 <64 hex digits>"
+    )]
     Pull(PullArgs),
-    /// List the cached model files, least recently used first.
+    /// List the models known by name and the cached model files, least recently used first.
     List(CacheArgs),
 }
 
@@ -31,11 +36,16 @@ pub struct CacheArgs {
 
 #[derive(Args)]
 pub struct PullArgs {
-    /// An http:// or https:// URL of a GGUF file.
-    url: String,
-    /// The file's expected sha256 (64 hex digits).
+    /// A model name from the catalog (smollm2-135m, gemma3-270m), or an http(s):// URL of a
+    /// GGUF file.
+    #[arg(value_name = "NAME|URL")]
+    source: String,
+    /// The file's expected sha256 (64 hex digits); required for a URL.
     #[arg(long)]
-    sha256: String,
+    sha256: Option<String>,
+    /// Where a named model is stored (default: `STARLING_MODEL_DIR`, else `models/`).
+    #[arg(long)]
+    dir: Option<PathBuf>,
     #[command(flatten)]
     cache: CacheArgs,
 }
@@ -59,13 +69,18 @@ fn open_cache(a: &CacheArgs) -> Result<ModelCache> {
     Ok(ModelCache::new(dir, config.registry.cache_max_bytes).with_download_timeout(config.registry.download_timeout))
 }
 
+/// Pulls a named model from the catalog, or a URL into the cache.
 fn pull(a: PullArgs) -> Result<()> {
+    if !a.source.contains("://") {
+        return pull_named(&a);
+    }
     let cache = open_cache(&a.cache)?;
-    let url = match Source::parse(&a.url)? {
+    let url = match Source::parse(&a.source)? {
         Source::Http(url) => url,
         Source::Local(p) => bail!("`{}` is a local path; `models pull` takes an http(s):// URL", p.display()),
     };
-    let sha256 = Digest::parse(&a.sha256)?;
+    let sha256 = a.sha256.as_deref().context("a URL needs its digest: add --sha256 <64 hex digits>")?;
+    let sha256 = Digest::parse(sha256)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let fetched = runtime.block_on(cache.fetch(&url, Some(&sha256), &[]))?;
     let origin = match fetched.origin {
@@ -82,12 +97,39 @@ fn pull(a: PullArgs) -> Result<()> {
     Ok(())
 }
 
+/// `models pull NAME`: the catalog's file in the models directory, verified.
+fn pull_named(a: &PullArgs) -> Result<()> {
+    if a.sha256.is_some() {
+        bail!("--sha256 is for URLs; a named model's digest comes from the catalog");
+    }
+    let dir = a.dir.clone().unwrap_or_else(catalog::models_dir);
+    let progress = Progress::new(a.cache.json);
+    let (path, pulled) = catalog::pull(&a.source, &dir, &progress)?;
+    let origin = match pulled {
+        Pulled::Present => "present",
+        Pulled::Downloaded => "downloaded",
+    };
+    if a.cache.json {
+        println!("{}", serde_json::json!({"name": a.source, "path": path, "origin": origin}));
+    } else {
+        println!("{origin} {} (sha256 verified)", path.display());
+    }
+    Ok(())
+}
+
+/// `models list`: the cached files.
 fn list(a: CacheArgs) -> Result<()> {
     let cache = open_cache(&a)?;
     let entries = cache.entries()?;
     if a.json {
         println!("{}", serde_json::to_string(&entries)?);
         return Ok(());
+    }
+    let dir = catalog::models_dir();
+    println!("known models (in {}):", dir.display());
+    for (name, entry) in catalog::catalog() {
+        let state = if dir.join(&entry.file).exists() { "pulled" } else { "not pulled" };
+        println!("  {name:<14} {state:<10}  {}", entry.description);
     }
     if entries.is_empty() {
         println!("no models cached in {}", cache.dir().display());

@@ -11,8 +11,9 @@ use starling::tokenizer::GgufTokenizer;
 
 #[derive(Args)]
 pub struct PerplexityArgs {
+    /// GGUF model file, or a model name (`starling models pull NAME` fetches it).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     #[arg(long)]
     file: PathBuf,
     /// Text tokens of the file to score (after BOS, for models that start with one).
@@ -26,7 +27,9 @@ pub struct PerplexityArgs {
 
 pub fn run(a: PerplexityArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
-    let model = starling::model::transformer::Transformer::load(&a.model, a.threads)?;
+    let progress = super::progress::Progress::new(a.json);
+    let loading = progress.spinner(&format!("loading {}", a.model));
+    let model = starling::model::transformer::Transformer::load(&super::catalog::resolve(&a.model)?, a.threads)?;
     let tok = GgufTokenizer::from_gguf(&model.file().header)?;
     // A model that wants BOS (add_bos_token) gets it first, and then every text token is
     // predicted; without, the first text token has nothing to be predicted from.
@@ -38,7 +41,10 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
     if end < 2 {
         bail!("{} has {} tokens; perplexity needs at least 2", a.file.display(), ids.len());
     }
+    loading.finish_and_clear();
+    let scoring = progress.spinner(&format!("scoring {n} tokens"));
     let ppl = starling::model::eval::perplexity(&model, &ids[..end])?;
+    scoring.finish_and_clear();
     if a.json {
         println!("{}", serde_json::json!({"perplexity": ppl, "tokens": n}));
     } else {

@@ -19,14 +19,16 @@ pub struct ServeArgs {
     /// Address to listen on (overrides the config and STARLING_BIND).
     #[arg(long, value_name = "HOST:PORT")]
     bind: Option<String>,
-    /// GGUF model for the first configured model slot.
+    /// GGUF model for the first configured model slot: a file, or a model name
+    /// (`starling models pull NAME` fetches it).
     #[arg(long)]
-    model: Option<PathBuf>,
+    model: Option<String>,
 }
 
 /// Runs the server; `style` and `trace` are the global flags (the config fills what they leave).
 pub fn run(args: ServeArgs, style: Option<LogStyle>, trace: Option<PathBuf>) -> Result<()> {
-    let overrides = Overrides { bind: args.bind, model: args.model, ..Default::default() }.or(Overrides::from_env());
+    let model = args.model.as_deref().map(super::catalog::resolve).transpose()?;
+    let overrides = Overrides { bind: args.bind, model, ..Default::default() }.or(Overrides::from_env());
     let config = Config::load_with_overrides(&args.config, &overrides)?;
     let style = style.unwrap_or(match config.telemetry.log_format {
         LogFormat::Json => LogStyle::Json,

@@ -1,7 +1,5 @@
 //! `starling tokenize`: a text's token ids (and pieces, offsets) under a model's vocabulary.
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use clap::Args;
 
@@ -10,8 +8,9 @@ use starling::tokenizer::GgufTokenizer;
 
 #[derive(Args)]
 pub struct TokenizeArgs {
+    /// GGUF model file, or a model name (`starling models pull NAME` fetches it).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// Match special tokens such as `<|im_start|>` in the text.
     #[arg(long)]
     parse_special: bool,
@@ -24,7 +23,7 @@ pub struct TokenizeArgs {
 }
 
 pub fn run(a: TokenizeArgs) -> Result<()> {
-    let file = GgufFile::open(&a.model)?;
+    let file = GgufFile::open(&super::catalog::resolve(&a.model)?)?;
     let tok = GgufTokenizer::from_gguf(&file.header)?;
     let enc = tok.encode_with_offsets(&a.text, a.parse_special)?;
     if a.json {

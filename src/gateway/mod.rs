@@ -2,8 +2,9 @@
 //!
 //! Layout, each file importing only the ones listed before it:
 //! - [`router`]: the route table (404/405 and each route's guard derive from it).
-//! - `auth`, `quota`, `template`, `cpu`: API keys and tenants, rate limits, chat templates,
-//!   the bounded pool CPU-heavy request work runs on.
+//! - `auth`, `quota`, [`template`], `cpu`: API keys and tenants, rate limits, chat templates
+//!   (public: `starling chat` renders with them too), the bounded pool CPU-heavy request
+//!   work runs on.
 //! - `models`, `records`: the served models (a swappable table) and what is known of each.
 //! - `state`: [`AppState`], what every handler reads.
 //! - `lifecycle`: loading, unloading and reloading models while serving.
@@ -28,7 +29,7 @@ mod routes;
 mod server;
 pub mod service;
 mod state;
-mod template;
+pub mod template;
 
 pub use auth::{Access, Authenticator, Caller};
 pub use lifecycle::{load_configured, mark_configured_loading};
