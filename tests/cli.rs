@@ -252,6 +252,29 @@ fn bench_concurrency_levels_parse_or_are_refused_by_name() {
     assert!(run("four").contains("`four` is not a concurrency level"), "{}", run("four"));
 }
 
+/// `--contexts` takes a comma-separated list of lengths; a zero, a word or an absurd length is
+/// refused by name before anything loads, and a length past the model's context (SmolLM2:
+/// 8,192) once the model is loaded, before any figure is measured.
+#[test]
+fn bench_contexts_parse_or_are_refused_by_name() {
+    let model = model_path();
+    let run = |contexts: &str, reps: &str| {
+        let out = starling()
+            .args(["bench", "--model", model.to_str().unwrap(), "--reps", reps, "--concurrency", ""])
+            .args(["--contexts", contexts])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--contexts {contexts} ran");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(run("512,2048", "0").contains("at least 1 rep"), "{}", run("512,2048", "0"));
+    assert!(run("512,0", "1").contains("`0` is not a context length"), "{}", run("512,0", "1"));
+    assert!(run("4k", "1").contains("`4k` is not a context length"), "{}", run("4k", "1"));
+    assert!(run("99999999", "1").contains("`99999999` is not a context length"), "{}", run("99999999", "1"));
+    let err = run("512,8192", "1");
+    assert!(err.contains("context 8192") && err.contains("context length 8192"), "{err}");
+}
+
 #[test]
 fn an_unknown_kernel_set_is_a_named_error() {
     let model = model_path();

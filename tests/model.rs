@@ -428,6 +428,64 @@ fn deep_prefill_gives_the_same_logits_in_one_call_or_three() {
     assert!(one_call.iter().zip(&last).all(|(x, y)| x.to_bits() == y.to_bits()));
 }
 
+/// Writes made-up K/V (smooth, varied, of the size real ones have) at positions
+/// `0..positions` of every layer into `blocks`, so a test can decode at a deep position
+/// without a long prefill; `seed` makes each sequence's cache different.
+fn fill_kv(model: &Transformer, arena: &mut KvArena, blocks: &[u32], positions: usize, seed: f32) {
+    let (kvd, bt) = (model.desc.kv_dim(), arena.layout().block_tokens);
+    let (mut k, mut v) = (vec![0.0f32; kvd], vec![0.0f32; kvd]);
+    for layer in 0..model.desc.n_layer {
+        for pos in 0..positions {
+            for (i, (k, v)) in k.iter_mut().zip(v.iter_mut()).enumerate() {
+                let x = seed + (pos * 31 + i * 7 + layer * 13) as f32;
+                (*k, *v) = ((x * 0.37).sin() * 2.0, (x * 0.11).cos());
+            }
+            arena.write(blocks[pos / bt], layer, pos % bt, &k, &v);
+        }
+    }
+}
+
+/// At about 4,000 positions (64 attention chunks, split over the threads and, for a
+/// prompt's rows, tiled): 16 tokens run as one chunk give every row the same bits as the
+/// same tokens decoded one at a time, on two threads or one; and a decode step of that
+/// sequence beside another deep one and a short prefill equals the step alone.
+#[test]
+fn deep_context_rows_are_the_same_alone_batched_tiled_and_on_one_or_two_threads() {
+    const DEEP: usize = 4000;
+    let (two, one) = (smollm2(), Transformer::load(&model_path(), 1).unwrap());
+    let layout = two.kv_layout(16);
+    let seq_blocks = layout.blocks_for(DEEP + 32);
+    let mut arena = KvArena::new(layout, (layout.block_bytes() * (2 * seq_blocks + 4)) as u64).unwrap();
+    let mut table = |n: usize| {
+        let mut t = BlockTable::default();
+        t.reserve(&mut arena, n).unwrap();
+        t.blocks
+    };
+    let (a, b, c) = (table(DEEP + 32), table(DEEP + 32), table(16));
+    fill_kv(two, &mut arena, &a, DEEP, 0.0);
+    fill_kv(two, &mut arena, &b, DEEP, 0.5);
+    let tokens: Vec<u32> = (0..16).map(|i| 100 + 37 * i).collect();
+    let prompt = SeqChunk { tokens: tokens.clone(), start_pos: DEEP, blocks: a.clone(), logits: LogitsWanted::All };
+    let tiled = run_batch(two, &mut [prompt.clone()], &mut arena);
+    let tiled_one_thread = run_batch(&one, &mut [prompt], &mut arena);
+    let same = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+    for (i, &tok) in tokens.iter().enumerate() {
+        assert!(same(&tiled[i], &tiled_one_thread[i]), "row {i}: 2 threads vs 1");
+        let step = SeqChunk { tokens: vec![tok], start_pos: DEEP + i, blocks: a.clone(), logits: LogitsWanted::Last };
+        let alone = run_batch(two, &mut [step.clone()], &mut arena).remove(0);
+        assert!(same(&tiled[i], &alone), "row {i}: in a 16-row chunk vs decoded alone");
+        let alone_one_thread = run_batch(&one, &mut [step], &mut arena).remove(0);
+        assert!(same(&alone, &alone_one_thread), "row {i}: decoded on 2 threads vs 1");
+    }
+    let next = argmax(&tiled[15]) as u32;
+    let step = SeqChunk { tokens: vec![next], start_pos: DEEP + 16, blocks: a, logits: LogitsWanted::Last };
+    let alone = run_batch(two, &mut [step.clone()], &mut arena).remove(0);
+    let other = SeqChunk { tokens: vec![7], start_pos: DEEP, blocks: b, logits: LogitsWanted::Last };
+    let short = SeqChunk { tokens: tokens[..9].to_vec(), start_pos: 0, blocks: c, logits: LogitsWanted::Last };
+    let crowded = run_batch(two, &mut [other, step, short], &mut arena).remove(1);
+    assert!(same(&alone, &crowded), "a deep step beside another deep one and a prefill vs alone");
+}
+
 mod tiny {
     use starling::kv::arena::{BlockTable, KvArena};
     use starling::model::eval::log_softmax_at;

@@ -21,6 +21,11 @@ pub enum BenchError {
     Settings,
     #[error("load generator: {0}")]
     Http(String),
+    #[error(
+        "context {context} plus {generated} generated tokens is past the model's context length {limit} \
+         (--contexts)"
+    )]
+    Context { context: usize, generated: usize, limit: usize },
 }
 
 /// What to measure and how often.
@@ -32,6 +37,22 @@ pub struct BenchSettings {
     pub reps: usize,
     /// Concurrency levels of the engine measurement (empty = skip it).
     pub engine_concurrency: Vec<usize>,
+    /// Context lengths of the long-context figures (empty = skip them).
+    pub contexts: Vec<usize>,
+}
+
+/// Throughput at one context length: prefill of a prompt that long, then decode after it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ContextFigure {
+    /// Prompt tokens (the context the decode steps start from).
+    pub context: usize,
+    pub prefill_tok_s: f64,
+    /// Single-stream greedy decode after the prompt.
+    pub decode_tok_s: f64,
+    /// Sequences of the batched figure.
+    pub batch: usize,
+    /// Generated tokens per second over `batch` sequences decoding together, each at `context`.
+    pub batched_decode_tok_s: f64,
 }
 
 /// Aggregate engine throughput at one concurrency level.

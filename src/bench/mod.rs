@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::model::transformer::Transformer;
 
-pub use common::{BenchError, BenchSettings, EngineFigure};
+pub use common::{BenchError, BenchSettings, ContextFigure, EngineFigure};
 
 /// Every figure `starling bench` reports (the JSON keys of DESIGN.md's contract).
 #[derive(Clone, Debug, Serialize)]
@@ -29,6 +29,8 @@ pub struct BenchReport {
     pub batch: usize,
     pub batched_decode_tok_s: f64,
     pub engine_aggregate: Vec<EngineFigure>,
+    /// Prefill and decode at each `--contexts` length.
+    pub contexts: Vec<ContextFigure>,
     pub peak_rss_bytes: u64,
 }
 
@@ -38,7 +40,14 @@ pub fn run(settings: &BenchSettings) -> Result<BenchReport, BenchError> {
         return Err(BenchError::Settings);
     }
     let lm = Transformer::load(&settings.model, settings.threads)?;
+    let limit = lm.desc.n_ctx_train;
+    let generated = model::CONTEXT_GEN_TOKENS;
+    if let Some(&context) = settings.contexts.iter().find(|&&c| c.saturating_add(generated) > limit) {
+        return Err(BenchError::Context { context, generated, limit });
+    }
     let figures = model::measure(&lm, settings.reps)?;
+    let contexts =
+        settings.contexts.iter().map(|&c| model::measure_context(&lm, c, settings.reps)).collect::<Result<_, _>>()?;
     let kernels = lm.kernels().name().to_string();
     drop(lm);
     let engine_aggregate =
@@ -57,6 +66,7 @@ pub fn run(settings: &BenchSettings) -> Result<BenchReport, BenchError> {
         batch: model::BATCH,
         batched_decode_tok_s: figures.batched,
         engine_aggregate,
+        contexts,
         peak_rss_bytes: peak_rss_bytes(),
     })
 }
@@ -133,6 +143,17 @@ impl std::fmt::Display for BenchReport {
         )?;
         for e in &self.engine_aggregate {
             writeln!(f, "{:<36} {:>10.1}", format!("engine, {} concurrent", e.concurrency), e.tok_s)?;
+        }
+        if let Some(first) = self.contexts.first() {
+            let batched = format!("decode ×{}", first.batch);
+            writeln!(f, "{:<10} {:>12} {:>12} {:>12}", "context", "prefill", "decode", batched)?;
+            for c in &self.contexts {
+                writeln!(
+                    f,
+                    "{:<10} {:>12.1} {:>12.1} {:>12.1}",
+                    c.context, c.prefill_tok_s, c.decode_tok_s, c.batched_decode_tok_s
+                )?;
+            }
         }
         writeln!(f, "peak RSS: {:.1} MiB", self.peak_rss_bytes as f64 / (1024.0 * 1024.0))
     }

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use super::common::{BenchError, bench_text, median};
+use super::common::{BenchError, ContextFigure, bench_text, median};
 use crate::kv::arena::{BlockTable, KvArena};
 use crate::model::eval::argmax;
 use crate::model::transformer::{LogitsWanted, SeqChunk, Transformer};
@@ -19,6 +19,11 @@ pub(crate) const BATCH: usize = 16;
 const BATCH_PROMPT: usize = 32;
 const BATCH_STEPS: usize = 64;
 const BLOCK_TOKENS: usize = 16;
+/// Greedy steps per decode figure at a long context (fewer than [`GEN_TOKENS`]: a step at
+/// 8k positions is slow, and the figure barely moves over 32 positions).
+pub(crate) const CONTEXT_GEN_TOKENS: usize = 32;
+/// Sequences of the batched figure at a long context.
+pub(crate) const CONTEXT_BATCH: usize = 4;
 
 /// The model-only medians.
 pub(crate) struct ModelFigures {
@@ -47,6 +52,16 @@ impl Kv {
             tables.push(t);
         }
         Ok(Kv { arena, tables })
+    }
+
+    /// Copies sequence `from`'s blocks into sequence `to`'s (same count), so `to` holds the
+    /// same K/V at every position.
+    fn copy_seq(&mut self, from: usize, to: usize) -> Result<(), BenchError> {
+        for i in 0..self.tables[from].blocks.len() {
+            let (src, dst) = (self.tables[from].handle(i, &self.arena), self.tables[to].handle(i, &self.arena));
+            self.arena.copy_block(&src, &dst).map_err(|e| BenchError::Kv(e.to_string()))?;
+        }
+        Ok(())
     }
 
     fn chunk(&self, seq: usize, tokens: Vec<TokenId>, start_pos: usize) -> SeqChunk {
@@ -80,15 +95,73 @@ pub(crate) fn measure(model: &Transformer, reps: usize) -> Result<ModelFigures, 
     })
 }
 
+/// The bench prompt's tokens, repeated to `n` tokens (the text holds about 4,400).
+pub(crate) fn prompt_ids(model: &Transformer, n: usize) -> Result<Vec<TokenId>, BenchError> {
+    let tok = GgufTokenizer::from_gguf(&model.file().header).map_err(|e| BenchError::Tokenizer(e.to_string()))?;
+    let ids = tok.encode(&bench_text(), false).map_err(|e| BenchError::Tokenizer(e.to_string()))?;
+    if ids.is_empty() {
+        return Err(BenchError::Tokenizer("the bench text encodes to no tokens".into()));
+    }
+    Ok(ids.iter().copied().cycle().take(n).collect())
+}
+
+/// Figures at one context length `ctx`, each the median of `reps` runs: prefill of a
+/// `ctx`-token prompt, single-stream decode after it, and [`CONTEXT_BATCH`] sequences
+/// holding that prompt (copied block by block from the first) decoding together.
+pub(crate) fn measure_context(model: &Transformer, ctx: usize, reps: usize) -> Result<ContextFigure, BenchError> {
+    let ids = prompt_ids(model, ctx)?;
+    let mut kv = Kv::new(model, CONTEXT_BATCH, ctx + CONTEXT_GEN_TOKENS + 1)?;
+    let (vocab, mut logits) = (model.desc.n_vocab, Vec::new());
+    let (mut pre, mut single, mut batched) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let t = Instant::now();
+        model.forward(&[kv.chunk(0, ids.clone(), 0)], &mut kv.arena, &mut logits)?;
+        pre.push(ids.len() as f64 / t.elapsed().as_secs_f64());
+        let first = logits.clone();
+        single.push(decode_steps(model, &mut kv, &mut logits, ctx, CONTEXT_GEN_TOKENS)?);
+        for s in 1..CONTEXT_BATCH {
+            kv.copy_seq(0, s)?;
+        }
+        let mut next: Vec<TokenId> = vec![argmax(&first) as TokenId; CONTEXT_BATCH];
+        let t = Instant::now();
+        for step in 0..CONTEXT_GEN_TOKENS {
+            let chunks: Vec<SeqChunk> =
+                next.iter().enumerate().map(|(s, &tok)| kv.chunk(s, vec![tok], ctx + step)).collect();
+            model.forward(&chunks, &mut kv.arena, &mut logits)?;
+            next = logits.chunks_exact(vocab).map(|row| argmax(row) as TokenId).collect();
+        }
+        batched.push((CONTEXT_BATCH * CONTEXT_GEN_TOKENS) as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(ContextFigure {
+        context: ctx,
+        prefill_tok_s: median(pre),
+        decode_tok_s: median(single),
+        batch: CONTEXT_BATCH,
+        batched_decode_tok_s: median(batched),
+    })
+}
+
 /// Greedy tokens per second over `GEN_TOKENS` steps after a prompt of `ctx` positions
 /// whose logits are in `logits`.
 fn decode(model: &Transformer, kv: &mut Kv, logits: &mut Vec<f32>, ctx: usize) -> Result<f64, BenchError> {
+    decode_steps(model, kv, logits, ctx, GEN_TOKENS)
+}
+
+/// Greedy tokens per second over `steps` steps of sequence 0 after a prompt of `ctx`
+/// positions whose logits are in `logits`.
+fn decode_steps(
+    model: &Transformer,
+    kv: &mut Kv,
+    logits: &mut Vec<f32>,
+    ctx: usize,
+    steps: usize,
+) -> Result<f64, BenchError> {
     let t = Instant::now();
-    for step in 0..GEN_TOKENS {
+    for step in 0..steps {
         let next = argmax(logits) as TokenId;
         model.forward(&[kv.chunk(0, vec![next], ctx + step)], &mut kv.arena, logits)?;
     }
-    Ok(GEN_TOKENS as f64 / t.elapsed().as_secs_f64())
+    Ok(steps as f64 / t.elapsed().as_secs_f64())
 }
 
 /// `BATCH` sequences with `BATCH_PROMPT`-token prompts (shifted windows of `ids`), prefilled

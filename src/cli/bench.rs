@@ -22,6 +22,10 @@ pub struct BenchArgs {
     /// of the load generator with --http (one run per level).
     #[arg(long, default_value = "1,4,16,32", value_parser = parse_levels)]
     concurrency: Levels,
+    /// Context lengths, comma-separated (e.g. 512,2048,4096,8000): at each, prefill of a
+    /// prompt that long, single-stream decode after it, and 4 sequences decoding at it.
+    #[arg(long, default_value = "", value_parser = parse_contexts, conflicts_with = "http")]
+    contexts: Contexts,
     /// Load-generate against a running server at this base URL (http://host:port) instead.
     #[arg(long, value_name = "URL")]
     http: Option<String>,
@@ -58,6 +62,25 @@ fn parse_levels(s: &str) -> Result<Levels, String> {
         .map(Levels)
 }
 
+/// A comma-separated list of context lengths in tokens (may be empty).
+#[derive(Clone, Debug)]
+pub struct Contexts(Vec<usize>);
+
+/// Longest context `--contexts` takes (the model's own limit is checked once it is loaded).
+const MAX_CONTEXT: usize = 1 << 20;
+
+fn parse_contexts(s: &str) -> Result<Contexts, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.parse::<usize>() {
+            Ok(n) if (1..=MAX_CONTEXT).contains(&n) => Ok(n),
+            _ => Err(format!("`{p}` is not a context length (a number of tokens from 1 to {MAX_CONTEXT})")),
+        })
+        .collect::<Result<_, _>>()
+        .map(Contexts)
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(url) = a.http {
         return cmd_bench_http(url, a.concurrency.0, a.requests, a.max_tokens, a.api_key, a.served_model, a.json);
@@ -67,6 +90,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         threads: a.threads,
         reps: a.reps,
         engine_concurrency: a.concurrency.0,
+        contexts: a.contexts.0,
     };
     let running = super::progress::Progress::new(a.json).spinner(&format!(
         "benchmarking {} ({} reps per figure)",

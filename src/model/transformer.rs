@@ -21,7 +21,7 @@ use super::arch::describe;
 use super::desc::{Activation, ArchDesc, RopeFactors};
 use super::ggml_type::GgmlType;
 use super::gguf::{GgufError, GgufFile, TensorInfo};
-use super::kernels::attention::{AttnShape, ChunkJob, ChunkScratch, Span, merge};
+use super::kernels::attention::{AttnShape, CHUNK, ChunkScratch, Span, TileJob, merge_strided};
 use super::kernels::{Kernels, MatmulScratch, QMatrix};
 use super::ops::{
     AttnScratch, attend_row, gelu_tanh, rms_norm, rms_norm_in_place, rms_norm_rows, rope, rope_angles, silu,
@@ -55,6 +55,10 @@ pub enum ModelError {
 /// Most attention chunks whose partial results are held at once (about 10 MB for
 /// SmolLM2's 9 heads of 64, 17 MB for Gemma 3's 4 heads of 256).
 const MAX_ATTN_CHUNKS: usize = 4096;
+
+/// Most consecutive rows of one sequence whose attention shares each chunk's pass over
+/// K/V (a prefill's rows otherwise each stream their whole context from L3).
+const TILE_ROWS: usize = 16;
 
 /// Fewest rows per pool thread for a batch to be split by sequence (one full x tile of
 /// the AVX-512 kernels each).
@@ -145,11 +149,14 @@ struct Scratch {
     k: Vec<f32>,
     v: Vec<f32>,
     attn: Vec<f32>,
-    /// Attention work items `(row, first position)`, and each one's partial result.
-    attn_items: Vec<(usize, usize)>,
+    /// Attention tiles: runs of at most [`TILE_ROWS`] consecutive rows of one sequence,
+    /// each with its first chunk.
+    attn_tiles: Vec<(Range<usize>, usize)>,
+    /// Attention work items: `(tile, chunk, where its partials start in attn_parts)`.
+    attn_items: Vec<(usize, usize, usize)>,
     attn_parts: Vec<f32>,
-    /// Where each row's partials start in `attn_parts`.
-    attn_first: Vec<usize>,
+    /// Where each row's first partial starts in `attn_parts`, and the step to its next.
+    attn_first: Vec<(usize, usize)>,
     gate: Vec<f32>,
     up: Vec<f32>,
     rows: Vec<RowInfo>,
@@ -574,15 +581,17 @@ impl Transformer {
     }
 
     /// Every row's attention: its chunks of positions spread over the pool as one list (so
-    /// one long row keeps both cores busy), then each row's chunks merged in order. Rows go
-    /// in groups of at most [`MAX_ATTN_CHUNKS`] chunks, which bounds the partials' memory
-    /// (a deep prefill would otherwise hold every row's chunks at once).
+    /// one long row keeps both cores busy), then each row's chunks merged in order. A run of
+    /// consecutive rows of one sequence (a prefill) goes through each chunk together
+    /// ([`TILE_ROWS`] at a time). Rows go in groups of at most [`MAX_ATTN_CHUNKS`] chunks,
+    /// which bounds the partials' memory (a deep prefill would otherwise hold every row's
+    /// chunks at once); a row counts two more chunks than its own, for its tile's.
     fn attention(&self, li: usize, window: Option<usize>, batch: &[SeqChunk], kv: &KvArena, s: &mut Scratch) {
         resize(&mut s.attn, s.rows.len() * self.desc.q_dim());
         let mut r0 = 0;
         while r0 < s.rows.len() {
             let (mut r1, mut chunks) = (r0, 0);
-            let chunks_of = |r: usize| Span::new(s.rows[r].pos, window).chunks();
+            let chunks_of = |r: usize| Span::new(s.rows[r].pos, window).chunks() + 2;
             while r1 < s.rows.len() && (r1 == r0 || chunks + chunks_of(r1) <= MAX_ATTN_CHUNKS) {
                 chunks += chunks_of(r1);
                 r1 += 1;
@@ -605,29 +614,69 @@ impl Transformer {
         let shape = self.attn_shape();
         let (d, plen) = (self.desc.q_dim(), shape.partial_len());
         let infos = &s.rows[rows.clone()];
+        let span = |r: usize| Span::new(infos[r].pos, window);
+        s.attn_tiles.clear();
+        for r in 0..infos.len() {
+            let joins = r > 0 && {
+                let (prev, tile) = (infos[r - 1], &s.attn_tiles[s.attn_tiles.len() - 1].0);
+                prev.seq == infos[r].seq && prev.pos + 1 == infos[r].pos && tile.len() < TILE_ROWS
+            };
+            match s.attn_tiles.last_mut() {
+                Some((tile, _)) if joins => tile.end = r + 1,
+                _ => s.attn_tiles.push((r..r + 1, span(r).lo / CHUNK)),
+            }
+        }
         s.attn_items.clear();
         s.attn_first.clear();
-        for (r, info) in infos.iter().enumerate() {
-            s.attn_first.push(s.attn_items.len() * plen);
-            s.attn_items.extend((0..Span::new(info.pos, window).chunks()).map(|c| (r, c)));
+        let mut at = 0;
+        for (t, (tile, c0)) in s.attn_tiles.iter().enumerate() {
+            let step = tile.len() * plen;
+            for r in tile.clone() {
+                s.attn_first.push((at + (span(r).lo / CHUNK - c0) * step + (r - tile.start) * plen, step));
+            }
+            for c in *c0..=infos[tile.end - 1].pos / CHUNK {
+                s.attn_items.push((t, c, at));
+                at += step;
+            }
         }
-        resize(&mut s.attn_parts, s.attn_items.len() * plen);
+        // Exactly what this group needs: amortized growth could double past the cap.
+        s.attn_parts.reserve_exact(at.saturating_sub(s.attn_parts.len()));
+        resize(&mut s.attn_parts, at);
         let q = &s.q[rows.start * d..rows.end * d];
-        let (items, kernels) = (&s.attn_items, self.kernels);
-        self.pool.install(|| {
-            s.attn_parts.par_chunks_mut(plen).zip(items.par_iter()).for_each(|(part, &(r, c))| {
-                let info = infos[r];
-                let range = Span::new(info.pos, window).chunk(c);
-                let q = &q[r * d..(r + 1) * d];
-                let job = ChunkJob { shape, layer: li, q, range, blocks: &batch[info.seq].blocks, kv };
-                ATTN_SCRATCH.with_borrow_mut(|scratch| kernels.attend_chunk(&job, scratch, part));
-            });
-        });
+        let (tiles, kernels) = (&s.attn_tiles, self.kernels);
+        let item = |&(t, c, _): &(usize, usize, usize), parts: &mut [f32]| {
+            let (tile, c0) = &tiles[t];
+            // The tile's rows that see chunk `c`: a contiguous run (positions rise, and so
+            // do window starts).
+            let mut ranges: [Range<usize>; TILE_ROWS] = std::array::from_fn(|_| 0..0);
+            let (mut first, mut n) = (None, 0);
+            for r in tile.clone() {
+                let sp = span(r);
+                if (sp.lo / CHUNK..=sp.pos / CHUNK).contains(&c) {
+                    first.get_or_insert(r);
+                    ranges[n] = sp.chunk(c - sp.lo / CHUNK);
+                    n += 1;
+                }
+            }
+            let Some(first) = first else { return };
+            debug_assert!(*c0 <= c, "chunk before the tile's first");
+            let job = TileJob {
+                shape,
+                layer: li,
+                q: &q[first * d..(first + n) * d],
+                ranges: &ranges[..n],
+                blocks: &batch[infos[first].seq].blocks,
+                kv,
+            };
+            let parts = &mut parts[(first - tile.start) * plen..(first - tile.start + n) * plen];
+            ATTN_SCRATCH.with_borrow_mut(|scratch| kernels.attend_tile(&job, scratch, parts));
+        };
+        self.pool.install(|| each_item(&s.attn_items, &mut s.attn_parts, 0, &item));
         let (parts, firsts) = (&s.attn_parts, &s.attn_first);
         self.pool.install(|| {
             s.attn[rows.start * d..rows.end * d].par_chunks_mut(d).enumerate().for_each(|(r, out)| {
-                let n = Span::new(infos[r].pos, window).chunks() * plen;
-                merge(shape, &parts[firsts[r]..firsts[r] + n], out);
+                let ((first, step), n) = (firsts[r], span(r).chunks());
+                merge_strided(shape, &parts[first..first + (n - 1) * step + plen], step, out);
             });
         });
     }
@@ -715,6 +764,23 @@ fn sequence_groups(batch: &[SeqChunk], threads: usize, groups: &mut Vec<Range<us
         groups.clear();
     }
     split
+}
+
+/// Runs `f` on every attention item and its run of `parts` (from its offset to the next
+/// item's; `base` is the first item's offset), halving the list with `rayon::join`.
+fn each_item<F>(items: &[(usize, usize, usize)], parts: &mut [f32], base: usize, f: &F)
+where
+    F: Fn(&(usize, usize, usize), &mut [f32]) + Sync,
+{
+    match items {
+        [] => {}
+        [one] => f(one, parts),
+        _ => {
+            let mid = items.len() / 2;
+            let (a, b) = parts.split_at_mut(items[mid].2 - base);
+            rayon::join(|| each_item(&items[..mid], a, base, f), || each_item(&items[mid..], b, items[mid].2, f));
+        }
+    }
 }
 
 /// The rows of `c` whose logits the caller wants.

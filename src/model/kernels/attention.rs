@@ -85,6 +85,23 @@ pub struct ChunkJob<'a> {
     pub kv: &'a KvArena,
 }
 
+/// One chunk of attention for several query rows of one sequence: what
+/// `Kernels::attend_tile` computes. Each row's partial is the one its own [`ChunkJob`]
+/// would give, bit for bit.
+#[derive(Clone, Debug)]
+pub struct TileJob<'a> {
+    pub shape: AttnShape,
+    pub layer: usize,
+    /// The rows' queries, `n_head × head_dim` values each, one per range.
+    pub q: &'a [f32],
+    /// Each row's positions in the chunk, all inside one `c·CHUNK..(c+1)·CHUNK` and none
+    /// empty (see [`Span::chunk`]).
+    pub ranges: &'a [Range<usize>],
+    /// The sequence's blocks, covering every range.
+    pub blocks: &'a [BlockId],
+    pub kv: &'a KvArena,
+}
+
 /// Per-thread buffers of a chunk: scores and f16 rows widened to f32.
 #[derive(Default)]
 pub struct ChunkScratch {
@@ -243,31 +260,61 @@ mod zmm {
 #[inline(always)]
 fn chunk_body<A: Arith>(job: &ChunkJob, scratch: &mut ChunkScratch, part: &mut [f32]) {
     let ChunkJob { shape, layer, q, ref range, blocks, kv } = *job;
+    let tile = TileJob { shape, layer, q, ranges: std::slice::from_ref(range), blocks, kv };
+    tile_body::<A>(&tile, scratch, part)
+}
+
+/// `job`'s rows over one chunk, each row's partial written to its `partial_len` run of
+/// `parts`. Each block's run of K (then V) rows is read once for all the rows while it is
+/// in L1; each row's arithmetic is exactly its own [`chunk_body`]'s (same scores, same
+/// order of positions), so tiling never changes a bit.
+#[inline(always)]
+fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f32]) {
+    let TileJob { shape, layer, q, ranges, blocks, kv } = *job;
     let AttnShape { n_head, head_dim: hd, .. } = shape;
-    let n = range.len();
+    let (qd, plen, per_row) = (n_head * hd, shape.partial_len(), n_head * CHUNK);
     let scale = shape.scale;
+    let start = ranges.iter().map(|r| r.start).min().unwrap_or(0);
+    let end = ranges.iter().map(|r| r.end).max().unwrap_or(0);
     let ChunkScratch { scores, rows } = scratch;
-    scores.resize(n_head * CHUNK, 0.0);
-    let mut j = range.start;
-    while j < range.end {
-        let (keys, take) = segment(kv, blocks, layer, j..range.end, false, rows);
-        A::scores(shape, q, keys, scale, j - range.start, scores);
+    scores.resize(ranges.len() * per_row, 0.0);
+    let mut j = start;
+    while j < end {
+        let (keys, take) = segment(kv, blocks, layer, j..end, false, rows);
+        for (r, range) in ranges.iter().enumerate() {
+            let (lo, hi) = (j.max(range.start), (j + take).min(range.end));
+            if lo < hi {
+                let keys = &keys[(lo - j) * kv.layout().kv_dim..(hi - j) * kv.layout().kv_dim];
+                let sc = &mut scores[r * per_row..(r + 1) * per_row];
+                A::scores(shape, &q[r * qd..(r + 1) * qd], keys, scale, lo - range.start, sc);
+            }
+        }
         j += take;
     }
     let stride = hd + 2;
-    for h in 0..n_head {
-        let sc = &mut scores[h * CHUNK..h * CHUNK + n];
-        let m = max(sc);
-        let s = exp_sub_sum::<A>(sc, m);
-        let p = &mut part[h * stride..(h + 1) * stride];
-        p[0] = m;
-        p[1] = s;
-        p[2..].fill(0.0);
+    for (r, range) in ranges.iter().enumerate() {
+        let n = range.len();
+        for h in 0..n_head {
+            let sc = &mut scores[r * per_row + h * CHUNK..][..n];
+            let m = max(sc);
+            let s = exp_sub_sum::<A>(sc, m);
+            let p = &mut parts[r * plen + h * stride..][..stride];
+            p[0] = m;
+            p[1] = s;
+            p[2..].fill(0.0);
+        }
     }
-    let mut j = range.start;
-    while j < range.end {
-        let (vals, take) = segment(kv, blocks, layer, j..range.end, true, rows);
-        A::values(shape, vals, scores, j - range.start, part);
+    let mut j = start;
+    while j < end {
+        let (vals, take) = segment(kv, blocks, layer, j..end, true, rows);
+        for (r, range) in ranges.iter().enumerate() {
+            let (lo, hi) = (j.max(range.start), (j + take).min(range.end));
+            if lo < hi {
+                let vals = &vals[(lo - j) * kv.layout().kv_dim..(hi - j) * kv.layout().kv_dim];
+                let sc = &scores[r * per_row..(r + 1) * per_row];
+                A::values(shape, vals, sc, lo - range.start, &mut parts[r * plen..(r + 1) * plen]);
+            }
+        }
         j += take;
     }
 }
@@ -360,7 +407,11 @@ fn exp<A: Arith>(x: f32) -> f32 {
     // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a call.
     const ROUND: f32 = 12_582_912.0;
     let xc = x.max(-87.0);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    // `n` as an integer without a float-to-int conversion (whose saturating semantics keep
+    // LLVM from vectorizing it): `t`'s low mantissa bits hold it (|n| ≤ 126).
+    let ni = t.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = A::mul_add(n, -LN2_LO, A::mul_add(n, -LN2_HI, xc));
     let mut p = 1.987_569_1e-4;
     p = A::mul_add(p, r, 1.398_199_9e-3);
@@ -369,7 +420,7 @@ fn exp<A: Arith>(x: f32) -> f32 {
     p = A::mul_add(p, r, 1.666_666_5e-1);
     p = A::mul_add(p, r, 0.5);
     let e = A::mul_add(p, r * r, r) + 1.0;
-    let scaled = e * f32::from_bits(((n as i32 + 127) << 23) as u32);
+    let scaled = e * f32::from_bits(((ni + 127) << 23) as u32);
     if x < -87.0 { 0.0 } else { scaled }
 }
 
@@ -390,6 +441,29 @@ pub(super) fn chunk_avx512(job: &ChunkJob, scratch: &mut ChunkScratch, part: &mu
     }
 }
 
+/// [`tile_body`], portable.
+pub(super) fn tile_portable(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f32]) {
+    tile_body::<Separate>(job, scratch, parts)
+}
+
+/// [`tile_body`] for AVX-512 (see [`chunk_avx512`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c")]
+pub(super) fn tile_avx512(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f32]) {
+    match job.shape.head_dim {
+        64 => tile_body::<Zmm<4>>(job, scratch, parts),
+        128 => tile_body::<Zmm<8>>(job, scratch, parts),
+        _ => tile_body::<Fused>(job, scratch, parts),
+    }
+}
+
+/// [`tile_body`] for AVX2 with FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2,fma,f16c")]
+pub(super) fn tile_avx2(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f32]) {
+    tile_body::<Fused>(job, scratch, parts)
+}
+
 /// The same body compiled for AVX2 with FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,avx2,fma,f16c")]
@@ -400,17 +474,25 @@ pub(super) fn chunk_avx2(job: &ChunkJob, scratch: &mut ChunkScratch, part: &mut 
 /// Combines a row's chunk partials (`parts`: chunks in position order, each
 /// [`AttnShape::partial_len`] floats) into the attention output `out` (`n_head × head_dim`).
 pub fn merge(shape: AttnShape, parts: &[f32], out: &mut [f32]) {
+    merge_strided(shape, parts, shape.partial_len(), out)
+}
+
+/// [`merge`] of partials that lie `step` floats apart in `parts` (a row of a tile: its
+/// chunks are one tile's width apart), the first at 0.
+pub fn merge_strided(shape: AttnShape, parts: &[f32], step: usize, out: &mut [f32]) {
     let (hd, stride) = (shape.head_dim, shape.head_dim + 2);
     let plen = shape.partial_len();
+    let n = (parts.len() + step - plen) / step;
+    let parts = || (0..n).map(|c| &parts[c * step..c * step + plen]);
     for (h, o) in out.chunks_exact_mut(hd).enumerate() {
         fn head(p: &[f32], h: usize, stride: usize) -> (f32, f32, &[f32]) {
             let p = &p[h * stride..(h + 1) * stride];
             (p[0], p[1], &p[2..])
         }
-        let top = parts.chunks_exact(plen).map(|p| head(p, h, stride).0).fold(f32::NEG_INFINITY, f32::max);
+        let top = parts().map(|p| head(p, h, stride).0).fold(f32::NEG_INFINITY, f32::max);
         o.fill(0.0);
         let mut total = 0.0f32;
-        for p in parts.chunks_exact(plen) {
+        for p in parts() {
             let (m, s, acc) = head(p, h, stride);
             let w = (m - top).exp();
             total += s * w;

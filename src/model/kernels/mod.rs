@@ -36,7 +36,7 @@ mod tiles;
 use rayon::prelude::*;
 
 use crate::model::ggml_type::GgmlType;
-use attention::{CHUNK, ChunkJob, ChunkScratch};
+use attention::{CHUNK, ChunkJob, ChunkScratch, TileJob};
 use quant_acts::{QRow, QuantActs};
 
 /// A shape or type problem in a kernel call, naming what is wrong.
@@ -282,6 +282,33 @@ impl Kernels {
         }
         portable::dequantize_row(t, src, dst);
         Ok(())
+    }
+
+    /// One chunk for several query rows of one sequence ([`TileJob`]): each row's partial
+    /// into its own `partial_len` run of `parts`, the same bits as [`Self::attend_chunk`]
+    /// gives that row alone.
+    pub fn attend_tile(&self, job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f32]) {
+        let (shape, kv) = (job.shape, job.kv);
+        let rows = job.ranges.len();
+        assert_eq!(job.q.len(), rows * shape.n_head * shape.head_dim, "query length");
+        assert_eq!(parts.len(), rows * shape.partial_len(), "partial length");
+        assert!(shape.n_head_kv > 0 && shape.n_head.is_multiple_of(shape.n_head_kv), "head groups");
+        assert_eq!(kv.layout().kv_dim, shape.n_head_kv * shape.head_dim, "KV row width");
+        let chunk = job.ranges.first().map_or(0, |r| r.start / CHUNK);
+        for range in job.ranges {
+            assert!(!range.is_empty() && range.start / CHUNK == chunk && (range.end - 1) / CHUNK == chunk, "{range:?}");
+            assert!(range.end <= job.blocks.len() * kv.layout().block_tokens, "block table too short for {range:?}");
+        }
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `attend_chunk`: `Avx512` is only built after detecting the
+            // features `tile_avx512` enables.
+            Isa::Avx512 | Isa::Avx512Vnni => unsafe { attention::tile_avx512(job, scratch, parts) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `attend_chunk`: avx2, fma and f16c were detected.
+            Isa::Avx2 | Isa::AvxVnni { .. } => unsafe { attention::tile_avx2(job, scratch, parts) },
+            _ => attention::tile_portable(job, scratch, parts),
+        }
     }
 
     /// One chunk of attention for one query row (`job`), into `part`
