@@ -52,6 +52,14 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
     }
 }
 
+/// A greedy stream that must keep flowing beside an attack: started, its first token read.
+fn steady_stream(addr: SocketAddr, max_tokens: u32) -> crate::support::SseReader {
+    let body = serde_json::json!({"prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": true});
+    let mut sse = crate::support::stream_json(addr, "/v1/generate", &body).sse();
+    assert_eq!(sse.next_event().expect("the steady stream started").event.as_deref(), Some("token"));
+    sse
+}
+
 /// 600 connections that send half a request header and stop: health keeps answering within
 /// 100 ms, and every one of them is closed by the header-read timeout (1 s here).
 #[test]
@@ -400,15 +408,7 @@ fn large_prompts_at_once_do_not_stall_other_streams() {
     let server = TestServer::start(|c| c.server.max_body_bytes = (2 << 20).try_into().unwrap());
     let addr = server.addr;
     // A stream that ends while the floods are still being answered is followed by another.
-    let body = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true});
-    let start = || {
-        let mut sse = crate::support::stream_json(addr, "/v1/generate", &body).sse();
-        for _ in 0..5 {
-            assert_eq!(sse.next_event().expect("the stream started").event.as_deref(), Some("token"));
-        }
-        sse
-    };
-    let mut sse = start();
+    let mut sse = steady_stream(addr, 400);
     let big = "All work and no play makes Jack a dull boy. ".repeat(23_000);
     let floods: Vec<_> = (0..32)
         .map(|_| {
@@ -420,7 +420,7 @@ fn large_prompts_at_once_do_not_stall_other_streams() {
     while !floods.iter().all(|f| f.is_finished()) {
         let e = sse.next_event().expect("the stream goes on");
         if e.event.as_deref() == Some("done") {
-            sse = start();
+            sse = steady_stream(addr, 400);
             last = Instant::now();
             continue;
         }
@@ -447,9 +447,7 @@ fn large_prompts_at_once_do_not_stall_other_streams() {
 fn a_disconnect_storm_loses_nothing_and_frees_every_block() {
     let server = TestServer::start(|_| {});
     let addr = server.addr;
-    let steady = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true});
-    let mut sse = crate::support::stream_json(addr, "/v1/generate", &steady).sse();
-    sse.next_event().expect("the steady stream started");
+    let mut sse = steady_stream(addr, 400);
     let leaver = |i: usize| {
         std::thread::spawn(move || {
             let body =
@@ -532,9 +530,7 @@ fn a_hostile_chat_template_fails_only_its_own_requests() {
     let server = TestServer::start_all(config);
     let addr = server.addr;
 
-    let steady = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": true});
-    let mut sse = crate::support::stream_json(addr, "/v1/generate", &steady).sse();
-    sse.next_event().expect("the steady stream started");
+    let mut sse = steady_stream(addr, 200);
     let chat = serde_json::json!({"model": "hostile", "messages": [{"role": "user", "content": "hi"}]});
     for _ in 0..4 {
         let started = Instant::now();
@@ -580,9 +576,7 @@ fn hostile_model_files_are_refused_while_others_are_served() {
         c.registry.cache_dir = dir.join("cache");
     });
     let addr = server.addr;
-    let steady = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": true});
-    let mut sse = crate::support::stream_json(addr, "/v1/generate", &steady).sse();
-    sse.next_event().expect("the steady stream started");
+    let mut sse = steady_stream(addr, 200);
     for (name, bytes, named) in &files {
         let file = dir.join(format!("{name}.gguf"));
         std::fs::write(&file, bytes).unwrap();
