@@ -428,7 +428,12 @@ fn set_key(metadata: &mut [(String, GgufValue)], key: &str, value: GgufValue) {
 fn tiny_llama_validates_with_its_spec() {
     let spec = TinyLlamaSpec { tied_output: false, ..TinyLlamaSpec::default() };
     let hp = validate_llama(&tiny_header(&spec)).expect("valid");
-    let layer = LayerDesc { sliding: false, rope: LayerRope { freq_base: 10000.0, freq_scale: 1.0 } };
+    let layer = LayerDesc {
+        sliding: false,
+        rope: LayerRope { freq_base: 10000.0, freq_scale: 1.0 },
+        fused_qkv: false,
+        fused_gate_up: false,
+    };
     let want = ArchDesc {
         family: "llama",
         n_vocab: TINY_BASE_VOCAB,

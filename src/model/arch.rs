@@ -34,7 +34,7 @@ pub fn describe(h: &GgufHeader) -> Result<ArchDesc, ArchError> {
     let family = family_of(h)?;
     let mut desc = read_shared(h, family)?;
     (family.extra)(h, &mut desc)?;
-    check_tensors(h, family, &mut desc)?;
+    check_tensors(h, &mut desc)?;
     Ok(desc)
 }
 
@@ -111,7 +111,15 @@ fn read_shared(h: &GgufHeader, family: &'static Family) -> Result<ArchDesc, Arch
         rope_factors: RopeFactors::None,
         rope_magnitude: 1.0,
         sliding_window: None,
-        layers: vec![LayerDesc { sliding: false, rope: LayerRope { freq_base, freq_scale } }; n_layer],
+        layers: vec![
+            LayerDesc {
+                sliding: false,
+                rope: LayerRope { freq_base, freq_scale },
+                fused_qkv: false,
+                fused_gate_up: false,
+            };
+            n_layer
+        ],
         logit_softcap: None,
         tied_output: false,
         extra_tensors: Vec::new(),
@@ -227,8 +235,10 @@ impl Checker<'_> {
     }
 }
 
-/// Every tensor the forward pass reads, checked against `desc`; records which are extra.
-fn check_tensors(h: &GgufHeader, family: &Family, desc: &mut ArchDesc) -> Result<(), ArchError> {
+/// Every tensor the forward pass reads, checked against `desc`; records which layers fuse
+/// Q/K/V or gate/up (the forward pass reads that, never the tensors' presence) and which
+/// tensors are extra.
+fn check_tensors(h: &GgufHeader, desc: &mut ArchDesc) -> Result<(), ArchError> {
     let mut c = Checker { h, seen: HashSet::new() };
     let (embd, vocab, ff) = (desc.n_embd, desc.n_vocab, desc.n_ff);
     let (q, kv) = (desc.q_dim(), desc.kv_dim());
@@ -242,7 +252,9 @@ fn check_tensors(h: &GgufHeader, family: &Family, desc: &mut ArchDesc) -> Result
     for i in 0..desc.n_layer {
         let blk = |part: &str| format!("blk.{i}.{part}");
         c.require(&blk("attn_norm.weight"), &[embd], Role::Vector)?;
-        if c.optional(&blk("attn_qkv.weight"), &[embd, q + 2 * kv], Role::Matrix)? {
+        let fused_qkv = c.optional(&blk("attn_qkv.weight"), &[embd, q + 2 * kv], Role::Matrix)?;
+        desc.layers[i].fused_qkv = fused_qkv;
+        if fused_qkv {
             c.optional(&blk("attn_qkv.bias"), &[q + 2 * kv], Role::Vector)?;
         } else {
             for (part, width) in [("attn_q", q), ("attn_k", kv), ("attn_v", kv)] {
@@ -252,18 +264,19 @@ fn check_tensors(h: &GgufHeader, family: &Family, desc: &mut ArchDesc) -> Result
         }
         c.require(&blk("attn_output.weight"), &[q, embd], Role::Matrix)?;
         c.optional(&blk("attn_output.bias"), &[embd], Role::Vector)?;
-        if family.qk_norm {
+        if desc.qk_norm {
             c.require(&blk("attn_q_norm.weight"), &[desc.head_dim], Role::Vector)?;
             c.require(&blk("attn_k_norm.weight"), &[desc.head_dim], Role::Vector)?;
         }
         c.require(&blk("ffn_norm.weight"), &[embd], Role::Vector)?;
-        if family.post_norms {
+        if desc.post_norms {
             c.require(&blk("post_attention_norm.weight"), &[embd], Role::Vector)?;
             c.require(&blk("post_ffw_norm.weight"), &[embd], Role::Vector)?;
         }
         let gate_separate = h.tensor(&blk("ffn_gate.weight")).is_some();
         let up_fused = h.tensor(&blk("ffn_up.weight")).is_some_and(|t| t.dims.get(1) == Some(&(2 * ff as u64)));
-        if gate_separate || !up_fused {
+        desc.layers[i].fused_gate_up = !gate_separate && up_fused;
+        if !desc.layers[i].fused_gate_up {
             c.require(&blk("ffn_gate.weight"), &[embd, ff], Role::Matrix)?;
             c.require(&blk("ffn_up.weight"), &[embd, ff], Role::Matrix)?;
         } else {
@@ -274,7 +287,7 @@ fn check_tensors(h: &GgufHeader, family: &Family, desc: &mut ArchDesc) -> Result
     desc.extra_tensors = h.tensors.iter().filter(|t| !c.seen.contains(&t.name)).map(|t| t.name.clone()).collect();
     // A layer tensor the pass would skip (an FFN bias, say) would silently change the model.
     if let Some(name) = desc.extra_tensors.iter().find(|n| n.starts_with("blk.")) {
-        return Err(ArchError::UnusedLayerTensor { name: name.clone(), family: family.name });
+        return Err(ArchError::UnusedLayerTensor { name: name.clone(), family: desc.family });
     }
     Ok(())
 }

@@ -70,6 +70,11 @@ pub struct LayerDesc {
     /// Attends only to the last `sliding_window` positions.
     pub sliding: bool,
     pub rope: LayerRope,
+    /// Q, K and V are rows of one `attn_qkv` tensor (else `attn_q`, `attn_k`, `attn_v`).
+    pub fused_qkv: bool,
+    /// Gate and up are the two halves of one `ffn_up` of twice the width (else `ffn_gate`
+    /// and `ffn_up`).
+    pub fused_gate_up: bool,
 }
 
 /// A model's architecture, resolved from its GGUF metadata and checked against its tensors.

@@ -222,28 +222,26 @@ impl Transformer {
         let mut layers = Vec::with_capacity(desc.n_layer);
         for (i, ld) in desc.layers.iter().enumerate() {
             let blk = |part: &str| format!("blk.{i}.{part}");
-            let ((wq, wk, wv), (bq, bk, bv)) = match file.header.tensor(&blk("attn_qkv.weight")) {
-                Some(_) => {
-                    let w = matrix(&blk("attn_qkv.weight"))?;
-                    let b = optional(&blk("attn_qkv.bias"))?;
-                    let split = |b: &Vec<f32>| (b[..q].to_vec(), b[q..q + kv].to_vec(), b[q + kv..].to_vec());
-                    let (bq, bk, bv) = match b.as_ref().map(split) {
-                        Some((bq, bk, bv)) => (Some(bq), Some(bk), Some(bv)),
-                        None => (None, None, None),
-                    };
-                    ((w.rows(0, q), w.rows(q, kv), w.rows(q + kv, kv)), (bq, bk, bv))
-                }
-                None => (
+            let ((wq, wk, wv), (bq, bk, bv)) = if ld.fused_qkv {
+                let w = matrix(&blk("attn_qkv.weight"))?;
+                let b = optional(&blk("attn_qkv.bias"))?;
+                let split = |b: &Vec<f32>| (b[..q].to_vec(), b[q..q + kv].to_vec(), b[q + kv..].to_vec());
+                let (bq, bk, bv) = match b.as_ref().map(split) {
+                    Some((bq, bk, bv)) => (Some(bq), Some(bk), Some(bv)),
+                    None => (None, None, None),
+                };
+                ((w.rows(0, q), w.rows(q, kv), w.rows(q + kv, kv)), (bq, bk, bv))
+            } else {
+                (
                     (matrix(&blk("attn_q.weight"))?, matrix(&blk("attn_k.weight"))?, matrix(&blk("attn_v.weight"))?),
                     (optional(&blk("attn_q.bias"))?, optional(&blk("attn_k.bias"))?, optional(&blk("attn_v.bias"))?),
-                ),
+                )
             };
-            let (w_gate, w_up) = match file.header.tensor(&blk("ffn_gate.weight")) {
-                Some(_) => (matrix(&blk("ffn_gate.weight"))?, matrix(&blk("ffn_up.weight"))?),
-                None => {
-                    let fused = matrix(&blk("ffn_up.weight"))?;
-                    (fused.rows(0, ff), fused.rows(ff, ff))
-                }
+            let (w_gate, w_up) = if ld.fused_gate_up {
+                let fused = matrix(&blk("ffn_up.weight"))?;
+                (fused.rows(0, ff), fused.rows(ff, ff))
+            } else {
+                (matrix(&blk("ffn_gate.weight"))?, matrix(&blk("ffn_up.weight"))?)
             };
             let key = (ld.rope.freq_base.to_bits(), ld.rope.freq_scale.to_bits());
             let rope = match rope_keys.iter().position(|k| *k == key) {
@@ -388,8 +386,9 @@ impl Transformer {
 
     /// The batch split by sequence (`groups`): each pool thread runs its sequences through
     /// every layer on its own, with serial matmuls and attention, so a step has one fork and
-    /// join per layer (around the K/V writes) instead of one per matmul. Each row goes
-    /// through the same kernel calls as in the pooled path, so the bits are the same.
+    /// join per layer (around the K/V writes) instead of one per matmul. Each row's
+    /// attention is a tile of that row alone, whose bits a row in any tile of the pooled
+    /// path also gets, so the results are the same.
     fn run_split(
         &self,
         batch: &[SeqChunk],
