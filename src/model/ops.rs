@@ -6,7 +6,7 @@
 use crate::kv::arena::{BlockId, KvArena};
 use crate::model::desc::RopeStyle;
 use crate::model::kernels::Kernels;
-use crate::model::kernels::attention::{AttnShape, ChunkJob, ChunkScratch, Span, merge};
+use crate::model::kernels::attention::{AttnShape, ChunkScratch, Span, TileJob, merge};
 
 /// Attention for one query row over the positions `span` covers, on this thread: its
 /// chunks in order, then [`merge`]. The forward pass runs the same chunks spread over its
@@ -26,8 +26,9 @@ pub fn attend_row(
     let plen = shape.partial_len();
     scratch.parts.resize(span.chunks() * plen, 0.0);
     for (c, part) in scratch.parts.chunks_exact_mut(plen).enumerate() {
-        let job = ChunkJob { shape, layer, q, range: span.chunk(c), blocks, kv };
-        kernels.attend_chunk(&job, &mut scratch.chunk, part);
+        let range = span.chunk(c);
+        let job = TileJob { shape, layer, q, ranges: std::slice::from_ref(&range), blocks, kv };
+        kernels.attend_tile(&job, &mut scratch.chunk, part);
     }
     merge(shape, &scratch.parts, out);
 }

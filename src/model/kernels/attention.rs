@@ -1,4 +1,4 @@
-//! Attention of one query row over the KV arena, in chunks of [`CHUNK`] positions.
+//! Attention of query rows over the KV arena, in chunks of [`CHUNK`] positions.
 //!
 //! A chunk gives, per head, its largest score `m`, the sum `s` of `exp(score − m)` and the
 //! unnormalised weighted sum of values `Σ exp(score − m)·v`. [`merge`] combines a row's
@@ -71,23 +71,9 @@ impl Span {
     }
 }
 
-/// One chunk of attention for one query row: what `Kernels::attend_chunk` computes.
-#[derive(Clone, Debug)]
-pub struct ChunkJob<'a> {
-    pub shape: AttnShape,
-    pub layer: usize,
-    /// The row's query, `n_head × head_dim` values.
-    pub q: &'a [f32],
-    /// Positions of the chunk: within one run `c·CHUNK..(c+1)·CHUNK` (see [`Span::chunk`]).
-    pub range: Range<usize>,
-    /// The sequence's blocks, covering `range`.
-    pub blocks: &'a [BlockId],
-    pub kv: &'a KvArena,
-}
-
-/// One chunk of attention for several query rows of one sequence: what
-/// `Kernels::attend_tile` computes. Each row's partial is the one its own [`ChunkJob`]
-/// would give, bit for bit.
+/// One chunk of attention for one or more query rows of one sequence: what
+/// `Kernels::attend_tile` computes. Each row's partial is the one a tile of that row alone
+/// gives, bit for bit.
 #[derive(Clone, Debug)]
 pub struct TileJob<'a> {
     pub shape: AttnShape,
@@ -176,7 +162,7 @@ impl<const V: usize> Arith for Zmm<V> {
 
     #[inline(always)]
     fn scores(shape: AttnShape, q: &[f32], keys: &[f32], scale: f32, jj0: usize, scores: &mut [f32]) {
-        // SAFETY: `Zmm` is only used by `chunk_avx512`, which runs only where `available()`
+        // SAFETY: `Zmm` is only used by `tile_avx512`, which runs only where `available()`
         // detected avx512f.
         unsafe { zmm::scores::<V>(shape, q, keys, scale, jj0, scores) }
     }
@@ -256,18 +242,11 @@ mod zmm {
     }
 }
 
-/// `job`'s chunk, written to `part` (per head `[m, s, Σ exp(score − m)·v]`).
-#[inline(always)]
-fn chunk_body<A: Arith>(job: &ChunkJob, scratch: &mut ChunkScratch, part: &mut [f32]) {
-    let ChunkJob { shape, layer, q, ref range, blocks, kv } = *job;
-    let tile = TileJob { shape, layer, q, ranges: std::slice::from_ref(range), blocks, kv };
-    tile_body::<A>(&tile, scratch, part)
-}
-
 /// `job`'s rows over one chunk, each row's partial written to its `partial_len` run of
 /// `parts`. Each block's run of K (then V) rows is read once for all the rows while it is
-/// in L1; each row's arithmetic is exactly its own [`chunk_body`]'s (same scores, same
-/// order of positions), so tiling never changes a bit.
+/// in L1; each row's arithmetic is exactly what it gets alone (same scores, same order of
+/// positions), so tiling never changes a bit. Each row's partial is per head
+/// `[m, s, Σ exp(score − m)·v]`.
 #[inline(always)]
 fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f32]) {
     let TileJob { shape, layer, q, ranges, blocks, kv } = *job;
@@ -424,29 +403,13 @@ fn exp<A: Arith>(x: f32) -> f32 {
     if x < -87.0 { 0.0 } else { scaled }
 }
 
-/// Portable: separate multiply and add.
-pub(super) fn chunk_portable(job: &ChunkJob, scratch: &mut ChunkScratch, part: &mut [f32]) {
-    chunk_body::<Separate>(job, scratch, part)
-}
-
-/// The same body compiled for AVX-512; heads of 64 or 128 values keep a head's query or
-/// running sum in registers across a block of rows (`Zmm`).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c")]
-pub(super) fn chunk_avx512(job: &ChunkJob, scratch: &mut ChunkScratch, part: &mut [f32]) {
-    match job.shape.head_dim {
-        64 => chunk_body::<Zmm<4>>(job, scratch, part),
-        128 => chunk_body::<Zmm<8>>(job, scratch, part),
-        _ => chunk_body::<Fused>(job, scratch, part),
-    }
-}
-
 /// [`tile_body`], portable.
 pub(super) fn tile_portable(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f32]) {
     tile_body::<Separate>(job, scratch, parts)
 }
 
-/// [`tile_body`] for AVX-512 (see [`chunk_avx512`]).
+/// [`tile_body`] for AVX-512; heads of 64 or 128 values keep a head's query or running
+/// sum in registers across a block of rows (`Zmm`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c")]
 pub(super) fn tile_avx512(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f32]) {
@@ -462,13 +425,6 @@ pub(super) fn tile_avx512(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut
 #[target_feature(enable = "avx,avx2,fma,f16c")]
 pub(super) fn tile_avx2(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f32]) {
     tile_body::<Fused>(job, scratch, parts)
-}
-
-/// The same body compiled for AVX2 with FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,avx2,fma,f16c")]
-pub(super) fn chunk_avx2(job: &ChunkJob, scratch: &mut ChunkScratch, part: &mut [f32]) {
-    chunk_body::<Fused>(job, scratch, part)
 }
 
 /// Combines a row's chunk partials (`parts`: chunks in position order, each

@@ -36,13 +36,13 @@ mod tiles;
 use rayon::prelude::*;
 
 use crate::model::ggml_type::GgmlType;
-use attention::{CHUNK, ChunkJob, ChunkScratch, TileJob};
+use attention::{CHUNK, ChunkScratch, TileJob};
 use quant_acts::{QRow, QuantActs};
 
 /// A shape or type problem in a kernel call, naming what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KernelError {
-    /// The tensor type has no kernels (Q8_1, Q2_K, Q3_K, Q8_K).
+    /// The tensor type has no kernels (Q8_1, Q8_K).
     #[error("no kernels for tensor type {0}")]
     Unsupported(GgmlType),
     /// A row length is not a whole number of blocks.
@@ -284,9 +284,13 @@ impl Kernels {
         Ok(())
     }
 
-    /// One chunk for several query rows of one sequence ([`TileJob`]): each row's partial
-    /// into its own `partial_len` run of `parts`, the same bits as [`Self::attend_chunk`]
-    /// gives that row alone.
+    /// One chunk for one or more query rows of one sequence ([`TileJob`]): each row's
+    /// partial ([`attention::AttnShape::partial_len`] floats) into its own run of `parts`,
+    /// the same bits whatever else is in the tile. See [`attention`].
+    ///
+    /// # Panics
+    /// If the queries, `parts` or a range do not fit the shape and [`CHUNK`], or the block
+    /// table does not cover a range.
     pub fn attend_tile(&self, job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f32]) {
         let (shape, kv) = (job.shape, job.kv);
         let rows = job.ranges.len();
@@ -301,40 +305,14 @@ impl Kernels {
         }
         match self.isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as in `attend_chunk`: `Avx512` is only built after detecting the
-            // features `tile_avx512` enables.
+            // SAFETY: `Avx512` is only built by `available()` after detecting avx512f/bw/vl,
+            // avx2, fma and f16c, the features `tile_avx512` enables.
             Isa::Avx512 | Isa::Avx512Vnni => unsafe { attention::tile_avx512(job, scratch, parts) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as in `attend_chunk`: avx2, fma and f16c were detected.
+            // SAFETY: `Avx2` and `AvxVnni` are only built by `available()` after detecting
+            // avx2, fma and f16c.
             Isa::Avx2 | Isa::AvxVnni { .. } => unsafe { attention::tile_avx2(job, scratch, parts) },
             _ => attention::tile_portable(job, scratch, parts),
-        }
-    }
-
-    /// One chunk of attention for one query row (`job`), into `part`
-    /// ([`attention::AttnShape::partial_len`] floats). See [`attention`].
-    ///
-    /// # Panics
-    /// If the query, `part` or the range do not fit the shape and [`CHUNK`], or the block
-    /// table does not cover the range.
-    pub fn attend_chunk(&self, job: &ChunkJob, scratch: &mut ChunkScratch, part: &mut [f32]) {
-        let (shape, range, kv) = (job.shape, &job.range, job.kv);
-        assert_eq!(job.q.len(), shape.n_head * shape.head_dim, "query length");
-        assert_eq!(part.len(), shape.partial_len(), "partial length");
-        assert!(shape.n_head_kv > 0 && shape.n_head.is_multiple_of(shape.n_head_kv), "head groups");
-        assert_eq!(kv.layout().kv_dim, shape.n_head_kv * shape.head_dim, "KV row width");
-        assert!(!range.is_empty() && range.start / CHUNK == (range.end - 1) / CHUNK, "chunk {range:?}");
-        assert!(range.end <= job.blocks.len() * kv.layout().block_tokens, "block table too short for {range:?}");
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Avx512` is only built by `available()` after detecting avx512f/bw/vl,
-            // avx2, fma and f16c, the features `chunk_avx512` enables.
-            Isa::Avx512 | Isa::Avx512Vnni => unsafe { attention::chunk_avx512(job, scratch, part) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Avx2` and `AvxVnni` are only built by `available()` after detecting avx2,
-            // fma and f16c.
-            Isa::Avx2 | Isa::AvxVnni { .. } => unsafe { attention::chunk_avx2(job, scratch, part) },
-            _ => attention::chunk_portable(job, scratch, part),
         }
     }
 
