@@ -31,7 +31,8 @@ pub fn run_forward(
     }
     let span = tracing::info_span!("forward", batch_size = plan.items.len(), batch_tokens = plan.total_tokens());
     let _g = span.enter();
-    let chunks: Vec<(usize, SeqChunk)> = plan
+    // The chunks of the batch, and beside them the plan index of each.
+    let (indices, chunks): (Vec<usize>, Vec<SeqChunk>) = plan
         .items
         .iter()
         .enumerate()
@@ -48,12 +49,11 @@ pub fn run_forward(
         .collect();
     report.forward_calls += 1;
     let arena = kv.0.arena_mut();
-    let all: Vec<SeqChunk> = chunks.iter().map(|(_, c)| c.clone()).collect();
-    let failed: Vec<(usize, String)> = match guarded(&*model.0, &all, arena, &mut logits.0) {
+    let failed: Vec<(usize, String)> = match guarded(&*model.0, &chunks, arena, &mut logits.0) {
         Ok(()) => Vec::new(),
         Err(e) => {
-            tracing::error!(error = %e, sequences = all.len(), "forward pass failed; running each sequence alone");
-            retry_alone(&*model.0, &chunks, arena, &mut logits.0)
+            tracing::error!(error = %e, sequences = chunks.len(), "forward pass failed; running each sequence alone");
+            retry_alone(&*model.0, &indices, &chunks, arena, &mut logits.0)
         }
     };
     for (i, item) in plan.items.iter().enumerate() {
@@ -76,19 +76,20 @@ fn guarded(model: &dyn ModelRuntime, batch: &[SeqChunk], kv: &mut KvArena, out: 
     }
 }
 
-/// Runs each chunk alone; returns the plan indices of those that failed, with their errors.
-/// `logits` gets one row per sampling chunk in plan order (zeros for a failed one, whose
-/// sequence ends before it samples).
+/// Runs each chunk alone; returns the plan indices (`indices[k]` is chunk `k`'s) of those
+/// that failed, with their errors. `logits` gets one row per sampling chunk in plan order
+/// (zeros for a failed one, whose sequence ends before it samples).
 fn retry_alone(
     model: &dyn ModelRuntime,
-    chunks: &[(usize, SeqChunk)],
+    indices: &[usize],
+    chunks: &[SeqChunk],
     kv: &mut KvArena,
     logits: &mut Vec<f32>,
 ) -> Vec<(usize, String)> {
     let n_vocab = model.n_vocab();
     let (mut failed, mut row) = (Vec::new(), Vec::new());
     logits.clear();
-    for (i, chunk) in chunks {
+    for (i, chunk) in indices.iter().zip(chunks) {
         let samples = chunk.logits != LogitsWanted::None;
         match guarded(model, std::slice::from_ref(chunk), kv, &mut row) {
             Ok(()) => logits.extend_from_slice(&row),
