@@ -267,8 +267,11 @@ fn supervise(
 ) {
     let status = world.resource::<Status>().0.clone();
     let _stopped = StoppedOnDrop(status.clone());
+    // One clock for the engine's whole life: requests that waited across a restart keep
+    // their true arrival time, and deadlines stay where they were.
+    let origin = MonotonicOrigin(Instant::now());
     loop {
-        let ran = catch_unwind(AssertUnwindSafe(|| run_loop(&mut world, &mut schedule, rx, max_queue_delay)));
+        let ran = catch_unwind(AssertUnwindSafe(|| run_loop(&mut world, &mut schedule, rx, max_queue_delay, origin)));
         let Err(panic) = ran else { return };
         status.restarting.store(true, Ordering::Relaxed);
         status.restarts.fetch_add(1, Ordering::Relaxed);
@@ -327,8 +330,13 @@ fn rebuild(mut old: World, pipeline: &PipelineSpec, status: Arc<EngineStatus>) -
     build_world(parts, status)
 }
 
-fn run_loop(world: &mut World, schedule: &mut Schedule, rx: &Receiver, max_queue_delay: Duration) {
-    let origin = MonotonicOrigin(Instant::now());
+fn run_loop(
+    world: &mut World,
+    schedule: &mut Schedule,
+    rx: &Receiver,
+    max_queue_delay: Duration,
+    origin: MonotonicOrigin,
+) {
     let mut tick = 0u64;
     loop {
         let busy = has_work(world);
