@@ -81,10 +81,13 @@ impl Quotas {
     fn with<T>(&self, tenant: &TenantId, now: Instant, f: impl FnOnce(&mut TenantBuckets) -> T) -> T {
         let (rpm, tpm) = self.limits.get(tenant).copied().unwrap_or((None, None));
         let mut all = self.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let b = all.entry(tenant.clone()).or_insert_with(|| TenantBuckets {
-            requests: rpm.map(|l| Bucket::new(l, now)),
-            tokens: tpm.map(|l| Bucket::new(l, now)),
-        });
+        // Only a tenant's first call allocates its key.
+        if !all.contains_key(tenant) {
+            let fresh =
+                TenantBuckets { requests: rpm.map(|l| Bucket::new(l, now)), tokens: tpm.map(|l| Bucket::new(l, now)) };
+            all.insert(tenant.clone(), fresh);
+        }
+        let b = all.get_mut(tenant).expect("inserted above");
         for bucket in [&mut b.requests, &mut b.tokens].into_iter().flatten() {
             bucket.refill(now);
         }
@@ -119,6 +122,10 @@ impl Quotas {
 
     /// Charges tokens a request used.
     pub fn charge(&self, tenant: &TenantId, tokens: usize, now: Instant) {
+        // Called for every streamed token: a tenant without a token limit costs no lock.
+        if self.limits.get(tenant).is_none_or(|&(_, tpm)| tpm.is_none()) {
+            return;
+        }
         self.with(tenant, now, |b| {
             if let Some(t) = b.tokens.as_mut() {
                 t.level -= tokens as f64;
