@@ -339,6 +339,9 @@ fn keys_are_isolated_and_sessions_are_capped_per_tenant() {
     // The same prompt from another key finds nothing cached; its session "s" is its own.
     let second = generate("key-two", serde_json::json!({"prompt": prompt, "max_tokens": 1, "stream": false}));
     assert_eq!(second.json()["usage"]["cached_tokens"], 0, "a prefix leaked across keys: {}", second.text());
+    // The same prompt from the first key again does find it: the cache works, per key.
+    let again = generate("key-one", serde_json::json!({"prompt": prompt, "max_tokens": 1, "stream": false}));
+    assert!(again.json()["usage"]["cached_tokens"].as_u64().unwrap() > 0, "no prefix cached: {}", again.text());
     let close = |key: &str| {
         crate::support::post_json_as(server.addr, key, "/v1/session/close", &serde_json::json!({"session_id": "s"}))
     };
