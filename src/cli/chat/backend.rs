@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use starling::config::Config;
 use starling::engine::load::LoadedModel;
 use starling::gateway::service::{self, Job, Origin};
-use starling::gateway::template::{ChatMessage, Specials, render_chat};
+use starling::gateway::template::{ChatMessage, render_for};
 use starling::protocol::{PromptInput, SamplingParams};
 use starling::types::{SessionId, TenantId};
 
@@ -111,11 +111,7 @@ impl Backend {
 impl Local {
     async fn turn(&self, turn: &Turn<'_>, on_text: &mut dyn FnMut(&str)) -> Result<TurnStats> {
         let sent = Instant::now();
-        let tok = &self.model.tokenizer;
-        let piece = |id: Option<u32>| id.and_then(|id| tok.token_text(id).ok()).unwrap_or("").to_owned();
-        let (bos, eos) = (piece(tok.bos_id()), piece(tok.eos_id()));
-        let specials = Specials { bos_token: &bos, eos_token: &eos, tools: None };
-        let text = render_chat(self.model.id.as_str(), tok.chat_template(), turn.messages, &specials)?;
+        let text = render_for(self.model.id.as_str(), &self.model.tokenizer, turn.messages)?;
         let params = SamplingParams {
             temperature: turn.settings.temperature,
             top_p: turn.settings.top_p,

@@ -20,7 +20,7 @@ use crate::gateway::render::openai::{Kind, OpenAiRender, Shape};
 use crate::gateway::render::{Body, json_response, sse};
 use crate::gateway::service::{Job, collect, session_id, submit, validate_sampling};
 use crate::gateway::state::{AppState, Ctx};
-use crate::gateway::template::{ChatMessage, Specials, render_chat};
+use crate::gateway::template::{ChatMessage, render_for};
 use crate::protocol::{PromptInput, SamplingParams};
 use crate::types::TokenId;
 
@@ -155,15 +155,7 @@ pub async fn chat_completions(
     let messages = chat_messages(body.messages.as_deref())?;
     let tok = model.tokenizer.clone();
     let id = model.id.clone();
-    let text = state
-        .cpu
-        .run(move || {
-            let piece = |id: Option<TokenId>| id.and_then(|id| tok.token_text(id).ok()).unwrap_or("").to_owned();
-            let (bos, eos) = (piece(tok.bos_id()), piece(tok.eos_id()));
-            let specials = Specials { bos_token: &bos, eos_token: &eos, tools: None };
-            render_chat(id.as_str(), tok.chat_template(), &messages, &specials)
-        })
-        .await??;
+    let text = state.cpu.run(move || render_for(id.as_str(), &tok, &messages)).await??;
     run(state, ctx, Kind::Chat, body, PromptInput::Text { text, parse_special: true }).await
 }
 

@@ -15,6 +15,7 @@ use minijinja::{Environment, Error, ErrorKind as JinjaErrorKind, Value, context}
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ErrorKind};
+use crate::tokenizer::GgufTokenizer;
 
 /// One chat message as the template sees it (`content` flattened to text).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -134,6 +135,15 @@ fn without_generation_tags(template: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Renders `messages` with the chat template of `tok`'s model (`model` names it in errors),
+/// its BOS and EOS texts given to the template.
+pub fn render_for(model: &str, tok: &GgufTokenizer, messages: &[ChatMessage]) -> Result<String, TemplateError> {
+    let piece = |id: Option<u32>| id.and_then(|id| tok.token_text(id).ok()).unwrap_or("").to_owned();
+    let (bos, eos) = (piece(tok.bos_id()), piece(tok.eos_id()));
+    let specials = Specials { bos_token: &bos, eos_token: &eos, tools: None };
+    render_chat(model, tok.chat_template(), messages, &specials)
 }
 
 /// Renders `messages` with `template`, ending with the assistant's turn opened.
