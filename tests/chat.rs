@@ -234,11 +234,14 @@ fn ctrl_c_in_a_terminal_stops_the_reply_not_the_program() {
         return;
     }
     let server = FakeServer::start(vec![Reply::Hang("Once upon a time"), Reply::Text("Fine.")]);
-    let command = format!("{} chat --url {}", env!("CARGO_BIN_EXE_starling"), server.url);
+    // `exec`: `script` runs `$SHELL -c`, and a shell that forks (dash) would take the
+    // terminal's SIGINT itself and die with 130.
+    let command = format!("exec {} chat --url {}", env!("CARGO_BIN_EXE_starling"), server.url);
     let mut child = Command::new("script")
         .args(["-qfec", &command, "/dev/null"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("TERM", "xterm")
+        .env("SHELL", "/bin/sh")
         .env_remove("STARLING_API_KEY")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
