@@ -3,11 +3,13 @@
 mod cli;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use cli::{bench, chat, generate, inspect, models, perplexity, serve, tokenize};
+use starling::gateway::template::sandbox;
 use starling::telemetry::{self, LogStyle};
 
 #[derive(Parser)]
@@ -63,6 +65,16 @@ enum Command {
         /// The shell to complete for.
         #[arg(value_parser = ["bash", "zsh", "fish"])]
         shell: String,
+    },
+    /// Renders chat templates for a server or `chat` that started it (not for people).
+    #[command(name = sandbox::WORKER_SUBCOMMAND, hide = true)]
+    TemplateWorker {
+        /// Address-space limit of this process.
+        #[arg(long)]
+        memory_bytes: u64,
+        /// Wall-clock limit of one render.
+        #[arg(long)]
+        timeout_ms: u64,
     },
 }
 
@@ -128,5 +140,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Models(cmd) => models::run(cmd),
         Command::Completions { shell } => completions(&shell),
+        Command::TemplateWorker { memory_bytes, timeout_ms } => {
+            sandbox::run_worker(sandbox::Limits { memory_bytes, timeout: Duration::from_millis(timeout_ms) })
+        }
     }
 }

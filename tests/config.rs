@@ -198,6 +198,21 @@ fn upper_bounds_are_enforced() {
     assert_rejects(with(|v| v["models"][0]["threads"] = json!(5000)), "models[0].threads", "in 1..=1024");
 }
 
+/// A template worker needs room for its own code (64 MiB of address space at least), and a
+/// render's time limit is bounded both ways; sizes take units.
+#[test]
+fn template_worker_limits_are_bounded() {
+    let set = |field: &str, value: serde_json::Value| with(|v| v["server"] = json!({ field: value }));
+    assert_rejects(set("template_memory_bytes", json!("32MiB")), "server.template_memory_bytes", "at least 64 MiB");
+    assert_rejects(set("template_timeout_ms", json!(5)), "server.template_timeout_ms", "in 10..=600000");
+    assert_rejects(set("template_timeout_ms", json!(600_001)), "server.template_timeout_ms", "in 10..=600000");
+    let c = set("template_memory_bytes", json!("2GiB")).unwrap();
+    assert_eq!(c.server.template_memory_bytes, 2 << 30);
+    let defaults = with(|_| {}).unwrap();
+    assert_eq!(defaults.server.template_memory_bytes, 1 << 30);
+    assert_eq!(defaults.server.template_timeout, std::time::Duration::from_secs(5));
+}
+
 #[test]
 fn low_watermark_above_high_is_rejected() {
     let err = assert_rejects(

@@ -511,41 +511,67 @@ fn a_disconnect_storm_loses_nothing_and_frees_every_block() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
-/// A model whose file carries a hostile chat template (nested loops of 10^10 steps) served
-/// beside the real one: a chat with it is a 400 `template_limit` within a second, its plain
-/// completions and the other model's stream go on being served.
+/// Models whose files carry hostile chat templates, served beside the real one: nested loops
+/// of 10^10 steps (stopped by fuel) and a list doubled 40 times (MiniJinja materializes 2^33
+/// items without charging fuel; the render's worker process dies at its memory limit). Each
+/// chat with them is a 400 `template_limit` naming the limit; their plain completions, the
+/// real model's chats and the other model's stream go on being served.
 #[test]
 fn a_hostile_chat_template_fails_only_its_own_requests() {
     use starling::model::gguf::GgufValue;
     use starling::model::gguf_writer::{TinyModelSpec, tiny_model_writer};
-    let path = std::env::temp_dir().join(format!("starling-hostile-template-{}.gguf", std::process::id()));
-    let mut w = tiny_model_writer(&TinyModelSpec::family("llama"));
-    let bomb = "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}";
-    w.metadata("tokenizer.chat_template", GgufValue::String(bomb.into()));
-    w.write(&path).unwrap();
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let mut config = crate::support::test_config(|_| {});
-    let mut hostile = config.models[0].clone();
-    hostile.id = "hostile".into();
-    hostile.path = path.clone();
-    hostile.pipeline = root.join("pipelines/default.yaml");
-    config.models.push(hostile);
+    let mut config = crate::support::test_config(|c| c.server.template_memory_bytes = 128 << 20);
+    let bombs = [
+        (
+            "loops",
+            "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}",
+            "work budget",
+        ),
+        (
+            "doubling",
+            "{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|length }}",
+            "128 MiB of memory",
+        ),
+    ];
+    let mut files = vec![];
+    for (name, template, _) in bombs {
+        let path = std::env::temp_dir().join(format!("starling-hostile-template-{name}-{}.gguf", std::process::id()));
+        let mut w = tiny_model_writer(&TinyModelSpec::family("llama"));
+        w.metadata("tokenizer.chat_template", GgufValue::String(template.into()));
+        w.write(&path).unwrap();
+        let mut hostile = config.models[0].clone();
+        hostile.id = name.into();
+        hostile.path = path.clone();
+        hostile.pipeline = root.join("pipelines/default.yaml");
+        config.models.push(hostile);
+        files.push(path);
+    }
     let server = TestServer::start_all(config);
     let addr = server.addr;
 
-    let mut sse = steady_stream(addr, 200);
-    let chat = serde_json::json!({"model": "hostile", "messages": [{"role": "user", "content": "hi"}]});
-    for _ in 0..4 {
-        let started = Instant::now();
-        let r = crate::support::post_json(addr, "/v1/chat/completions", &chat);
-        assert_eq!(r.status, 400, "{}", r.text());
-        assert_eq!(r.json()["error"]["code"], "template_limit", "{}", r.text());
-        assert!(started.elapsed() < Duration::from_secs(1), "the refusal took {:?}", started.elapsed());
-        assert_eq!(sse.next_event().expect("the steady stream goes on").event.as_deref(), Some("token"));
+    let mut sse = steady_stream(addr, 400);
+    for (name, _, limit) in bombs {
+        let chat = serde_json::json!({"model": name, "messages": [{"role": "user", "content": "hi"}]});
+        for _ in 0..2 {
+            let started = Instant::now();
+            let r = crate::support::post_json(addr, "/v1/chat/completions", &chat);
+            assert_eq!(r.status, 400, "{name}: {}", r.text());
+            assert_eq!(r.json()["error"]["code"], "template_limit", "{name}: {}", r.text());
+            let message = r.json()["error"]["message"].as_str().unwrap_or_default().to_owned();
+            assert!(message.contains(limit), "{name}: the error names the limit `{limit}`: {message}");
+            assert!(started.elapsed() < Duration::from_secs(10), "{name}: the refusal took {:?}", started.elapsed());
+            assert_eq!(sse.next_event().expect("the steady stream goes on").event.as_deref(), Some("token"));
+        }
+        let plain = serde_json::json!({"model": name, "prompt": "hi", "max_tokens": 3, "stream": false});
+        assert_eq!(crate::support::post_json(addr, "/v1/completions", &plain).status, 200, "{name}");
     }
-    let plain = serde_json::json!({"model": "hostile", "prompt": "hi", "max_tokens": 3, "stream": false});
-    assert_eq!(crate::support::post_json(addr, "/v1/completions", &plain).status, 200);
-    let _ = std::fs::remove_file(&path);
+    let real = serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+    let r = crate::support::post_json(addr, "/v1/chat/completions", &real);
+    assert_eq!(r.status, 200, "the real model's chat after the workers died: {}", r.text());
+    for path in files {
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 /// Hostile model files loaded through the admin API while a client streams: each is refused

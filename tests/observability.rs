@@ -48,7 +48,9 @@ impl Server {
         let obs = Arc::new(obs);
         let models =
             if with_model { vec![start_model_observed(&config, 0, &obs).expect("model loads")] } else { vec![] };
-        let state = Arc::new(AppState::new(Arc::new(config), models, obs));
+        let state = Arc::new(
+            AppState::new(Arc::new(config), models, obs).with_template_worker(crate::support::starling_binary()),
+        );
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();

@@ -825,7 +825,9 @@ fn config_reload_changes_a_tenant_quota_live_and_keeps_the_config_on_error() {
     std::fs::write(&file, yaml("1")).unwrap();
     let config = Config::load(&file).unwrap();
     let obs = Arc::new(Observability::new().unwrap());
-    let state = AppState::new(Arc::new(config), Vec::new(), obs).with_config_source(file.clone(), Overrides::default());
+    let state = AppState::new(Arc::new(config), Vec::new(), obs)
+        .with_template_worker(crate::support::starling_binary())
+        .with_config_source(file.clone(), Overrides::default());
     let server = TestServer::serve_state(Arc::new(state));
     load_configured(&server.state).unwrap();
     let generate = || post_json(server.addr, "/v1/generate", &json!({"prompt": "Hi", "max_tokens": 1}));

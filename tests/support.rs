@@ -29,6 +29,12 @@ pub struct TestServer {
     _runtime: tokio::runtime::Runtime,
 }
 
+/// The `starling` binary cargo built for these tests: chat templates render in its
+/// `template-worker` processes, as under `starling serve`.
+pub fn starling_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_starling"))
+}
+
 /// The test config: the real model, 2 threads, a 64 MiB KV arena, then `tweak`.
 pub fn test_config(tweak: impl FnOnce(&mut Config)) -> Config {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -48,7 +54,9 @@ impl TestServer {
         let config = test_config(tweak);
         let obs = Arc::new(Observability::new().expect("metrics registry"));
         let model = start_model_observed(&config, 0, &obs).expect("the model starts");
-        TestServer::serve_state(Arc::new(AppState::new(Arc::new(config), vec![model], obs)))
+        TestServer::serve_state(Arc::new(
+            AppState::new(Arc::new(config), vec![model], obs).with_template_worker(starling_binary()),
+        ))
     }
 
     /// Serves every model of `config`.
@@ -57,7 +65,9 @@ impl TestServer {
         let models = (0..config.models.len())
             .map(|i| start_model_observed(&config, i, &obs).expect("the model starts"))
             .collect();
-        TestServer::serve_state(Arc::new(AppState::new(Arc::new(config), models, obs)))
+        TestServer::serve_state(Arc::new(
+            AppState::new(Arc::new(config), models, obs).with_template_worker(starling_binary()),
+        ))
     }
 
     /// Starts graceful shutdown (like SIGTERM) without waiting for it.
@@ -302,7 +312,9 @@ impl TestServer {
     pub fn start_empty(tweak: impl FnOnce(&mut Config)) -> TestServer {
         let config = test_config(tweak);
         let obs = Arc::new(Observability::new().expect("metrics registry"));
-        TestServer::serve_state(Arc::new(AppState::new(Arc::new(config), Vec::new(), obs)))
+        TestServer::serve_state(Arc::new(
+            AppState::new(Arc::new(config), Vec::new(), obs).with_template_worker(starling_binary()),
+        ))
     }
 }
 

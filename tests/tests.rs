@@ -19,4 +19,5 @@ mod registry_tls;
 mod sampler;
 mod scheduler;
 mod support;
+mod templates;
 mod tokenizer;

@@ -147,7 +147,24 @@ fn server(raw: RawServer, machine: &Machine) -> Result<ServerConfig> {
         stream_stall: secs("server.stream_stall_secs", raw.stream_stall_secs, 30, 1..=86_400)?,
         cpu_workers: nonzero("server.cpu_workers", raw.cpu_workers, machine.parallelism.get() as i64, 1..=1024)?,
         cpu_queue: ranged("server.cpu_queue", raw.cpu_queue, 256, 0..=1_000_000)? as usize,
+        template_memory_bytes: template_memory("server.template_memory_bytes", raw.template_memory_bytes)?,
+        template_timeout: Duration::from_millis(ranged(
+            "server.template_timeout_ms",
+            raw.template_timeout_ms,
+            5_000,
+            10..=600_000,
+        )? as u64),
     })
+}
+
+/// A template worker's address space: 1 GiB unless set, at least 64 MiB (the worker is a
+/// `starling` process: its code and stacks alone take tens of MiB of address space).
+fn template_memory(field: &str, value: Option<RawBytes>) -> Result<u64> {
+    let v = bytes(field, value, 1024 * MIB)?;
+    if v < 64 * MIB {
+        return Err(invalid(field, &v.to_string(), "at least 64 MiB"));
+    }
+    Ok(v)
 }
 
 /// Parses a `HOST:PORT` listen address (also used for `--bind` and `STARLING_BIND`).

@@ -40,6 +40,8 @@ pub struct RawServer {
     pub stream_stall_secs: Option<i64>,
     pub cpu_workers: Option<i64>,
     pub cpu_queue: Option<i64>,
+    pub template_memory_bytes: Option<RawBytes>,
+    pub template_timeout_ms: Option<i64>,
 }
 
 /// `auth:` — API keys and the admin key.

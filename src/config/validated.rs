@@ -91,6 +91,11 @@ pub struct ServerConfig {
     pub cpu_workers: NonZeroUsize,
     /// Jobs waiting for those threads; past it a request gets 429 `cpu_busy`.
     pub cpu_queue: usize,
+    /// Address space of each chat-template worker process: a render that needs more ends
+    /// its worker and gets 400 `template_limit`.
+    pub template_memory_bytes: u64,
+    /// Wall-clock limit of one chat-template render, enforced in its worker the same way.
+    pub template_timeout: Duration,
 }
 
 /// API keys and the admin key. No API keys means auth is off.

@@ -12,6 +12,7 @@ use super::cpu::CpuPool;
 use super::models::Models;
 use super::quota::Quotas;
 use super::records::ModelRegistry;
+use super::template::sandbox::{Limits, TemplateSandbox};
 use crate::config::{Config, Overrides};
 use crate::engine::load::{Footprint, LoadedModel};
 use crate::error::ApiError;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub config_source: Option<(PathBuf, Overrides)>,
     /// Where tokenizing, detokenizing and chat-template rendering run.
     pub cpu: CpuPool,
+    /// The worker processes chat templates render in (called from `cpu` threads).
+    pub templates: Arc<TemplateSandbox>,
     live: RwLock<Arc<Live>>,
 }
 
@@ -75,6 +78,7 @@ impl AppState {
             registry,
             config_source: None,
             cpu: CpuPool::new(config.server.cpu_workers.get(), config.server.cpu_queue),
+            templates: Arc::new(TemplateSandbox::this_binary(Limits::of(&config), config.server.cpu_workers.get())),
             models: Models::new(models.into_iter().map(Arc::new).collect()),
             draining: AtomicBool::new(false),
             cancel: watch::Sender::new(false),
@@ -86,6 +90,14 @@ impl AppState {
     /// Names the config file `POST /admin/config/reload` re-reads (with `overrides` applied).
     pub fn with_config_source(mut self, path: PathBuf, overrides: Overrides) -> Self {
         self.config_source = Some((path, overrides));
+        self
+    }
+
+    /// Template workers run `program` instead of this process's binary (a program embedding
+    /// the library, such as a test, names a `starling` binary here).
+    pub fn with_template_worker(mut self, program: PathBuf) -> Self {
+        let limits = Limits::of(&self.config);
+        self.templates = Arc::new(TemplateSandbox::new(program, limits, self.config.server.cpu_workers.get()));
         self
     }
 

@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 use starling::config::Config;
 use starling::engine::load::LoadedModel;
 use starling::gateway::service::{self, Job, Origin};
-use starling::gateway::template::{ChatMessage, render_for};
+use starling::gateway::template::ChatMessage;
+use starling::gateway::template::sandbox::{RenderJob, TemplateSandbox};
 use starling::protocol::{PromptInput, SamplingParams};
 use starling::types::{SessionId, TenantId};
 
@@ -77,6 +78,8 @@ pub struct Local {
     pub config: Config,
     /// The model and its engine.
     pub model: LoadedModel,
+    /// Worker processes the model's chat template renders in, as the server's do.
+    pub templates: TemplateSandbox,
 }
 
 /// A running server.
@@ -111,7 +114,8 @@ impl Backend {
 impl Local {
     async fn turn(&self, turn: &Turn<'_>, on_text: &mut dyn FnMut(&str)) -> Result<TurnStats> {
         let sent = Instant::now();
-        let text = render_for(self.model.id.as_str(), &self.model.tokenizer, turn.messages)?;
+        let job = RenderJob::new(self.model.id.as_str(), &self.model.tokenizer, turn.messages.to_vec());
+        let text = self.templates.render(&job)?;
         let params = SamplingParams {
             temperature: turn.settings.temperature,
             top_p: turn.settings.top_p,

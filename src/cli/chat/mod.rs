@@ -18,6 +18,7 @@ use backend::{Backend, Local, Remote, Settings, Turn, TurnStats};
 use starling::config::{Config, Format};
 use starling::engine::load::start_model;
 use starling::gateway::template::ChatMessage;
+use starling::gateway::template::sandbox::{Limits, TemplateSandbox};
 
 /// The prompt shown before each line typed.
 const PROMPT: &str = "you> ";
@@ -109,7 +110,8 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 super::progress::Progress::new(false).spinner(&format!("loading {}", config.models[0].path.display()));
             let model = start_model(&config, 0)?;
             loading.finish_and_clear();
-            Backend::Local(Box::new(Local { config, model }))
+            let templates = TemplateSandbox::this_binary(Limits::of(&config), 1);
+            Backend::Local(Box::new(Local { config, model, templates }))
         }
     };
     let settings = Settings { temperature: a.temperature, top_p: a.top_p, seed: a.seed, max_tokens: a.max_tokens };

@@ -20,7 +20,8 @@ use crate::gateway::render::openai::{Kind, OpenAiRender, Shape};
 use crate::gateway::render::{Body, json_response, sse};
 use crate::gateway::service::{Job, collect, session_id, submit, validate_sampling};
 use crate::gateway::state::{AppState, Ctx};
-use crate::gateway::template::{ChatMessage, render_for};
+use crate::gateway::template::ChatMessage;
+use crate::gateway::template::sandbox::RenderJob;
 use crate::protocol::{PromptInput, SamplingParams};
 use crate::types::TokenId;
 
@@ -153,9 +154,9 @@ pub async fn chat_completions(
     let body: OpenAiBody = from_map_with_path(read_object(req, state.config.server.max_body_bytes.get()).await?)?;
     let model = state.model(body.model.as_deref())?;
     let messages = chat_messages(body.messages.as_deref())?;
-    let tok = model.tokenizer.clone();
-    let id = model.id.clone();
-    let text = state.cpu.run(move || render_for(id.as_str(), &tok, &messages)).await??;
+    let job = RenderJob::new(model.id.as_str(), &model.tokenizer, messages);
+    let templates = state.templates.clone();
+    let text = state.cpu.run(move || templates.render(&job)).await??;
     run(state, ctx, Kind::Chat, body, PromptInput::Text { text, parse_special: true }).await
 }
 

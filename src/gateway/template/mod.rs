@@ -7,6 +7,7 @@
 //! `tools`, `tool_choice`, `functions`, `function_call`.
 
 mod pyjson;
+pub mod sandbox;
 mod strftime;
 
 use minijinja::syntax::SyntaxConfig;
@@ -15,7 +16,6 @@ use minijinja::{Environment, Error, ErrorKind as JinjaErrorKind, Value, context}
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ErrorKind};
-use crate::tokenizer::GgufTokenizer;
 
 /// One chat message as the template sees it (`content` flattened to text).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -25,7 +25,7 @@ pub struct ChatMessage {
 }
 
 /// Why a chat could not be rendered.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, Serialize, Deserialize)]
 pub enum TemplateError {
     #[error("model `{0}` has no chat template; use /v1/completions with a plain prompt")]
     Missing(String),
@@ -35,6 +35,8 @@ pub enum TemplateError {
     Render(String),
     #[error("rendering the chat template {0}; the messages are too large for this model's template")]
     TooCostly(String),
+    #[error("{0}")]
+    Sandbox(String),
 }
 
 impl From<TemplateError> for ApiError {
@@ -43,7 +45,7 @@ impl From<TemplateError> for ApiError {
             TemplateError::Missing(_) => {
                 ApiError::new(ErrorKind::InvalidRequest, e.to_string()).with_code("no_chat_template")
             }
-            TemplateError::Compile(_) => ApiError::new(ErrorKind::Internal, e.to_string()),
+            TemplateError::Compile(_) | TemplateError::Sandbox(_) => ApiError::new(ErrorKind::Internal, e.to_string()),
             TemplateError::Render(_) => ApiError::new(ErrorKind::InvalidRequest, e.to_string()).with_param("messages"),
             TemplateError::TooCostly(_) => ApiError::new(ErrorKind::InvalidRequest, e.to_string())
                 .with_param("messages")
@@ -135,15 +137,6 @@ fn without_generation_tags(template: &str) -> String {
     }
     out.push_str(rest);
     out
-}
-
-/// Renders `messages` with the chat template of `tok`'s model (`model` names it in errors),
-/// its BOS and EOS texts given to the template.
-pub fn render_for(model: &str, tok: &GgufTokenizer, messages: &[ChatMessage]) -> Result<String, TemplateError> {
-    let piece = |id: Option<u32>| id.and_then(|id| tok.token_text(id).ok()).unwrap_or("").to_owned();
-    let (bos, eos) = (piece(tok.bos_id()), piece(tok.eos_id()));
-    let specials = Specials { bos_token: &bos, eos_token: &eos, tools: None };
-    render_chat(model, tok.chat_template(), messages, &specials)
 }
 
 /// Renders `messages` with `template`, ending with the assistant's turn opened.
