@@ -67,15 +67,15 @@ fn template_errors_come_back_unchanged() {
     assert_eq!(s.idle_workers().len(), 1, "errors inside a template do not end the worker");
 }
 
-/// The list-doubling template under 128 MiB: its worker dies of its memory limit, the error
+/// The list-doubling template under 96 MiB: its worker dies of its memory limit, the error
 /// says so, and the next render (in a fresh worker) is served.
 #[test]
 fn a_template_past_its_memory_ends_only_its_worker() {
-    let s = sandbox(128, Duration::from_secs(60), 1);
+    let s = sandbox(96, Duration::from_secs(30), 1);
     assert!(s.render(&job(Some(CHATML))).is_ok());
     let before = s.idle_workers();
     match s.render(&job(Some(DOUBLING))) {
-        Err(TemplateError::TooCostly(m)) => assert!(m.contains("128 MiB of memory"), "{m}"),
+        Err(TemplateError::TooCostly(m)) => assert!(m.contains("96 MiB of memory"), "{m}"),
         other => panic!("expected a memory limit error, got {other:?}"),
     }
     assert!(s.idle_workers().is_empty(), "the dead worker is not kept");
@@ -124,4 +124,36 @@ fn a_program_that_is_not_a_worker_is_named() {
         }
         other => panic!("expected a sandbox error, got {other:?}"),
     }
+}
+
+/// A worker runs in a process group of its own, so a terminal's Ctrl-C meant for `starling
+/// chat` or a foreground server does not end it.
+#[test]
+fn a_worker_is_out_of_the_terminals_reach() {
+    let s = sandbox(256, Duration::from_secs(10), 1);
+    assert!(s.render(&job(Some(CHATML))).is_ok());
+    let pid = s.idle_workers()[0];
+    let group = |pid: &str| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // pid (comm) state ppid pgrp ...: the comm may hold spaces, so count from its `)`.
+        stat.rsplit_once(')').unwrap().1.split_whitespace().nth(2).unwrap().to_owned()
+    };
+    assert_eq!(group(&pid.to_string()), pid.to_string(), "the worker leads its own group");
+    assert_ne!(group("self"), pid.to_string());
+}
+
+/// A program that starts but never answers is given up on at the hello deadline (5 s) and
+/// ended, with an error that says so, instead of holding the thread forever.
+#[test]
+fn a_worker_that_never_answers_is_given_up() {
+    let script = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("silent-template-worker.sh");
+    std::fs::write(&script, "#!/bin/sh\nexec sleep 60\n").unwrap();
+    std::process::Command::new("chmod").arg("+x").arg(&script).status().unwrap();
+    let s = TemplateSandbox::new(script, Limits { memory_bytes: 256 << 20, timeout: Duration::from_millis(100) }, 1);
+    let started = Instant::now();
+    match s.render(&job(Some(CHATML))) {
+        Err(e @ TemplateError::Sandbox(_)) => assert!(e.to_string().contains("stopped answering"), "{e}"),
+        other => panic!("expected a sandbox error, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(8), "gave up after {:?}", started.elapsed());
 }

@@ -36,8 +36,11 @@ pub struct AppState {
     pub config_source: Option<(PathBuf, Overrides)>,
     /// Where tokenizing, detokenizing and chat-template rendering run.
     pub cpu: CpuPool,
-    /// The worker processes chat templates render in (called from `cpu` threads).
+    /// The worker processes chat templates render in.
     pub templates: Arc<TemplateSandbox>,
+    /// Threads that wait on template workers: their own pool, so renders held up to their
+    /// time limit never keep `cpu` from tokenizing other requests.
+    pub template_slots: CpuPool,
     live: RwLock<Arc<Live>>,
 }
 
@@ -78,6 +81,7 @@ impl AppState {
             registry,
             config_source: None,
             cpu: CpuPool::new(config.server.cpu_workers.get(), config.server.cpu_queue),
+            template_slots: CpuPool::new(config.server.cpu_workers.get(), config.server.cpu_queue),
             templates: Arc::new(TemplateSandbox::this_binary(Limits::of(&config), config.server.cpu_workers.get())),
             models: Models::new(models.into_iter().map(Arc::new).collect()),
             draining: AtomicBool::new(false),

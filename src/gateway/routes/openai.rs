@@ -156,7 +156,7 @@ pub async fn chat_completions(
     let messages = chat_messages(body.messages.as_deref())?;
     let job = RenderJob::new(model.id.as_str(), &model.tokenizer, messages);
     let templates = state.templates.clone();
-    let text = state.cpu.run(move || templates.render(&job)).await??;
+    let text = state.template_slots.run(move || templates.render(&job)).await??;
     run(state, ctx, Kind::Chat, body, PromptInput::Text { text, parse_special: true }).await
 }
 

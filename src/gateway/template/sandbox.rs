@@ -11,11 +11,12 @@
 //! its template error. A worker that loses its parent reads end-of-file and exits.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::os::unix::process::ExitStatusExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,10 @@ pub const WORKER_SUBCOMMAND: &str = "template-worker";
 const PROTOCOL: u32 = 1;
 /// Largest frame either side accepts (a job carries at most one request body).
 const MAX_FRAME: usize = 1 << 30;
+/// How long a new worker has to say hello (a process start, normally a few ms).
+const HELLO_DEADLINE: Duration = Duration::from_secs(5);
+/// Time past the render limit for the worker's reply to arrive.
+const REPLY_MARGIN: Duration = Duration::from_secs(2);
 
 /// What one render may use in its worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,9 +109,13 @@ impl TemplateSandbox {
         TemplateSandbox { program, limits, idle: Mutex::new(Vec::new()), max_idle }
     }
 
-    /// Workers run this very binary (the server's and the CLI's case).
+    /// Workers run this very binary (the server's and the CLI's case): `/proc/self/exe`,
+    /// which still names the running file after an upgrade replaced it on disk, so workers
+    /// started later speak the same protocol as the server.
     pub fn this_binary(limits: Limits, max_idle: usize) -> TemplateSandbox {
-        let program = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("starling"));
+        let proc = PathBuf::from("/proc/self/exe");
+        let program =
+            if proc.exists() { proc } else { std::env::current_exe().unwrap_or_else(|_| PathBuf::from("starling")) };
         TemplateSandbox::new(program, limits, max_idle)
     }
 
@@ -118,16 +127,22 @@ impl TemplateSandbox {
     pub fn render(&self, job: &RenderJob) -> Result<String, TemplateError> {
         let frame =
             serde_json::to_vec(job).map_err(|e| TemplateError::Sandbox(format!("cannot encode the job: {e}")))?;
+        if frame.len() > MAX_FRAME {
+            return Err(TemplateError::TooCostly(format!("needs {} bytes of input, over {MAX_FRAME}", frame.len())));
+        }
         let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut worker = match reused {
             // An idle worker may have been killed from outside since its last job: a job it
             // cannot even take goes to a fresh one.
             Some(mut w) => match w.send(&frame) {
                 Ok(()) => w,
-                Err(_) => self.start_with(&frame)?,
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => self.start_with(&frame)?,
+                Err(e) => return Err(w.died(&self.limits, Some(e))),
             },
             None => self.start_with(&frame)?,
         };
+        // The worker's alarm ends a render at the time limit; the margin covers the reply.
+        worker.stdout.get_mut().deadline = Some(Instant::now() + self.limits.timeout + REPLY_MARGIN);
         let reply = match read_frame::<Reply>(&mut worker.stdout) {
             Ok(Some(reply)) => reply,
             Ok(None) => return Err(worker.died(&self.limits, None)),
@@ -163,6 +178,9 @@ impl TemplateSandbox {
             TemplateError::Sandbox(format!("cannot start a template worker from {}: {e}", self.program.display()))
         };
         let mut child = Command::new(&self.program)
+            // Its own process group: a terminal's Ctrl-C (meant for `starling chat` or a
+            // foreground `serve`) does not reach it.
+            .process_group(0)
             .arg(WORKER_SUBCOMMAND)
             .arg("--memory-bytes")
             .arg(self.limits.memory_bytes.to_string())
@@ -176,7 +194,12 @@ impl TemplateSandbox {
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(failed(&"its pipes are missing"));
         };
-        let mut worker = Worker { child, stdin: BufWriter::new(stdin), stdout: BufReader::new(stdout) };
+        let deadline = Some(Instant::now() + HELLO_DEADLINE);
+        let mut worker = Worker {
+            child,
+            stdin: BufWriter::new(stdin),
+            stdout: BufReader::new(Deadline { inner: stdout, deadline }),
+        };
         match read_frame::<Reply>(&mut worker.stdout) {
             Ok(Some(Reply::Hello { protocol: PROTOCOL })) => Ok(worker),
             Ok(Some(Reply::Hello { protocol })) => {
@@ -192,7 +215,42 @@ impl TemplateSandbox {
 struct Worker {
     child: Child,
     stdin: BufWriter<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    stdout: BufReader<Deadline>,
+}
+
+/// A worker's stdout whose reads fail with `TimedOut` once `deadline` passes, so a worker
+/// that stops answering (stopped, or not a worker at all) cannot hold a thread forever.
+struct Deadline {
+    inner: ChildStdout,
+    deadline: Option<Instant>,
+}
+
+impl Read for Deadline {
+    #[allow(unsafe_code)]
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "the template worker stopped answering"));
+                }
+                let mut fd = libc::pollfd { fd: self.inner.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                let ms = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+                // SAFETY: `poll` reads and writes only the one `pollfd` it is given.
+                match unsafe { libc::poll(&mut fd, 1, ms) } {
+                    n if n > 0 => break,
+                    0 => continue,
+                    _ => {
+                        let e = io::Error::last_os_error();
+                        if e.kind() != io::ErrorKind::Interrupted {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+        self.inner.read(buf)
+    }
 }
 
 impl Worker {
@@ -212,6 +270,11 @@ impl Worker {
             }
             Some(libc::SIGABRT) => {
                 TemplateError::TooCostly(format!("needed more than its {} MiB of memory", limits.memory_bytes >> 20))
+            }
+            // Killed by the kernel's OOM killer, or crashed inside the renderer: the render
+            // ended its worker, which is the template's doing as far as this request knows.
+            Some(signal) if error.as_ref().is_none_or(|e| e.kind() != io::ErrorKind::TimedOut) => {
+                TemplateError::TooCostly(format!("ended its worker process (signal {signal})"))
             }
             _ => {
                 let how = match (status, error) {
@@ -300,6 +363,12 @@ fn limit_self(limits: &Limits) -> io::Result<()> {
     if unsafe { libc::signal(libc::SIGALRM, libc::SIG_DFL) } == libc::SIG_ERR {
         return Err(io::Error::last_os_error());
     }
+    // Below the engine threads for the CPU, and first for the OOM killer if the machine
+    // runs out of memory anyway (both only lower this process's standing, and neither is
+    // needed for the limits above, so a refusal is ignored).
+    // SAFETY: `setpriority` changes this process's nice value and touches no memory.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
     Ok(())
 }
 
