@@ -43,8 +43,10 @@ enum Command {
     /// Print the token ids of TEXT.
     #[command(after_help = "Example:\n  starling tokenize --model smollm2-135m --parse-special \"<|im_start|>Hello\"")]
     Tokenize(tokenize::TokenizeArgs),
-    /// Print a GGUF file's metadata and tensor table.
-    #[command(after_help = "Example:\n  starling inspect models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    /// Print a GGUF file's metadata and tensor table (a path or a catalog name).
+    #[command(
+        after_help = "Examples:\n  starling inspect smollm2-135m\n  starling inspect models/SmolLM2-135M-Instruct.Q4_1.gguf --json"
+    )]
     Inspect(inspect::InspectArgs),
     /// Perplexity of a text file under the model.
     #[command(after_help = "Example:\n  starling perplexity --model smollm2-135m --file README.md --tokens 256")]

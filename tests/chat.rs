@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,27 @@ fn piped_turns_share_a_session_so_the_second_is_served_from_cache() {
         stdout.lines().filter_map(|l| l.strip_prefix("prompt tokens: ")?.trim().parse().ok()).collect();
     assert!(prompts[1] > prompts[0], "the second turn carries the first: {stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("tokens/s: ")), "{stdout}");
+    let sessions = server.state.models.snapshot().ready[0].engine.status.sessions.load(Ordering::Relaxed);
+    assert_eq!(sessions, 1, "the conversation holds one session on the server");
+
+    // `/reset` closes the conversation's session on the server: one session is left, not two.
+    let (ok, _, stderr) =
+        chat_piped(&["--url", &url, "--temperature", "0", "--max-tokens", "4"], "Hi there\n/reset\nAgain\n");
+    assert!(ok && !stderr.contains("warning"), "{stderr}");
+    let sessions = server.state.models.snapshot().ready[0].engine.status.sessions.load(Ordering::Relaxed);
+    assert_eq!(sessions, 2, "the first chat's session and the second chat's last one");
+}
+
+/// In this process, `/reset` closes the session in the local engine: after two
+/// conversations it holds one session (`/stats` says so).
+#[test]
+fn a_local_reset_closes_its_session() {
+    let model = crate::model::model_path();
+    let args = [model.to_str().unwrap(), "--temperature", "0", "--max-tokens", "2"];
+    let (ok, stdout, stderr) = chat_piped(&args, "Hi\n/reset\nHi\n/stats\n");
+    assert!(ok, "chat failed: {stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    assert!(stdout.lines().any(|l| l == "sessions held: 1"), "{stdout}");
 }
 
 /// What the stand-in server does with one request.
@@ -70,11 +92,13 @@ enum Reply {
 }
 
 /// A scripted `/v1/chat/completions` on 127.0.0.1: records each request body and answers
-/// the replies in order; `hangups` counts clients that left a `Hang` reply.
+/// the replies in order; `hangups` counts clients that left a `Hang` reply. Session closes
+/// (`/v1/session/close`) are answered 200 and recorded in `closed` (the session ids).
 struct FakeServer {
     url: String,
     bodies: Arc<Mutex<Vec<Value>>>,
     hangups: Arc<Mutex<usize>>,
+    closed: Arc<Mutex<Vec<Value>>>,
 }
 
 impl FakeServer {
@@ -83,13 +107,24 @@ impl FakeServer {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let bodies = Arc::new(Mutex::new(vec![]));
         let hangups = Arc::new(Mutex::new(0));
-        let (b, h) = (bodies.clone(), hangups.clone());
+        let closed = Arc::new(Mutex::new(vec![]));
+        let (b, h, c) = (bodies.clone(), hangups.clone(), closed.clone());
         std::thread::spawn(move || {
-            for reply in replies {
+            let mut replies = replies.into_iter();
+            loop {
                 let Ok((stream, _)) = listener.accept() else { return };
                 stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-                b.lock().unwrap().push(read_request(&stream));
+                let (path, body) = read_request(&stream);
                 let mut w = &stream;
+                if path == "/v1/session/close" {
+                    let answer = serde_json::json!({"closed": body["session_id"]}).to_string();
+                    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close";
+                    let _ = write!(w, "{head}\r\ncontent-length: {}\r\n\r\n{answer}", answer.len());
+                    c.lock().unwrap().push(body["session_id"].clone());
+                    continue;
+                }
+                let Some(reply) = replies.next() else { continue };
+                b.lock().unwrap().push(body);
                 let chunk = |text: &str| {
                     let v = serde_json::json!({"choices": [{"index": 0, "delta": {"content": text}}]});
                     format!("data: {v}\n\n")
@@ -111,7 +146,7 @@ impl FakeServer {
                 }
             }
         });
-        FakeServer { url, bodies, hangups }
+        FakeServer { url, bodies, hangups, closed }
     }
 
     fn bodies(&self) -> Vec<Value> {
@@ -119,10 +154,13 @@ impl FakeServer {
     }
 }
 
-/// Reads one request's head and its `content-length` body as JSON.
-fn read_request(stream: &TcpStream) -> Value {
+/// Reads one request's path and its `content-length` body as JSON.
+fn read_request(stream: &TcpStream) -> (String, Value) {
     let mut r = BufReader::new(stream);
     let mut length = 0;
+    let mut request_line = String::new();
+    r.read_line(&mut request_line).unwrap();
+    let path = request_line.split(' ').nth(1).unwrap_or_default().to_owned();
     loop {
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
@@ -137,7 +175,7 @@ fn read_request(stream: &TcpStream) -> Value {
     }
     let mut body = vec![0; length];
     r.read_exact(&mut body).unwrap();
-    serde_json::from_slice(&body).unwrap()
+    (path, serde_json::from_slice(&body).unwrap())
 }
 
 /// The (role, content) pairs of a request's `messages`.
@@ -187,6 +225,9 @@ fn slash_commands_change_what_the_next_request_sends() {
     assert_eq!(messages(&b[3]), [pair("system", "Be brief."), pair("user", "Fourth")]);
     assert_ne!(b[3]["session_id"], b[2]["session_id"]);
     assert_eq!(b[3]["seed"], 42, "a bad /seed changes nothing");
+    // Each used session was closed when `/system` and `/reset` left it; the last one is
+    // left to the server (the chat ended, it did not reset).
+    assert_eq!(*server.closed.lock().unwrap(), [b[1]["session_id"].clone(), b[2]["session_id"].clone()]);
 }
 
 /// Output of a child read on a thread, so the test can wait for text with a deadline.

@@ -113,6 +113,11 @@ fn inspect_json_reports_the_architecture() {
     assert_eq!(v["version"], 3);
     assert_eq!(v["architecture"]["n_layer"], 30);
     assert_eq!(v["architecture"]["n_vocab"], 49152);
+    let named = run_json(&["inspect", "smollm2-135m", "--json"]);
+    assert!(named["path"].as_str().unwrap().ends_with("SmolLM2-135M-Instruct.Q4_1.gguf"), "{}", named["path"]);
+    for field in ["file_size", "data_offset", "architecture"] {
+        assert!(named[field] == v[field], "a catalog name opens the same file: `{field}` differs");
+    }
 }
 
 #[test]
@@ -453,4 +458,64 @@ fn progress_bars_only_on_a_terminal() {
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("verifying sha256") && !err.contains('\x1b'), "{err:?}");
+}
+
+/// `models pull URL` from a slow local server: on a terminal a download bar with bytes and
+/// rate; piped, one plain line naming the URL and no terminal codes; both verify the digest.
+#[test]
+fn a_url_pull_shows_its_download() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: `script` (util-linux) is not installed");
+        return;
+    }
+    use sha2::{Digest as _, Sha256};
+    let files = crate::support::FileServer::start();
+    let body = starling::model::gguf_writer::tiny_llama_f32(&Default::default());
+    let digest: String = Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect();
+    files.put_paced("/pull.gguf", body.clone(), 20, Duration::from_millis(30));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("url-pull");
+    let _ = std::fs::remove_dir_all(&dir);
+    let args = format!("models pull {} --sha256 {digest} --cache-dir {}", files.url("/pull.gguf"), dir.display());
+    let shown = under_pty(&args, &[]);
+    assert!(shown.contains("downloading [") && shown.contains("KiB/s"), "{shown:?}");
+    assert!(shown.contains(&format!("downloaded {}", dir.join(format!("{digest}.gguf")).display())), "{shown:?}");
+
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = starling().args(args.split(' ')).env_remove("CI").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim(), format!("downloading {}", files.url("/pull.gguf")), "{err:?}");
+}
+
+/// `bench` names each phase as it starts: on a terminal with the repetition in a spinner,
+/// piped as one plain line per phase.
+#[test]
+fn bench_reports_its_phases() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: `script` (util-linux) is not installed");
+        return;
+    }
+    let args = format!("bench --model {} --reps 1 --concurrency '' --threads 2", model_path().display());
+    let shown = under_pty(&args, &[]);
+    for phase in ["prefill and decode: repetition 1 of 1", "batched decode: repetition 1 of 1"] {
+        assert!(shown.contains(phase), "{phase}: {shown:?}");
+    }
+    let out = starling()
+        .args([
+            "bench",
+            "--model",
+            model_path().to_str().unwrap(),
+            "--reps",
+            "1",
+            "--concurrency",
+            "",
+            "--threads",
+            "2",
+        ])
+        .env_remove("CI")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err, "bench: prefill and decode\nbench: batched decode\n");
 }

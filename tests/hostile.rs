@@ -121,7 +121,7 @@ fn serve_with_fd_limit(name: &str, extra: &str) -> (std::process::Child, SocketA
 /// `ulimit -n 256`), logging to a file; returns it, its address once its model is loaded,
 /// and the log's path. `extra` is appended to the config's `server:` section and
 /// `kv_extra` to the model's `kv_cache` map.
-fn serve_limited(
+pub(crate) fn serve_limited(
     name: &str,
     limits: &str,
     extra: &str,

@@ -926,3 +926,54 @@ fn models_pull_downloads_once_and_models_list_shows_the_entry() {
     assert!(!ftp.status.success());
     assert!(String::from_utf8_lossy(&ftp.stderr).contains("unsupported scheme `ftp`"));
 }
+
+/// An admin load from a slow URL (a running `starling serve`): `GET /admin/models` shows the
+/// download while it runs (bytes received of the announced length) and not once the model
+/// serves, and the server logs its progress once per tenth of the file, not per piece.
+#[test]
+fn an_admin_download_shows_its_progress_and_logs_each_tenth() {
+    let files = FileServer::start();
+    let body = tiny_gguf(7);
+    let digest = sha(&body);
+    files.put_paced("/slow.gguf", body.clone(), 50, Duration::from_millis(40));
+    let cache = scratch("download-progress");
+    let extra = format!("auth:\n  admin_key: adm\nregistry:\n  cache_dir: {}\n", cache.display());
+    let (mut child, addr, log) = crate::hostile::serve_limited("download-progress", "true", &extra, "");
+    let load = json!({"id": "slow", "source": files.url("/slow.gguf"), "sha256": digest.to_string(),
+        "threads": 1, "kv_cache_max_bytes": 8 << 20});
+    let loading = std::thread::spawn(move || {
+        let headers = [("Authorization", "Bearer adm"), ("Content-Type", "application/json")];
+        request(addr, "POST", "/admin/models", &headers, load.to_string().as_bytes())
+    });
+    let mut seen = vec![];
+    while !loading.is_finished() {
+        let listed = get_as(addr, Some("adm"), "/admin/models").json();
+        let slow = listed["models"].as_array().unwrap().iter().find(|m| m["id"] == "slow").cloned();
+        if let Some(d) = slow.map(|m| m["download"].clone()).filter(|d| !d.is_null()) {
+            seen.push((d["received_bytes"].as_u64().unwrap(), d["total_bytes"].as_u64().unwrap()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = loading.join().unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let total = body.len() as u64;
+    assert!(seen.iter().all(|&(_, t)| t == total), "{seen:?}");
+    assert!(seen.iter().any(|&(r, _)| r > 0 && r < total), "a partial download was listed: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "received bytes only grow: {seen:?}");
+    let listed = get_as(addr, Some("adm"), "/admin/models").json();
+    let slow = listed["models"].as_array().unwrap().iter().find(|m| m["id"] == "slow").unwrap().clone();
+    assert!(slow["download"].is_null() && slow["state"] == "ready", "{slow}");
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let percents: Vec<u64> = text
+        .lines()
+        .filter(|l| l.contains("downloading model file"))
+        .map(|l| l.split("percent=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(percents.first(), Some(&0), "{text}");
+    assert_eq!(percents.last(), Some(&100), "{text}");
+    assert!(percents.len() <= 11, "at most one line per tenth for 50 pieces: {percents:?}");
+    assert!(percents.windows(2).all(|w| w[1] / 10 > w[0] / 10), "one line per tenth: {percents:?}");
+}

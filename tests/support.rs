@@ -348,6 +348,8 @@ pub struct ServedFile {
     pub body: Vec<u8>,
     pub etag: String,
     pub cut_after: Option<usize>,
+    /// The body goes out in this many pieces with this pause after each (a slow link).
+    pub paced: Option<(usize, Duration)>,
 }
 
 /// A tiny HTTP/1.1 file server on 127.0.0.1 (std::net, one thread per connection) with
@@ -376,13 +378,19 @@ impl FileServer {
 
     /// Serves `body` at `path` with ETag `"<etag>"`.
     pub fn put(&self, path: &str, body: Vec<u8>, etag: &str) {
-        let file = ServedFile { body, etag: format!("\"{etag}\""), cut_after: None };
+        let file = ServedFile { body, etag: format!("\"{etag}\""), cut_after: None, paced: None };
         self.files.lock().unwrap().insert(path.to_owned(), file);
     }
 
     /// Serves `body` at `path` but drops the connection after `cut_after` body bytes.
     pub fn put_cut(&self, path: &str, body: Vec<u8>, cut_after: usize) {
-        let file = ServedFile { body, etag: "\"cut\"".into(), cut_after: Some(cut_after) };
+        let file = ServedFile { body, etag: "\"cut\"".into(), cut_after: Some(cut_after), paced: None };
+        self.files.lock().unwrap().insert(path.to_owned(), file);
+    }
+
+    /// Serves `body` at `path` in `pieces` pieces, pausing `pause` after each.
+    pub fn put_paced(&self, path: &str, body: Vec<u8>, pieces: usize, pause: Duration) {
+        let file = ServedFile { body, etag: "\"paced\"".into(), cut_after: None, paced: Some((pieces, pause)) };
         self.files.lock().unwrap().insert(path.to_owned(), file);
     }
 
@@ -416,6 +424,7 @@ fn serve_file(
         }
     }
     let file = files.lock().unwrap().get(&path).cloned();
+    let paced = file.as_ref().and_then(|f| f.paced);
     let (status, response) = match file {
         None => (404, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()),
         Some(f) if if_none_match.as_deref() == Some(f.etag.as_str()) => {
@@ -440,7 +449,19 @@ fn serve_file(
     // Logged before answering, so a client that has its answer sees the entry.
     log.lock().unwrap().push(LoggedRequest { path, if_none_match, status, body_bytes });
     let mut out = stream;
-    let _ = out.write_all(&response);
+    match paced.filter(|_| status == 200) {
+        Some((pieces, pause)) => {
+            let head = response.len() - body_bytes;
+            let _ = out.write_all(&response[..head]);
+            for piece in response[head..].chunks(body_bytes.div_ceil(pieces.max(1)).max(1)) {
+                let _ = out.write_all(piece).and_then(|()| out.flush());
+                std::thread::sleep(pause);
+            }
+        }
+        None => {
+            let _ = out.write_all(&response);
+        }
+    }
     let _ = out.flush();
     let _ = out.shutdown(std::net::Shutdown::Both);
 }

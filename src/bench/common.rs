@@ -28,6 +28,16 @@ pub enum BenchError {
     Context { context: usize, generated: usize, limit: usize },
 }
 
+/// Where a bench run is: told to its observer before each repetition of each phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step<'a> {
+    /// What is being measured, e.g. `prefill and decode` or `engine at concurrency 8`.
+    pub phase: &'a str,
+    /// The repetition starting (1-based), of `reps`.
+    pub rep: usize,
+    pub reps: usize,
+}
+
 /// What to measure and how often.
 #[derive(Clone, Debug)]
 pub struct BenchSettings {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::common::{BenchError, BenchSettings, EngineFigure, bench_text, median};
+use super::common::{BenchError, BenchSettings, EngineFigure, Step, bench_text, median};
 use crate::config::{Config, Format};
 use crate::engine::load::start_model;
 use crate::protocol::{EngineCommand, GenerateRequest, PromptInput, StreamEvent};
@@ -16,7 +16,11 @@ const GEN_TOKENS: u32 = 64;
 const PROMPT_BYTES: usize = 140;
 
 /// Median aggregate tok/s of `concurrency` simultaneous requests.
-pub(crate) fn measure(settings: &BenchSettings, concurrency: usize) -> Result<EngineFigure, BenchError> {
+pub(crate) fn measure(
+    settings: &BenchSettings,
+    concurrency: usize,
+    observe: &mut dyn FnMut(Step),
+) -> Result<EngineFigure, BenchError> {
     let config = bench_config(settings, concurrency)?;
     let loaded = start_model(&config, 0).map_err(|e| BenchError::Engine(e.to_string()))?;
     let sampling = SamplingParams {
@@ -33,7 +37,9 @@ pub(crate) fn measure(settings: &BenchSettings, concurrency: usize) -> Result<En
     })
     .map_err(|e| BenchError::Engine(e.message))?;
     let mut rates = Vec::with_capacity(settings.reps);
-    for _ in 0..settings.reps {
+    let phase = format!("engine at concurrency {concurrency}");
+    for rep in 1..=settings.reps {
+        observe(Step { phase: &phase, rep, reps: settings.reps });
         rates.push(one_round(&loaded.engine, &sampling, concurrency)?);
     }
     loaded.engine.shutdown();

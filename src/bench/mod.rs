@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::model::transformer::Transformer;
 
-pub use common::{BenchError, BenchSettings, ContextFigure, EngineFigure};
+pub use common::{BenchError, BenchSettings, ContextFigure, EngineFigure, Step};
 
 /// Every figure `starling bench` reports (the JSON keys of DESIGN.md's contract).
 #[derive(Clone, Debug, Serialize)]
@@ -36,6 +36,11 @@ pub struct BenchReport {
 
 /// Runs every measurement.
 pub fn run(settings: &BenchSettings) -> Result<BenchReport, BenchError> {
+    run_observed(settings, &mut |_| {})
+}
+
+/// [`run`], telling `observe` each phase and repetition as it starts.
+pub fn run_observed(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> Result<BenchReport, BenchError> {
     if settings.reps == 0 || settings.threads == 0 {
         return Err(BenchError::Settings);
     }
@@ -45,13 +50,19 @@ pub fn run(settings: &BenchSettings) -> Result<BenchReport, BenchError> {
     if let Some(&context) = settings.contexts.iter().find(|&&c| c.saturating_add(generated) > limit) {
         return Err(BenchError::Context { context, generated, limit });
     }
-    let figures = model::measure(&lm, settings.reps)?;
-    let contexts =
-        settings.contexts.iter().map(|&c| model::measure_context(&lm, c, settings.reps)).collect::<Result<_, _>>()?;
+    let figures = model::measure(&lm, settings.reps, observe)?;
+    let contexts = settings
+        .contexts
+        .iter()
+        .map(|&c| model::measure_context(&lm, c, settings.reps, observe))
+        .collect::<Result<_, _>>()?;
     let kernels = lm.kernels().name().to_string();
     drop(lm);
-    let engine_aggregate =
-        settings.engine_concurrency.iter().map(|&c| engine::measure(settings, c)).collect::<Result<Vec<_>, _>>()?;
+    let engine_aggregate = settings
+        .engine_concurrency
+        .iter()
+        .map(|&c| engine::measure(settings, c, observe))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(BenchReport {
         engine: format!("starling {}", env!("CARGO_PKG_VERSION")),
         threads: settings.threads,

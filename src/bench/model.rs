@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use super::common::{BenchError, ContextFigure, bench_text, median};
+use super::common::{BenchError, ContextFigure, Step, bench_text, median};
 use crate::kv::arena::{BlockTable, KvArena};
 use crate::model::eval::argmax;
 use crate::model::transformer::{LogitsWanted, SeqChunk, Transformer};
@@ -70,14 +70,19 @@ impl Kv {
 }
 
 /// Prefill, single-stream decode at two context lengths, and batched decode.
-pub(crate) fn measure(model: &Transformer, reps: usize) -> Result<ModelFigures, BenchError> {
+pub(crate) fn measure(
+    model: &Transformer,
+    reps: usize,
+    observe: &mut dyn FnMut(Step),
+) -> Result<ModelFigures, BenchError> {
     let tok = GgufTokenizer::from_gguf(&model.file().header).map_err(|e| BenchError::Tokenizer(e.to_string()))?;
     let mut ids = tok.encode(&bench_text(), false).map_err(|e| BenchError::Tokenizer(e.to_string()))?;
     ids.truncate(PROMPT_TOKENS);
     let mut kv = Kv::new(model, 1, ids.len() + GEN_TOKENS + 1)?;
     let mut logits = Vec::new();
     let (mut pre, mut short, mut long) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..reps {
+    for rep in 1..=reps {
+        observe(Step { phase: "prefill and decode", rep, reps });
         let t = Instant::now();
         model.forward(&[kv.chunk(0, ids.clone(), 0)], &mut kv.arena, &mut logits)?;
         pre.push(ids.len() as f64 / t.elapsed().as_secs_f64());
@@ -85,7 +90,14 @@ pub(crate) fn measure(model: &Transformer, reps: usize) -> Result<ModelFigures, 
         model.forward(&[kv.chunk(0, ids[..8].to_vec(), 0)], &mut kv.arena, &mut logits)?;
         short.push(decode(model, &mut kv, &mut logits, 8)?);
     }
-    let batched = median((0..reps).map(|_| batched_decode(model, &ids)).collect::<Result<_, _>>()?);
+    let batched = median(
+        (1..=reps)
+            .map(|rep| {
+                observe(Step { phase: "batched decode", rep, reps });
+                batched_decode(model, &ids)
+            })
+            .collect::<Result<_, _>>()?,
+    );
     Ok(ModelFigures {
         prefill_tokens: ids.len(),
         prefill_tok_s: median(pre),
@@ -108,12 +120,19 @@ pub(crate) fn prompt_ids(model: &Transformer, n: usize) -> Result<Vec<TokenId>, 
 /// Figures at one context length `ctx`, each the median of `reps` runs: prefill of a
 /// `ctx`-token prompt, single-stream decode after it, and [`CONTEXT_BATCH`] sequences
 /// holding that prompt (copied block by block from the first) decoding together.
-pub(crate) fn measure_context(model: &Transformer, ctx: usize, reps: usize) -> Result<ContextFigure, BenchError> {
+pub(crate) fn measure_context(
+    model: &Transformer,
+    ctx: usize,
+    reps: usize,
+    observe: &mut dyn FnMut(Step),
+) -> Result<ContextFigure, BenchError> {
     let ids = prompt_ids(model, ctx)?;
     let mut kv = Kv::new(model, CONTEXT_BATCH, ctx + CONTEXT_GEN_TOKENS + 1)?;
     let (vocab, mut logits) = (model.desc.n_vocab, Vec::new());
     let (mut pre, mut single, mut batched) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..reps {
+    let phase = format!("context {ctx}");
+    for rep in 1..=reps {
+        observe(Step { phase: &phase, rep, reps });
         let t = Instant::now();
         model.forward(&[kv.chunk(0, ids.clone(), 0)], &mut kv.arena, &mut logits)?;
         pre.push(ids.len() as f64 / t.elapsed().as_secs_f64());

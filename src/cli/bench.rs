@@ -4,8 +4,8 @@
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use starling::bench::BenchSettings;
 use starling::bench::http::{HttpLoad, run as run_load};
+use starling::bench::{BenchSettings, Step};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -92,13 +92,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
         engine_concurrency: a.concurrency.0,
         contexts: a.contexts.0,
     };
-    let running = super::progress::Progress::new(a.json).spinner(&format!(
-        "benchmarking {} ({} reps per figure)",
-        settings.model.display(),
-        settings.reps
-    ));
-    let report = starling::bench::run(&settings)?;
+    let progress = super::progress::Progress::new(a.json);
+    let running = progress.spinner(&format!("loading {}", settings.model.display()));
+    let mut phase = String::new();
+    let report = starling::bench::run_observed(&settings, &mut |step: Step| {
+        running.set_message(format!("{}: repetition {} of {}", step.phase, step.rep, step.reps));
+        if step.phase != phase {
+            phase = step.phase.to_owned();
+            if !progress.is_terminal() {
+                progress.message(&format!("bench: {phase}"));
+            }
+        }
+    });
     running.finish_and_clear();
+    let report = report?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use super::catalog::{self, Pulled};
 use super::progress::Progress;
 use starling::config::{Config, Format};
-use starling::registry::{Digest, ModelCache, Origin, Source};
+use starling::registry::{Digest, ModelCache, Origin, Source, Transfer};
 
 #[derive(Subcommand)]
 pub enum ModelsCommand {
@@ -82,7 +82,22 @@ fn pull(a: PullArgs) -> Result<()> {
     let sha256 = a.sha256.as_deref().context("a URL needs its digest: add --sha256 <64 hex digits>")?;
     let sha256 = Digest::parse(sha256)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let fetched = runtime.block_on(cache.fetch(&url, Some(&sha256), &[]))?;
+    let progress = Progress::new(a.cache.json);
+    let mut bar = None;
+    let mut observe = |t: Transfer| {
+        let bar = bar.get_or_insert_with(|| {
+            if !progress.is_terminal() {
+                progress.message(&format!("downloading {}", url.as_str()));
+            }
+            progress.transfer(t.total, "downloading")
+        });
+        bar.set_position(t.received);
+    };
+    let fetched = runtime.block_on(cache.fetch_observed(&url, Some(&sha256), &[], &mut observe));
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let fetched = fetched?;
     let origin = match fetched.origin {
         Origin::Hit => "cached",
         Origin::Revalidated => "revalidated",

@@ -41,6 +41,22 @@ impl Progress {
         self.bar(total, label, "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
     }
 
+    /// A download's counter: a bar with rate and ETA when its length is known, else bytes
+    /// and rate beside a spinner; hidden when bars are off.
+    pub fn transfer(&self, total: Option<u64>, label: &str) -> ProgressBar {
+        match total {
+            Some(total) => self.bytes(total, label),
+            None if self.bars => {
+                let bar = self.spinner(label);
+                let style = ProgressStyle::with_template("{spinner} {msg} {bytes} {bytes_per_sec} {elapsed}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner());
+                bar.set_style(style);
+                bar
+            }
+            None => ProgressBar::hidden(),
+        }
+    }
+
     /// A spinner for a step of unknown length (a model load, a benchmark); hidden when
     /// bars are off (the step's result says enough).
     pub fn spinner(&self, label: &str) -> ProgressBar {

@@ -11,7 +11,7 @@ use super::state::AppState;
 use crate::config::{Config, ModelConfig};
 use crate::engine::load::{Footprint, LoadError, LoadedModel, start_model_observed};
 use crate::registry::{
-    Digest, RegistryError, Source, check_allowed_host, resolve_local, resolve_pipeline, sha256_file,
+    Digest, RegistryError, Source, Transfer, check_allowed_host, resolve_local, resolve_pipeline, sha256_file,
 };
 use crate::types::ModelId;
 
@@ -67,6 +67,7 @@ impl AppState {
                 footprint: Footprint::default(),
                 reserved: 0,
                 settings: self.config.models[0].clone(),
+                download: None,
             };
             records.insert(spec.id.clone(), placeholder);
         }
@@ -182,6 +183,7 @@ impl AppState {
             footprint,
             reserved: 0,
             settings: mc,
+            download: None,
         };
         Ok((model, record, reservation))
     }
@@ -208,10 +210,55 @@ impl AppState {
             }
             Source::Http(url) => {
                 check_allowed_host(url, self.config.registry.allowed_hosts.as_deref())?;
-                let fetched = self.registry.cache.fetch(url, spec.sha256.as_ref(), &self.registry.digests()).await?;
+                let mut progress = DownloadLog::new(&spec.id, url.as_str());
+                let mut observe = |t: Transfer| {
+                    self.registry.set_download(&spec.id, Some(t));
+                    progress.observe(t);
+                };
+                let in_use = self.registry.digests();
+                let fetched =
+                    self.registry.cache.fetch_observed(url, spec.sha256.as_ref(), &in_use, &mut observe).await;
+                self.registry.set_download(&spec.id, None);
+                let fetched = fetched?;
                 tracing::info!(source = url.as_str(), origin = ?fetched.origin, sha256 = %fetched.sha256, "model file ready");
                 Ok((fetched.path, Some(fetched.sha256)))
             }
+        }
+    }
+}
+
+/// Logs a download's progress at a bounded rate: each tenth of a file of known length, or
+/// every [`DownloadLog::EVERY`] when the server did not say how long it is.
+struct DownloadLog<'a> {
+    model: &'a ModelId,
+    source: &'a str,
+    /// The last tenth logged.
+    tenth: Option<u64>,
+    last: Option<Instant>,
+}
+
+impl<'a> DownloadLog<'a> {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn new(model: &'a ModelId, source: &'a str) -> Self {
+        DownloadLog { model, source, tenth: None, last: None }
+    }
+
+    fn observe(&mut self, t: Transfer) {
+        let due = match t.percent() {
+            Some(p) => self.tenth.replace(p / 10) != Some(p / 10),
+            None => self.last.is_none_or(|at| at.elapsed() >= Self::EVERY),
+        };
+        if due {
+            self.last = Some(Instant::now());
+            tracing::info!(
+                model = %self.model,
+                source = self.source,
+                received_bytes = t.received,
+                total_bytes = t.total,
+                percent = t.percent(),
+                "downloading model file"
+            );
         }
     }
 }

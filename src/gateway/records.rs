@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use crate::config::{Config, ModelConfig};
 use crate::engine::load::{Footprint, LoadError};
-use crate::registry::{Digest, ModelCache, RegistryError, Source};
+use crate::registry::{Digest, ModelCache, RegistryError, Source, Transfer};
 use crate::types::ModelId;
 
 /// Where a model is in its life.
@@ -47,6 +47,8 @@ pub struct ModelRecord {
     pub reserved: u64,
     /// The settings the serving copy runs with (a reload keeps them).
     pub settings: ModelConfig,
+    /// How far the download of its file has got, while one runs (a load or reload from a URL).
+    pub download: Option<Transfer>,
 }
 
 /// The registry side of the server: the download cache and a record per model.
@@ -130,6 +132,7 @@ impl ModelRegistry {
             footprint,
             reserved: 0,
             settings: mc.clone(),
+            download: None,
         };
         self.records().insert(mc.id.clone(), record);
     }
@@ -168,6 +171,13 @@ impl ModelRegistry {
     /// Digests of cached files in use (not to be evicted).
     pub(super) fn digests(&self) -> Vec<Digest> {
         self.records().values().filter_map(|r| r.sha256.clone()).collect()
+    }
+
+    /// Records how far `id`'s download has got (`None` once it ends).
+    pub(super) fn set_download(&self, id: &ModelId, download: Option<Transfer>) {
+        if let Some(r) = self.records().get_mut(id) {
+            r.download = download;
+        }
     }
 
     pub(super) fn set_state(&self, id: &ModelId, state: ModelState) {

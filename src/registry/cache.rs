@@ -69,6 +69,26 @@ pub enum Origin {
     Downloaded,
 }
 
+/// How far a download has got: bytes received, of the length the server announced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transfer {
+    pub received: u64,
+    pub total: Option<u64>,
+}
+
+impl Transfer {
+    /// Whole percent received, when the length is known.
+    pub fn percent(&self) -> Option<u64> {
+        self.total.filter(|t| *t > 0).map(|t| (u128::from(self.received.min(t)) * 100 / u128::from(t)) as u64)
+    }
+}
+
+/// What a download answers to: its deadline and the observer of its progress.
+struct Watch<'o> {
+    deadline: Instant,
+    observe: &'o mut (dyn FnMut(Transfer) + Send),
+}
+
 /// A verified file in the cache.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fetched {
@@ -152,6 +172,18 @@ impl ModelCache {
         expected: Option<&Digest>,
         in_use: &[Digest],
     ) -> Result<Fetched, RegistryError> {
+        self.fetch_observed(url, expected, in_use, &mut |_| {}).await
+    }
+
+    /// [`fetch`](Self::fetch), telling `observe` how far the download has got: once when the
+    /// body starts and after each piece of it (not called for a cached copy).
+    pub async fn fetch_observed(
+        &self,
+        url: &HttpUrl,
+        expected: Option<&Digest>,
+        in_use: &[Digest],
+        observe: &mut (dyn FnMut(Transfer) + Send),
+    ) -> Result<Fetched, RegistryError> {
         let deadline = Instant::now() + self.download_timeout;
         let destination = expected.map_or_else(|| url.as_str().to_owned(), Digest::to_string);
         let _one_per_destination = self.destinations.lock(destination).await;
@@ -175,7 +207,8 @@ impl ModelCache {
             std::process::id(),
             TEMP_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        let written = self.write_verified(url, length, body, expected, &temp, deadline).await;
+        let watch = Watch { deadline, observe };
+        let written = self.write_verified(url, (length, body), expected, &temp, watch).await;
         let (sha256, size) = match written {
             Ok(done) => done,
             Err(e) => {
@@ -201,15 +234,15 @@ impl ModelCache {
     }
 
     /// Streams `body` into `temp` while hashing it, checks its length and digest, and
-    /// fsyncs it. Fails once `deadline` passes; the caller removes `temp` on any failure.
+    /// fsyncs it. Fails once the watch's deadline passes; the caller removes `temp` on any
+    /// failure.
     async fn write_verified(
         &self,
         url: &HttpUrl,
-        length: Option<u64>,
-        mut body: Incoming,
+        (length, mut body): (Option<u64>, Incoming),
         expected: Option<&Digest>,
         temp: &Path,
-        deadline: Instant,
+        Watch { deadline, observe }: Watch<'_>,
     ) -> Result<(Digest, u64), RegistryError> {
         let from = || url.as_str().to_owned();
         let cap = self.files.max_bytes;
@@ -221,6 +254,7 @@ impl ModelCache {
         let mut pending = Vec::with_capacity(WRITE_CHUNK);
         let mut hasher = Sha256::new();
         let mut size = 0u64;
+        observe(Transfer { received: 0, total: length });
         loop {
             let wait = deadline.min(Instant::now() + IDLE_TIMEOUT);
             let Ok(frame) = tokio::time::timeout_at(wait, body.frame()).await else {
@@ -238,6 +272,7 @@ impl ModelCache {
                 return Err(RegistryError::TooLarge { from: from(), size, cap });
             }
             hasher.update(&data);
+            observe(Transfer { received: size, total: length });
             pending.extend_from_slice(&data);
             if pending.len() >= WRITE_CHUNK {
                 (file, pending) = write_out(file, pending, false, temp).await?;

@@ -21,7 +21,7 @@ mod http;
 mod source;
 mod tls;
 
-pub use cache::{CacheEntry, DEFAULT_DOWNLOAD_TIMEOUT, Fetched, ModelCache, Origin};
+pub use cache::{CacheEntry, DEFAULT_DOWNLOAD_TIMEOUT, Fetched, ModelCache, Origin, Transfer};
 pub use digest::{Digest, sha256_file, sha256_file_with};
 pub use error::RegistryError;
 pub use http::{HttpUrl, check_allowed_host};

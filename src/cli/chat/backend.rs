@@ -3,6 +3,7 @@
 //! (`/v1/chat/completions`, streamed). Either way the conversation lives in a server-side
 //! session, so each turn recomputes only what the previous one did not hold.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -17,7 +18,7 @@ use starling::engine::load::LoadedModel;
 use starling::gateway::service::{self, Job, Origin};
 use starling::gateway::template::ChatMessage;
 use starling::gateway::template::sandbox::{RenderJob, TemplateSandbox};
-use starling::protocol::{PromptInput, SamplingParams};
+use starling::protocol::{EngineCommand, PromptInput, SamplingParams};
 use starling::types::{SessionId, TenantId};
 
 /// The sampling settings the slash commands change; unset ones are the server's defaults.
@@ -109,7 +110,38 @@ impl Backend {
             Backend::Remote(remote) => remote.turn(turn, on_text).await,
         }
     }
+
+    /// Sessions the local engine holds (a server's are its own business).
+    pub fn sessions_held(&self) -> Option<usize> {
+        match self {
+            Backend::Local(local) => Some(local.model.engine.status.sessions.load(Ordering::Relaxed)),
+            Backend::Remote(_) => None,
+        }
+    }
+
+    /// Ends the conversation's session so its cache is freed now, not at eviction.
+    pub async fn close_session(&self, session: &str) -> Result<()> {
+        match self {
+            Backend::Local(local) => {
+                let (reply, wait) = tokio::sync::oneshot::channel();
+                let session = SessionId(session.to_owned());
+                let command = EngineCommand::CloseSession { tenant: TenantId::from(CLI_TENANT), session, reply };
+                local.model.engine.send(command).map_err(|e| anyhow!("{}", e.message))?;
+                wait.await.context("the engine stopped")?.map_err(|e| anyhow!("{}", e.message))
+            }
+            Backend::Remote(remote) => {
+                let mut body = json!({"session_id": session});
+                if let Some(model) = &remote.model {
+                    body["model"] = json!(model);
+                }
+                remote.post("/v1/session/close", &body).await.map(drop)
+            }
+        }
+    }
 }
+
+/// The tenant a local chat's requests and session belong to.
+const CLI_TENANT: &str = "cli";
 
 impl Local {
     async fn turn(&self, turn: &Turn<'_>, on_text: &mut dyn FnMut(&str)) -> Result<TurnStats> {
@@ -131,7 +163,7 @@ impl Local {
             session: Some(SessionId(turn.session.to_owned())),
             timeout: None,
         };
-        let origin = Origin { tenant: TenantId::from("cli"), client_id: None, received_at: sent };
+        let origin = Origin { tenant: TenantId::from(CLI_TENANT), client_id: None, received_at: sent };
         let sub = service::start(&self.model, origin, job, self.config.limits.default_timeout)
             .await
             .map_err(|e| anyhow!("{}", e.message))?;
@@ -192,6 +224,34 @@ impl Remote {
         body
     }
 
+    /// POSTs `body` to `path` and returns the JSON answer; an error status is an error
+    /// carrying the server's message.
+    async fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .with_context(|| format!("cannot connect to {}", self.authority))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .with_context(|| format!("no HTTP from {}", self.authority))?;
+        tokio::spawn(conn);
+        let response = sender.send_request(self.request(path, body)?).await.context("the server did not answer")?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        if !status.is_success() {
+            bail!("HTTP {}: {}", status.as_u16(), error_message(&bytes));
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("{path} did not answer JSON"))
+    }
+
+    /// A JSON POST to this server, with the API key if there is one.
+    fn request(&self, path: &str, body: &Value) -> Result<Request<Full<Bytes>>> {
+        let mut req = Request::post(path).header("host", &self.authority).header("content-type", "application/json");
+        if let Some(key) = &self.api_key {
+            req = req.header("authorization", format!("Bearer {key}"));
+        }
+        Ok(req.body(Full::new(Bytes::from(body.to_string())))?)
+    }
+
     async fn turn(&self, turn: &Turn<'_>, on_text: &mut dyn FnMut(&str)) -> Result<TurnStats> {
         let sent = Instant::now();
         let stream = tokio::net::TcpStream::connect(&self.authority)
@@ -200,13 +260,7 @@ impl Remote {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .with_context(|| format!("no HTTP from {}", self.authority))?;
-        let mut req = Request::post("/v1/chat/completions")
-            .header("host", &self.authority)
-            .header("content-type", "application/json");
-        if let Some(key) = &self.api_key {
-            req = req.header("authorization", format!("Bearer {key}"));
-        }
-        let req = req.body(Full::new(Bytes::from(self.body(turn).to_string())))?;
+        let req = self.request("/v1/chat/completions", &self.body(turn))?;
         let work = async move {
             let response = sender.send_request(req).await.context("the server did not answer")?;
             let status = response.status();

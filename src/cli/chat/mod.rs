@@ -80,6 +80,8 @@ struct Chat {
     session: String,
     /// Sessions started so far (part of the next session's name).
     sessions: u32,
+    /// A turn was sent in `session` (so there is a session to close).
+    session_used: bool,
     /// The last finished turn's figures.
     last: Option<TurnStats>,
 }
@@ -115,8 +117,16 @@ pub fn run(a: ChatArgs) -> Result<()> {
         }
     };
     let settings = Settings { temperature: a.temperature, top_p: a.top_p, seed: a.seed, max_tokens: a.max_tokens };
-    let mut chat =
-        Chat { backend, settings, system: a.system, history: vec![], session: String::new(), sessions: 0, last: None };
+    let mut chat = Chat {
+        backend,
+        settings,
+        system: a.system,
+        history: vec![],
+        session: String::new(),
+        sessions: 0,
+        session_used: false,
+        last: None,
+    };
     chat.new_session();
     if std::io::stdin().is_terminal() { interactive(&mut chat, &runtime) } else { piped(&mut chat, &runtime) }
 }
@@ -186,7 +196,7 @@ impl Chat {
             return Step::Continue;
         }
         match line.strip_prefix('/') {
-            Some(command) => self.command(command),
+            Some(command) => self.command(command, runtime),
             None => {
                 self.say(line, runtime);
                 Step::Continue
@@ -195,7 +205,7 @@ impl Chat {
     }
 
     /// A slash command; a bad one says what is wrong and changes nothing.
-    fn command(&mut self, command: &str) -> Step {
+    fn command(&mut self, command: &str, runtime: &tokio::runtime::Runtime) -> Step {
         let (name, arg) = command.split_once(char::is_whitespace).unwrap_or((command, ""));
         let arg = arg.trim();
         let result = match name {
@@ -205,11 +215,11 @@ impl Chat {
             "max_tokens" => parse(arg, "an integer").map(|v| self.settings.max_tokens = Some(v)),
             "system" => {
                 self.system = (!arg.is_empty()).then(|| arg.to_owned());
-                self.reset();
+                self.reset(runtime);
                 Ok(())
             }
             "reset" => {
-                self.reset();
+                self.reset(runtime);
                 Ok(())
             }
             "stats" => {
@@ -229,10 +239,16 @@ impl Chat {
         Step::Continue
     }
 
-    /// Forgets the conversation and starts a new session.
-    fn reset(&mut self) {
+    /// Forgets the conversation, closes its session (freeing its cache now rather than at
+    /// eviction) and starts a new one.
+    fn reset(&mut self, runtime: &tokio::runtime::Runtime) {
         self.history.clear();
         self.last = None;
+        if std::mem::take(&mut self.session_used)
+            && let Err(e) = runtime.block_on(self.backend.close_session(&self.session))
+        {
+            eprintln!("warning: the old session was not closed ({e:#}); the server evicts it in time");
+        }
         self.new_session();
     }
 
@@ -256,6 +272,9 @@ impl Chat {
                 println!("time to first token: {} ms", t.first_token.as_millis());
             }
         }
+        if let Some(n) = self.backend.sessions_held() {
+            println!("sessions held: {n}");
+        }
     }
 
     /// Sends `text` as the user's turn and streams the reply; Ctrl-C stops it, keeping what
@@ -269,6 +288,7 @@ impl Chat {
             .chain(self.history.iter().cloned())
             .collect();
         let turn = Turn { messages: &messages, session: &self.session, settings: &self.settings };
+        self.session_used = true;
         let mut reply = String::new();
         let mut stdout = std::io::stdout();
         let outcome = runtime.block_on(async {

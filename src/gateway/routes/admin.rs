@@ -78,6 +78,9 @@ fn describe(id: &str, record: &ModelRecord, model: Option<&Arc<LoadedModel>>) ->
         "max_batch": record.settings.max_batch,
         "max_sessions": record.settings.max_sessions,
     });
+    if let Some(t) = record.download {
+        v["download"] = json!({"received_bytes": t.received, "total_bytes": t.total, "percent": t.percent()});
+    }
     if let Some(m) = model {
         let s = &m.engine.status;
         v["sessions"] = json!(s.sessions.load(Ordering::Relaxed));
