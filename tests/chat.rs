@@ -314,3 +314,46 @@ fn ctrl_c_in_a_terminal_stops_the_reply_not_the_program() {
         [pair("user", "tell me a story"), pair("assistant", "Once upon a time"), pair("user", "and then?")]
     );
 }
+
+/// Under a pty against a real server: two turns answered, and the second one's `/stats`
+/// reports tokens served from the session's cache.
+#[test]
+fn a_terminal_chat_answers_two_turns_and_the_second_is_cached() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: `script` (util-linux) is not installed");
+        return;
+    }
+    let server = TestServer::start(|_| {});
+    let command = format!(
+        "exec {} chat --url http://{} --temperature 0 --max-tokens 6",
+        env!("CARGO_BIN_EXE_starling"),
+        server.addr
+    );
+    let mut child = Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .env("TERM", "xterm")
+        .env("SHELL", "/bin/sh")
+        .env_remove("STARLING_API_KEY")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let out = Output::collect(child.stdout.take().unwrap());
+    let mut at = out.wait_for("you> ", 0);
+    for turn in ["What is the capital of France?\r", "And of Italy?\r"] {
+        stdin.write_all(turn.as_bytes()).unwrap();
+        at = out.wait_for("you> ", at);
+        stdin.write_all(b"/stats\r").unwrap();
+        at = out.wait_for("time to first token", at);
+        at = out.wait_for("you> ", at);
+    }
+    stdin.write_all(b"/exit\r").unwrap();
+    assert!(child.wait().unwrap().success());
+    let shown = out.0.lock().unwrap().replace('\r', "");
+    let cached = cached_tokens(&shown);
+    assert_eq!(cached.len(), 2, "{shown}");
+    assert_eq!(cached[0], 0, "{shown}");
+    assert!(cached[1] > 0, "the second turn reused the session's cache: {shown}");
+}

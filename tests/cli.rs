@@ -192,9 +192,27 @@ fn fetch_model_refuses_a_digest_mismatch_and_deletes_the_file() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(" eta "), "no download bar when piped");
     let left: Vec<_> =
         std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "files left behind: {left:?}");
+
+    // On a terminal the same fetch shows pip's download bar (bytes, rate, ETA).
+    if Command::new("script").arg("--version").output().is_ok() {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-model.sh");
+        let out = Command::new("script")
+            .args(["-qfec", &format!("bash {}", script.display()), "/dev/null"])
+            .env("STARLING_MODEL_DIR", &dir)
+            .env("STARLING_MODEL_SHA256", "0".repeat(64))
+            .env("TERM", "xterm")
+            .env_remove("CI")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(shown.contains(" MB") && shown.contains(" eta "), "{shown:?}");
+        assert!(shown.contains("sha256 mismatch"), "{shown:?}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
