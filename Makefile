@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine (see README.md):
 #   make run    build, fetch + verify the default model, serve it on 127.0.0.1:8080
 #               (MODEL=NAME picks another model of config/catalog.json, MODEL=PATH a file)
-#   make test   fetch the models, check formatting and lints, run every test
+#   make test   fetch the models and test tools, check formatting and lints, run every test
 CARGO ?= cargo
 JOBS ?= 2
 # A model name from config/catalog.json (compiled into the binary), or a GGUF file.
@@ -12,7 +12,7 @@ SMOL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 GEMMA := models/gemma-3-270m-q4_k_m.gguf
 ARGS ?=
 
-.PHONY: run test model models build fmt-check clippy bench
+.PHONY: run test model models test-deps build fmt-check clippy bench
 
 model: build
 	@if [ ! -f "$(MODEL)" ]; then target/release/starling models pull $(MODEL); fi
@@ -37,8 +37,12 @@ fmt-check:
 clippy:
 	$(CARGO) clippy -j$(JOBS) --all-targets -- -D warnings
 
-test: models fmt-check clippy
+test: models test-deps fmt-check clippy
 	$(CARGO) test -j$(JOBS)
+
+# haproxy and the manifest validator the tests drive (scripts/test-deps.sh).
+test-deps:
+	scripts/test-deps.sh
 
 bench: model
 	target/release/starling bench --model $(MODEL) $(ARGS)

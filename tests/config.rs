@@ -68,7 +68,7 @@ fn default_file_loads_with_documented_defaults() {
     assert_eq!(c.server.max_body_bytes.get(), MIB as usize);
     assert_eq!(c.server.sse_keepalive, Duration::from_secs(15));
     assert_eq!(c.server.shutdown_grace, Duration::from_secs(10));
-    assert_eq!(c.server.public_routes, ["/healthz", "/readyz", "/metrics"]);
+    assert_eq!(c.server.public_routes, ["/health", "/healthz", "/readyz", "/metrics"]);
     assert!(c.auth.api_keys.is_empty() && c.auth.admin_key.is_none());
     assert_eq!(c.tenants.len(), 1);
     let anon = c.tenant("anonymous").unwrap();

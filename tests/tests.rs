@@ -17,6 +17,7 @@ mod observability;
 mod registry;
 mod registry_tls;
 mod sampler;
+mod scaleout;
 mod scheduler;
 mod support;
 mod templates;

@@ -124,7 +124,8 @@ pub fn default_max_connections(open_files: Option<u64>) -> i64 {
 }
 
 fn server(raw: RawServer, machine: &Machine) -> Result<ServerConfig> {
-    let routes = raw.public_routes.unwrap_or_else(|| ["/healthz", "/readyz", "/metrics"].map(String::from).to_vec());
+    let routes =
+        raw.public_routes.unwrap_or_else(|| ["/health", "/healthz", "/readyz", "/metrics"].map(String::from).to_vec());
     for (i, route) in routes.iter().enumerate() {
         if !route.starts_with('/') {
             return Err(invalid(&format!("server.public_routes[{i}]"), route, "a path starting with '/'"));
@@ -312,6 +313,7 @@ fn telemetry(raw: RawTelemetry) -> Result<TelemetryConfig> {
         trace_chrome,
         log_prompts: raw.log_prompts.unwrap_or(false),
         tenant_labels: raw.tenant_labels.unwrap_or(false),
+        vllm_metric_names: raw.vllm_metric_names.unwrap_or(true),
     })
 }
 

@@ -137,6 +137,7 @@ pub struct RawTelemetry {
     pub trace_chrome: Option<String>,
     pub log_prompts: Option<bool>,
     pub tenant_labels: Option<bool>,
+    pub vllm_metric_names: Option<bool>,
 }
 
 /// `registry:` — where models may be loaded from, the download cache, the memory budget.

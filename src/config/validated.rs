@@ -246,6 +246,10 @@ pub struct TelemetryConfig {
     /// usually public, and tenant names and their traffic may not be; off, the label is
     /// `all`).
     pub tenant_labels: bool,
+    /// Also export the queue, running, KV-use and KV-shape series under vLLM's names
+    /// (`vllm:num_requests_waiting` …), which the Gateway API Inference Extension's endpoint
+    /// picker reads by default.
+    pub vllm_metric_names: bool,
 }
 
 /// Log line format.

@@ -41,6 +41,9 @@ pub enum Guard {
 /// Every route: method, path pattern (`{id}` matches one non-empty segment), handler, guard.
 const TABLE: &[(Method, &str, Route, Guard)] = &[
     (Method::GET, "/healthz", Route::Healthz, Guard::Client),
+    // The name vLLM, llama.cpp's server and TGI serve (load balancers and benchmark clients
+    // such as guidellm probe it): the same answer as `/healthz`.
+    (Method::GET, "/health", Route::Healthz, Guard::Client),
     (Method::GET, "/readyz", Route::Readyz, Guard::Client),
     (Method::GET, "/metrics", Route::Metrics, Guard::Client),
     (Method::GET, "/v1/models", Route::Models, Guard::Client),

@@ -27,6 +27,7 @@ use super::quota::RateInfo;
 use super::render::{Body, error_response, set_request_id};
 use super::router::{self, Matched, Route, Unrouted};
 use super::routes::{admin, native, openai, ops};
+use super::service::SESSION_HEADER;
 use super::state::{AppState, Ctx};
 use crate::error::{ApiError, ErrorKind};
 
@@ -260,7 +261,8 @@ async fn handle(
         Err(refused) => refused,
         Ok((caller, rate)) => {
             span.record("tenant", caller.tenant.as_str());
-            let ctx = Ctx { caller, request_id: request_id.clone(), received_at: started };
+            let session_header = req.headers().get(SESSION_HEADER).cloned();
+            let ctx = Ctx { caller, request_id: request_id.clone(), received_at: started, session_header };
             let mut r = match routed {
                 Ok(matched) if over_cap && !matched.route.is_health() => {
                     let e = ApiError::new(

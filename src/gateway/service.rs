@@ -96,8 +96,27 @@ pub fn validate_sampling(
     )
 }
 
-/// Checks a client-chosen session name.
-pub fn session_id(raw: Option<String>) -> Result<Option<SessionId>, ApiError> {
+/// The header that names a session as the body's `session_id` does.
+pub const SESSION_HEADER: &str = "x-session-id";
+
+/// Checks a client-chosen session name, given in the body (`session_id`) or in the
+/// `x-session-id` header (`ctx`); both may be given if they agree.
+pub fn session_id(body: Option<String>, ctx: &Ctx) -> Result<Option<SessionId>, ApiError> {
+    let header = match &ctx.session_header {
+        None => None,
+        Some(v) => Some(v.to_str().map(str::to_owned).map_err(|_| {
+            ApiError::invalid_parameter("session_id", format!("the `{SESSION_HEADER}` header must be visible ASCII"))
+        })?),
+    };
+    let raw = match (body, header) {
+        (Some(b), Some(h)) if b != h => {
+            return Err(ApiError::invalid_parameter(
+                "session_id",
+                format!("`session_id` ({b:?}) and the `{SESSION_HEADER}` header ({h:?}) name different sessions"),
+            ));
+        }
+        (b, h) => b.or(h),
+    };
     match raw {
         Some(s) if s.is_empty() || s.len() > 256 => {
             Err(ApiError::invalid_parameter("session_id", "`session_id` must be 1 to 256 characters"))

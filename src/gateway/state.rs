@@ -66,6 +66,9 @@ pub struct Ctx {
     pub request_id: String,
     /// When the request's head arrived: where its queue time and time to first token start.
     pub received_at: std::time::Instant,
+    /// The `x-session-id` header, if sent: a session named where a proxy can see it (and
+    /// route a conversation's turns to the replica holding its KV).
+    pub session_header: Option<hyper::header::HeaderValue>,
 }
 
 impl AppState {

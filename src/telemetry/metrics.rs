@@ -3,6 +3,7 @@
 //! One [`Metrics`] exists per server. Each engine resolves its label handles once into a
 //! [`ModelMetrics`], so per-token and per-tick observations are plain atomic updates.
 
+use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
@@ -230,9 +231,22 @@ impl Metrics {
 
     /// Everything in the Prometheus text exposition format.
     pub fn render(&self) -> String {
+        self.render_with(&[], false)
+    }
+
+    /// [`render`](Self::render) plus `starling_kv_cache_info` for the models in `kv`, and with
+    /// `vllm_names` the series the Gateway API Inference Extension's endpoint picker reads,
+    /// under vLLM's names and labels as well (see [`VLLM_NAMES`]).
+    pub fn render_with(&self, kv: &[KvShape<'_>], vllm_names: bool) -> String {
+        let mut families = self.registry.gather();
+        families.push(kv_info(kv));
+        if vllm_names {
+            let aliases: Vec<MetricFamily> = families.iter().filter_map(vllm_alias).collect();
+            families.extend(aliases);
+        }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::error!(error = %e, "cannot encode metrics");
         }
         String::from_utf8(out).unwrap_or_default()
@@ -287,6 +301,77 @@ impl Metrics {
             tenant_labels: false,
         }
     }
+}
+
+/// One model's KV cache as the endpoint picker sees it: block size and block count.
+#[derive(Clone, Copy, Debug)]
+pub struct KvShape<'a> {
+    pub model: &'a str,
+    pub block_tokens: usize,
+    pub blocks: usize,
+}
+
+/// A series' other name: (Starling's name, the alias, label renames as (ours, theirs)).
+pub type Alias = (&'static str, &'static str, &'static [(&'static str, &'static str)]);
+
+/// Starling's series that vLLM also exports, with vLLM's name and its label renames. The
+/// endpoint picker of the Gateway API Inference Extension reads these names by default
+/// (queue, running, KV use as a 0–1 fraction, and the cache shape as info labels).
+pub const VLLM_NAMES: [Alias; 4] = [
+    ("starling_queue_depth", "vllm:num_requests_waiting", &[("model", "model_name")]),
+    ("starling_running_sequences", "vllm:num_requests_running", &[("model", "model_name")]),
+    ("starling_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc", &[("model", "model_name")]),
+    (
+        "starling_kv_cache_info",
+        "vllm:cache_config_info",
+        &[("model", "model_name"), ("block_tokens", "block_size"), ("blocks", "num_gpu_blocks")],
+    ),
+];
+
+/// `starling_kv_cache_info{model, block_tokens, blocks} 1` for each model.
+fn kv_info(kv: &[KvShape<'_>]) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name("starling_kv_cache_info".into());
+    family.set_help("KV cache shape per model: tokens per block and blocks (always 1).".into());
+    family.set_field_type(MetricType::GAUGE);
+    for k in kv {
+        let pair = |name: &str, value: String| {
+            let mut l = LabelPair::default();
+            l.set_name(name.into());
+            l.set_value(value);
+            l
+        };
+        let labels = vec![
+            pair("block_tokens", k.block_tokens.to_string()),
+            pair("blocks", k.blocks.to_string()),
+            pair("model", k.model.to_owned()),
+        ];
+        let mut gauge = prometheus::proto::Gauge::default();
+        gauge.set_value(1.0);
+        let mut metric = Metric::from_gauge(gauge);
+        metric.set_label(labels);
+        family.mut_metric().push(metric);
+    }
+    family
+}
+
+/// `family` under vLLM's name and labels, if vLLM exports it.
+fn vllm_alias(family: &MetricFamily) -> Option<MetricFamily> {
+    let (_, name, renames) = VLLM_NAMES.iter().find(|(ours, _, _)| *ours == family.name())?;
+    let mut alias = family.clone();
+    alias.set_name((*name).into());
+    alias.set_help(format!("{} (vLLM's name for {})", family.help(), family.name()));
+    for metric in alias.mut_metric() {
+        let mut labels = metric.take_label();
+        for label in &mut labels {
+            if let Some((_, to)) = renames.iter().find(|(from, _)| *from == label.name()) {
+                label.set_name((*to).into());
+            }
+        }
+        labels.sort_by(|a, b| a.name().cmp(b.name()));
+        metric.set_label(labels);
+    }
+    Some(alias)
 }
 
 /// One model's resolved handles (label values formatted once, at engine start).

@@ -91,7 +91,7 @@ pub async fn generate(state: &Arc<AppState>, ctx: &Ctx, req: Request<Incoming>) 
     };
     let sampling = validate_sampling(&state.live().config.limits, &model, &body.sampling)?;
     let want_logprobs = sampling.logprobs > 0;
-    let session = session_id(body.session_id)?;
+    let session = session_id(body.session_id, ctx)?;
     let sub = submit(state, ctx, &model, Job { input, sampling, session, timeout }).await?;
     if body.stream.unwrap_or(true) {
         let render = NativeRender { logprobs: want_logprobs };

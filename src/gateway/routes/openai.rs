@@ -205,7 +205,7 @@ async fn run(
     let model = state.model(body.model.as_deref())?;
     let top = wanted_logprobs(kind, &body)?;
     let sampling = validate_sampling(&state.live().config.limits, &model, &sampling_params(&body, top)?)?;
-    let session = session_id(body.session_id.clone())?;
+    let session = session_id(body.session_id.clone(), ctx)?;
     let sub = submit(state, ctx, &model, Job { input, sampling, session, timeout: None }).await?;
     let shape = Shape {
         kind,

@@ -12,6 +12,7 @@ use serde_json::json;
 use crate::error::{ApiError, ErrorKind};
 use crate::gateway::render::{Body, bytes_response, json_response};
 use crate::gateway::state::AppState;
+use crate::telemetry::metrics::KvShape;
 use crate::telemetry::trace::{self, TraceError};
 use crate::telemetry::{Liveness, ModelView};
 
@@ -20,7 +21,18 @@ const DEFAULT_CAPTURE: Duration = Duration::from_secs(5);
 
 /// `GET /metrics`: every series in the Prometheus text format.
 pub fn metrics(state: &AppState) -> Response<Body> {
-    bytes_response(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", state.obs.metrics.render())
+    let table = state.models.snapshot();
+    let kv: Vec<KvShape<'_>> = table
+        .ready
+        .iter()
+        .map(|m| KvShape {
+            model: m.id.as_str(),
+            block_tokens: m.config.kv_cache.block_tokens.get(),
+            blocks: m.engine.status.kv_blocks_total.load(Ordering::Relaxed),
+        })
+        .collect();
+    let text = state.obs.metrics.render_with(&kv, state.config.telemetry.vllm_metric_names);
+    bytes_response(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text)
 }
 
 /// `GET /readyz`: 200 when the server should get traffic, else 503 with the reason.

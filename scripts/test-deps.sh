@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what the test suite drives besides Rust and the models (`make test` runs this):
+# - haproxy (Debian package), for the scale-out test behind a real load balancer;
+# - a Python venv at target/test-venv with kubernetes-validate (PyPI), which checks the
+#   manifests under deploy/kubernetes against the Kubernetes schemas offline.
+# Idempotent: what is present is left alone.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+
+if ! command -v haproxy >/dev/null 2>&1; then
+  echo "installing haproxy (apt-get)..." >&2
+  if [[ $(id -u) -eq 0 ]]; then sudo=(); elif command -v sudo >/dev/null 2>&1; then sudo=(sudo); else
+    echo "error: haproxy is missing and this user cannot install it: apt-get install haproxy" >&2
+    exit 1
+  fi
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends haproxy >/dev/null
+fi
+
+venv=$root/target/test-venv
+if [[ ! -x $venv/bin/kubernetes-validate ]]; then
+  echo "creating $venv with kubernetes-validate (pip)..." >&2
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'kubernetes-validate==1.37.0'
+fi
