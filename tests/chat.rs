@@ -89,6 +89,9 @@ enum Reply {
     Text(&'static str),
     /// Streams this text, then waits for the client to hang up.
     Hang(&'static str),
+    /// Streams this text as one chunk sent in two writes, cut at this byte (inside a
+    /// character), and finishes.
+    Split(&'static str, usize),
 }
 
 /// A scripted `/v1/chat/completions` on 127.0.0.1: records each request body and answers
@@ -134,6 +137,14 @@ impl FakeServer {
                     Reply::Text(text) => {
                         let usage = r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":0}}}"#;
                         let _ = write!(w, "{head}{}data: {usage}\n\ndata: [DONE]\n\n", chunk(text));
+                    }
+                    Reply::Split(text, at) => {
+                        let usage = r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+                        let all = format!("{head}{}data: {usage}\n\ndata: [DONE]\n\n", chunk(text));
+                        let cut = all.find(text).unwrap() + at;
+                        let _ = w.write_all(&all.as_bytes()[..cut]).and_then(|()| w.flush());
+                        std::thread::sleep(Duration::from_millis(100));
+                        let _ = w.write_all(&all.as_bytes()[cut..]);
                     }
                     Reply::Hang(text) => {
                         let _ = write!(w, "{head}{}", chunk(text));
@@ -356,4 +367,15 @@ fn a_terminal_chat_answers_two_turns_and_the_second_is_cached() {
     assert_eq!(cached.len(), 2, "{shown}");
     assert_eq!(cached[0], 0, "{shown}");
     assert!(cached[1] > 0, "the second turn reused the session's cache: {shown}");
+}
+
+/// A character the network splits across two frames reaches the terminal whole.
+#[test]
+fn a_character_split_across_frames_arrives_whole() {
+    let text = "h\u{e9}llo \u{1f426}";
+    let server = FakeServer::start(vec![Reply::Split(text, 2), Reply::Split(text, 9)]);
+    let (ok, stdout, stderr) = chat_piped(&["--url", &server.url], "one\ntwo\n");
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().filter(|l| *l == text).count(), 2, "{stdout:?}");
+    assert!(!stdout.contains('\u{fffd}'), "{stdout:?}");
 }

@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use super::common::{BenchError, bench_text};
+use crate::protocol::sse::{SseEvents, event_name};
 
 /// What the load generator sends, and where.
 #[derive(Clone, Debug)]
@@ -217,14 +218,12 @@ async fn one_request(load: &HttpLoad, authority: &str, i: usize) -> Result<Sampl
 /// Reads SSE frames, timing each `token` event, until `done` (or an error).
 async fn read_stream(mut body: Incoming, sent: Instant) -> Result<Sample, String> {
     let mut sample = Sample::default();
-    let mut buf = String::new();
+    let mut events = SseEvents::default();
     let mut last = sent;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| format!("stream: {e}"))?;
         let Some(data) = frame.data_ref() else { continue };
-        buf.push_str(&String::from_utf8_lossy(data));
-        while let Some(end) = buf.find("\n\n") {
-            let event: String = buf.drain(..end + 2).collect();
+        for event in events.push(data) {
             let now = Instant::now();
             match event_name(&event) {
                 Some("token") => {
@@ -245,11 +244,6 @@ async fn read_stream(mut body: Incoming, sent: Instant) -> Result<Sample, String
         }
     }
     Err(format!("stream ended without a done event after {} tokens", sample.tokens))
-}
-
-/// The `event:` name of one SSE frame.
-fn event_name(frame: &str) -> Option<&str> {
-    frame.lines().find_map(|l| l.strip_prefix("event:")).map(str::trim)
 }
 
 impl std::fmt::Display for HttpReport {
@@ -290,11 +284,5 @@ mod tests {
         assert_eq!(authority("http://localhost/").unwrap(), "localhost:80");
         assert!(authority("https://x:1").unwrap_err().to_string().contains("http://"));
         assert!(authority("http://x:1/v1/generate").unwrap_err().to_string().contains("base URL"));
-    }
-
-    #[test]
-    fn sse_event_names_are_read_from_the_frame() {
-        assert_eq!(event_name("event: token\ndata: {}\n\n"), Some("token"));
-        assert_eq!(event_name(": keep-alive\n\n"), None);
     }
 }

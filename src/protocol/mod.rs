@@ -5,6 +5,7 @@
 //! speak: the wire form and its validated form.
 
 pub mod sampling;
+pub mod sse;
 
 use std::time::{Duration, Instant};
 

@@ -18,6 +18,7 @@ use starling::engine::load::LoadedModel;
 use starling::gateway::service::{self, Job, Origin};
 use starling::gateway::template::ChatMessage;
 use starling::gateway::template::sandbox::{RenderJob, TemplateSandbox};
+use starling::protocol::sse::SseEvents;
 use starling::protocol::{EngineCommand, PromptInput, SamplingParams};
 use starling::types::{SessionId, TenantId};
 
@@ -290,13 +291,11 @@ async fn read_chunks(
 ) -> Result<TurnStats> {
     let mut stats = TurnStats::default();
     let mut first = None;
-    let mut buf = String::new();
+    let mut events = SseEvents::default();
     while let Some(frame) = body.frame().await {
         let frame = frame.context("the stream broke")?;
         let Some(data) = frame.data_ref() else { continue };
-        buf.push_str(&String::from_utf8_lossy(data));
-        while let Some(end) = buf.find("\n\n") {
-            let event: String = buf.drain(..end + 2).collect();
+        for event in events.push(data) {
             for line in event.lines() {
                 let Some(data) = line.strip_prefix("data:").map(str::trim) else { continue };
                 if data == "[DONE]" {
