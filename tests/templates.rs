@@ -51,7 +51,8 @@ fn a_worker_renders_what_this_process_renders_and_is_reused() {
     assert_eq!(s.idle_workers(), first, "the same worker served the second render");
 }
 
-/// A template's own errors cross the pipe as the same errors, and the worker stays.
+/// A template's own errors cross the pipe as the same errors, and the worker stays, unless
+/// the render was stopped by its budget.
 #[test]
 fn template_errors_come_back_unchanged() {
     let s = sandbox(256, Duration::from_secs(10), 1);
@@ -62,9 +63,14 @@ fn template_errors_come_back_unchanged() {
     }
     assert!(matches!(s.render(&job(None)), Err(TemplateError::Missing(m)) if m == "m"));
     assert!(matches!(s.render(&job(Some("{% for %}"))), Err(TemplateError::Compile(_))));
+    assert_eq!(s.idle_workers().len(), 1, "errors inside a template do not end the worker");
+    // A render stopped by its budget retires its worker (its heap may sit near the limit).
+    let worker = s.idle_workers();
     let fuel = job(Some("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"));
     assert!(matches!(s.render(&fuel), Err(TemplateError::TooCostly(m)) if m.contains("work budget")));
-    assert_eq!(s.idle_workers().len(), 1, "errors inside a template do not end the worker");
+    assert!(s.idle_workers().is_empty(), "the worker that ran out of budget is not kept");
+    assert!(s.render(&job(Some(CHATML))).is_ok());
+    assert_ne!(s.idle_workers(), worker);
 }
 
 /// The list-doubling template under 96 MiB: its worker dies of its memory limit, the error

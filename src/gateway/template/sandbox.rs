@@ -35,6 +35,9 @@ const MAX_FRAME: usize = 1 << 30;
 const HELLO_DEADLINE: Duration = Duration::from_secs(5);
 /// Time past the render limit for the worker's reply to arrive.
 const REPLY_MARGIN: Duration = Duration::from_secs(2);
+/// Renders a worker serves before it is replaced (bounds what any slow leak can grow to;
+/// a start costs ~2.4 ms, so this is 2.4 µs per render).
+const RENDERS_PER_WORKER: u32 = 1000;
 
 /// What one render may use in its worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,8 +156,13 @@ impl TemplateSandbox {
             Reply::Failed(e) => Err(e),
             Reply::Hello { .. } => return Err(worker.died(&self.limits, Some(io::Error::other("a second hello")))),
         };
+        worker.renders += 1;
+        // A render stopped by its budget may have left the worker's heap near its address
+        // limit (allocators keep freed memory), which the next render would pay for; such a
+        // worker, and any worker past its render count, ends instead of going back.
+        let spent = matches!(result, Err(TemplateError::TooCostly(_))) || worker.renders >= RENDERS_PER_WORKER;
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < self.max_idle {
+        if !spent && idle.len() < self.max_idle {
             idle.push(worker);
         }
         result
@@ -199,6 +207,7 @@ impl TemplateSandbox {
             child,
             stdin: BufWriter::new(stdin),
             stdout: BufReader::new(Deadline { inner: stdout, deadline }),
+            renders: 0,
         };
         match read_frame::<Reply>(&mut worker.stdout) {
             Ok(Some(Reply::Hello { protocol: PROTOCOL })) => Ok(worker),
@@ -216,6 +225,8 @@ struct Worker {
     child: Child,
     stdin: BufWriter<ChildStdin>,
     stdout: BufReader<Deadline>,
+    /// Renders answered so far.
+    renders: u32,
 }
 
 /// A worker's stdout whose reads fail with `TimedOut` once `deadline` passes, so a worker
