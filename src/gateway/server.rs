@@ -130,7 +130,9 @@ struct AcceptBackoff {
 
 impl AcceptBackoff {
     const FIRST: Duration = Duration::from_millis(5);
-    const MAX: Duration = Duration::from_secs(1);
+    /// Short enough that a connection waiting behind an exhaustion is accepted within a
+    /// health check's budget once descriptors free up; 20 failed accepts a second cost nothing.
+    const MAX: Duration = Duration::from_millis(50);
     const REPORT_EVERY: Duration = Duration::from_secs(5);
 
     async fn failed(&mut self, e: &std::io::Error) {
