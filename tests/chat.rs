@@ -276,19 +276,12 @@ impl Output {
     }
 }
 
-/// Under a pty (`script`), with the line editor: a reply that would never end is stopped by
-/// Ctrl-C (the server sees the client leave), the prompt comes back, the next turn carries
-/// what was said, and `/exit` leaves cleanly.
-#[test]
-fn ctrl_c_in_a_terminal_stops_the_reply_not_the_program() {
-    if Command::new("script").arg("--version").output().is_err() {
-        eprintln!("skipped: `script` (util-linux) is not installed");
-        return;
-    }
-    let server = FakeServer::start(vec![Reply::Hang("Once upon a time"), Reply::Text("Fine.")]);
+/// `starling chat --url URL ARGS` in a pseudo-terminal (`script`): the child, its input and
+/// what the terminal shows.
+fn chat_in_terminal(url: &str, args: &[&str]) -> (std::process::Child, std::process::ChildStdin, Output) {
     // `exec`: `script` runs `$SHELL -c`, and a shell that forks (dash) would take the
     // terminal's SIGINT itself and die with 130.
-    let command = format!("exec {} chat --url {}", env!("CARGO_BIN_EXE_starling"), server.url);
+    let command = format!("exec {} chat --url {url} {}", env!("CARGO_BIN_EXE_starling"), args.join(" "));
     let mut child = Command::new("script")
         .args(["-qfec", &command, "/dev/null"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -300,8 +293,22 @@ fn ctrl_c_in_a_terminal_stops_the_reply_not_the_program() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
+    let stdin = child.stdin.take().unwrap();
     let out = Output::collect(child.stdout.take().unwrap());
+    (child, stdin, out)
+}
+
+/// Under a pty (`script`), with the line editor: a reply that would never end is stopped by
+/// Ctrl-C (the server sees the client leave), the prompt comes back, the next turn carries
+/// what was said, and `/exit` leaves cleanly.
+#[test]
+fn ctrl_c_in_a_terminal_stops_the_reply_not_the_program() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: `script` (util-linux) is not installed");
+        return;
+    }
+    let server = FakeServer::start(vec![Reply::Hang("Once upon a time"), Reply::Text("Fine.")]);
+    let (mut child, mut stdin, out) = chat_in_terminal(&server.url, &[]);
     let at = out.wait_for("you> ", 0);
     stdin.write_all(b"tell me a story\r").unwrap();
     let at = out.wait_for("Once upon a time", at);
@@ -335,23 +342,8 @@ fn a_terminal_chat_answers_two_turns_and_the_second_is_cached() {
         return;
     }
     let server = TestServer::start(|_| {});
-    let command = format!(
-        "exec {} chat --url http://{} --temperature 0 --max-tokens 6",
-        env!("CARGO_BIN_EXE_starling"),
-        server.addr
-    );
-    let mut child = Command::new("script")
-        .args(["-qfec", &command, "/dev/null"])
-        .env("TERM", "xterm")
-        .env("SHELL", "/bin/sh")
-        .env_remove("STARLING_API_KEY")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let out = Output::collect(child.stdout.take().unwrap());
+    let url = format!("http://{}", server.addr);
+    let (mut child, mut stdin, out) = chat_in_terminal(&url, &["--temperature", "0", "--max-tokens", "6"]);
     let mut at = out.wait_for("you> ", 0);
     for turn in ["What is the capital of France?\r", "And of Italy?\r"] {
         stdin.write_all(turn.as_bytes()).unwrap();

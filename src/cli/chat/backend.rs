@@ -10,15 +10,17 @@ use anyhow::{Context, Result, anyhow, bail};
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper::body::Bytes;
+use hyper::client::conn::http1::{Connection, SendRequest};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use tokio::net::TcpStream;
 
 use starling::config::Config;
 use starling::engine::load::LoadedModel;
 use starling::gateway::service::{self, Job, Origin};
 use starling::gateway::template::ChatMessage;
 use starling::gateway::template::sandbox::{RenderJob, TemplateSandbox};
-use starling::protocol::sse::SseEvents;
+use starling::protocol::sse::{SseEvents, event_data};
 use starling::protocol::{EngineCommand, PromptInput, SamplingParams};
 use starling::types::{SessionId, TenantId};
 
@@ -228,12 +230,7 @@ impl Remote {
     /// POSTs `body` to `path` and returns the JSON answer; an error status is an error
     /// carrying the server's message.
     async fn post(&self, path: &str, body: &Value) -> Result<Value> {
-        let stream = tokio::net::TcpStream::connect(&self.authority)
-            .await
-            .with_context(|| format!("cannot connect to {}", self.authority))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .with_context(|| format!("no HTTP from {}", self.authority))?;
+        let (mut sender, conn) = self.connect().await?;
         tokio::spawn(conn);
         let response = sender.send_request(self.request(path, body)?).await.context("the server did not answer")?;
         let status = response.status();
@@ -242,6 +239,17 @@ impl Remote {
             bail!("HTTP {}: {}", status.as_u16(), error_message(&bytes));
         }
         serde_json::from_slice(&bytes).with_context(|| format!("{path} did not answer JSON"))
+    }
+
+    /// An HTTP/1 connection to the server: the request sender, and the connection future the
+    /// caller must drive.
+    async fn connect(&self) -> Result<(SendRequest<Full<Bytes>>, Connection<TokioIo<TcpStream>, Full<Bytes>>)> {
+        let stream = TcpStream::connect(&self.authority)
+            .await
+            .with_context(|| format!("cannot connect to {}", self.authority))?;
+        hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .with_context(|| format!("no HTTP from {}", self.authority))
     }
 
     /// A JSON POST to this server, with the API key if there is one.
@@ -255,12 +263,7 @@ impl Remote {
 
     async fn turn(&self, turn: &Turn<'_>, on_text: &mut dyn FnMut(&str)) -> Result<TurnStats> {
         let sent = Instant::now();
-        let stream = tokio::net::TcpStream::connect(&self.authority)
-            .await
-            .with_context(|| format!("cannot connect to {}", self.authority))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .with_context(|| format!("no HTTP from {}", self.authority))?;
+        let (mut sender, conn) = self.connect().await?;
         let req = self.request("/v1/chat/completions", &self.body(turn))?;
         let work = async move {
             let response = sender.send_request(req).await.context("the server did not answer")?;
@@ -296,27 +299,26 @@ async fn read_chunks(
         let frame = frame.context("the stream broke")?;
         let Some(data) = frame.data_ref() else { continue };
         for event in events.push(data) {
-            for line in event.lines() {
-                let Some(data) = line.strip_prefix("data:").map(str::trim) else { continue };
-                if data == "[DONE]" {
-                    stats.total = sent.elapsed();
-                    stats.first_token = first.unwrap_or(stats.total);
-                    return Ok(stats);
-                }
-                let v: Value = serde_json::from_str(data).with_context(|| format!("not a JSON chunk: {data}"))?;
-                if v.get("error").is_some() {
-                    bail!("{}", error_message(data.as_bytes()));
-                }
-                if let Some(text) = v["choices"][0]["delta"]["content"].as_str().filter(|t| !t.is_empty()) {
-                    first.get_or_insert_with(|| sent.elapsed());
-                    on_text(text);
-                }
-                if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-                    let n = |v: &Value| v.as_u64().unwrap_or(0) as usize;
-                    stats.prompt_tokens = n(&u["prompt_tokens"]);
-                    stats.completion_tokens = n(&u["completion_tokens"]);
-                    stats.cached_tokens = n(&u["prompt_tokens_details"]["cached_tokens"]);
-                }
+            let Some(data) = event_data(&event) else { continue };
+            let data = data.trim();
+            if data == "[DONE]" {
+                stats.total = sent.elapsed();
+                stats.first_token = first.unwrap_or(stats.total);
+                return Ok(stats);
+            }
+            let v: Value = serde_json::from_str(data).with_context(|| format!("not a JSON chunk: {data}"))?;
+            if v.get("error").is_some() {
+                bail!("{}", error_message(data.as_bytes()));
+            }
+            if let Some(text) = v["choices"][0]["delta"]["content"].as_str().filter(|t| !t.is_empty()) {
+                first.get_or_insert_with(|| sent.elapsed());
+                on_text(text);
+            }
+            if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                let n = |v: &Value| v.as_u64().unwrap_or(0) as usize;
+                stats.prompt_tokens = n(&u["prompt_tokens"]);
+                stats.completion_tokens = n(&u["completion_tokens"]);
+                stats.cached_tokens = n(&u["prompt_tokens_details"]["cached_tokens"]);
             }
         }
     }
