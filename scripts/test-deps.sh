@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite drives besides Rust and the models (`make test` runs this):
 # - haproxy (Debian package), for the scale-out test behind a real load balancer;
-# - a Python venv at target/test-venv with kubernetes-validate (PyPI), which checks the
-#   manifests under deploy/kubernetes against the Kubernetes schemas offline.
+# - a Python venv at target/test-venv with the packages pinned in scripts/test-requirements.txt
+#   (kubernetes-validate, jsonschema, openai), reinstalled when that file changes.
 # Idempotent: what is present is left alone.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,8 +18,10 @@ if ! command -v haproxy >/dev/null 2>&1; then
 fi
 
 venv=$root/target/test-venv
-if [[ ! -x $venv/bin/kubernetes-validate ]]; then
-  echo "creating $venv with kubernetes-validate (pip)..." >&2
-  python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'kubernetes-validate==1.37.0'
+wanted=$root/scripts/test-requirements.txt
+if ! cmp -s "$wanted" "$venv/.installed-requirements"; then
+  echo "preparing $venv with scripts/test-requirements.txt (pip)..." >&2
+  [[ -x $venv/bin/python ]] || python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$wanted"
+  cp "$wanted" "$venv/.installed-requirements"
 fi

@@ -19,6 +19,8 @@
 //!      BPE and WordPiece through Hugging Face `tokenizers`), streaming detokenizer.
 //!    - [`sampler`]: sampling steps as pure functions over a logits row; stop strings;
 //!      content policies.
+//!    - [`grammar`]: JSON schemas, regexes, Lark grammars and choices compiled by
+//!      `llguidance` into per-request token constraints.
 //!    - [`registry`]: model sources (model directories, http URLs) and the verified
 //!      download cache.
 //! 4. [`engine`]: the per-model engine thread; its tick `Schedule` is built from a pipeline
@@ -39,6 +41,7 @@ pub mod types;
 
 pub mod telemetry;
 
+pub mod grammar;
 pub mod kv;
 pub mod model;
 pub mod registry;

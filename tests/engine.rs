@@ -67,6 +67,8 @@ fn with_params(prompt: &str, params: SamplingParams) -> (GenerateRequest, tokio:
     let limits = SamplerLimits { vocab_size: 49152, max_stop_strings: 8, default_max_tokens: 16, max_tokens_cap: 4096 };
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let req = GenerateRequest {
+        constraint: None,
+        keep_special: false,
         id: RequestId::next(),
         client_id: None,
         tenant: TenantId::from("anonymous"),

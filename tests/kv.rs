@@ -455,6 +455,8 @@ mod engine {
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel(256);
         let request = GenerateRequest {
+            constraint: None,
+            keep_special: false,
             id: RequestId::next(),
             client_id: None,
             tenant: TenantId::from(tenant),

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["types", "error", "config", "protocol", "stale"],
     &["telemetry"],
-    &["kv", "model", "tokenizer", "sampler", "registry"],
+    &["kv", "model", "tokenizer", "sampler", "grammar", "registry"],
     &["engine"],
     &["gateway"],
     &["bench"],

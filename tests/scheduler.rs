@@ -179,6 +179,8 @@ fn request(
     let (tx, rx) = mpsc::channel(capacity);
     let id = RequestId::next();
     let req = GenerateRequest {
+        constraint: None,
+        keep_special: false,
         id,
         client_id: None,
         tenant: TenantId::from(tenant),

@@ -66,6 +66,8 @@ fn one_round(engine: &crate::engine::EngineHandle, sampling: &SamplingConfig, c:
         // Each request starts at a different word so prompts differ.
         let at = (i * 7) % 300;
         let request = GenerateRequest {
+            constraint: None,
+            keep_special: false,
             id: RequestId::next(),
             client_id: None,
             tenant: TenantId::from("bench"),

@@ -104,12 +104,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let sampling =
         service::validate_sampling(&config.limits, &loaded, &params).map_err(|e| anyhow!("{}", e.message))?;
-    let job = Job {
-        input: PromptInput::Text { text: a.prompt.clone(), parse_special: true },
-        sampling,
-        session: None,
-        timeout: None,
-    };
+    let job = Job::new(PromptInput::Text { text: a.prompt.clone(), parse_special: true }, sampling, None);
     let origin = Origin { tenant: TenantId::from("cli"), client_id: None, received_at: std::time::Instant::now() };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
     let mut stdout = std::io::stdout().lock();

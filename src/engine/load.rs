@@ -10,6 +10,7 @@ use super::resources::{EngineLimits, Policies};
 use super::runner::{EngineHandle, EngineParts};
 use super::scheduler::TenantLimits;
 use crate::config::{Config, ConfigError, ModelConfig, PolicyRule};
+use crate::grammar::{GrammarLimits, Grammars};
 use crate::kv::arena::KvError;
 use crate::kv::cache::KvCache;
 use crate::model::transformer::{ModelError, Transformer};
@@ -90,6 +91,8 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     /// The sampler step order for requests that name none (the pipeline's `sample` stage).
     pub sampler_order: Vec<SamplerStep>,
+    /// Compiled grammars for constrained requests, if the pipeline has a `constrain` stage.
+    pub grammars: Option<Arc<Grammars>>,
 }
 
 /// Loads model `index` of `config` and starts its engine (its metrics go to a private
@@ -114,6 +117,7 @@ pub fn start_model_observed(config: &Config, index: usize, obs: &Observability) 
     let n_ctx = model.desc.n_ctx_train;
     config.check_against_model(index, n_ctx).map_err(|source| LoadError::Config { id: id.clone(), source })?;
     let pipeline = PipelineSpec::load(&mc.pipeline).map_err(|source| LoadError::Pipeline { id: id.clone(), source })?;
+    let constrains = pipeline.stages.iter().any(|(s, _)| *s == Stage::Constrain);
     let sampler_order =
         default_sampler_order(&pipeline).map_err(|source| LoadError::Pipeline { id: id.clone(), source })?;
     let kv = KvCache::from_config(model.kv_layout(mc.kv_cache.block_tokens.get()), &mc.kv_cache)
@@ -133,6 +137,7 @@ pub fn start_model_observed(config: &Config, index: usize, obs: &Observability) 
     let policies = Policies { input: compile(&config.policy.input)?, output: compile(&config.policy.output)? };
     let model = Arc::new(model);
     let tokenizer = Arc::new(tokenizer);
+    let grammars = constrains.then(|| Arc::new(Grammars::new(tokenizer.clone(), GrammarLimits::default())));
     let parts = EngineParts {
         model: model.clone(),
         tokenizer: tokenizer.clone(),
@@ -155,7 +160,7 @@ pub fn start_model_observed(config: &Config, index: usize, obs: &Observability) 
         kv_blocks = engine.status.kv_blocks_total.load(std::sync::atomic::Ordering::Relaxed),
         "model loaded"
     );
-    Ok(LoadedModel { id, model, tokenizer, engine, config: mc.clone(), sampler_order })
+    Ok(LoadedModel { id, model, tokenizer, engine, config: mc.clone(), sampler_order, grammars })
 }
 
 type CompiledRules = Vec<(Option<Vec<crate::types::TenantId>>, Arc<PolicyRules>)>;

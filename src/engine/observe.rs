@@ -106,7 +106,7 @@ pub fn install(world: &mut World, telemetry: EngineTelemetry) {
 
 /// Which stages run after the batch is planned, and so carry its shape and request ids.
 fn sees_batch(stage: Stage) -> bool {
-    matches!(stage, Stage::Forward | Stage::Sample | Stage::OutputPolicy | Stage::Emit)
+    matches!(stage, Stage::Forward | Stage::Constrain | Stage::Sample | Stage::OutputPolicy | Stage::Emit)
 }
 
 /// The span one stage runs in. Stages after `batch` carry the batch size and token count

@@ -17,6 +17,7 @@ pub enum Stage {
     InputPolicy,
     Batch,
     Forward,
+    Constrain,
     Sample,
     OutputPolicy,
     Emit,
@@ -24,12 +25,13 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 9] = [
+    pub const ALL: [Stage; 10] = [
         Stage::Admit,
         Stage::Tokenize,
         Stage::InputPolicy,
         Stage::Batch,
         Stage::Forward,
+        Stage::Constrain,
         Stage::Sample,
         Stage::OutputPolicy,
         Stage::Emit,
@@ -43,6 +45,7 @@ impl Stage {
             Stage::InputPolicy => "input_policy",
             Stage::Batch => "batch",
             Stage::Forward => "forward",
+            Stage::Constrain => "constrain",
             Stage::Sample => "sample",
             Stage::OutputPolicy => "output_policy",
             Stage::Emit => "emit",
@@ -55,7 +58,7 @@ impl Stage {
     }
 
     pub fn is_optional(self) -> bool {
-        matches!(self, Stage::InputPolicy | Stage::OutputPolicy)
+        matches!(self, Stage::InputPolicy | Stage::Constrain | Stage::OutputPolicy)
     }
 
     /// Stages that must run earlier in the same tick when both are present.
@@ -66,7 +69,8 @@ impl Stage {
             Stage::InputPolicy => &[Stage::Tokenize],
             Stage::Batch => &[Stage::Tokenize, Stage::InputPolicy],
             Stage::Forward => &[Stage::Batch],
-            Stage::Sample => &[Stage::Forward],
+            Stage::Constrain => &[Stage::Forward],
+            Stage::Sample => &[Stage::Forward, Stage::Constrain],
             Stage::OutputPolicy => &[Stage::Sample],
             Stage::Emit => &[Stage::Sample, Stage::OutputPolicy],
             Stage::Evict => &[Stage::Admit],
@@ -235,7 +239,7 @@ mod tests {
     fn default_file_lists_the_core_stages_in_order() {
         let spec = parse(DEFAULT).unwrap();
         let names: Vec<_> = spec.stages.iter().map(|(s, _)| s.name()).collect();
-        assert_eq!(names, ["admit", "tokenize", "batch", "forward", "sample", "emit", "evict"]);
+        assert_eq!(names, ["admit", "tokenize", "batch", "forward", "constrain", "sample", "emit", "evict"]);
         assert_eq!(spec, PipelineSpec { name: "default".into(), ..spec.clone() });
     }
 

@@ -188,6 +188,7 @@ fn register_stage(world: &mut World, stage: Stage) -> SystemId {
         Stage::InputPolicy => world.register_system(systems::check_input_policy),
         Stage::Batch => world.register_system(systems::assemble_batch),
         Stage::Forward => world.register_system(systems::run_forward),
+        Stage::Constrain => world.register_system(systems::constrain_logits),
         Stage::Sample => world.register_system(systems::sample_next_tokens),
         Stage::OutputPolicy => world.register_system(systems::check_output_policy),
         Stage::Emit => world.register_system(systems::emit_events),

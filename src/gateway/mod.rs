@@ -29,6 +29,7 @@ mod routes;
 mod server;
 pub mod service;
 mod state;
+pub mod structured;
 pub mod template;
 
 pub use auth::{Access, Authenticator, Caller};

@@ -14,8 +14,8 @@ use crate::config::LimitsConfig;
 use crate::engine::load::LoadedModel;
 use crate::error::{ApiError, ErrorKind};
 use crate::protocol::{
-    EngineCommand, FinishReason, GenerateRequest, PromptInput, SamplerLimits, SamplingConfig, SamplingParams,
-    StreamEvent, Timings, TokenLogprob, Usage,
+    Constraint, EngineCommand, FinishReason, GenerateRequest, PromptInput, SamplerLimits, SamplingConfig,
+    SamplingParams, StreamEvent, Timings, TokenLogprob, Usage,
 };
 use crate::types::{RequestId, SessionId, TenantId, TokenId};
 
@@ -29,6 +29,17 @@ pub struct Job {
     pub session: Option<SessionId>,
     /// How long the request may run in total; `None` = the configured default.
     pub timeout: Option<Duration>,
+    /// A compiled output constraint (`gateway::structured`).
+    pub constraint: Option<Constraint>,
+    /// Keep special and control tokens in the streamed text (tool-call markers).
+    pub keep_special: bool,
+}
+
+impl Job {
+    /// An unconstrained job whose text skips special tokens.
+    pub fn new(input: PromptInput, sampling: SamplingConfig, session: Option<SessionId>) -> Self {
+        Job { input, sampling, session, timeout: None, constraint: None, keep_special: false }
+    }
 }
 
 /// Who a job runs for: the tenant it is billed to, and the name the client knows it by
@@ -134,9 +145,11 @@ pub async fn start(
     job: Job,
     default_timeout: Duration,
 ) -> Result<Submission, ApiError> {
-    let Job { input, sampling, session, timeout } = job;
+    let Job { input, sampling, session, timeout, constraint, keep_special } = job;
     let (tx, mut rx) = mpsc::channel(STREAM_CAPACITY);
     let request = GenerateRequest {
+        constraint,
+        keep_special,
         id: RequestId::next(),
         client_id: origin.client_id,
         tenant: origin.tenant,

@@ -41,6 +41,9 @@ pub struct AppState {
     /// Threads that wait on template workers: their own pool, so renders held up to their
     /// time limit never keep `cpu` from tokenizing other requests.
     pub template_slots: CpuPool,
+    /// Where JSON schemas and grammars compile: their own pool, so a costly grammar never
+    /// holds up tokenizing, and the engines never compile.
+    pub grammar_slots: CpuPool,
     live: RwLock<Arc<Live>>,
 }
 
@@ -85,6 +88,7 @@ impl AppState {
             config_source: None,
             cpu: CpuPool::new(config.server.cpu_workers.get(), config.server.cpu_queue),
             template_slots: CpuPool::new(config.server.cpu_workers.get(), config.server.cpu_queue),
+            grammar_slots: CpuPool::new(config.server.cpu_workers.get(), config.server.cpu_queue),
             templates: Arc::new(TemplateSandbox::this_binary(Limits::of(&config), config.server.cpu_workers.get())),
             models: Models::new(models.into_iter().map(Arc::new).collect()),
             draining: AtomicBool::new(false),

@@ -4,6 +4,7 @@
 //! gateway never touches the `World`. [`sampling`] holds the sampling parameters both sides
 //! speak: the wire form and its validated form.
 
+pub mod constraint;
 pub mod sampling;
 pub mod sse;
 
@@ -15,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::ApiError;
 use crate::types::{RequestId, SessionId, TenantId, TokenId};
 
+pub use constraint::{Constraint, NextTokens, TokenConstraint};
 pub use sampling::{SamplerLimits, SamplerStep, SamplingConfig, SamplingParams};
 
 /// What a generation request asks the model to continue.
@@ -37,6 +39,12 @@ pub struct GenerateRequest {
     pub session: Option<SessionId>,
     pub input: PromptInput,
     pub sampling: SamplingConfig,
+    /// Limits what may be generated (a compiled JSON schema, regex or grammar); needs a
+    /// pipeline with the `constrain` stage.
+    pub constraint: Option<Constraint>,
+    /// Detokenize special and control tokens into the text (tool-call markers such as
+    /// `[TOOL_CALLS]` are control tokens); normally they add no text.
+    pub keep_special: bool,
     /// How long the request may run in total (queue + generation).
     pub timeout: Duration,
     /// When the gateway received the request (queue time starts here).

@@ -19,6 +19,7 @@ const TOKEN_BUCKETS: &[f64] = &[0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1,
 /// Buckets for one tick or one stage, in seconds.
 const TICK_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+const GRAMMAR_BYTE_BUCKETS: &[f64] = &[64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0];
 const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 const BATCH_TOKEN_BUCKETS: &[f64] =
     &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0];
@@ -59,6 +60,9 @@ pub struct Metrics {
     pub(crate) rejections: IntCounterVec,
     pub(crate) preemptions: IntCounterVec,
     pub(crate) model_loaded: IntGaugeVec,
+    pub(crate) grammar_compile: HistogramVec,
+    pub(crate) grammar_bytes: HistogramVec,
+    pub(crate) grammar_cache: IntCounterVec,
 }
 
 fn histogram(
@@ -222,6 +226,26 @@ impl Metrics {
                 &["model"],
             )?,
             model_loaded: int_gauge(&r, "starling_model_loaded", "1 while the model is loaded.", &["model"])?,
+            grammar_compile: histogram(
+                &r,
+                "starling_grammar_compile_seconds",
+                "Compiling a request's JSON schema, regex or grammar (cache misses only).",
+                TICK_BUCKETS,
+                &["model", "kind"],
+            )?,
+            grammar_bytes: histogram(
+                &r,
+                "starling_grammar_bytes",
+                "Size of the JSON schemas, regexes and grammars requests sent.",
+                GRAMMAR_BYTE_BUCKETS,
+                &["model", "kind"],
+            )?,
+            grammar_cache: counter(
+                &r,
+                "starling_grammar_cache_total",
+                "Grammar look-ups in the compiled-grammar cache, by result (hit, miss).",
+                &["model", "result"],
+            )?,
             registry: r,
         };
         let info = int_gauge(&m.registry, "starling_build_info", "Build information.", &["version"])?;
@@ -255,6 +279,16 @@ impl Metrics {
     /// Counts a request answered with an error (by its classified type).
     pub fn record_error(&self, kind: ErrorKind) {
         self.errors.with_label_values(&[kind.as_str()]).inc();
+    }
+
+    /// Records one grammar a request sent: its size, and its compile time on a cache miss.
+    pub fn record_grammar(&self, model: &str, kind: &str, bytes: usize, compile_seconds: Option<f64>) {
+        self.grammar_bytes.with_label_values(&[model, kind]).observe(bytes as f64);
+        let result = if compile_seconds.is_some() { "miss" } else { "hit" };
+        self.grammar_cache.with_label_values(&[model, result]).inc();
+        if let Some(s) = compile_seconds {
+            self.grammar_compile.with_label_values(&[model, kind]).observe(s);
+        }
     }
 
     /// Counts a request refused at admission; `code` is the error's stable code.

@@ -160,12 +160,11 @@ impl Local {
         };
         let sampling = service::validate_sampling(&self.config.limits, &self.model, &params)
             .map_err(|e| anyhow!("{}", e.message))?;
-        let job = Job {
-            input: PromptInput::Text { text, parse_special: true },
+        let job = Job::new(
+            PromptInput::Text { text, parse_special: true },
             sampling,
-            session: Some(SessionId(turn.session.to_owned())),
-            timeout: None,
-        };
+            Some(SessionId(turn.session.to_owned())),
+        );
         let origin = Origin { tenant: TenantId::from(CLI_TENANT), client_id: None, received_at: sent };
         let sub = service::start(&self.model, origin, job, self.config.limits.default_timeout)
             .await

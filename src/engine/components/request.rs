@@ -5,7 +5,7 @@ use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::kv::arena::BlockTable;
-use crate::protocol::{FinishReason, PromptInput, StreamEvent};
+use crate::protocol::{Constraint, FinishReason, PromptInput, StreamEvent};
 use crate::sampler::SamplerState;
 use crate::tokenizer::StreamDecoder;
 use crate::types::{RequestId, TenantId, Timestamp, TokenId};
@@ -74,6 +74,11 @@ pub struct Preempted;
 /// Sampling parameters, RNG and penalty state. Written by sample.
 #[derive(Component)]
 pub struct Sampling(pub SamplerState);
+
+/// The request's output constraint (a compiled grammar). Written by admit; read by
+/// constrain (which tokens may come next) and sample (advanced on each sampled token).
+#[derive(Component)]
+pub struct Constrained(pub Constraint);
 
 /// The stream back to the client. Read by emit; a closed channel cancels the request.
 #[derive(Component, Debug)]

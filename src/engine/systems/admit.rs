@@ -238,6 +238,7 @@ fn spawn_request(
     let received = Timestamp(now.0.saturating_sub(waited.as_micros() as u64));
     let deadline = Deadline(received.after(req.timeout));
     let stops = req.sampling.stop.clone();
+    let constraint = req.constraint;
     let mut e = commands.spawn((
         Request(req.id),
         name,
@@ -249,12 +250,15 @@ fn spawn_request(
         deadline,
         Timing { received, admitted: now, first_token: None },
         Outbox::default(),
-        TextOut { decoder: StreamDecoder::new(true), gate: TextGate::new(&stops, None) },
+        TextOut { decoder: StreamDecoder::new(!req.keep_special), gate: TextGate::new(&stops, None) },
         Sampling(SamplerState::new(req.sampling)),
         CachedPrefix(0),
     ));
     if let Some(s) = session {
         e.insert(SessionLink(s));
+    }
+    if let Some(c) = constraint {
+        e.insert(Constrained(c));
     }
     e.id()
 }

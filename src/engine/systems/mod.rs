@@ -3,6 +3,7 @@
 
 mod admit;
 mod batch;
+mod constrain;
 mod emit;
 mod evict;
 mod forward;
@@ -12,6 +13,7 @@ mod tokenize;
 
 pub use admit::admit_requests;
 pub use batch::assemble_batch;
+pub use constrain::constrain_logits;
 pub use emit::emit_events;
 pub use evict::evict_finished;
 pub use forward::run_forward;

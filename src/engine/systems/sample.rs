@@ -4,8 +4,9 @@ use bevy_ecs::prelude::*;
 
 use crate::engine::components::*;
 use crate::engine::resources::*;
+use crate::error::{ApiError, ErrorKind};
 use crate::protocol::FinishReason;
-use crate::sampler::TokenFinish;
+use crate::sampler::{Sampled, TokenFinish};
 
 /// Draws the next token from each sampling sequence's logits row, appends it, and decides
 /// whether the sequence is finished (`stop` on an end token, `length` at `max_tokens` or
@@ -15,22 +16,36 @@ pub fn sample_next_tokens(
     mut logits: ResMut<Logits>,
     tokenizer: Res<TokenizerRes>,
     limits: Res<EngineLimits>,
-    mut seqs: Query<(&mut Tokens, &mut Sampling, &mut Phase, &mut Outbox)>,
+    mut seqs: Query<(&mut Tokens, &mut Sampling, &mut Phase, &mut Outbox, Option<&mut Constrained>)>,
 ) {
     let vocab = tokenizer.0.vocab_size();
     let eog = tokenizer.0.eog_ids();
     let mut rows = logits.0.chunks_exact_mut(vocab);
     for item in plan.items.iter().filter(|i| i.samples) {
         let Some(row) = rows.next() else { break };
-        let Ok((mut tokens, mut sampling, mut phase, mut outbox)) = seqs.get_mut(item.entity) else { continue };
+        let Ok((mut tokens, mut sampling, mut phase, mut outbox, constrained)) = seqs.get_mut(item.entity) else {
+            continue;
+        };
         if matches!(*phase, Phase::Finished(_)) {
             continue;
         }
         let n_generated = tokens.n_generated();
         let s = sampling.0.sample(row, &tokens.ids, n_generated, eog);
+        let mut complete = false;
+        if let Some(mut c) = constrained {
+            match advance(&mut c, &s, n_generated, sampling.0.config().min_tokens) {
+                Ok(done) => complete = done,
+                Err(e) => {
+                    fail(&mut phase, &mut outbox, e);
+                    continue;
+                }
+            }
+        }
         tokens.ids.push(s.token);
         *phase = match sampling.0.finish_after(&s, tokens.n_generated()) {
             Some(TokenFinish::Stop) => Phase::Finished(FinishReason::Stop),
+            // A grammar that can take no more tokens ends its output with `stop`.
+            _ if complete => Phase::Finished(FinishReason::Stop),
             Some(TokenFinish::Length) => Phase::Finished(FinishReason::Length),
             None if tokens.ids.len() >= limits.n_ctx => Phase::Finished(FinishReason::Length),
             None => Phase::Decode,
@@ -42,4 +57,29 @@ pub fn sample_next_tokens(
             is_stop: s.is_stop_token,
         });
     }
+}
+
+/// Moves a constrained sequence's grammar past the sampled token; returns whether the
+/// grammar is complete. A draw from an empty mask (every token forbidden by the grammar,
+/// bans and `min_tokens` together) is an error, never a silent token 0.
+fn advance(c: &mut Constrained, s: &Sampled, n_generated: usize, min_tokens: u32) -> Result<bool, ApiError> {
+    let refuse = |msg: String| ApiError::new(ErrorKind::InvalidRequest, msg).with_code("constraint_failed");
+    if s.logprob == f32::NEG_INFINITY {
+        return Err(refuse(format!(
+            "no token is allowed after {n_generated} generated tokens: the output constraint, logit bias and \
+             min_tokens together forbid every token"
+        )));
+    }
+    if s.is_stop_token {
+        return Ok(false);
+    }
+    c.0.0.advance(s.token).map_err(|e| refuse(format!("the output constraint rejected token {}: {e}", s.token)))?;
+    let complete = c.0.0.is_complete();
+    if complete && n_generated + 1 < min_tokens as usize {
+        return Err(refuse(format!(
+            "the constrained output is complete after {} tokens, before min_tokens = {min_tokens}",
+            n_generated + 1
+        )));
+    }
+    Ok(complete)
 }

@@ -15,6 +15,7 @@ use crate::gateway::render::native::{NativeRender, generation_body};
 use crate::gateway::render::{Body, json_response, sse};
 use crate::gateway::service::{Job, collect, session_id, submit, validate_sampling};
 use crate::gateway::state::{AppState, Ctx};
+use crate::gateway::structured;
 use crate::protocol::{EngineCommand, PromptInput, SamplingParams};
 use crate::types::{SessionId, TokenId};
 
@@ -67,7 +68,8 @@ pub fn list_models(state: &AppState) -> Response<Body> {
 }
 
 pub async fn generate(state: &Arc<AppState>, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let map = read_object(req, state.config.server.max_body_bytes.get()).await?;
+    let mut map = read_object(req, state.config.server.max_body_bytes.get()).await?;
+    let grammar = structured::native_fields(&mut map)?;
     reject_unknown(&map, &[GENERATE_FIELDS, SAMPLING_FIELDS])?;
     let body: GenerateBody = from_map(map)?;
     let model = state.model(body.model.as_deref())?;
@@ -92,7 +94,12 @@ pub async fn generate(state: &Arc<AppState>, ctx: &Ctx, req: Request<Incoming>) 
     let sampling = validate_sampling(&state.live().config.limits, &model, &body.sampling)?;
     let want_logprobs = sampling.logprobs > 0;
     let session = session_id(body.session_id, ctx)?;
-    let sub = submit(state, ctx, &model, Job { input, sampling, session, timeout }).await?;
+    let constraint = match grammar {
+        Some((g, param)) => Some(structured::compile(state, &model, g, param).await?),
+        None => None,
+    };
+    let job = Job { timeout, constraint, ..Job::new(input, sampling, session) };
+    let sub = submit(state, ctx, &model, job).await?;
     if body.stream.unwrap_or(true) {
         let render = NativeRender { logprobs: want_logprobs };
         Ok(sse::response(sub, render, state.config.server.sse_keepalive))

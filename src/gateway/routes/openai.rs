@@ -20,6 +20,7 @@ use crate::gateway::render::openai::{Kind, OpenAiRender, Shape};
 use crate::gateway::render::{Body, json_response, sse};
 use crate::gateway::service::{Job, collect, session_id, submit, validate_sampling};
 use crate::gateway::state::{AppState, Ctx};
+use crate::gateway::structured;
 use crate::gateway::template::ChatMessage;
 use crate::gateway::template::sandbox::RenderJob;
 use crate::protocol::{PromptInput, SamplingParams};
@@ -79,6 +80,7 @@ struct OpenAiBody {
     min_tokens: Option<u32>,
     ignore_eos: Option<bool>,
     session_id: Option<String>,
+    response_format: Option<Value>,
 }
 
 /// How many alternatives to report per token; `None` = no logprobs at all.
@@ -206,7 +208,12 @@ async fn run(
     let top = wanted_logprobs(kind, &body)?;
     let sampling = validate_sampling(&state.live().config.limits, &model, &sampling_params(&body, top)?)?;
     let session = session_id(body.session_id.clone(), ctx)?;
-    let sub = submit(state, ctx, &model, Job { input, sampling, session, timeout: None }).await?;
+    let constraint = match body.response_format.as_ref().map(structured::response_format).transpose()?.flatten() {
+        Some(g) => Some(structured::compile(state, &model, g, "response_format").await?),
+        None => None,
+    };
+    let job = Job { constraint, ..Job::new(input, sampling, session) };
+    let sub = submit(state, ctx, &model, job).await?;
     let shape = Shape {
         kind,
         id: random_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }),

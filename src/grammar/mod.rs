@@ -1,0 +1,241 @@
+//! Constrained decoding: JSON schemas, regular expressions, Lark grammars and fixed choices
+//! compiled by `llguidance` against a model's vocabulary.
+//!
+//! - [`Grammar`]: what a request asks for, before compilation.
+//! - [`Grammars`]: one per loaded model: the token trie (built on first use), the parser
+//!   factory with its limits, and a cache of compiled grammars keyed by a hash of their
+//!   source. Compiling is blocking work: the gateway runs it on its own bounded pool.
+//! - [`GrammarConstraint`]: a compiled grammar's per-request state, driven by the engine
+//!   through [`crate::protocol::TokenConstraint`].
+
+mod vocab;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use llguidance::api::{ParserLimits, TopLevelGrammar};
+use llguidance::toktrie::InferenceCapabilities;
+use llguidance::{Matcher, ParserFactory, TokenParser};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::protocol::{NextTokens, TokenConstraint};
+use crate::tokenizer::GgufTokenizer;
+use crate::types::TokenId;
+
+/// A request's output constraint, before compilation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Grammar {
+    /// A JSON schema (`{"type": "object"}` for OpenAI's `json_object`).
+    JsonSchema(Value),
+    /// A regular expression the whole output must match (Rust `regex` syntax).
+    Regex(String),
+    /// A grammar in llguidance's Lark dialect (may embed `%json { schema }`).
+    Lark(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+}
+
+impl Grammar {
+    /// The wire name of the kind (a metrics label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Grammar::JsonSchema(_) => "json_schema",
+            Grammar::Regex(_) => "regex",
+            Grammar::Lark(_) => "lark",
+            Grammar::Choice(_) => "choice",
+        }
+    }
+
+    /// The source text compiled (its length is what size limits count).
+    pub fn source(&self) -> String {
+        match self {
+            Grammar::JsonSchema(v) => v.to_string(),
+            Grammar::Regex(s) | Grammar::Lark(s) => s.clone(),
+            Grammar::Choice(v) => Value::from(v.clone()).to_string(),
+        }
+    }
+
+    fn top_level(&self) -> TopLevelGrammar {
+        match self {
+            Grammar::JsonSchema(schema) => TopLevelGrammar::from_json_schema(compact_json(schema)),
+            Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
+            Grammar::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
+            Grammar::Choice(options) => {
+                // JSON string literals are valid Lark literals (same escapes).
+                let alts: Vec<String> = options.iter().map(|o| Value::from(o.as_str()).to_string()).collect();
+                TopLevelGrammar::from_lark(format!("start: {}", alts.join(" | ")))
+            }
+        }
+    }
+}
+
+/// JSON output is written compactly (`, ` and `: `, no free whitespace): a small model
+/// given free whitespace can spend its whole budget on newlines.
+fn compact_json(schema: &Value) -> Value {
+    let mut schema = schema.clone();
+    if let Value::Object(map) = &mut schema
+        && !map.contains_key("x-guidance")
+    {
+        map.insert(
+            "x-guidance".into(),
+            json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+        );
+    }
+    schema
+}
+
+/// Why a grammar was refused; the message names the problem (schema path, grammar line).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GrammarError {
+    #[error("the {kind} is {bytes} bytes; the limit is {limit}")]
+    TooLarge { kind: &'static str, bytes: usize, limit: usize },
+    #[error("the {kind} is invalid: {message}")]
+    Invalid { kind: &'static str, message: String },
+    #[error("the model's vocabulary cannot be used for constrained decoding: {0}")]
+    Vocabulary(String),
+}
+
+/// Bounds on what one grammar may cost.
+#[derive(Clone, Copy, Debug)]
+pub struct GrammarLimits {
+    /// Largest grammar source accepted, in bytes.
+    pub max_bytes: usize,
+    /// Compiled grammars kept for reuse.
+    pub cache_entries: usize,
+}
+
+impl Default for GrammarLimits {
+    fn default() -> Self {
+        GrammarLimits { max_bytes: 64 * 1024, cache_entries: 64 }
+    }
+}
+
+/// A compiled grammar ready to constrain one request, and what compiling it cost.
+pub struct Compiled {
+    pub constraint: GrammarConstraint,
+    /// Served from the cache (no compilation).
+    pub cached: bool,
+    /// Time spent compiling (zero on a cache hit).
+    pub compile_time: Duration,
+    /// Bytes of the grammar's source.
+    pub bytes: usize,
+}
+
+/// Compiled grammars of one model.
+pub struct Grammars {
+    tokenizer: Arc<GgufTokenizer>,
+    limits: GrammarLimits,
+    factory: OnceLock<Result<ParserFactory, String>>,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    parsers: HashMap<[u8; 32], TokenParser>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl Grammars {
+    pub fn new(tokenizer: Arc<GgufTokenizer>, limits: GrammarLimits) -> Self {
+        Grammars { tokenizer, limits, factory: OnceLock::new(), cache: Mutex::new(Cache::default()) }
+    }
+
+    /// The parser factory; the token trie is built on first use (tens of milliseconds for
+    /// a 50k vocabulary), so models that never see a grammar never pay for it.
+    fn factory(&self) -> Result<&ParserFactory, GrammarError> {
+        let built = self.factory.get_or_init(|| {
+            let env = vocab::token_env(&self.tokenizer)?;
+            let mut f = ParserFactory::new(&env, InferenceCapabilities::default(), &[]).map_err(|e| e.to_string())?;
+            f.quiet();
+            *f.limits_mut() = ParserLimits { max_grammar_size: 200_000, ..ParserLimits::default() };
+            Ok(f)
+        });
+        built.as_ref().map_err(|e| GrammarError::Vocabulary(e.clone()))
+    }
+
+    /// Compiles `grammar` (or reuses a cached compilation). Blocking: run it off the
+    /// engine and async threads.
+    pub fn compile(&self, grammar: &Grammar) -> Result<Compiled, GrammarError> {
+        let source = grammar.source();
+        let kind = grammar.kind();
+        if source.len() > self.limits.max_bytes {
+            return Err(GrammarError::TooLarge { kind, bytes: source.len(), limit: self.limits.max_bytes });
+        }
+        let key: [u8; 32] = Sha256::new().chain_update(kind).chain_update([0]).chain_update(&source).finalize().into();
+        let factory = self.factory()?;
+        let hit = self.cache.lock().unwrap_or_else(|p| p.into_inner()).parsers.get(&key).map(TokenParser::deep_clone);
+        let (parser, cached, compile_time) = match hit {
+            Some(p) => (p, true, Duration::ZERO),
+            None => {
+                let started = Instant::now();
+                let parser = factory
+                    .create_parser(grammar.top_level())
+                    .map_err(|e| GrammarError::Invalid { kind, message: e.to_string() })?;
+                let took = started.elapsed();
+                self.remember(key, parser.deep_clone());
+                (parser, false, took)
+            }
+        };
+        let constraint = GrammarConstraint::new(Matcher::new(Ok(parser)), self.tokenizer.eog_ids())?;
+        Ok(Compiled { constraint, cached, compile_time, bytes: source.len() })
+    }
+
+    fn remember(&self, key: [u8; 32], parser: TokenParser) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.parsers.insert(key, parser).is_none() {
+            cache.order.push_back(key);
+        }
+        while cache.order.len() > self.limits.cache_entries {
+            if let Some(old) = cache.order.pop_front() {
+                cache.parsers.remove(&old);
+            }
+        }
+    }
+}
+
+/// One request's grammar state: which tokens may come next, advanced per sampled token.
+pub struct GrammarConstraint {
+    matcher: Matcher,
+    eog: Vec<TokenId>,
+    bits: Vec<u32>,
+}
+
+impl GrammarConstraint {
+    fn new(matcher: Matcher, eog: &[TokenId]) -> Result<Self, GrammarError> {
+        if let Some(e) = matcher.get_error() {
+            return Err(GrammarError::Invalid { kind: "grammar", message: e });
+        }
+        Ok(GrammarConstraint { matcher, eog: eog.to_vec(), bits: Vec::new() })
+    }
+
+    /// Whether `text` is a complete output of the grammar (tests, tools).
+    pub fn accepts_text(mut self, tokenizer: &GgufTokenizer, text: &str) -> bool {
+        let Ok(ids) = tokenizer.encode(text, false) else { return false };
+        self.matcher.consume_tokens(&ids).is_ok() && self.matcher.is_accepting().unwrap_or(false)
+    }
+}
+
+impl TokenConstraint for GrammarConstraint {
+    fn next_tokens(&mut self) -> Result<NextTokens<'_>, String> {
+        let mask = self.matcher.compute_mask().map_err(|e| e.to_string())?;
+        let may_end = self.matcher.is_accepting().map_err(|e| e.to_string())?;
+        self.bits.clear();
+        self.bits.extend_from_slice(mask.as_slice());
+        for &id in &self.eog {
+            if let Some(w) = self.bits.get_mut(id as usize / 32) {
+                *w &= !(1 << (id % 32));
+            }
+        }
+        Ok(NextTokens { bits: &self.bits, may_end })
+    }
+
+    fn advance(&mut self, token: TokenId) -> Result<(), String> {
+        self.matcher.consume_token(token).map_err(|e| e.to_string())
+    }
+
+    fn is_complete(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+}
