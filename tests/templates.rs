@@ -19,8 +19,8 @@ fn job(template: Option<&str>) -> RenderJob {
         model: "m".into(),
         template: template.map(str::to_owned),
         messages: vec![
-            ChatMessage { role: "system".into(), content: "Be brief.".into() },
-            ChatMessage { role: "user".into(), content: "Hello, wörld".into() },
+            ChatMessage { role: "system".into(), content: "Be brief.".into(), ..Default::default() },
+            ChatMessage { role: "user".into(), content: "Hello, wörld".into(), ..Default::default() },
         ],
         bos_token: "<s>".into(),
         eos_token: "</s>".into(),

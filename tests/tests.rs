@@ -23,3 +23,4 @@ mod structured;
 mod support;
 mod templates;
 mod tokenizer;
+mod tools;

@@ -31,6 +31,7 @@ pub mod service;
 mod state;
 pub mod structured;
 pub mod template;
+pub mod tools;
 
 pub use auth::{Access, Authenticator, Caller};
 pub use lifecycle::{load_configured, mark_configured_loading};

@@ -280,11 +280,11 @@ impl Chat {
     /// Sends `text` as the user's turn and streams the reply; Ctrl-C stops it, keeping what
     /// was said. A failed turn is forgotten.
     fn say(&mut self, text: &str, runtime: &tokio::runtime::Runtime) {
-        self.history.push(ChatMessage { role: "user".to_owned(), content: text.to_owned() });
+        self.history.push(ChatMessage { role: "user".to_owned(), content: text.to_owned(), ..Default::default() });
         let messages: Vec<ChatMessage> = self
             .system
             .iter()
-            .map(|s| ChatMessage { role: "system".to_owned(), content: s.clone() })
+            .map(|s| ChatMessage { role: "system".to_owned(), content: s.clone(), ..Default::default() })
             .chain(self.history.iter().cloned())
             .collect();
         let turn = Turn { messages: &messages, session: &self.session, settings: &self.settings };
@@ -306,7 +306,7 @@ impl Chat {
             Some(Ok(stats)) => {
                 println!();
                 self.last = Some(stats);
-                self.history.push(ChatMessage { role: "assistant".to_owned(), content: reply });
+                self.history.push(ChatMessage { role: "assistant".to_owned(), content: reply, ..Default::default() });
             }
             Some(Err(e)) => {
                 if !reply.is_empty() {
@@ -317,7 +317,7 @@ impl Chat {
             }
             None => {
                 println!("\n[cancelled]");
-                self.history.push(ChatMessage { role: "assistant".to_owned(), content: reply });
+                self.history.push(ChatMessage { role: "assistant".to_owned(), content: reply, ..Default::default() });
             }
         }
     }

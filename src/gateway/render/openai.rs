@@ -6,7 +6,9 @@ use std::sync::Arc;
 use serde_json::{Map, Value, json};
 
 use super::sse::{self, Render};
+use crate::gateway::extract::random_id;
 use crate::gateway::service::Collected;
+use crate::gateway::tools::{self, ParsedCall, ToolCallParser, ToolEvent, ToolFormat};
 use crate::protocol::{FinishReason, StreamEvent, TokenLogprob, Usage};
 use crate::tokenizer::GgufTokenizer;
 use crate::types::TokenId;
@@ -27,6 +29,8 @@ pub struct Shape {
     /// Alternatives per token to report; `None` = no logprobs.
     pub top: Option<u32>,
     pub tokenizer: Arc<GgufTokenizer>,
+    /// Tool calls are parsed from the output in this syntax, for these function names.
+    pub tools: Option<(ToolFormat, Vec<String>)>,
 }
 
 /// OpenAI's usage object.
@@ -108,11 +112,29 @@ impl Shape {
     pub fn whole(&self, out: &Collected) -> Value {
         let logprobs = self.logprobs(&out.logprobs, 0);
         let finish = finish_name(out.finish_reason);
-        let choice = match self.kind {
-            Kind::Chat => {
+        let choice = match (self.kind, &self.tools) {
+            (Kind::Chat, Some((format, names))) => {
+                let (content, calls) = tools::split_output(*format, names, &out.text);
+                let mut message = json!({"role": "assistant", "content": content});
+                let mut finish = finish;
+                if !calls.is_empty() {
+                    if content.trim().is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    let calls: Vec<Value> = calls.iter().map(|c| tools::call_json(&random_id("call"), c)).collect();
+                    message["tool_calls"] = Value::Array(calls);
+                    if out.finish_reason == FinishReason::Stop {
+                        finish = "tool_calls";
+                    }
+                }
+                json!({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish})
+            }
+            (Kind::Chat, None) => {
                 json!({"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": logprobs, "finish_reason": finish})
             }
-            Kind::Completion => json!({"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": finish}),
+            (Kind::Completion, _) => {
+                json!({"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": finish})
+            }
         };
         let mut v = self.envelope(false, json!([choice]));
         v["usage"] = usage_json(&out.usage);
@@ -138,12 +160,39 @@ pub struct OpenAiRender {
     include_usage: bool,
     started: bool,
     text_offset: usize,
+    /// Finds tool calls in the streamed text (chat with tools).
+    parser: Option<ToolCallParser>,
+    calls: usize,
 }
 
 impl OpenAiRender {
     /// Chunks of `shape`; a final usage chunk when `include_usage`.
     pub fn new(shape: Shape, include_usage: bool) -> Self {
-        OpenAiRender { shape, include_usage, started: false, text_offset: 0 }
+        let parser = shape.tools.as_ref().map(|(f, names)| ToolCallParser::new(*f, names.clone()));
+        OpenAiRender { shape, include_usage, started: false, text_offset: 0, parser, calls: 0 }
+    }
+
+    /// Content deltas for text, and for each call two `tool_calls` deltas: its index, id
+    /// and name first, then its arguments.
+    fn tool_events(&mut self, events: Vec<ToolEvent>) -> String {
+        let mut out = String::new();
+        for e in events {
+            match e {
+                ToolEvent::Text(t) => out += &data(&self.shape.chunk(&t, Value::Null, None)),
+                ToolEvent::Call(ParsedCall { name, arguments }) => {
+                    let index = self.calls;
+                    self.calls += 1;
+                    let head = json!([{"index": index, "id": random_id("call"), "type": "function",
+                                       "function": {"name": name, "arguments": ""}}]);
+                    let args = json!([{"index": index, "function": {"arguments": arguments}}]);
+                    for delta in [head, args] {
+                        let choice = json!([{"index": 0, "delta": {"tool_calls": delta}, "logprobs": null, "finish_reason": null}]);
+                        out += &data(&self.shape.envelope(true, choice));
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
@@ -167,10 +216,18 @@ impl OpenAiRender {
 
     fn finish(&mut self, reason: FinishReason, usage: &Usage, text: &str) -> String {
         let mut out = self.opening();
-        if !text.is_empty() {
+        let mut finish = finish_name(reason);
+        if let Some(mut parser) = self.parser.take() {
+            let mut events = parser.push(text);
+            events.extend(parser.finish());
+            out += &self.tool_events(events);
+            if self.calls > 0 && reason == FinishReason::Stop {
+                finish = "tool_calls";
+            }
+        } else if !text.is_empty() {
             out += &data(&self.shape.chunk(text, Value::Null, None));
         }
-        out += &data(&self.shape.chunk("", Value::Null, Some(finish_name(reason))));
+        out += &data(&self.shape.chunk("", Value::Null, Some(finish)));
         if self.include_usage {
             let mut v = self.shape.envelope(true, json!([]));
             v["usage"] = usage_json(usage);
@@ -188,7 +245,13 @@ impl Render for OpenAiRender {
                 let mut out = self.opening();
                 let logprobs = self.shape.logprobs(&[(id, logprob.unwrap_or(0.0), top_logprobs)], self.text_offset);
                 self.text_offset += text.len();
-                if !text.is_empty() || !logprobs.is_null() {
+                if let Some(parser) = self.parser.as_mut() {
+                    let events = parser.push(&text);
+                    out += &self.tool_events(events);
+                    if !logprobs.is_null() {
+                        out += &data(&self.shape.chunk("", logprobs, None));
+                    }
+                } else if !text.is_empty() || !logprobs.is_null() {
                     out += &data(&self.shape.chunk(&text, logprobs, None));
                 }
                 (out, false)

@@ -16,6 +16,7 @@ use crate::gateway::render::{Body, json_response, sse};
 use crate::gateway::service::{Job, collect, session_id, submit, validate_sampling};
 use crate::gateway::state::{AppState, Ctx};
 use crate::gateway::structured;
+use crate::gateway::tools;
 use crate::protocol::{EngineCommand, PromptInput, SamplingParams};
 use crate::types::{SessionId, TokenId};
 
@@ -62,7 +63,11 @@ pub fn list_models(state: &AppState) -> Response<Body> {
     let data: Vec<_> = table
         .ready
         .iter()
-        .map(|m| json!({"id": m.id, "object": "model", "owned_by": "starling", "context_length": m.model.desc.n_ctx_train}))
+        .map(|m| {
+            json!({"id": m.id, "object": "model", "owned_by": "starling", "context_length": m.model.desc.n_ctx_train,
+                   "tool_call_format": tools::model_format(&m.tokenizer).name(),
+                   "structured_output": m.grammars.is_some()})
+        })
         .collect();
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
 }

@@ -23,6 +23,8 @@ use crate::gateway::state::{AppState, Ctx};
 use crate::gateway::structured;
 use crate::gateway::template::ChatMessage;
 use crate::gateway::template::sandbox::RenderJob;
+use crate::gateway::tools::{self, ToolChoice, ToolSpec};
+use crate::grammar::Grammar;
 use crate::protocol::{PromptInput, SamplingParams};
 use crate::types::TokenId;
 
@@ -52,6 +54,9 @@ struct StreamOptions {
 struct WireMessage {
     role: String,
     content: Option<Value>,
+    tool_calls: Option<Value>,
+    tool_call_id: Option<String>,
+    name: Option<String>,
 }
 
 /// The fields both OpenAI routes share; everything else is ignored.
@@ -81,6 +86,9 @@ struct OpenAiBody {
     ignore_eos: Option<bool>,
     session_id: Option<String>,
     response_format: Option<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
 }
 
 /// How many alternatives to report per token; `None` = no logprobs at all.
@@ -156,7 +164,9 @@ pub async fn chat_completions(
     let body: OpenAiBody = from_map_with_path(read_object(req, state.config.server.max_body_bytes.get()).await?)?;
     let model = state.model(body.model.as_deref())?;
     let messages = chat_messages(body.messages.as_deref())?;
-    let job = RenderJob::new(model.id.as_str(), &model.tokenizer, messages);
+    let spec = tools::from_request(body.tools.as_ref(), body.tool_choice.as_ref(), body.parallel_tool_calls)?;
+    let mut job = RenderJob::new(model.id.as_str(), &model.tokenizer, messages);
+    job.tools = spec.as_ref().filter(|s| s.choice != ToolChoice::None).map(|s| s.tools.clone());
     let templates = state.templates.clone();
     let text = state.template_slots.run(move || templates.render(&job)).await??;
     run(state, ctx, Kind::Chat, body, PromptInput::Text { text, parse_special: true }).await
@@ -186,7 +196,13 @@ fn chat_messages(raw: Option<&[WireMessage]>) -> Result<Vec<ChatMessage>, ApiErr
                     ));
                 }
             };
-            Ok(ChatMessage { role: m.role.clone(), content })
+            Ok(ChatMessage {
+                role: m.role.clone(),
+                content,
+                tool_calls: m.tool_calls.as_ref().filter(|v| !v.is_null()).map(tools::template_tool_calls),
+                tool_call_id: m.tool_call_id.clone(),
+                name: m.name.clone(),
+            })
         })
         .collect()
 }
@@ -208,11 +224,29 @@ async fn run(
     let top = wanted_logprobs(kind, &body)?;
     let sampling = validate_sampling(&state.live().config.limits, &model, &sampling_params(&body, top)?)?;
     let session = session_id(body.session_id.clone(), ctx)?;
-    let constraint = match body.response_format.as_ref().map(structured::response_format).transpose()?.flatten() {
-        Some(g) => Some(structured::compile(state, &model, g, "response_format").await?),
+    let spec = match kind {
+        Kind::Chat => tools::from_request(body.tools.as_ref(), body.tool_choice.as_ref(), body.parallel_tool_calls)?,
+        Kind::Completion => None,
+    };
+    let format = body.response_format.as_ref().map(structured::response_format).transpose()?.flatten();
+    let grammar = match (format, spec.as_ref().and_then(ToolSpec::forced_schema)) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::new(
+                ErrorKind::InvalidRequest,
+                "`response_format` cannot be combined with a `tool_choice` that forces a call",
+            )
+            .with_param("response_format"));
+        }
+        (Some(g), None) => Some((g, "response_format")),
+        (None, Some(schema)) => Some((Grammar::JsonSchema(schema), "tools")),
+        (None, None) => None,
+    };
+    let constraint = match grammar {
+        Some((g, param)) => Some(structured::compile(state, &model, g, param).await?),
         None => None,
     };
-    let job = Job { constraint, ..Job::new(input, sampling, session) };
+    let tool_format = spec.as_ref().and_then(|s| Some((s.format(&model.tokenizer)?, s.names())));
+    let job = Job { constraint, keep_special: tool_format.is_some(), ..Job::new(input, sampling, session) };
     let sub = submit(state, ctx, &model, job).await?;
     let shape = Shape {
         kind,
@@ -221,6 +255,7 @@ async fn run(
         model: model.id.to_string(),
         top,
         tokenizer: model.tokenizer.clone(),
+        tools: tool_format,
     };
     if body.stream.unwrap_or(false) {
         let include_usage = body.stream_options.and_then(|o| o.include_usage).unwrap_or(false);

@@ -17,11 +17,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ErrorKind};
 
-/// One chat message as the template sees it (`content` flattened to text).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One chat message as the template sees it (`content` flattened to text). Tool fields
+/// are passed as Hugging Face's `apply_chat_template` passes them, and absent otherwise.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant message's calls: `[{"id", "type", "function": {"name", "arguments"}}]`,
+    /// `arguments` as an object (templates print it with `tojson`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` message's answer to the call with this id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A `tool` message's function name (some templates print it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// Why a chat could not be rendered.
@@ -150,7 +161,10 @@ pub fn render_chat(
     let source = without_generation_tags(template);
     let compile_error = |e: Error| TemplateError::Compile(format!("{e:#}"));
     let mut env = environment().map_err(compile_error)?;
-    let input_bytes = messages.iter().map(|m| m.role.len() + m.content.len()).sum::<usize>()
+    let input_bytes = messages
+        .iter()
+        .map(|m| m.role.len() + m.content.len() + m.tool_calls.as_ref().map_or(0, |t| t.to_string().len()))
+        .sum::<usize>()
         + specials.tools.map_or(0, |t| t.to_string().len());
     env.set_fuel(Some(BASE_FUEL + FUEL_PER_INPUT_BYTE * input_bytes as u64));
     let compiled = env.template_from_str(&source).map_err(compile_error)?;
@@ -194,7 +208,7 @@ mod tests {
 {% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage { role: role.into(), content: content.into(), ..Default::default() }
     }
 
     const SPECIALS: Specials<'static> = Specials { bos_token: "<s>", eos_token: "</s>", tools: None };

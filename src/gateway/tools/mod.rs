@@ -1,0 +1,254 @@
+//! OpenAI tool calling: the request's `tools`, `tool_choice` and `parallel_tool_calls`
+//! validated into a [`ToolSpec`]; the schema a forced call must follow; and the calls
+//! found in the output ([`parse`]) rendered as `message.tool_calls`.
+//!
+//! - `none`: tools are shown to the template; the output is plain text.
+//! - `auto`: the output is parsed in the model's own tool-call syntax ([`ToolFormat`],
+//!   chosen from its chat template and special tokens).
+//! - `required` or a named function: the output is constrained to a JSON array of calls
+//!   (`[{"name": ..., "arguments": {...}}]`, one call unless `parallel_tool_calls`), each
+//!   valid for its function's parameter schema, so even a model never trained for tools
+//!   returns a schema-valid call.
+
+pub mod parse;
+
+use serde_json::{Value, json};
+
+use crate::error::{ApiError, ErrorKind};
+use crate::tokenizer::GgufTokenizer;
+pub use parse::{ParsedCall, ToolCallParser, ToolEvent, ToolFormat};
+
+/// What the request asked the model to do with its tools.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    Named(String),
+}
+
+/// A request's tools, validated.
+#[derive(Clone, Debug)]
+pub struct ToolSpec {
+    /// The `tools` list as sent (what the chat template receives).
+    pub tools: Value,
+    /// Function names with their parameter schemas, in order.
+    pub functions: Vec<(String, Value)>,
+    pub choice: ToolChoice,
+    pub parallel: bool,
+}
+
+fn refuse(param: &str, message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::InvalidRequest, message).with_param(param)
+}
+
+/// Validates `tools`, `tool_choice` and `parallel_tool_calls`; `None` without tools.
+pub fn from_request(
+    tools: Option<&Value>,
+    tool_choice: Option<&Value>,
+    parallel: Option<bool>,
+) -> Result<Option<ToolSpec>, ApiError> {
+    let list = match tools {
+        None | Some(Value::Null) => {
+            return match tool_choice {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if s == "none" || s == "auto" => Ok(None),
+                Some(_) => Err(refuse("tool_choice", "`tool_choice` needs `tools`")),
+            };
+        }
+        Some(Value::Array(list)) if !list.is_empty() => list,
+        Some(_) => return Err(refuse("tools", "`tools` must be a non-empty list of function definitions")),
+    };
+    let mut functions = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        let at = |f: &str| format!("tools[{i}]{f}");
+        if t.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(refuse(&at(".type"), "only `\"type\": \"function\"` tools are supported"));
+        }
+        let f = t.get("function").ok_or_else(|| refuse(&at(".function"), "`function` is required"))?;
+        let name = f.get("name").and_then(Value::as_str).filter(|n| valid_name(n)).ok_or_else(|| {
+            refuse(&at(".function.name"), "`name` must be 1 to 64 characters of letters, digits, `_` or `-`")
+        })?;
+        if functions.iter().any(|(n, _)| n == name) {
+            return Err(refuse(&at(".function.name"), format!("function `{name}` is defined twice")));
+        }
+        let params = match f.get("parameters") {
+            None | Some(Value::Null) => json!({"type": "object"}),
+            Some(p @ Value::Object(_)) => p.clone(),
+            Some(_) => return Err(refuse(&at(".function.parameters"), "`parameters` must be a JSON schema object")),
+        };
+        functions.push((name.to_owned(), params));
+    }
+    let choice = match tool_choice {
+        None | Some(Value::Null) => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(refuse(
+                    "tool_choice",
+                    format!("`tool_choice` must be none, auto, required or a function; got `{other}`"),
+                ));
+            }
+        },
+        Some(v) => {
+            let name = v.pointer("/function/name").and_then(Value::as_str).ok_or_else(|| {
+                refuse(
+                    "tool_choice",
+                    "`tool_choice` must be a string or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                )
+            })?;
+            if !functions.iter().any(|(n, _)| n == name) {
+                return Err(refuse("tool_choice", format!("`tool_choice` names `{name}`, which is not in `tools`")));
+            }
+            ToolChoice::Named(name.to_owned())
+        }
+    };
+    Ok(Some(ToolSpec { tools: Value::Array(list.clone()), functions, choice, parallel: parallel.unwrap_or(true) }))
+}
+
+fn valid_name(n: &str) -> bool {
+    (1..=64).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl ToolSpec {
+    /// The functions a call may name.
+    pub fn names(&self) -> Vec<String> {
+        self.functions.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// With `required` or a named function: the JSON schema the whole output must follow.
+    pub fn forced_schema(&self) -> Option<Value> {
+        let call = |name: &str, params: &Value| {
+            json!({"type": "object", "properties": {"name": {"const": name}, "arguments": params},
+                   "required": ["name", "arguments"], "additionalProperties": false})
+        };
+        let items = match &self.choice {
+            ToolChoice::None | ToolChoice::Auto => return None,
+            ToolChoice::Required => {
+                let calls: Vec<Value> = self.functions.iter().map(|(n, p)| call(n, p)).collect();
+                if calls.len() == 1 { calls[0].clone() } else { json!({"anyOf": calls}) }
+            }
+            ToolChoice::Named(name) => {
+                let (n, p) = self.functions.iter().find(|(n, _)| n == name)?;
+                call(n, p)
+            }
+        };
+        let mut schema = json!({"type": "array", "items": items, "minItems": 1});
+        if !self.parallel || matches!(self.choice, ToolChoice::Named(_)) {
+            schema["maxItems"] = json!(1);
+        }
+        Some(schema)
+    }
+
+    /// The syntax the output is parsed in: forced calls are plain JSON; `auto` reads the
+    /// model's own syntax; `none` parses nothing.
+    pub fn format(&self, tokenizer: &GgufTokenizer) -> Option<ToolFormat> {
+        match self.choice {
+            ToolChoice::None => None,
+            ToolChoice::Auto => Some(model_format(tokenizer)),
+            ToolChoice::Required | ToolChoice::Named(_) => Some(ToolFormat::Json),
+        }
+    }
+}
+
+/// The tool-call syntax `tokenizer`'s model writes (from its chat template and tokens).
+pub fn model_format(tokenizer: &GgufTokenizer) -> ToolFormat {
+    ToolFormat::detect(tokenizer.chat_template(), |text| {
+        tokenizer.encode(text, true).is_ok_and(|ids| ids.len() == 1 && tokenizer.is_special(ids[0]))
+    })
+}
+
+/// One call as OpenAI's `tool_calls` entry; `id` is unique within the server's life.
+pub fn call_json(id: &str, call: &ParsedCall) -> Value {
+    json!({"id": id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}})
+}
+
+/// The text and calls of a finished output.
+pub fn split_output(format: ToolFormat, names: &[String], text: &str) -> (String, Vec<ParsedCall>) {
+    let mut content = String::new();
+    let mut calls = vec![];
+    for e in parse::parse_all(format, names, text) {
+        match e {
+            ToolEvent::Text(t) => content.push_str(&t),
+            ToolEvent::Call(c) => calls.push(c),
+        }
+    }
+    (content, calls)
+}
+
+/// An assistant message's `tool_calls` as the template expects them: `arguments` given as
+/// a JSON string is parsed into an object (Hugging Face templates print it with `tojson`).
+pub fn template_tool_calls(calls: &Value) -> Value {
+    let mut calls = calls.clone();
+    if let Value::Array(list) = &mut calls {
+        for c in list {
+            if let Some(args) = c.pointer_mut("/function/arguments")
+                && let Some(parsed) = args.as_str().and_then(|s| serde_json::from_str::<Value>(s).ok())
+            {
+                *args = parsed;
+            }
+        }
+    }
+    calls
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The syntax is read off real chat templates: Qwen's `<tool_call>` tags, Llama 3.1's
+    /// `ipython` role; a template without tools falls back to plain JSON.
+    #[test]
+    fn formats_are_detected_from_chat_templates() {
+        let none = |_: &str| false;
+        let qwen = include_str!("../../../tests/fixtures/templates/qwen2.5-instruct.jinja");
+        let llama = include_str!("../../../tests/fixtures/templates/llama-3.1-instruct.jinja");
+        let gemma = include_str!("../../../tests/fixtures/templates/gemma-3-it.jinja");
+        assert_eq!(ToolFormat::detect(Some(qwen), none), ToolFormat::Hermes);
+        assert_eq!(ToolFormat::detect(Some(llama), none), ToolFormat::Llama3Json);
+        assert_eq!(ToolFormat::detect(Some(gemma), none), ToolFormat::Json);
+        assert_eq!(ToolFormat::detect(Some(gemma), |t| t == "[TOOL_CALLS]"), ToolFormat::Mistral);
+    }
+
+    fn weather() -> Value {
+        json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+            {"type": "function", "function": {"name": "ping"}}])
+    }
+
+    #[test]
+    fn forced_choices_build_the_call_schema() {
+        let spec = from_request(Some(&weather()), Some(&json!("required")), Some(false)).unwrap().unwrap();
+        let schema = spec.forced_schema().unwrap();
+        assert_eq!(schema["maxItems"], 1);
+        assert_eq!(schema["items"]["anyOf"].as_array().unwrap().len(), 2);
+        assert_eq!(schema["items"]["anyOf"][1]["properties"]["arguments"], json!({"type": "object"}));
+        let named = json!({"type": "function", "function": {"name": "get_weather"}});
+        let spec = from_request(Some(&weather()), Some(&named), None).unwrap().unwrap();
+        let schema = spec.forced_schema().unwrap();
+        assert_eq!(schema["items"]["properties"]["name"]["const"], "get_weather");
+        let auto = from_request(Some(&weather()), None, None).unwrap().unwrap();
+        assert!(auto.forced_schema().is_none());
+    }
+
+    #[test]
+    fn bad_tool_requests_name_the_field() {
+        let param = |tools: Value, choice: Value| from_request(Some(&tools), Some(&choice), None).unwrap_err().param;
+        let unknown = json!({"type": "function", "function": {"name": "nope"}});
+        assert_eq!(param(weather(), unknown).as_deref(), Some("tool_choice"));
+        assert_eq!(param(json!([{"type": "code"}]), json!("auto")).as_deref(), Some("tools[0].type"));
+        let bad_name = json!([{"type": "function", "function": {"name": "a b"}}]);
+        assert_eq!(param(bad_name, json!("auto")).as_deref(), Some("tools[0].function.name"));
+        assert_eq!(param(weather(), json!("sometimes")).as_deref(), Some("tool_choice"));
+        let e = from_request(None, Some(&json!("required")), None).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tool_choice"));
+    }
+
+    #[test]
+    fn assistant_arguments_reach_the_template_as_objects() {
+        let calls = json!([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]);
+        assert_eq!(template_tool_calls(&calls)[0]["function"]["arguments"], json!({"a": 1}));
+    }
+}
