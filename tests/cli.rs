@@ -514,6 +514,7 @@ fn bench_reports_its_phases() {
         return;
     }
     let args = format!("bench --model {} --reps 1 --concurrency '' --threads 2", model_path().display());
+    let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/structured/schemas.json");
     let shown = under_pty(&args, &[]);
     for phase in ["prefill and decode: repetition 1 of 1", "batched decode: repetition 1 of 1"] {
         assert!(shown.contains(phase), "{phase}: {shown:?}");
@@ -529,11 +530,26 @@ fn bench_reports_its_phases() {
             "",
             "--threads",
             "2",
+            "--json-schema",
+            &schemas.display().to_string(),
         ])
         .env_remove("CI")
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err, "bench: prefill and decode\nbench: batched decode\n");
+    assert_eq!(
+        err,
+        "bench: prefill and decode\nbench: batched decode\nbench: engine at concurrency 1\n\
+         bench: engine at concurrency 1, JSON schema\nbench: engine at concurrency 16\n\
+         bench: engine at concurrency 16, JSON schema\n"
+    );
+    // `--json-schema`: constrained decode beside plain, and each schema's compile time.
+    let table = String::from_utf8_lossy(&out.stdout);
+    for level in [1, 16] {
+        let line = table.lines().find(|l| l.starts_with(&format!("JSON schema, {level} concurrent"))).unwrap();
+        assert!(line.contains("(plain ") && line.ends_with("%)"), "{line}");
+    }
+    assert_eq!(table.lines().filter(|l| l.starts_with("compile `")).count(), 20, "{table}");
+    assert!(table.contains("compile `deep_nesting`"), "{table}");
 }

@@ -49,6 +49,9 @@ pub struct BenchSettings {
     pub engine_concurrency: Vec<usize>,
     /// Context lengths of the long-context figures (empty = skip them).
     pub contexts: Vec<usize>,
+    /// `--json-schema`: named schemas whose compile times are reported; when given, decode
+    /// with a fixed schema is measured beside plain decode (single stream and 16 sequences).
+    pub json_schemas: Vec<(String, serde_json::Value)>,
 }
 
 /// Throughput at one context length: prefill of a prompt that long, then decode after it.

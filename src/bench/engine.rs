@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use super::common::{BenchError, BenchSettings, EngineFigure, Step, bench_text, median};
 use crate::config::{Config, Format};
 use crate::engine::load::start_model;
-use crate::protocol::{EngineCommand, GenerateRequest, PromptInput, StreamEvent};
+use crate::protocol::{Constraint, EngineCommand, GenerateRequest, PromptInput, StreamEvent};
 use crate::sampler::{SamplerLimits, SamplingConfig, SamplingParams};
 use crate::types::{RequestId, TenantId};
 
@@ -15,10 +15,29 @@ const GEN_TOKENS: u32 = 64;
 /// Bytes of bench text each prompt takes (about 32 tokens).
 const PROMPT_BYTES: usize = 140;
 
+/// The schema of the constrained decode figures: eight records, longer than
+/// [`GEN_TOKENS`], so plain and constrained requests generate the same number of tokens.
+pub(crate) fn decode_schema() -> serde_json::Value {
+    serde_json::json!({"type": "array", "minItems": 8, "maxItems": 8, "items": {"type": "object",
+        "properties": {"id": {"type": "integer", "minimum": 0}, "name": {"type": "string", "maxLength": 24},
+                       "tags": {"type": "array", "items": {"enum": ["new", "old", "hot"]}, "maxItems": 3}},
+        "required": ["id", "name", "tags"], "additionalProperties": false}})
+}
+
 /// Median aggregate tok/s of `concurrency` simultaneous requests.
 pub(crate) fn measure(
     settings: &BenchSettings,
     concurrency: usize,
+    observe: &mut dyn FnMut(Step),
+) -> Result<EngineFigure, BenchError> {
+    measure_with(settings, concurrency, None, observe)
+}
+
+/// [`measure`], each request constrained by `schema` when one is given.
+pub(crate) fn measure_with(
+    settings: &BenchSettings,
+    concurrency: usize,
+    schema: Option<&serde_json::Value>,
     observe: &mut dyn FnMut(Step),
 ) -> Result<EngineFigure, BenchError> {
     let config = bench_config(settings, concurrency)?;
@@ -37,10 +56,23 @@ pub(crate) fn measure(
     })
     .map_err(|e| BenchError::Engine(e.message))?;
     let mut rates = Vec::with_capacity(settings.reps);
-    let phase = format!("engine at concurrency {concurrency}");
+    let grammar = schema.map(|s| crate::grammar::Grammar::JsonSchema(s.clone()));
+    let constrain = || -> Result<Option<Constraint>, BenchError> {
+        let Some(g) = &grammar else { return Ok(None) };
+        let grammars = loaded
+            .grammars
+            .as_ref()
+            .ok_or_else(|| BenchError::Engine("the model's pipeline has no `constrain` stage".into()))?;
+        let compiled = grammars.compile(g).map_err(|e| BenchError::Engine(e.to_string()))?;
+        Ok(Some(Constraint(Box::new(compiled.constraint))))
+    };
+    let phase = match schema {
+        None => format!("engine at concurrency {concurrency}"),
+        Some(_) => format!("engine at concurrency {concurrency}, JSON schema"),
+    };
     for rep in 1..=settings.reps {
         observe(Step { phase: &phase, rep, reps: settings.reps });
-        rates.push(one_round(&loaded.engine, &sampling, concurrency)?);
+        rates.push(one_round(&loaded.engine, &sampling, concurrency, &constrain)?);
     }
     loaded.engine.shutdown();
     Ok(EngineFigure { concurrency, tok_s: median(rates) })
@@ -57,7 +89,12 @@ fn bench_config(settings: &BenchSettings, concurrency: usize) -> Result<Config, 
 }
 
 /// Sends `c` requests, waits for all, returns generated tokens per second.
-fn one_round(engine: &crate::engine::EngineHandle, sampling: &SamplingConfig, c: usize) -> Result<f64, BenchError> {
+fn one_round(
+    engine: &crate::engine::EngineHandle,
+    sampling: &SamplingConfig,
+    c: usize,
+    constrain: &dyn Fn() -> Result<Option<Constraint>, BenchError>,
+) -> Result<f64, BenchError> {
     let text = bench_text();
     let start = Instant::now();
     let mut receivers = Vec::with_capacity(c);
@@ -66,7 +103,7 @@ fn one_round(engine: &crate::engine::EngineHandle, sampling: &SamplingConfig, c:
         // Each request starts at a different word so prompts differ.
         let at = (i * 7) % 300;
         let request = GenerateRequest {
-            constraint: None,
+            constraint: constrain()?,
             keep_special: false,
             id: RequestId::next(),
             client_id: None,

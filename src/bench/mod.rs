@@ -31,7 +31,52 @@ pub struct BenchReport {
     pub engine_aggregate: Vec<EngineFigure>,
     /// Prefill and decode at each `--contexts` length.
     pub contexts: Vec<ContextFigure>,
+    /// With `--json-schema`: constrained decode beside plain, and compile times.
+    pub structured: Option<StructuredFigures>,
     pub peak_rss_bytes: u64,
+}
+
+/// The cost of constrained decoding: plain and JSON-schema decode at 1 and 16 sequences
+/// (same prompts, same token counts), and the first compile of each `--json-schema` schema.
+#[derive(Clone, Debug, Serialize)]
+pub struct StructuredFigures {
+    pub plain: Vec<EngineFigure>,
+    pub constrained: Vec<EngineFigure>,
+    /// (schema name, compile milliseconds).
+    pub compile_ms: Vec<(String, f64)>,
+}
+
+/// Concurrency levels of the constrained-decode figures.
+const STRUCTURED_LEVELS: [usize; 2] = [1, 16];
+
+fn measure_structured(
+    settings: &BenchSettings,
+    observe: &mut dyn FnMut(Step),
+) -> Result<Option<StructuredFigures>, BenchError> {
+    if settings.json_schemas.is_empty() {
+        return Ok(None);
+    }
+    let tokenizer = std::sync::Arc::new(
+        crate::tokenizer::GgufTokenizer::open(&settings.model).map_err(|e| BenchError::Engine(e.to_string()))?,
+    );
+    let grammars = crate::grammar::Grammars::new(tokenizer, crate::grammar::GrammarLimits::default());
+    // The token trie is built once per model, on the first grammar: not a compile cost.
+    let _ = grammars.compile(&crate::grammar::Grammar::JsonSchema(serde_json::json!({"type": "boolean"})));
+    let mut compile_ms = vec![];
+    for (name, schema) in &settings.json_schemas {
+        let c = grammars
+            .compile(&crate::grammar::Grammar::JsonSchema(schema.clone()))
+            .map_err(|e| BenchError::Engine(format!("schema `{name}`: {e}")))?;
+        compile_ms.push((name.clone(), c.compile_time.as_secs_f64() * 1e3));
+    }
+    let schema = engine::decode_schema();
+    let mut plain = vec![];
+    let mut constrained = vec![];
+    for c in STRUCTURED_LEVELS {
+        plain.push(engine::measure_with(settings, c, None, observe)?);
+        constrained.push(engine::measure_with(settings, c, Some(&schema), observe)?);
+    }
+    Ok(Some(StructuredFigures { plain, constrained, compile_ms }))
 }
 
 /// Runs every measurement.
@@ -63,6 +108,7 @@ pub fn run_observed(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> 
         .iter()
         .map(|&c| engine::measure(settings, c, observe))
         .collect::<Result<Vec<_>, _>>()?;
+    let structured = measure_structured(settings, observe)?;
     Ok(BenchReport {
         engine: format!("starling {}", env!("CARGO_PKG_VERSION")),
         threads: settings.threads,
@@ -78,6 +124,7 @@ pub fn run_observed(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> 
         batched_decode_tok_s: figures.batched,
         engine_aggregate,
         contexts,
+        structured,
         peak_rss_bytes: peak_rss_bytes(),
     })
 }
@@ -164,6 +211,21 @@ impl std::fmt::Display for BenchReport {
                     "{:<10} {:>12.1} {:>12.1} {:>12.1}",
                     c.context, c.prefill_tok_s, c.decode_tok_s, c.batched_decode_tok_s
                 )?;
+            }
+        }
+        if let Some(s) = &self.structured {
+            for (p, c) in s.plain.iter().zip(&s.constrained) {
+                writeln!(
+                    f,
+                    "{:<36} {:>10.1} (plain {:.1}, {:.0}%)",
+                    format!("JSON schema, {} concurrent", c.concurrency),
+                    c.tok_s,
+                    p.tok_s,
+                    100.0 * c.tok_s / p.tok_s
+                )?;
+            }
+            for (name, ms) in &s.compile_ms {
+                writeln!(f, "{:<36} {:>10.2} ms", format!("compile `{name}`"), ms)?;
             }
         }
         writeln!(f, "peak RSS: {:.1} MiB", self.peak_rss_bytes as f64 / (1024.0 * 1024.0))

@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// With --http: the model id to route requests to (default: the server's first).
     #[arg(long, requires = "http")]
     served_model: Option<String>,
+    /// JSON schemas (a file holding one schema, or a list of {"name", "schema"}): their compile
+    /// times, and decode with a fixed schema beside plain decode at 1 and 16 sequences.
+    #[arg(long, value_name = "FILE", conflicts_with = "http")]
+    json_schema: Option<std::path::PathBuf>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -91,6 +95,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         reps: a.reps,
         engine_concurrency: a.concurrency.0,
         contexts: a.contexts.0,
+        json_schemas: match &a.json_schema {
+            Some(path) => read_schemas(path)?,
+            None => vec![],
+        },
     };
     let progress = super::progress::Progress::new(a.json);
     let running = progress.spinner(&format!("loading {}", settings.model.display()));
@@ -149,4 +157,23 @@ fn cmd_bench_http(
         bail!("{failed} requests failed");
     }
     Ok(())
+}
+
+/// `--json-schema FILE`: one schema, or a list of `{"name", "schema"}` (the test fixtures' shape).
+fn read_schemas(path: &std::path::Path) -> Result<Vec<(String, serde_json::Value)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    match v {
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| match (item.get("name").and_then(|n| n.as_str()), item.get("schema")) {
+                (Some(name), Some(schema)) => Ok((name.to_owned(), schema.clone())),
+                _ => bail!("{}: entry {i} needs a `name` and a `schema`", path.display()),
+            })
+            .collect(),
+        schema @ serde_json::Value::Object(_) => Ok(vec![(path.display().to_string(), schema)]),
+        _ => bail!("{}: expected a JSON schema object or a list of {{\"name\", \"schema\"}}", path.display()),
+    }
 }
