@@ -12,10 +12,11 @@ use starling::engine::pipeline::PipelineSpec;
 use starling::engine::resources::{EngineLimits, EngineStatus, Kv, Policies, TickClock};
 use starling::engine::scheduler::{SchedulerStats, TenantLimits, TenantShare};
 use starling::engine::{EngineParts, build_world};
+use starling::grammar::{Grammar, GrammarLimits, Grammars};
 use starling::kv::arena::KvArena;
 use starling::kv::cache::KvCache;
 use starling::model::transformer::Transformer;
-use starling::protocol::{EngineCommand, FinishReason, GenerateRequest, PromptInput, StreamEvent};
+use starling::protocol::{Constraint, EngineCommand, FinishReason, GenerateRequest, PromptInput, StreamEvent};
 use starling::sampler::{SamplerLimits, SamplingConfig, SamplingParams};
 use starling::tokenizer::GgufTokenizer;
 use starling::types::{RequestId, TenantId, Timestamp};
@@ -109,6 +110,17 @@ impl Harness {
 
     fn submit_in_session(&mut self, tenant: &str, session: &str, ids: Vec<u32>, sampling: SamplingConfig) -> Stream {
         self.send(tenant, Some(session), ids, sampling, 256, Duration::from_secs(600))
+    }
+
+    /// A request whose output follows `schema` (compiled as the gateway compiles it).
+    fn submit_constrained(&mut self, ids: Vec<u32>, sampling: SamplingConfig, schema: &serde_json::Value) -> Stream {
+        static GRAMMARS: OnceLock<Grammars> = OnceLock::new();
+        let grammars = GRAMMARS.get_or_init(|| Grammars::new(tokenizer(), GrammarLimits::default()));
+        let compiled = grammars.compile(&Grammar::JsonSchema(schema.clone())).expect("the schema compiles");
+        let (mut req, stream) = request("a", None, ids, sampling, 256, Duration::from_secs(600));
+        req.constraint = Some(Constraint(Box::new(compiled.constraint)));
+        self.world.resource_mut::<starling::engine::resources::Inbox>().0.push_back(EngineCommand::Generate(req));
+        stream
     }
 
     fn send(
@@ -806,4 +818,53 @@ fn preemption_takes_a_stalled_sequence_before_a_newer_reading_one() {
     assert!(h.stats().preempted > 0, "the cache ran out");
     stalled.drain();
     assert!(stalled.finish().is_none(), "the stalled request was preempted, not ended");
+}
+
+/// Constrained sequences preempted for KV room recompute and return exactly the tokens they
+/// return alone (greedy and seeded): the grammar state follows the tokens, not the cache.
+#[test]
+fn preempted_constrained_sequences_keep_their_tokens() {
+    let block_bytes = model().kv_layout(16).block_bytes() as u64;
+    let schema = serde_json::json!({"type": "array", "minItems": 30, "maxItems": 30,
+        "items": {"type": "integer", "minimum": 0, "maximum": 999}});
+    let cases: Vec<(Vec<u32>, SamplingConfig)> = vec![
+        (prompt(20, 20), sampling(40, 0.0, 1)),
+        (prompt(20, 21), sampling(40, 0.8, 2)),
+        (prompt(20, 22), sampling(40, 0.8, 3)),
+    ];
+    let run = |h: &mut Harness, streams: &mut Vec<Stream>| {
+        for _ in 0..400 {
+            h.run_tick();
+            streams.iter_mut().for_each(Stream::drain);
+            if streams.iter().all(|s| s.finish().is_some()) {
+                break;
+            }
+        }
+    };
+    let alone: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|(p, s)| {
+            let mut h = Harness::new(limits(8, 64), TenantLimits::default(), KV_BYTES);
+            let mut streams = vec![h.submit_constrained(p.clone(), s.clone(), &schema)];
+            run(&mut h, &mut streams);
+            assert_eq!(streams[0].finish(), Some(FinishReason::Length), "{:?}", streams[0].error());
+            streams[0].tokens()
+        })
+        .collect();
+    let mut h = Harness::new(limits(8, 64), TenantLimits::default(), block_bytes * 6);
+    let mut streams: Vec<Stream> =
+        cases.iter().map(|(p, s)| h.submit_constrained(p.clone(), s.clone(), &schema)).collect();
+    run(&mut h, &mut streams);
+    for (i, (s, want)) in streams.iter().zip(&alone).enumerate() {
+        assert_eq!(s.finish(), Some(FinishReason::Length), "request {i}: {:?}", s.error());
+        assert_eq!(&s.tokens(), want, "request {i} differs after preemption");
+    }
+    assert!(h.stats().preempted > 0, "the cap forced preemption");
+    assert_eq!(h.kv_used(), 0, "every block returned");
+    // The output so far is a prefix of a valid array of integers in range.
+    let text = tokenizer().decode(&alone[1], true).unwrap();
+    assert!(text.starts_with('['), "{text}");
+    for n in text.trim_start_matches('[').split(", ").filter(|t| !t.is_empty()) {
+        assert!(n.parse::<u32>().is_ok_and(|v| v <= 999), "{text}");
+    }
 }

@@ -119,7 +119,16 @@ fn bad_schemas_and_grammars_are_refused_before_queueing() {
         json!({"prompt": "x", "json_schema": {"type": "object", "properties": {"a": {"type": "strin"}}}}),
     );
     assert_eq!(e["param"], "json_schema");
-    assert!(e["message"].as_str().unwrap().contains("strin"), "{e}");
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("strin") && msg.contains("at /properties/a"), "names the keyword and the path: {msg}");
+    let deep = json!({"type": "object", "properties": {"list": {"type": "array", "items": {"anyOf": [
+        {"type": "integer"}, {"type": "object", "properties": {"x": {"type": "string", "dependentRequired": {}}}}]}}}});
+    let e = refused("/v1/generate", json!({"prompt": "x", "json_schema": deep}));
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("at /properties/list/items/anyOf/1/properties/x") && msg.contains("dependentRequired"),
+        "{msg}"
+    );
     let e = refused("/v1/generate", json!({"prompt": "x", "grammar": "start: foo\nfoo: \"a\" bar"}));
     assert_eq!(e["param"], "grammar");
     let msg = e["message"].as_str().unwrap();
@@ -294,4 +303,43 @@ fn the_openai_client_parses_into_a_pydantic_model() {
     assert!(v["parsed"]["name"].is_string() && v["parsed"]["age"].is_u64(), "{v}");
     let langs = v["parsed"]["languages"].as_array().unwrap();
     assert!((1..=3).contains(&langs.len()), "{v}");
+}
+
+/// `tool_choice: auto` in the Hermes syntax: free text is not constrained; from the
+/// `<tool_call>` marker (spelled over several tokens) the call must follow the tools'
+/// schemas and the closing tag; after it, text is free again.
+#[test]
+fn a_hermes_call_is_constrained_from_its_marker_to_its_end() {
+    use starling::gateway::tools::{ToolFormat, from_request};
+    use starling::grammar::{GrammarLimits, Grammars};
+    use starling::protocol::TokenConstraint;
+    use starling::tokenizer::GgufTokenizer;
+    let tok = std::sync::Arc::new(GgufTokenizer::open(&crate::model::model_path()).unwrap());
+    let grammars = Grammars::new(tok.clone(), GrammarLimits::default());
+    let tools = json!([{"type": "function", "function": {"name": "add", "parameters": {"type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]);
+    let spec = from_request(Some(&tools), Some(&json!("auto")), None).unwrap().unwrap();
+    let (grammar, start) = spec.auto_grammar(ToolFormat::Hermes).unwrap();
+    let mut c = grammars.compile_lazy(&grammar, start).unwrap().constraint;
+    let feed = |c: &mut starling::grammar::LazyConstraint, text: &str| {
+        for id in tok.encode(text, false).unwrap() {
+            c.advance(id).unwrap();
+        }
+    };
+    let id = |text: &str| tok.encode(text, false).unwrap()[0];
+    let allowed = |bits: &[u32], id: u32| bits[id as usize / 32] >> (id % 32) & 1 == 1;
+    feed(&mut c, "Let me add them. ");
+    assert!(!c.constraining() && c.next_tokens().unwrap().free);
+    feed(&mut c, "<tool_call>\n");
+    assert!(c.constraining(), "the marker starts the call");
+    let next = c.next_tokens().unwrap();
+    assert!(!next.free && !next.may_end, "inside a call the output may not end");
+    assert!(allowed(next.bits, id("{")), "a call opens with `{{`");
+    assert!(!allowed(next.bits, id("Hello")), "text is not a call");
+    feed(&mut c, "{\"name\": \"add\", \"arguments\": {\"a\": 1, ");
+    let next = c.next_tokens().unwrap();
+    assert!(allowed(next.bits, id("\"")) && !allowed(next.bits, id("}")), "`b` is required");
+    feed(&mut c, "\"b\": 2}}\n</tool_call>");
+    assert!(!c.constraining(), "after the closing tag the text is free again");
+    assert!(!c.is_complete(), "another call or text may follow");
 }

@@ -155,3 +155,122 @@ fn the_openai_client_calls_tools_and_completes_a_round_trip() {
     assert_eq!(v["round_trip"]["finish_reason"], "stop", "{v}");
     assert!(v["round_trip"]["content"].as_str().is_some_and(|t| !t.is_empty()), "{v}");
 }
+
+/// Recorded token streams: outputs in each syntax tokenized by the real tokenizer (markers
+/// such as `<tool_call>` split over several tokens), decoded one token at a time as the
+/// engine streams them, parse exactly as the whole text does: calls interleaved with text,
+/// two parallel calls, and malformed JSON kept as text.
+#[test]
+fn tool_calls_parse_the_same_from_recorded_token_streams() {
+    use starling::gateway::tools::{ParsedCall, ToolCallParser, ToolEvent, ToolFormat, parse::parse_all};
+    use starling::tokenizer::{GgufTokenizer, StreamDecoder};
+    let tok = GgufTokenizer::open(&crate::model::model_path()).unwrap();
+    let names = vec!["get_weather".to_owned(), "add".to_owned()];
+    let call = |name: &str, args: &str| ToolEvent::Call(ParsedCall { name: name.into(), arguments: args.into() });
+    let cases: Vec<(ToolFormat, &str, Vec<ToolEvent>)> = vec![
+        (
+            ToolFormat::Hermes,
+            "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\", \"unit\": \"celsius\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 2, \"b\": 3}}\n</tool_call>",
+            vec![
+                ToolEvent::Text("Let me check.\n".into()),
+                call("get_weather", r#"{"city":"Oslo","unit":"celsius"}"#),
+                call("add", r#"{"a":2,"b":3}"#),
+            ],
+        ),
+        (
+            ToolFormat::Hermes,
+            "Sure <tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1,}}</tool_call> done",
+            vec![ToolEvent::Text(
+                "Sure <tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1,}}</tool_call> done".into(),
+            )],
+        ),
+        (
+            ToolFormat::Llama3Json,
+            "{\"name\": \"add\", \"parameters\": {\"a\": 4, \"b\": 5}}; {\"name\": \"get_weather\", \"parameters\": {\"city\": \"Rome\", \"unit\": \"celsius\"}}",
+            vec![call("add", r#"{"a":4,"b":5}"#), call("get_weather", r#"{"city":"Rome","unit":"celsius"}"#)],
+        ),
+        (
+            ToolFormat::Mistral,
+            "On it. [TOOL_CALLS] [{\"name\": \"add\", \"arguments\": {\"a\": 7, \"b\": 8}}, {\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 1}}]",
+            vec![ToolEvent::Text("On it.".into()), call("add", r#"{"a":7,"b":8}"#), call("add", r#"{"a":1,"b":1}"#)],
+        ),
+        (
+            ToolFormat::Json,
+            "[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Lima\", \"unit\": \"fahrenheit\"}}]",
+            vec![call("get_weather", r#"{"city":"Lima","unit":"fahrenheit"}"#)],
+        ),
+        (ToolFormat::Json, "The answer is {\"name\": 3}", vec![ToolEvent::Text("The answer is {\"name\": 3}".into())]),
+    ];
+    let merge = |events: Vec<ToolEvent>| {
+        let mut out: Vec<ToolEvent> = vec![];
+        for e in events {
+            match (out.last_mut(), e) {
+                (Some(ToolEvent::Text(a)), ToolEvent::Text(b)) => a.push_str(&b),
+                (_, e) => out.push(e),
+            }
+        }
+        out
+    };
+    for (format, text, want) in cases {
+        let ids = tok.encode(text, false).unwrap();
+        assert!(ids.len() >= 8, "a real token stream: {ids:?}");
+        let mut decoder = StreamDecoder::new(false);
+        let mut parser = ToolCallParser::new(format, names.clone());
+        let mut events = vec![];
+        for &id in &ids {
+            events.extend(parser.push(&decoder.push(&tok, id).unwrap()));
+        }
+        events.extend(parser.push(&decoder.finish()));
+        events.extend(parser.finish());
+        let streamed = merge(events);
+        // The Mistral case's text before the marker keeps its trailing space as text.
+        let want = merge(want);
+        let whole = merge(parse_all(format, &names, text));
+        assert_eq!(streamed, whole, "{format:?}: streamed and whole parses differ for {text:?}");
+        let strip = |v: Vec<ToolEvent>| -> Vec<ToolEvent> {
+            v.into_iter()
+                .map(|e| match e {
+                    ToolEvent::Text(t) => ToolEvent::Text(t.trim_end().to_owned()),
+                    c => c,
+                })
+                .collect()
+        };
+        assert_eq!(strip(streamed), strip(want), "{format:?}: {text:?}");
+    }
+}
+
+/// `auto` with the model's own syntax: once the output starts a call (here the plain-JSON
+/// syntax, nudged by a logit bias toward `{`), the call is held to the tools' schemas and
+/// comes back as a valid call; free text is left alone.
+#[test]
+fn auto_holds_a_started_call_to_the_schemas() {
+    let server = TestServer::start(|_| {});
+    let brace = crate::support::post_json(server.addr, "/v1/tokenize", &json!({"text": "{"})).json()["ids"][0].clone();
+    for seed in [1, 2, 3] {
+        let body = json!({"messages": [{"role": "user", "content": "What is 2+3?"}], "tools": tools(),
+            "tool_choice": "auto", "temperature": 1.0, "seed": seed, "max_tokens": 120,
+            "logit_bias": {brace.to_string(): 30}});
+        let out = post_json(server.addr, "/v1/chat/completions", &body).json();
+        let c = &out["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "seed {seed}: {out}");
+        c["message"]["tool_calls"].as_array().unwrap().iter().for_each(check_call);
+    }
+}
+
+/// The native route takes `tools` too: forced calls come back as `tool_calls` in the body
+/// and in the streamed `done` event.
+#[test]
+fn native_generate_returns_tool_calls() {
+    let server = TestServer::start(|_| {});
+    let body = json!({"prompt": "Call a function to add 2 and 3.\n", "tools": tools(), "tool_choice": "required",
+        "temperature": 0, "max_tokens": 80, "stream": false});
+    let out = post_json(server.addr, "/v1/generate", &body).json();
+    assert_eq!(out["finish_reason"], "tool_calls", "{out}");
+    out["tool_calls"].as_array().unwrap().iter().for_each(check_call);
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events = stream_json(server.addr, "/v1/generate", &streamed).sse().rest();
+    let done = events.iter().find(|e| e.event.as_deref() == Some("done")).expect("a done event").json();
+    assert_eq!(done["finish_reason"], "tool_calls", "{done}");
+    assert_eq!(done["tool_calls"].as_array().unwrap().len(), out["tool_calls"].as_array().unwrap().len());
+}

@@ -192,7 +192,12 @@ impl PipelineSpec {
 
     /// The stages every pipeline needs, in their natural order.
     pub fn default_spec() -> PipelineSpec {
-        let stages = Stage::ALL.into_iter().filter(|s| !s.is_optional()).map(|s| (s, StageParams::default())).collect();
+        // As pipelines/default.yaml: the required stages and `constrain`.
+        let stages = Stage::ALL
+            .into_iter()
+            .filter(|s| !s.is_optional() || *s == Stage::Constrain)
+            .map(|s| (s, StageParams::default()))
+            .collect();
         PipelineSpec { name: "default".into(), stages }
     }
 }

@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use crate::engine::load::LoadedModel;
 use crate::error::{ApiError, ErrorKind};
 use crate::gateway::state::AppState;
-use crate::grammar::{Grammar, GrammarError};
+use crate::grammar::{CallStart, Grammar, GrammarError};
 use crate::protocol::Constraint;
 
 /// How long a grammar may take to compile before the request is refused.
@@ -126,6 +126,18 @@ pub async fn compile(
     grammar: Grammar,
     param: &str,
 ) -> Result<Constraint, ApiError> {
+    compile_from(state, model, grammar, None, param).await
+}
+
+/// [`compile`] for a grammar that applies from where `start` finds a tool call to the
+/// call's end (`tool_choice: auto`), or to the whole output when `start` is `None`.
+pub async fn compile_from(
+    state: &Arc<AppState>,
+    model: &LoadedModel,
+    grammar: Grammar,
+    start: Option<CallStart>,
+    param: &str,
+) -> Result<Constraint, ApiError> {
     let Some(grammars) = model.grammars.clone() else {
         return Err(ApiError::new(
             ErrorKind::InvalidRequest,
@@ -137,7 +149,14 @@ pub async fn compile(
         .with_param(param));
     };
     let kind = grammar.kind();
-    let job = state.grammar_slots.run(move || grammars.compile(&grammar));
+    let job = state.grammar_slots.run(move || match start {
+        None => {
+            grammars.compile(&grammar).map(|c| (Constraint(Box::new(c.constraint)), c.cached, c.compile_time, c.bytes))
+        }
+        Some(start) => grammars
+            .compile_lazy(&grammar, start)
+            .map(|c| (Constraint(Box::new(c.constraint)), c.cached, c.compile_time, c.bytes)),
+    });
     let compiled = match tokio::time::timeout(COMPILE_LIMIT, job).await {
         Err(_) => {
             return Err(ApiError::new(
@@ -157,7 +176,8 @@ pub async fn compile(
         };
         ApiError::new(ErrorKind::InvalidRequest, e.to_string()).with_code(code).with_param(param)
     })?;
-    let seconds = (!compiled.cached).then_some(compiled.compile_time.as_secs_f64());
-    state.obs.metrics.record_grammar(model.id.as_str(), kind, compiled.bytes, seconds);
-    Ok(Constraint(Box::new(compiled.constraint)))
+    let (constraint, cached, compile_time, bytes) = compiled;
+    let seconds = (!cached).then_some(compile_time.as_secs_f64());
+    state.obs.metrics.record_grammar(model.id.as_str(), kind, bytes, seconds);
+    Ok(constraint)
 }

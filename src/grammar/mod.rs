@@ -8,7 +8,12 @@
 //! - [`GrammarConstraint`]: a compiled grammar's per-request state, driven by the engine
 //!   through [`crate::protocol::TokenConstraint`].
 
+mod lazy;
+mod state;
 mod vocab;
+
+pub use lazy::{CallStart, LazyConstraint};
+pub use state::{GrammarConstraint, GrammarError};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -20,9 +25,7 @@ use llguidance::{Matcher, ParserFactory, TokenParser};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::protocol::{NextTokens, TokenConstraint};
 use crate::tokenizer::GgufTokenizer;
-use crate::types::TokenId;
 
 /// A request's output constraint, before compilation.
 #[derive(Clone, Debug, PartialEq)]
@@ -72,8 +75,9 @@ impl Grammar {
 }
 
 /// JSON output is written compactly (`, ` and `: `, no free whitespace): a small model
-/// given free whitespace can spend its whole budget on newlines.
-fn compact_json(schema: &Value) -> Value {
+/// given free whitespace can spend its whole budget on newlines. Also for `%json` values
+/// embedded in Lark grammars.
+pub fn compact_json(schema: &Value) -> Value {
     let mut schema = schema.clone();
     if let Value::Object(map) = &mut schema
         && !map.contains_key("x-guidance")
@@ -84,17 +88,6 @@ fn compact_json(schema: &Value) -> Value {
         );
     }
     schema
-}
-
-/// Why a grammar was refused; the message names the problem (schema path, grammar line).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum GrammarError {
-    #[error("the {kind} is {bytes} bytes; the limit is {limit}")]
-    TooLarge { kind: &'static str, bytes: usize, limit: usize },
-    #[error("the {kind} is invalid: {message}")]
-    Invalid { kind: &'static str, message: String },
-    #[error("the model's vocabulary cannot be used for constrained decoding: {0}")]
-    Vocabulary(String),
 }
 
 /// Bounds on what one grammar may cost.
@@ -113,8 +106,8 @@ impl Default for GrammarLimits {
 }
 
 /// A compiled grammar ready to constrain one request, and what compiling it cost.
-pub struct Compiled {
-    pub constraint: GrammarConstraint,
+pub struct Compiled<C> {
+    pub constraint: C,
     /// Served from the cache (no compilation).
     pub cached: bool,
     /// Time spent compiling (zero on a cache hit).
@@ -157,7 +150,21 @@ impl Grammars {
 
     /// Compiles `grammar` (or reuses a cached compilation). Blocking: run it off the
     /// engine and async threads.
-    pub fn compile(&self, grammar: &Grammar) -> Result<Compiled, GrammarError> {
+    pub fn compile(&self, grammar: &Grammar) -> Result<Compiled<GrammarConstraint>, GrammarError> {
+        let (parser, info) = self.parser(grammar)?;
+        let constraint = GrammarConstraint::new(Matcher::new(Ok(parser)), self.tokenizer.eog_ids())?;
+        Ok(Compiled { constraint, cached: info.cached, compile_time: info.compile_time, bytes: info.bytes })
+    }
+
+    /// [`compile`](Self::compile) for a grammar that applies only from where a tool call
+    /// starts (`start`) to its end.
+    pub fn compile_lazy(&self, grammar: &Grammar, start: CallStart) -> Result<Compiled<LazyConstraint>, GrammarError> {
+        let (parser, info) = self.parser(grammar)?;
+        let constraint = LazyConstraint::new(self.tokenizer.clone(), parser, start)?;
+        Ok(Compiled { constraint, cached: info.cached, compile_time: info.compile_time, bytes: info.bytes })
+    }
+
+    fn parser(&self, grammar: &Grammar) -> Result<(TokenParser, Compiled<()>), GrammarError> {
         let source = grammar.source();
         let kind = grammar.kind();
         if source.len() > self.limits.max_bytes {
@@ -170,16 +177,21 @@ impl Grammars {
             Some(p) => (p, true, Duration::ZERO),
             None => {
                 let started = Instant::now();
-                let parser = factory
-                    .create_parser(grammar.top_level())
-                    .map_err(|e| GrammarError::Invalid { kind, message: e.to_string() })?;
+                let parser = factory.create_parser(grammar.top_level()).map_err(|e| {
+                    let mut message = e.to_string();
+                    if let Grammar::JsonSchema(schema) = grammar
+                        && let Some(path) = locate(factory, schema, &message)
+                    {
+                        message = format!("at {path}: {message}");
+                    }
+                    GrammarError::Invalid { kind, message }
+                })?;
                 let took = started.elapsed();
                 self.remember(key, parser.deep_clone());
                 (parser, false, took)
             }
         };
-        let constraint = GrammarConstraint::new(Matcher::new(Ok(parser)), self.tokenizer.eog_ids())?;
-        Ok(Compiled { constraint, cached, compile_time, bytes: source.len() })
+        Ok((parser, Compiled { constraint: (), cached, compile_time, bytes: source.len() }))
     }
 
     fn remember(&self, key: [u8; 32], parser: TokenParser) {
@@ -195,47 +207,55 @@ impl Grammars {
     }
 }
 
-/// One request's grammar state: which tokens may come next, advanced per sampled token.
-pub struct GrammarConstraint {
-    matcher: Matcher,
-    eog: Vec<TokenId>,
-    bits: Vec<u32>,
-}
+/// Subschemas compiled alone while looking for the part of a schema an error is about.
+const LOCATE_BUDGET: usize = 64;
 
-impl GrammarConstraint {
-    fn new(matcher: Matcher, eog: &[TokenId]) -> Result<Self, GrammarError> {
-        if let Some(e) = matcher.get_error() {
-            return Err(GrammarError::Invalid { kind: "grammar", message: e });
-        }
-        Ok(GrammarConstraint { matcher, eog: eog.to_vec(), bits: Vec::new() })
-    }
-
-    /// Whether `text` is a complete output of the grammar (tests, tools).
-    pub fn accepts_text(mut self, tokenizer: &GgufTokenizer, text: &str) -> bool {
-        let Ok(ids) = tokenizer.encode(text, false) else { return false };
-        self.matcher.consume_tokens(&ids).is_ok() && self.matcher.is_accepting().unwrap_or(false)
-    }
-}
-
-impl TokenConstraint for GrammarConstraint {
-    fn next_tokens(&mut self) -> Result<NextTokens<'_>, String> {
-        let mask = self.matcher.compute_mask().map_err(|e| e.to_string())?;
-        let may_end = self.matcher.is_accepting().map_err(|e| e.to_string())?;
-        self.bits.clear();
-        self.bits.extend_from_slice(mask.as_slice());
-        for &id in &self.eog {
-            if let Some(w) = self.bits.get_mut(id as usize / 32) {
-                *w &= !(1 << (id % 32));
+/// The JSON pointer of the deepest subschema of `schema` that fails alone with the same
+/// `message`; `None` when the root is the culprit (or the search runs out of budget).
+fn locate(factory: &ParserFactory, schema: &Value, message: &str) -> Option<String> {
+    let mut budget = LOCATE_BUDGET;
+    let mut at = schema;
+    let mut path = String::new();
+    'descend: loop {
+        for (segment, child) in subschemas(at) {
+            if budget == 0 {
+                break 'descend;
+            }
+            budget -= 1;
+            let alone = factory.create_parser(TopLevelGrammar::from_json_schema(compact_json(child)));
+            if alone.is_err_and(|e| e.to_string() == message) {
+                path.push('/');
+                path.push_str(&segment);
+                at = child;
+                continue 'descend;
             }
         }
-        Ok(NextTokens { bits: &self.bits, may_end })
+        break;
     }
+    (!path.is_empty()).then_some(path)
+}
 
-    fn advance(&mut self, token: TokenId) -> Result<(), String> {
-        self.matcher.consume_token(token).map_err(|e| e.to_string())
+/// The subschemas directly inside `schema`, each with its JSON pointer segment(s), map
+/// keys escaped (RFC 6901).
+fn subschemas(schema: &Value) -> Vec<(String, &Value)> {
+    let Value::Object(map) = schema else { return vec![] };
+    let mut out = vec![];
+    for (key, v) in map {
+        match (key.as_str(), v) {
+            ("properties" | "patternProperties" | "$defs" | "definitions", Value::Object(m)) => {
+                let escaped = |k: &str| k.replace('~', "~0").replace('/', "~1");
+                out.extend(m.iter().filter(|(_, c)| c.is_object()).map(|(k, c)| (format!("{key}/{}", escaped(k)), c)));
+            }
+            ("anyOf" | "oneOf" | "allOf" | "prefixItems", Value::Array(items)) => {
+                out.extend(
+                    items.iter().enumerate().filter(|(_, c)| c.is_object()).map(|(i, c)| (format!("{key}/{i}"), c)),
+                );
+            }
+            ("items" | "additionalProperties" | "contains" | "not" | "if" | "then" | "else", c @ Value::Object(_)) => {
+                out.push((key.clone(), c));
+            }
+            _ => {}
+        }
     }
-
-    fn is_complete(&self) -> bool {
-        self.matcher.is_stopped()
-    }
+    out
 }

@@ -16,6 +16,9 @@ pub struct NextTokens<'a> {
     pub bits: &'a [u32],
     /// The output may end here (an end-of-generation token is allowed).
     pub may_end: bool,
+    /// Nothing is constrained at this step (`bits` is not read): a grammar that applies only
+    /// to part of the output, outside that part.
+    pub free: bool,
 }
 
 /// A per-request token constraint, advanced one sampled token at a time.

@@ -27,6 +27,7 @@ pub fn constrain_logits(
             continue;
         }
         match constrained.0.0.next_tokens() {
+            Ok(next) if next.free => {}
             Ok(next) => {
                 let stops = &sampling.0.config().stop_token_ids;
                 mask_row(row, &next, |id| eog.contains(&id) || stops.contains(&id));

@@ -5,14 +5,33 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::sse::{self, Render};
+use crate::gateway::extract::random_id;
 use crate::gateway::service::Collected;
-use crate::protocol::{StreamEvent, TokenLogprob};
+use crate::gateway::tools::{self, ToolFormat};
+use crate::protocol::{FinishReason, StreamEvent, TokenLogprob};
 use crate::types::TokenId;
 
 /// Native SSE shapes: `token`, `done`, `error` events.
 pub struct NativeRender {
     /// Whether token events carry `logprob` and `top_logprobs`.
     pub logprobs: bool,
+    /// Tool calls are parsed from the whole output in this syntax, for these functions,
+    /// and reported in the `done` event.
+    pub tools: Option<(ToolFormat, Vec<String>)>,
+    /// The output so far (kept only with `tools`).
+    pub text: String,
+}
+
+/// With tools: the output's `content` and `tool_calls` added to a done event or body, and
+/// `finish_reason` set to `tool_calls` when a finished output held calls.
+fn add_tool_calls(v: &mut Value, tools: &Option<(ToolFormat, Vec<String>)>, text: &str, finish: FinishReason) {
+    let Some((format, names)) = tools else { return };
+    let (content, calls) = tools::split_output(*format, names, text);
+    v["content"] = json!(content);
+    v["tool_calls"] = calls.iter().map(|c| tools::call_json(&random_id("call"), c)).collect();
+    if !calls.is_empty() && finish == FinishReason::Stop {
+        v["finish_reason"] = json!("tool_calls");
+    }
 }
 
 #[derive(Serialize)]
@@ -30,6 +49,9 @@ impl Render for NativeRender {
         match event {
             StreamEvent::Started { .. } => (String::new(), false),
             StreamEvent::Token { id, text, logprob, top_logprobs } => {
+                if self.tools.is_some() {
+                    self.text.push_str(&text);
+                }
                 let f = TokenFrame {
                     id,
                     text: &text,
@@ -39,7 +61,9 @@ impl Render for NativeRender {
                 (sse::frame(Some("token"), &serde_json::to_string(&f).expect("serializes")), false)
             }
             StreamEvent::Done { finish_reason, usage, timings, seed, text } => {
-                let v = json!({"finish_reason": finish_reason, "usage": usage, "timings": timings, "seed": seed, "text": text});
+                let mut v = json!({"finish_reason": finish_reason, "usage": usage, "timings": timings, "seed": seed, "text": text});
+                self.text.push_str(&text);
+                add_tool_calls(&mut v, &self.tools, &self.text, finish_reason);
                 (sse::frame(Some("done"), &v.to_string()), true)
             }
             StreamEvent::Error(e) => (sse::frame(Some("error"), &e.to_json()), true),
@@ -48,7 +72,12 @@ impl Render for NativeRender {
 }
 
 /// The non-streaming body of a generation.
-pub fn generation_body(out: &Collected, model: &str, logprobs: bool) -> Value {
+pub fn generation_body(
+    out: &Collected,
+    model: &str,
+    logprobs: bool,
+    tools: &Option<(ToolFormat, Vec<String>)>,
+) -> Value {
     let mut v = json!({
         "model": model,
         "text": out.text,
@@ -58,6 +87,7 @@ pub fn generation_body(out: &Collected, model: &str, logprobs: bool) -> Value {
         "timings": out.timings,
         "seed": out.seed,
     });
+    add_tool_calls(&mut v, tools, &out.text, out.finish_reason);
     if logprobs {
         v["logprobs"] =
             out.logprobs.iter().map(|(id, lp, top)| json!({"id": id, "logprob": lp, "top_logprobs": top})).collect();

@@ -6,7 +6,7 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::error::{ApiError, ErrorKind};
@@ -16,13 +16,24 @@ use crate::gateway::render::{Body, json_response, sse};
 use crate::gateway::service::{Job, collect, session_id, submit, validate_sampling};
 use crate::gateway::state::{AppState, Ctx};
 use crate::gateway::structured;
-use crate::gateway::tools;
+use crate::gateway::tools::{self, ToolSpec};
+use crate::grammar::Grammar;
 use crate::protocol::{EngineCommand, PromptInput, SamplingParams};
 use crate::types::{SessionId, TokenId};
 
 /// Fields `/v1/generate` accepts besides the sampling parameters.
-const GENERATE_FIELDS: &[&str] =
-    &["prompt", "tokens", "model", "session_id", "stream", "timeout_secs", "parse_special"];
+const GENERATE_FIELDS: &[&str] = &[
+    "prompt",
+    "tokens",
+    "model",
+    "session_id",
+    "stream",
+    "timeout_secs",
+    "parse_special",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+];
 /// Fields of [`SamplingParams`] on the wire.
 const SAMPLING_FIELDS: &[&str] = &[
     "temperature",
@@ -53,6 +64,9 @@ struct GenerateBody {
     stream: Option<bool>,
     timeout_secs: Option<f64>,
     parse_special: Option<bool>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     sampling: SamplingParams,
 }
@@ -99,18 +113,39 @@ pub async fn generate(state: &Arc<AppState>, ctx: &Ctx, req: Request<Incoming>) 
     let sampling = validate_sampling(&state.live().config.limits, &model, &body.sampling)?;
     let want_logprobs = sampling.logprobs > 0;
     let session = session_id(body.session_id, ctx)?;
-    let constraint = match grammar {
-        Some((g, param)) => Some(structured::compile(state, &model, g, param).await?),
-        None => None,
+    // Tools: the prompt is the client's own (no template); calls are constrained and parsed
+    // as on the chat route.
+    let spec = tools::from_request(body.tools.as_ref(), body.tool_choice.as_ref(), body.parallel_tool_calls)?;
+    let forced = spec.as_ref().and_then(ToolSpec::forced_schema);
+    let tool_format = spec.as_ref().and_then(|s| Some((s.format(&model.tokenizer)?, s.names())));
+    let lazy = match (&spec, &tool_format, &model.grammars) {
+        (Some(s), Some((f, _)), Some(_)) => s.auto_grammar(*f),
+        _ => None,
     };
-    let job = Job { timeout, constraint, ..Job::new(input, sampling, session) };
+    let constraint = match (grammar, forced, lazy) {
+        (Some((_, param)), Some(_), _) => {
+            return Err(ApiError::new(
+                ErrorKind::InvalidRequest,
+                format!("`{param}` cannot be combined with a `tool_choice` that forces a call"),
+            )
+            .with_param(param));
+        }
+        (Some((g, param)), None, _) => Some(structured::compile(state, &model, g, param).await?),
+        (None, Some(schema), _) => {
+            Some(structured::compile(state, &model, Grammar::JsonSchema(schema), "tools").await?)
+        }
+        (None, None, Some((g, start))) => Some(structured::compile_from(state, &model, g, Some(start), "tools").await?),
+        (None, None, None) => None,
+    };
+    let job = Job { timeout, constraint, keep_special: tool_format.is_some(), ..Job::new(input, sampling, session) };
     let sub = submit(state, ctx, &model, job).await?;
     if body.stream.unwrap_or(true) {
-        let render = NativeRender { logprobs: want_logprobs };
+        let render = NativeRender { logprobs: want_logprobs, tools: tool_format, text: String::new() };
         Ok(sse::response(sub, render, state.config.server.sse_keepalive))
     } else {
         let out = collect(sub).await?;
-        Ok(json_response(StatusCode::OK, &generation_body(&out, model.id.as_str(), want_logprobs)))
+        let v = generation_body(&out, model.id.as_str(), want_logprobs, &tool_format);
+        Ok(json_response(StatusCode::OK, &v))
     }
 }
 

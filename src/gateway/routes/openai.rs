@@ -241,11 +241,17 @@ async fn run(
         (None, Some(schema)) => Some((Grammar::JsonSchema(schema), "tools")),
         (None, None) => None,
     };
-    let constraint = match grammar {
-        Some((g, param)) => Some(structured::compile(state, &model, g, param).await?),
-        None => None,
-    };
     let tool_format = spec.as_ref().and_then(|s| Some((s.format(&model.tokenizer)?, s.names())));
+    // `auto`: once a call starts in the model's syntax, its arguments follow the schemas.
+    let lazy = match (&spec, &tool_format, &grammar, &model.grammars) {
+        (Some(s), Some((f, _)), None, Some(_)) => s.auto_grammar(*f),
+        _ => None,
+    };
+    let constraint = match (grammar, lazy) {
+        (Some((g, param)), _) => Some(structured::compile(state, &model, g, param).await?),
+        (None, Some((g, start))) => Some(structured::compile_from(state, &model, g, Some(start), "tools").await?),
+        (None, None) => None,
+    };
     let job = Job { constraint, keep_special: tool_format.is_some(), ..Job::new(input, sampling, session) };
     let sub = submit(state, ctx, &model, job).await?;
     let shape = Shape {

@@ -15,6 +15,7 @@ pub mod parse;
 use serde_json::{Value, json};
 
 use crate::error::{ApiError, ErrorKind};
+use crate::grammar::{CallStart, Grammar, compact_json};
 use crate::tokenizer::GgufTokenizer;
 pub use parse::{ParsedCall, ToolCallParser, ToolEvent, ToolFormat};
 
@@ -140,6 +141,46 @@ impl ToolSpec {
             schema["maxItems"] = json!(1);
         }
         Some(schema)
+    }
+
+    /// With `auto`: the grammar a call must follow once it starts in the model's own
+    /// syntax, and where it starts. Arguments are held to each function's schema.
+    pub fn auto_grammar(&self, format: ToolFormat) -> Option<(Grammar, CallStart)> {
+        if self.choice != ToolChoice::Auto {
+            return None;
+        }
+        let any = |args_key: &str| {
+            let calls: Vec<Value> = self
+                .functions
+                .iter()
+                .map(|(n, p)| {
+                    json!({"type": "object", "properties": {"name": {"const": n}, args_key: p},
+                           "required": ["name", args_key], "additionalProperties": false})
+                })
+                .collect();
+            if calls.len() == 1 { calls[0].clone() } else { json!({"anyOf": calls}) }
+        };
+        let json = |schema: Value| format!("%json {}", compact_json(&schema));
+        let array = |args_key: &str| json!({"type": "array", "items": any(args_key), "minItems": 1});
+        let ws = "WS: /[ \\t\\n]+/";
+        let (lark, start) = match format {
+            ToolFormat::Hermes => (
+                format!("start: WS? {} WS? \"</tool_call>\"\n{ws}", json(any("arguments"))),
+                CallStart::Marker("<tool_call>".into()),
+            ),
+            ToolFormat::Mistral => {
+                (format!("start: WS? {}\n{ws}", json(array("arguments"))), CallStart::Marker("[TOOL_CALLS]".into()))
+            }
+            ToolFormat::Llama3Json => {
+                let call = json(any("parameters"));
+                (format!("start: WS? {call} (\";\" WS? {call})*\n{ws}"), CallStart::Output)
+            }
+            ToolFormat::Json => (
+                format!("start: WS? {}\n{ws}", json(json!({"anyOf": [any("arguments"), array("arguments")]}))),
+                CallStart::Output,
+            ),
+        };
+        Some((Grammar::Lark(lark), start))
     }
 
     /// The syntax the output is parsed in: forced calls are plain JSON; `auto` reads the
