@@ -23,7 +23,7 @@ fn manifest() -> PathBuf {
 }
 
 /// A config for the default model with extra YAML sections.
-fn config_yaml(extra: &str, model_extra: &str) -> String {
+pub(crate) fn config_yaml(extra: &str, model_extra: &str) -> String {
     let pipeline = manifest().join("pipelines/default.yaml");
     format!(
         "models:\n  - id: smollm2\n    path: {}\n    pipeline: {}\n    threads: 2\n{model_extra}{extra}",
@@ -328,14 +328,22 @@ fn healthz_reports_an_engine_that_stops_ticking() {
 }
 
 /// A `starling serve` child process with JSON logs on stderr.
-struct ChildServer {
+pub(crate) struct ChildServer {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     logs: std::sync::mpsc::Receiver<String>,
 }
 
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        // Already gone after `stop`; killed here when a test failed before it.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl ChildServer {
-    fn start(name: &str, yaml: &str, extra_args: &[&str]) -> ChildServer {
+    pub(crate) fn start(name: &str, yaml: &str, extra_args: &[&str]) -> ChildServer {
         let dir = std::env::temp_dir().join(format!("starling-obs-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("config.yaml");

@@ -24,3 +24,4 @@ mod support;
 mod templates;
 mod tokenizer;
 mod tools;
+mod webui;

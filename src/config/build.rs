@@ -155,6 +155,7 @@ fn server(raw: RawServer, machine: &Machine) -> Result<ServerConfig> {
             5_000,
             10..=600_000,
         )? as u64),
+        ui: raw.ui.unwrap_or(true),
     })
 }
 

@@ -42,6 +42,7 @@ pub struct RawServer {
     pub cpu_queue: Option<i64>,
     pub template_memory_bytes: Option<RawBytes>,
     pub template_timeout_ms: Option<i64>,
+    pub ui: Option<bool>,
 }
 
 /// `auth:` — API keys and the admin key.

@@ -96,6 +96,8 @@ pub struct ServerConfig {
     pub template_memory_bytes: u64,
     /// Wall-clock limit of one chat-template render, enforced in its worker the same way.
     pub template_timeout: Duration,
+    /// Serve the browser playground at `/` and `/ui/*`.
+    pub ui: bool,
 }
 
 /// API keys and the admin key. No API keys means auth is off.

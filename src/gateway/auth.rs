@@ -62,6 +62,7 @@ impl Authenticator {
     pub fn access(&self, guard: Guard, path: &str) -> Access {
         match guard {
             Guard::Admin => Access::Admin,
+            Guard::Public => Access::Public,
             Guard::Client if self.public.iter().any(|p| p == path) => Access::Public,
             Guard::Client => Access::Client,
         }

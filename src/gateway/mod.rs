@@ -40,5 +40,6 @@ pub use quota::{Quotas, RateInfo};
 pub use records::{LifecycleError, LoadSpec, ModelLimits, ModelRecord, ModelRegistry, ModelState, Reservation};
 pub use render::Body;
 pub use routes::ops::capture_seconds;
+pub use routes::ui::page_bytes as ui_page_bytes;
 pub use server::serve;
 pub use state::{AppState, Ctx, Live};

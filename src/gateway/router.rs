@@ -27,6 +27,8 @@ pub enum Route {
     AdminReloadModel,
     AdminDrain,
     AdminReloadConfig,
+    UiPage,
+    UiAsset,
 }
 
 /// Who may call a route.
@@ -36,6 +38,8 @@ pub enum Guard {
     Client,
     /// The admin key, always.
     Admin,
+    /// Never a key: the playground's static files (they hold no data).
+    Public,
 }
 
 /// Every route: method, path pattern (`{id}` matches one non-empty segment), handler, guard.
@@ -62,6 +66,8 @@ const TABLE: &[(Method, &str, Route, Guard)] = &[
     (Method::POST, "/admin/models/{id}/reload", Route::AdminReloadModel, Guard::Admin),
     (Method::POST, "/admin/drain", Route::AdminDrain, Guard::Admin),
     (Method::POST, "/admin/config/reload", Route::AdminReloadConfig, Guard::Admin),
+    (Method::GET, "/", Route::UiPage, Guard::Public),
+    (Method::GET, "/ui/{id}", Route::UiAsset, Guard::Public),
 ];
 
 impl Route {

@@ -26,7 +26,7 @@ use super::extract::request_id;
 use super::quota::RateInfo;
 use super::render::{Body, error_response, set_request_id};
 use super::router::{self, Matched, Route, Unrouted};
-use super::routes::{admin, native, openai, ops};
+use super::routes::{admin, native, openai, ops, ui};
 use super::service::SESSION_HEADER;
 use super::state::{AppState, Ctx};
 use crate::error::{ApiError, ErrorKind};
@@ -360,5 +360,7 @@ async fn dispatch(
         Route::AdminReloadModel => admin::reload(state, id, req).await,
         Route::AdminDrain => admin::drain(state, req).await,
         Route::AdminReloadConfig => admin::reload_config(state).await,
+        Route::UiPage => ui::page(state),
+        Route::UiAsset => ui::asset(state, id),
     }
 }

@@ -9,7 +9,7 @@ use super::sse::{self, Render};
 use crate::gateway::extract::random_id;
 use crate::gateway::service::Collected;
 use crate::gateway::tools::{self, ParsedCall, ToolCallParser, ToolEvent, ToolFormat};
-use crate::protocol::{FinishReason, StreamEvent, TokenLogprob, Usage};
+use crate::protocol::{FinishReason, StreamEvent, Timings, TokenLogprob, Usage};
 use crate::tokenizer::GgufTokenizer;
 use crate::types::TokenId;
 
@@ -138,6 +138,8 @@ impl Shape {
         };
         let mut v = self.envelope(false, json!([choice]));
         v["usage"] = usage_json(&out.usage);
+        v["timings"] = json!(out.timings);
+        v["seed"] = json!(out.seed);
         v
     }
 
@@ -214,7 +216,7 @@ impl OpenAiRender {
         data(&self.shape.envelope(true, choice))
     }
 
-    fn finish(&mut self, reason: FinishReason, usage: &Usage, text: &str) -> String {
+    fn finish(&mut self, reason: FinishReason, usage: &Usage, text: &str, timings: &Timings, seed: u64) -> String {
         let mut out = self.opening();
         let mut finish = finish_name(reason);
         if let Some(mut parser) = self.parser.take() {
@@ -227,7 +229,12 @@ impl OpenAiRender {
         } else if !text.is_empty() {
             out += &data(&self.shape.chunk(text, Value::Null, None));
         }
-        out += &data(&self.shape.chunk("", Value::Null, Some(finish)));
+        // Like llama.cpp's server, the last chunk carries the request's timings (and the seed,
+        // so a reply can be reproduced).
+        let mut last = self.shape.chunk("", Value::Null, Some(finish));
+        last["timings"] = json!(timings);
+        last["seed"] = json!(seed);
+        out += &data(&last);
         if self.include_usage {
             let mut v = self.shape.envelope(true, json!([]));
             v["usage"] = usage_json(usage);
@@ -256,7 +263,9 @@ impl Render for OpenAiRender {
                 }
                 (out, false)
             }
-            StreamEvent::Done { finish_reason, usage, text, .. } => (self.finish(finish_reason, &usage, &text), true),
+            StreamEvent::Done { finish_reason, usage, text, timings, seed } => {
+                (self.finish(finish_reason, &usage, &text, &timings, seed), true)
+            }
             StreamEvent::Error(e) => (sse::frame(None, &e.to_json()) + DONE, true),
         }
     }

@@ -5,3 +5,4 @@ pub mod admin;
 pub mod native;
 pub mod openai;
 pub mod ops;
+pub mod ui;
