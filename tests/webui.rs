@@ -238,6 +238,24 @@ fn the_playground_chats_in_a_real_browser() {
     let kept = b.js(&format!("return {LAST_REPLY}.querySelector('.body').textContent;"), json!([]));
     assert!(kept.as_str().unwrap().len() > 30, "the generated text stays: {kept}");
 
+    // Shift+Enter is a new line, not a send.
+    let replies = b.js("return document.querySelectorAll('.msg.assistant').length;", json!([]));
+    b.type_into("#input", "line one\u{E008}\u{E007}\u{E000}line two");
+    assert_eq!(b.js("return document.querySelector('#input').value;", json!([])), "line one\nline two");
+    assert_eq!(b.js("return document.querySelectorAll('.msg.assistant').length;", json!([])), replies);
+    b.set("#input", "");
+
+    // A conversation is one server session: the second turn reuses the first's cache.
+    b.click("#new-chat");
+    b.js("document.querySelector('#system').value = 'You answer in one short sentence.';", json!([]));
+    b.set("#k-max_tokens", "16");
+    chat_turn(&b, "What is the capital of France?");
+    chat_turn(&b, "And of Italy?");
+    let cached = b.js(&format!("return {LAST_REPLY}.querySelector('.meta .cached').textContent;"), json!([]));
+    let n: u64 = cached.as_str().unwrap().trim_start_matches("cached tokens: ").parse().unwrap();
+    assert!(n > 20, "the second turn reused the session's cache: {cached}");
+    b.js("document.querySelector('#system').value = '';", json!([]));
+
     // Reproducible: temperature 1.0 and a seed; regenerate gives the same reply and seed.
     b.click("#new-chat");
     b.set("#k-max_tokens", "40");
@@ -275,6 +293,17 @@ fn the_playground_chats_in_a_real_browser() {
         0
     );
     b.js("document.querySelector('#k-schema').value = '';", json!([]));
+
+    // The tokenizer view: pieces and ids as the server tokenizes them.
+    b.click("button[data-tab=tokenizer]");
+    b.set("#tok-text", "Hello, wörld!");
+    b.click("#tok-go");
+    let shown = b.wait_for("document.querySelectorAll('#tok-pieces .piece').length", Duration::from_secs(10));
+    let want = post_json(server.addr, "/v1/tokenize", &json!({"text": "Hello, wörld!"})).json();
+    assert_eq!(shown, want["count"], "one piece per token");
+    let first = b.js("return document.querySelector('#tok-pieces .piece small').textContent;", json!([]));
+    assert_eq!(first.as_str().unwrap(), want["ids"][0].to_string());
+    b.click("button[data-tab=chat]");
 
     // Only the server was contacted.
     let fetched = b.fetched();

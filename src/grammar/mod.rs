@@ -75,10 +75,11 @@ impl Grammar {
 }
 
 /// JSON output is written compactly (`, ` and `: `, no free whitespace): a small model
-/// given free whitespace can spend its whole budget on newlines. Also for `%json` values
-/// embedded in Lark grammars.
+/// given free whitespace can spend its whole budget on newlines. Numbers are bounded
+/// ([`bound_numbers`]). Also for `%json` values embedded in Lark grammars.
 pub fn compact_json(schema: &Value) -> Value {
     let mut schema = schema.clone();
+    bound_numbers(&mut schema);
     if let Value::Object(map) = &mut schema
         && !map.contains_key("x-guidance")
     {
@@ -88,6 +89,47 @@ pub fn compact_json(schema: &Value) -> Value {
         );
     }
     schema
+}
+
+/// The largest integer a double holds exactly (2^53 - 1).
+const MAX_SAFE_INTEGER: i64 = 9_007_199_254_740_991;
+
+/// Caps every `number` and `integer` subschema near what a double represents: within
+/// ±(2^53 - 1) where the schema gives no bound, and at most 8 digits after the point where
+/// it gives no `multipleOf` (llguidance 1.9's decimal `multipleOf` overflows from 1e-9 on).
+/// llama.cpp's JSON grammars bound digits the same way (16 per part). Every output still validates against the schema as sent; the
+/// cap only ends numbers that a small model would otherwise extend digit by digit until
+/// `max_tokens` (seen at temperature 1: 3,000 digits of one `number`).
+fn bound_numbers(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            let is = |map: &serde_json::Map<String, Value>, t: &str| match map.get("type") {
+                Some(Value::String(s)) => s == t,
+                Some(Value::Array(types)) => types.iter().any(|v| v == t),
+                _ => false,
+            };
+            let number = is(map, "number");
+            if number || is(map, "integer") {
+                if !map.contains_key("minimum") && !map.contains_key("exclusiveMinimum") {
+                    map.insert("minimum".into(), json!(-MAX_SAFE_INTEGER));
+                }
+                if !map.contains_key("maximum") && !map.contains_key("exclusiveMaximum") {
+                    map.insert("maximum".into(), json!(MAX_SAFE_INTEGER));
+                }
+                if number && !map.contains_key("multipleOf") {
+                    map.insert("multipleOf".into(), json!(1e-8));
+                }
+            }
+            for (key, value) in map.iter_mut() {
+                // Literal values are data, not schemas.
+                if !matches!(key.as_str(), "const" | "enum" | "default" | "examples") {
+                    bound_numbers(value);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(bound_numbers),
+        _ => {}
+    }
 }
 
 /// Bounds on what one grammar may cost.
@@ -178,7 +220,7 @@ impl Grammars {
             None => {
                 let started = Instant::now();
                 let parser = factory.create_parser(grammar.top_level()).map_err(|e| {
-                    let mut message = e.to_string();
+                    let mut message = first_part(&e.to_string());
                     if let Grammar::JsonSchema(schema) = grammar
                         && let Some(path) = locate(factory, schema, &message)
                     {
@@ -207,6 +249,13 @@ impl Grammars {
     }
 }
 
+/// An llguidance error without the backtrace it appends to an internal panic, at most
+/// 1,000 bytes (it is sent back to the client).
+fn first_part(message: &str) -> String {
+    let head = message.split("\n<backtrace>").next().unwrap_or_default().trim_end();
+    head[..head.floor_char_boundary(1000)].to_owned()
+}
+
 /// Subschemas compiled alone while looking for the part of a schema an error is about.
 const LOCATE_BUDGET: usize = 64;
 
@@ -223,7 +272,7 @@ fn locate(factory: &ParserFactory, schema: &Value, message: &str) -> Option<Stri
             }
             budget -= 1;
             let alone = factory.create_parser(TopLevelGrammar::from_json_schema(compact_json(child)));
-            if alone.is_err_and(|e| e.to_string() == message) {
+            if alone.is_err_and(|e| first_part(&e.to_string()) == message) {
                 path.push('/');
                 path.push_str(&segment);
                 at = child;
