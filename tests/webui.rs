@@ -2,7 +2,8 @@
 //! `chromium` and `chromium-driver`, which `scripts/test-deps.sh` installs): chat with
 //! streamed replies, stop, reproducible seeded replies, the token view, model output shown
 //! as text, the server panel under load, a trace download, and the page with auth on. The
-//! page reaches no host but the server. Screenshots go to docs/screenshots/.
+//! page reaches no host but the server. Screenshots go to target/tmp/screenshots/ (and to
+//! docs/screenshots/, which README shows, with STARLING_UPDATE_SCREENSHOTS=1).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -135,7 +136,13 @@ impl Browser {
         let b64 = self.call("GET", "/screenshot", json!({}));
         let png = base64_decode(b64.as_str().unwrap());
         assert!(png.starts_with(b"\x89PNG"), "a PNG");
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
+        // Every run writes them under target/; with STARLING_UPDATE_SCREENSHOTS=1 they replace
+        // the copies README shows (docs/screenshots/).
+        let dir = if std::env::var("STARLING_UPDATE_SCREENSHOTS").as_deref() == Ok("1") {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots")
+        } else {
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots")
+        };
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(name), png).unwrap();
     }

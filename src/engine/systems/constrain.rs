@@ -1,6 +1,9 @@
 //! `constrain`: masks the logits row of each constrained sequence to what its grammar allows.
 
+use std::collections::HashMap;
+
 use bevy_ecs::prelude::*;
+use rayon::prelude::*;
 
 use crate::engine::components::*;
 use crate::engine::resources::*;
@@ -11,39 +14,38 @@ use crate::protocol::NextTokens;
 /// the logits of tokens the grammar forbids to `-inf`. End-of-generation and stop token
 /// ids stay open only where the grammar may end. The sampler then draws from what is left
 /// (bias, penalties and truncation see only allowed tokens); `sample` advances the grammar.
+///
+/// Rows are independent, so their masks are computed in parallel (the model's threads are
+/// idle during this stage); each row's mask is the same however many run beside it.
 pub fn constrain_logits(
     plan: Res<BatchPlan>,
     mut logits: ResMut<Logits>,
     tokenizer: Res<TokenizerRes>,
-    mut seqs: Query<(&mut Constrained, &Sampling, &mut Phase, &mut Outbox)>,
+    mut seqs: Query<(Entity, &mut Constrained, &Sampling, &mut Phase, &mut Outbox)>,
 ) {
     let vocab = tokenizer.0.vocab_size();
     let eog = tokenizer.0.eog_ids();
-    let mut rows = logits.0.chunks_exact_mut(vocab);
-    for item in plan.items.iter().filter(|i| i.samples) {
-        let Some(row) = rows.next() else { break };
-        let Ok((mut constrained, sampling, mut phase, mut outbox)) = seqs.get_mut(item.entity) else { continue };
-        if matches!(*phase, Phase::Finished(_)) {
-            continue;
+    let samplers = plan.items.iter().filter(|i| i.samples).map(|i| i.entity);
+    let mut rows: HashMap<Entity, &mut [f32]> = samplers.zip(logits.0.chunks_exact_mut(vocab)).collect();
+    let mut work: Vec<_> = seqs
+        .iter_mut()
+        .filter(|(_, _, _, phase, _)| !matches!(**phase, Phase::Finished(_)))
+        .filter_map(|(entity, constrained, sampling, phase, outbox)| {
+            rows.remove(&entity).map(|row| (constrained, sampling, phase, outbox, row))
+        })
+        .collect();
+    work.par_iter_mut().for_each(|(constrained, sampling, phase, outbox, row)| match constrained.0.0.next_tokens() {
+        Ok(next) if next.free => {}
+        Ok(next) => {
+            let stops = &sampling.0.config().stop_token_ids;
+            mask_row(row, &next, |id| eog.contains(&id) || stops.contains(&id));
         }
-        match constrained.0.0.next_tokens() {
-            Ok(next) if next.free => {}
-            Ok(next) => {
-                let stops = &sampling.0.config().stop_token_ids;
-                mask_row(row, &next, |id| eog.contains(&id) || stops.contains(&id));
-            }
-            Err(e) => {
-                let msg = format!("the output constraint failed: {e}");
-                fail(
-                    &mut phase,
-                    &mut outbox,
-                    ApiError::new(ErrorKind::InvalidRequest, msg).with_code("constraint_failed"),
-                );
-            }
+        Err(e) => {
+            let msg = format!("the output constraint failed: {e}");
+            fail(phase, outbox, ApiError::new(ErrorKind::InvalidRequest, msg).with_code("constraint_failed"));
         }
-    }
+    });
 }
-
 /// Forbids every id whose bit is clear; an ending id (`is_end`) is allowed iff the
 /// grammar may end here.
 fn mask_row(row: &mut [f32], next: &NextTokens<'_>, is_end: impl Fn(u32) -> bool) {
