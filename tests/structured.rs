@@ -40,6 +40,19 @@ fn invalid(cases: &[(String, Value, String)]) -> Vec<Value> {
     results.into_iter().filter(|r| r["ok"] != true).collect()
 }
 
+/// Runs a Python client script of tests/fixtures/structured/ from the test venv against
+/// `server` (its base URL and the model id as arguments); returns what it printed (JSON).
+pub(crate) fn run_client_script(script: &str, server: &TestServer) -> Value {
+    let out = Command::new(venv_python())
+        .arg(fixture(script))
+        .arg(format!("http://{}/v1", server.addr))
+        .arg("smollm2-135m")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn chat_with_schema(addr: std::net::SocketAddr, prompt: &str, schema: &Value, temperature: f64, seed: u64) -> Value {
     let body = json!({
         "messages": [{"role": "user", "content": prompt}],
@@ -239,6 +252,11 @@ fn constrained_decoding_is_batch_invariant() {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    // The eight ran together: some forward pass held more than one sequence.
+    let model = "model=\"smollm2-135m\"";
+    let passes = metric_value(server.addr, &format!("starling_batch_size_count{{{model}}}")).unwrap();
+    let singles = metric_value(server.addr, &format!("starling_batch_size_bucket{{{model},le=\"1\"}}")).unwrap();
+    assert!(passes > singles, "no forward pass batched two sequences ({passes} passes, {singles} single)");
     assert_eq!(alone["tokens"], batched[0]["tokens"]);
     assert_eq!(alone["logprobs"], batched[0]["logprobs"]);
     assert_eq!(alone["text"], batched[0]["text"]);
@@ -294,14 +312,7 @@ fn a_pipeline_without_constrain_refuses_schemas() {
 #[test]
 fn the_openai_client_parses_into_a_pydantic_model() {
     let server = TestServer::start(|_| {});
-    let out = Command::new(venv_python())
-        .arg(fixture("openai_parse.py"))
-        .arg(format!("http://{}/v1", server.addr))
-        .arg("smollm2-135m")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = run_client_script("openai_parse.py", &server);
     assert_eq!(v["finish_reason"], "stop");
     assert!(v["parsed"]["name"].is_string() && v["parsed"]["age"].is_u64(), "{v}");
     let langs = v["parsed"]["languages"].as_array().unwrap();

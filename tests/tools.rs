@@ -3,9 +3,6 @@
 //! plain and streamed responses; `auto` parses the model's own syntax; the official
 //! `openai` client runs a full round trip; bad tool requests are 400s naming the field.
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use serde_json::{Value, json};
 
 use crate::support::{TestServer, post_json, stream_json};
@@ -132,17 +129,7 @@ fn bad_tool_requests_are_refused() {
 #[test]
 fn the_openai_client_calls_tools_and_completes_a_round_trip() {
     let server = TestServer::start(|_| {});
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join("target/test-venv/bin/python");
-    assert!(python.exists(), "no target/test-venv: run scripts/test-deps.sh (make test does)");
-    let out = Command::new(python)
-        .arg(root.join("tests/fixtures/structured/openai_tools.py"))
-        .arg(format!("http://{}/v1", server.addr))
-        .arg("smollm2-135m")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = crate::structured::run_client_script("openai_tools.py", &server);
     assert_eq!(v["required"]["finish_reason"], "tool_calls", "{v}");
     assert_eq!(v["required"]["name"], "get_weather", "{v}");
     assert!(v["required"]["arguments"]["city"].is_string(), "{v}");
@@ -240,21 +227,46 @@ fn tool_calls_parse_the_same_from_recorded_token_streams() {
 }
 
 /// `auto` with the model's own syntax: once the output starts a call (here the plain-JSON
-/// syntax, nudged by a logit bias toward `{`), the call is held to the tools' schemas and
-/// comes back as a valid call; free text is left alone.
+/// syntax, `{"name"`, which the prompt asks for), the call is held to the tools' schemas and
+/// comes back as a valid call, at temperature 1.0. (Unconstrained, this model wrote
+/// `"arguments": {"a": {"b": 3}}` for this prompt.) Replies that do not start a call stay text.
 #[test]
 fn auto_holds_a_started_call_to_the_schemas() {
     let server = TestServer::start(|_| {});
-    let brace = crate::support::post_json(server.addr, "/v1/tokenize", &json!({"text": "{"})).json()["ids"][0].clone();
-    for seed in [1, 2, 3] {
-        let body = json!({"messages": [{"role": "user", "content": "What is 2+3?"}], "tools": tools(),
-            "tool_choice": "auto", "temperature": 1.0, "seed": seed, "max_tokens": 120,
-            "logit_bias": {brace.to_string(): 30}});
+    let ask = "Reply with only this JSON, filled in: {\"name\": \"add\", \"arguments\": {\"a\": 2, \"b\": 3}}";
+    let mut calls = 0;
+    for seed in 1..=6 {
+        let body = json!({"messages": [{"role": "user", "content": ask}], "tools": tools(),
+            "tool_choice": "auto", "temperature": 1.0, "seed": seed, "max_tokens": 120});
         let out = post_json(server.addr, "/v1/chat/completions", &body).json();
         let c = &out["choices"][0];
-        assert_eq!(c["finish_reason"], "tool_calls", "seed {seed}: {out}");
-        c["message"]["tool_calls"].as_array().unwrap().iter().for_each(check_call);
+        let text = c["message"]["content"].as_str().unwrap_or_default();
+        let compact: String = text.chars().filter(|ch| !ch.is_whitespace()).collect();
+        if c["message"].get("tool_calls").is_some() {
+            calls += 1;
+            assert_eq!(c["finish_reason"], "tool_calls", "seed {seed}: {out}");
+            c["message"]["tool_calls"].as_array().unwrap().iter().for_each(check_call);
+        } else {
+            assert!(!compact.starts_with("{\"name\""), "seed {seed}: a started call came back as text: {out}");
+        }
     }
+    assert!(calls >= 2, "the prompt makes the model start calls: {calls} of 6");
+}
+
+/// `auto` does not force a call on JSON that is not one: an answer that opens with `[`
+/// (a logit bias toward it) stays free content.
+#[test]
+fn auto_leaves_json_that_is_not_a_call_alone() {
+    let server = TestServer::start(|_| {});
+    let bracket =
+        crate::support::post_json(server.addr, "/v1/tokenize", &json!({"text": "["})).json()["ids"][0].clone();
+    let body = json!({"messages": [{"role": "user", "content": "List three small primes."}], "tools": tools(),
+        "tool_choice": "auto", "temperature": 0, "max_tokens": 16, "logit_bias": {bracket.to_string(): 100}});
+    let out = post_json(server.addr, "/v1/chat/completions", &body).json();
+    let c = &out["choices"][0];
+    let content = c["message"]["content"].as_str().unwrap();
+    assert!(content.starts_with('['), "{out}");
+    assert!(c["message"].get("tool_calls").is_none() && c["finish_reason"] != "tool_calls", "{out}");
 }
 
 /// The native route takes `tools` too: forced calls come back as `tool_calls` in the body

@@ -4,6 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY = "starling.key";
+// The admin key lives for this tab only (sessionStorage), the client key in localStorage.
 const ADMIN_KEY = "starling.admin-key";
 
 // ---------- HTTP ----------
@@ -15,9 +16,13 @@ function headers(extra) {
   return h;
 }
 
-/** Asks for an API key (kept in localStorage only); resolves once the dialog closes. */
+let asking = null;
+
+/** Asks for an API key (kept in localStorage only); resolves once the dialog closes. Calls
+ * made while it is open share the one dialog. */
 function askKey() {
-  return new Promise((resolve) => {
+  if (asking) return asking;
+  asking = new Promise((resolve) => {
     const d = $("key-dialog");
     $("key-input").value = localStorage.getItem(KEY) || "";
     d.onclose = () => {
@@ -25,10 +30,13 @@ function askKey() {
         const v = $("key-input").value.trim();
         if (v) localStorage.setItem(KEY, v); else localStorage.removeItem(KEY);
       }
+      asking = null;
       resolve();
     };
+    d.returnValue = "";
     d.showModal();
   });
+  return asking;
 }
 
 /** fetch with the key; a 401 asks for a key and tries once more. */
@@ -317,7 +325,10 @@ async function reply() {
     err.className = "error";
     err.textContent = String(e.message || e);
     div.appendChild(err);
+    div.classList.add("failed");
     div.dataset.finish = "error";
+    // The turn did not happen: its user message leaves the history (it stays on screen).
+    if (chat.history.length && chat.history[chat.history.length - 1].role === "user") chat.history.pop();
   } finally {
     chat.running = null;
     setRunning(false);
@@ -335,7 +346,7 @@ async function regenerate() {
   const last = chat.history.map((m) => m.role).lastIndexOf("assistant");
   if (last < 0) return;
   chat.history.splice(last, 1);
-  const msgs = $("messages").querySelectorAll(".msg.assistant");
+  const msgs = $("messages").querySelectorAll(".msg.assistant:not(.failed)");
   msgs[msgs.length - 1].remove();
   await reply();
 }
@@ -409,10 +420,23 @@ function show(name, value, text, max) {
   draw($("c-" + name), s, max);
 }
 
+let polling = false;
+
 async function poll() {
-  if (!$("server").classList.contains("active")) return;
+  if (!$("server").classList.contains("active") || polling) return;
+  polling = true;
+  try {
+    await pollOnce();
+  } finally {
+    polling = false;
+  }
+}
+
+async function pollOnce() {
   const model = $("model").value;
-  const r = await api("/metrics", {});
+  // Plain fetch: a 401 here is shown, not prompted for every second.
+  const r = await fetch("/metrics", { headers: headers() });
+  if (r.status === 401) $("m-tps").textContent = "needs an API key";
   if (r.ok) {
     const t = await r.text();
     const tps = metric(t, "starling_generation_tokens_per_second", model);
@@ -428,16 +452,18 @@ async function poll() {
     show("kv", kv, (100 * (kv || 0)).toFixed(1) + "%", 1);
     show("hits", rate, queries ? (100 * rate).toFixed(0) + "% of " + queries : "–", 1);
   }
-  await loadModels();
+  await loadModels(false);
 }
 
-async function loadModels() {
-  const admin = localStorage.getItem(ADMIN_KEY);
+/** The models table (and list); `prompt` asks for a key on a 401 (page load), the
+ * once-a-second refresh does not. */
+async function loadModels(prompt) {
+  const admin = sessionStorage.getItem(ADMIN_KEY);
   const body = $("models-table").querySelector("tbody");
   const rows = [];
-  const listed = await api("/v1/models", {});
+  const listed = prompt ? await api("/v1/models", {}) : await fetch("/v1/models", { headers: headers() });
   const models = listed.ok ? (await listed.json()).data : [];
-  let states = {};
+  const states = {};
   if (admin) {
     const r = await fetch("/admin/models", { headers: { authorization: "Bearer " + admin } });
     if (r.ok) for (const m of (await r.json()).models || []) states[m.id] = m.state;
@@ -453,7 +479,7 @@ async function loadModels() {
 
 async function captureTrace() {
   const admin = $("admin-key").value.trim();
-  if (admin) localStorage.setItem(ADMIN_KEY, admin);
+  if (admin) sessionStorage.setItem(ADMIN_KEY, admin);
   const secs = Number($("trace-seconds").value) || 2;
   $("trace-status").textContent = "capturing " + secs + " s…";
   $("trace-link").hidden = true;
@@ -484,12 +510,12 @@ async function init() {
   $("key-button").onclick = askKey;
   $("tok-go").onclick = tokenize;
   $("trace-go").onclick = captureTrace;
-  $("admin-key").value = localStorage.getItem(ADMIN_KEY) || "";
+  $("admin-key").value = sessionStorage.getItem(ADMIN_KEY) || "";
   $("input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); }
   });
   document.addEventListener("keydown", (e) => { if (e.key === "Escape") stop(); });
-  const models = await loadModels();
+  const models = await loadModels(true);
   $("model").replaceChildren(...models.map((m) => { const o = document.createElement("option"); o.value = m.id; o.textContent = m.id; return o; }));
   setInterval(poll, 1000);
   document.body.dataset.ready = "1";

@@ -8,7 +8,6 @@
 //!   dialect), `choice` (a list of strings), or `response_format` as above; at most one.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
@@ -17,9 +16,6 @@ use crate::error::{ApiError, ErrorKind};
 use crate::gateway::state::AppState;
 use crate::grammar::{CallStart, Grammar, GrammarError};
 use crate::protocol::Constraint;
-
-/// How long a grammar may take to compile before the request is refused.
-const COMPILE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Every structured-output refusal is a 400 naming the field (the issue is the grammar,
 /// not a number out of range).
@@ -149,28 +145,24 @@ pub async fn compile_from(
         .with_param(param));
     };
     let kind = grammar.kind();
-    let job = state.grammar_slots.run(move || match start {
-        None => {
-            grammars.compile(&grammar).map(|c| (Constraint(Box::new(c.constraint)), c.cached, c.compile_time, c.bytes))
-        }
-        Some(start) => grammars
-            .compile_lazy(&grammar, start)
-            .map(|c| (Constraint(Box::new(c.constraint)), c.cached, c.compile_time, c.bytes)),
-    });
-    let compiled = match tokio::time::timeout(COMPILE_LIMIT, job).await {
-        Err(_) => {
-            return Err(ApiError::new(
-                ErrorKind::InvalidRequest,
-                format!("the {kind} did not compile within {} s", COMPILE_LIMIT.as_secs()),
-            )
-            .with_code("grammar_too_costly")
-            .with_param(param));
-        }
-        Ok(result) => result?,
-    };
+    // Waiting for a slot is bounded by the pool's queue (429 `cpu_busy` past it); the compile
+    // itself by llguidance's fuel limits, and one that still ran past
+    // `GrammarLimits::max_compile` is refused (and not cached).
+    let compiled = state
+        .grammar_slots
+        .run(move || match start {
+            None => grammars
+                .compile(&grammar)
+                .map(|c| (Constraint(Box::new(c.constraint)), c.cached, c.compile_time, c.bytes)),
+            Some(start) => grammars
+                .compile_lazy(&grammar, start)
+                .map(|c| (Constraint(Box::new(c.constraint)), c.cached, c.compile_time, c.bytes)),
+        })
+        .await?;
     let compiled = compiled.map_err(|e| {
         let code = match e {
             GrammarError::TooLarge { .. } => "grammar_too_large",
+            GrammarError::TooCostly { .. } => "grammar_too_costly",
             GrammarError::Invalid { .. } => "invalid_grammar",
             GrammarError::Vocabulary(_) => "grammar_unsupported",
         };

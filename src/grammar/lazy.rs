@@ -17,9 +17,10 @@ pub enum CallStart {
     /// After this marker, wherever it appears (`<tool_call>`, `[TOOL_CALLS]`).
     Marker(String),
     /// At the start of the output (Llama 3 JSON, plain JSON): the grammar follows the output
-    /// from its first token and is enforced once it has accepted a non-whitespace byte; a
-    /// token it rejects before that means the output is not a call.
-    Output,
+    /// from its first token and is enforced once the output has begun with one of these
+    /// prefixes (after whitespace), e.g. `{"name"`, so JSON that is not a call stays free;
+    /// a token the grammar rejects before that means the output is not a call.
+    Output(Vec<String>),
 }
 
 /// The per-request state of a lazily applied grammar.
@@ -31,8 +32,10 @@ pub struct LazyConstraint {
     window: Vec<u8>,
     /// The call in progress (`Marker`), or the shadow of the whole output (`Output`).
     call: Option<GrammarConstraint>,
-    /// `Output`: the grammar has accepted visible text and now constrains.
+    /// `Output`: the output has begun a call and the grammar now constrains.
     enforced: bool,
+    /// `Output`: the visible text so far, until enforcement is decided.
+    seen: Vec<u8>,
     /// `Output`: the output turned out not to be a call.
     gave_up: bool,
     free: Vec<u32>,
@@ -51,10 +54,11 @@ impl LazyConstraint {
             window: vec![],
             call: None,
             enforced: false,
+            seen: vec![],
             gave_up: false,
             free: vec![],
         };
-        if lazy.start == CallStart::Output {
+        if matches!(lazy.start, CallStart::Output(_)) {
             lazy.call = Some(lazy.matcher()?);
         }
         Ok(lazy)
@@ -68,16 +72,18 @@ impl LazyConstraint {
     pub fn constraining(&self) -> bool {
         match self.start {
             CallStart::Marker(_) => self.call.is_some(),
-            CallStart::Output => self.enforced && self.call.is_some(),
+            CallStart::Output(_) => self.enforced && self.call.is_some(),
         }
     }
 
-    fn advance_marker(&mut self, marker: &str, token: TokenId, bytes: &[u8]) {
+    fn advance_marker(&mut self, marker: &str, token: TokenId, bytes: &[u8]) -> Result<(), String> {
         if let Some(call) = self.call.as_mut() {
-            if call.advance(token).is_err() || call.is_complete() {
+            // The mask allowed only what the grammar takes: a rejection is a fault, not text.
+            call.advance(token)?;
+            if call.is_complete() {
                 self.call = None;
             }
-            return;
+            return Ok(());
         }
         self.window.extend_from_slice(bytes);
         let m = marker.as_bytes();
@@ -94,22 +100,36 @@ impl LazyConstraint {
             let keep = m.len().saturating_sub(1).min(self.window.len());
             self.window.drain(..self.window.len() - keep);
         }
+        Ok(())
     }
 
-    fn advance_output(&mut self, token: TokenId, bytes: &[u8]) {
+    fn advance_output(&mut self, prefixes: &[String], token: TokenId, bytes: &[u8]) -> Result<(), String> {
         if self.gave_up {
-            return;
+            return Ok(());
         }
-        let Some(call) = self.call.as_mut() else { return };
+        let Some(call) = self.call.as_mut() else { return Ok(()) };
+        if self.enforced {
+            call.advance(token)?;
+            return Ok(());
+        }
         if call.advance(token).is_err() {
             // The output is not a call (it can only be, from its first byte).
             self.call = None;
             self.gave_up = true;
-            return;
+            return Ok(());
         }
-        if !self.enforced && bytes.iter().any(|b| !b.is_ascii_whitespace()) {
+        // Whitespace is layout (`{\n  "name"` begins a call as `{"name"` does).
+        self.seen.extend(bytes.iter().filter(|b| !b.is_ascii_whitespace()));
+        let text = self.seen.as_slice();
+        if prefixes.iter().any(|p| text.starts_with(p.as_bytes())) {
             self.enforced = true;
+            self.seen = vec![];
+        } else if !prefixes.iter().any(|p| p.as_bytes().starts_with(text)) {
+            // Visible text that cannot begin a call: JSON content, not a call.
+            self.call = None;
+            self.gave_up = true;
         }
+        Ok(())
     }
 }
 
@@ -129,12 +149,13 @@ impl TokenConstraint for LazyConstraint {
         let bytes = self.tokenizer.token_bytes(token).map_err(|e| e.to_string())?.to_vec();
         match self.start.clone() {
             CallStart::Marker(marker) => self.advance_marker(&marker, token, &bytes),
-            CallStart::Output => self.advance_output(token, &bytes),
+            CallStart::Output(prefixes) => self.advance_output(&prefixes, token, &bytes),
         }
-        Ok(())
     }
 
     fn is_complete(&self) -> bool {
-        self.start == CallStart::Output && self.enforced && self.call.as_ref().is_some_and(|c| c.is_complete())
+        matches!(self.start, CallStart::Output(_))
+            && self.enforced
+            && self.call.as_ref().is_some_and(|c| c.is_complete())
     }
 }

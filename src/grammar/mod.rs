@@ -91,12 +91,21 @@ pub fn compact_json(schema: &Value) -> Value {
     schema
 }
 
+/// A schema for JSON the model writes in its own layout (a tool call it started in `auto`
+/// mode): numbers bounded ([`bound_numbers`]), whitespace as the model likes it.
+pub fn bounded_json(schema: &Value) -> Value {
+    let mut schema = schema.clone();
+    bound_numbers(&mut schema);
+    schema
+}
+
 /// The largest integer a double holds exactly (2^53 - 1).
 const MAX_SAFE_INTEGER: i64 = 9_007_199_254_740_991;
 
 /// Caps every `number` and `integer` subschema near what a double represents: within
-/// ±(2^53 - 1) where the schema gives no bound, and at most 8 digits after the point where
-/// it gives no `multipleOf` (llguidance 1.9's decimal `multipleOf` overflows from 1e-9 on).
+/// ±(2^53 - 1) where the schema gives no bound (unless its other bound lies beyond), and at
+/// most 8 digits after the point where it gives no `multipleOf`; never where it lists the
+/// values (`enum`, `const`) (llguidance 1.9's decimal `multipleOf` overflows from 1e-9 on).
 /// llama.cpp's JSON grammars bound digits the same way (16 per part). Every output still validates against the schema as sent; the
 /// cap only ends numbers that a small model would otherwise extend digit by digit until
 /// `max_tokens` (seen at temperature 1: 3,000 digits of one `number`).
@@ -109,11 +118,19 @@ fn bound_numbers(schema: &mut Value) {
                 _ => false,
             };
             let number = is(map, "number");
-            if number || is(map, "integer") {
-                if !map.contains_key("minimum") && !map.contains_key("exclusiveMinimum") {
+            let literal = map.contains_key("enum") || map.contains_key("const");
+            if (number || is(map, "integer")) && !literal {
+                let bound = |map: &serde_json::Map<String, Value>, keys: [&str; 2]| {
+                    keys.iter().filter_map(|k| map.get(*k)?.as_f64()).next()
+                };
+                let low = bound(map, ["minimum", "exclusiveMinimum"]);
+                let high = bound(map, ["maximum", "exclusiveMaximum"]);
+                let safe = MAX_SAFE_INTEGER as f64;
+                // A bound the schema gives beyond the cap wins: the cap never empties a range.
+                if low.is_none() && high.is_none_or(|h| h > -safe) {
                     map.insert("minimum".into(), json!(-MAX_SAFE_INTEGER));
                 }
-                if !map.contains_key("maximum") && !map.contains_key("exclusiveMaximum") {
+                if high.is_none() && low.is_none_or(|l| l < safe) {
                     map.insert("maximum".into(), json!(MAX_SAFE_INTEGER));
                 }
                 if number && !map.contains_key("multipleOf") {
@@ -139,11 +156,14 @@ pub struct GrammarLimits {
     pub max_bytes: usize,
     /// Compiled grammars kept for reuse.
     pub cache_entries: usize,
+    /// A grammar that took longer to compile is refused (llguidance's fuel bounds the work;
+    /// this catches what the fuel lets through on a slow or busy machine).
+    pub max_compile: Duration,
 }
 
 impl Default for GrammarLimits {
     fn default() -> Self {
-        GrammarLimits { max_bytes: 64 * 1024, cache_entries: 64 }
+        GrammarLimits { max_bytes: 64 * 1024, cache_entries: 64, max_compile: Duration::from_secs(5) }
     }
 }
 
@@ -229,6 +249,10 @@ impl Grammars {
                     GrammarError::Invalid { kind, message }
                 })?;
                 let took = started.elapsed();
+                if took > self.limits.max_compile {
+                    let (seconds, limit) = (took.as_secs_f64(), self.limits.max_compile.as_secs_f64());
+                    return Err(GrammarError::TooCostly { kind, seconds, limit });
+                }
                 self.remember(key, parser.deep_clone());
                 (parser, false, took)
             }
@@ -307,4 +331,27 @@ fn subschemas(schema: &Value) -> Vec<(String, &Value)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_capped_only_where_the_schema_leaves_them_open() {
+        let capped = compact_json(&json!({"type": "number"}));
+        assert_eq!(capped["maximum"], json!(MAX_SAFE_INTEGER));
+        assert_eq!(capped["multipleOf"], json!(1e-8));
+        let nested = compact_json(&json!({"type": "object", "properties": {"n": {"type": ["integer", "null"]}}}));
+        assert_eq!(nested["properties"]["n"]["minimum"], json!(-MAX_SAFE_INTEGER));
+        assert!(nested["properties"]["n"].get("multipleOf").is_none(), "integers need no fraction cap");
+        let beyond = compact_json(&json!({"type": "integer", "minimum": 1e16}));
+        assert!(beyond.get("maximum").is_none(), "a bound beyond the cap is not emptied: {beyond}");
+        let listed = compact_json(&json!({"type": "number", "enum": [0.123456789012]}));
+        assert!(listed.get("multipleOf").is_none() && listed.get("maximum").is_none(), "{listed}");
+        let own = compact_json(&json!({"type": "number", "multipleOf": 0.5, "maximum": 3}));
+        assert_eq!((own["multipleOf"].clone(), own["maximum"].clone()), (json!(0.5), json!(3)));
+        let data = compact_json(&json!({"const": {"type": "number"}}));
+        assert_eq!(data["const"], json!({"type": "number"}), "literal values are not schemas");
+    }
 }

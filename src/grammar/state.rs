@@ -7,10 +7,12 @@ use crate::tokenizer::GgufTokenizer;
 use crate::types::TokenId;
 
 /// Why a grammar was refused; the message names the problem (schema path, grammar line).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum GrammarError {
     #[error("the {kind} is {bytes} bytes; the limit is {limit}")]
     TooLarge { kind: &'static str, bytes: usize, limit: usize },
+    #[error("the {kind} took {seconds:.1} s to compile; the limit is {limit:.0} s")]
+    TooCostly { kind: &'static str, seconds: f64, limit: f64 },
     #[error("the {kind} is invalid: {message}")]
     Invalid { kind: &'static str, message: String },
     #[error("the model's vocabulary cannot be used for constrained decoding: {0}")]

@@ -1,8 +1,7 @@
 //! The model's vocabulary as llguidance sees it: a token trie of each id's bytes.
 //!
-//! Special and control tokens are marked with toktrie's `0xFF` prefix, so a grammar never
-//! produces them by spelling out their text, and a Lark grammar can still name them
-//! (`<|im_end|>`).
+//! Control tokens are marked with toktrie's `0xFF` prefix, so a grammar never produces them
+//! by spelling out their text, and a Lark grammar can still name them (`<|im_end|>`).
 
 use std::sync::Arc;
 
@@ -35,7 +34,9 @@ pub fn token_env(tokenizer: &Arc<GgufTokenizer>) -> Result<TokEnv, String> {
     let mut words = Vec::with_capacity(n);
     for id in 0..n as TokenId {
         let bytes = tokenizer.token_bytes(id).map_err(|e| e.to_string())?;
-        if tokenizer.is_special(id) || tokenizer.is_control(id) {
+        // Control tokens (`<|im_end|>`) only: a user-defined token such as Qwen's
+        // `</tool_call>` is text a grammar may write as a literal.
+        if tokenizer.is_control(id) {
             let mut w = Vec::with_capacity(bytes.len() + 1);
             w.push(TokTrie::SPECIAL_TOKEN_MARKER);
             w.extend_from_slice(bytes);

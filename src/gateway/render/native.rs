@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use super::sse::{self, Render};
 use crate::gateway::extract::random_id;
 use crate::gateway::service::Collected;
-use crate::gateway::tools::{self, ToolFormat};
+use crate::gateway::tools::{self, CallReading};
 use crate::protocol::{FinishReason, StreamEvent, TokenLogprob};
 use crate::types::TokenId;
 
@@ -17,16 +17,16 @@ pub struct NativeRender {
     pub logprobs: bool,
     /// Tool calls are parsed from the whole output in this syntax, for these functions,
     /// and reported in the `done` event.
-    pub tools: Option<(ToolFormat, Vec<String>)>,
+    pub tools: Option<CallReading>,
     /// The output so far (kept only with `tools`).
     pub text: String,
 }
 
 /// With tools: the output's `content` and `tool_calls` added to a done event or body, and
 /// `finish_reason` set to `tool_calls` when a finished output held calls.
-fn add_tool_calls(v: &mut Value, tools: &Option<(ToolFormat, Vec<String>)>, text: &str, finish: FinishReason) {
-    let Some((format, names)) = tools else { return };
-    let (content, calls) = tools::split_output(*format, names, text);
+fn add_tool_calls(v: &mut Value, tools: &Option<CallReading>, text: &str, finish: FinishReason) {
+    let Some(reading) = tools else { return };
+    let (content, calls) = tools::split_output(reading, text);
     v["content"] = json!(content);
     v["tool_calls"] = calls.iter().map(|c| tools::call_json(&random_id("call"), c)).collect();
     if !calls.is_empty() && finish == FinishReason::Stop {
@@ -72,12 +72,7 @@ impl Render for NativeRender {
 }
 
 /// The non-streaming body of a generation.
-pub fn generation_body(
-    out: &Collected,
-    model: &str,
-    logprobs: bool,
-    tools: &Option<(ToolFormat, Vec<String>)>,
-) -> Value {
+pub fn generation_body(out: &Collected, model: &str, logprobs: bool, tools: &Option<CallReading>) -> Value {
     let mut v = json!({
         "model": model,
         "text": out.text,

@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 use super::sse::{self, Render};
 use crate::gateway::extract::random_id;
 use crate::gateway::service::Collected;
-use crate::gateway::tools::{self, ParsedCall, ToolCallParser, ToolEvent, ToolFormat};
+use crate::gateway::tools::{self, CallReading, ParsedCall, ToolCallParser, ToolEvent};
 use crate::protocol::{FinishReason, StreamEvent, Timings, TokenLogprob, Usage};
 use crate::tokenizer::GgufTokenizer;
 use crate::types::TokenId;
@@ -30,7 +30,7 @@ pub struct Shape {
     pub top: Option<u32>,
     pub tokenizer: Arc<GgufTokenizer>,
     /// Tool calls are parsed from the output in this syntax, for these function names.
-    pub tools: Option<(ToolFormat, Vec<String>)>,
+    pub tools: Option<CallReading>,
 }
 
 /// OpenAI's usage object.
@@ -113,8 +113,8 @@ impl Shape {
         let logprobs = self.logprobs(&out.logprobs, 0);
         let finish = finish_name(out.finish_reason);
         let choice = match (self.kind, &self.tools) {
-            (Kind::Chat, Some((format, names))) => {
-                let (content, calls) = tools::split_output(*format, names, &out.text);
+            (Kind::Chat, Some(reading)) => {
+                let (content, calls) = tools::split_output(reading, &out.text);
                 let mut message = json!({"role": "assistant", "content": content});
                 let mut finish = finish;
                 if !calls.is_empty() {
@@ -170,7 +170,7 @@ pub struct OpenAiRender {
 impl OpenAiRender {
     /// Chunks of `shape`; a final usage chunk when `include_usage`.
     pub fn new(shape: Shape, include_usage: bool) -> Self {
-        let parser = shape.tools.as_ref().map(|(f, names)| ToolCallParser::new(*f, names.clone()));
+        let parser = shape.tools.as_ref().map(|r| ToolCallParser::new(r.format, r.names.clone()));
         OpenAiRender { shape, include_usage, started: false, text_offset: 0, parser, calls: 0 }
     }
 
@@ -181,6 +181,7 @@ impl OpenAiRender {
         for e in events {
             match e {
                 ToolEvent::Text(t) => out += &data(&self.shape.chunk(&t, Value::Null, None)),
+                ToolEvent::Call(_) if self.shape.tools.as_ref().is_some_and(|r| self.calls >= r.keep) => {}
                 ToolEvent::Call(ParsedCall { name, arguments }) => {
                     let index = self.calls;
                     self.calls += 1;

@@ -117,9 +117,9 @@ pub async fn generate(state: &Arc<AppState>, ctx: &Ctx, req: Request<Incoming>) 
     // as on the chat route.
     let spec = tools::from_request(body.tools.as_ref(), body.tool_choice.as_ref(), body.parallel_tool_calls)?;
     let forced = spec.as_ref().and_then(ToolSpec::forced_schema);
-    let tool_format = spec.as_ref().and_then(|s| Some((s.format(&model.tokenizer)?, s.names())));
+    let tool_format = spec.as_ref().and_then(|s| s.reading(&model.tokenizer));
     let lazy = match (&spec, &tool_format, &model.grammars) {
-        (Some(s), Some((f, _)), Some(_)) => s.auto_grammar(*f),
+        (Some(s), Some(r), Some(_)) => s.auto_grammar(r.format),
         _ => None,
     };
     let constraint = match (grammar, forced, lazy) {

@@ -241,10 +241,10 @@ async fn run(
         (None, Some(schema)) => Some((Grammar::JsonSchema(schema), "tools")),
         (None, None) => None,
     };
-    let tool_format = spec.as_ref().and_then(|s| Some((s.format(&model.tokenizer)?, s.names())));
+    let tool_format = spec.as_ref().and_then(|s| s.reading(&model.tokenizer));
     // `auto`: once a call starts in the model's syntax, its arguments follow the schemas.
     let lazy = match (&spec, &tool_format, &grammar, &model.grammars) {
-        (Some(s), Some((f, _)), None, Some(_)) => s.auto_grammar(*f),
+        (Some(s), Some(r), None, Some(_)) => s.auto_grammar(r.format),
         _ => None,
     };
     let constraint = match (grammar, lazy) {

@@ -2,7 +2,7 @@
 //! validated into a [`ToolSpec`]; the schema a forced call must follow; and the calls
 //! found in the output ([`parse`]) rendered as `message.tool_calls`.
 //!
-//! - `none`: tools are shown to the template; the output is plain text.
+//! - `none`: the output is plain text (tools are not given to the template).
 //! - `auto`: the output is parsed in the model's own tool-call syntax ([`ToolFormat`],
 //!   chosen from its chat template and special tokens).
 //! - `required` or a named function: the output is constrained to a JSON array of calls
@@ -15,7 +15,7 @@ pub mod parse;
 use serde_json::{Value, json};
 
 use crate::error::{ApiError, ErrorKind};
-use crate::grammar::{CallStart, Grammar, compact_json};
+use crate::grammar::{CallStart, Grammar, bounded_json};
 use crate::tokenizer::GgufTokenizer;
 pub use parse::{ParsedCall, ToolCallParser, ToolEvent, ToolFormat};
 
@@ -75,7 +75,21 @@ pub fn from_request(
         }
         let params = match f.get("parameters") {
             None | Some(Value::Null) => json!({"type": "object"}),
-            Some(p @ Value::Object(_)) => p.clone(),
+            Some(Value::Object(p)) => match p.get("type") {
+                // Arguments are always an object: a schema without a type gets it.
+                None => {
+                    let mut p = p.clone();
+                    p.insert("type".into(), json!("object"));
+                    Value::Object(p)
+                }
+                Some(t) if t == "object" => Value::Object(p.clone()),
+                Some(_) => {
+                    return Err(refuse(
+                        &at(".function.parameters"),
+                        "`parameters` must describe an object (`\"type\": \"object\"`)",
+                    ));
+                }
+            },
             Some(_) => return Err(refuse(&at(".function.parameters"), "`parameters` must be a JSON schema object")),
         };
         functions.push((name.to_owned(), params));
@@ -160,9 +174,17 @@ impl ToolSpec {
                 .collect();
             if calls.len() == 1 { calls[0].clone() } else { json!({"anyOf": calls}) }
         };
-        let json = |schema: Value| format!("%json {}", compact_json(&schema));
-        let array = |args_key: &str| json!({"type": "array", "items": any(args_key), "minItems": 1});
+        // The model started the call in its own layout: whitespace is its choice.
+        let json = |schema: Value| format!("%json {}", bounded_json(&schema));
+        let array = |args_key: &str| {
+            let mut a = json!({"type": "array", "items": any(args_key), "minItems": 1});
+            if !self.parallel {
+                a["maxItems"] = json!(1);
+            }
+            a
+        };
         let ws = "WS: /[ \\t\\n]+/";
+        let call_prefixes = |starts: &[&str]| CallStart::Output(starts.iter().map(|s| s.to_string()).collect());
         let (lark, start) = match format {
             ToolFormat::Hermes => (
                 format!("start: WS? {} WS? \"</tool_call>\"\n{ws}", json(any("arguments"))),
@@ -173,14 +195,25 @@ impl ToolSpec {
             }
             ToolFormat::Llama3Json => {
                 let call = json(any("parameters"));
-                (format!("start: WS? {call} (\";\" WS? {call})*\n{ws}"), CallStart::Output)
+                let more = if self.parallel { format!(" (\";\" WS? {call})*") } else { String::new() };
+                (format!("start: WS? {call}{more}\n{ws}"), call_prefixes(&["{\"name\""]))
             }
-            ToolFormat::Json => (
-                format!("start: WS? {}\n{ws}", json(json!({"anyOf": [any("arguments"), array("arguments")]}))),
-                CallStart::Output,
-            ),
+            ToolFormat::Json => {
+                let calls = if self.parallel {
+                    json!({"anyOf": [any("arguments"), array("arguments")]})
+                } else {
+                    any("arguments")
+                };
+                (format!("start: WS? {}\n{ws}", json(calls)), call_prefixes(&["{\"name\"", "[{\"name\""]))
+            }
         };
         Some((Grammar::Lark(lark), start))
+    }
+
+    /// How many calls one reply may carry: one with `parallel_tool_calls: false` or a named
+    /// function (later calls are dropped), else any number.
+    pub fn keep_calls(&self) -> usize {
+        if self.parallel && !matches!(self.choice, ToolChoice::Named(_)) { usize::MAX } else { 1 }
     }
 
     /// The syntax the output is parsed in: forced calls are plain JSON; `auto` reads the
@@ -191,6 +224,22 @@ impl ToolSpec {
             ToolChoice::Auto => Some(model_format(tokenizer)),
             ToolChoice::Required | ToolChoice::Named(_) => Some(ToolFormat::Json),
         }
+    }
+}
+
+/// How a reply's calls are read: the syntax, the functions they may name, how many count.
+#[derive(Clone, Debug)]
+pub struct CallReading {
+    pub format: ToolFormat,
+    pub names: Vec<String>,
+    /// Calls past this many are dropped ([`ToolSpec::keep_calls`]).
+    pub keep: usize,
+}
+
+impl ToolSpec {
+    /// How this request's reply is read for calls; `None` with `tool_choice: none`.
+    pub fn reading(&self, tokenizer: &GgufTokenizer) -> Option<CallReading> {
+        Some(CallReading { format: self.format(tokenizer)?, names: self.names(), keep: self.keep_calls() })
     }
 }
 
@@ -206,14 +255,15 @@ pub fn call_json(id: &str, call: &ParsedCall) -> Value {
     json!({"id": id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}})
 }
 
-/// The text and calls of a finished output.
-pub fn split_output(format: ToolFormat, names: &[String], text: &str) -> (String, Vec<ParsedCall>) {
+/// The text and calls of a finished output (at most `reading.keep` calls).
+pub fn split_output(reading: &CallReading, text: &str) -> (String, Vec<ParsedCall>) {
     let mut content = String::new();
     let mut calls = vec![];
-    for e in parse::parse_all(format, names, text) {
+    for e in parse::parse_all(reading.format, &reading.names, text) {
         match e {
             ToolEvent::Text(t) => content.push_str(&t),
-            ToolEvent::Call(c) => calls.push(c),
+            ToolEvent::Call(c) if calls.len() < reading.keep => calls.push(c),
+            ToolEvent::Call(_) => {}
         }
     }
     (content, calls)
@@ -285,6 +335,34 @@ mod tests {
         assert_eq!(param(weather(), json!("sometimes")).as_deref(), Some("tool_choice"));
         let e = from_request(None, Some(&json!("required")), None).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("tool_choice"));
+    }
+
+    #[test]
+    fn parameters_always_describe_an_object() {
+        let untyped = json!([{"type": "function", "function": {"name": "f", "parameters": {"properties": {}}}}]);
+        let spec = from_request(Some(&untyped), None, None).unwrap().unwrap();
+        assert_eq!(spec.functions[0].1["type"], "object");
+        let scalar = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]);
+        let e = from_request(Some(&scalar), None, None).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tools[0].function.parameters"));
+    }
+
+    /// `parallel_tool_calls: false` keeps one call of a reply that holds two.
+    #[test]
+    fn one_call_is_kept_without_parallel_calls() {
+        let two = r#"[{"name": "get_weather", "arguments": {"city": "A"}}, {"name": "ping", "arguments": {}}]"#;
+        let spec = from_request(Some(&weather()), Some(&json!("auto")), Some(false)).unwrap().unwrap();
+        let reading = CallReading { format: ToolFormat::Json, names: spec.names(), keep: spec.keep_calls() };
+        assert_eq!(split_output(&reading, two).1.len(), 1);
+        let spec = from_request(Some(&weather()), Some(&json!("auto")), None).unwrap().unwrap();
+        let reading = CallReading { keep: spec.keep_calls(), ..reading };
+        assert_eq!(split_output(&reading, two).1.len(), 2);
+        let (grammar, _) = spec.auto_grammar(ToolFormat::Json).unwrap();
+        let Grammar::Lark(lark) = grammar else { panic!("a Lark grammar") };
+        assert!(lark.contains("\"type\":\"array\""), "parallel calls may come as an array");
+        let single = from_request(Some(&weather()), Some(&json!("auto")), Some(false)).unwrap().unwrap();
+        let Grammar::Lark(lark) = single.auto_grammar(ToolFormat::Json).unwrap().0 else { panic!() };
+        assert!(!lark.contains("\"type\":\"array\""), "one call, no array");
     }
 
     #[test]
