@@ -111,6 +111,12 @@ impl ApiError {
         ApiError::new(ErrorKind::InvalidParameter, message).with_param(param)
     }
 
+    /// A 400 naming the request field that is wrong in shape or content (a bad schema, an
+    /// unknown tool), as opposed to a number out of its range (422).
+    pub fn invalid_field(param: &str, message: impl Into<String>) -> Self {
+        ApiError::new(ErrorKind::InvalidRequest, message).with_param(param)
+    }
+
     pub fn status(&self) -> u16 {
         self.kind.status()
     }

@@ -14,14 +14,9 @@ use serde_json::{Map, Value, json};
 use crate::engine::load::LoadedModel;
 use crate::error::{ApiError, ErrorKind};
 use crate::gateway::state::AppState;
-use crate::grammar::{CallStart, Grammar, GrammarError};
+use crate::gateway::tools::{CallReading, ToolSpec};
+use crate::grammar::{CallStart, Compiled, Grammar, GrammarError};
 use crate::protocol::Constraint;
-
-/// Every structured-output refusal is a 400 naming the field (the issue is the grammar,
-/// not a number out of range).
-fn refuse(param: &str, message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorKind::InvalidRequest, message).with_param(param)
-}
 
 /// Parses OpenAI's `response_format`; `None` for plain text.
 pub fn response_format(v: &Value) -> Result<Option<Grammar>, ApiError> {
@@ -59,7 +54,7 @@ pub fn native_fields(fields: &mut Map<String, Value>) -> Result<Option<(Grammar,
         if v.is_null() {
             continue;
         }
-        let type_err = |what: &str| refuse(name, format!("`{name}` must be {what}"));
+        let type_err = |what: &str| ApiError::invalid_field(name, format!("`{name}` must be {what}"));
         let g = match (name, v) {
             ("json_schema", v @ Value::Object(_)) => Grammar::JsonSchema(v),
             ("json_schema", _) => return Err(type_err("a JSON schema object")),
@@ -104,7 +99,7 @@ fn lark_grammar(s: String) -> Result<Grammar, ApiError> {
         !l.starts_with('#') && !l.starts_with("//") && l.contains("::=")
     });
     if gbnf {
-        return Err(refuse(
+        return Err(ApiError::invalid_field(
             "grammar",
             "`grammar` looks like GBNF (`rule ::= ...`); Starling takes Lark syntax as llguidance defines it \
              (`rule: ...`, `start` as the root)",
@@ -151,12 +146,8 @@ pub async fn compile_from(
     let compiled = state
         .grammar_slots
         .run(move || match start {
-            None => grammars
-                .compile(&grammar)
-                .map(|c| (Constraint(Box::new(c.constraint)), c.cached, c.compile_time, c.bytes)),
-            Some(start) => grammars
-                .compile_lazy(&grammar, start)
-                .map(|c| (Constraint(Box::new(c.constraint)), c.cached, c.compile_time, c.bytes)),
+            None => grammars.compile(&grammar).map(Compiled::boxed),
+            Some(start) => grammars.compile_lazy(&grammar, start).map(Compiled::boxed),
         })
         .await?;
     let compiled = compiled.map_err(|e| {
@@ -168,8 +159,38 @@ pub async fn compile_from(
         };
         ApiError::new(ErrorKind::InvalidRequest, e.to_string()).with_code(code).with_param(param)
     })?;
-    let (constraint, cached, compile_time, bytes) = compiled;
-    let seconds = (!cached).then_some(compile_time.as_secs_f64());
-    state.obs.metrics.record_grammar(model.id.as_str(), kind, bytes, seconds);
-    Ok(constraint)
+    let seconds = (!compiled.cached).then_some(compiled.compile_time.as_secs_f64());
+    state.obs.metrics.record_grammar(model.id.as_str(), kind, compiled.bytes, seconds);
+    Ok(compiled.constraint)
+}
+
+/// The request's one output constraint: its own grammar (`grammar`, with the field that
+/// gave it), or what its tools imply: a forced call's schema, or under `auto` the grammar a
+/// call follows once it starts in the model's syntax (`reading`). A grammar beside a forced
+/// call is a 400.
+pub async fn request_constraint(
+    state: &Arc<AppState>,
+    model: &LoadedModel,
+    grammar: Option<(Grammar, &str)>,
+    tools: Option<&ToolSpec>,
+    reading: Option<&CallReading>,
+) -> Result<Option<Constraint>, ApiError> {
+    match (grammar, tools.and_then(ToolSpec::forced_schema)) {
+        (Some((_, param)), Some(_)) => Err(ApiError::invalid_field(
+            param,
+            format!("`{param}` cannot be combined with a `tool_choice` that forces a call"),
+        )),
+        (Some((g, param)), None) => compile(state, model, g, param).await.map(Some),
+        (None, Some(schema)) => compile(state, model, Grammar::JsonSchema(schema), "tools").await.map(Some),
+        (None, None) => {
+            let lazy = match (tools, reading, &model.grammars) {
+                (Some(spec), Some(r), Some(_)) => spec.auto_grammar(r.format),
+                _ => None,
+            };
+            match lazy {
+                Some((g, start)) => compile_from(state, model, g, Some(start), "tools").await.map(Some),
+                None => Ok(None),
+            }
+        }
+    }
 }

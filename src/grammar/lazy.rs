@@ -27,7 +27,8 @@ pub enum CallStart {
 pub struct LazyConstraint {
     tokenizer: Arc<GgufTokenizer>,
     parser: TokenParser,
-    start: CallStart,
+    /// Shared so that advancing (once per token) borrows it without a copy.
+    start: Arc<CallStart>,
     /// The tail of the output text, for spotting a marker split over tokens.
     window: Vec<u8>,
     /// The call in progress (`Marker`), or the shadow of the whole output (`Output`).
@@ -50,7 +51,7 @@ impl LazyConstraint {
         let mut lazy = LazyConstraint {
             tokenizer,
             parser,
-            start,
+            start: Arc::new(start),
             window: vec![],
             call: None,
             enforced: false,
@@ -58,19 +59,19 @@ impl LazyConstraint {
             gave_up: false,
             free: vec![],
         };
-        if matches!(lazy.start, CallStart::Output(_)) {
+        if matches!(*lazy.start, CallStart::Output(_)) {
             lazy.call = Some(lazy.matcher()?);
         }
         Ok(lazy)
     }
 
     fn matcher(&self) -> Result<GrammarConstraint, GrammarError> {
-        GrammarConstraint::new(Matcher::new(Ok(self.parser.deep_clone())), self.tokenizer.eog_ids())
+        GrammarConstraint::new(Matcher::new(Ok(self.parser.deep_clone())))
     }
 
     /// Whether a grammar is constraining the next token now.
     pub fn constraining(&self) -> bool {
-        match self.start {
+        match *self.start {
             CallStart::Marker(_) => self.call.is_some(),
             CallStart::Output(_) => self.enforced && self.call.is_some(),
         }
@@ -146,15 +147,16 @@ impl TokenConstraint for LazyConstraint {
     }
 
     fn advance(&mut self, token: TokenId) -> Result<(), String> {
-        let bytes = self.tokenizer.token_bytes(token).map_err(|e| e.to_string())?.to_vec();
-        match self.start.clone() {
-            CallStart::Marker(marker) => self.advance_marker(&marker, token, &bytes),
-            CallStart::Output(prefixes) => self.advance_output(&prefixes, token, &bytes),
+        let (tokenizer, start) = (self.tokenizer.clone(), self.start.clone());
+        let bytes = tokenizer.token_bytes(token).map_err(|e| e.to_string())?;
+        match &*start {
+            CallStart::Marker(marker) => self.advance_marker(marker, token, bytes),
+            CallStart::Output(prefixes) => self.advance_output(prefixes, token, bytes),
         }
     }
 
     fn is_complete(&self) -> bool {
-        matches!(self.start, CallStart::Output(_))
+        matches!(*self.start, CallStart::Output(_))
             && self.enforced
             && self.call.as_ref().is_some_and(|c| c.is_complete())
     }

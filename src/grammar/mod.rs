@@ -25,6 +25,7 @@ use llguidance::{Matcher, ParserFactory, TokenParser};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::protocol::{Constraint, TokenConstraint};
 use crate::tokenizer::GgufTokenizer;
 
 /// A request's output constraint, before compilation.
@@ -178,6 +179,14 @@ pub struct Compiled<C> {
     pub bytes: usize,
 }
 
+impl<C: TokenConstraint + 'static> Compiled<C> {
+    /// The same compilation with its constraint boxed for a request.
+    pub fn boxed(self) -> Compiled<Constraint> {
+        let Compiled { constraint, cached, compile_time, bytes } = self;
+        Compiled { constraint: Constraint(Box::new(constraint)), cached, compile_time, bytes }
+    }
+}
+
 /// Compiled grammars of one model.
 pub struct Grammars {
     tokenizer: Arc<GgufTokenizer>,
@@ -214,7 +223,7 @@ impl Grammars {
     /// engine and async threads.
     pub fn compile(&self, grammar: &Grammar) -> Result<Compiled<GrammarConstraint>, GrammarError> {
         let (parser, info) = self.parser(grammar)?;
-        let constraint = GrammarConstraint::new(Matcher::new(Ok(parser)), self.tokenizer.eog_ids())?;
+        let constraint = GrammarConstraint::new(Matcher::new(Ok(parser)))?;
         Ok(Compiled { constraint, cached: info.cached, compile_time: info.compile_time, bytes: info.bytes })
     }
 

@@ -1,6 +1,7 @@
 //! A compiled grammar's per-request state, and why a grammar is refused.
 
 use llguidance::Matcher;
+use llguidance::toktrie::SimpleVob;
 
 use crate::protocol::{NextTokens, TokenConstraint};
 use crate::tokenizer::GgufTokenizer;
@@ -22,16 +23,16 @@ pub enum GrammarError {
 /// One request's grammar state: which tokens may come next, advanced per sampled token.
 pub struct GrammarConstraint {
     matcher: Matcher,
-    eog: Vec<TokenId>,
-    bits: Vec<u32>,
+    /// The last mask computed (its bits are lent to the engine).
+    mask: SimpleVob,
 }
 
 impl GrammarConstraint {
-    pub(crate) fn new(matcher: Matcher, eog: &[TokenId]) -> Result<Self, GrammarError> {
+    pub(crate) fn new(matcher: Matcher) -> Result<Self, GrammarError> {
         if let Some(e) = matcher.get_error() {
             return Err(GrammarError::Invalid { kind: "grammar", message: e });
         }
-        Ok(GrammarConstraint { matcher, eog: eog.to_vec(), bits: Vec::new() })
+        Ok(GrammarConstraint { matcher, mask: SimpleVob::new() })
     }
 
     /// Whether `text` is a complete output of the grammar (tests, tools).
@@ -43,16 +44,9 @@ impl GrammarConstraint {
 
 impl TokenConstraint for GrammarConstraint {
     fn next_tokens(&mut self) -> Result<NextTokens<'_>, String> {
-        let mask = self.matcher.compute_mask().map_err(|e| e.to_string())?;
+        self.mask = self.matcher.compute_mask().map_err(|e| e.to_string())?;
         let may_end = self.matcher.is_accepting().map_err(|e| e.to_string())?;
-        self.bits.clear();
-        self.bits.extend_from_slice(mask.as_slice());
-        for &id in &self.eog {
-            if let Some(w) = self.bits.get_mut(id as usize / 32) {
-                *w &= !(1 << (id % 32));
-            }
-        }
-        Ok(NextTokens { bits: &self.bits, may_end, free: false })
+        Ok(NextTokens { bits: self.mask.as_slice(), may_end, free: false })
     }
 
     fn advance(&mut self, token: TokenId) -> Result<(), String> {

@@ -12,7 +12,7 @@ use crate::types::TokenId;
 /// What may follow the tokens accepted so far.
 pub struct NextTokens<'a> {
     /// One bit per vocabulary id (`bits[id / 32] >> (id % 32) & 1`): may that token come next.
-    /// End-of-generation ids are never set here: see `may_end`.
+    /// Not read for end-of-generation and stop ids: `may_end` decides those.
     pub bits: &'a [u32],
     /// The output may end here (an end-of-generation token is allowed).
     pub may_end: bool,

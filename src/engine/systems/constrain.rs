@@ -9,6 +9,7 @@ use crate::engine::components::*;
 use crate::engine::resources::*;
 use crate::error::{ApiError, ErrorKind};
 use crate::protocol::NextTokens;
+use crate::types::TokenId;
 
 /// For every sequence that samples this tick and carries a [`Constrained`] grammar, sets
 /// the logits of tokens the grammar forbids to `-inf`. End-of-generation and stop token
@@ -23,6 +24,9 @@ pub fn constrain_logits(
     tokenizer: Res<TokenizerRes>,
     mut seqs: Query<(Entity, &mut Constrained, &Sampling, &mut Phase, &mut Outbox)>,
 ) {
+    if seqs.is_empty() {
+        return;
+    }
     let vocab = tokenizer.0.vocab_size();
     let eog = tokenizer.0.eog_ids();
     let samplers = plan.items.iter().filter(|i| i.samples).map(|i| i.entity);
@@ -37,8 +41,7 @@ pub fn constrain_logits(
     work.par_iter_mut().for_each(|(constrained, sampling, phase, outbox, row)| match constrained.0.0.next_tokens() {
         Ok(next) if next.free => {}
         Ok(next) => {
-            let stops = &sampling.0.config().stop_token_ids;
-            mask_row(row, &next, |id| eog.contains(&id) || stops.contains(&id));
+            mask_row(row, &next, eog.iter().chain(&sampling.0.config().stop_token_ids));
         }
         Err(e) => {
             let msg = format!("the output constraint failed: {e}");
@@ -46,18 +49,21 @@ pub fn constrain_logits(
         }
     });
 }
-/// Forbids every id whose bit is clear; an ending id (`is_end`) is allowed iff the
-/// grammar may end here.
-fn mask_row(row: &mut [f32], next: &NextTokens<'_>, is_end: impl Fn(u32) -> bool) {
-    for (id, logit) in row.iter_mut().enumerate() {
-        let id = id as u32;
-        let allowed = if is_end(id) {
-            next.may_end
-        } else {
-            next.bits.get(id as usize / 32).is_some_and(|w| (w >> (id % 32)) & 1 == 1)
-        };
-        if !allowed {
-            *logit = f32::NEG_INFINITY;
+/// Forbids every id whose bit is clear; an ending id (end-of-generation or stop) keeps its
+/// logit iff the grammar may end here, whatever its bit says.
+fn mask_row<'a>(row: &mut [f32], next: &NextTokens<'_>, ends: impl Iterator<Item = &'a TokenId> + Clone) {
+    let kept: Vec<(usize, f32)> = ends.clone().filter_map(|&id| Some((id as usize, *row.get(id as usize)?))).collect();
+    for (chunk, &word) in row.chunks_mut(32).zip(next.bits.iter().chain(std::iter::repeat(&0))) {
+        if word == u32::MAX {
+            continue;
         }
+        for (bit, logit) in chunk.iter_mut().enumerate() {
+            if word >> bit & 1 == 0 {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+    }
+    for (id, logit) in kept {
+        row[id] = if next.may_end { logit } else { f32::NEG_INFINITY };
     }
 }

@@ -16,8 +16,7 @@ use crate::gateway::render::{Body, json_response, sse};
 use crate::gateway::service::{Job, collect, session_id, submit, validate_sampling};
 use crate::gateway::state::{AppState, Ctx};
 use crate::gateway::structured;
-use crate::gateway::tools::{self, ToolSpec};
-use crate::grammar::Grammar;
+use crate::gateway::tools;
 use crate::protocol::{EngineCommand, PromptInput, SamplingParams};
 use crate::types::{SessionId, TokenId};
 
@@ -116,27 +115,9 @@ pub async fn generate(state: &Arc<AppState>, ctx: &Ctx, req: Request<Incoming>) 
     // Tools: the prompt is the client's own (no template); calls are constrained and parsed
     // as on the chat route.
     let spec = tools::from_request(body.tools.as_ref(), body.tool_choice.as_ref(), body.parallel_tool_calls)?;
-    let forced = spec.as_ref().and_then(ToolSpec::forced_schema);
     let tool_format = spec.as_ref().and_then(|s| s.reading(&model.tokenizer));
-    let lazy = match (&spec, &tool_format, &model.grammars) {
-        (Some(s), Some(r), Some(_)) => s.auto_grammar(r.format),
-        _ => None,
-    };
-    let constraint = match (grammar, forced, lazy) {
-        (Some((_, param)), Some(_), _) => {
-            return Err(ApiError::new(
-                ErrorKind::InvalidRequest,
-                format!("`{param}` cannot be combined with a `tool_choice` that forces a call"),
-            )
-            .with_param(param));
-        }
-        (Some((g, param)), None, _) => Some(structured::compile(state, &model, g, param).await?),
-        (None, Some(schema), _) => {
-            Some(structured::compile(state, &model, Grammar::JsonSchema(schema), "tools").await?)
-        }
-        (None, None, Some((g, start))) => Some(structured::compile_from(state, &model, g, Some(start), "tools").await?),
-        (None, None, None) => None,
-    };
+    let constraint =
+        structured::request_constraint(state, &model, grammar, spec.as_ref(), tool_format.as_ref()).await?;
     let job = Job { timeout, constraint, keep_special: tool_format.is_some(), ..Job::new(input, sampling, session) };
     let sub = submit(state, ctx, &model, job).await?;
     if body.stream.unwrap_or(true) {

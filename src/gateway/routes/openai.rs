@@ -23,8 +23,7 @@ use crate::gateway::state::{AppState, Ctx};
 use crate::gateway::structured;
 use crate::gateway::template::ChatMessage;
 use crate::gateway::template::sandbox::RenderJob;
-use crate::gateway::tools::{self, ToolChoice, ToolSpec};
-use crate::grammar::Grammar;
+use crate::gateway::tools::{self, ToolChoice};
 use crate::protocol::{PromptInput, SamplingParams};
 use crate::types::TokenId;
 
@@ -229,29 +228,10 @@ async fn run(
         Kind::Completion => None,
     };
     let format = body.response_format.as_ref().map(structured::response_format).transpose()?.flatten();
-    let grammar = match (format, spec.as_ref().and_then(ToolSpec::forced_schema)) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::new(
-                ErrorKind::InvalidRequest,
-                "`response_format` cannot be combined with a `tool_choice` that forces a call",
-            )
-            .with_param("response_format"));
-        }
-        (Some(g), None) => Some((g, "response_format")),
-        (None, Some(schema)) => Some((Grammar::JsonSchema(schema), "tools")),
-        (None, None) => None,
-    };
     let tool_format = spec.as_ref().and_then(|s| s.reading(&model.tokenizer));
-    // `auto`: once a call starts in the model's syntax, its arguments follow the schemas.
-    let lazy = match (&spec, &tool_format, &grammar, &model.grammars) {
-        (Some(s), Some(r), None, Some(_)) => s.auto_grammar(r.format),
-        _ => None,
-    };
-    let constraint = match (grammar, lazy) {
-        (Some((g, param)), _) => Some(structured::compile(state, &model, g, param).await?),
-        (None, Some((g, start))) => Some(structured::compile_from(state, &model, g, Some(start), "tools").await?),
-        (None, None) => None,
-    };
+    let grammar = format.map(|g| (g, "response_format"));
+    let constraint =
+        structured::request_constraint(state, &model, grammar, spec.as_ref(), tool_format.as_ref()).await?;
     let job = Job { constraint, keep_special: tool_format.is_some(), ..Job::new(input, sampling, session) };
     let sub = submit(state, ctx, &model, job).await?;
     let shape = Shape {

@@ -14,7 +14,7 @@ pub mod parse;
 
 use serde_json::{Value, json};
 
-use crate::error::{ApiError, ErrorKind};
+use crate::error::ApiError;
 use crate::grammar::{CallStart, Grammar, bounded_json};
 use crate::tokenizer::GgufTokenizer;
 pub use parse::{ParsedCall, ToolCallParser, ToolEvent, ToolFormat};
@@ -39,10 +39,6 @@ pub struct ToolSpec {
     pub parallel: bool,
 }
 
-fn refuse(param: &str, message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorKind::InvalidRequest, message).with_param(param)
-}
-
 /// Validates `tools`, `tool_choice` and `parallel_tool_calls`; `None` without tools.
 pub fn from_request(
     tools: Option<&Value>,
@@ -54,24 +50,29 @@ pub fn from_request(
             return match tool_choice {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) if s == "none" || s == "auto" => Ok(None),
-                Some(_) => Err(refuse("tool_choice", "`tool_choice` needs `tools`")),
+                Some(_) => Err(ApiError::invalid_field("tool_choice", "`tool_choice` needs `tools`")),
             };
         }
         Some(Value::Array(list)) if !list.is_empty() => list,
-        Some(_) => return Err(refuse("tools", "`tools` must be a non-empty list of function definitions")),
+        Some(_) => {
+            return Err(ApiError::invalid_field("tools", "`tools` must be a non-empty list of function definitions"));
+        }
     };
     let mut functions = Vec::with_capacity(list.len());
     for (i, t) in list.iter().enumerate() {
         let at = |f: &str| format!("tools[{i}]{f}");
         if t.get("type").and_then(Value::as_str) != Some("function") {
-            return Err(refuse(&at(".type"), "only `\"type\": \"function\"` tools are supported"));
+            return Err(ApiError::invalid_field(&at(".type"), "only `\"type\": \"function\"` tools are supported"));
         }
-        let f = t.get("function").ok_or_else(|| refuse(&at(".function"), "`function` is required"))?;
+        let f = t.get("function").ok_or_else(|| ApiError::invalid_field(&at(".function"), "`function` is required"))?;
         let name = f.get("name").and_then(Value::as_str).filter(|n| valid_name(n)).ok_or_else(|| {
-            refuse(&at(".function.name"), "`name` must be 1 to 64 characters of letters, digits, `_` or `-`")
+            ApiError::invalid_field(
+                &at(".function.name"),
+                "`name` must be 1 to 64 characters of letters, digits, `_` or `-`",
+            )
         })?;
         if functions.iter().any(|(n, _)| n == name) {
-            return Err(refuse(&at(".function.name"), format!("function `{name}` is defined twice")));
+            return Err(ApiError::invalid_field(&at(".function.name"), format!("function `{name}` is defined twice")));
         }
         let params = match f.get("parameters") {
             None | Some(Value::Null) => json!({"type": "object"}),
@@ -84,13 +85,18 @@ pub fn from_request(
                 }
                 Some(t) if t == "object" => Value::Object(p.clone()),
                 Some(_) => {
-                    return Err(refuse(
+                    return Err(ApiError::invalid_field(
                         &at(".function.parameters"),
                         "`parameters` must describe an object (`\"type\": \"object\"`)",
                     ));
                 }
             },
-            Some(_) => return Err(refuse(&at(".function.parameters"), "`parameters` must be a JSON schema object")),
+            Some(_) => {
+                return Err(ApiError::invalid_field(
+                    &at(".function.parameters"),
+                    "`parameters` must be a JSON schema object",
+                ));
+            }
         };
         functions.push((name.to_owned(), params));
     }
@@ -101,7 +107,7 @@ pub fn from_request(
             "auto" => ToolChoice::Auto,
             "required" => ToolChoice::Required,
             other => {
-                return Err(refuse(
+                return Err(ApiError::invalid_field(
                     "tool_choice",
                     format!("`tool_choice` must be none, auto, required or a function; got `{other}`"),
                 ));
@@ -109,13 +115,16 @@ pub fn from_request(
         },
         Some(v) => {
             let name = v.pointer("/function/name").and_then(Value::as_str).ok_or_else(|| {
-                refuse(
+                ApiError::invalid_field(
                     "tool_choice",
                     "`tool_choice` must be a string or {\"type\": \"function\", \"function\": {\"name\": ...}}",
                 )
             })?;
             if !functions.iter().any(|(n, _)| n == name) {
-                return Err(refuse("tool_choice", format!("`tool_choice` names `{name}`, which is not in `tools`")));
+                return Err(ApiError::invalid_field(
+                    "tool_choice",
+                    format!("`tool_choice` names `{name}`, which is not in `tools`"),
+                ));
             }
             ToolChoice::Named(name.to_owned())
         }
