@@ -552,3 +552,33 @@ fn commented_out_examples_in_the_default_file_are_valid() {
     assert_eq!(c.models[0].kv_cache.spill.as_ref().unwrap().max_bytes, 4 * GIB);
     assert_eq!(c.telemetry.trace_chrome, Some(PathBuf::from("traces/starling.json")));
 }
+
+#[test]
+fn speculative_decoding_is_off_unless_configured_and_checked_when_it_is() {
+    let c = with(|_| {}).unwrap();
+    assert_eq!(c.models[0].speculative, None);
+    let c = with(|v| v["models"][0]["speculative"] = json!({})).unwrap();
+    let s = c.models[0].speculative.expect("on");
+    assert_eq!((s.method, s.max_draft, s.min_match), (starling::config::SpeculativeMethod::Ngram, 8, 2));
+    let c =
+        with(|v| v["models"][0]["speculative"] = json!({"method": "ngram", "max_draft": 4, "min_match": 3})).unwrap();
+    let s = c.models[0].speculative.expect("on");
+    assert_eq!((s.max_draft, s.min_match), (4, 3));
+    assert_rejects(
+        with(|v| v["models"][0]["speculative"] = json!({"method": "eagle"})),
+        "models[0].speculative.method",
+        "\"ngram\"",
+    );
+    assert_rejects(
+        with(|v| v["models"][0]["speculative"] = json!({"max_draft": 0})),
+        "models[0].speculative.max_draft",
+        "in 1..=64",
+    );
+    assert_rejects(
+        with(|v| v["models"][0]["speculative"] = json!({"min_match": 0})),
+        "models[0].speculative.min_match",
+        "in 1..=16",
+    );
+    let err = with(|v| v["models"][0]["speculative"] = json!({"max_drafts": 4})).unwrap_err();
+    assert!(err.to_string().contains("max_drafts"), "{err}");
+}

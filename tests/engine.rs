@@ -30,6 +30,7 @@ pub fn limits() -> EngineLimits {
         max_sessions: 16,
         session_ttl: Duration::from_secs(600),
         stream_stall: Duration::from_secs(30),
+        speculative: None,
     }
 }
 

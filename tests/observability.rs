@@ -408,10 +408,15 @@ fn chrome_trace_and_json_request_logs() {
     let trace = std::env::temp_dir().join(format!("starling-obs-trace-{}/ticks.json", std::process::id()));
     let _ = std::fs::remove_file(&trace);
     let trace_arg = trace.display().to_string();
-    let server = ChildServer::start("trace", &config_yaml("", ""), &["--trace-chrome", &trace_arg]);
+    let speculative = "    speculative: {method: ngram}\n";
+    let server = ChildServer::start("trace", &config_yaml("", speculative), &["--trace-chrome", &trace_arg]);
     let body = json!({"prompt": "Hi", "max_tokens": 4, "ignore_eos": true, "stream": false, "session_id": "chat-7"});
     let out = generate(server.addr, body);
     generate(server.addr, json!({"prompt": "Hello there", "max_tokens": 3, "ignore_eos": true, "stream": false}));
+    // A prompt the model goes on repeating: its decode steps carry drafts.
+    let repeat = "one two three four five six seven eight. ".repeat(4);
+    let body = json!({"prompt": repeat, "max_tokens": 24, "temperature": 0, "ignore_eos": true, "stream": false});
+    generate(server.addr, body);
     let (status, _) = http(server.addr, "POST", "/v1/generate", &[], Some(&json!({"tokens": [], "prompt": "x"})));
     assert_eq!(status, 400);
     let logs = server.stop();
@@ -424,9 +429,14 @@ fn chrome_trace_and_json_request_logs() {
     assert!(stage_events(&events, "forward").any(|e| arg(e, "batch_size") >= 1), "forward spans carry the batch size");
     assert!(stage_events(&events, "forward").any(|e| arg(e, "batch_tokens") >= 2), "a prefill of the prompt");
     assert!(stage_events(&events, "sample").any(|e| e["args"]["requests"].is_string()), "request ids on spans");
+    // The draft length of each request of a step, beside the request ids.
+    let drafting = stage_events(&events, "forward").find(|e| arg(e, "draft_tokens") > 0).expect("a step with drafts");
+    let drafts = drafting["args"]["drafts"].as_str().unwrap_or_default();
+    assert!(drafts.split(',').any(|d| d.parse::<u64>().is_ok_and(|n| n > 0)), "per-request draft lengths: {drafting}");
+    assert_eq!(drafts.split(',').count(), drafting["args"]["requests"].as_str().unwrap_or_default().split(',').count());
 
     let finished: Vec<&Value> = logs.iter().filter(|l| l["message"] == "request finished").collect();
-    assert_eq!(finished.len(), 2, "one line per request: {logs:?}");
+    assert_eq!(finished.len(), 3, "one line per request: {logs:?}");
     let first = finished.iter().find(|l| l["session_id"] == "chat-7").expect("the session request's line");
     for field in ["request_id", "tenant", "model", "ttft_ms", "duration_ms"] {
         assert!(!first[field].is_null(), "{field} missing from {first}");
@@ -519,7 +529,7 @@ fn grafana_dashboard_charts_every_series() {
     });
     let rendered = m.render();
     let names: Vec<&str> = rendered.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
-    assert_eq!(names.len(), 25, "{names:?}");
+    assert_eq!(names.len(), 28, "{names:?}");
     for name in names {
         assert!(exprs.iter().any(|e| e.contains(name)), "no panel charts {name}");
     }

@@ -22,17 +22,17 @@ use starling::tokenizer::GgufTokenizer;
 use starling::types::{RequestId, TenantId, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 
-fn model() -> Arc<Transformer> {
+pub(crate) fn model() -> Arc<Transformer> {
     static MODEL: OnceLock<Arc<Transformer>> = OnceLock::new();
     MODEL.get_or_init(|| Arc::new(Transformer::load(&super::model::model_path(), 2).expect("model loads"))).clone()
 }
 
-fn tokenizer() -> Arc<GgufTokenizer> {
+pub(crate) fn tokenizer() -> Arc<GgufTokenizer> {
     static TOK: OnceLock<Arc<GgufTokenizer>> = OnceLock::new();
     TOK.get_or_init(|| Arc::new(GgufTokenizer::from_gguf(&model().file().header).expect("tokenizer builds"))).clone()
 }
 
-fn limits(max_batch: usize, max_batch_tokens: usize) -> EngineLimits {
+pub(crate) fn limits(max_batch: usize, max_batch_tokens: usize) -> EngineLimits {
     EngineLimits {
         max_batch,
         max_batch_tokens,
@@ -44,6 +44,7 @@ fn limits(max_batch: usize, max_batch_tokens: usize) -> EngineLimits {
         max_sessions: 16,
         session_ttl: Duration::from_secs(600),
         stream_stall: Duration::from_secs(30),
+        speculative: None,
     }
 }
 
@@ -64,7 +65,7 @@ fn prompt(n: usize, salt: u32) -> Vec<u32> {
 }
 
 /// A world with the real model whose ticks the test runs one by one.
-struct Harness {
+pub(crate) struct Harness {
     world: World,
     schedule: Schedule,
     tick: u64,
@@ -73,7 +74,7 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(limits: EngineLimits, tenants: TenantLimits, kv_bytes: u64) -> Harness {
+    pub(crate) fn new(limits: EngineLimits, tenants: TenantLimits, kv_bytes: u64) -> Harness {
         let m = model();
         let kv = KvCache::new(KvArena::new(m.kv_layout(16), kv_bytes).expect("kv arena"), None);
         let obs = starling::telemetry::Observability::new().unwrap();
@@ -93,7 +94,7 @@ impl Harness {
         Harness { world, schedule, tick: 0, now_ms: 0, obs }
     }
 
-    fn submit(&mut self, tenant: &str, ids: Vec<u32>, sampling: SamplingConfig, capacity: usize) -> Stream {
+    pub(crate) fn submit(&mut self, tenant: &str, ids: Vec<u32>, sampling: SamplingConfig, capacity: usize) -> Stream {
         self.submit_with_timeout(tenant, ids, sampling, capacity, Duration::from_secs(600))
     }
 
@@ -108,7 +109,13 @@ impl Harness {
         self.send(tenant, None, ids, sampling, capacity, timeout)
     }
 
-    fn submit_in_session(&mut self, tenant: &str, session: &str, ids: Vec<u32>, sampling: SamplingConfig) -> Stream {
+    pub(crate) fn submit_in_session(
+        &mut self,
+        tenant: &str,
+        session: &str,
+        ids: Vec<u32>,
+        sampling: SamplingConfig,
+    ) -> Stream {
         self.send(tenant, Some(session), ids, sampling, 256, Duration::from_secs(600))
     }
 
@@ -138,14 +145,18 @@ impl Harness {
     }
 
     /// Queues a cancel of `tenant`'s request named `name`; the reply comes in the next tick.
-    fn cancel(&mut self, tenant: &str, name: &str) -> oneshot::Receiver<Result<(), starling::error::ApiError>> {
+    pub(crate) fn cancel(
+        &mut self,
+        tenant: &str,
+        name: &str,
+    ) -> oneshot::Receiver<Result<(), starling::error::ApiError>> {
         let (reply, rx) = oneshot::channel();
         let cmd = EngineCommand::Cancel { tenant: TenantId::from(tenant), request_id: name.to_owned(), reply };
         self.world.resource_mut::<starling::engine::resources::Inbox>().0.push_back(cmd);
         rx
     }
 
-    fn run_tick(&mut self) {
+    pub(crate) fn run_tick(&mut self) {
         self.tick += 1;
         self.now_ms += 1;
         *self.world.resource_mut::<TickClock>() =
@@ -155,14 +166,14 @@ impl Harness {
     }
 
     /// The value of a metric series of this engine (model label `test`).
-    fn metric(&self, name: &str) -> f64 {
+    pub(crate) fn metric(&self, name: &str) -> f64 {
         let text = self.obs.metrics.render();
         let prefix = format!("{name}{{model=\"test\"}} ");
         let line = text.lines().find_map(|l| l.strip_prefix(&prefix));
         line.unwrap_or_else(|| panic!("no series {prefix}")).trim().parse().unwrap()
     }
 
-    fn kv_used(&self) -> usize {
+    pub(crate) fn kv_used(&self) -> usize {
         self.world.resource::<Kv>().0.n_referenced()
     }
 
@@ -170,7 +181,7 @@ impl Harness {
         self.world.query::<&Phase>().iter(&self.world).filter(|p| f(p)).count()
     }
 
-    fn live_requests(&mut self) -> usize {
+    pub(crate) fn live_requests(&mut self) -> usize {
         self.world.query::<&Request>().iter(&self.world).count()
     }
 
@@ -207,39 +218,39 @@ fn request(
 }
 
 /// A client's end of one request: events received so far.
-struct Stream {
+pub(crate) struct Stream {
     rx: mpsc::Receiver<StreamEvent>,
-    events: Vec<StreamEvent>,
+    pub(crate) events: Vec<StreamEvent>,
     /// The name a cancel takes (`req-N` for requests sent without a client id).
-    name: String,
+    pub(crate) name: String,
 }
 
 impl Stream {
-    fn drain(&mut self) {
+    pub(crate) fn drain(&mut self) {
         while let Ok(e) = self.rx.try_recv() {
             self.events.push(e);
         }
     }
 
-    fn tokens(&self) -> Vec<u32> {
+    pub(crate) fn tokens(&self) -> Vec<u32> {
         self.events
             .iter()
             .filter_map(|e| if let StreamEvent::Token { id, .. } = e { Some(*id) } else { None })
             .collect()
     }
 
-    fn finish(&self) -> Option<FinishReason> {
+    pub(crate) fn finish(&self) -> Option<FinishReason> {
         self.events
             .iter()
             .find_map(|e| if let StreamEvent::Done { finish_reason, .. } = e { Some(*finish_reason) } else { None })
     }
 
-    fn error(&self) -> Option<&starling::error::ApiError> {
+    pub(crate) fn error(&self) -> Option<&starling::error::ApiError> {
         self.events.iter().find_map(|e| if let StreamEvent::Error(err) = e { Some(err) } else { None })
     }
 }
 
-const KV_BYTES: u64 = 256 << 20;
+pub(crate) const KV_BYTES: u64 = 256 << 20;
 
 fn run_alone(ids: Vec<u32>, sampling: SamplingConfig) -> Vec<u32> {
     let mut h = Harness::new(limits(8, 64), TenantLimits::default(), KV_BYTES);

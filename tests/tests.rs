@@ -19,6 +19,7 @@ mod registry_tls;
 mod sampler;
 mod scaleout;
 mod scheduler;
+mod speculative;
 mod structured;
 mod support;
 mod templates;

@@ -52,6 +52,8 @@ pub struct BenchSettings {
     /// `--json-schema`: named schemas whose compile times are reported; when given, decode
     /// with a fixed schema is measured beside plain decode (single stream and 16 sequences).
     pub json_schemas: Vec<(String, serde_json::Value)>,
+    /// `--speculative`: decode with speculative decoding off and on, on fixed tasks.
+    pub speculative: bool,
 }
 
 /// Throughput at one context length: prefill of a prompt that long, then decode after it.

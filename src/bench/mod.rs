@@ -6,6 +6,7 @@ mod common;
 mod engine;
 pub mod http;
 mod model;
+pub mod speculative;
 
 use serde::Serialize;
 
@@ -33,6 +34,8 @@ pub struct BenchReport {
     pub contexts: Vec<ContextFigure>,
     /// With `--json-schema`: constrained decode beside plain, and compile times.
     pub structured: Option<StructuredFigures>,
+    /// With `--speculative`: decode with speculative decoding off and on.
+    pub speculative: Option<speculative::SpeculativeFigures>,
     pub peak_rss_bytes: u64,
 }
 
@@ -109,6 +112,7 @@ pub fn run_observed(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> 
         .map(|&c| engine::measure(settings, c, observe))
         .collect::<Result<Vec<_>, _>>()?;
     let structured = measure_structured(settings, observe)?;
+    let speculative = if settings.speculative { Some(speculative::measure(settings, observe)?) } else { None };
     Ok(BenchReport {
         engine: format!("starling {}", env!("CARGO_PKG_VERSION")),
         threads: settings.threads,
@@ -125,6 +129,7 @@ pub fn run_observed(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> 
         engine_aggregate,
         contexts,
         structured,
+        speculative,
         peak_rss_bytes: peak_rss_bytes(),
     })
 }
@@ -227,6 +232,9 @@ impl std::fmt::Display for BenchReport {
             for (name, ms) in &s.compile_ms {
                 writeln!(f, "{:<36} {:>10.2} ms", format!("compile `{name}`"), ms)?;
             }
+        }
+        if let Some(s) = &self.speculative {
+            speculative::write_table(f, s)?;
         }
         writeln!(f, "peak RSS: {:.1} MiB", self.peak_rss_bytes as f64 / (1024.0 * 1024.0))
     }

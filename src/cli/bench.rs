@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// times, and decode with a fixed schema beside plain decode at 1 and 16 sequences.
     #[arg(long, value_name = "FILE", conflicts_with = "http")]
     json_schema: Option<std::path::PathBuf>,
+    /// Speculative decoding off and on: fixed input-grounded and open-ended chat tasks,
+    /// single stream and 16 sequences, and the cost of verifying drafts.
+    #[arg(long, conflicts_with = "http")]
+    speculative: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -99,6 +103,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Some(path) => read_schemas(path)?,
             None => vec![],
         },
+        speculative: a.speculative,
     };
     let progress = super::progress::Progress::new(a.json);
     let running = progress.spinner(&format!("loading {}", settings.model.display()));

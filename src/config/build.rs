@@ -246,6 +246,25 @@ fn model(raw: RawModel, prefix: &str, machine: &Machine) -> Result<ModelConfig> 
         max_sessions: nonzero(&f("max_sessions"), raw.max_sessions, 256, ANY_POSITIVE)?,
         max_prompt_tokens: max_prompt,
         kv_cache: kv_cache(raw.kv_cache.unwrap_or_default(), &f("kv_cache"))?,
+        speculative: match raw.speculative {
+            None => None,
+            Some(s) => Some(speculative(s, &f("speculative"))?),
+        },
+    })
+}
+
+fn speculative(raw: RawSpeculative, prefix: &str) -> Result<SpeculativeConfig> {
+    let f = |key: &str| format!("{prefix}.{key}");
+    let method = match raw.method.as_deref().unwrap_or("ngram") {
+        "ngram" => SpeculativeMethod::Ngram,
+        other => return Err(invalid(&f("method"), other, "\"ngram\"")),
+    };
+    Ok(SpeculativeConfig {
+        method,
+        max_draft: ranged(&f("max_draft"), raw.max_draft, SpeculativeConfig::default().max_draft as i64, 1..=64)?
+            as usize,
+        min_match: ranged(&f("min_match"), raw.min_match, SpeculativeConfig::default().min_match as i64, 1..=16)?
+            as usize,
     })
 }
 

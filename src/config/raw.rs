@@ -87,6 +87,16 @@ pub struct RawModel {
     pub max_sessions: Option<i64>,
     pub max_prompt_tokens: Option<i64>,
     pub kv_cache: Option<RawKvCache>,
+    pub speculative: Option<RawSpeculative>,
+}
+
+/// `models[].speculative:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a speculative mapping")]
+pub struct RawSpeculative {
+    pub method: Option<String>,
+    pub max_draft: Option<i64>,
+    pub min_match: Option<i64>,
 }
 
 /// `models[].kv_cache:`.

@@ -159,6 +159,33 @@ pub struct ModelConfig {
     pub max_prompt_tokens: Option<NonZeroUsize>,
     /// The model's KV block arena.
     pub kv_cache: KvCacheConfig,
+    /// Speculative decoding (drafts verified in one pass); `None` = off.
+    pub speculative: Option<SpeculativeConfig>,
+}
+
+/// `models[].speculative`: how sequences draft tokens to verify in one forward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpeculativeConfig {
+    pub method: SpeculativeMethod,
+    /// Most draft tokens verified in one step.
+    pub max_draft: usize,
+    /// Fewest trailing tokens that must repeat earlier in the context for a draft.
+    pub min_match: usize,
+}
+
+impl Default for SpeculativeConfig {
+    /// What `speculative: {}` means: n-gram drafts of up to 8 tokens after a match of 2.
+    fn default() -> Self {
+        SpeculativeConfig { method: SpeculativeMethod::Ngram, max_draft: 8, min_match: 2 }
+    }
+}
+
+/// Where drafts come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpeculativeMethod {
+    /// Prompt lookup: the tokens that followed the latest earlier occurrence of the
+    /// sequence's last few tokens, in its prompt and output.
+    Ngram,
 }
 
 /// The model's KV block arena.

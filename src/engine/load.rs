@@ -133,6 +133,7 @@ pub fn start_model_observed(config: &Config, index: usize, obs: &Observability) 
         max_sessions: mc.max_sessions.get(),
         session_ttl: mc.kv_cache.session_ttl,
         stream_stall: config.server.stream_stall,
+        speculative: mc.speculative,
     };
     let policies = Policies { input: compile(&config.policy.input)?, output: compile(&config.policy.output)? };
     let model = Arc::new(model);

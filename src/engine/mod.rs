@@ -11,6 +11,7 @@
 //!   fairness policy as plain structs.
 //! - [`observe`]: stage and tick timing, and the record of each finished request.
 //! - [`load`]: a configured model brought up with its engine.
+//! - [`speculate`]: the drafts of speculative decoding.
 
 pub mod components;
 pub mod load;
@@ -19,6 +20,7 @@ pub mod pipeline;
 pub mod resources;
 pub mod runner;
 pub mod scheduler;
+pub mod speculate;
 pub mod systems;
 
 pub use runner::{EngineHandle, EngineParts, build_schedule, build_world};

@@ -16,7 +16,7 @@ use tracing::field::Empty;
 
 use crate::engine::components::*;
 use crate::engine::pipeline::Stage;
-use crate::engine::resources::{BatchPlan, Kv, Status, TickClock, TokenizerRes};
+use crate::engine::resources::{BatchPlan, Kv, SpecStats, Status, TickClock, TokenizerRes};
 use crate::engine::scheduler::SchedulerStats;
 use crate::protocol::FinishReason;
 use crate::telemetry::Observability;
@@ -43,6 +43,8 @@ pub struct EngineTelemetry {
     last_kv: crate::kv::cache::KvStats,
     /// The scheduler's preemption count at the last tick.
     last_preempted: u64,
+    /// The speculative-decoding counts at the last tick.
+    last_spec: SpecStats,
 }
 
 impl EngineTelemetry {
@@ -57,6 +59,7 @@ impl EngineTelemetry {
             tokens_query: None,
             last_kv: Default::default(),
             last_preempted: 0,
+            last_spec: SpecStats::default(),
         }
     }
 
@@ -70,6 +73,9 @@ impl EngineTelemetry {
     /// belong to the world that built them, so they are dropped.
     pub fn for_new_world(mut self) -> Self {
         self.tokens_query = None;
+        // The new world's counters start again from zero.
+        self.last_preempted = 0;
+        self.last_spec = SpecStats::default();
         self
     }
 
@@ -112,7 +118,15 @@ fn sees_batch(stage: Stage) -> bool {
 /// The span one stage runs in. Stages after `batch` carry the batch size and token count
 /// (and, while a trace is being written, the request ids of the batch).
 pub fn stage_span(world: &World, stage: Stage) -> tracing::Span {
-    let span = tracing::info_span!("stage", stage = %stage, batch_size = Empty, batch_tokens = Empty, requests = Empty);
+    let span = tracing::info_span!(
+        "stage",
+        stage = %stage,
+        batch_size = Empty,
+        batch_tokens = Empty,
+        draft_tokens = Empty,
+        requests = Empty,
+        drafts = Empty
+    );
     if sees_batch(stage) {
         record_batch(world, &span);
     }
@@ -123,10 +137,15 @@ fn record_batch(world: &World, span: &tracing::Span) {
     let Some(plan) = world.get_resource::<BatchPlan>() else { return };
     span.record("batch_size", plan.items.len());
     span.record("batch_tokens", plan.total_tokens());
+    span.record("draft_tokens", plan.draft_tokens());
     if trace::capturing() {
-        let ids: Vec<String> =
-            plan.items.iter().filter_map(|i| world.get::<ClientId>(i.entity)).map(|c| c.0.clone()).collect();
+        let named: Vec<(String, usize)> =
+            plan.items.iter().filter_map(|i| world.get::<ClientId>(i.entity).map(|c| (c.0.clone(), i.draft))).collect();
+        let ids: Vec<&str> = named.iter().map(|(id, _)| id.as_str()).collect();
         span.record("requests", tracing::field::display(ids.join(",")));
+        // The draft length of each request above, in the same order.
+        let drafts: Vec<String> = named.iter().map(|(_, d)| d.to_string()).collect();
+        span.record("drafts", tracing::field::display(drafts.join(",")));
     }
 }
 
@@ -179,6 +198,7 @@ pub fn after_tick(world: &mut World, started: Instant) {
     let now = Instant::now();
     let kv = world.resource::<Kv>().0.stats();
     let preempted = world.get_resource::<SchedulerStats>().map_or(0, |s| s.preempted);
+    let spec = world.get_resource::<SpecStats>().copied().unwrap_or_default();
     let status = world.get_resource::<Status>().map(|s| s.0.clone());
     let Some(mut tel) = world.get_resource_mut::<EngineTelemetry>() else { return };
     let m = &tel.metrics;
@@ -190,7 +210,13 @@ pub fn after_tick(world: &mut World, started: Instant) {
     // The cache counts since start; counters advance by what changed this tick.
     let last = std::mem::replace(&mut tel.last_kv, kv.clone());
     let last_preempted = std::mem::replace(&mut tel.last_preempted, preempted);
+    let last_spec = std::mem::replace(&mut tel.last_spec, spec);
     let m = &tel.metrics;
+    let (drafted, accepted) =
+        (spec.drafted.saturating_sub(last_spec.drafted), spec.accepted.saturating_sub(last_spec.accepted));
+    m.spec_drafted.inc_by(drafted);
+    m.spec_accepted.inc_by(accepted);
+    m.spec_wasted.inc_by(drafted.saturating_sub(accepted));
     m.evicted_lru.inc_by(kv.evictions_lru.saturating_sub(last.evictions_lru));
     m.evicted_ttl.inc_by(kv.evictions_ttl.saturating_sub(last.evictions_ttl));
     m.evicted_close.inc_by(kv.evictions_close.saturating_sub(last.evictions_close));

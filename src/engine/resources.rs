@@ -70,6 +70,8 @@ pub struct EngineLimits {
     pub session_ttl: Duration,
     /// A stream whose client has read nothing for this long is cancelled and its KV freed.
     pub stream_stall: Duration,
+    /// Speculative decoding, when the model's config turns it on.
+    pub speculative: Option<crate::config::SpeculativeConfig>,
 }
 
 /// One planned piece of work: run `n_tokens` of `entity` starting at its KV length.
@@ -80,6 +82,19 @@ pub struct PlanItem {
     pub n_tokens: usize,
     /// The chunk ends at the last known token: the sequence gets a logits row and samples.
     pub samples: bool,
+    /// Draft tokens run after the chunk's known tokens (the sequence's [`Drafting`] draft),
+    /// each with its own logits row; counted in `n_tokens`.
+    ///
+    /// [`Drafting`]: crate::engine::components::Drafting
+    pub draft: usize,
+}
+
+impl PlanItem {
+    /// Logits rows the item gets: one per sampled position (the last known token and each
+    /// draft token), none for a prefill chunk that does not reach the end.
+    pub fn logit_rows(&self) -> usize {
+        if self.samples { 1 + self.draft } else { 0 }
+    }
 }
 
 /// This tick's batch. Written by batch; read by forward and sample.
@@ -92,6 +107,19 @@ impl BatchPlan {
     pub fn total_tokens(&self) -> usize {
         self.items.iter().map(|i| i.n_tokens).sum()
     }
+
+    /// Draft tokens in the batch.
+    pub fn draft_tokens(&self) -> usize {
+        self.items.iter().map(|i| i.draft).sum()
+    }
+}
+
+/// Speculative decoding since the engine started: positions drafted, and draft tokens that
+/// equalled the sampled token (kept). Written by sample; read by telemetry.
+#[derive(Resource, Default, Debug, Clone, Copy)]
+pub struct SpecStats {
+    pub drafted: u64,
+    pub accepted: u64,
 }
 
 /// Logits rows for the plan items that sample, in plan order. Written by forward; read by sample.

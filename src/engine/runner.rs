@@ -153,6 +153,7 @@ pub fn build_world(parts: EngineParts, status: Arc<EngineStatus>) -> (World, Sch
     world.insert_resource(scheduler::SchedulerStats::default());
     world.insert_resource(BatchPlan::default());
     world.insert_resource(Logits::default());
+    world.insert_resource(SpecStats::default());
     world.insert_resource(SessionIndex::default());
     world.insert_resource(AdmissionGate { open: true });
     world.insert_resource(parts.policies);

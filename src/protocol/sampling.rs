@@ -53,6 +53,9 @@ pub struct SamplingParams {
     pub logprobs: Option<u32>,
     /// Order of the configurable steps by name (see [`SamplerStep::name`]).
     pub samplers: Option<Vec<String>>,
+    /// `false` opts out of speculative decoding (where the model has it on). The output is
+    /// the same either way; only its speed differs.
+    pub speculative: Option<bool>,
 }
 
 /// Limits that validation checks against; set by the engine from the model and config.
@@ -160,6 +163,8 @@ pub struct SamplingConfig {
     pub logit_bias: Vec<(TokenId, f32)>,
     /// The configurable steps, in the order they run.
     pub order: Vec<SamplerStep>,
+    /// The request allows speculative decoding (the model's config decides whether it runs).
+    pub speculative: bool,
 }
 
 impl SamplingConfig {
@@ -206,6 +211,7 @@ impl SamplingParams {
             presence_penalty: in_range("presence_penalty", self.presence_penalty, 0.0, -2.0, 2.0)?,
             logit_bias: self.logit_bias(limits)?,
             order,
+            speculative: self.speculative.unwrap_or(true),
         })
     }
 

@@ -80,6 +80,11 @@ pub struct Sampling(pub SamplerState);
 #[derive(Component)]
 pub struct Constrained(pub Constraint);
 
+/// A sequence that drafts tokens and verifies them in its decode step (speculative
+/// decoding). Written by batch (the draft) and sample (acceptance); read by forward.
+#[derive(Component, Debug)]
+pub struct Drafting(pub crate::engine::speculate::Drafter);
+
 /// The stream back to the client. Read by emit; a closed channel cancels the request.
 #[derive(Component, Debug)]
 pub struct StreamTx(pub mpsc::Sender<StreamEvent>);

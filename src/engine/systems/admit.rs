@@ -4,11 +4,13 @@ use std::sync::atomic::Ordering;
 
 use bevy_ecs::prelude::*;
 
+use crate::config::SpeculativeConfig;
 use crate::engine::components::*;
 use crate::engine::resources::*;
 use crate::engine::scheduler::{
     QueueLoad, Rejection, SchedulerStats, TenantLimits, TenantShare, Watermarks, estimate_tokens, rejection_error,
 };
+use crate::engine::speculate::Drafter;
 use crate::error::{ApiError, ErrorKind};
 use crate::protocol::{EngineCommand, FinishReason, GenerateRequest, StreamEvent};
 use crate::sampler::{SamplerState, TextGate};
@@ -84,7 +86,8 @@ pub fn admit_requests(
         load.add(&req.tenant, tokens);
         stats.admitted += 1;
         let tenant = req.tenant.clone();
-        let entity = spawn_request(&mut commands, *req, ClientId(name.clone()), session, clock.read());
+        let speculative = limits.speculative.filter(|_| req.sampling.speculative);
+        let entity = spawn_request(&mut commands, *req, ClientId(name.clone()), (session, speculative), clock.read());
         spawned.push((entity, tenant, name));
     }
     stats.queue_depth = load.requests;
@@ -231,7 +234,7 @@ fn spawn_request(
     commands: &mut Commands,
     req: GenerateRequest,
     name: ClientId,
-    session: Option<Entity>,
+    (session, speculative): (Option<Entity>, Option<SpeculativeConfig>),
     now: Timestamp,
 ) -> Entity {
     let waited = req.received_at.elapsed();
@@ -257,8 +260,14 @@ fn spawn_request(
     if let Some(s) = session {
         e.insert(SessionLink(s));
     }
-    if let Some(c) = constraint {
-        e.insert(Constrained(c));
+    match (constraint, speculative) {
+        (Some(c), _) => {
+            e.insert(Constrained(c));
+        }
+        (None, Some(config)) => {
+            e.insert(Drafting(Drafter::new(&config)));
+        }
+        (None, None) => {}
     }
     e.id()
 }

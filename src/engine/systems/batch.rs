@@ -29,6 +29,8 @@ type SeqQuery<'w, 's> = Query<
         &'static Timing,
         &'static Tenant,
         Has<Preempted>,
+        Option<&'static mut Drafting>,
+        &'static Sampling,
     ),
 >;
 
@@ -102,11 +104,12 @@ pub fn assemble_batch(
         planned: HashMap::new(),
         preemptions: 0,
     };
+    let decoding = decode.len().min(limits.max_batch);
     for (entity, tenant) in decode {
         if tick.full() {
             break;
         }
-        plan_decode(&mut tick, &mut seqs, &mut kv.0, &mut commands, entity, &tenant);
+        plan_decode(&mut tick, &mut seqs, &mut kv.0, &mut commands, (entity, &tenant), decoding);
     }
     stats.preempted += tick.preemptions;
     plan_prefill(&mut tick, prefill, &mut seqs, &mut kv.0, &mut links);
@@ -122,7 +125,7 @@ fn collect_candidates(seqs: &SeqQuery, stats: &mut SchedulerStats) -> Collected 
     let mut decode = vec![];
     let mut prefill: BTreeMap<TenantId, Vec<(bool, bool, u64, Entity)>> = BTreeMap::new();
     let mut running_of: HashMap<TenantId, usize> = HashMap::new();
-    for (entity, phase, _, _, outbox, timing, tenant, preempted) in seqs {
+    for (entity, phase, _, _, outbox, timing, tenant, preempted, ..) in seqs {
         let admitted = timing.admitted.0;
         match *phase {
             Phase::Decode | Phase::Prefill => *running_of.entry(tenant.0.clone()).or_default() += 1,
@@ -148,28 +151,39 @@ fn collect_candidates(seqs: &SeqQuery, stats: &mut SchedulerStats) -> Collected 
     (decode, prefill, running_of)
 }
 
-/// Plans one decode step. When the KV cache cannot grow the sequence, waiting sequences
-/// give back blocks they adopted, then the most recently admitted running sequence
-/// (possibly this one) is preempted, until it can; a sequence that still cannot grow when
-/// it holds every block left is stopped with an error.
+/// Plans one decode step: the last sampled token, and after it the sequence's draft when it
+/// speculates. When the KV cache cannot grow the sequence, waiting sequences give back
+/// blocks they adopted, then the most recently admitted running sequence (possibly this
+/// one) is preempted, until it can; a sequence that still cannot grow when it holds every
+/// block left is stopped with an error. A draft never preempts: without room for it the
+/// step runs without one. `decoding` sequences decode this tick (drafts must pay for
+/// themselves in a step that large).
 fn plan_decode(
     tick: &mut Tick,
     seqs: &mut SeqQuery,
     kv: &mut KvCache,
     commands: &mut Commands,
-    entity: Entity,
-    tenant: &TenantId,
+    (entity, tenant): (Entity, &TenantId),
+    decoding: usize,
 ) {
+    let mut draft = propose_draft(tick, seqs, entity, decoding);
     loop {
-        let Ok((_, phase, tokens, mut handle, ..)) = seqs.get_mut(entity) else { return };
+        let Ok((_, phase, tokens, mut handle, .., drafting, _)) = seqs.get_mut(entity) else { return };
         if *phase != Phase::Decode {
             return; // preempted earlier in this tick
         }
         let (start, end) = (handle.0.len, tokens.ids.len());
-        if kv.prepare(&mut handle.0, tenant.as_str(), end).is_ok() {
+        if draft > 0 && kv.prepare(&mut handle.0, tenant.as_str(), end + draft).is_err() {
+            draft = 0;
+            if let Some(mut d) = drafting {
+                d.0.clear();
+            }
+        }
+        if draft > 0 || kv.prepare(&mut handle.0, tenant.as_str(), end).is_ok() {
             tick.planned.insert(entity, tick.plan.items.len());
-            tick.plan.items.push(PlanItem { entity, start_pos: start, n_tokens: end - start, samples: true });
-            tick.charge(tenant, end - start);
+            let n_tokens = end - start + draft;
+            tick.plan.items.push(PlanItem { entity, start_pos: start, n_tokens, samples: true, draft });
+            tick.charge(tenant, n_tokens);
             return;
         }
         match pick_victim(seqs, entity) {
@@ -188,6 +202,19 @@ fn plan_decode(
             }
         }
     }
+}
+
+/// The draft length of a speculating sequence's next step: what its drafter proposes,
+/// within the tick's token budget (after its own token), the context, and `max_tokens`
+/// (a step samples at most one token more than its draft).
+fn propose_draft(tick: &Tick, seqs: &mut SeqQuery, entity: Entity, decoding: usize) -> usize {
+    let Ok((_, _, tokens, handle, .., Some(mut drafting), sampling)) = seqs.get_mut(entity) else { return 0 };
+    let (start, end) = (handle.0.len, tokens.ids.len());
+    let known = end - start;
+    let remaining = (sampling.0.config().max_tokens as usize).saturating_sub(tokens.n_generated());
+    let limit =
+        tick.budget.saturating_sub(known).min(tick.limits.n_ctx.saturating_sub(end)).min(remaining.saturating_sub(1));
+    drafting.0.propose(&tokens.ids, limit, decoding)
 }
 
 /// The sequence whose blocks `needy` takes: a waiting one still holding adopted blocks,
@@ -210,7 +237,7 @@ fn pick_victim(seqs: &SeqQuery, needy: Entity) -> Option<Entity> {
 /// restart it prefills prompt plus generated tokens and samples on as if never stopped.
 /// A waiting sequence only gives back the blocks it adopted.
 fn preempt(tick: &mut Tick, seqs: &mut SeqQuery, kv: &mut KvCache, commands: &mut Commands, victim: Entity) {
-    let Ok((_, mut phase, tokens, mut handle, _, _, tenant, _)) = seqs.get_mut(victim) else { return };
+    let Ok((_, mut phase, tokens, mut handle, _, _, tenant, ..)) = seqs.get_mut(victim) else { return };
     let mut table = std::mem::take(&mut handle.0);
     let held = &tokens.ids[..table.len.min(tokens.ids.len())];
     kv.release(&mut table, tenant.0.as_str(), held);
@@ -307,7 +334,7 @@ fn plan_chunk(
         }
         None => {
             tick.planned.insert(cand.entity, tick.plan.items.len());
-            tick.plan.items.push(PlanItem { entity: cand.entity, start_pos: len, n_tokens: n, samples });
+            tick.plan.items.push(PlanItem { entity: cand.entity, start_pos: len, n_tokens: n, samples, draft: 0 });
         }
     }
     tick.charge(tenant, n);
@@ -320,7 +347,9 @@ fn plan_chunk(
 /// Otherwise it stays queued: it keeps a session's blocks, and hands shared prefix blocks
 /// back to the cache (where eviction may take them for running sequences).
 fn start_sequence(seqs: &mut SeqQuery, kv: &mut KvCache, links: &mut LinkQuery, entity: Entity) -> bool {
-    let Ok((_, mut phase, tokens, mut handle, _, _, tenant, preempted)) = seqs.get_mut(entity) else { return false };
+    let Ok((_, mut phase, tokens, mut handle, _, _, tenant, preempted, ..)) = seqs.get_mut(entity) else {
+        return false;
+    };
     let tenant = tenant.0.as_str();
     let mut keep = true;
     if handle.0.blocks.is_empty()

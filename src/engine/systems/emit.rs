@@ -18,7 +18,8 @@ type EmitQuery<'w, 's> = Query<
         &'static mut Phase,
         &'static mut Timing,
         &'static StreamTx,
-        &'static Tokens,
+        &'static mut Tokens,
+        &'static mut KvHandle,
         &'static Sampling,
         &'static CachedPrefix,
     ),
@@ -36,11 +37,13 @@ pub fn emit_events(
     // Emit runs after the forward pass: tokens are stamped now, not at the tick's start, so
     // time to first token includes the prefill that produced it.
     let now = clock.read();
-    for (mut outbox, mut text_out, mut phase, mut timing, tx, tokens, sampling, cached) in &mut seqs {
+    for (mut outbox, mut text_out, mut phase, mut timing, tx, mut tokens, mut handle, sampling, cached) in &mut seqs {
         let outbox = &mut *outbox;
         let text_out = &mut *text_out;
         let mut gate_ended = false;
-        for tok in std::mem::take(&mut outbox.fresh) {
+        let fresh = std::mem::take(&mut outbox.fresh);
+        let n_fresh = fresh.len();
+        for (i, tok) in fresh.into_iter().enumerate() {
             if outbox.closed {
                 break;
             }
@@ -64,6 +67,9 @@ pub fn emit_events(
                     GateEnd::ContentFilter => FinishReason::ContentFilter,
                 });
                 gate_ended = true;
+                // Tokens sampled after this one in the same step (a speculating sequence
+                // samples several) were never generated as far as the client knows.
+                unsample(&mut tokens, &mut handle, n_fresh - i - 1);
                 break;
             }
         }
@@ -100,6 +106,17 @@ pub fn emit_events(
             (false, since) => since.or(Some(clock.now)),
         };
     }
+}
+
+/// Forgets the last `n` sampled tokens: plain decoding would have stopped before them.
+/// The KV cache keeps positions only for tokens before the last one, as after any step.
+fn unsample(tokens: &mut Tokens, handle: &mut KvHandle, n: usize) {
+    if n == 0 {
+        return;
+    }
+    let keep = tokens.ids.len() - n;
+    tokens.ids.truncate(keep);
+    handle.0.len = handle.0.len.min(keep.saturating_sub(1));
 }
 
 fn timings(t: &Timing, now: crate::types::Timestamp) -> Timings {

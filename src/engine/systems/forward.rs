@@ -23,7 +23,7 @@ pub fn run_forward(
     mut kv: ResMut<Kv>,
     mut logits: ResMut<Logits>,
     mut report: ResMut<TickReport>,
-    mut seqs: Query<(&Tokens, &mut KvHandle, &mut Phase, &mut Outbox)>,
+    mut seqs: Query<(&Tokens, &mut KvHandle, &mut Phase, &mut Outbox, Option<&Drafting>)>,
 ) {
     report.planned_tokens = plan.total_tokens();
     if plan.items.is_empty() {
@@ -31,18 +31,28 @@ pub fn run_forward(
     }
     let span = tracing::info_span!("forward", batch_size = plan.items.len(), batch_tokens = plan.total_tokens());
     let _g = span.enter();
-    // The chunks of the batch, and beside them the plan index of each.
+    // The chunks of the batch, and beside them the plan index of each. A speculating
+    // sequence's chunk ends with its draft, each position asking for logits.
     let (indices, chunks): (Vec<usize>, Vec<SeqChunk>) = plan
         .items
         .iter()
         .enumerate()
         .filter_map(|(i, item)| {
-            let (tokens, handle, _, _) = seqs.get(item.entity).ok()?;
+            let (tokens, handle, _, _, drafting) = seqs.get(item.entity).ok()?;
+            let known = item.n_tokens - item.draft;
+            let mut ids = tokens.ids[item.start_pos..item.start_pos + known].to_vec();
+            if item.draft > 0 {
+                ids.extend_from_slice(&drafting?.0.draft()[..item.draft]);
+            }
             let chunk = SeqChunk {
-                tokens: tokens.ids[item.start_pos..item.start_pos + item.n_tokens].to_vec(),
+                tokens: ids,
                 start_pos: item.start_pos,
                 blocks: handle.0.blocks.clone(),
-                logits: if item.samples { LogitsWanted::Last } else { LogitsWanted::None },
+                logits: match (item.samples, item.draft) {
+                    (false, _) => LogitsWanted::None,
+                    (true, 0) => LogitsWanted::Last,
+                    (true, _) => LogitsWanted::All,
+                },
             };
             Some((i, chunk))
         })
@@ -57,9 +67,10 @@ pub fn run_forward(
         }
     };
     for (i, item) in plan.items.iter().enumerate() {
-        let Ok((_, mut handle, mut phase, mut outbox)) = seqs.get_mut(item.entity) else { continue };
+        let Ok((_, mut handle, mut phase, mut outbox, _)) = seqs.get_mut(item.entity) else { continue };
         match failed.iter().find(|(f, _)| *f == i) {
-            None => handle.0.len = item.start_pos + item.n_tokens,
+            // Draft positions count once `sample` has verified them.
+            None => handle.0.len = item.start_pos + item.n_tokens - item.draft,
             Some((_, e)) => {
                 let error = ApiError::new(ErrorKind::Internal, format!("forward pass failed: {e}"));
                 fail(&mut phase, &mut outbox, error);
@@ -77,8 +88,8 @@ fn guarded(model: &dyn ModelRuntime, batch: &[SeqChunk], kv: &mut KvArena, out: 
 }
 
 /// Runs each chunk alone; returns the plan indices (`indices[k]` is chunk `k`'s) of those
-/// that failed, with their errors. `logits` gets one row per sampling chunk in plan order
-/// (zeros for a failed one, whose sequence ends before it samples).
+/// that failed, with their errors. `logits` gets each chunk's rows in plan order (zeros
+/// for a failed one, whose sequence ends before it samples).
 fn retry_alone(
     model: &dyn ModelRuntime,
     indices: &[usize],
@@ -90,15 +101,17 @@ fn retry_alone(
     let (mut failed, mut row) = (Vec::new(), Vec::new());
     logits.clear();
     for (i, chunk) in indices.iter().zip(chunks) {
-        let samples = chunk.logits != LogitsWanted::None;
+        let rows = match chunk.logits {
+            LogitsWanted::None => 0,
+            LogitsWanted::Last => 1,
+            LogitsWanted::All => chunk.tokens.len(),
+        };
         match guarded(model, std::slice::from_ref(chunk), kv, &mut row) {
             Ok(()) => logits.extend_from_slice(&row),
             Err(e) => {
                 tracing::error!(error = %e, "forward pass failed for one sequence");
                 failed.push((*i, e));
-                if samples {
-                    logits.resize(logits.len() + n_vocab, 0.0);
-                }
+                logits.resize(logits.len() + rows * n_vocab, 0.0);
             }
         }
     }

@@ -8,54 +8,97 @@ use crate::error::{ApiError, ErrorKind};
 use crate::protocol::FinishReason;
 use crate::sampler::{Sampled, TokenFinish};
 
+type SampleQuery<'w, 's> = Query<
+    'w,
+    's,
+    (
+        &'static mut Tokens,
+        &'static mut Sampling,
+        &'static mut Phase,
+        &'static mut Outbox,
+        &'static mut KvHandle,
+        Option<&'static mut Constrained>,
+        Option<&'static mut Drafting>,
+    ),
+>;
+
 /// Draws the next token from each sampling sequence's logits row, appends it, and decides
 /// whether the sequence is finished (`stop` on an end token, `length` at `max_tokens` or
 /// the context end).
+///
+/// A speculating sequence has one row per position of its step: after its last token and
+/// after each draft token. Its rows are sampled in order, exactly as plain decoding would
+/// sample them one step at a time (same logits, same history for penalties, the next
+/// random draw), and the next row is used only while the token just sampled equals the
+/// draft token its row was computed after. So the output is the same with or without
+/// speculation; the draft tokens it kept have their K/V in the cache already.
 pub fn sample_next_tokens(
     plan: Res<BatchPlan>,
     mut logits: ResMut<Logits>,
     tokenizer: Res<TokenizerRes>,
     limits: Res<EngineLimits>,
-    mut seqs: Query<(&mut Tokens, &mut Sampling, &mut Phase, &mut Outbox, Option<&mut Constrained>)>,
+    mut spec: ResMut<SpecStats>,
+    mut seqs: SampleQuery,
 ) {
     let vocab = tokenizer.0.vocab_size();
     let eog = tokenizer.0.eog_ids();
     let mut rows = logits.0.chunks_exact_mut(vocab);
     for item in plan.items.iter().filter(|i| i.samples) {
-        let Some(row) = rows.next() else { break };
-        let Ok((mut tokens, mut sampling, mut phase, mut outbox, constrained)) = seqs.get_mut(item.entity) else {
+        let item_rows = rows.by_ref().take(item.logit_rows());
+        let Ok((mut tokens, mut sampling, mut phase, mut outbox, mut handle, mut constrained, mut drafting)) =
+            seqs.get_mut(item.entity)
+        else {
+            item_rows.for_each(|_| {});
             continue;
         };
         if matches!(*phase, Phase::Finished(_)) {
+            item_rows.for_each(|_| {});
             continue;
         }
-        let n_generated = tokens.n_generated();
-        let s = sampling.0.sample(row, &tokens.ids, n_generated, eog);
-        let mut complete = false;
-        if let Some(mut c) = constrained {
-            match advance(&mut c, &s, n_generated, sampling.0.config().min_tokens) {
-                Ok(done) => complete = done,
-                Err(e) => {
-                    fail(&mut phase, &mut outbox, e);
-                    continue;
+        let draft = drafting.as_ref().map_or(&[][..], |d| &d.0.draft()[..item.draft]);
+        let mut accepted = 0;
+        for (r, row) in item_rows.enumerate() {
+            if r > accepted {
+                continue; // past a rejected draft token: computed, never used
+            }
+            let n_generated = tokens.n_generated();
+            let s = sampling.0.sample(row, &tokens.ids, n_generated, eog);
+            let mut complete = false;
+            if let Some(c) = constrained.as_mut() {
+                match advance(c, &s, n_generated, sampling.0.config().min_tokens) {
+                    Ok(done) => complete = done,
+                    Err(e) => {
+                        fail(&mut phase, &mut outbox, e);
+                        continue; // later rows are skipped: nothing was accepted
+                    }
                 }
             }
+            tokens.ids.push(s.token);
+            *phase = match sampling.0.finish_after(&s, tokens.n_generated()) {
+                Some(TokenFinish::Stop) => Phase::Finished(FinishReason::Stop),
+                // A grammar that can take no more tokens ends its output with `stop`.
+                _ if complete => Phase::Finished(FinishReason::Stop),
+                Some(TokenFinish::Length) => Phase::Finished(FinishReason::Length),
+                None if tokens.ids.len() >= limits.n_ctx => Phase::Finished(FinishReason::Length),
+                None => Phase::Decode,
+            };
+            let keep = *phase == Phase::Decode && draft.get(r) == Some(&s.token);
+            outbox.fresh.push(FreshToken {
+                id: s.token,
+                logprob: s.logprob,
+                top_logprobs: s.top_logprobs,
+                is_stop: s.is_stop_token,
+            });
+            if keep {
+                accepted += 1;
+            }
         }
-        tokens.ids.push(s.token);
-        *phase = match sampling.0.finish_after(&s, tokens.n_generated()) {
-            Some(TokenFinish::Stop) => Phase::Finished(FinishReason::Stop),
-            // A grammar that can take no more tokens ends its output with `stop`.
-            _ if complete => Phase::Finished(FinishReason::Stop),
-            Some(TokenFinish::Length) => Phase::Finished(FinishReason::Length),
-            None if tokens.ids.len() >= limits.n_ctx => Phase::Finished(FinishReason::Length),
-            None => Phase::Decode,
-        };
-        outbox.fresh.push(FreshToken {
-            id: s.token,
-            logprob: s.logprob,
-            top_logprobs: s.top_logprobs,
-            is_stop: s.is_stop_token,
-        });
+        if let Some(d) = drafting.as_mut() {
+            spec.drafted += item.draft as u64;
+            spec.accepted += accepted as u64;
+            handle.0.len += accepted;
+            d.0.record(accepted);
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::error::{ApiError, ErrorKind};
-use crate::gateway::extract::{from_map, read_object, reject_unknown};
+use crate::gateway::extract::{from_map, from_map_with_path, read_object, reject_unknown};
 use crate::gateway::render::native::{NativeRender, generation_body};
 use crate::gateway::render::{Body, json_response, sse};
 use crate::gateway::service::{Job, collect, session_id, submit, validate_sampling};
@@ -52,6 +52,7 @@ const SAMPLING_FIELDS: &[&str] = &[
     "stop_token_ids",
     "logprobs",
     "samplers",
+    "speculative",
 ];
 
 #[derive(Deserialize)]
@@ -66,8 +67,6 @@ struct GenerateBody {
     tools: Option<Value>,
     tool_choice: Option<Value>,
     parallel_tool_calls: Option<bool>,
-    #[serde(flatten)]
-    sampling: SamplingParams,
 }
 
 /// `GET /v1/models`: the serving models.
@@ -89,7 +88,11 @@ pub async fn generate(state: &Arc<AppState>, ctx: &Ctx, req: Request<Incoming>) 
     let mut map = read_object(req, state.config.server.max_body_bytes.get()).await?;
     let grammar = structured::native_fields(&mut map)?;
     reject_unknown(&map, &[GENERATE_FIELDS, SAMPLING_FIELDS])?;
-    let body: GenerateBody = from_map(map)?;
+    // Sampling fields apart, so a field of the wrong type is named in the error.
+    let (sampling, map): (serde_json::Map<String, Value>, _) =
+        map.into_iter().partition(|(k, _)| SAMPLING_FIELDS.contains(&k.as_str()));
+    let sampling: SamplingParams = from_map_with_path(sampling)?;
+    let body: GenerateBody = from_map_with_path(map)?;
     let model = state.model(body.model.as_deref())?;
     let input = match (body.prompt, body.tokens) {
         (Some(text), None) => PromptInput::Text { text, parse_special: body.parse_special.unwrap_or(true) },
@@ -109,7 +112,7 @@ pub async fn generate(state: &Arc<AppState>, ctx: &Ctx, req: Request<Incoming>) 
         }
         t => t.map(Duration::from_secs_f64),
     };
-    let sampling = validate_sampling(&state.live().config.limits, &model, &body.sampling)?;
+    let sampling = validate_sampling(&state.live().config.limits, &model, &sampling)?;
     let want_logprobs = sampling.logprobs > 0;
     let session = session_id(body.session_id, ctx)?;
     // Tools: the prompt is the client's own (no template); calls are constrained and parsed

@@ -88,6 +88,7 @@ struct OpenAiBody {
     tools: Option<Value>,
     tool_choice: Option<Value>,
     parallel_tool_calls: Option<bool>,
+    speculative: Option<bool>,
 }
 
 /// How many alternatives to report per token; `None` = no logprobs at all.
@@ -137,6 +138,7 @@ fn sampling_params(b: &OpenAiBody, logprobs: Option<u32>) -> Result<SamplingPara
         }),
         // The sampler reports the chosen token's logprob only when asked for at least one.
         logprobs: logprobs.map(|n| n.max(1)),
+        speculative: b.speculative,
         ..SamplingParams::default()
     })
 }
