@@ -550,6 +550,7 @@ fn commented_out_examples_in_the_default_file_are_valid() {
     assert_eq!(c.models[0].threads.get(), 2);
     assert_eq!(c.models[0].max_prompt_tokens.map(NonZeroUsize::get), Some(2048));
     assert_eq!(c.models[0].kv_cache.spill.as_ref().unwrap().max_bytes, 4 * GIB);
+    assert_eq!(c.models[0].speculative.map(|s| (s.max_draft, s.min_match)), Some((8, 2)));
     assert_eq!(c.telemetry.trace_chrome, Some(PathBuf::from("traces/starling.json")));
 }
 

@@ -2,8 +2,8 @@
 //! fixed set of tasks whose answers draw on their prompt (input-grounded) and of open-ended
 //! ones, single stream and 16 sequences at once, with the cost of verifying drafts.
 //!
-//! Requests are greedy chat turns (the model's own template) of up to [`MAX_TOKENS`]
-//! tokens that may end early; speculation never changes a token, so both runs generate the
+//! Requests are greedy chat turns (the model's own template; the bare text for a model
+//! without one) of up to [`MAX_TOKENS`] tokens that may end early; speculation never changes a token, so both runs generate the
 //! same text, which the bench checks (`identical`).
 
 use std::time::{Duration, Instant};
@@ -175,8 +175,12 @@ impl Bench {
         Ok(Bench { loaded, obs, sampling })
     }
 
-    /// The chat prompt of one task, in the model's template.
+    /// The chat prompt of one task, in the model's template; a model without one (a base
+    /// model) gets the task's text followed by a blank line.
     fn prompt(&self, user: &str) -> Result<String, BenchError> {
+        if self.loaded.tokenizer.chat_template().is_none() {
+            return Ok(format!("{user}\n\n"));
+        }
         let message =
             ChatMessage { role: "user".into(), content: user.into(), tool_calls: None, tool_call_id: None, name: None };
         RenderJob::new("bench", &self.loaded.tokenizer, vec![message])
