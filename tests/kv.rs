@@ -142,6 +142,33 @@ fn idle_sessions_are_evicted_least_recently_used_first() {
     assert!(holds(&kv, &fresh, "t", &[7; 8]));
 }
 
+/// Optional work (a speculative draft) takes free blocks only: it never evicts a parked
+/// session or a cached prefix, and giving up positions frees the blocks past them.
+#[test]
+fn free_only_preparation_evicts_nothing_and_truncation_returns_blocks() {
+    let mut kv = cache(4);
+    let parked = vec![1u32; 3];
+    let table = start(&mut kv, "t", &parked).unwrap();
+    kv.park_session(1, "t", table, &parked, Timestamp(0));
+    let toks = vec![2u32; 4];
+    let mut running = start(&mut kv, "t", &toks).unwrap();
+    // Two free blocks: growing to 12 positions needs two more, 13 would need three.
+    assert!(kv.prepare_from_free(&mut running, "t", 13).is_err());
+    assert_eq!((kv.stats().evictions_lru, running.blocks.len()), (0, 1), "nothing evicted, table unchanged");
+    kv.prepare_from_free(&mut running, "t", 12).unwrap();
+    assert_eq!((kv.arena().n_free(), running.blocks.len()), (0, 3));
+    // Positions 4..12 were computed, then given up: their blocks go back.
+    kv.truncate(&mut running);
+    assert_eq!((kv.arena().n_free(), running.blocks.len()), (2, 1));
+    assert!(holds(&kv, &running, "t", &toks));
+    let (toks, table) = kv.take_session(1).unwrap();
+    assert!(table.len == 3 && holds(&kv, &table, "t", &toks), "the parked session kept its blocks");
+    // An ordinary prepare may evict to make room.
+    kv.park_session(1, "t", table, &toks, Timestamp(1));
+    kv.prepare(&mut running, "t", 16).unwrap();
+    assert_eq!(kv.stats().evictions_lru, 1);
+}
+
 #[test]
 fn sessions_in_flight_are_never_evicted_and_full_caches_fail_cleanly() {
     let mut kv = cache(3);

@@ -66,7 +66,7 @@ fn prompt(n: usize, salt: u32) -> Vec<u32> {
 
 /// A world with the real model whose ticks the test runs one by one.
 pub(crate) struct Harness {
-    world: World,
+    pub(crate) world: World,
     schedule: Schedule,
     tick: u64,
     now_ms: u64,
@@ -185,7 +185,7 @@ impl Harness {
         self.world.query::<&Request>().iter(&self.world).count()
     }
 
-    fn stats(&self) -> SchedulerStats {
+    pub(crate) fn stats(&self) -> SchedulerStats {
         self.world.resource::<SchedulerStats>().clone()
     }
 }

@@ -206,9 +206,13 @@ fn session_turns_and_the_kv_cache_end_where_they_would_without_drafts() {
         let mut second = first;
         second.extend(s1.tokens());
         second.extend(chat("Now add a row for Erin - Writer."));
+        let known = second.len();
         let mut s2 = h.submit_in_session("a", "chat", second, params(0.0, 1, 48));
         run(&mut h, std::slice::from_mut(&mut s2));
         let drafted = h.metric("starling_spec_draft_tokens_total");
+        // The parked session holds the blocks of its positions (all but its last token), no more.
+        let positions = known + s2.tokens().len() - 1;
+        assert_eq!(h.kv_used(), positions.div_ceil(16), "on = {on}");
         (seen(&s1), seen(&s2), h.kv_used(), drafted)
     };
     let (off1, off2, off_kv, _) = outcome(false);
@@ -281,4 +285,118 @@ fn the_http_routes_take_the_opt_out() {
     let bad = post_json(server.addr, "/v1/generate", &json!({"prompt": "x", "speculative": "no"}));
     assert_eq!(bad.status, 400, "{}", bad.text());
     assert!(bad.text().contains("speculative"), "{}", bad.text());
+}
+
+/// A stop string matched by a token in the middle of a step (tokens sampled after it in
+/// the same step are dropped): the client sees what plain decoding gives.
+#[test]
+fn a_stop_string_inside_a_step_drops_the_tokens_sampled_after_it() {
+    let limits = SamplerLimits { vocab_size: 49152, max_stop_strings: 8, default_max_tokens: 16, max_tokens_cap: 4096 };
+    let prompt = chat(GROUNDED[0]);
+    let (plain, _) = alone(false, &[(prompt.clone(), params(0.0, 1, 64))]);
+    let text: String = plain[0]
+        .tokens
+        .iter()
+        .map(|e| if let StreamEvent::Token { text, .. } = e { text.as_str() } else { "" })
+        .collect();
+    let mut exercised = 0;
+    // Each longer word of the plain answer as the stop string.
+    for word in text.split_whitespace().filter(|w| w.len() >= 4).take(12) {
+        let p = SamplingParams {
+            temperature: Some(0.0),
+            max_tokens: Some(64),
+            stop: Some(vec![word.into()]),
+            ..Default::default()
+        };
+        let case = (prompt.clone(), p.validate(&limits).unwrap());
+        let (off, _) = alone(false, std::slice::from_ref(&case));
+        let mut h = Harness::new(spec_limits(true), TenantLimits::default(), KV_BYTES);
+        let mut s = h.submit("a", case.0.clone(), case.1.clone(), 1024);
+        while s.finish().is_none() {
+            let (accepted, before) = (h.metric("starling_spec_accepted_tokens_total"), s.tokens().len());
+            h.run_tick();
+            s.drain();
+            if s.finish().is_some() {
+                // The last step sampled its token plus the draft tokens it kept; the client
+                // got them up to the one that completed the stop string.
+                let sampled = 1 + (h.metric("starling_spec_accepted_tokens_total") - accepted) as usize;
+                exercised += usize::from(s.tokens().len() - before < sampled);
+            }
+        }
+        assert_eq!(seen(&s), off[0], "stop {word:?}");
+        assert_eq!(h.kv_used(), 0);
+    }
+    assert!(exercised > 0, "no stop string landed inside a multi-token step");
+}
+
+/// When the KV cache is too small for every sequence, speculating sequences are preempted
+/// and recomputed like any other, with the same output; drafts never take blocks that a
+/// plain step needs.
+#[test]
+fn speculating_sequences_survive_preemption_unchanged() {
+    let block_bytes = crate::scheduler::model().kv_layout(16).block_bytes() as u64;
+    let cases = cases(&GROUNDED, 48);
+    let (want, _) = alone(false, &cases);
+    let mut h = Harness::new(spec_limits(true), TenantLimits::default(), block_bytes * 14);
+    let mut streams: Vec<Stream> = cases.iter().map(|(p, s)| h.submit("a", p.clone(), s.clone(), 1024)).collect();
+    run(&mut h, &mut streams);
+    for (i, (s, want)) in streams.iter().zip(&want).enumerate() {
+        assert_eq!(&seen(s), want, "case {i} after preemption");
+    }
+    assert!(h.stats().preempted > 0, "the cap forced preemption");
+    assert!(h.metric("starling_spec_accepted_tokens_total") > 0.0, "and they speculated");
+    assert_eq!(h.kv_used(), 0);
+}
+
+/// A token budget that leaves little beyond one token per sequence: every decoding
+/// sequence still gets its step each tick (drafts take only what is left), and a context
+/// limit cuts a speculating sequence exactly where plain decoding stops.
+#[test]
+fn drafts_take_only_spare_budget_and_stop_at_the_context_end() {
+    let cases = cases(&GROUNDED, 40);
+    let (want, _) = alone(false, &cases);
+    let mut h = Harness::new(
+        EngineLimits { speculative: Some(SpeculativeConfig::default()), ..limits(16, 8) },
+        TenantLimits::default(),
+        KV_BYTES,
+    );
+    let mut streams: Vec<Stream> = cases.iter().map(|(p, s)| h.submit("a", p.clone(), s.clone(), 1024)).collect();
+    for _ in 0..2000 {
+        h.run_tick();
+        streams.iter_mut().for_each(Stream::drain);
+        let decoding = h
+            .world
+            .query::<&starling::engine::components::Phase>()
+            .iter(&h.world)
+            .filter(|p| **p == starling::engine::components::Phase::Decode)
+            .count();
+        let plan = h.world.resource::<starling::engine::resources::BatchPlan>();
+        let steps = plan.items.iter().filter(|i| i.samples).count();
+        assert!(plan.total_tokens() <= 8, "the budget holds drafts");
+        if steps > 0 && plan.items.iter().all(|i| i.samples) {
+            assert!(steps >= decoding.min(8), "every decoding sequence stepped: {steps} of {decoding}");
+        }
+        if streams.iter().all(|s| s.finish().is_some()) {
+            break;
+        }
+    }
+    for (i, (s, want)) in streams.iter().zip(&want).enumerate() {
+        assert_eq!(&seen(s), want, "case {i} with a tight budget");
+    }
+
+    let prompt = chat(GROUNDED[2]);
+    let n_ctx = prompt.len() + 9;
+    let case = (prompt, params(0.0, 1, 64));
+    let outcome = |on: bool| {
+        let limits = EngineLimits { n_ctx, speculative: on.then(SpeculativeConfig::default), ..limits(16, 512) };
+        let mut h = Harness::new(limits, TenantLimits::default(), KV_BYTES);
+        let mut s = vec![h.submit("a", case.0.clone(), case.1.clone(), 1024)];
+        run(&mut h, &mut s);
+        (seen(&s[0]), h.metric("starling_spec_draft_tokens_total"))
+    };
+    let (off, _) = outcome(false);
+    let (on, drafted) = outcome(true);
+    assert_eq!(off, on);
+    assert_eq!((off.finish, off.tokens.len()), (Some(FinishReason::Length), 9));
+    assert!(drafted > 0.0);
 }

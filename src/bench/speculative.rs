@@ -346,6 +346,9 @@ pub fn measure(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> Resul
             bench.loaded.engine.shutdown();
         }
     }
+    if !identical {
+        return Err(BenchError::Engine("speculative decoding changed the output of a request".into()));
+    }
     // Per task and per set: the median over repetitions of each.
     let task_rate = |k: usize, i: usize| median(single[k].iter().map(|run| single_rate(&[&run[i]])).collect());
     let set_rate = |k: usize, grounded: bool| {

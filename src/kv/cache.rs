@@ -256,13 +256,45 @@ impl KvCache {
     /// allocated (evicting LRU cached blocks and idle sessions if needed). All or nothing:
     /// on error the table is unchanged.
     pub fn prepare(&mut self, table: &mut BlockTable, tenant: &str, end: usize) -> Result<(), KvError> {
+        self.prepare_with(table, tenant, end, true)
+    }
+
+    /// [`KvCache::prepare`] from free blocks only: nothing cached or parked is evicted, so
+    /// optional work (a speculative draft) never costs another request its cache.
+    pub fn prepare_from_free(&mut self, table: &mut BlockTable, tenant: &str, end: usize) -> Result<(), KvError> {
+        self.prepare_with(table, tenant, end, false)
+    }
+
+    /// Drops the table's blocks past its length (positions computed and then given up,
+    /// such as rejected draft tokens), so it holds what a table grown step by step holds.
+    pub fn truncate(&mut self, table: &mut BlockTable) {
+        let keep = self.layout().blocks_for(table.len);
+        if table.blocks.len() <= keep {
+            return;
+        }
+        for i in keep..table.blocks.len() {
+            // A stale entry is another holder's block now: never touch it.
+            if self.arena.check(&table.handle(i, &self.arena)).is_ok() {
+                self.unref(table.blocks[i]);
+            }
+        }
+        table.blocks.truncate(keep);
+        table.gens.truncate(keep);
+    }
+
+    fn prepare_with(&mut self, table: &mut BlockTable, tenant: &str, end: usize, evict: bool) -> Result<(), KvError> {
         self.verify(table)?;
         let bt = self.layout().block_tokens;
         let (want, first) = (self.layout().blocks_for(end.max(table.len)), table.len / bt);
         let kept = table.blocks.len().min(want);
         let replace = (first..kept).filter(|&i| !self.writable(table.blocks[i])).count();
         let needed = replace + want.saturating_sub(table.blocks.len());
-        self.make_room(needed)?;
+        if evict {
+            self.make_room(needed)?;
+        } else if self.arena.n_free() < needed {
+            let (free, total) = (self.arena.n_free(), self.n_blocks());
+            return Err(KvError::OutOfBlocks { needed: needed - free, free, total });
+        }
         for b in table.blocks.drain(kept..).collect::<Vec<_>>() {
             self.unref(b);
         }

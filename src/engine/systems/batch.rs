@@ -1,5 +1,6 @@
 //! `batch`: picks this tick's work. Every running decode sequence first (one token each),
-//! then prompt chunks under the token budget (chunked prefill), shared between tenants by
+//! then the drafts of speculating sequences from what budget and free blocks are left, then
+//! prompt chunks under the token budget (chunked prefill), shared between tenants by
 //! weight (virtual-time fair sharing), each tenant's requests oldest first.
 //!
 //! Within a tenant, sessions are served in arrival order: a session has at most one request
@@ -104,12 +105,19 @@ pub fn assemble_batch(
         planned: HashMap::new(),
         preemptions: 0,
     };
-    let decoding = decode.len().min(limits.max_batch);
     for (entity, tenant) in decode {
         if tick.full() {
             break;
         }
-        plan_decode(&mut tick, &mut seqs, &mut kv.0, &mut commands, (entity, &tenant), decoding);
+        plan_decode(&mut tick, &mut seqs, &mut kv.0, &mut commands, entity, &tenant);
+    }
+    // Drafts only once every decode step has its token and its blocks.
+    let decoding = tick.plan.items.len();
+    for i in 0..decoding {
+        if tick.budget == 0 {
+            break;
+        }
+        plan_draft(&mut tick, &mut seqs, &mut kv.0, i, decoding);
     }
     stats.preempted += tick.preemptions;
     plan_prefill(&mut tick, prefill, &mut seqs, &mut kv.0, &mut links);
@@ -151,39 +159,28 @@ fn collect_candidates(seqs: &SeqQuery, stats: &mut SchedulerStats) -> Collected 
     (decode, prefill, running_of)
 }
 
-/// Plans one decode step: the last sampled token, and after it the sequence's draft when it
-/// speculates. When the KV cache cannot grow the sequence, waiting sequences give back
-/// blocks they adopted, then the most recently admitted running sequence (possibly this
-/// one) is preempted, until it can; a sequence that still cannot grow when it holds every
-/// block left is stopped with an error. A draft never preempts: without room for it the
-/// step runs without one. `decoding` sequences decode this tick (drafts must pay for
-/// themselves in a step that large).
+/// Plans one decode step. When the KV cache cannot grow the sequence, waiting sequences
+/// give back blocks they adopted, then the most recently admitted running sequence
+/// (possibly this one) is preempted, until it can; a sequence that still cannot grow when
+/// it holds every block left is stopped with an error.
 fn plan_decode(
     tick: &mut Tick,
     seqs: &mut SeqQuery,
     kv: &mut KvCache,
     commands: &mut Commands,
-    (entity, tenant): (Entity, &TenantId),
-    decoding: usize,
+    entity: Entity,
+    tenant: &TenantId,
 ) {
-    let mut draft = propose_draft(tick, seqs, entity, decoding);
     loop {
-        let Ok((_, phase, tokens, mut handle, .., drafting, _)) = seqs.get_mut(entity) else { return };
+        let Ok((_, phase, tokens, mut handle, ..)) = seqs.get_mut(entity) else { return };
         if *phase != Phase::Decode {
             return; // preempted earlier in this tick
         }
         let (start, end) = (handle.0.len, tokens.ids.len());
-        if draft > 0 && kv.prepare(&mut handle.0, tenant.as_str(), end + draft).is_err() {
-            draft = 0;
-            if let Some(mut d) = drafting {
-                d.0.clear();
-            }
-        }
-        if draft > 0 || kv.prepare(&mut handle.0, tenant.as_str(), end).is_ok() {
+        if kv.prepare(&mut handle.0, tenant.as_str(), end).is_ok() {
             tick.planned.insert(entity, tick.plan.items.len());
-            let n_tokens = end - start + draft;
-            tick.plan.items.push(PlanItem { entity, start_pos: start, n_tokens, samples: true, draft });
-            tick.charge(tenant, n_tokens);
+            tick.plan.items.push(PlanItem { entity, start_pos: start, n_tokens: end - start, samples: true, draft: 0 });
+            tick.charge(tenant, end - start);
             return;
         }
         match pick_victim(seqs, entity) {
@@ -204,17 +201,38 @@ fn plan_decode(
     }
 }
 
-/// The draft length of a speculating sequence's next step: what its drafter proposes,
-/// within the tick's token budget (after its own token), the context, and `max_tokens`
-/// (a step samples at most one token more than its draft).
-fn propose_draft(tick: &Tick, seqs: &mut SeqQuery, entity: Entity, decoding: usize) -> usize {
-    let Ok((_, _, tokens, handle, .., Some(mut drafting), sampling)) = seqs.get_mut(entity) else { return 0 };
-    let (start, end) = (handle.0.len, tokens.ids.len());
-    let known = end - start;
+/// Extends decode step `i` of the plan with its sequence's draft, if it speculates: within
+/// the token budget left after every decode step, the context and `max_tokens` (a step
+/// samples at most one token more than its draft), and only from free KV blocks, so a draft
+/// never evicts cached work or preempts anyone. `decoding` sequences decode this tick
+/// (drafts must pay for themselves in a step that large).
+fn plan_draft(tick: &mut Tick, seqs: &mut SeqQuery, kv: &mut KvCache, i: usize, decoding: usize) {
+    let item = tick.plan.items[i];
+    let Ok((_, phase, tokens, mut handle, _, _, tenant, _, Some(mut drafting), sampling)) = seqs.get_mut(item.entity)
+    else {
+        return;
+    };
+    let end = tokens.ids.len();
+    // A step with one known position (always, for a decode step) gets one row per draft token.
+    if *phase != Phase::Decode || item.n_tokens != 1 || item.start_pos + 1 != end {
+        return;
+    }
     let remaining = (sampling.0.config().max_tokens as usize).saturating_sub(tokens.n_generated());
-    let limit =
-        tick.budget.saturating_sub(known).min(tick.limits.n_ctx.saturating_sub(end)).min(remaining.saturating_sub(1));
-    drafting.0.propose(&tokens.ids, limit, decoding)
+    // The token sampled after the last draft position must still fit the context.
+    let limit = tick.budget.min(tick.limits.n_ctx.saturating_sub(end + 1)).min(remaining.saturating_sub(1));
+    let draft = drafting.0.propose(&tokens.ids, limit, decoding);
+    if draft == 0 {
+        return;
+    }
+    if kv.prepare_from_free(&mut handle.0, tenant.0.as_str(), end + draft).is_err() {
+        drafting.0.clear();
+        return;
+    }
+    let tenant = tenant.0.clone();
+    let planned = &mut tick.plan.items[i];
+    planned.n_tokens += draft;
+    planned.draft = draft;
+    tick.charge(&tenant, draft);
 }
 
 /// The sequence whose blocks `needy` takes: a waiting one still holding adopted blocks,

@@ -31,13 +31,15 @@ type SampleQuery<'w, 's> = Query<
 /// sample them one step at a time (same logits, same history for penalties, the next
 /// random draw), and the next row is used only while the token just sampled equals the
 /// draft token its row was computed after. So the output is the same with or without
-/// speculation; the draft tokens it kept have their K/V in the cache already.
+/// speculation; the draft tokens it kept have their K/V in the cache already, and blocks
+/// only rejected positions reached are freed.
 pub fn sample_next_tokens(
     plan: Res<BatchPlan>,
     mut logits: ResMut<Logits>,
     tokenizer: Res<TokenizerRes>,
     limits: Res<EngineLimits>,
     mut spec: ResMut<SpecStats>,
+    mut kv: ResMut<Kv>,
     mut seqs: SampleQuery,
 ) {
     let vocab = tokenizer.0.vocab_size();
@@ -97,6 +99,8 @@ pub fn sample_next_tokens(
             spec.drafted += item.draft as u64;
             spec.accepted += accepted as u64;
             handle.0.len += accepted;
+            // Blocks that only rejected positions reached go back at once.
+            kv.0.truncate(&mut handle.0);
             d.0.record(accepted);
         }
     }
