@@ -307,44 +307,51 @@ pub fn measure(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> Resul
     let mut per_task_counts = vec![(0, 0); TASKS.len()];
     let mut identical = true;
     let mut reference: Option<Vec<Vec<TokenId>>> = None;
-    // Off and on take turns, one engine each per repetition, so drift of the machine's
-    // speed over the run falls on both alike.
+    // Both engines stay up (the idle one blocks on its inbox), and every run with
+    // speculation follows the same run without it, so drift of the machine's speed over the
+    // bench falls on both alike.
+    let benches = [Bench::start(settings, false)?, Bench::start(settings, true)?];
+    let prompts: Vec<String> = TASKS.iter().map(|(_, _, user)| benches[0].prompt(user)).collect::<Result<_, _>>()?;
     for rep in 1..=reps {
-        for (k, on) in [false, true].into_iter().enumerate() {
-            let bench = Bench::start(settings, on)?;
-            let prompts: Vec<String> = TASKS.iter().map(|(_, _, user)| bench.prompt(user)).collect::<Result<_, _>>()?;
-            let label = if on { "on" } else { "off" };
-            observe(Step { phase: &format!("speculative {label}: each task alone"), rep, reps });
-            let mut outcomes = vec![];
-            for (i, p) in prompts.iter().enumerate() {
+        observe(Step { phase: "speculative: each task alone, off then on", rep, reps });
+        let mut outcomes: [Vec<Outcome>; 2] = [vec![], vec![]];
+        for (i, p) in prompts.iter().enumerate() {
+            for (k, bench) in benches.iter().enumerate() {
                 let before = bench.counts();
-                outcomes.push(bench.run(std::slice::from_ref(p))?.remove(0));
+                outcomes[k].push(bench.run(std::slice::from_ref(p))?.remove(0));
                 let after = bench.counts();
-                if on && rep == 1 {
+                if k == 1 && rep == 1 {
                     per_task_counts[i] = (after.0 - before.0, after.1 - before.1);
                 }
             }
-            let tokens: Vec<Vec<TokenId>> = outcomes.iter().map(|o| o.tokens.clone()).collect();
-            let reference = reference.get_or_insert(tokens.clone());
-            identical &= *reference == tokens;
-            single[k].push(outcomes);
-            for (set, rates) in [(true, &mut batch[k]), (false, &mut open_batch[k])] {
-                let chosen: Vec<(&String, &Vec<TokenId>)> = TASKS
-                    .iter()
-                    .zip(prompts.iter().zip(reference.iter()))
-                    .filter(|((_, grounded, _), _)| *grounded == set)
-                    .map(|(_, pair)| pair)
-                    .collect();
-                let group: Vec<(&String, &Vec<TokenId>)> = chosen.iter().cycle().take(BATCH).copied().collect();
-                let name = if set { "grounded" } else { "open-ended" };
-                observe(Step { phase: &format!("speculative {label}: {BATCH} {name} sequences"), rep, reps });
-                let prompts: Vec<String> = group.iter().map(|(p, _)| (*p).clone()).collect();
-                let outcomes = bench.run(&prompts)?;
-                identical &= group.iter().zip(&outcomes).all(|((_, want), o)| **want == o.tokens);
-                rates.push(batch_rate(&outcomes));
-            }
-            bench.loaded.engine.shutdown();
         }
+        for (k, outcomes) in outcomes.into_iter().enumerate() {
+            let tokens: Vec<Vec<TokenId>> = outcomes.iter().map(|o| o.tokens.clone()).collect();
+            identical &= *reference.get_or_insert(tokens.clone()) == tokens;
+            single[k].push(outcomes);
+        }
+        let reference = reference.as_ref().expect("set above");
+        for set in [true, false] {
+            let chosen: Vec<(&String, &Vec<TokenId>)> = TASKS
+                .iter()
+                .zip(prompts.iter().zip(reference.iter()))
+                .filter(|((_, grounded, _), _)| *grounded == set)
+                .map(|(_, pair)| pair)
+                .collect();
+            let group: Vec<(&String, &Vec<TokenId>)> = chosen.iter().cycle().take(BATCH).copied().collect();
+            let name = if set { "grounded" } else { "open-ended" };
+            observe(Step { phase: &format!("speculative: {BATCH} {name} sequences, off then on"), rep, reps });
+            let texts: Vec<String> = group.iter().map(|(p, _)| (*p).clone()).collect();
+            for (k, bench) in benches.iter().enumerate() {
+                let outcomes = bench.run(&texts)?;
+                identical &= group.iter().zip(&outcomes).all(|((_, want), o)| **want == o.tokens);
+                let rate = batch_rate(&outcomes);
+                if set { batch[k].push(rate) } else { open_batch[k].push(rate) }
+            }
+        }
+    }
+    for bench in benches {
+        bench.loaded.engine.shutdown();
     }
     if !identical {
         return Err(BenchError::Engine("speculative decoding changed the output of a request".into()));
