@@ -400,3 +400,37 @@ fn drafts_take_only_spare_budget_and_stop_at_the_context_end() {
     assert_eq!((off.finish, off.tokens.len()), (Some(FinishReason::Length), 9));
     assert!(drafted > 0.0);
 }
+
+/// `bench --speculative` on a small workload: paired runs, the same tokens off and on,
+/// figures for each task and set, and step times for 1 to 9 positions.
+#[test]
+fn the_speculative_bench_measures_a_small_workload() {
+    use starling::bench::BenchSettings;
+    use starling::bench::speculative::{TASKS, Workload, measure_workload};
+    let settings = BenchSettings {
+        model: crate::model::model_path(),
+        threads: 2,
+        reps: 1,
+        engine_concurrency: vec![],
+        contexts: vec![],
+        json_schemas: vec![],
+        speculative: true,
+    };
+    let tasks = [TASKS[3], TASKS[7], TASKS[9]];
+    let w = Workload { tasks: &tasks, max_tokens: 24, batch: 4 };
+    let mut phases = vec![];
+    let f = measure_workload(&settings, w, &mut |s| phases.push(s.phase.to_owned())).expect("the bench runs");
+    assert!(f.identical);
+    assert_eq!(f.verify_ms.iter().map(|(rows, _)| *rows).collect::<Vec<_>>(), (1..=9).collect::<Vec<_>>());
+    assert!(f.verify_ms[8].1 > f.verify_ms[0].1, "nine positions cost more than one: {:?}", f.verify_ms);
+    assert_eq!(
+        f.tasks.iter().map(|t| (t.name.as_str(), t.grounded)).collect::<Vec<_>>(),
+        [("passage-answer", true), ("restate", true), ("story", false)]
+    );
+    assert!(f.tasks.iter().all(|t| t.tokens > 0 && t.off_tok_s > 0.0 && t.on_tok_s > 0.0), "{:?}", f.tasks);
+    assert!(f.tasks[..2].iter().any(|t| t.accepted > 0), "the grounded tasks kept drafts: {:?}", f.tasks);
+    for set in [&f.grounded_single, &f.open_single, &f.grounded_batch, &f.open_batch] {
+        assert!(set.off_tok_s > 0.0 && set.on_tok_s > 0.0 && (set.speedup - set.on_tok_s / set.off_tok_s).abs() < 1e-9);
+    }
+    assert!(phases.iter().any(|p| p.contains("4 grounded sequences")), "{phases:?}");
+}

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use super::common::{BenchError, BenchSettings, EngineFigure, Step, bench_text, median};
 use crate::config::{Config, Format};
 use crate::engine::load::start_model;
+use crate::gateway::service::validate_sampling;
 use crate::protocol::{Constraint, EngineCommand, GenerateRequest, PromptInput, StreamEvent};
-use crate::sampler::{SamplerLimits, SamplingConfig, SamplingParams};
+use crate::sampler::{SamplingConfig, SamplingParams};
 use crate::types::{RequestId, TenantId};
 
 /// Tokens each request generates.
@@ -42,19 +43,13 @@ pub(crate) fn measure_with(
 ) -> Result<EngineFigure, BenchError> {
     let config = bench_config(settings, concurrency)?;
     let loaded = start_model(&config, 0).map_err(|e| BenchError::Engine(e.to_string()))?;
-    let sampling = SamplingParams {
+    let params = SamplingParams {
         temperature: Some(0.0),
         max_tokens: Some(GEN_TOKENS),
         ignore_eos: Some(true),
         ..Default::default()
-    }
-    .validate(&SamplerLimits {
-        vocab_size: loaded.tokenizer.vocab_size(),
-        max_stop_strings: config.limits.max_stop_strings,
-        default_max_tokens: config.limits.default_max_tokens,
-        max_tokens_cap: config.limits.max_tokens_cap,
-    })
-    .map_err(|e| BenchError::Engine(e.message))?;
+    };
+    let sampling = validate_sampling(&config.limits, &loaded, &params).map_err(|e| BenchError::Engine(e.message))?;
     let mut rates = Vec::with_capacity(settings.reps);
     let grammar = schema.map(|s| crate::grammar::Grammar::JsonSchema(s.clone()));
     let constrain = || -> Result<Option<Constraint>, BenchError> {

@@ -13,12 +13,13 @@ use serde::Serialize;
 use super::common::{BenchError, BenchSettings, Step, median};
 use crate::config::{Config, Format};
 use crate::engine::load::{LoadedModel, start_model_observed};
+use crate::gateway::service::validate_sampling;
 use crate::gateway::template::ChatMessage;
 use crate::gateway::template::sandbox::RenderJob;
 use crate::kv::arena::{BlockTable, KvArena};
 use crate::model::transformer::{LogitsWanted, SeqChunk, Transformer};
 use crate::protocol::{EngineCommand, GenerateRequest, PromptInput, StreamEvent};
-use crate::sampler::{SamplerLimits, SamplingConfig, SamplingParams};
+use crate::sampler::{SamplingConfig, SamplingParams};
 use crate::telemetry::Observability;
 use crate::types::{RequestId, TenantId, TokenId};
 
@@ -28,6 +29,19 @@ const MAX_TOKENS: u32 = 128;
 const BATCH: usize = 16;
 /// Positions before the verify-cost steps (a short chat prompt).
 const VERIFY_CONTEXT: usize = 128;
+
+/// What [`measure_workload`] runs: the tasks, the tokens each request may generate, and
+/// the sequences of the batched figures.
+#[derive(Clone, Copy, Debug)]
+pub struct Workload<'a> {
+    /// (name, input-grounded, user message).
+    pub tasks: &'a [(&'a str, bool, &'a str)],
+    pub max_tokens: u32,
+    pub batch: usize,
+}
+
+/// `--speculative`'s workload.
+pub const WORKLOAD: Workload<'static> = Workload { tasks: TASKS, max_tokens: MAX_TOKENS, batch: BATCH };
 
 /// The tasks: (name, input-grounded, user message).
 pub const TASKS: &[(&str, bool, &str)] = &[
@@ -102,7 +116,10 @@ pub struct SpeculativeFigures {
     /// Single-stream decode over each set (generated tokens over decode time, summed).
     pub grounded_single: SetFigure,
     pub open_single: SetFigure,
-    /// [`BATCH`] sequences at once: each set's tasks repeated, sent together.
+    /// Tokens a request may generate, and sequences of the batched figures.
+    pub max_tokens: u32,
+    pub batch: usize,
+    /// `batch` sequences at once: each set's tasks repeated, sent together.
     pub grounded_batch: SetFigure,
     pub open_batch: SetFigure,
     /// Speculation changed no token of any request.
@@ -150,28 +167,24 @@ struct Bench {
 }
 
 impl Bench {
-    fn start(settings: &BenchSettings, speculative: bool) -> Result<Bench, BenchError> {
+    fn start(settings: &BenchSettings, speculative: bool, w: Workload) -> Result<Bench, BenchError> {
+        let batch = w.batch.max(1);
         let mut model = serde_json::json!({"id": "bench", "path": settings.model, "threads": settings.threads,
-                                           "max_batch": BATCH, "max_batch_tokens": 512});
+                                           "max_batch": batch, "max_batch_tokens": 512});
         if speculative {
             model["speculative"] = serde_json::json!({"method": "ngram"});
         }
         let json = serde_json::json!({
-            "tenants": [{"name": "bench", "max_concurrent": BATCH, "max_queued": BATCH}],
+            "tenants": [{"name": "bench", "max_concurrent": batch, "max_queued": batch}],
             "models": [model],
         });
         let config =
             Config::from_str(&json.to_string(), Format::Json).map_err(|e| BenchError::Engine(e.to_string()))?;
         let obs = Observability::new().map_err(|e| BenchError::Engine(e.to_string()))?;
         let loaded = start_model_observed(&config, 0, &obs).map_err(|e| BenchError::Engine(e.to_string()))?;
-        let sampling = SamplingParams { temperature: Some(0.0), max_tokens: Some(MAX_TOKENS), ..Default::default() }
-            .validate(&SamplerLimits {
-                vocab_size: loaded.tokenizer.vocab_size(),
-                max_stop_strings: config.limits.max_stop_strings,
-                default_max_tokens: config.limits.default_max_tokens,
-                max_tokens_cap: config.limits.max_tokens_cap,
-            })
-            .map_err(|e| BenchError::Engine(e.message))?;
+        let params = SamplingParams { temperature: Some(0.0), max_tokens: Some(w.max_tokens), ..Default::default() };
+        let sampling =
+            validate_sampling(&config.limits, &loaded, &params).map_err(|e| BenchError::Engine(e.message))?;
         Ok(Bench { loaded, obs, sampling })
     }
 
@@ -192,7 +205,7 @@ impl Bench {
     fn run(&self, prompts: &[String]) -> Result<Vec<Outcome>, BenchError> {
         let mut waiting = vec![];
         for prompt in prompts {
-            let (tx, rx) = tokio::sync::mpsc::channel(4 * MAX_TOKENS as usize);
+            let (tx, rx) = tokio::sync::mpsc::channel(4 * self.sampling.max_tokens as usize + 8);
             let request = GenerateRequest {
                 constraint: None,
                 keep_special: false,
@@ -295,6 +308,15 @@ fn verify_cost(model: &Transformer, reps: usize, max_rows: usize) -> Result<Vec<
 
 /// Runs every `--speculative` measurement.
 pub fn measure(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> Result<SpeculativeFigures, BenchError> {
+    measure_workload(settings, WORKLOAD, observe)
+}
+
+/// [`measure`] with another workload (tests run a small one).
+pub fn measure_workload(
+    settings: &BenchSettings,
+    w: Workload,
+    observe: &mut dyn FnMut(Step),
+) -> Result<SpeculativeFigures, BenchError> {
     let reps = settings.reps;
     observe(Step { phase: "speculative: verify cost", rep: 1, reps: 1 });
     let verify_ms = {
@@ -304,14 +326,14 @@ pub fn measure(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> Resul
     let mut single: [Vec<Vec<Outcome>>; 2] = [vec![], vec![]];
     let mut batch: [Vec<f64>; 2] = [vec![], vec![]];
     let mut open_batch: [Vec<f64>; 2] = [vec![], vec![]];
-    let mut per_task_counts = vec![(0, 0); TASKS.len()];
+    let mut per_task_counts = vec![(0, 0); w.tasks.len()];
     let mut identical = true;
     let mut reference: Option<Vec<Vec<TokenId>>> = None;
     // Both engines stay up (the idle one blocks on its inbox), and every run with
     // speculation follows the same run without it, so drift of the machine's speed over the
     // bench falls on both alike.
-    let benches = [Bench::start(settings, false)?, Bench::start(settings, true)?];
-    let prompts: Vec<String> = TASKS.iter().map(|(_, _, user)| benches[0].prompt(user)).collect::<Result<_, _>>()?;
+    let benches = [Bench::start(settings, false, w)?, Bench::start(settings, true, w)?];
+    let prompts: Vec<String> = w.tasks.iter().map(|(_, _, user)| benches[0].prompt(user)).collect::<Result<_, _>>()?;
     for rep in 1..=reps {
         observe(Step { phase: "speculative: each task alone, off then on", rep, reps });
         let mut outcomes: [Vec<Outcome>; 2] = [vec![], vec![]];
@@ -332,15 +354,16 @@ pub fn measure(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> Resul
         }
         let reference = reference.as_ref().expect("set above");
         for set in [true, false] {
-            let chosen: Vec<(&String, &Vec<TokenId>)> = TASKS
+            let chosen: Vec<(&String, &Vec<TokenId>)> = w
+                .tasks
                 .iter()
                 .zip(prompts.iter().zip(reference.iter()))
                 .filter(|((_, grounded, _), _)| *grounded == set)
                 .map(|(_, pair)| pair)
                 .collect();
-            let group: Vec<(&String, &Vec<TokenId>)> = chosen.iter().cycle().take(BATCH).copied().collect();
+            let group: Vec<(&String, &Vec<TokenId>)> = chosen.iter().cycle().take(w.batch).copied().collect();
             let name = if set { "grounded" } else { "open-ended" };
-            observe(Step { phase: &format!("speculative: {BATCH} {name} sequences, off then on"), rep, reps });
+            observe(Step { phase: &format!("speculative: {} {name} sequences, off then on", w.batch), rep, reps });
             let texts: Vec<String> = group.iter().map(|(p, _)| (*p).clone()).collect();
             for (k, bench) in benches.iter().enumerate() {
                 let outcomes = bench.run(&texts)?;
@@ -364,13 +387,14 @@ pub fn measure(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> Resul
                 .iter()
                 .map(|run| {
                     let chosen: Vec<&Outcome> =
-                        run.iter().zip(TASKS).filter(|(_, (_, g, _))| *g == grounded).map(|(o, _)| o).collect();
+                        run.iter().zip(w.tasks).filter(|(_, (_, g, _))| *g == grounded).map(|(o, _)| o).collect();
                     single_rate(&chosen)
                 })
                 .collect(),
         )
     };
-    let tasks: Vec<TaskFigure> = TASKS
+    let tasks: Vec<TaskFigure> = w
+        .tasks
         .iter()
         .enumerate()
         .map(|(i, (name, grounded, _))| TaskFigure {
@@ -396,6 +420,8 @@ pub fn measure(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> Resul
     };
     Ok(SpeculativeFigures {
         verify_ms,
+        max_tokens: w.max_tokens,
+        batch: w.batch,
         grounded_single: figure(set_rate(0, true), set_rate(1, true), acceptance(true)),
         open_single: figure(set_rate(0, false), set_rate(1, false), acceptance(false)),
         grounded_batch: figure(median(batch[0].clone()), median(batch[1].clone()), acceptance(true)),
@@ -408,7 +434,7 @@ pub fn measure(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> Resul
 /// The table `starling bench --speculative` prints.
 pub fn write_table(f: &mut std::fmt::Formatter<'_>, s: &SpeculativeFigures) -> std::fmt::Result {
     let steps: Vec<String> = s.verify_ms.iter().map(|(rows, ms)| format!("{rows}: {ms:.2}")).collect();
-    writeln!(f, "speculative decoding (n-gram drafts), greedy chat turns of up to {MAX_TOKENS} tokens")?;
+    writeln!(f, "speculative decoding (n-gram drafts), greedy chat turns of up to {} tokens", s.max_tokens)?;
     writeln!(f, "  step ms by positions verified: {}", steps.join(", "))?;
     writeln!(
         f,
@@ -428,8 +454,8 @@ pub fn write_table(f: &mut std::fmt::Formatter<'_>, s: &SpeculativeFigures) -> s
     for (name, set) in [
         ("grounded, single stream", &s.grounded_single),
         ("open-ended, single stream", &s.open_single),
-        (&*format!("grounded, {BATCH} sequences"), &s.grounded_batch),
-        (&*format!("open-ended, {BATCH} sequences"), &s.open_batch),
+        (&*format!("grounded, {} sequences", s.batch), &s.grounded_batch),
+        (&*format!("open-ended, {} sequences", s.batch), &s.open_batch),
     ] {
         writeln!(
             f,
