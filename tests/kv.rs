@@ -167,6 +167,11 @@ fn free_only_preparation_evicts_nothing_and_truncation_returns_blocks() {
     kv.park_session(1, "t", table, &toks, Timestamp(1));
     kv.prepare(&mut running, "t", 16).unwrap();
     assert_eq!(kv.stats().evictions_lru, 1);
+    // A session parked with blocks past its positions keeps only its positions' blocks.
+    let toks = vec![2u32; 4];
+    let before = kv.n_referenced();
+    kv.park_session(2, "t", running, &toks, Timestamp(2));
+    assert_eq!(before - kv.n_referenced(), 3, "4 positions park in 1 block of the 4 held");
 }
 
 #[test]

@@ -139,12 +139,10 @@ fn record_batch(world: &World, span: &tracing::Span) {
     span.record("batch_tokens", plan.total_tokens());
     span.record("draft_tokens", plan.draft_tokens());
     if trace::capturing() {
-        let named: Vec<(String, usize)> =
-            plan.items.iter().filter_map(|i| world.get::<ClientId>(i.entity).map(|c| (c.0.clone(), i.draft))).collect();
-        let ids: Vec<&str> = named.iter().map(|(id, _)| id.as_str()).collect();
+        // Each request's id and, in the same order, its draft length.
+        let named = plan.items.iter().filter_map(|i| Some((world.get::<ClientId>(i.entity)?.0.as_str(), i.draft)));
+        let (ids, drafts): (Vec<&str>, Vec<String>) = named.map(|(id, d)| (id, d.to_string())).unzip();
         span.record("requests", tracing::field::display(ids.join(",")));
-        // The draft length of each request above, in the same order.
-        let drafts: Vec<String> = named.iter().map(|(_, d)| d.to_string()).collect();
         span.record("drafts", tracing::field::display(drafts.join(",")));
     }
 }

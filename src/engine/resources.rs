@@ -112,6 +112,22 @@ impl BatchPlan {
     pub fn draft_tokens(&self) -> usize {
         self.items.iter().map(|i| i.draft).sum()
     }
+
+    /// Each sampling item with its run of `logits` ([`PlanItem::logit_rows`] rows of `vocab`,
+    /// fewer if `logits` ends early), in plan order.
+    pub fn sampled_rows<'a>(
+        &'a self,
+        logits: &'a mut [f32],
+        vocab: usize,
+    ) -> impl Iterator<Item = (&'a PlanItem, &'a mut [f32])> {
+        let mut rest = logits;
+        self.items.iter().filter(|i| i.samples).map(move |item| {
+            let n = (item.logit_rows() * vocab).min(rest.len());
+            let (own, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            rest = tail;
+            (item, own)
+        })
+    }
 }
 
 /// Speculative decoding since the engine started: positions drafted, and draft tokens that

@@ -473,6 +473,8 @@ impl KvCache {
         self.drop_parked(key);
         self.publish(&table, tenant, tokens);
         table.len = table.len.min(tokens.len());
+        // Blocks past the kept positions (computed, then given up) are not the session's.
+        self.truncate(&mut table);
         let tokens = tokens[..table.len].to_vec();
         let stored = Stored::Resident(table);
         self.idle.insert(key, Parked { tenant: tenant.to_owned(), tokens, stored, last_used: now, stamp });

@@ -99,6 +99,18 @@ pub struct SeqChunk {
     pub logits: LogitsWanted,
 }
 
+impl SeqChunk {
+    /// The rows (positions within the chunk) whose logits the caller wants.
+    pub fn logit_rows(&self) -> Range<usize> {
+        let len = self.tokens.len();
+        match self.logits {
+            LogitsWanted::None => 0..0,
+            LogitsWanted::Last => len.saturating_sub(1)..len,
+            LogitsWanted::All => 0..len,
+        }
+    }
+}
+
 /// Where a weight matrix lives in the file: rows `first_row..first_row + rows` of a
 /// tensor (all of them, or one part of a fused tensor).
 #[derive(Clone, Debug)]
@@ -361,7 +373,7 @@ impl Transformer {
     }
 
     fn run(&self, batch: &[SeqChunk], kv: &mut KvArena, s: &mut Scratch, logits: &mut Vec<f32>) {
-        let wanted: usize = batch.iter().map(|c| logit_rows(c).len()).sum();
+        let wanted: usize = batch.iter().map(|c| c.logit_rows().len()).sum();
         logits.clear();
         logits.resize(wanted * self.desc.n_vocab, 0.0);
         let mut groups = std::mem::take(&mut s.seq_groups);
@@ -433,7 +445,8 @@ impl Transformer {
             return self.output_logits(&batch[seqs.clone()], g, logits, Exec::Serial);
         }
         let mid = groups.len() / 2;
-        let rows: usize = groups[..mid].iter().flat_map(|seqs| &batch[seqs.clone()]).map(|c| logit_rows(c).len()).sum();
+        let rows: usize =
+            groups[..mid].iter().flat_map(|seqs| &batch[seqs.clone()]).map(|c| c.logit_rows().len()).sum();
         let (out_a, out_b) = logits.split_at_mut(rows * self.desc.n_vocab);
         let (gs_a, gs_b) = gs.split_at_mut(mid);
         rayon::join(
@@ -708,7 +721,7 @@ impl Transformer {
         let d = self.desc.n_embd;
         let (mut n, mut r) = (0, 0);
         for c in batch {
-            for i in logit_rows(c) {
+            for i in c.logit_rows() {
                 let row = &s.x[(r + i) * d..(r + i + 1) * d];
                 rms_norm(row, &self.output_norm, self.desc.rms_eps, &mut s.h[n * d..(n + 1) * d]);
                 n += 1;
@@ -779,16 +792,6 @@ where
             let (a, b) = parts.split_at_mut(items[mid].2 - base);
             rayon::join(|| each_item(&items[..mid], a, base, f), || each_item(&items[mid..], b, items[mid].2, f));
         }
-    }
-}
-
-/// The rows of `c` whose logits the caller wants.
-fn logit_rows(c: &SeqChunk) -> Range<usize> {
-    let len = c.tokens.len();
-    match c.logits {
-        LogitsWanted::None => 0..0,
-        LogitsWanted::Last => len.saturating_sub(1)..len,
-        LogitsWanted::All => 0..len,
     }
 }
 

@@ -86,8 +86,8 @@ pub fn admit_requests(
         load.add(&req.tenant, tokens);
         stats.admitted += 1;
         let tenant = req.tenant.clone();
-        let speculative = limits.speculative.filter(|_| req.sampling.speculative);
-        let entity = spawn_request(&mut commands, *req, ClientId(name.clone()), (session, speculative), clock.read());
+        let entity =
+            spawn_request(&mut commands, *req, ClientId(name.clone()), session, limits.speculative, clock.read());
         spawned.push((entity, tenant, name));
     }
     stats.queue_depth = load.requests;
@@ -234,9 +234,13 @@ fn spawn_request(
     commands: &mut Commands,
     req: GenerateRequest,
     name: ClientId,
-    (session, speculative): (Option<Entity>, Option<SpeculativeConfig>),
+    session: Option<Entity>,
+    speculative: Option<SpeculativeConfig>,
     now: Timestamp,
 ) -> Entity {
+    // A request drafts when its model speculates, it did not opt out, and nothing
+    // constrains its output.
+    let speculative = speculative.filter(|_| req.sampling.speculative);
     let waited = req.received_at.elapsed();
     let received = Timestamp(now.0.saturating_sub(waited.as_micros() as u64));
     let deadline = Deadline(received.after(req.timeout));

@@ -228,11 +228,10 @@ fn plan_draft(tick: &mut Tick, seqs: &mut SeqQuery, kv: &mut KvCache, i: usize, 
         drafting.0.clear();
         return;
     }
-    let tenant = tenant.0.clone();
     let planned = &mut tick.plan.items[i];
     planned.n_tokens += draft;
     planned.draft = draft;
-    tick.charge(&tenant, draft);
+    tick.charge(&tenant.0, draft);
 }
 
 /// The sequence whose blocks `needy` takes: a waiting one still holding adopted blocks,

@@ -30,15 +30,10 @@ pub fn constrain_logits(
     let vocab = tokenizer.0.vocab_size();
     let eog = tokenizer.0.eog_ids();
     // A constrained sequence never drafts: its row is the first (and only) of its item.
-    let mut all_rows = logits.0.chunks_exact_mut(vocab);
-    let mut rows: HashMap<Entity, &mut [f32]> = HashMap::new();
-    for item in &plan.items {
-        let mut own = all_rows.by_ref().take(item.logit_rows());
-        if let Some(row) = own.next() {
-            rows.insert(item.entity, row);
-        }
-        own.for_each(|_| {});
-    }
+    let mut rows: HashMap<Entity, &mut [f32]> = plan
+        .sampled_rows(&mut logits.0, vocab)
+        .filter_map(|(item, rows)| Some((item.entity, rows.chunks_exact_mut(vocab).next()?)))
+        .collect();
     let mut work: Vec<_> = seqs
         .iter_mut()
         .filter(|(_, _, _, phase, _)| !matches!(**phase, Phase::Finished(_)))

@@ -74,13 +74,10 @@ pub fn evict_finished(
             }
             continue;
         }
-        let mut table = std::mem::take(&mut handle.0);
+        let table = std::mem::take(&mut handle.0);
         let known = held_tokens(tokens, &table);
         match link.and_then(|l| sessions.get_mut(l.0).ok()) {
             Some((session, mut cache, mut last_used, _, _)) => {
-                // A step that ended inside a draft (a stop string among its tokens) may
-                // hold a block past its length: the session keeps what it holds.
-                kv.0.truncate(&mut table);
                 kv.0.park_session(session.to_bits(), tenant.0.as_str(), table, known, clock.now);
                 cache.in_flight = false;
                 last_used.0 = clock.now;

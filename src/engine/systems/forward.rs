@@ -101,11 +101,7 @@ fn retry_alone(
     let (mut failed, mut row) = (Vec::new(), Vec::new());
     logits.clear();
     for (i, chunk) in indices.iter().zip(chunks) {
-        let rows = match chunk.logits {
-            LogitsWanted::None => 0,
-            LogitsWanted::Last => 1,
-            LogitsWanted::All => chunk.tokens.len(),
-        };
+        let rows = chunk.logit_rows().len();
         match guarded(model, std::slice::from_ref(chunk), kv, &mut row) {
             Ok(()) => logits.extend_from_slice(&row),
             Err(e) => {

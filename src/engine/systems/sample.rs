@@ -44,25 +44,18 @@ pub fn sample_next_tokens(
 ) {
     let vocab = tokenizer.0.vocab_size();
     let eog = tokenizer.0.eog_ids();
-    let mut rows = logits.0.chunks_exact_mut(vocab);
-    for item in plan.items.iter().filter(|i| i.samples) {
-        let item_rows = rows.by_ref().take(item.logit_rows());
+    for (item, rows) in plan.sampled_rows(&mut logits.0, vocab) {
         let Ok((mut tokens, mut sampling, mut phase, mut outbox, mut handle, mut constrained, mut drafting)) =
             seqs.get_mut(item.entity)
         else {
-            item_rows.for_each(|_| {});
             continue;
         };
         if matches!(*phase, Phase::Finished(_)) {
-            item_rows.for_each(|_| {});
             continue;
         }
         let draft = drafting.as_ref().map_or(&[][..], |d| &d.0.draft()[..item.draft]);
         let mut accepted = 0;
-        for (r, row) in item_rows.enumerate() {
-            if r > accepted {
-                continue; // past a rejected draft token: computed, never used
-            }
+        for (r, row) in rows.chunks_exact_mut(vocab).enumerate() {
             let n_generated = tokens.n_generated();
             let s = sampling.0.sample(row, &tokens.ids, n_generated, eog);
             let mut complete = false;
@@ -71,7 +64,7 @@ pub fn sample_next_tokens(
                     Ok(done) => complete = done,
                     Err(e) => {
                         fail(&mut phase, &mut outbox, e);
-                        continue; // later rows are skipped: nothing was accepted
+                        break;
                     }
                 }
             }
@@ -84,6 +77,8 @@ pub fn sample_next_tokens(
                 None if tokens.ids.len() >= limits.n_ctx => Phase::Finished(FinishReason::Length),
                 None => Phase::Decode,
             };
+            // The next row was computed after draft token `r`: it counts only if that is
+            // the token just sampled.
             let keep = *phase == Phase::Decode && draft.get(r) == Some(&s.token);
             outbox.fresh.push(FreshToken {
                 id: s.token,
@@ -91,9 +86,10 @@ pub fn sample_next_tokens(
                 top_logprobs: s.top_logprobs,
                 is_stop: s.is_stop_token,
             });
-            if keep {
-                accepted += 1;
+            if !keep {
+                break;
             }
+            accepted += 1;
         }
         if let Some(d) = drafting.as_mut() {
             spec.drafted += item.draft as u64;
