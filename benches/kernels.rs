@@ -162,12 +162,24 @@ fn bench_row_ops(c: &mut Criterion) {
     group.finish();
 }
 
-/// One query row (9 heads, 3 KV heads of 64) over 512 cached positions, f32 and f16 K/V.
+/// One query row (9 heads, 3 KV heads of 64) over 512 cached positions of one layer (in
+/// cache: the arithmetic), and over 4,096 positions of all 30 layers (190 MB of f32 K/V
+/// streamed from memory: a long-context decode step's attention), f32 and f16 K/V.
 fn bench_attention(c: &mut Criterion) {
     let mut group = c.benchmark_group("attention");
     group.sample_size(10).measurement_time(Duration::from_secs(1)).warm_up_time(Duration::from_millis(300));
-    let layout = KvLayout { n_layer: 1, kv_dim: 192, block_tokens: 16 };
-    let positions = 512;
+    for (layers, positions) in [(1, 512), (30, 4096)] {
+        bench_attention_over(&mut group, layers, positions);
+    }
+    group.finish();
+}
+
+fn bench_attention_over(
+    group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
+    layers: usize,
+    positions: usize,
+) {
+    let layout = KvLayout { n_layer: layers, kv_dim: 192, block_tokens: 16 };
     for dtype in [KvDtype::F32, KvDtype::F16] {
         let cap = layout.blocks_for(positions) * layout.block_bytes_as(dtype);
         let mut arena = KvArena::with_dtype(layout, cap as u64, dtype).expect("arena");
@@ -175,30 +187,33 @@ fn bench_attention(c: &mut Criterion) {
         table.reserve(&mut arena, positions).expect("blocks");
         for pos in 0..positions {
             let (k, v) = (values(192, pos as u64), values(192, pos as u64 + 7));
-            arena.write(table.blocks[pos / 16], 0, pos % 16, &k, &v);
+            for layer in 0..layers {
+                arena.write(table.blocks[pos / 16], layer, pos % 16, &k, &v);
+            }
         }
         let q = values(576, 8);
         let (mut scratch, mut out) = (AttnScratch::default(), vec![0.0; 576]);
-        group.throughput(Throughput::Elements(positions as u64));
+        group.throughput(Throughput::Elements((layers * positions) as u64));
         for kernels in Kernels::available() {
-            group.bench_function(format!("{}/{dtype:?}/9x64/pos{positions}", kernels.name()), |b| {
+            group.bench_function(format!("{}/{dtype:?}/9x64/layers{layers}/pos{positions}", kernels.name()), |b| {
                 b.iter(|| {
-                    ops::attend_row(
-                        kernels,
-                        AttnShape::new(9, 3, 64),
-                        0,
-                        black_box(&q),
-                        Span::new(positions - 1, None),
-                        &table.blocks,
-                        &arena,
-                        &mut scratch,
-                        &mut out,
-                    )
+                    for layer in 0..layers {
+                        ops::attend_row(
+                            kernels,
+                            AttnShape::new(9, 3, 64),
+                            layer,
+                            black_box(&q),
+                            Span::new(positions - 1, None),
+                            &table.blocks,
+                            &arena,
+                            &mut scratch,
+                            &mut out,
+                        )
+                    }
                 })
             });
         }
     }
-    group.finish();
 }
 
 /// One sampling step over SmolLM2's 49152 logits: greedy, and the default chain (penalties,

@@ -296,6 +296,9 @@ fn bench_contexts_parse_or_are_refused_by_name() {
     assert!(run("99999999", "1").contains("`99999999` is not a context length"), "{}", run("99999999", "1"));
     let err = run("512,8192", "1");
     assert!(err.contains("context 8192") && err.contains("context length 8192"), "{err}");
+    let out = starling().args(["bench", "--model", model.to_str().unwrap(), "--kv-dtype", "q4"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("`q4` is not a KV cache type"), "{err}");
 }
 
 #[test]
@@ -513,12 +516,13 @@ fn bench_reports_its_phases() {
         eprintln!("skipped: `script` (util-linux) is not installed");
         return;
     }
-    let args = format!("bench --model {} --reps 1 --concurrency '' --threads 2", model_path().display());
+    let args = format!("bench --model {} --reps 1 --concurrency '' --threads 2 --kv-dtype f16", model_path().display());
     let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/structured/schemas.json");
     let shown = under_pty(&args, &[]);
     for phase in ["prefill and decode: repetition 1 of 1", "batched decode: repetition 1 of 1"] {
         assert!(shown.contains(phase), "{phase}: {shown:?}");
     }
+    assert!(shown.contains(" · kv f16 · "), "the header names the KV cache type: {shown:?}");
     let out = starling()
         .args([
             "bench",

@@ -415,6 +415,7 @@ fn the_speculative_bench_measures_a_small_workload() {
         contexts: vec![],
         json_schemas: vec![],
         speculative: true,
+        kv_dtype: starling::config::KvDtype::F32,
     };
     let tasks = [TASKS[3], TASKS[7], TASKS[9]];
     let w = Workload { tasks: &tasks, max_tokens: 24, batch: 4 };

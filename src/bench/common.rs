@@ -1,5 +1,6 @@
 //! What the measurements share: settings, errors, the prompt text, medians.
 
+use crate::config::KvDtype;
 use std::path::PathBuf;
 
 use serde::Serialize;
@@ -54,6 +55,8 @@ pub struct BenchSettings {
     pub json_schemas: Vec<(String, serde_json::Value)>,
     /// `--speculative`: decode with speculative decoding off and on, on fixed tasks.
     pub speculative: bool,
+    /// `--kv-dtype`: element type of the KV cache in every figure.
+    pub kv_dtype: KvDtype,
 }
 
 /// Throughput at one context length: prefill of a prompt that long, then decode after it.

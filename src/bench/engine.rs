@@ -78,7 +78,10 @@ pub(crate) fn measure_with(
 fn bench_config(settings: &BenchSettings, concurrency: usize) -> Result<Config, BenchError> {
     let json = serde_json::json!({
         "tenants": [{"name": "bench", "max_concurrent": concurrency.max(1), "max_queued": concurrency.max(1)}],
-        "models": [{"id": "bench", "path": settings.model, "threads": settings.threads, "max_batch": concurrency.max(1)}],
+        "models": [{
+            "id": "bench", "path": settings.model, "threads": settings.threads, "max_batch": concurrency.max(1),
+            "kv_cache": {"dtype": format!("{:?}", settings.kv_dtype).to_lowercase()},
+        }],
     });
     Config::from_str(&json.to_string(), Format::Json).map_err(|e| BenchError::Engine(e.to_string()))
 }

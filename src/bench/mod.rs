@@ -22,6 +22,8 @@ pub struct BenchReport {
     pub model: String,
     pub git_commit: String,
     pub kernels: String,
+    /// Element type of the KV cache (`f32` or `f16`).
+    pub kv_dtype: String,
     pub cpu_features: Vec<String>,
     pub prefill_tokens: usize,
     pub prefill_tok_s: f64,
@@ -98,11 +100,11 @@ pub fn run_observed(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> 
     if let Some(&context) = settings.contexts.iter().find(|&&c| c.saturating_add(generated) > limit) {
         return Err(BenchError::Context { context, generated, limit });
     }
-    let figures = model::measure(&lm, settings.reps, observe)?;
+    let figures = model::measure(&lm, settings.kv_dtype, settings.reps, observe)?;
     let contexts = settings
         .contexts
         .iter()
-        .map(|&c| model::measure_context(&lm, c, settings.reps, observe))
+        .map(|&c| model::measure_context(&lm, settings.kv_dtype, c, settings.reps, observe))
         .collect::<Result<_, _>>()?;
     let kernels = lm.kernels().name().to_string();
     drop(lm);
@@ -119,6 +121,7 @@ pub fn run_observed(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> 
         model: settings.model.display().to_string(),
         git_commit: git_commit(),
         kernels,
+        kv_dtype: format!("{:?}", settings.kv_dtype).to_lowercase(),
         cpu_features: cpu_features(),
         prefill_tokens: figures.prefill_tokens,
         prefill_tok_s: figures.prefill_tok_s,
@@ -185,8 +188,8 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{} · {} · {} threads · kernels {} · commit {}",
-            self.engine, self.model, self.threads, self.kernels, self.git_commit
+            "{} · {} · {} threads · kernels {} · kv {} · commit {}",
+            self.engine, self.model, self.threads, self.kernels, self.kv_dtype, self.git_commit
         )?;
         writeln!(f, "cpu features: {}", self.cpu_features.join(" "))?;
         writeln!(f, "{:<36} {:>10}", "figure", "tok/s")?;

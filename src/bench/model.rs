@@ -1,5 +1,6 @@
 //! Model-only figures, measured the way `llamacpp_bench.py` measures llama.cpp.
 
+use crate::config::KvDtype;
 use std::time::Instant;
 
 use super::common::{BenchError, ContextFigure, Step, bench_text, median};
@@ -41,10 +42,10 @@ struct Kv {
 }
 
 impl Kv {
-    fn new(model: &Transformer, seqs: usize, positions: usize) -> Result<Self, BenchError> {
+    fn new(model: &Transformer, dtype: KvDtype, seqs: usize, positions: usize) -> Result<Self, BenchError> {
         let layout = model.kv_layout(BLOCK_TOKENS);
-        let bytes = (seqs * layout.blocks_for(positions) * layout.block_bytes()) as u64;
-        let mut arena = KvArena::new(layout, bytes).map_err(|e| BenchError::Kv(e.to_string()))?;
+        let bytes = (seqs * layout.blocks_for(positions) * layout.block_bytes_as(dtype)) as u64;
+        let mut arena = KvArena::with_dtype(layout, bytes, dtype).map_err(|e| BenchError::Kv(e.to_string()))?;
         let mut tables = Vec::with_capacity(seqs);
         for _ in 0..seqs {
             let mut t = BlockTable::default();
@@ -72,13 +73,14 @@ impl Kv {
 /// Prefill, single-stream decode at two context lengths, and batched decode.
 pub(crate) fn measure(
     model: &Transformer,
+    dtype: KvDtype,
     reps: usize,
     observe: &mut dyn FnMut(Step),
 ) -> Result<ModelFigures, BenchError> {
     let tok = GgufTokenizer::from_gguf(&model.file().header).map_err(|e| BenchError::Tokenizer(e.to_string()))?;
     let mut ids = tok.encode(&bench_text(), false).map_err(|e| BenchError::Tokenizer(e.to_string()))?;
     ids.truncate(PROMPT_TOKENS);
-    let mut kv = Kv::new(model, 1, ids.len() + GEN_TOKENS + 1)?;
+    let mut kv = Kv::new(model, dtype, 1, ids.len() + GEN_TOKENS + 1)?;
     let mut logits = Vec::new();
     let (mut pre, mut short, mut long) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 1..=reps {
@@ -94,7 +96,7 @@ pub(crate) fn measure(
         (1..=reps)
             .map(|rep| {
                 observe(Step { phase: "batched decode", rep, reps });
-                batched_decode(model, &ids)
+                batched_decode(model, dtype, &ids)
             })
             .collect::<Result<_, _>>()?,
     );
@@ -122,12 +124,13 @@ pub(crate) fn prompt_ids(model: &Transformer, n: usize) -> Result<Vec<TokenId>, 
 /// holding that prompt (copied block by block from the first) decoding together.
 pub(crate) fn measure_context(
     model: &Transformer,
+    dtype: KvDtype,
     ctx: usize,
     reps: usize,
     observe: &mut dyn FnMut(Step),
 ) -> Result<ContextFigure, BenchError> {
     let ids = prompt_ids(model, ctx)?;
-    let mut kv = Kv::new(model, CONTEXT_BATCH, ctx + CONTEXT_GEN_TOKENS + 1)?;
+    let mut kv = Kv::new(model, dtype, CONTEXT_BATCH, ctx + CONTEXT_GEN_TOKENS + 1)?;
     let (vocab, mut logits) = (model.desc.n_vocab, Vec::new());
     let (mut pre, mut single, mut batched) = (Vec::new(), Vec::new(), Vec::new());
     let phase = format!("context {ctx}");
@@ -185,9 +188,9 @@ fn decode_steps(
 
 /// `BATCH` sequences with `BATCH_PROMPT`-token prompts (shifted windows of `ids`), prefilled
 /// together, then `BATCH_STEPS` greedy steps of one token each: generated tokens per second.
-fn batched_decode(model: &Transformer, ids: &[TokenId]) -> Result<f64, BenchError> {
+fn batched_decode(model: &Transformer, dtype: KvDtype, ids: &[TokenId]) -> Result<f64, BenchError> {
     let vocab = model.desc.n_vocab;
-    let mut kv = Kv::new(model, BATCH, BATCH_PROMPT + BATCH_STEPS)?;
+    let mut kv = Kv::new(model, dtype, BATCH, BATCH_PROMPT + BATCH_STEPS)?;
     let prompts: Vec<SeqChunk> = (0..BATCH).map(|s| kv.chunk(s, ids[s..s + BATCH_PROMPT].to_vec(), 0)).collect();
     let mut logits = Vec::new();
     model.forward(&prompts, &mut kv.arena, &mut logits)?;

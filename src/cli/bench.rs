@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use starling::config::KvDtype;
 
 use starling::bench::http::{HttpLoad, run as run_load};
 use starling::bench::{BenchSettings, Step};
@@ -26,6 +27,10 @@ pub struct BenchArgs {
     /// prompt that long, single-stream decode after it, and 4 sequences decoding at it.
     #[arg(long, default_value = "", value_parser = parse_contexts, conflicts_with = "http")]
     contexts: Contexts,
+    /// Element type of the KV cache in every engine and model figure: f32 (the default) or
+    /// f16 (llama.cpp's default).
+    #[arg(long, default_value = "f32", value_parser = parse_kv_dtype, conflicts_with = "http")]
+    kv_dtype: KvDtype,
     /// Load-generate against a running server at this base URL (http://host:port) instead.
     #[arg(long, value_name = "URL")]
     http: Option<String>,
@@ -74,6 +79,14 @@ fn parse_levels(s: &str) -> Result<Levels, String> {
 #[derive(Clone, Debug)]
 pub struct Contexts(Vec<usize>);
 
+fn parse_kv_dtype(s: &str) -> Result<KvDtype, String> {
+    match s {
+        "f32" => Ok(KvDtype::F32),
+        "f16" => Ok(KvDtype::F16),
+        other => Err(format!("`{other}` is not a KV cache type: f32 or f16")),
+    }
+}
+
 /// Longest context `--contexts` takes (the model's own limit is checked once it is loaded).
 const MAX_CONTEXT: usize = 1 << 20;
 
@@ -104,6 +117,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             None => vec![],
         },
         speculative: a.speculative,
+        kv_dtype: a.kv_dtype,
     };
     let progress = super::progress::Progress::new(a.json);
     let running = progress.spinner(&format!("loading {}", settings.model.display()));

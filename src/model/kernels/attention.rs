@@ -10,8 +10,15 @@
 //! One body is compiled three times: for AVX-512, for AVX2 (both with FMA, so LLVM
 //! vectorizes the 16-lane loops to full width) and portable (separate multiply and add).
 //! For heads of 64 or 128 values the AVX-512 build swaps in intrinsics for the two inner
-//! loops (`Zmm`). `exp` is a polynomial the vectorizer can inline (relative error under
-//! 5e-7).
+//! loops (`Zmm`): they read f16 rows as stored (`vcvtph2ps` in the load) instead of
+//! widening them into a buffer first, and sum sixteen positions' dot products across
+//! lanes together instead of one at a time. `exp` is a polynomial the vectorizer can
+//! inline (relative error under 5e-7).
+//!
+//! A long context's decode step streams every cached K and V row from memory once (190 MB
+//! of f32 at 4,096 positions of SmolLM2), in runs of one block's rows. The body prefetches
+//! the next run while it computes the current one, a few cache lines per head or row, so
+//! the misses overlap the arithmetic without a burst that stalls it.
 
 use std::ops::Range;
 
@@ -98,14 +105,22 @@ pub struct ChunkScratch {
 /// Which arithmetic the body uses: fused multiply-add or a separate multiply and add, and
 /// how a block's run of K rows becomes scores and its V rows join the weighted sums.
 trait Arith: Sized {
+    /// Whether `scores` and `values` read f16 rows themselves; otherwise [`tile_body`]
+    /// widens them to f32 first.
+    const READS_F16: bool = false;
+
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
 
-    /// `scores[h·CHUNK + jj0 + i] = scale · q_h · k_i` for every head and K row `i` of `keys`.
+    /// `scores[h·CHUNK + jj0 + i] = scale · q_h · k_i` for every head and K row `i` of `keys`;
+    /// prefetches `ahead` along the way (see [`prefetch_part`]).
     #[inline(always)]
-    fn scores(shape: AttnShape, q: &[f32], keys: &[f32], scale: f32, jj0: usize, scores: &mut [f32]) {
+    fn scores(shape: AttnShape, q: &[f32], keys: KvRows, scale: f32, jj0: usize, scores: &mut [f32], ahead: &[u8]) {
         let AttnShape { n_head, head_dim: hd, .. } = shape;
         let (group, kvd) = (n_head / shape.n_head_kv, shape.n_head_kv * hd);
+        let KvRows::F32(keys) = keys else { unreachable!("tile_body widens f16 rows") };
+        let rows = keys.len() / kvd;
         for (i, k) in keys.chunks_exact(kvd).enumerate() {
+            prefetch_part(ahead, i, rows);
             for h in 0..n_head {
                 let kh = &k[(h / group) * hd..][..hd];
                 scores[h * CHUNK + jj0 + i] = dot::<Self>(&q[h * hd..][..hd], kh) * scale;
@@ -114,12 +129,15 @@ trait Arith: Sized {
     }
 
     /// `acc_h += scores[h·CHUNK + jj0 + i] · v_i` for every head and V row `i` of `vals`,
-    /// where `acc_h` is `part[h·(hd+2) + 2..][..hd]`.
+    /// where `acc_h` is `part[h·(hd+2) + 2..][..hd]`; prefetches `ahead` along the way.
     #[inline(always)]
-    fn values(shape: AttnShape, vals: &[f32], scores: &[f32], jj0: usize, part: &mut [f32]) {
+    fn values(shape: AttnShape, vals: KvRows, scores: &[f32], jj0: usize, part: &mut [f32], ahead: &[u8]) {
         let AttnShape { n_head, head_dim: hd, .. } = shape;
         let (group, kvd, stride) = (n_head / shape.n_head_kv, shape.n_head_kv * hd, hd + 2);
+        let KvRows::F32(vals) = vals else { unreachable!("tile_body widens f16 rows") };
+        let rows = vals.len() / kvd;
         for (i, v) in vals.chunks_exact(kvd).enumerate() {
+            prefetch_part(ahead, i, rows);
             for h in 0..n_head {
                 let w = scores[h * CHUNK + jj0 + i];
                 let vh = &v[(h / group) * hd..][..hd];
@@ -148,29 +166,43 @@ impl Arith for Separate {
     }
 }
 
-/// AVX-512 with heads of `V` × 16 values: each head's query (for scores) or running sum
-/// (for values) stays in `V` registers while the block's rows pass.
+/// AVX-512 with heads of `V` × 16 values, reading f32 or f16 rows as they are stored: a
+/// head's query stays in `V` registers while sixteen K rows pass, whose sixteen dot
+/// products are summed across lanes together; a head's running sum of values stays in
+/// registers while a block's V rows pass.
 #[cfg(target_arch = "x86_64")]
 struct Zmm<const V: usize>;
 
 #[cfg(target_arch = "x86_64")]
 impl<const V: usize> Arith for Zmm<V> {
+    const READS_F16: bool = true;
+
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
     }
 
     #[inline(always)]
-    fn scores(shape: AttnShape, q: &[f32], keys: &[f32], scale: f32, jj0: usize, scores: &mut [f32]) {
+    fn scores(shape: AttnShape, q: &[f32], keys: KvRows, scale: f32, jj0: usize, scores: &mut [f32], ahead: &[u8]) {
         // SAFETY: `Zmm` is only used by `tile_avx512`, which runs only where `available()`
-        // detected avx512f.
-        unsafe { zmm::scores::<V>(shape, q, keys, scale, jj0, scores) }
+        // detected avx512f and f16c.
+        unsafe {
+            match keys {
+                KvRows::F32(k) => zmm::scores::<V, false>(shape, q, bytemuck::cast_slice(k), scale, jj0, scores, ahead),
+                KvRows::F16(k) => zmm::scores::<V, true>(shape, q, bytemuck::cast_slice(k), scale, jj0, scores, ahead),
+            }
+        }
     }
 
     #[inline(always)]
-    fn values(shape: AttnShape, vals: &[f32], scores: &[f32], jj0: usize, part: &mut [f32]) {
+    fn values(shape: AttnShape, vals: KvRows, scores: &[f32], jj0: usize, part: &mut [f32], ahead: &[u8]) {
         // SAFETY: as above.
-        unsafe { zmm::values::<V>(shape, vals, scores, jj0, part) }
+        unsafe {
+            match vals {
+                KvRows::F32(v) => zmm::values::<V, false>(shape, bytemuck::cast_slice(v), scores, jj0, part, ahead),
+                KvRows::F16(v) => zmm::values::<V, true>(shape, bytemuck::cast_slice(v), scores, jj0, part, ahead),
+            }
+        }
     }
 }
 
@@ -189,48 +221,117 @@ mod zmm {
         unsafe { _mm512_loadu_ps(v.as_ptr()) }
     }
 
-    /// See [`super::Arith::scores`]; `head_dim == V * 16`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn scores<const V: usize>(
-        shape: AttnShape,
-        q: &[f32],
-        keys: &[f32],
-        scale: f32,
-        jj0: usize,
-        scores: &mut [f32],
-    ) {
-        let AttnShape { n_head, head_dim: hd, .. } = shape;
-        assert_eq!(hd, V * 16, "head width");
-        let (group, kvd) = (n_head / shape.n_head_kv, shape.n_head_kv * hd);
-        for h in 0..n_head {
-            let qh: [__m512; V] = std::array::from_fn(|v| load(q, h * hd + 16 * v));
-            let off = (h / group) * hd;
-            let out = &mut scores[h * CHUNK + jj0..];
-            for (i, k) in keys.chunks_exact(kvd).enumerate() {
-                let mut acc = _mm512_mul_ps(qh[0], load(k, off));
-                for (v, qv) in qh.iter().enumerate().skip(1) {
-                    acc = _mm512_fmadd_ps(*qv, load(k, off + 16 * v), acc);
-                }
-                out[i] = _mm512_reduce_add_ps(acc) * scale;
+    /// 16 stored elements from element `at` of `rows` (the bytes of f32 values, or of f16
+    /// values when `F16`), widened to f32 (exact).
+    #[target_feature(enable = "avx512f,f16c")]
+    #[inline]
+    fn load_kv<const F16: bool>(rows: &[u8], at: usize) -> __m512 {
+        let size = if F16 { 2 } else { 4 };
+        let b: &[u8] = &rows[at * size..(at + 16) * size];
+        // SAFETY: `b` holds 16 elements (checked just above); the loads are unaligned.
+        unsafe {
+            if F16 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(b.as_ptr().cast()))
+            } else {
+                _mm512_loadu_ps(b.as_ptr().cast())
             }
         }
     }
 
-    /// See [`super::Arith::values`]; `head_dim == V * 16`.
+    /// `out[i]` = the sum of `v[i]`'s sixteen lanes, for all sixteen at once: pairs of
+    /// vectors are interleaved and added, then pairs of those, down to one vector (a fixed
+    /// order, so a score's bits depend only on its own dot product).
     #[target_feature(enable = "avx512f")]
-    pub(super) fn values<const V: usize>(shape: AttnShape, vals: &[f32], scores: &[f32], jj0: usize, part: &mut [f32]) {
+    #[inline]
+    fn sum_across(v: &[__m512; 16]) -> __m512 {
+        let pair = |a: __m512, b: __m512| _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        let p: [__m512; 8] = std::array::from_fn(|i| pair(v[2 * i], v[2 * i + 1]));
+        let quad = |a: __m512, b: __m512| {
+            _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(a, b), _mm512_shuffle_ps::<0b11_10_11_10>(a, b))
+        };
+        let q: [__m512; 4] = std::array::from_fn(|i| quad(p[2 * i], p[2 * i + 1]));
+        let lanes = |a: __m512, b: __m512| {
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b))
+        };
+        lanes(lanes(q[0], q[1]), lanes(q[2], q[3]))
+    }
+
+    /// See [`super::Arith::scores`]; `head_dim == V * 16`, `keys` the bytes of the rows.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub(super) fn scores<const V: usize, const F16: bool>(
+        shape: AttnShape,
+        q: &[f32],
+        keys: &[u8],
+        scale: f32,
+        jj0: usize,
+        scores: &mut [f32],
+        ahead: &[u8],
+    ) {
+        let AttnShape { n_head, head_dim: hd, .. } = shape;
+        assert_eq!(hd, V * 16, "head width");
+        let (group, kvd) = (n_head / shape.n_head_kv, shape.n_head_kv * hd);
+        let size = if F16 { 2 } else { 4 };
+        let rows = keys.len() / size / kvd;
+        let scale = _mm512_set1_ps(scale);
+        for h in 0..n_head {
+            super::prefetch_part(ahead, h, n_head);
+            let qh: [__m512; V] = std::array::from_fn(|v| load(q, h * hd + 16 * v));
+            let off = (h / group) * hd;
+            let out = &mut scores[h * CHUNK + jj0..];
+            for i0 in (0..rows).step_by(16) {
+                let n = (rows - i0).min(16);
+                let dot = |i: usize| {
+                    if i >= n {
+                        return _mm512_setzero_ps();
+                    }
+                    let at = ((i0 + i) * kvd + off) * size;
+                    let row = &keys[at..at + V * 16 * size];
+                    let mut acc = _mm512_mul_ps(qh[0], load_kv::<F16>(row, 0));
+                    for (v, qv) in qh.iter().enumerate().skip(1) {
+                        acc = _mm512_fmadd_ps(*qv, load_kv::<F16>(row, 16 * v), acc);
+                    }
+                    acc
+                };
+                #[rustfmt::skip]
+                let dots = [
+                    dot(0), dot(1), dot(2), dot(3), dot(4), dot(5), dot(6), dot(7),
+                    dot(8), dot(9), dot(10), dot(11), dot(12), dot(13), dot(14), dot(15),
+                ];
+                let s = _mm512_mul_ps(sum_across(&dots), scale);
+                let dst = &mut out[i0..i0 + n];
+                // SAFETY: the mask writes only the first `n` lanes, which `dst` holds.
+                unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), ((1u32 << n) - 1) as u16, s) };
+            }
+        }
+    }
+
+    /// See [`super::Arith::values`]; `head_dim == V * 16`, `vals` the bytes of the rows.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub(super) fn values<const V: usize, const F16: bool>(
+        shape: AttnShape,
+        vals: &[u8],
+        scores: &[f32],
+        jj0: usize,
+        part: &mut [f32],
+        ahead: &[u8],
+    ) {
         let AttnShape { n_head, head_dim: hd, .. } = shape;
         assert_eq!(hd, V * 16, "head width");
         let (group, kvd, stride) = (n_head / shape.n_head_kv, shape.n_head_kv * hd, hd + 2);
+        let size = if F16 { 2 } else { 4 };
+        let rows = vals.len() / size / kvd;
         for h in 0..n_head {
+            super::prefetch_part(ahead, h, n_head);
             let sums = &mut part[h * stride + 2..(h + 1) * stride];
             let mut acc: [__m512; V] = std::array::from_fn(|v| load(sums, 16 * v));
             let off = (h / group) * hd;
-            let weights = &scores[h * CHUNK + jj0..];
-            for (i, row) in vals.chunks_exact(kvd).enumerate() {
-                let w = _mm512_set1_ps(weights[i]);
+            let weights = &scores[h * CHUNK + jj0..][..rows];
+            for (i, &w) in weights.iter().enumerate() {
+                let w = _mm512_set1_ps(w);
+                let at = (i * kvd + off) * size;
+                let row = &vals[at..at + V * 16 * size];
                 for (v, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(w, load(row, off + 16 * v), *a);
+                    *a = _mm512_fmadd_ps(w, load_kv::<F16>(row, 16 * v), *a);
                 }
             }
             for (v, a) in acc.iter().enumerate() {
@@ -259,13 +360,18 @@ fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f
     scores.resize(ranges.len() * per_row, 0.0);
     let mut j = start;
     while j < end {
-        let (keys, take) = segment(kv, blocks, layer, j..end, false, rows);
+        let (keys, take) = segment(kv, blocks, layer, j..end, false, !A::READS_F16, rows);
+        let mut ahead = match j + take < end {
+            true => upcoming(kv, blocks, layer, j + take, false),
+            false => upcoming(kv, blocks, layer, start, true),
+        };
         for (r, range) in ranges.iter().enumerate() {
             let (lo, hi) = (j.max(range.start), (j + take).min(range.end));
             if lo < hi {
-                let keys = &keys[(lo - j) * kv.layout().kv_dim..(hi - j) * kv.layout().kv_dim];
+                let keys = keys.slice((lo - j) * kv.layout().kv_dim..(hi - j) * kv.layout().kv_dim);
                 let sc = &mut scores[r * per_row..(r + 1) * per_row];
-                A::scores(shape, &q[r * qd..(r + 1) * qd], keys, scale, lo - range.start, sc);
+                A::scores(shape, &q[r * qd..(r + 1) * qd], keys, scale, lo - range.start, sc, ahead);
+                ahead = &[];
             }
         }
         j += take;
@@ -285,13 +391,21 @@ fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f
     }
     let mut j = start;
     while j < end {
-        let (vals, take) = segment(kv, blocks, layer, j..end, true, rows);
+        let (vals, take) = segment(kv, blocks, layer, j..end, true, !A::READS_F16, rows);
+        let mut ahead = if j + take < end {
+            upcoming(kv, blocks, layer, j + take, true)
+        } else if end < blocks.len() * kv.layout().block_tokens {
+            upcoming(kv, blocks, layer, end, false)
+        } else {
+            &[]
+        };
         for (r, range) in ranges.iter().enumerate() {
             let (lo, hi) = (j.max(range.start), (j + take).min(range.end));
             if lo < hi {
-                let vals = &vals[(lo - j) * kv.layout().kv_dim..(hi - j) * kv.layout().kv_dim];
+                let vals = vals.slice((lo - j) * kv.layout().kv_dim..(hi - j) * kv.layout().kv_dim);
                 let sc = &scores[r * per_row..(r + 1) * per_row];
-                A::values(shape, vals, sc, lo - range.start, &mut parts[r * plen..(r + 1) * plen]);
+                A::values(shape, vals, sc, lo - range.start, &mut parts[r * plen..(r + 1) * plen], ahead);
+                ahead = &[];
             }
         }
         j += take;
@@ -299,28 +413,56 @@ fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f
 }
 
 /// The K (or V) rows of positions `range.start..` that share its block (at most to
-/// `range.end`), and how many there are; f16 rows are widened into `buf`.
+/// `range.end`), and how many there are; f16 rows are widened into `buf` if `widen`.
 fn segment<'a>(
     kv: &'a KvArena,
     blocks: &[BlockId],
     layer: usize,
     range: Range<usize>,
     values: bool,
+    widen: bool,
     buf: &'a mut Vec<f32>,
-) -> (&'a [f32], usize) {
+) -> (KvRows<'a>, usize) {
     let (bt, kvd) = (kv.layout().block_tokens, kv.layout().kv_dim);
     let (b, slot) = (range.start / bt, range.start % bt);
     let take = (bt - slot).min(range.len());
     let rows = if values { kv.values(blocks[b], layer) } else { kv.keys(blocks[b], layer) };
     let span = slot * kvd..(slot + take) * kvd;
     match rows {
-        KvRows::F32(r) => (&r[span], take),
-        KvRows::F16(_) => {
+        KvRows::F16(_) if widen => {
             buf.resize(take * kvd, 0.0);
             rows.read_f32(span.start, buf);
-            (buf, take)
+            (KvRows::F32(buf), take)
+        }
+        _ => (rows.slice(span), take),
+    }
+}
+
+/// The stored K (or V) rows of `pos`'s block from `pos` on, as bytes: what the next
+/// segment will read, fetched into cache ahead of it by [`prefetch_part`].
+fn upcoming<'a>(kv: &'a KvArena, blocks: &[BlockId], layer: usize, pos: usize, values: bool) -> &'a [u8] {
+    let (bt, kvd) = (kv.layout().block_tokens, kv.layout().kv_dim);
+    let b = blocks[pos / bt];
+    let bytes = if values { kv.values(b, layer) } else { kv.keys(b, layer) }.bytes();
+    &bytes[(pos % bt) * kvd * (bytes.len() / (bt * kvd))..]
+}
+
+/// Prefetches part `i` of `n` of `bytes`' cache lines: spread over a loop's `n` steps, so
+/// the next segment arrives while this one is computed without a burst of misses that
+/// would stall the loop.
+#[inline(always)]
+fn prefetch_part(bytes: &[u8], i: usize, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let lines = bytes.len().div_ceil(64);
+        for l in lines * i / n..lines * (i + 1) / n {
+            // SAFETY: a prefetch is a hint that never faults, and the address is in bounds.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes[l * 64..].as_ptr().cast()) };
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (bytes, i, n);
 }
 
 /// `Σ a_i·b_i` in 16 partial sums, then the portable kernels' fixed pairwise lane sum.
