@@ -362,7 +362,13 @@ fn policy_rules_are_checked() {
 #[test]
 fn enum_and_text_values_are_checked() {
     let dtype = json!({"dtype": "bf16"});
-    assert_rejects(with(|v| v["models"][0]["kv_cache"] = dtype), "models[0].kv_cache.dtype", "\"f32\", \"f16\"");
+    assert_rejects(
+        with(|v| v["models"][0]["kv_cache"] = dtype),
+        "models[0].kv_cache.dtype",
+        "\"f32\", \"f16\", \"q8_0\"",
+    );
+    let q8 = with(|v| v["models"][0]["kv_cache"] = json!({"dtype": "q8_0"})).unwrap();
+    assert_eq!(q8.models[0].kv_cache.dtype, KvDtype::Q8_0);
     assert_rejects(with(|v| v["telemetry"] = json!({"log_format": "xml"})), "telemetry.log_format", "\"json\"");
     assert_rejects(with(|v| v["telemetry"] = json!({"log_level": "info,,=["})), "telemetry.log_level", "log filter");
     assert_rejects(with(|v| v["server"] = json!({"bind": "localhost"})), "server.bind", "HOST:PORT");

@@ -336,7 +336,9 @@ fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
             let keys: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, kvd, 3.0)).collect();
             let vals: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, kvd, 1.0)).collect();
             let q = values(&mut rng, qd, 1.0);
-            for dtype in [KvDtype::F32, KvDtype::F16] {
+            // q8_0 only where rows are whole blocks of 32 (the arena refuses others).
+            let dtypes = [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0];
+            for dtype in dtypes.into_iter().filter(|&d| d != KvDtype::Q8_0 || kvd % 32 == 0) {
                 let cap = layout.blocks_for(positions) * layout.block_bytes_as(dtype);
                 let mut arena = KvArena::with_dtype(layout, cap as u64, dtype).unwrap();
                 let mut table = BlockTable::default();
@@ -344,18 +346,26 @@ fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
                 for (pos, (k, v)) in keys.iter().zip(&vals).enumerate() {
                     arena.write(table.blocks[pos / bt], 1, pos % bt, k, v);
                 }
-                // The reference sees what the arena holds (f16-rounded rows in an f16 arena).
-                let stored = |rows: &[Vec<f32>]| -> Vec<Vec<f32>> {
-                    rows.iter()
-                        .map(|r| match dtype {
-                            KvDtype::F32 => r.clone(),
-                            KvDtype::F16 => r.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+                // The reference sees what the arena holds (rows rounded to f16, or
+                // quantized, read back as the arena gives them).
+                let stored = |rows: &[Vec<f32>], values: bool| -> Vec<Vec<f32>> {
+                    (0..positions)
+                        .map(|pos| {
+                            let b = table.blocks[pos / bt];
+                            let view = if values { arena.values(b, 1) } else { arena.keys(b, 1) };
+                            let mut row = vec![0.0; kvd];
+                            view.read_f32((pos % bt) * kvd, &mut row);
+                            if dtype == KvDtype::F32 {
+                                assert_eq!(row, rows[pos]);
+                            }
+                            row
                         })
                         .collect()
                 };
                 let span = Span::new(positions - 1, window);
                 let seen = span.lo..positions;
-                let want = attention_reference(shape, &q, &stored(&keys[seen.clone()]), &stored(&vals[seen]));
+                let (sk, sv) = (stored(&keys, false), stored(&vals, true));
+                let want = attention_reference(shape, &q, &sk[seen.clone()], &sv[seen]);
                 for kernels in Kernels::available() {
                     let (mut scratch, mut out) = (AttnScratch::default(), vec![f32::NAN; qd]);
                     attend_row(kernels, shape, 1, &q, span, &table.blocks, &arena, &mut scratch, &mut out);

@@ -80,7 +80,7 @@ fn bench_config(settings: &BenchSettings, concurrency: usize) -> Result<Config, 
         "tenants": [{"name": "bench", "max_concurrent": concurrency.max(1), "max_queued": concurrency.max(1)}],
         "models": [{
             "id": "bench", "path": settings.model, "threads": settings.threads, "max_batch": concurrency.max(1),
-            "kv_cache": {"dtype": format!("{:?}", settings.kv_dtype).to_lowercase()},
+            "kv_cache": {"dtype": settings.kv_dtype.name()},
         }],
     });
     Config::from_str(&json.to_string(), Format::Json).map_err(|e| BenchError::Engine(e.to_string()))

@@ -121,7 +121,7 @@ pub fn run_observed(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> 
         model: settings.model.display().to_string(),
         git_commit: git_commit(),
         kernels,
-        kv_dtype: format!("{:?}", settings.kv_dtype).to_lowercase(),
+        kv_dtype: settings.kv_dtype.name().to_string(),
         cpu_features: cpu_features(),
         prefill_tokens: figures.prefill_tokens,
         prefill_tok_s: figures.prefill_tok_s,

@@ -27,8 +27,8 @@ pub struct BenchArgs {
     /// prompt that long, single-stream decode after it, and 4 sequences decoding at it.
     #[arg(long, default_value = "", value_parser = parse_contexts, conflicts_with = "http")]
     contexts: Contexts,
-    /// Element type of the KV cache in every engine and model figure: f32 (the default) or
-    /// f16 (llama.cpp's default).
+    /// Element type of the KV cache in every engine and model figure: f32 (the default),
+    /// f16 (llama.cpp's default) or q8_0.
     #[arg(long, default_value = "f32", value_parser = parse_kv_dtype, conflicts_with = "http")]
     kv_dtype: KvDtype,
     /// Load-generate against a running server at this base URL (http://host:port) instead.
@@ -83,7 +83,8 @@ fn parse_kv_dtype(s: &str) -> Result<KvDtype, String> {
     match s {
         "f32" => Ok(KvDtype::F32),
         "f16" => Ok(KvDtype::F16),
-        other => Err(format!("`{other}` is not a KV cache type: f32 or f16")),
+        "q8_0" => Ok(KvDtype::Q8_0),
+        other => Err(format!("`{other}` is not a KV cache type: f32, f16 or q8_0")),
     }
 }
 

@@ -273,7 +273,8 @@ fn kv_cache(raw: RawKvCache, prefix: &str) -> Result<KvCacheConfig> {
     let dtype = match raw.dtype.as_deref().unwrap_or("f32") {
         "f32" => KvDtype::F32,
         "f16" => KvDtype::F16,
-        other => return Err(invalid(&f("dtype"), other, "one of \"f32\", \"f16\"")),
+        "q8_0" => KvDtype::Q8_0,
+        other => return Err(invalid(&f("dtype"), other, "one of \"f32\", \"f16\", \"q8_0\"")),
     };
     let spill = match raw.spill {
         None => None,

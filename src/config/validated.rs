@@ -210,14 +210,29 @@ pub enum KvDtype {
     F32,
     /// 2 bytes per element (`"f16"`): half the memory per cached token.
     F16,
+    /// ggml's `q8_0` (`"q8_0"`): each 32 values as 8-bit integers and one f16 scale, 34
+    /// bytes, so a little over a quarter of f32's memory. Rows must be a multiple of 32
+    /// values wide.
+    Q8_0,
 }
 
 impl KvDtype {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
+    /// Bytes that `elems` values take (for `Q8_0`, whole blocks of 32: `elems` must be a
+    /// multiple of 32).
+    pub fn bytes(self, elems: usize) -> usize {
         match self {
-            KvDtype::F32 => 4,
-            KvDtype::F16 => 2,
+            KvDtype::F32 => elems * 4,
+            KvDtype::F16 => elems * 2,
+            KvDtype::Q8_0 => elems / 32 * 34,
+        }
+    }
+
+    /// The name the config uses (`f32`, `f16`, `q8_0`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+            KvDtype::Q8_0 => "q8_0",
         }
     }
 }

@@ -40,9 +40,14 @@ impl KvLayout {
         self.block_bytes_as(KvDtype::F32)
     }
 
-    /// Bytes of one block stored as `dtype`.
+    /// Bytes of one block stored as `dtype` (rounded up to whole 4-byte words).
     pub fn block_bytes_as(&self, dtype: KvDtype) -> usize {
-        self.block_elems() * dtype.size()
+        (self.n_layer * 2 * self.block_tokens * self.row_bytes(dtype)).next_multiple_of(4)
+    }
+
+    /// Bytes of one position's K (or V) row of one layer stored as `dtype`.
+    pub fn row_bytes(&self, dtype: KvDtype) -> usize {
+        dtype.bytes(self.kv_dim)
     }
 
     /// Blocks needed to hold `positions` positions.
@@ -86,6 +91,8 @@ pub enum KvError {
     OutOfBlocks { needed: usize, free: usize, total: usize },
     #[error("block {0} is not allocated")]
     NotAllocated(BlockId),
+    #[error("kv_cache.dtype q8_0 stores K/V rows in blocks of 32 values; this model's rows hold {kv_dim}")]
+    RowWidth { kv_dim: usize },
 }
 
 /// One layer's K (or V) rows of one block, in the arena's element type.
@@ -93,6 +100,8 @@ pub enum KvError {
 pub enum KvRows<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
+    /// Blocks of 34 bytes: an f16 scale `d`, then 32 signed bytes `q`; value `i` is `d·q[i]`.
+    Q8_0(&'a [u8]),
 }
 
 impl<'a> KvRows<'a> {
@@ -101,6 +110,7 @@ impl<'a> KvRows<'a> {
         match self {
             KvRows::F32(r) => r.len(),
             KvRows::F16(r) => r.len(),
+            KvRows::Q8_0(r) => r.len() / Q8_BYTES * 32,
         }
     }
 
@@ -108,11 +118,15 @@ impl<'a> KvRows<'a> {
         self.len() == 0
     }
 
-    /// Elements `r` of the view.
+    /// Elements `r` of the view (for q8_0, whole blocks of 32).
     pub fn slice(&self, r: std::ops::Range<usize>) -> KvRows<'a> {
         match self {
             KvRows::F32(x) => KvRows::F32(&x[r]),
             KvRows::F16(x) => KvRows::F16(&x[r]),
+            KvRows::Q8_0(x) => {
+                debug_assert!(r.start.is_multiple_of(32) && r.end.is_multiple_of(32), "q8_0 view {r:?}");
+                KvRows::Q8_0(&x[r.start / 32 * Q8_BYTES..r.end / 32 * Q8_BYTES])
+            }
         }
     }
 
@@ -121,15 +135,27 @@ impl<'a> KvRows<'a> {
         match self {
             KvRows::F32(r) => bytemuck::cast_slice(r),
             KvRows::F16(r) => bytemuck::cast_slice(r),
+            KvRows::Q8_0(r) => r,
         }
     }
 
-    /// Copies `len` elements starting at `start` into `out` as f32 (exact for both types).
+    /// Copies `len` elements starting at `start` into `out` as f32 (exact for every type;
+    /// for q8_0, `start` and `out.len()` are whole blocks of 32).
+    #[inline(always)]
     pub fn read_f32(&self, start: usize, out: &mut [f32]) {
         use half::slice::HalfFloatSliceExt;
         match self {
             KvRows::F32(r) => out.copy_from_slice(&r[start..start + out.len()]),
             KvRows::F16(r) => r[start..start + out.len()].convert_to_f32_slice(out),
+            KvRows::Q8_0(r) => {
+                let blocks = &r[start / 32 * Q8_BYTES..(start + out.len()) / 32 * Q8_BYTES];
+                for (block, o) in blocks.chunks_exact(Q8_BYTES).zip(out.chunks_exact_mut(32)) {
+                    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+                    for (o, &q) in o.iter_mut().zip(&block[2..]) {
+                        *o = d * f32::from(q as i8);
+                    }
+                }
+            }
         }
     }
 }
@@ -154,6 +180,23 @@ impl fmt::Debug for KvArena {
             .field("blocks", &self.n_blocks())
             .field("free", &self.free.len())
             .finish()
+    }
+}
+
+/// Bytes of one q8_0 block of 32 values.
+const Q8_BYTES: usize = 34;
+
+/// ggml's `quantize_row_q8_0`: per 32 values, `d = max|x| / 127` (as f16) and
+/// `q = round(x / d)`; an all-zero block stores `d = 0`.
+fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+    for (xs, block) in x.chunks_exact(32).zip(out.chunks_exact_mut(Q8_BYTES)) {
+        let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        block[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        for (q, &v) in block[2..].iter_mut().zip(xs) {
+            *q = (v * id).round() as i8 as u8;
+        }
     }
 }
 
@@ -186,6 +229,9 @@ impl KvArena {
     /// Like [`KvArena::new`], storing elements as `dtype` (f16 holds twice the positions
     /// in the same bytes).
     pub fn with_dtype(layout: KvLayout, max_bytes: u64, dtype: KvDtype) -> Result<Self, KvError> {
+        if dtype == KvDtype::Q8_0 && !layout.kv_dim.is_multiple_of(32) {
+            return Err(KvError::RowWidth { kv_dim: layout.kv_dim });
+        }
         let block_bytes = layout.block_bytes_as(dtype);
         let n_blocks = (max_bytes / block_bytes as u64) as usize;
         if n_blocks == 0 {
@@ -351,17 +397,20 @@ impl KvArena {
         }
     }
 
-    /// Element offset of one layer's K (or V) rows in block `b`.
+    /// Byte offset of one layer's K (or V) rows in block `b`. Rows and blocks are whole
+    /// words for f32 and f16, so the typed views below are aligned.
     fn offset(&self, b: BlockId, layer: usize, v: bool) -> usize {
         let l = &self.layout;
-        b as usize * l.block_elems() + (layer * 2 + v as usize) * l.block_tokens * l.kv_dim
+        b as usize * self.block_bytes() + (layer * 2 + v as usize) * l.block_tokens * l.row_bytes(self.dtype)
     }
 
     fn rows(&self, o: usize) -> KvRows<'_> {
-        let n = self.layout.block_tokens * self.layout.kv_dim;
+        let n = self.layout.block_tokens * self.layout.row_bytes(self.dtype);
+        let bytes = &bytemuck::cast_slice::<f32, u8>(&self.data)[o..o + n];
         match self.dtype {
-            KvDtype::F32 => KvRows::F32(&self.data[o..o + n]),
-            KvDtype::F16 => KvRows::F16(&bytemuck::cast_slice::<f32, f16>(&self.data)[o..o + n]),
+            KvDtype::F32 => KvRows::F32(bytemuck::cast_slice(bytes)),
+            KvDtype::F16 => KvRows::F16(bytemuck::cast_slice(bytes)),
+            KvDtype::Q8_0 => KvRows::Q8_0(bytes),
         }
     }
 
@@ -375,22 +424,22 @@ impl KvArena {
         self.rows(self.offset(b, layer, true))
     }
 
-    /// Writes one position's K and V rows for one layer (rounded to f16 in an f16 arena).
+    /// Writes one position's K and V rows for one layer (rounded to f16 in an f16 arena,
+    /// quantized in a q8_0 one).
     pub fn write(&mut self, b: BlockId, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
         use half::slice::HalfFloatSliceExt;
-        let d = self.layout.kv_dim;
+        let rb = self.layout.row_bytes(self.dtype);
         debug_assert!(self.allocated[b as usize], "write to free block {b}");
-        let ko = self.offset(b, layer, false) + slot * d;
-        let vo = self.offset(b, layer, true) + slot * d;
-        match self.dtype {
-            KvDtype::F32 => {
-                self.data[ko..ko + d].copy_from_slice(k);
-                self.data[vo..vo + d].copy_from_slice(v);
-            }
-            KvDtype::F16 => {
-                let halves = bytemuck::cast_slice_mut::<f32, f16>(&mut self.data);
-                halves[ko..ko + d].convert_from_f32_slice(k);
-                halves[vo..vo + d].convert_from_f32_slice(v);
+        let ko = self.offset(b, layer, false) + slot * rb;
+        let vo = self.offset(b, layer, true) + slot * rb;
+        let dtype = self.dtype;
+        let bytes = bytemuck::cast_slice_mut::<f32, u8>(&mut self.data);
+        for (o, x) in [(ko, k), (vo, v)] {
+            let row = &mut bytes[o..o + rb];
+            match dtype {
+                KvDtype::F32 => row.copy_from_slice(bytemuck::cast_slice(x)),
+                KvDtype::F16 => bytemuck::cast_slice_mut::<u8, f16>(row).convert_from_f32_slice(x),
+                KvDtype::Q8_0 => quantize_q8_0(x, row),
             }
         }
     }
@@ -459,6 +508,32 @@ mod tests {
 
     fn layout() -> KvLayout {
         KvLayout { n_layer: 2, kv_dim: 4, block_tokens: 3 }
+    }
+
+    #[test]
+    fn q8_0_rows_hold_ggml_blocks_and_refuse_ragged_widths() {
+        let l = KvLayout { n_layer: 2, kv_dim: 64, block_tokens: 3 };
+        assert_eq!(l.block_bytes_as(KvDtype::Q8_0), 2 * 2 * 3 * 2 * 34);
+        let mut a = KvArena::with_dtype(l, l.block_bytes_as(KvDtype::Q8_0) as u64 * 2, KvDtype::Q8_0).unwrap();
+        assert_eq!(a.n_blocks(), 2);
+        let b = a.allocate().unwrap();
+        let k: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32 - 31.5) * 0.1).collect();
+        let v: Vec<f32> = (0..64).map(|i| if i < 32 { 0.0 } else { i as f32 }).collect();
+        a.write(b, 1, 2, &k, &v);
+        let mut got = vec![0.0; 64];
+        a.keys(b, 1).read_f32(2 * 64, &mut got);
+        for (block, want) in got.chunks(32).zip(k.chunks(32)) {
+            let d = want.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 127.0;
+            for (g, w) in block.iter().zip(want) {
+                // Half a step, plus the f16 rounding of the step times up to 127 steps.
+                assert!((g - w).abs() <= d * (0.5 + 127.0 / 2048.0), "{g} vs {w} (step {d})");
+            }
+        }
+        a.values(b, 1).read_f32(2 * 64, &mut got);
+        assert!(got[..32].iter().all(|&x| x == 0.0), "an all-zero block reads back as zeros");
+        assert!((got[63] - 63.0).abs() <= 63.0 / 2048.0, "the largest value is off by the scale's f16 rounding only");
+        let ragged = KvLayout { kv_dim: 48, ..l };
+        assert_eq!(KvArena::with_dtype(ragged, 1 << 20, KvDtype::Q8_0).unwrap_err(), KvError::RowWidth { kv_dim: 48 });
     }
 
     #[test]

@@ -111,6 +111,13 @@ trait Arith: Sized {
 
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
 
+    /// `out` = the q8_0 blocks `blocks` as f32 (exact: each value is its scale times a
+    /// small integer).
+    #[inline(always)]
+    fn widen_q8_0(blocks: &[u8], out: &mut [f32]) {
+        KvRows::Q8_0(blocks).read_f32(0, out)
+    }
+
     /// `scores[h·CHUNK + jj0 + i] = scale · q_h · k_i` for every head and K row `i` of `keys`;
     /// prefetches `ahead` along the way (see [`prefetch_part`]).
     #[inline(always)]
@@ -178,6 +185,12 @@ impl<const V: usize> Arith for Zmm<V> {
     const READS_F16: bool = true;
 
     #[inline(always)]
+    fn widen_q8_0(blocks: &[u8], out: &mut [f32]) {
+        // SAFETY: as for `scores` below.
+        unsafe { zmm::widen_q8_0(blocks, out) }
+    }
+
+    #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
     }
@@ -190,6 +203,7 @@ impl<const V: usize> Arith for Zmm<V> {
             match keys {
                 KvRows::F32(k) => zmm::scores::<V, false>(shape, q, bytemuck::cast_slice(k), scale, jj0, scores, ahead),
                 KvRows::F16(k) => zmm::scores::<V, true>(shape, q, bytemuck::cast_slice(k), scale, jj0, scores, ahead),
+                KvRows::Q8_0(_) => unreachable!("tile_body widens q8_0 rows"),
             }
         }
     }
@@ -201,6 +215,7 @@ impl<const V: usize> Arith for Zmm<V> {
             match vals {
                 KvRows::F32(v) => zmm::values::<V, false>(shape, bytemuck::cast_slice(v), scores, jj0, part, ahead),
                 KvRows::F16(v) => zmm::values::<V, true>(shape, bytemuck::cast_slice(v), scores, jj0, part, ahead),
+                KvRows::Q8_0(_) => unreachable!("tile_body widens q8_0 rows"),
             }
         }
     }
@@ -234,6 +249,22 @@ mod zmm {
                 _mm512_cvtph_ps(_mm256_loadu_si256(b.as_ptr().cast()))
             } else {
                 _mm512_loadu_ps(b.as_ptr().cast())
+            }
+        }
+    }
+
+    /// See [`super::Arith::widen_q8_0`]: per 34-byte block, its f16 scale times its 32
+    /// signed bytes, sixteen at a time.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub(super) fn widen_q8_0(blocks: &[u8], out: &mut [f32]) {
+        for (block, o) in blocks.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+            let d = _mm512_set1_ps(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
+            for (q, o) in block[2..].chunks_exact(16).zip(o.chunks_exact_mut(16)) {
+                // SAFETY: `q` holds 16 bytes and `o` 16 floats; loads and stores are unaligned.
+                unsafe {
+                    let ints = _mm512_cvtepi8_epi32(_mm_loadu_si128(q.as_ptr().cast()));
+                    _mm512_storeu_ps(o.as_mut_ptr(), _mm512_mul_ps(d, _mm512_cvtepi32_ps(ints)));
+                }
             }
         }
     }
@@ -360,7 +391,7 @@ fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f
     scores.resize(ranges.len() * per_row, 0.0);
     let mut j = start;
     while j < end {
-        let (keys, take) = segment(kv, blocks, layer, j..end, false, !A::READS_F16, rows);
+        let (keys, take) = segment::<A>(kv, blocks, layer, j..end, false, !A::READS_F16, rows);
         let mut ahead = match j + take < end {
             true => upcoming(kv, blocks, layer, j + take, false),
             false => upcoming(kv, blocks, layer, start, true),
@@ -391,7 +422,7 @@ fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f
     }
     let mut j = start;
     while j < end {
-        let (vals, take) = segment(kv, blocks, layer, j..end, true, !A::READS_F16, rows);
+        let (vals, take) = segment::<A>(kv, blocks, layer, j..end, true, !A::READS_F16, rows);
         let mut ahead = if j + take < end {
             upcoming(kv, blocks, layer, j + take, true)
         } else if end < blocks.len() * kv.layout().block_tokens {
@@ -413,8 +444,10 @@ fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f
 }
 
 /// The K (or V) rows of positions `range.start..` that share its block (at most to
-/// `range.end`), and how many there are; f16 rows are widened into `buf` if `widen`.
-fn segment<'a>(
+/// `range.end`), and how many there are; f16 rows are widened into `buf` if `widen`, q8_0
+/// rows always (dequantized once per block run, then read by every head and row).
+#[inline(always)]
+fn segment<'a, A: Arith>(
     kv: &'a KvArena,
     blocks: &[BlockId],
     layer: usize,
@@ -429,6 +462,11 @@ fn segment<'a>(
     let rows = if values { kv.values(blocks[b], layer) } else { kv.keys(blocks[b], layer) };
     let span = slot * kvd..(slot + take) * kvd;
     match rows {
+        KvRows::Q8_0(_) => {
+            buf.resize(take * kvd, 0.0);
+            A::widen_q8_0(rows.slice(span).bytes(), buf);
+            (KvRows::F32(buf), take)
+        }
         KvRows::F16(_) if widen => {
             buf.resize(take * kvd, 0.0);
             rows.read_f32(span.start, buf);
@@ -441,10 +479,10 @@ fn segment<'a>(
 /// The stored K (or V) rows of `pos`'s block from `pos` on, as bytes: what the next
 /// segment will read, fetched into cache ahead of it by [`prefetch_part`].
 fn upcoming<'a>(kv: &'a KvArena, blocks: &[BlockId], layer: usize, pos: usize, values: bool) -> &'a [u8] {
-    let (bt, kvd) = (kv.layout().block_tokens, kv.layout().kv_dim);
+    let bt = kv.layout().block_tokens;
     let b = blocks[pos / bt];
     let bytes = if values { kv.values(b, layer) } else { kv.keys(b, layer) }.bytes();
-    &bytes[(pos % bt) * kvd * (bytes.len() / (bt * kvd))..]
+    &bytes[(pos % bt) * (bytes.len() / bt)..]
 }
 
 /// Prefetches part `i` of `n` of `bytes`' cache lines: spread over a loop's `n` steps, so
