@@ -512,10 +512,10 @@ mod engine {
         panic!("the stream ended without a done event")
     }
 
-    /// With f32 and with f16 K/V storage.
+    /// With f32, f16 and q8_0 K/V storage.
     #[test]
     fn a_second_turn_reuses_the_session_and_matches_a_fresh_run() {
-        for dtype in [KvDtype::F32, KvDtype::F16] {
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0] {
             second_turn(dtype);
         }
     }

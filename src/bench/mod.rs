@@ -22,7 +22,7 @@ pub struct BenchReport {
     pub model: String,
     pub git_commit: String,
     pub kernels: String,
-    /// Element type of the KV cache (`f32` or `f16`).
+    /// Element type of the KV cache (`f32`, `f16` or `q8_0`).
     pub kv_dtype: String,
     pub cpu_features: Vec<String>,
     pub prefill_tokens: usize,
@@ -121,7 +121,7 @@ pub fn run_observed(settings: &BenchSettings, observe: &mut dyn FnMut(Step)) -> 
         model: settings.model.display().to_string(),
         git_commit: git_commit(),
         kernels,
-        kv_dtype: settings.kv_dtype.name().to_string(),
+        kv_dtype: figures.kv_dtype.name().to_string(),
         cpu_features: cpu_features(),
         prefill_tokens: figures.prefill_tokens,
         prefill_tok_s: figures.prefill_tok_s,

@@ -33,6 +33,8 @@ pub(crate) struct ModelFigures {
     pub decode_ctx8: f64,
     pub decode_ctx512: f64,
     pub batched: f64,
+    /// The element type of the arenas the figures ran on (what the report names).
+    pub kv_dtype: KvDtype,
 }
 
 /// A private arena with one block table per sequence, each holding `positions`.
@@ -81,6 +83,7 @@ pub(crate) fn measure(
     let mut ids = tok.encode(&bench_text(), false).map_err(|e| BenchError::Tokenizer(e.to_string()))?;
     ids.truncate(PROMPT_TOKENS);
     let mut kv = Kv::new(model, dtype, 1, ids.len() + GEN_TOKENS + 1)?;
+    let kv_dtype = kv.arena.dtype();
     let mut logits = Vec::new();
     let (mut pre, mut short, mut long) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 1..=reps {
@@ -106,6 +109,7 @@ pub(crate) fn measure(
         decode_ctx8: median(short),
         decode_ctx512: median(long),
         batched,
+        kv_dtype,
     })
 }
 

@@ -80,12 +80,7 @@ fn parse_levels(s: &str) -> Result<Levels, String> {
 pub struct Contexts(Vec<usize>);
 
 fn parse_kv_dtype(s: &str) -> Result<KvDtype, String> {
-    match s {
-        "f32" => Ok(KvDtype::F32),
-        "f16" => Ok(KvDtype::F16),
-        "q8_0" => Ok(KvDtype::Q8_0),
-        other => Err(format!("`{other}` is not a KV cache type: f32, f16 or q8_0")),
-    }
+    KvDtype::from_name(s).ok_or_else(|| format!("`{s}` is not a KV cache type: f32, f16 or q8_0"))
 }
 
 /// Longest context `--contexts` takes (the model's own limit is checked once it is loaded).

@@ -270,11 +270,9 @@ fn speculative(raw: RawSpeculative, prefix: &str) -> Result<SpeculativeConfig> {
 
 fn kv_cache(raw: RawKvCache, prefix: &str) -> Result<KvCacheConfig> {
     let f = |key: &str| format!("{prefix}.{key}");
-    let dtype = match raw.dtype.as_deref().unwrap_or("f32") {
-        "f32" => KvDtype::F32,
-        "f16" => KvDtype::F16,
-        "q8_0" => KvDtype::Q8_0,
-        other => return Err(invalid(&f("dtype"), other, "one of \"f32\", \"f16\", \"q8_0\"")),
+    let name = raw.dtype.as_deref().unwrap_or("f32");
+    let Some(dtype) = KvDtype::from_name(name) else {
+        return Err(invalid(&f("dtype"), name, "one of \"f32\", \"f16\", \"q8_0\""));
     };
     let spill = match raw.spill {
         None => None,

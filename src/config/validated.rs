@@ -227,6 +227,11 @@ impl KvDtype {
         }
     }
 
+    /// The type a config (or `--kv-dtype`) names, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0].into_iter().find(|d| d.name() == name)
+    }
+
     /// The name the config uses (`f32`, `f16`, `q8_0`).
     pub fn name(self) -> &'static str {
         match self {

@@ -5,10 +5,10 @@
 //! and a block's K rows for one layer are one contiguous run. Nothing outside the arena
 //! allocates K/V memory; sequences own block ids through a [`BlockTable`].
 //!
-//! Elements are f32 or f16 (`kv_cache.dtype`). Either way the storage is one `Vec<f32>` of
-//! 4-byte words (an f16 arena packs two elements per word), so a block's raw contents move
-//! through the spill file as the same opaque words, and the f16 view of the words is always
-//! aligned. Readers get a typed view ([`KvRows`]) and convert f16 rows as they read them.
+//! Elements are f32, f16 or q8_0 blocks (`kv_cache.dtype`). Either way the storage is one
+//! `Vec<f32>` of 4-byte words and every block is whole words, so a block's raw contents
+//! move through the spill file as the same opaque words; f32 views start on 4-byte and f16
+//! views on 2-byte offsets. Readers get a typed view ([`KvRows`]) and convert as they read.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,19 +30,17 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
-    /// Elements in one block (K and V, all layers).
-    pub fn block_elems(&self) -> usize {
-        self.n_layer * 2 * self.block_tokens * self.kv_dim
-    }
-
     /// Bytes of one block stored as f32.
     pub fn block_bytes(&self) -> usize {
         self.block_bytes_as(KvDtype::F32)
     }
 
-    /// Bytes of one block stored as `dtype` (rounded up to whole 4-byte words).
+    /// Bytes of one block stored as `dtype`: whole 4-byte words for every type (a q8_0
+    /// row is an even number of 34-byte blocks per K and V pair).
     pub fn block_bytes_as(&self, dtype: KvDtype) -> usize {
-        (self.n_layer * 2 * self.block_tokens * self.row_bytes(dtype)).next_multiple_of(4)
+        let bytes = self.n_layer * 2 * self.block_tokens * self.row_bytes(dtype);
+        debug_assert!(bytes.is_multiple_of(4), "{bytes} bytes per block");
+        bytes
     }
 
     /// Bytes of one position's K (or V) row of one layer stored as `dtype`.
@@ -124,7 +122,7 @@ impl<'a> KvRows<'a> {
             KvRows::F32(x) => KvRows::F32(&x[r]),
             KvRows::F16(x) => KvRows::F16(&x[r]),
             KvRows::Q8_0(x) => {
-                debug_assert!(r.start.is_multiple_of(32) && r.end.is_multiple_of(32), "q8_0 view {r:?}");
+                assert!(r.start.is_multiple_of(32) && r.end.is_multiple_of(32), "q8_0 view {r:?}");
                 KvRows::Q8_0(&x[r.start / 32 * Q8_BYTES..r.end / 32 * Q8_BYTES])
             }
         }
@@ -200,20 +198,36 @@ fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     }
 }
 
-/// `n` floats with every page written (see [`KvArena::new`]), in transparent huge pages
-/// where the kernel grants them: attention streams the arena in runs of a few KB spread
-/// over hundreds of MB, and with 4 KB pages nearly every run starts with a TLB miss
-/// (decode at 4,096 positions ran 12% faster with them).
+/// `n` floats with every page written (see [`KvArena::new`]), asking for transparent huge
+/// pages first: attention streams the arena in runs of a few KB spread over hundreds of
+/// MB, and with 4 KB pages nearly every run starts with a TLB miss.
 fn committed(n: usize) -> Vec<f32> {
     let mut data: Vec<f32> = Vec::with_capacity(n);
-    #[cfg(target_os = "linux")]
-    #[allow(unsafe_code)]
-    // SAFETY: advice on the vector's own allocation, which holds at least `n` floats.
-    unsafe {
-        libc::madvise(data.as_mut_ptr().cast(), n * size_of::<f32>(), libc::MADV_HUGEPAGE);
-    }
+    advise_huge_pages(data.as_ptr() as usize, n * size_of::<f32>());
     data.resize(n, -0.0f32);
     data
+}
+
+/// Huge pages come in aligned 2 MiB units, and `madvise` wants a page-aligned start
+/// (`malloc` returns a large block 16 bytes into its mapping), so the advice covers the
+/// whole 2 MiB units inside `[addr, addr + len)`. A refusal (an old kernel, THP off) only
+/// costs speed: it is logged, not an error.
+fn advise_huge_pages(addr: usize, len: usize) {
+    const HUGE: usize = 2 << 20;
+    let (start, end) = (addr.next_multiple_of(HUGE), (addr + len) / HUGE * HUGE);
+    if end <= start {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    // SAFETY: advice on whole pages of this process's own allocation (`start..end` lies
+    // inside `addr..addr + len`); MADV_HUGEPAGE changes no contents.
+    let refused = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) } != 0;
+    #[cfg(not(target_os = "linux"))]
+    let refused = false;
+    if refused {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "KV arena: no transparent huge pages");
+    }
 }
 
 impl KvArena {
@@ -397,8 +411,8 @@ impl KvArena {
         }
     }
 
-    /// Byte offset of one layer's K (or V) rows in block `b`. Rows and blocks are whole
-    /// words for f32 and f16, so the typed views below are aligned.
+    /// Byte offset of one layer's K (or V) rows in block `b`: a multiple of the element
+    /// size for f32 and f16 (blocks are whole words), so the typed views below are aligned.
     fn offset(&self, b: BlockId, layer: usize, v: bool) -> usize {
         let l = &self.layout;
         b as usize * self.block_bytes() + (layer * 2 + v as usize) * l.block_tokens * l.row_bytes(self.dtype)
@@ -430,6 +444,7 @@ impl KvArena {
         use half::slice::HalfFloatSliceExt;
         let rb = self.layout.row_bytes(self.dtype);
         debug_assert!(self.allocated[b as usize], "write to free block {b}");
+        assert!(k.len() == self.layout.kv_dim && v.len() == self.layout.kv_dim, "K/V rows of {} values", k.len());
         let ko = self.offset(b, layer, false) + slot * rb;
         let vo = self.offset(b, layer, true) + slot * rb;
         let dtype = self.dtype;
@@ -532,8 +547,41 @@ mod tests {
         a.values(b, 1).read_f32(2 * 64, &mut got);
         assert!(got[..32].iter().all(|&x| x == 0.0), "an all-zero block reads back as zeros");
         assert!((got[63] - 63.0).abs() <= 63.0 / 2048.0, "the largest value is off by the scale's f16 rounding only");
+        // Raw words move a q8_0 block whole (what the spill file and copy-on-write do).
+        let c = a.allocate().unwrap();
+        let (hb, hc) = (a.handle(b).unwrap(), a.handle(c).unwrap());
+        let words = a.block_data(&hb).unwrap().to_vec();
+        a.write_block(&hc, &words).unwrap();
+        let mut moved = vec![0.0; 64];
+        a.values(c, 1).read_f32(2 * 64, &mut moved);
+        assert_eq!(moved, got, "a block's raw words carry its q8_0 rows");
         let ragged = KvLayout { kv_dim: 48, ..l };
         assert_eq!(KvArena::with_dtype(ragged, 1 << 20, KvDtype::Q8_0).unwrap_err(), KvError::RowWidth { kv_dim: 48 });
+    }
+
+    /// The arena's whole 2 MiB units are advised for huge pages: their mapping carries
+    /// the `hg` flag in /proc/self/smaps.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_arena_asks_for_huge_pages() {
+        let l = KvLayout { n_layer: 4, kv_dim: 64, block_tokens: 16 };
+        let a = KvArena::new(l, 16 << 20).unwrap();
+        let inside = (a.data.as_ptr() as usize).next_multiple_of(2 << 20) + 4096;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut in_range = false;
+        let mut flags = None;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((lo, hi)) = range.split_once('-')
+                && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                in_range = (lo..hi).contains(&inside);
+            } else if in_range && let Some(f) = line.strip_prefix("VmFlags:") {
+                flags = Some(f.split_whitespace().map(str::to_owned).collect::<Vec<_>>());
+            }
+        }
+        let flags = flags.expect("the arena's mapping is in smaps");
+        assert!(flags.iter().any(|f| f == "hg"), "VmFlags {flags:?}");
     }
 
     #[test]

@@ -391,7 +391,7 @@ fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f
     scores.resize(ranges.len() * per_row, 0.0);
     let mut j = start;
     while j < end {
-        let (keys, take) = segment::<A>(kv, blocks, layer, j..end, false, !A::READS_F16, rows);
+        let (keys, take) = segment::<A>(kv, blocks, layer, j..end, false, rows);
         let mut ahead = match j + take < end {
             true => upcoming(kv, blocks, layer, j + take, false),
             false => upcoming(kv, blocks, layer, start, true),
@@ -422,7 +422,7 @@ fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f
     }
     let mut j = start;
     while j < end {
-        let (vals, take) = segment::<A>(kv, blocks, layer, j..end, true, !A::READS_F16, rows);
+        let (vals, take) = segment::<A>(kv, blocks, layer, j..end, true, rows);
         let mut ahead = if j + take < end {
             upcoming(kv, blocks, layer, j + take, true)
         } else if end < blocks.len() * kv.layout().block_tokens {
@@ -444,8 +444,9 @@ fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f
 }
 
 /// The K (or V) rows of positions `range.start..` that share its block (at most to
-/// `range.end`), and how many there are; f16 rows are widened into `buf` if `widen`, q8_0
-/// rows always (dequantized once per block run, then read by every head and row).
+/// `range.end`), and how many there are; f16 rows are widened into `buf` unless `A` reads
+/// them itself, q8_0 rows always (dequantized once per block run, then read by every head
+/// and row).
 #[inline(always)]
 fn segment<'a, A: Arith>(
     kv: &'a KvArena,
@@ -453,7 +454,6 @@ fn segment<'a, A: Arith>(
     layer: usize,
     range: Range<usize>,
     values: bool,
-    widen: bool,
     buf: &'a mut Vec<f32>,
 ) -> (KvRows<'a>, usize) {
     let (bt, kvd) = (kv.layout().block_tokens, kv.layout().kv_dim);
@@ -467,7 +467,7 @@ fn segment<'a, A: Arith>(
             A::widen_q8_0(rows.slice(span).bytes(), buf);
             (KvRows::F32(buf), take)
         }
-        KvRows::F16(_) if widen => {
+        KvRows::F16(_) if !A::READS_F16 => {
             buf.resize(take * kvd, 0.0);
             rows.read_f32(span.start, buf);
             (KvRows::F32(buf), take)
