@@ -383,6 +383,35 @@ fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
     }
 }
 
+/// The KV arena's q8_0 rows are the kernels' Q8_0 blocks, byte for byte, and read back as
+/// the reference dequantizer reads them (the arena cannot call the kernels' quantizer: `kv`
+/// sits below `model`).
+#[test]
+fn kv_q8_0_is_the_kernels_q8_0() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let layout = KvLayout { n_layer: 1, kv_dim: 96, block_tokens: 4 };
+    let mut arena = KvArena::with_dtype(layout, layout.block_bytes_as(KvDtype::Q8_0) as u64, KvDtype::Q8_0).unwrap();
+    let mut table = BlockTable::default();
+    table.reserve(&mut arena, 4).unwrap();
+    let mut rows: Vec<Vec<f32>> = (0..8).map(|_| values(&mut rng, 96, 3.0)).collect();
+    rows[1][32..64].fill(0.0); // an all-zero block
+    for slot in 0..4 {
+        arena.write(table.blocks[0], 0, slot, &rows[2 * slot], &rows[2 * slot + 1]);
+    }
+    for slot in 0..4 {
+        for (view, row) in
+            [(arena.keys(table.blocks[0], 0), &rows[2 * slot]), (arena.values(table.blocks[0], 0), &rows[2 * slot + 1])]
+        {
+            let stored = view.slice(slot * 96..(slot + 1) * 96);
+            assert_eq!(stored.bytes(), reference::quantize_row(GgmlType::Q8_0, row), "slot {slot}");
+            let (mut got, mut want) = (vec![0.0; 96], vec![0.0; 96]);
+            stored.read_f32(0, &mut got);
+            reference::dequantize_row(GgmlType::Q8_0, stored.bytes(), &mut want);
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "slot {slot}");
+        }
+    }
+}
+
 /// Float weights run the portable code compiled wide on AVX2 and AVX-512 CPUs: the same
 /// operations in the same order, so every set gives the same bits.
 #[test]

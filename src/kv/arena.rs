@@ -185,7 +185,9 @@ impl fmt::Debug for KvArena {
 const Q8_BYTES: usize = 34;
 
 /// ggml's `quantize_row_q8_0`: per 32 values, `d = max|x| / 127` (as f16) and
-/// `q = round(x / d)`; an all-zero block stores `d = 0`.
+/// `q = round(x / d)`; an all-zero block stores `d = 0`. The kernels' Q8_0 format has the
+/// same rule, but `kv` sits below `model` in the stack and cannot call it;
+/// `kernels::kv_q8_0_is_the_kernels_q8_0` holds the two to the same bytes.
 fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     for (xs, block) in x.chunks_exact(32).zip(out.chunks_exact_mut(Q8_BYTES)) {
         let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
