@@ -16,7 +16,7 @@ use starling::config::KvDtype;
 use starling::kv::arena::{BlockTable, KvArena, KvLayout};
 use starling::model::desc::RopeStyle;
 use starling::model::ggml_type::GgmlType;
-use starling::model::kernels::attention::{AttnShape, Span};
+use starling::model::kernels::attention::{AttnShape, CHUNK, ChunkScratch, Span, TileJob};
 use starling::model::kernels::{Kernels, MatmulScratch, QMatrix, reference};
 use starling::model::ops::{self, AttnScratch};
 use starling::sampler::{SamplerLimits, SamplerState, SamplingParams};
@@ -171,7 +171,57 @@ fn bench_attention(c: &mut Criterion) {
     for (layers, positions) in [(1, 512), (30, 4096)] {
         bench_attention_over(&mut group, layers, positions);
     }
+    bench_prefill_tile(&mut group, 4096);
     group.finish();
+}
+
+/// A filled arena of one layer (SmolLM2's 3 KV heads of 64) over `positions` positions.
+fn arena_over(layers: usize, positions: usize, dtype: KvDtype) -> (KvArena, BlockTable) {
+    let layout = KvLayout { n_layer: layers, kv_dim: 192, block_tokens: 16 };
+    let cap = layout.blocks_for(positions) * layout.block_bytes_as(dtype);
+    let mut arena = KvArena::with_dtype(layout, cap as u64, dtype).expect("arena");
+    let mut table = BlockTable::default();
+    table.reserve(&mut arena, positions).expect("blocks");
+    for pos in 0..positions {
+        let (k, v) = (values(192, pos as u64), values(192, pos as u64 + 7));
+        for layer in 0..layers {
+            arena.write(table.blocks[pos / 16], layer, pos % 16, &k, &v);
+        }
+    }
+    (arena, table)
+}
+
+/// The last 16 rows of a `positions`-token prompt (one prefill tile) over every chunk of one
+/// layer: the prompt attention's inner work, K/V in L2/L3.
+fn bench_prefill_tile(group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>, positions: usize) {
+    const ROWS: usize = 16;
+    let shape = AttnShape::new(9, 3, 64);
+    for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0] {
+        let (arena, table) = arena_over(1, positions, dtype);
+        let q = values(ROWS * 576, 9);
+        let spans: Vec<Span> = (positions - ROWS..positions).map(|p| Span::new(p, None)).collect();
+        let mut scratch = ChunkScratch::default();
+        let mut parts = vec![0.0; ROWS * shape.partial_len()];
+        group.throughput(Throughput::Elements((ROWS * positions) as u64));
+        for kernels in Kernels::available() {
+            group.bench_function(format!("{}/{dtype:?}/9x64/tile{ROWS}/pos{positions}", kernels.name()), |b| {
+                b.iter(|| {
+                    for c in 0..positions.div_ceil(CHUNK) {
+                        let ranges: Vec<_> = spans.iter().map(|s| s.chunk(c)).collect();
+                        let job = TileJob {
+                            shape,
+                            layer: 0,
+                            q: black_box(&q),
+                            ranges: &ranges,
+                            blocks: &table.blocks,
+                            kv: &arena,
+                        };
+                        kernels.attend_tile(&job, &mut scratch, &mut parts);
+                    }
+                })
+            });
+        }
+    }
 }
 
 fn bench_attention_over(
@@ -179,18 +229,8 @@ fn bench_attention_over(
     layers: usize,
     positions: usize,
 ) {
-    let layout = KvLayout { n_layer: layers, kv_dim: 192, block_tokens: 16 };
     for dtype in [KvDtype::F32, KvDtype::F16] {
-        let cap = layout.blocks_for(positions) * layout.block_bytes_as(dtype);
-        let mut arena = KvArena::with_dtype(layout, cap as u64, dtype).expect("arena");
-        let mut table = BlockTable::default();
-        table.reserve(&mut arena, positions).expect("blocks");
-        for pos in 0..positions {
-            let (k, v) = (values(192, pos as u64), values(192, pos as u64 + 7));
-            for layer in 0..layers {
-                arena.write(table.blocks[pos / 16], layer, pos % 16, &k, &v);
-            }
-        }
+        let (arena, table) = arena_over(layers, positions, dtype);
         let q = values(576, 8);
         let (mut scratch, mut out) = (AttnScratch::default(), vec![0.0; 576]);
         group.throughput(Throughput::Elements((layers * positions) as u64));

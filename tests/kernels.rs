@@ -351,10 +351,11 @@ fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
                 let stored = |rows: &[Vec<f32>], values: bool| -> Vec<Vec<f32>> {
                     (0..positions)
                         .map(|pos| {
-                            let b = table.blocks[pos / bt];
-                            let view = if values { arena.values(b, 1) } else { arena.keys(b, 1) };
-                            let mut row = vec![0.0; kvd];
-                            view.read_f32((pos % bt) * kvd, &mut row);
+                            let (b, mut row) = (table.blocks[pos / bt], vec![0.0; kvd]);
+                            match values {
+                                true => arena.read_value(b, 1, pos % bt, &mut row),
+                                false => arena.read_key(b, 1, pos % bt, &mut row),
+                            }
                             if dtype == KvDtype::F32 {
                                 assert_eq!(row, rows[pos]);
                             }

@@ -59,8 +59,8 @@ fn holds(kv: &KvCache, table: &BlockTable, tenant: &str, tokens: &[u32]) -> bool
         && (0..table.len).all(|pos| {
             (0..2).all(|layer| {
                 let (mut k, mut v) = ([0.0f32; 2], [0.0f32; 2]);
-                kv.arena().keys(table.blocks[pos / BT], layer).read_f32((pos % BT) * 2, &mut k);
-                kv.arena().values(table.blocks[pos / BT], layer).read_f32((pos % BT) * 2, &mut v);
+                kv.arena().read_key(table.blocks[pos / BT], layer, pos % BT, &mut k);
+                kv.arena().read_value(table.blocks[pos / BT], layer, pos % BT, &mut v);
                 let want = row(tenant, tokens, pos, layer);
                 k == want && v == [-want[0], -want[1]]
             })

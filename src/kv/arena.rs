@@ -1,9 +1,14 @@
 //! The KV block arena: one allocation per model, cut into fixed blocks of positions.
 //!
 //! A block holds K and V for `block_tokens` positions of every layer, laid out as
-//! `[layer][k|v][slot][kv_dim]`, so one position's K (or V) row for one layer is contiguous
-//! and a block's K rows for one layer are one contiguous run. Nothing outside the arena
-//! allocates K/V memory; sequences own block ids through a [`BlockTable`].
+//! `[layer][k|v]`, each part one contiguous run. V is `[slot][kv_dim]`: one position's row is
+//! contiguous, as the weighted sum of values reads it. K in f32 and f16 is
+//! `[kv_dim][slot]` (by dimension): one dimension of consecutive positions is contiguous, so
+//! the attention kernel loads sixteen positions' values of a dimension as one vector and
+//! scores sixteen positions with one FMA per dimension, without a transpose (see
+//! `model::kernels::attention`). q8_0 K stays `[slot][kv_dim]`, since its 32-value blocks
+//! run along a row. [`KvArena::read_key`] reads a K row in any layout. Nothing outside the
+//! arena allocates K/V memory; sequences own block ids through a [`BlockTable`].
 //!
 //! Elements are f32, f16 or q8_0 blocks (`kv_cache.dtype`). Either way the storage is one
 //! `Vec<f32>` of 4-byte words and every block is whole words, so a block's raw contents
@@ -430,9 +435,32 @@ impl KvArena {
         }
     }
 
-    /// K rows of one layer in one block: `block_tokens * kv_dim` values.
+    /// K of one layer in one block: `block_tokens * kv_dim` values, by dimension
+    /// (`[kv_dim][block_tokens]`) when [`Self::keys_by_dimension`], else by position.
     pub fn keys(&self, b: BlockId, layer: usize) -> KvRows<'_> {
         self.rows(self.offset(b, layer, false))
+    }
+
+    /// Whether K is stored by dimension (f32 and f16) rather than by position (q8_0).
+    pub fn keys_by_dimension(&self) -> bool {
+        self.dtype != KvDtype::Q8_0
+    }
+
+    /// Position `slot`'s K row of one layer in block `b`, as f32 (exact), whatever the layout.
+    pub fn read_key(&self, b: BlockId, layer: usize, slot: usize, out: &mut [f32]) {
+        let (bt, kvd) = (self.layout.block_tokens, self.layout.kv_dim);
+        assert_eq!(out.len(), kvd, "K row width");
+        let keys = self.keys(b, layer);
+        match keys {
+            KvRows::F32(k) => out.iter_mut().enumerate().for_each(|(d, o)| *o = k[d * bt + slot]),
+            KvRows::F16(k) => out.iter_mut().enumerate().for_each(|(d, o)| *o = k[d * bt + slot].to_f32()),
+            KvRows::Q8_0(_) => keys.read_f32(slot * kvd, out),
+        }
+    }
+
+    /// Position `slot`'s V row of one layer in block `b`, as f32 (exact).
+    pub fn read_value(&self, b: BlockId, layer: usize, slot: usize, out: &mut [f32]) {
+        self.values(b, layer).read_f32(slot * self.layout.kv_dim, out)
     }
 
     /// V rows of one layer in one block.
@@ -447,17 +475,26 @@ impl KvArena {
         let rb = self.layout.row_bytes(self.dtype);
         debug_assert!(self.allocated[b as usize], "write to free block {b}");
         assert!(k.len() == self.layout.kv_dim && v.len() == self.layout.kv_dim, "K/V rows of {} values", k.len());
-        let ko = self.offset(b, layer, false) + slot * rb;
-        let vo = self.offset(b, layer, true) + slot * rb;
-        let dtype = self.dtype;
+        let (ko, vo) = (self.offset(b, layer, false), self.offset(b, layer, true) + slot * rb);
+        let (dtype, bt) = (self.dtype, self.layout.block_tokens);
         let bytes = bytemuck::cast_slice_mut::<f32, u8>(&mut self.data);
-        for (o, x) in [(ko, k), (vo, v)] {
-            let row = &mut bytes[o..o + rb];
-            match dtype {
-                KvDtype::F32 => row.copy_from_slice(bytemuck::cast_slice(x)),
-                KvDtype::F16 => bytemuck::cast_slice_mut::<u8, f16>(row).convert_from_f32_slice(x),
-                KvDtype::Q8_0 => quantize_q8_0(x, row),
+        // K by dimension: value `d` of the row goes to `d·block_tokens + slot`.
+        match dtype {
+            KvDtype::F32 => {
+                let col = bytemuck::cast_slice_mut::<u8, f32>(&mut bytes[ko..ko + bt * rb]);
+                k.iter().enumerate().for_each(|(d, &x)| col[d * bt + slot] = x);
             }
+            KvDtype::F16 => {
+                let col = bytemuck::cast_slice_mut::<u8, f16>(&mut bytes[ko..ko + bt * rb]);
+                k.iter().enumerate().for_each(|(d, &x)| col[d * bt + slot] = f16::from_f32(x));
+            }
+            KvDtype::Q8_0 => quantize_q8_0(k, &mut bytes[ko + slot * rb..ko + (slot + 1) * rb]),
+        }
+        let row = &mut bytes[vo..vo + rb];
+        match dtype {
+            KvDtype::F32 => row.copy_from_slice(bytemuck::cast_slice(v)),
+            KvDtype::F16 => bytemuck::cast_slice_mut::<u8, f16>(row).convert_from_f32_slice(v),
+            KvDtype::Q8_0 => quantize_q8_0(v, row),
         }
     }
 }
@@ -538,7 +575,7 @@ mod tests {
         let v: Vec<f32> = (0..64).map(|i| if i < 32 { 0.0 } else { i as f32 }).collect();
         a.write(b, 1, 2, &k, &v);
         let mut got = vec![0.0; 64];
-        a.keys(b, 1).read_f32(2 * 64, &mut got);
+        a.read_key(b, 1, 2, &mut got);
         for (block, want) in got.chunks(32).zip(k.chunks(32)) {
             let d = want.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 127.0;
             for (g, w) in block.iter().zip(want) {
@@ -546,7 +583,7 @@ mod tests {
                 assert!((g - w).abs() <= d * (0.5 + 127.0 / 2048.0), "{g} vs {w} (step {d})");
             }
         }
-        a.values(b, 1).read_f32(2 * 64, &mut got);
+        a.read_value(b, 1, 2, &mut got);
         assert!(got[..32].iter().all(|&x| x == 0.0), "an all-zero block reads back as zeros");
         assert!((got[63] - 63.0).abs() <= 63.0 / 2048.0, "the largest value is off by the scale's f16 rounding only");
         // Raw words move a q8_0 block whole (what the spill file and copy-on-write do).
@@ -555,7 +592,7 @@ mod tests {
         let words = a.block_data(&hb).unwrap().to_vec();
         a.write_block(&hc, &words).unwrap();
         let mut moved = vec![0.0; 64];
-        a.values(c, 1).read_f32(2 * 64, &mut moved);
+        a.read_value(c, 1, 2, &mut moved);
         assert_eq!(moved, got, "a block's raw words carry its q8_0 rows");
         let ragged = KvLayout { kv_dim: 48, ..l };
         assert_eq!(KvArena::with_dtype(ragged, 1 << 20, KvDtype::Q8_0).unwrap_err(), KvError::RowWidth { kv_dim: 48 });
@@ -620,9 +657,17 @@ mod tests {
         let b0 = a.allocate().unwrap();
         let b1 = a.allocate().unwrap();
         a.write(b1, 1, 2, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]);
-        assert_eq!(read(a.keys(b1, 1), 8, 4), [1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(key(&a, b1, 1, 2), [1.0, 2.0, 3.0, 4.0]);
+        // K by dimension: dimension `d` of slot 2 is element `3·d + 2` of the block's K.
+        assert_eq!(read(a.keys(b1, 1), 0, 12), [0.0, 0.0, 1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 3.0, 0.0, 0.0, 4.0]);
         assert_eq!(read(a.values(b1, 1), 8, 4), [5.0, 6.0, 7.0, 8.0]);
         assert!(read(a.keys(b0, 1), 0, 12).iter().chain(&read(a.keys(b1, 0), 0, 12)).all(|&x| x == 0.0));
+    }
+
+    fn key(a: &KvArena, b: BlockId, layer: usize, slot: usize) -> Vec<f32> {
+        let mut out = vec![0.0; a.layout().kv_dim];
+        a.read_key(b, layer, slot, &mut out);
+        out
     }
 
     fn read(rows: KvRows, start: usize, n: usize) -> Vec<f32> {
@@ -643,7 +688,7 @@ mod tests {
         let k = [1.0, -2.5, 1.0e-3, 70000.0];
         a.write(blocks[3], 1, 2, &k, &[0.1, 0.2, 0.3, 0.4]);
         let want: Vec<f32> = k.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
-        assert_eq!(read(a.keys(blocks[3], 1), 8, 4), want);
+        assert_eq!(key(&a, blocks[3], 1, 2), want);
         assert_eq!(read(a.values(blocks[3], 1), 8, 4)[0], f16::from_f32(0.1).to_f32());
         assert!(matches!(a.keys(blocks[3], 1), KvRows::F16(_)));
         // The other blocks and layers are untouched.
@@ -655,7 +700,7 @@ mod tests {
         assert_eq!(words.len(), a.block_words());
         let h0 = a.handle(blocks[0]).unwrap();
         a.write_block(&h0, &words).unwrap();
-        assert_eq!(read(a.keys(blocks[0], 1), 8, 4), want);
+        assert_eq!(key(&a, blocks[0], 1, 2), want);
         assert!(matches!(a.write_block(&h0, &words[1..]), Err(KvError::ShapeMismatch { .. })));
     }
 

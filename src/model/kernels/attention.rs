@@ -10,10 +10,15 @@
 //! One body is compiled three times: for AVX-512, for AVX2 (both with FMA, so LLVM
 //! vectorizes the 16-lane loops to full width) and portable (separate multiply and add).
 //! For heads of 64 or 128 values the AVX-512 build swaps in intrinsics for the two inner
-//! loops (`Zmm`): they read f16 rows as stored (`vcvtph2ps` in the load) instead of
-//! widening them into a buffer first, and sum sixteen positions' dot products across
-//! lanes together instead of one at a time. `exp` is a polynomial the vectorizer can
-//! inline (relative error under 5e-7).
+//! loops (`Zmm`). Scores are a small GEMM: the arena stores f32/f16 K by dimension
+//! ([`KvArena::keys_by_dimension`]), so one vector holds one dimension of sixteen
+//! positions and each query head gets sixteen scores with one FMA per dimension, the
+//! vector loaded once for every head of its group and, in a prefill tile, every row (q8_0
+//! rows are dequantized and transposed once per tile instead). No score is summed across
+//! lanes, and its order of additions is the same whether K came by dimension or by row,
+//! alone or in a tile. The weighted sum of values loads each V row once for up to three
+//! heads of a group. f16 is read as stored (`vcvtph2ps` in the load). `exp` is a
+//! polynomial the vectorizer can inline (relative error under 5e-7).
 //!
 //! A long context's decode step streams every cached K and V row from memory once (190 MB
 //! of f32 at 4,096 positions of SmolLM2), in runs of one block's rows. The body prefetches
@@ -108,6 +113,9 @@ trait Arith: Sized {
     /// Whether `scores` and `values` read f16 rows themselves; otherwise [`tile_body`]
     /// widens them to f32 first.
     const READS_F16: bool = false;
+    /// Whether `scores_rows` reads K stored by dimension ([`Keys::Columns`]); otherwise
+    /// [`tile_body`] gathers it into rows first.
+    const READS_KEY_COLUMNS: bool = false;
 
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
 
@@ -118,8 +126,40 @@ trait Arith: Sized {
         KvRows::Q8_0(blocks).read_f32(0, out)
     }
 
-    /// `scores[h·CHUNK + jj0 + i] = scale · q_h · k_i` for every head and K row `i` of `keys`;
-    /// prefetches `ahead` along the way (see [`prefetch_part`]).
+    /// Every row's scores against the K rows `keys` of positions `j..`: for row `r` and
+    /// each position `p` of its range among them, `scores[r·n_head·CHUNK + h·CHUNK + p −
+    /// range.start] = scale · q_h · k_p` for every head `h`; prefetches `ahead` along the
+    /// way (see [`prefetch_part`]).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn scores_rows(
+        shape: AttnShape,
+        q: &[f32],
+        ranges: &[Range<usize>],
+        keys: Keys,
+        j: usize,
+        scale: f32,
+        scores: &mut [f32],
+        mut ahead: &[u8],
+    ) {
+        let (qd, per_row, kvd) =
+            (shape.n_head * shape.head_dim, shape.n_head * CHUNK, shape.n_head_kv * shape.head_dim);
+        let Keys::Rows(keys) = keys else { unreachable!("tile_body gathers K into rows") };
+        let end = j + keys.len() / kvd;
+        for (r, range) in ranges.iter().enumerate() {
+            let (lo, hi) = (j.max(range.start), end.min(range.end));
+            if lo < hi {
+                let keys = keys.slice((lo - j) * kvd..(hi - j) * kvd);
+                let sc = &mut scores[r * per_row..(r + 1) * per_row];
+                Self::scores(shape, &q[r * qd..(r + 1) * qd], keys, scale, lo - range.start, sc, ahead);
+                ahead = &[];
+            }
+        }
+    }
+
+    /// One row's `scores[h·CHUNK + jj0 + i] = scale · q_h · k_i` for every head `h` and K
+    /// row `i` of `keys` (a 16-lane dot product, then the portable kernels' fixed pairwise
+    /// lane sum); prefetches `ahead` along the way.
     #[inline(always)]
     fn scores(shape: AttnShape, q: &[f32], keys: KvRows, scale: f32, jj0: usize, scores: &mut [f32], ahead: &[u8]) {
         let AttnShape { n_head, head_dim: hd, .. } = shape;
@@ -183,6 +223,7 @@ struct Zmm<const V: usize>;
 #[cfg(target_arch = "x86_64")]
 impl<const V: usize> Arith for Zmm<V> {
     const READS_F16: bool = true;
+    const READS_KEY_COLUMNS: bool = true;
 
     #[inline(always)]
     fn widen_q8_0(blocks: &[u8], out: &mut [f32]) {
@@ -196,16 +237,70 @@ impl<const V: usize> Arith for Zmm<V> {
     }
 
     #[inline(always)]
-    fn scores(shape: AttnShape, q: &[f32], keys: KvRows, scale: f32, jj0: usize, scores: &mut [f32], ahead: &[u8]) {
+    fn scores_rows(
+        shape: AttnShape,
+        q: &[f32],
+        ranges: &[Range<usize>],
+        keys: Keys,
+        j: usize,
+        scale: f32,
+        scores: &mut [f32],
+        ahead: &[u8],
+    ) {
+        let kvd = shape.n_head_kv * shape.head_dim;
         // SAFETY: `Zmm` is only used by `tile_avx512`, which runs only where `available()`
-        // detected avx512f and f16c.
+        // detected avx512f/bw/vl and f16c.
         unsafe {
             match keys {
-                KvRows::F32(k) => zmm::scores::<V, false>(shape, q, bytemuck::cast_slice(k), scale, jj0, scores, ahead),
-                KvRows::F16(k) => zmm::scores::<V, true>(shape, q, bytemuck::cast_slice(k), scale, jj0, scores, ahead),
-                KvRows::Q8_0(_) => unreachable!("tile_body widens q8_0 rows"),
+                Keys::Rows(KvRows::F32(k)) => {
+                    let at = zmm::KeyRun { bt: 0, slot: 0, take: k.len() / kvd };
+                    zmm::scores_rows::<V, false, false>(
+                        shape,
+                        q,
+                        ranges,
+                        bytemuck::cast_slice(k),
+                        at,
+                        j,
+                        scale,
+                        scores,
+                        ahead,
+                    )
+                }
+                Keys::Columns { block: KvRows::F32(k), bt, slot, take } => {
+                    let at = zmm::KeyRun { bt, slot, take };
+                    zmm::scores_rows::<V, false, true>(
+                        shape,
+                        q,
+                        ranges,
+                        bytemuck::cast_slice(k),
+                        at,
+                        j,
+                        scale,
+                        scores,
+                        ahead,
+                    )
+                }
+                Keys::Columns { block: KvRows::F16(k), bt, slot, take } => {
+                    let at = zmm::KeyRun { bt, slot, take };
+                    zmm::scores_rows::<V, true, true>(
+                        shape,
+                        q,
+                        ranges,
+                        bytemuck::cast_slice(k),
+                        at,
+                        j,
+                        scale,
+                        scores,
+                        ahead,
+                    )
+                }
+                _ => unreachable!("tile_body widens q8_0 K into f32 rows"),
             }
         }
+    }
+
+    fn scores(_: AttnShape, _: &[f32], _: KvRows, _: f32, _: usize, _: &mut [f32], _: &[u8]) {
+        unreachable!("Zmm scores whole tiles (scores_rows)")
     }
 
     #[inline(always)]
@@ -224,6 +319,7 @@ impl<const V: usize> Arith for Zmm<V> {
 #[cfg(target_arch = "x86_64")]
 mod zmm {
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     use super::{AttnShape, CHUNK};
 
@@ -269,71 +365,283 @@ mod zmm {
         }
     }
 
-    /// `out[i]` = the sum of `v[i]`'s sixteen lanes, for all sixteen at once: pairs of
-    /// vectors are interleaved and added, then pairs of those, down to one vector (a fixed
-    /// order, so a score's bits depend only on its own dot product).
+    /// The 16×16 transpose of `r`: lane `i` of output `c` is lane `c` of `r[i]` (interleaves
+    /// of 32-bit, 64-bit and 128-bit pieces).
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn sum_across(v: &[__m512; 16]) -> __m512 {
-        let pair = |a: __m512, b: __m512| _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-        let p: [__m512; 8] = std::array::from_fn(|i| pair(v[2 * i], v[2 * i + 1]));
-        let quad = |a: __m512, b: __m512| {
-            _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(a, b), _mm512_shuffle_ps::<0b11_10_11_10>(a, b))
-        };
-        let q: [__m512; 4] = std::array::from_fn(|i| quad(p[2 * i], p[2 * i + 1]));
-        let lanes = |a: __m512, b: __m512| {
-            _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b))
-        };
-        lanes(lanes(q[0], q[1]), lanes(q[2], q[3]))
+    pub(super) fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // `u[4g + c]`: rows 4g..4g+4 of columns c, c+4, c+8, c+12, one per 128-bit lane.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            for c in 0..4 {
+                let (a, b) = (_mm512_castps_pd(t[4 * g + c / 2]), _mm512_castps_pd(t[4 * g + 2 + c / 2]));
+                let x = if c % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) };
+                u[4 * g + c] = _mm512_castpd_ps(x);
+            }
+        }
+        // `v[8h + c]` (c < 4): columns c, c+8 of rows 8h..8h+8; `v[8h + 4 + c]`: c+4, c+12.
+        let mut v = [_mm512_setzero_ps(); 16];
+        for h in 0..2 {
+            for c in 0..4 {
+                let (a, b) = (u[8 * h + c], u[8 * h + 4 + c]);
+                v[8 * h + c] = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
+                v[8 * h + 4 + c] = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
+            }
+        }
+        let mut out = [_mm512_setzero_ps(); 16];
+        for k in 0..8 {
+            // `v[k]` holds columns `k` and `k + 8` of rows 0..8, `v[8 + k]` of rows 8..16.
+            out[k] = _mm512_shuffle_f32x4::<0b10_00_10_00>(v[k], v[8 + k]);
+            out[k + 8] = _mm512_shuffle_f32x4::<0b11_01_11_01>(v[k], v[8 + k]);
+        }
+        out
     }
 
-    /// See [`super::Arith::scores`]; `head_dim == V * 16`, `keys` the bytes of the rows.
-    #[target_feature(enable = "avx512f,f16c")]
-    pub(super) fn scores<const V: usize, const F16: bool>(
+    /// Where a run of K sits when stored by dimension: `take` positions from `slot` of a
+    /// block of `bt` (see [`super::Keys::Columns`]); for rows, only `take`.
+    #[derive(Clone, Copy)]
+    pub(super) struct KeyRun {
+        pub bt: usize,
+        pub slot: usize,
+        pub take: usize,
+    }
+
+    /// See [`super::Arith::scores_rows`]; `head_dim == V * 16`, `keys` the bytes of the run:
+    /// f32 rows by position (`!COLS`), or a block's K by dimension (`COLS`, f32 or `F16`).
+    ///
+    /// Sixteen positions at a time, for one KV head: a vector per dimension holding the
+    /// sixteen positions' values (loaded as stored by dimension, or transposed from rows),
+    /// then every query head of its group in every row gets sixteen scores with one FMA per
+    /// dimension: four running sums over dimensions `d ≡ 0, 1, 2, 3 (mod 4)` in order, added
+    /// as `(s0 + s1) + (s2 + s3)`, times `scale`. No sum across lanes, and a score's bits
+    /// depend only on its query and key, whichever rows share the tile and however K is
+    /// stored.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn scores_rows<const V: usize, const F16: bool, const COLS: bool>(
         shape: AttnShape,
         q: &[f32],
+        ranges: &[Range<usize>],
         keys: &[u8],
+        run: KeyRun,
+        j: usize,
         scale: f32,
-        jj0: usize,
         scores: &mut [f32],
         ahead: &[u8],
     ) {
-        let AttnShape { n_head, head_dim: hd, .. } = shape;
+        let AttnShape { n_head, n_head_kv, head_dim: hd, .. } = shape;
         assert_eq!(hd, V * 16, "head width");
-        let (group, kvd) = (n_head / shape.n_head_kv, shape.n_head_kv * hd);
-        let size = if F16 { 2 } else { 4 };
-        let rows = keys.len() / size / kvd;
+        let (group, kvd, qd, per_row) = (n_head / n_head_kv, n_head_kv * hd, n_head * hd, n_head * CHUNK);
+        let rows = run.take;
         let scale = _mm512_set1_ps(scale);
-        for h in 0..n_head {
-            super::prefetch_part(ahead, h, n_head);
-            let qh: [__m512; V] = std::array::from_fn(|v| load(q, h * hd + 16 * v));
-            let off = (h / group) * hd;
-            let out = &mut scores[h * CHUNK + jj0..];
-            for i0 in (0..rows).step_by(16) {
-                let n = (rows - i0).min(16);
-                let dot = |i: usize| {
-                    if i >= n {
-                        return _mm512_setzero_ps();
+        let steps = rows.div_ceil(16) * n_head_kv;
+        let mut kt = [[_mm512_setzero_ps(); 16]; V];
+        for (b, i0) in (0..rows).step_by(16).enumerate() {
+            let n = (rows - i0).min(16);
+            let p0 = j + i0;
+            for g in 0..n_head_kv {
+                let step = b * n_head_kv + g;
+                if COLS && ranges.len() == 1 {
+                    // One row (a decode step): each dimension's vector is used once, by the
+                    // group's heads together, so it is loaded right where they use it.
+                    let range = &ranges[0];
+                    let (a, b) = (range.start.saturating_sub(p0).min(16), range.end.saturating_sub(p0).min(n));
+                    if a >= b {
+                        continue;
                     }
-                    let at = ((i0 + i) * kvd + off) * size;
-                    let row = &keys[at..at + V * 16 * size];
-                    let mut acc = _mm512_mul_ps(qh[0], load_kv::<F16>(row, 0));
-                    for (v, qv) in qh.iter().enumerate().skip(1) {
-                        acc = _mm512_fmadd_ps(*qv, load_kv::<F16>(row, 16 * v), acc);
+                    let at = g * hd * run.bt + run.slot + i0;
+                    // The next run's lines a few at a time along the dimensions.
+                    let ahead = (ahead, 8 * step, 8 * steps);
+                    let store = |h: usize, s: __m512, out: &mut [f32]| {
+                        let s = _mm512_mul_ps(s, scale);
+                        let s = match a {
+                            0 => s,
+                            _ => _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(a as i32), iota()), s),
+                        };
+                        let dst = &mut out[h * CHUNK + p0 + a - range.start..][..b - a];
+                        // SAFETY: the mask writes only the first `b - a` lanes, which `dst` holds.
+                        unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), ((1u32 << (b - a)) - 1) as u16, s) };
+                    };
+                    let mut h = g * group;
+                    while h < (g + 1) * group {
+                        match (g + 1) * group - h {
+                            1 => {
+                                let [s0] = head_scores_cols::<1, F16>(keys, at, run.bt, n, q, h, hd, ahead);
+                                store(h, s0, scores);
+                                h += 1;
+                            }
+                            2 | 4 => {
+                                let [s0, s1] = head_scores_cols::<2, F16>(keys, at, run.bt, n, q, h, hd, ahead);
+                                store(h, s0, scores);
+                                store(h + 1, s1, scores);
+                                h += 2;
+                            }
+                            _ => {
+                                let [s0, s1, s2] = head_scores_cols::<3, F16>(keys, at, run.bt, n, q, h, hd, ahead);
+                                store(h, s0, scores);
+                                store(h + 1, s1, scores);
+                                store(h + 2, s2, scores);
+                                h += 3;
+                            }
+                        }
                     }
-                    acc
-                };
-                #[rustfmt::skip]
-                let dots = [
-                    dot(0), dot(1), dot(2), dot(3), dot(4), dot(5), dot(6), dot(7),
-                    dot(8), dot(9), dot(10), dot(11), dot(12), dot(13), dot(14), dot(15),
-                ];
-                let s = _mm512_mul_ps(sum_across(&dots), scale);
-                let dst = &mut out[i0..i0 + n];
-                // SAFETY: the mask writes only the first `n` lanes, which `dst` holds.
-                unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), ((1u32 << n) - 1) as u16, s) };
+                    continue;
+                }
+                super::prefetch_part(ahead, step, steps);
+                if COLS {
+                    let mask = ((1u32 << n) - 1) as u16;
+                    for (d, k) in kt.as_flattened_mut().iter_mut().enumerate() {
+                        let at = (g * hd + d) * run.bt + run.slot + i0;
+                        *k = load_lanes::<F16>(keys, at, n, mask);
+                    }
+                } else {
+                    let f32s: &[f32] = bytemuck::cast_slice(keys);
+                    for (v, kt) in kt.iter_mut().enumerate() {
+                        let mut r = [_mm512_setzero_ps(); 16];
+                        for (i, r) in r.iter_mut().enumerate().take(n) {
+                            *r = load(f32s, (i0 + i) * kvd + g * hd + 16 * v);
+                        }
+                        *kt = transpose16(&r);
+                    }
+                }
+                let kt: &[__m512] = kt.as_flattened();
+                for (r, range) in ranges.iter().enumerate() {
+                    // This block's lanes `a..b` are positions of the row's range.
+                    let (a, b) = (range.start.saturating_sub(p0).min(16), range.end.saturating_sub(p0).min(n));
+                    if a >= b {
+                        continue;
+                    }
+                    let (qr, out) = (&q[r * qd..][..qd], &mut scores[r * per_row..][..per_row]);
+                    let store = |h: usize, s: __m512, out: &mut [f32]| {
+                        let s = _mm512_mul_ps(s, scale);
+                        // Lane `a` first; lanes past the range are masked off.
+                        let s = match a {
+                            0 => s,
+                            _ => _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(a as i32), iota()), s),
+                        };
+                        let dst = &mut out[h * CHUNK + p0 + a - range.start..][..b - a];
+                        // SAFETY: the mask writes only the first `b - a` lanes, which `dst` holds.
+                        unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), ((1u32 << (b - a)) - 1) as u16, s) };
+                    };
+                    let mut h = g * group;
+                    while h < (g + 1) * group {
+                        match (g + 1) * group - h {
+                            1 => {
+                                let [s0] = head_scores::<1>(kt, qr, h, hd);
+                                store(h, s0, out);
+                                h += 1;
+                            }
+                            2 | 4 => {
+                                let [s0, s1] = head_scores::<2>(kt, qr, h, hd);
+                                store(h, s0, out);
+                                store(h + 1, s1, out);
+                                h += 2;
+                            }
+                            _ => {
+                                let [s0, s1, s2] = head_scores::<3>(kt, qr, h, hd);
+                                store(h, s0, out);
+                                store(h + 1, s1, out);
+                                store(h + 2, s2, out);
+                                h += 3;
+                            }
+                        }
+                    }
+                }
             }
         }
+    }
+
+    /// `n` elements from element `at` of `bytes` (f32, or f16 when `F16`, widened exactly)
+    /// in the first `n` lanes (`mask`), zeros in the rest.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    #[inline]
+    fn load_lanes<const F16: bool>(bytes: &[u8], at: usize, n: usize, mask: u16) -> __m512 {
+        let size = if F16 { 2 } else { 4 };
+        let b = &bytes[at * size..(at + n) * size];
+        // SAFETY: the mask reads only the first `n` elements, which `b` holds.
+        unsafe {
+            if F16 {
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, b.as_ptr().cast()))
+            } else {
+                _mm512_maskz_loadu_ps(mask, b.as_ptr().cast())
+            }
+        }
+    }
+
+    /// [`head_scores`] reading each dimension's vector straight from K stored by dimension
+    /// (`n` positions from element `at`, dimensions `bt` elements apart).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn head_scores_cols<const H: usize, const F16: bool>(
+        keys: &[u8],
+        at: usize,
+        bt: usize,
+        n: usize,
+        q: &[f32],
+        h: usize,
+        hd: usize,
+        (ahead, step, steps): (&[u8], usize, usize),
+    ) -> [__m512; H] {
+        let q = &q[h * hd..(h + H) * hd];
+        let mask = ((1u32 << n) - 1) as u16;
+        let mut acc = [[_mm512_setzero_ps(); 4]; H];
+        for d in 0..hd / 4 {
+            if d % (hd / 32) == 0 {
+                super::prefetch_part(ahead, step + d / (hd / 32), steps);
+            }
+            let mut k = [_mm512_setzero_ps(); 4];
+            for (c, k) in k.iter_mut().enumerate() {
+                *k = load_lanes::<F16>(keys, at + (4 * d + c) * bt, n, mask);
+            }
+            for (hh, acc) in acc.iter_mut().enumerate() {
+                let qd = &q[hh * hd + 4 * d..][..4];
+                for c in 0..4 {
+                    acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(qd[c]), k[c], acc[c]);
+                }
+            }
+        }
+        let mut out = [_mm512_setzero_ps(); H];
+        for (o, [s0, s1, s2, s3]) in out.iter_mut().zip(acc) {
+            *o = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
+        }
+        out
+    }
+
+    /// Lanes 0, 1, …, 15.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn iota() -> __m512i {
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)
+    }
+
+    /// The unscaled scores of heads `h..h + H` (whose queries are at `h·hd` of `q`) against
+    /// the positions' vectors `kt` (one per dimension): see [`scores_rows`].
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn head_scores<const H: usize>(kt: &[__m512], q: &[f32], h: usize, hd: usize) -> [__m512; H] {
+        let q = &q[h * hd..(h + H) * hd];
+        let kt = &kt[..hd];
+        let mut acc = [[_mm512_setzero_ps(); 4]; H];
+        // Four dimensions per step, so each running sum has a fixed register.
+        for (d, k) in kt.chunks_exact(4).enumerate() {
+            for (hh, acc) in acc.iter_mut().enumerate() {
+                let qd = &q[hh * hd + 4 * d..][..4];
+                for c in 0..4 {
+                    acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(qd[c]), k[c], acc[c]);
+                }
+            }
+        }
+        let mut out = [_mm512_setzero_ps(); H];
+        for (o, [s0, s1, s2, s3]) in out.iter_mut().zip(acc) {
+            *o = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
+        }
+        out
     }
 
     /// See [`super::Arith::values`]; `head_dim == V * 16`, `vals` the bytes of the rows.
@@ -351,22 +659,73 @@ mod zmm {
         let (group, kvd, stride) = (n_head / shape.n_head_kv, shape.n_head_kv * hd, hd + 2);
         let size = if F16 { 2 } else { 4 };
         let rows = vals.len() / size / kvd;
-        for h in 0..n_head {
-            super::prefetch_part(ahead, h, n_head);
-            let sums = &mut part[h * stride + 2..(h + 1) * stride];
-            let mut acc: [__m512; V] = std::array::from_fn(|v| load(sums, 16 * v));
+        let mut h = 0;
+        while h < n_head {
+            // Up to three heads of one group at a time: each V row is loaded once for all
+            // of them (each head's sums still add the rows in order: the same bits).
+            let in_group = (h / group + 1) * group;
+            let take = (in_group - h).min(3);
             let off = (h / group) * hd;
-            let weights = &scores[h * CHUNK + jj0..][..rows];
-            for (i, &w) in weights.iter().enumerate() {
-                let w = _mm512_set1_ps(w);
-                let at = (i * kvd + off) * size;
-                let row = &vals[at..at + V * 16 * size];
-                for (v, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(w, load_kv::<F16>(row, 16 * v), *a);
+            match take {
+                3 => values_heads::<V, F16, 3>(vals, kvd, off, rows, h, stride, scores, jj0, part, (ahead, n_head)),
+                2 => values_heads::<V, F16, 2>(vals, kvd, off, rows, h, stride, scores, jj0, part, (ahead, n_head)),
+                _ => values_heads::<V, F16, 1>(vals, kvd, off, rows, h, stride, scores, jj0, part, (ahead, n_head)),
+            }
+            h += take;
+        }
+    }
+
+    /// [`values`] for the `H` heads from `h`, which share the V rows at element `off` of
+    /// each `kvd`-wide row.
+    #[target_feature(enable = "avx512f,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn values_heads<const V: usize, const F16: bool, const H: usize>(
+        vals: &[u8],
+        kvd: usize,
+        off: usize,
+        rows: usize,
+        h: usize,
+        stride: usize,
+        scores: &[f32],
+        jj0: usize,
+        part: &mut [f32],
+        (ahead, parts): (&[u8], usize),
+    ) {
+        let size = if F16 { 2 } else { 4 };
+        let sums = &mut part[h * stride..(h + H) * stride];
+        // The heads' parts of the next run's lines, spread over the rows.
+        let every = rows.div_ceil(H).max(1);
+        let mut acc = [[_mm512_setzero_ps(); V]; H];
+        for (k, acc) in acc.iter_mut().enumerate() {
+            for (v, a) in acc.iter_mut().enumerate() {
+                *a = load(sums, k * stride + 2 + 16 * v);
+            }
+        }
+        let weights = &scores[h * CHUNK + jj0..];
+        assert!(weights.len() >= (H - 1) * CHUNK + rows, "scores of {H} heads");
+        let vals = &vals[..rows * kvd * size];
+        for i in 0..rows {
+            if i % every == 0 {
+                super::prefetch_part(ahead, h + i / every, parts);
+            }
+            let mut w = [_mm512_setzero_ps(); H];
+            for (k, w) in w.iter_mut().enumerate() {
+                *w = _mm512_set1_ps(weights[k * CHUNK + i]);
+            }
+            let at = (i * kvd + off) * size;
+            let row = &vals[at..at + V * 16 * size];
+            for v in 0..V {
+                let x = load_kv::<F16>(row, 16 * v);
+                for (a, w) in acc.iter_mut().zip(&w) {
+                    a[v] = _mm512_fmadd_ps(*w, x, a[v]);
                 }
             }
-            for (v, a) in acc.iter().enumerate() {
-                let dst: &mut [f32; 16] = (&mut sums[16 * v..16 * v + 16]).try_into().expect("16 values");
+        }
+        for (k, a) in acc.iter().enumerate() {
+            for (v, a) in a.iter().enumerate() {
+                let at = k * stride + 2 + 16 * v;
+                let dst: &mut [f32; 16] = (&mut sums[at..at + 16]).try_into().expect("16 values");
                 // SAFETY: `dst` is 16 writable f32s; the store is unaligned.
                 unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), *a) };
             }
@@ -382,8 +741,8 @@ mod zmm {
 #[inline(always)]
 fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f32]) {
     let TileJob { shape, layer, q, ranges, blocks, kv } = *job;
-    let AttnShape { n_head, head_dim: hd, .. } = shape;
-    let (qd, plen, per_row) = (n_head * hd, shape.partial_len(), n_head * CHUNK);
+    let n_head = shape.n_head;
+    let (plen, per_row) = (shape.partial_len(), n_head * CHUNK);
     let scale = shape.scale;
     let start = ranges.iter().map(|r| r.start).min().unwrap_or(0);
     let end = ranges.iter().map(|r| r.end).max().unwrap_or(0);
@@ -391,38 +750,21 @@ fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f
     scores.resize(ranges.len() * per_row, 0.0);
     let mut j = start;
     while j < end {
-        let (keys, take) = segment::<A>(kv, blocks, layer, j..end, false, rows);
-        let mut ahead = match j + take < end {
+        let (keys, take) = key_segment::<A>(kv, blocks, layer, j..end, rows);
+        let ahead = match j + take < end {
             true => upcoming(kv, blocks, layer, j + take, false),
             false => upcoming(kv, blocks, layer, start, true),
         };
-        for (r, range) in ranges.iter().enumerate() {
-            let (lo, hi) = (j.max(range.start), (j + take).min(range.end));
-            if lo < hi {
-                let keys = keys.slice((lo - j) * kv.layout().kv_dim..(hi - j) * kv.layout().kv_dim);
-                let sc = &mut scores[r * per_row..(r + 1) * per_row];
-                A::scores(shape, &q[r * qd..(r + 1) * qd], keys, scale, lo - range.start, sc, ahead);
-                ahead = &[];
-            }
-        }
+        A::scores_rows(shape, q, ranges, keys, j, scale, scores, ahead);
         j += take;
     }
-    let stride = hd + 2;
     for (r, range) in ranges.iter().enumerate() {
-        let n = range.len();
-        for h in 0..n_head {
-            let sc = &mut scores[r * per_row + h * CHUNK..][..n];
-            let m = max(sc);
-            let s = exp_sub_sum::<A>(sc, m);
-            let p = &mut parts[r * plen + h * stride..][..stride];
-            p[0] = m;
-            p[1] = s;
-            p[2..].fill(0.0);
-        }
+        let (sc, p) = (&mut scores[r * per_row..][..per_row], &mut parts[r * plen..][..plen]);
+        softmax::<A>(shape, 0..n_head, range.len(), sc, p);
     }
     let mut j = start;
     while j < end {
-        let (vals, take) = segment::<A>(kv, blocks, layer, j..end, true, rows);
+        let (vals, take) = segment::<A>(kv, blocks, layer, j..end, rows);
         let mut ahead = if j + take < end {
             upcoming(kv, blocks, layer, j + take, true)
         } else if end < blocks.len() * kv.layout().block_tokens {
@@ -443,23 +785,37 @@ fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f
     }
 }
 
-/// The K (or V) rows of positions `range.start..` that share its block (at most to
-/// `range.end`), and how many there are; f16 rows are widened into `buf` unless `A` reads
-/// them itself, q8_0 rows always (dequantized once per block run, then read by every head
-/// and row).
+/// Each head of `heads`: its `n` scores (at `h·CHUNK` of `scores`) become `exp(score − m)`,
+/// and its partial in `part` starts as `[m, Σ exp(score − m), 0…]`.
+#[inline(always)]
+fn softmax<A: Arith>(shape: AttnShape, heads: Range<usize>, n: usize, scores: &mut [f32], part: &mut [f32]) {
+    let stride = shape.head_dim + 2;
+    for h in heads {
+        let sc = &mut scores[h * CHUNK..][..n];
+        let m = max(sc);
+        let s = exp_sub_sum::<A>(sc, m);
+        let p = &mut part[h * stride..][..stride];
+        p[0] = m;
+        p[1] = s;
+        p[2..].fill(0.0);
+    }
+}
+
+/// The V rows of positions `range.start..` that share its block (at most to `range.end`),
+/// and how many there are; f16 rows are widened into `buf` unless `A` reads them itself,
+/// q8_0 rows always (dequantized once per block run, then read by every head and row).
 #[inline(always)]
 fn segment<'a, A: Arith>(
     kv: &'a KvArena,
     blocks: &[BlockId],
     layer: usize,
     range: Range<usize>,
-    values: bool,
     buf: &'a mut Vec<f32>,
 ) -> (KvRows<'a>, usize) {
     let (bt, kvd) = (kv.layout().block_tokens, kv.layout().kv_dim);
     let (b, slot) = (range.start / bt, range.start % bt);
     let take = (bt - slot).min(range.len());
-    let rows = if values { kv.values(blocks[b], layer) } else { kv.keys(blocks[b], layer) };
+    let rows = kv.values(blocks[b], layer);
     let span = slot * kvd..(slot + take) * kvd;
     match rows {
         KvRows::Q8_0(_) => {
@@ -476,13 +832,57 @@ fn segment<'a, A: Arith>(
     }
 }
 
+/// A run of K rows as a kernel reads them.
+#[derive(Clone, Copy, Debug)]
+enum Keys<'a> {
+    /// By position: `take × kv_dim` values.
+    Rows(KvRows<'a>),
+    /// By dimension (see [`KvArena::keys_by_dimension`]): a block's whole K,
+    /// `[kv_dim][bt]`, of which the run is positions `slot..slot + take`.
+    Columns { block: KvRows<'a>, bt: usize, slot: usize, take: usize },
+}
+
+/// [`segment`] for K: the run as stored when `A` reads K by dimension and the arena stores
+/// it so, else rows by position in `buf` (q8_0 dequantized; by-dimension K gathered into
+/// rows, widened to f32).
+#[inline(always)]
+fn key_segment<'a, A: Arith>(
+    kv: &'a KvArena,
+    blocks: &[BlockId],
+    layer: usize,
+    range: Range<usize>,
+    buf: &'a mut Vec<f32>,
+) -> (Keys<'a>, usize) {
+    let (bt, kvd) = (kv.layout().block_tokens, kv.layout().kv_dim);
+    let (b, slot) = (range.start / bt, range.start % bt);
+    let take = (bt - slot).min(range.len());
+    let block = kv.keys(blocks[b], layer);
+    if kv.keys_by_dimension() && A::READS_KEY_COLUMNS {
+        return (Keys::Columns { block, bt, slot, take }, take);
+    }
+    buf.resize(take * kvd, 0.0);
+    match block {
+        KvRows::Q8_0(_) => A::widen_q8_0(block.slice(slot * kvd..(slot + take) * kvd).bytes(), buf),
+        _ => {
+            for (i, row) in buf.chunks_exact_mut(kvd).enumerate() {
+                kv.read_key(blocks[b], layer, slot + i, row);
+            }
+        }
+    }
+    (Keys::Rows(KvRows::F32(buf)), take)
+}
+
 /// The stored K (or V) rows of `pos`'s block from `pos` on, as bytes: what the next
 /// segment will read, fetched into cache ahead of it by [`prefetch_part`].
 fn upcoming<'a>(kv: &'a KvArena, blocks: &[BlockId], layer: usize, pos: usize, values: bool) -> &'a [u8] {
     let bt = kv.layout().block_tokens;
     let b = blocks[pos / bt];
     let bytes = if values { kv.values(b, layer) } else { kv.keys(b, layer) }.bytes();
-    &bytes[(pos % bt) * (bytes.len() / bt)..]
+    match !values && kv.keys_by_dimension() {
+        // Every dimension holds some of the positions from `pos` on.
+        true => bytes,
+        false => &bytes[(pos % bt) * (bytes.len() / bt)..],
+    }
 }
 
 /// Prefetches part `i` of `n` of `bytes`' cache lines: spread over a loop's `n` steps, so
@@ -646,6 +1046,31 @@ pub fn merge_strided(shape: AttnShape, parts: &[f32], step: usize, out: &mut [f3
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn transpose16_moves_every_lane() {
+        use std::arch::x86_64::*;
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        // SAFETY: avx512f was detected above; loads and stores are unaligned and in bounds.
+        let t = unsafe {
+            let rows: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(m[16 * i..].as_ptr()));
+            let cols = zmm::transpose16(&rows);
+            let mut t = vec![0.0f32; 256];
+            for (c, v) in cols.iter().enumerate() {
+                _mm512_storeu_ps(t[16 * c..].as_mut_ptr(), *v);
+            }
+            t
+        };
+        for r in 0..16 {
+            for c in 0..16 {
+                assert_eq!(t[16 * c + r], m[16 * r + c], "row {r} column {c}");
+            }
+        }
+    }
 
     #[test]
     fn polynomial_exp_is_within_a_few_ulp_of_std() {
