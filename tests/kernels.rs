@@ -8,7 +8,7 @@ use rayon::ThreadPool;
 use starling::config::KvDtype;
 use starling::kv::arena::{BlockTable, KvArena, KvLayout};
 use starling::model::ggml_type::GgmlType;
-use starling::model::kernels::attention::{AttnShape, CHUNK, Span};
+use starling::model::kernels::attention::{AttnShape, CHUNK, ChunkScratch, Span, TileJob};
 use starling::model::kernels::quant_acts::{self, QuantActs};
 use starling::model::kernels::{KernelError, Kernels, MatmulScratch, QMatrix, reference};
 use starling::model::ops::{AttnScratch, attend_row};
@@ -377,6 +377,77 @@ fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
                             err <= 1e-5 * (1.0 + w.abs()),
                             "{name} {shape:?} {dtype:?} {bt}/{positions} window {window:?}: out[{i}] {got} vs {w}"
                         );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A tile of consecutive rows (a prompt's) gives every row the bits it gets alone (a decode
+/// step), on every kernel set, KV type and head width (64-wide and 256-wide heads take the
+/// AVX-512 path's tile and single-row loops, which read K differently), with and without a
+/// sliding window, in blocks of 16 and of 48 positions.
+#[test]
+fn a_tile_of_rows_gives_each_row_its_bits_alone() {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let gemma = AttnShape { scale: 0.0625, ..AttnShape::new(4, 1, 256) };
+    for (shape, window) in [
+        (AttnShape::new(6, 2, 24), None),
+        (AttnShape::new(9, 3, 64), None),
+        (AttnShape::new(9, 3, 64), Some(CHUNK + 5)),
+        (AttnShape::new(14, 2, 64), None),
+        (gemma, Some(70)),
+    ] {
+        let (kvd, qd) = (shape.n_head_kv * shape.head_dim, shape.n_head * shape.head_dim);
+        for (bt, positions) in [(16, 3 * CHUNK - 7), (48, 2 * CHUNK + 9)] {
+            let layout = KvLayout { n_layer: 1, kv_dim: kvd, block_tokens: bt };
+            let dtypes = [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0];
+            for dtype in dtypes.into_iter().filter(|&d| d != KvDtype::Q8_0 || kvd % 32 == 0) {
+                let cap = layout.blocks_for(positions) * layout.block_bytes_as(dtype);
+                let mut arena = KvArena::with_dtype(layout, cap as u64, dtype).unwrap();
+                let mut table = BlockTable::default();
+                table.reserve(&mut arena, positions).unwrap();
+                for pos in 0..positions {
+                    arena.write(
+                        table.blocks[pos / bt],
+                        0,
+                        pos % bt,
+                        &values(&mut rng, kvd, 3.0),
+                        &values(&mut rng, kvd, 1.0),
+                    );
+                }
+                // The last 16 rows of the prompt, each over every chunk its span touches.
+                let rows: Vec<usize> = (positions - 16..positions).collect();
+                let q = values(&mut rng, rows.len() * qd, 1.0);
+                let plen = shape.partial_len();
+                for kernels in Kernels::available() {
+                    let mut scratch = ChunkScratch::default();
+                    for c in 0..positions.div_ceil(CHUNK) {
+                        let seen: Vec<usize> = (0..rows.len())
+                            .filter(|&r| {
+                                let sp = Span::new(rows[r], window);
+                                (sp.lo / CHUNK..=sp.pos / CHUNK).contains(&c)
+                            })
+                            .collect();
+                        if seen.is_empty() {
+                            continue;
+                        }
+                        let span = |r: usize| Span::new(rows[r], window);
+                        let ranges: Vec<_> = seen.iter().map(|&r| span(r).chunk(c - span(r).lo / CHUNK)).collect();
+                        let tq = &q[seen[0] * qd..(seen[seen.len() - 1] + 1) * qd];
+                        let job =
+                            TileJob { shape, layer: 0, q: tq, ranges: &ranges, blocks: &table.blocks, kv: &arena };
+                        let mut tiled = vec![f32::NAN; seen.len() * plen];
+                        kernels.attend_tile(&job, &mut scratch, &mut tiled);
+                        for (i, &r) in seen.iter().enumerate() {
+                            let one = TileJob { q: &q[r * qd..(r + 1) * qd], ranges: &ranges[i..i + 1], ..job.clone() };
+                            let mut alone = vec![f32::NAN; plen];
+                            kernels.attend_tile(&one, &mut scratch, &mut alone);
+                            let same = alone.iter().zip(&tiled[i * plen..]).all(|(a, b)| a.to_bits() == b.to_bits());
+                            let name = kernels.name();
+                            assert!(same, "{name} {shape:?} {dtype:?} window {window:?} bt {bt}: row {r}, chunk {c}");
+                        }
                     }
                 }
             }

@@ -9,7 +9,7 @@
 //!
 //! One body is compiled three times: for AVX-512, for AVX2 (both with FMA, so LLVM
 //! vectorizes the 16-lane loops to full width) and portable (separate multiply and add).
-//! For heads of 64 or 128 values the AVX-512 build swaps in intrinsics for the two inner
+//! For heads of 64, 128 or 256 values the AVX-512 build swaps in intrinsics for the two inner
 //! loops (`Zmm`). Scores are a small GEMM: the arena stores f32/f16 K by dimension
 //! ([`KvArena::keys_by_dimension`]), so one vector holds one dimension of sixteen
 //! positions and each query head gets sixteen scores with one FMA per dimension, the
@@ -113,9 +113,6 @@ trait Arith: Sized {
     /// Whether `scores` and `values` read f16 rows themselves; otherwise [`tile_body`]
     /// widens them to f32 first.
     const READS_F16: bool = false;
-    /// Whether `scores_rows` reads K stored by dimension ([`Keys::Columns`]); otherwise
-    /// [`tile_body`] gathers it into rows first.
-    const READS_KEY_COLUMNS: bool = false;
 
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
 
@@ -144,16 +141,33 @@ trait Arith: Sized {
     ) {
         let (qd, per_row, kvd) =
             (shape.n_head * shape.head_dim, shape.n_head * CHUNK, shape.n_head_kv * shape.head_dim);
-        let Keys::Rows(keys) = keys else { unreachable!("tile_body gathers K into rows") };
-        let end = j + keys.len() / kvd;
+        let (take, cols) = match keys {
+            Keys::Rows(rows) => (rows.len() / kvd, None),
+            Keys::Columns { block: KvRows::F32(k), bt, slot, take } => (take, Some((k, bt, slot))),
+            Keys::Columns { .. } => unreachable!("tile_body widens f16 K for this arithmetic"),
+        };
         for (r, range) in ranges.iter().enumerate() {
-            let (lo, hi) = (j.max(range.start), end.min(range.end));
-            if lo < hi {
-                let keys = keys.slice((lo - j) * kvd..(hi - j) * kvd);
-                let sc = &mut scores[r * per_row..(r + 1) * per_row];
-                Self::scores(shape, &q[r * qd..(r + 1) * qd], keys, scale, lo - range.start, sc, ahead);
-                ahead = &[];
+            let (lo, hi) = (j.max(range.start), (j + take).min(range.end));
+            if lo >= hi {
+                continue;
             }
+            let (qr, sc) = (&q[r * qd..(r + 1) * qd], &mut scores[r * per_row..(r + 1) * per_row]);
+            match (keys, cols) {
+                (_, Some((k, bt, slot))) => {
+                    column_scores::<Self>(shape, qr, k, bt, slot + lo - j, hi - lo, scale, lo - range.start, sc, ahead)
+                }
+                (Keys::Rows(rows), None) => Self::scores(
+                    shape,
+                    qr,
+                    rows.slice((lo - j) * kvd..(hi - j) * kvd),
+                    scale,
+                    lo - range.start,
+                    sc,
+                    ahead,
+                ),
+                _ => unreachable!(),
+            }
+            ahead = &[];
         }
     }
 
@@ -223,7 +237,6 @@ struct Zmm<const V: usize>;
 #[cfg(target_arch = "x86_64")]
 impl<const V: usize> Arith for Zmm<V> {
     const READS_F16: bool = true;
-    const READS_KEY_COLUMNS: bool = true;
 
     #[inline(always)]
     fn widen_q8_0(blocks: &[u8], out: &mut [f32]) {
@@ -661,10 +674,10 @@ mod zmm {
         let rows = vals.len() / size / kvd;
         let mut h = 0;
         while h < n_head {
-            // Up to three heads of one group at a time: each V row is loaded once for all
-            // of them (each head's sums still add the rows in order: the same bits).
+            // Up to three heads of one group at a time (one for 256-wide heads, whose sums
+            // fill sixteen registers): each V row is loaded once for all of them (each head's sums still add the rows in order: the same bits).
             let in_group = (h / group + 1) * group;
-            let take = (in_group - h).min(3);
+            let take = (in_group - h).min(if V >= 16 { 1 } else { 3 });
             let off = (h / group) * hd;
             match take {
                 3 => values_heads::<V, F16, 3>(vals, kvd, off, rows, h, stride, scores, jj0, part, (ahead, n_head)),
@@ -842,9 +855,8 @@ enum Keys<'a> {
     Columns { block: KvRows<'a>, bt: usize, slot: usize, take: usize },
 }
 
-/// [`segment`] for K: the run as stored when `A` reads K by dimension and the arena stores
-/// it so, else rows by position in `buf` (q8_0 dequantized; by-dimension K gathered into
-/// rows, widened to f32).
+/// [`segment`] for K: by dimension as stored (f16 widened into `buf` unless `A` reads it
+/// itself), or q8_0 rows by position dequantized into `buf`.
 #[inline(always)]
 fn key_segment<'a, A: Arith>(
     kv: &'a KvArena,
@@ -857,19 +869,20 @@ fn key_segment<'a, A: Arith>(
     let (b, slot) = (range.start / bt, range.start % bt);
     let take = (bt - slot).min(range.len());
     let block = kv.keys(blocks[b], layer);
-    if kv.keys_by_dimension() && A::READS_KEY_COLUMNS {
-        return (Keys::Columns { block, bt, slot, take }, take);
-    }
-    buf.resize(take * kvd, 0.0);
     match block {
-        KvRows::Q8_0(_) => A::widen_q8_0(block.slice(slot * kvd..(slot + take) * kvd).bytes(), buf),
-        _ => {
-            for (i, row) in buf.chunks_exact_mut(kvd).enumerate() {
-                kv.read_key(blocks[b], layer, slot + i, row);
-            }
+        KvRows::Q8_0(_) => {
+            buf.resize(take * kvd, 0.0);
+            A::widen_q8_0(block.slice(slot * kvd..(slot + take) * kvd).bytes(), buf);
+            (Keys::Rows(KvRows::F32(buf)), take)
         }
+        KvRows::F16(_) if !A::READS_F16 => {
+            // The whole block at once (the bulk conversion uses F16C where present).
+            buf.resize(bt * kvd, 0.0);
+            block.read_f32(0, buf);
+            (Keys::Columns { block: KvRows::F32(buf), bt, slot, take }, take)
+        }
+        _ => (Keys::Columns { block, bt, slot, take }, take),
     }
-    (Keys::Rows(KvRows::F32(buf)), take)
 }
 
 /// The stored K (or V) rows of `pos`'s block from `pos` on, as bytes: what the next
@@ -901,6 +914,69 @@ fn prefetch_part(bytes: &[u8], i: usize, n: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (bytes, i, n);
+}
+
+/// [`Arith::scores`] from K stored by dimension (`k`: `[kv_dim][bt]`, positions
+/// `first..first + n` of the block), sixteen positions at a time with the positions in the
+/// lanes: each score's arithmetic is [`dot`]'s (16 partial sums over dimensions `d mod 16`,
+/// then the same pairwise sum, then the remaining dimensions), so its bits are those of the
+/// row-by-row path. Prefetches `ahead` along the way.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn column_scores<A: Arith>(
+    shape: AttnShape,
+    q: &[f32],
+    k: &[f32],
+    bt: usize,
+    first: usize,
+    n: usize,
+    scale: f32,
+    jj0: usize,
+    scores: &mut [f32],
+    ahead: &[u8],
+) {
+    let AttnShape { n_head, head_dim: hd, .. } = shape;
+    let group = n_head / shape.n_head_kv;
+    let full = hd / LANES * LANES;
+    for i0 in (0..n).step_by(16) {
+        let m = (n - i0).min(16);
+        let at = first + i0;
+        for h in 0..n_head {
+            if i0 == 0 {
+                prefetch_part(ahead, h, n_head);
+            }
+            let (qh, base) = (&q[h * hd..(h + 1) * hd], (h / group) * hd);
+            let mut acc = [[0.0f32; 16]; LANES];
+            for (l, acc) in acc.iter_mut().enumerate() {
+                for d in (l..full).step_by(LANES) {
+                    let col = &k[(base + d) * bt + at..][..m];
+                    for (a, &x) in acc.iter_mut().zip(col) {
+                        *a = A::mul_add(qh[d], x, *a);
+                    }
+                }
+            }
+            let mut w = LANES;
+            while w > 1 {
+                w /= 2;
+                let (lo, hi) = acc.split_at_mut(w);
+                for (a, b) in lo.iter_mut().zip(hi.iter()) {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x += y;
+                    }
+                }
+            }
+            let mut s = acc[0];
+            for d in full..hd {
+                let col = &k[(base + d) * bt + at..][..m];
+                for (a, &x) in s.iter_mut().zip(col) {
+                    *a = A::mul_add(qh[d], x, *a);
+                }
+            }
+            for (o, v) in scores[h * CHUNK + jj0 + i0..][..m].iter_mut().zip(&s) {
+                *o = v * scale;
+            }
+        }
+    }
 }
 
 /// `Σ a_i·b_i` in 16 partial sums, then the portable kernels' fixed pairwise lane sum.
@@ -988,14 +1064,15 @@ pub(super) fn tile_portable(job: &TileJob, scratch: &mut ChunkScratch, parts: &m
     tile_body::<Separate>(job, scratch, parts)
 }
 
-/// [`tile_body`] for AVX-512; heads of 64 or 128 values keep a head's query or running
-/// sum in registers across a block of rows (`Zmm`).
+/// [`tile_body`] for AVX-512; heads of 64, 128 or 256 values score from K by dimension and
+/// keep running sums in registers (`Zmm`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c")]
 pub(super) fn tile_avx512(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f32]) {
     match job.shape.head_dim {
         64 => tile_body::<Zmm<4>>(job, scratch, parts),
         128 => tile_body::<Zmm<8>>(job, scratch, parts),
+        256 => tile_body::<Zmm<16>>(job, scratch, parts),
         _ => tile_body::<Fused>(job, scratch, parts),
     }
 }
