@@ -175,7 +175,7 @@ fn bench_attention(c: &mut Criterion) {
     group.finish();
 }
 
-/// A filled arena of one layer (SmolLM2's 3 KV heads of 64) over `positions` positions.
+/// A filled arena of `layers` layers (SmolLM2's 3 KV heads of 64) over `positions` positions.
 fn arena_over(layers: usize, positions: usize, dtype: KvDtype) -> (KvArena, BlockTable) {
     let layout = KvLayout { n_layer: layers, kv_dim: 192, block_tokens: 16 };
     let cap = layout.blocks_for(positions) * layout.block_bytes_as(dtype);

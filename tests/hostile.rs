@@ -411,7 +411,7 @@ fn large_prompts_at_once_do_not_stall_other_streams() {
     let server = TestServer::start(|c| c.server.max_body_bytes = (2 << 20).try_into().unwrap());
     let addr = server.addr;
     // A stream that ends while the floods are still being answered is followed by another.
-    let mut sse = steady_stream(addr, 400);
+    let mut sse = steady_stream(addr, 1000);
     let big = "All work and no play makes Jack a dull boy. ".repeat(23_000);
     let floods: Vec<_> = (0..32)
         .map(|_| {
@@ -423,7 +423,21 @@ fn large_prompts_at_once_do_not_stall_other_streams() {
     while !floods.iter().all(|f| f.is_finished()) {
         let e = sse.next_event().expect("the stream goes on");
         if e.event.as_deref() == Some("done") {
-            sse = steady_stream(addr, 400);
+            // A new request may meet the queue full of floods: it is refused (429) until
+            // there is room, which is backpressure, not a stall of a running stream.
+            let body = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": true});
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let conn = loop {
+                let conn = crate::support::stream_json(addr, "/v1/generate", &body);
+                match conn.status {
+                    429 if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                    _ => break conn,
+                }
+            };
+            assert_eq!(conn.status, 200, "a new stream once the floods leave room");
+            sse = conn.sse();
+            let first = sse.next_event().expect("the new stream started");
+            assert_eq!(first.event.as_deref(), Some("token"), "{first:?}");
             last = Instant::now();
             continue;
         }

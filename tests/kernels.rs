@@ -385,9 +385,9 @@ fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
 }
 
 /// A tile of consecutive rows (a prompt's) gives every row the bits it gets alone (a decode
-/// step), on every kernel set, KV type and head width (64-wide and 256-wide heads take the
-/// AVX-512 path's tile and single-row loops, which read K differently), with and without a
-/// sliding window, in blocks of 16 and of 48 positions.
+/// step), on every kernel set, KV type and head width (64-, 128- and 256-wide heads take
+/// the AVX-512 path's tile and single-row loops, which read K differently), with and
+/// without a sliding window, in blocks of several sizes.
 #[test]
 fn a_tile_of_rows_gives_each_row_its_bits_alone() {
     let mut rng = ChaCha8Rng::seed_from_u64(21);
@@ -397,10 +397,15 @@ fn a_tile_of_rows_gives_each_row_its_bits_alone() {
         (AttnShape::new(9, 3, 64), None),
         (AttnShape::new(9, 3, 64), Some(CHUNK + 5)),
         (AttnShape::new(14, 2, 64), None),
+        (AttnShape::new(6, 2, 128), Some(CHUNK + 21)),
         (gemma, Some(70)),
     ] {
         let (kvd, qd) = (shape.n_head_kv * shape.head_dim, shape.n_head * shape.head_dim);
-        for (bt, positions) in [(16, 3 * CHUNK - 7), (48, 2 * CHUNK + 9)] {
+        // Blocks of 16 and 48 positions, of 5 and 20 (runs shorter than, and not a multiple
+        // of, sixteen lanes) and of 100 (longer than a chunk).
+        let blocks =
+            [(16, 3 * CHUNK - 7), (48, 2 * CHUNK + 9), (5, 2 * CHUNK + 3), (20, 2 * CHUNK + 9), (100, 3 * CHUNK + 1)];
+        for (bt, positions) in blocks {
             let layout = KvLayout { n_layer: 1, kv_dim: kvd, block_tokens: bt };
             let dtypes = [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0];
             for dtype in dtypes.into_iter().filter(|&d| d != KvDtype::Q8_0 || kvd % 32 == 0) {

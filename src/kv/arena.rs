@@ -98,7 +98,8 @@ pub enum KvError {
     RowWidth { kv_dim: usize },
 }
 
-/// One layer's K (or V) rows of one block, in the arena's element type.
+/// One layer's K (or V) of one block, in the arena's element type: V by position, K by
+/// position or by dimension (see [`KvArena::keys_by_dimension`]).
 #[derive(Clone, Copy, Debug)]
 pub enum KvRows<'a> {
     F32(&'a [f32]),

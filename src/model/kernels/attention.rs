@@ -9,15 +9,17 @@
 //!
 //! One body is compiled three times: for AVX-512, for AVX2 (both with FMA, so LLVM
 //! vectorizes the 16-lane loops to full width) and portable (separate multiply and add).
-//! For heads of 64, 128 or 256 values the AVX-512 build swaps in intrinsics for the two inner
-//! loops (`Zmm`). Scores are a small GEMM: the arena stores f32/f16 K by dimension
-//! ([`KvArena::keys_by_dimension`]), so one vector holds one dimension of sixteen
+//! For heads of 64, 128 or 256 values the AVX-512 build swaps in intrinsics for the two
+//! inner loops (`Zmm`). There scores are a small GEMM: the arena stores f32/f16 K by
+//! dimension ([`KvArena::keys_by_dimension`]), so one vector holds one dimension of sixteen
 //! positions and each query head gets sixteen scores with one FMA per dimension, the
 //! vector loaded once for every head of its group and, in a prefill tile, every row (q8_0
 //! rows are dequantized and transposed once per tile instead). No score is summed across
 //! lanes, and its order of additions is the same whether K came by dimension or by row,
 //! alone or in a tile. The weighted sum of values loads each V row once for up to three
-//! heads of a group. f16 is read as stored (`vcvtph2ps` in the load). `exp` is a
+//! heads of a group. f16 is read as stored (`vcvtph2ps` in the load). The other builds
+//! read K by dimension too, with positions in the lanes and each score summed as the
+//! row-by-row dot product sums it (q8_0 rows keep that dot product). `exp` is a
 //! polynomial the vectorizer can inline (relative error under 5e-7).
 //!
 //! A long context's decode step streams every cached K and V row from memory once (190 MB
@@ -100,7 +102,8 @@ pub struct TileJob<'a> {
     pub kv: &'a KvArena,
 }
 
-/// Per-thread buffers of a chunk: scores and f16 rows widened to f32.
+/// Per-thread buffers of a chunk: scores, and K or V widened to f32 (q8_0 rows, or f16 for
+/// arithmetic that does not read it as stored).
 #[derive(Default)]
 pub struct ChunkScratch {
     scores: Vec<f32>,
@@ -227,10 +230,9 @@ impl Arith for Separate {
     }
 }
 
-/// AVX-512 with heads of `V` × 16 values, reading f32 or f16 rows as they are stored: a
-/// head's query stays in `V` registers while sixteen K rows pass, whose sixteen dot
-/// products are summed across lanes together; a head's running sum of values stays in
-/// registers while a block's V rows pass.
+/// AVX-512 with heads of `V` × 16 values, reading f32 or f16 as stored: scores sixteen
+/// positions at a time from K by dimension (see `zmm::scores_rows`); up to three heads'
+/// running sums of values stay in registers while a block's V rows pass.
 #[cfg(target_arch = "x86_64")]
 struct Zmm<const V: usize>;
 
@@ -454,11 +456,11 @@ mod zmm {
         let scale = _mm512_set1_ps(scale);
         let steps = rows.div_ceil(16) * n_head_kv;
         let mut kt = [[_mm512_setzero_ps(); 16]; V];
-        for (b, i0) in (0..rows).step_by(16).enumerate() {
+        for (blk, i0) in (0..rows).step_by(16).enumerate() {
             let n = (rows - i0).min(16);
             let p0 = j + i0;
             for g in 0..n_head_kv {
-                let step = b * n_head_kv + g;
+                let step = blk * n_head_kv + g;
                 if COLS && ranges.len() == 1 {
                     // One row (a decode step): each dimension's vector is used once, by the
                     // group's heads together, so it is loaded right where they use it.
@@ -675,7 +677,8 @@ mod zmm {
         let mut h = 0;
         while h < n_head {
             // Up to three heads of one group at a time (one for 256-wide heads, whose sums
-            // fill sixteen registers): each V row is loaded once for all of them (each head's sums still add the rows in order: the same bits).
+            // fill sixteen registers): each V row is loaded once for all of them (each
+            // head's sums still add the rows in order: the same bits).
             let in_group = (h / group + 1) * group;
             let take = (in_group - h).min(if V >= 16 { 1 } else { 3 });
             let off = (h / group) * hd;
@@ -875,11 +878,15 @@ fn key_segment<'a, A: Arith>(
             A::widen_q8_0(block.slice(slot * kvd..(slot + take) * kvd).bytes(), buf);
             (Keys::Rows(KvRows::F32(buf)), take)
         }
-        KvRows::F16(_) if !A::READS_F16 => {
-            // The whole block at once (the bulk conversion uses F16C where present).
-            buf.resize(bt * kvd, 0.0);
-            block.read_f32(0, buf);
-            (Keys::Columns { block: KvRows::F32(buf), bt, slot, take }, take)
+        KvRows::F16(k) if !A::READS_F16 => {
+            // The run's positions of each dimension, widened (the bulk conversion uses F16C
+            // where present): `[kv_dim][take]`.
+            use half::slice::HalfFloatSliceExt;
+            buf.resize(take * kvd, 0.0);
+            for (d, out) in buf.chunks_exact_mut(take).enumerate() {
+                k[d * bt + slot..d * bt + slot + take].convert_to_f32_slice(out);
+            }
+            (Keys::Columns { block: KvRows::F32(buf), bt: take, slot: 0, take }, take)
         }
         _ => (Keys::Columns { block, bt, slot, take }, take),
     }
@@ -892,7 +899,8 @@ fn upcoming<'a>(kv: &'a KvArena, blocks: &[BlockId], layer: usize, pos: usize, v
     let b = blocks[pos / bt];
     let bytes = if values { kv.values(b, layer) } else { kv.keys(b, layer) }.bytes();
     match !values && kv.keys_by_dimension() {
-        // Every dimension holds some of the positions from `pos` on.
+        // Every dimension holds some of the positions from `pos` on: the whole block (as
+        // many lines as a row layout's at the usual 16 positions per block).
         true => bytes,
         false => &bytes[(pos % bt) * (bytes.len() / bt)..],
     }
