@@ -315,6 +315,33 @@ fn attention_reference(shape: AttnShape, q: &[f32], keys: &[Vec<f32>], vals: &[V
     out
 }
 
+/// The KV cache types for rows of `kvd` values: q8_0 only where rows are whole blocks of 32
+/// (the arena refuses others).
+fn kv_dtypes(kvd: usize) -> impl Iterator<Item = KvDtype> {
+    [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0]
+        .into_iter()
+        .filter(move |&d| d != KvDtype::Q8_0 || kvd.is_multiple_of(32))
+}
+
+/// An arena of `dtype` holding position `p`'s `keys[p]` and `vals[p]` in layer `layer`.
+fn filled_arena(
+    layout: KvLayout,
+    dtype: KvDtype,
+    layer: usize,
+    keys: &[Vec<f32>],
+    vals: &[Vec<f32>],
+) -> (KvArena, BlockTable) {
+    let (positions, bt) = (keys.len(), layout.block_tokens);
+    let cap = layout.blocks_for(positions) * layout.block_bytes_as(dtype);
+    let mut arena = KvArena::with_dtype(layout, cap as u64, dtype).unwrap();
+    let mut table = BlockTable::default();
+    table.reserve(&mut arena, positions).unwrap();
+    for (pos, (k, v)) in keys.iter().zip(vals).enumerate() {
+        arena.write(table.blocks[pos / bt], layer, pos % bt, k, v);
+    }
+    (arena, table)
+}
+
 #[test]
 fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
@@ -336,16 +363,8 @@ fn chunked_attention_matches_the_reference_for_every_kernel_and_kv_dtype() {
             let keys: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, kvd, 3.0)).collect();
             let vals: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, kvd, 1.0)).collect();
             let q = values(&mut rng, qd, 1.0);
-            // q8_0 only where rows are whole blocks of 32 (the arena refuses others).
-            let dtypes = [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0];
-            for dtype in dtypes.into_iter().filter(|&d| d != KvDtype::Q8_0 || kvd % 32 == 0) {
-                let cap = layout.blocks_for(positions) * layout.block_bytes_as(dtype);
-                let mut arena = KvArena::with_dtype(layout, cap as u64, dtype).unwrap();
-                let mut table = BlockTable::default();
-                table.reserve(&mut arena, positions).unwrap();
-                for (pos, (k, v)) in keys.iter().zip(&vals).enumerate() {
-                    arena.write(table.blocks[pos / bt], 1, pos % bt, k, v);
-                }
+            for dtype in kv_dtypes(kvd) {
+                let (arena, table) = filled_arena(layout, dtype, 1, &keys, &vals);
                 // The reference sees what the arena holds (rows rounded to f16, or
                 // quantized, read back as the arena gives them).
                 let stored = |rows: &[Vec<f32>], values: bool| -> Vec<Vec<f32>> {
@@ -407,21 +426,10 @@ fn a_tile_of_rows_gives_each_row_its_bits_alone() {
             [(16, 3 * CHUNK - 7), (48, 2 * CHUNK + 9), (5, 2 * CHUNK + 3), (20, 2 * CHUNK + 9), (100, 3 * CHUNK + 1)];
         for (bt, positions) in blocks {
             let layout = KvLayout { n_layer: 1, kv_dim: kvd, block_tokens: bt };
-            let dtypes = [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0];
-            for dtype in dtypes.into_iter().filter(|&d| d != KvDtype::Q8_0 || kvd % 32 == 0) {
-                let cap = layout.blocks_for(positions) * layout.block_bytes_as(dtype);
-                let mut arena = KvArena::with_dtype(layout, cap as u64, dtype).unwrap();
-                let mut table = BlockTable::default();
-                table.reserve(&mut arena, positions).unwrap();
-                for pos in 0..positions {
-                    arena.write(
-                        table.blocks[pos / bt],
-                        0,
-                        pos % bt,
-                        &values(&mut rng, kvd, 3.0),
-                        &values(&mut rng, kvd, 1.0),
-                    );
-                }
+            for dtype in kv_dtypes(kvd) {
+                let keys: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, kvd, 3.0)).collect();
+                let vals: Vec<Vec<f32>> = (0..positions).map(|_| values(&mut rng, kvd, 1.0)).collect();
+                let (arena, table) = filled_arena(layout, dtype, 0, &keys, &vals);
                 // The last 16 rows of the prompt, each over every chunk its span touches.
                 let rows: Vec<usize> = (positions - 16..positions).collect();
                 let q = values(&mut rng, rows.len() * qd, 1.0);

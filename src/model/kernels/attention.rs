@@ -263,53 +263,26 @@ impl<const V: usize> Arith for Zmm<V> {
         ahead: &[u8],
     ) {
         let kvd = shape.n_head_kv * shape.head_dim;
+        let (bytes, run, f16, cols): (&[u8], _, _, _) = match keys {
+            Keys::Rows(KvRows::F32(k)) => {
+                (bytemuck::cast_slice(k), zmm::KeyRun { bt: 0, slot: 0, take: k.len() / kvd }, false, false)
+            }
+            Keys::Columns { block: KvRows::F32(k), bt, slot, take } => {
+                (bytemuck::cast_slice(k), zmm::KeyRun { bt, slot, take }, false, true)
+            }
+            Keys::Columns { block: KvRows::F16(k), bt, slot, take } => {
+                (bytemuck::cast_slice(k), zmm::KeyRun { bt, slot, take }, true, true)
+            }
+            _ => unreachable!("tile_body widens q8_0 K into f32 rows"),
+        };
+        let args = (shape, q, ranges, bytes, run, j, scale);
         // SAFETY: `Zmm` is only used by `tile_avx512`, which runs only where `available()`
         // detected avx512f/bw/vl and f16c.
         unsafe {
-            match keys {
-                Keys::Rows(KvRows::F32(k)) => {
-                    let at = zmm::KeyRun { bt: 0, slot: 0, take: k.len() / kvd };
-                    zmm::scores_rows::<V, false, false>(
-                        shape,
-                        q,
-                        ranges,
-                        bytemuck::cast_slice(k),
-                        at,
-                        j,
-                        scale,
-                        scores,
-                        ahead,
-                    )
-                }
-                Keys::Columns { block: KvRows::F32(k), bt, slot, take } => {
-                    let at = zmm::KeyRun { bt, slot, take };
-                    zmm::scores_rows::<V, false, true>(
-                        shape,
-                        q,
-                        ranges,
-                        bytemuck::cast_slice(k),
-                        at,
-                        j,
-                        scale,
-                        scores,
-                        ahead,
-                    )
-                }
-                Keys::Columns { block: KvRows::F16(k), bt, slot, take } => {
-                    let at = zmm::KeyRun { bt, slot, take };
-                    zmm::scores_rows::<V, true, true>(
-                        shape,
-                        q,
-                        ranges,
-                        bytemuck::cast_slice(k),
-                        at,
-                        j,
-                        scale,
-                        scores,
-                        ahead,
-                    )
-                }
-                _ => unreachable!("tile_body widens q8_0 K into f32 rows"),
+            match (f16, cols) {
+                (false, false) => zmm::scores_rows::<V, false, false>(args, scores, ahead),
+                (false, true) => zmm::scores_rows::<V, false, true>(args, scores, ahead),
+                (true, _) => zmm::scores_rows::<V, true, true>(args, scores, ahead),
             }
         }
     }
@@ -426,6 +399,10 @@ mod zmm {
         pub take: usize,
     }
 
+    /// What [`scores_rows`] scores: the shape, every row's query, their ranges, the run's K
+    /// bytes and where they sit, the run's first position and the score scale.
+    pub(super) type ScoreArgs<'a> = (AttnShape, &'a [f32], &'a [Range<usize>], &'a [u8], KeyRun, usize, f32);
+
     /// See [`super::Arith::scores_rows`]; `head_dim == V * 16`, `keys` the bytes of the run:
     /// f32 rows by position (`!COLS`), or a block's K by dimension (`COLS`, f32 or `F16`).
     ///
@@ -437,15 +414,8 @@ mod zmm {
     /// depend only on its query and key, whichever rows share the tile and however K is
     /// stored.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn scores_rows<const V: usize, const F16: bool, const COLS: bool>(
-        shape: AttnShape,
-        q: &[f32],
-        ranges: &[Range<usize>],
-        keys: &[u8],
-        run: KeyRun,
-        j: usize,
-        scale: f32,
+        (shape, q, ranges, keys, run, j, scale): ScoreArgs,
         scores: &mut [f32],
         ahead: &[u8],
     ) {
