@@ -9,7 +9,7 @@ use starling::model::desc::{ArchDesc, ArchError};
 use starling::model::families::FAMILIES;
 use starling::model::ggml_type::GgmlType;
 use starling::model::gguf::{GgufError, GgufFile, GgufValue, parse_header};
-use starling::model::gguf_writer::{GgufWriter, TinyModelSpec, tiny_model};
+use starling::model::gguf_writer::{GgufWriter, LONG_CONTEXT_FAMILIES, TinyModelSpec, tiny_model};
 use starling::model::kernels::Kernels;
 use starling::model::transformer::{LogitsWanted, SeqChunk, Transformer};
 
@@ -83,6 +83,65 @@ fn every_family_matches_llama_cpp_on_its_tiny_model() {
             println!("{arch} {}: largest relative gap to llama.cpp {worst:.2e}", kernels.name());
             assert!(worst <= tolerance(arch), "{arch} on {}: relative gap {worst:.2e}", kernels.name());
         }
+    }
+}
+
+/// Qwen's and Gemma 3's 32k windows: each family's tiny long-context model
+/// ([`TinyModelSpec::long_context`], RoPE base 1e6, Gemma's window of 8 on two layers of
+/// three) runs a 32,760-token prompt in 2,048-position prefill chunks and decodes its last
+/// token, against llama.cpp's logits at positions spread over the whole context
+/// (`tests/fixtures/families/{arch}-32k.json`, made by
+/// `tools/fixtures/long_context_logits.py`).
+#[test]
+fn long_context_families_match_llama_cpp_deep_into_a_32k_window() {
+    const CHUNK: usize = 2048;
+    for arch in LONG_CONTEXT_FAMILIES {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/families/{arch}-32k.json"));
+        let fx: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let ids: Vec<u32> = fx["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let wanted: Vec<usize> =
+            fx["positions"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let dir = std::env::temp_dir().join(format!("starling-families-long-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(format!("tiny-{arch}-32k.gguf"));
+        std::fs::write(&file, tiny_model(&TinyModelSpec::long_context(arch))).unwrap();
+        let model = Transformer::from_file(GgufFile::open(&file).unwrap(), 2, Kernels::detect()).unwrap();
+        assert_eq!(model.desc.n_ctx_train, 32_768, "{arch}");
+        let layout = model.kv_layout(16);
+        let mut arena = KvArena::new(layout, (layout.blocks_for(ids.len()) * layout.block_bytes()) as u64).unwrap();
+        let mut table = BlockTable::default();
+        table.reserve(&mut arena, ids.len()).unwrap();
+        let n_vocab = model.desc.n_vocab;
+        let mut rows: Vec<(usize, Vec<f32>)> = Vec::new();
+        // Prefill chunks up to the last token, which is decoded alone.
+        let ends = (CHUNK..ids.len() - 1).step_by(CHUNK).chain([ids.len() - 1, ids.len()]);
+        let mut start = 0;
+        for end in ends {
+            let chunk = SeqChunk {
+                tokens: ids[start..end].to_vec(),
+                start_pos: start,
+                blocks: table.blocks.clone(),
+                logits: LogitsWanted::All,
+            };
+            let mut out = Vec::new();
+            model.forward(&[chunk], &mut arena, &mut out).unwrap();
+            for (i, row) in out.chunks_exact(n_vocab).enumerate() {
+                if wanted.contains(&(start + i)) {
+                    rows.push((start + i, row.to_vec()));
+                }
+            }
+            start = end;
+        }
+        assert_eq!(rows.len(), wanted.len(), "{arch}");
+        let mut worst = 0.0f64;
+        for ((pos, ours), want) in rows.iter().zip(fx["logits"].as_array().unwrap()) {
+            let want: Vec<f64> = want.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let gap = relative_gap(ours, &want);
+            assert!(gap <= tolerance(arch), "{arch} at position {pos}: relative gap {gap:.2e}");
+            worst = worst.max(gap);
+        }
+        println!("{arch} at 32k: largest relative gap to llama.cpp {worst:.2e}");
     }
 }
 

@@ -524,6 +524,35 @@ impl TinyModelSpec {
     }
 }
 
+/// The families whose real models come with 32k windows (Qwen2.5, Qwen3, Gemma 3), which
+/// [`TinyModelSpec::long_context`] presets.
+pub const LONG_CONTEXT_FAMILIES: [&str; 3] = ["qwen2", "qwen3", "gemma3"];
+
+impl TinyModelSpec {
+    /// The family preset with a 32,768-position context, RoPE base 1e6 (Qwen's and Gemma 3's
+    /// global layers), two query heads of 64 over one KV head (the head size the fast
+    /// attention kernels take) and one layer: what a long-context test needs to reach deep
+    /// positions quickly. Gemma 3 keeps its window of 8 on two of its three layers.
+    pub fn long_context(arch: &'static str) -> Self {
+        let base = TinyModelSpec::family(arch);
+        let n_layer = if arch == "gemma3" { base.n_layer } else { 1 };
+        // Qwen2 needs Q as wide as the embedding; Qwen3 and Gemma 3 keep heads wider than it.
+        let n_embd = if arch == "qwen2" { 128 } else { base.n_embd };
+        TinyModelSpec {
+            n_ctx: 32_768,
+            n_embd,
+            n_layer,
+            n_head: 2,
+            n_head_kv: 1,
+            head_dim: 64,
+            rope_dim: 64,
+            rope_base: 1_000_000.0,
+            seed: 11,
+            ..base
+        }
+    }
+}
+
 /// A random tiny model of `spec.arch` as GGUF v3 bytes, every tensor F32: norm weights
 /// uniform in [0.9, 1.1], RoPE factors in [1, 4], everything else uniform in ±0.035
 /// (biases ±0.1), drawn in file order from a `ChaCha8Rng` seeded with `spec.seed`. The
