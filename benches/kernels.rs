@@ -172,6 +172,7 @@ fn bench_attention(c: &mut Criterion) {
         bench_attention_over(&mut group, layers, positions);
     }
     bench_prefill_tile(&mut group, 4096);
+    bench_tile_gemm(&mut group, 4096);
     group.finish();
 }
 
@@ -221,6 +222,87 @@ fn bench_prefill_tile(group: &mut criterion::BenchmarkGroup<criterion::measureme
                 })
             });
         }
+    }
+}
+
+/// The two products of the prefill tile above (scores `Q·Kᵀ` and `P·V`, 16 rows × 9 heads
+/// over `positions` f32 K/V) through the `gemm` crate, one thread, without the softmax
+/// between them: a lower bound on what the tile would cost on gemm. `whole`: one call per
+/// KV head and product over the whole context, K and V contiguous (the layout gemm likes
+/// best, which the block arena does not have); `chunk64`: the same per 64-position chunk,
+/// as the fixed-order chunk merge needs them.
+#[allow(unsafe_code)] // gemm's entry point takes raw pointers and strides.
+fn bench_tile_gemm(group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>, positions: usize) {
+    const ROWS: usize = 16;
+    const GROUP: usize = 3;
+    const HEAD: usize = 64;
+    let m = ROWS * GROUP;
+    // Per KV head: queries [m][HEAD], K by dimension [HEAD][positions], V by position
+    // [positions][HEAD], scores [m][positions], output [m][HEAD].
+    let q = values(3 * m * HEAD, 9);
+    let kt = values(3 * HEAD * positions, 10);
+    let v = values(3 * positions * HEAD, 11);
+    let mut s = vec![0.0f32; m * positions];
+    let mut o = vec![0.0f32; m * HEAD];
+    group.throughput(Throughput::Elements((ROWS * positions) as u64));
+    for (name, span) in [("whole", positions), ("chunk64", CHUNK)] {
+        group.bench_function(format!("gemm/F32/9x64/tile{ROWS}/pos{positions}/{name}"), |b| {
+            b.iter(|| {
+                for h in 0..3 {
+                    let (q, kt, v) = (&q[h * m * HEAD..], &kt[h * HEAD * positions..], &v[h * positions * HEAD..]);
+                    for c0 in (0..positions).step_by(span) {
+                        // SAFETY: every matrix lies inside its vector: q is m × HEAD, kt
+                        // HEAD × positions (columns c0..c0 + span), s m × positions, v
+                        // positions × HEAD (rows c0..c0 + span), o m × HEAD.
+                        unsafe {
+                            gemm::gemm(
+                                m,
+                                span,
+                                HEAD,
+                                s.as_mut_ptr().add(c0),
+                                1,
+                                positions as isize,
+                                false,
+                                q.as_ptr(),
+                                1,
+                                HEAD as isize,
+                                kt.as_ptr().add(c0),
+                                1,
+                                positions as isize,
+                                0.0,
+                                0.125,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                            gemm::gemm(
+                                m,
+                                HEAD,
+                                span,
+                                o.as_mut_ptr(),
+                                1,
+                                HEAD as isize,
+                                c0 > 0,
+                                s.as_ptr().add(c0),
+                                1,
+                                positions as isize,
+                                v.as_ptr().add(c0 * HEAD),
+                                1,
+                                HEAD as isize,
+                                1.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                    }
+                }
+                black_box(&o);
+            })
+        });
     }
 }
 
