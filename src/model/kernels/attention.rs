@@ -108,6 +108,8 @@ pub struct TileJob<'a> {
 pub struct ChunkScratch {
     scores: Vec<f32>,
     rows: Vec<f32>,
+    /// A chunk's q8_0 K dequantized and transposed to `[kv_dim][CHUNK]` (AVX-512).
+    kt: Vec<f32>,
 }
 
 /// Which arithmetic the body uses: fused multiply-add or a separate multiply and add, and
@@ -124,6 +126,31 @@ trait Arith: Sized {
     #[inline(always)]
     fn widen_q8_0(blocks: &[u8], out: &mut [f32]) {
         KvRows::Q8_0(blocks).read_f32(0, out)
+    }
+
+    /// Every row's scores over the chunk's positions `start..end` (see [`Arith::scores_rows`]):
+    /// by default one block's run of K at a time, each prefetching the next (and the last
+    /// the chunk's first V rows). `rows` and `kt` are scratch.
+    #[inline(always)]
+    fn chunk_scores(
+        job: &TileJob,
+        (start, end): (usize, usize),
+        rows: &mut Vec<f32>,
+        kt: &mut Vec<f32>,
+        scores: &mut [f32],
+    ) {
+        let TileJob { shape, layer, q, ranges, blocks, kv } = *job;
+        let _ = kt;
+        let mut j = start;
+        while j < end {
+            let (keys, take) = key_segment::<Self>(kv, blocks, layer, j..end, rows);
+            let ahead = match j + take < end {
+                true => upcoming(kv, blocks, layer, j + take, false),
+                false => upcoming(kv, blocks, layer, start, true),
+            };
+            Self::scores_rows(shape, q, ranges, keys, j, shape.scale, scores, ahead);
+            j += take;
+        }
     }
 
     /// Every row's scores against the K rows `keys` of positions `j..`: for row `r` and
@@ -252,43 +279,70 @@ impl<const V: usize> Arith for Zmm<V> {
     }
 
     #[inline(always)]
-    fn scores_rows(
-        shape: AttnShape,
-        q: &[f32],
-        ranges: &[Range<usize>],
-        keys: Keys,
-        j: usize,
-        scale: f32,
+    fn chunk_scores(
+        job: &TileJob,
+        (start, end): (usize, usize),
+        rows: &mut Vec<f32>,
+        kt: &mut Vec<f32>,
         scores: &mut [f32],
-        ahead: &[u8],
     ) {
-        let kvd = shape.n_head_kv * shape.head_dim;
-        let (bytes, run, f16, cols): (&[u8], _, _, _) = match keys {
-            Keys::Rows(KvRows::F32(k)) => {
-                (bytemuck::cast_slice(k), zmm::KeyRun { bt: 0, slot: 0, take: k.len() / kvd }, false, false)
+        let TileJob { shape, layer, q, ranges, blocks, kv } = *job;
+        let (bt, kvd) = (kv.layout().block_tokens, kv.layout().kv_dim);
+        assert!(end - start <= CHUNK, "one chunk");
+        // The chunk's V rows come next: fetched while the scores are computed.
+        let ahead = upcoming(kv, blocks, layer, start, true);
+        let mut keys = [zmm::KeyVec::default(); CHUNK];
+        let mut n = 0;
+        let mut f16 = false;
+        if kv.keys_by_dimension() {
+            // Each block run as stored, sixteen positions per vector.
+            let mut j = start;
+            while j < end {
+                let (b, slot) = (j / bt, j % bt);
+                let take = (bt - slot).min(end - j);
+                let block = kv.keys(blocks[b], layer);
+                f16 = matches!(block, KvRows::F16(_));
+                for i0 in (0..take).step_by(16) {
+                    let (at, len) = (slot + i0, (take - i0).min(16));
+                    keys[n] = zmm::KeyVec { bytes: block.bytes(), at, stride: bt, n: len, p0: j + i0 };
+                    n += 1;
+                }
+                j += take;
             }
-            Keys::Columns { block: KvRows::F32(k), bt, slot, take } => {
-                (bytemuck::cast_slice(k), zmm::KeyRun { bt, slot, take }, false, true)
+        } else {
+            // q8_0 rows: each run dequantized, then transposed into `[kv_dim][CHUNK]`.
+            kt.resize(kvd * CHUNK, 0.0);
+            let mut j = start;
+            while j < end {
+                let (b, slot) = (j / bt, j % bt);
+                let take = (bt - slot).min(end - j);
+                let block = kv.keys(blocks[b], layer);
+                rows.resize(take * kvd, 0.0);
+                Self::widen_q8_0(block.slice(slot * kvd..(slot + take) * kvd).bytes(), rows);
+                // SAFETY: as below.
+                unsafe { zmm::transpose_rows(rows, kvd, kt, j - start) };
+                j += take;
             }
-            Keys::Columns { block: KvRows::F16(k), bt, slot, take } => {
-                (bytemuck::cast_slice(k), zmm::KeyRun { bt, slot, take }, true, true)
+            for i0 in (0..end - start).step_by(16) {
+                let len = (end - start - i0).min(16);
+                let bytes: &[u8] = bytemuck::cast_slice(kt);
+                keys[n] = zmm::KeyVec { bytes, at: i0, stride: CHUNK, n: len, p0: start + i0 };
+                n += 1;
             }
-            _ => unreachable!("tile_body widens q8_0 K into f32 rows"),
-        };
-        let args = (shape, q, ranges, bytes, run, j, scale);
+        }
+        let args = (shape, q, ranges, &keys[..n], shape.scale);
         // SAFETY: `Zmm` is only used by `tile_avx512`, which runs only where `available()`
         // detected avx512f/bw/vl and f16c.
         unsafe {
-            match (f16, cols) {
-                (false, false) => zmm::scores_rows::<V, false, false>(args, scores, ahead),
-                (false, true) => zmm::scores_rows::<V, false, true>(args, scores, ahead),
-                (true, _) => zmm::scores_rows::<V, true, true>(args, scores, ahead),
+            match f16 {
+                false => zmm::chunk_scores::<false>(args, scores, ahead),
+                true => zmm::chunk_scores::<true>(args, scores, ahead),
             }
         }
     }
 
     fn scores(_: AttnShape, _: &[f32], _: KvRows, _: f32, _: usize, _: &mut [f32], _: &[u8]) {
-        unreachable!("Zmm scores whole tiles (scores_rows)")
+        unreachable!("Zmm scores whole chunks (chunk_scores)")
     }
 
     #[inline(always)]
@@ -390,212 +444,199 @@ mod zmm {
         out
     }
 
-    /// Where a run of K sits when stored by dimension: `take` positions from `slot` of a
-    /// block of `bt` (see [`super::Keys::Columns`]); for rows, only `take`.
-    #[derive(Clone, Copy)]
-    pub(super) struct KeyRun {
-        pub bt: usize,
-        pub slot: usize,
-        pub take: usize,
+    /// Up to sixteen consecutive positions of K stored by dimension, from `p0`: dimension
+    /// `d` of KV head `g` at element `at + (g·head_dim + d)·stride` of `bytes` (f32, or f16),
+    /// the positions in the first `n` lanes.
+    #[derive(Clone, Copy, Default)]
+    pub(super) struct KeyVec<'a> {
+        pub bytes: &'a [u8],
+        pub at: usize,
+        pub stride: usize,
+        pub n: usize,
+        pub p0: usize,
     }
 
-    /// What [`scores_rows`] scores: the shape, every row's query, their ranges, the run's K
-    /// bytes and where they sit, the run's first position and the score scale.
-    pub(super) type ScoreArgs<'a> = (AttnShape, &'a [f32], &'a [Range<usize>], &'a [u8], KeyRun, usize, f32);
+    /// What [`chunk_scores`] scores: the shape, every row's query, their ranges, the chunk's
+    /// K vectors in position order, the score scale.
+    pub(super) type ChunkArgs<'a> = (AttnShape, &'a [f32], &'a [Range<usize>], &'a [KeyVec<'a>], f32);
 
-    /// See [`super::Arith::scores_rows`]; `head_dim == V * 16`, `keys` the bytes of the run:
-    /// f32 rows by position (`!COLS`), or a block's K by dimension (`COLS`, f32 or `F16`).
-    ///
-    /// Sixteen positions at a time, for one KV head: a vector per dimension holding the
-    /// sixteen positions' values (loaded as stored by dimension, or transposed from rows),
-    /// then every query head of its group in every row gets sixteen scores with one FMA per
-    /// dimension: four running sums over dimensions `d ≡ 0, 1, 2, 3 (mod 4)` in order, added
-    /// as `(s0 + s1) + (s2 + s3)`, times `scale`. No sum across lanes, and a score's bits
-    /// depend only on its query and key, whichever rows share the tile and however K is
-    /// stored.
+    /// Most (row, head) queries scored together against four K vectors: 24 running sums,
+    /// four K vectors and a broadcast query value fill 29 of the 32 registers.
+    const QUERIES: usize = 6;
+
+    /// See [`super::Arith::chunk_scores`]: a small GEMM. For each KV head, four K vectors
+    /// (64 positions) at a time against up to [`QUERIES`] (row, head) queries of its group:
+    /// per dimension, four loads, one broadcast per query and an FMA per query and vector.
+    /// Each score is one running sum over the dimensions in order, starting from zero
+    /// (the order of `gemm`'s microkernels), times `scale`: its bits depend only on its
+    /// query and key, whichever rows share the tile, and how K is stored. Prefetches
+    /// `ahead` along the way.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    pub(super) fn scores_rows<const V: usize, const F16: bool, const COLS: bool>(
-        (shape, q, ranges, keys, run, j, scale): ScoreArgs,
+    pub(super) fn chunk_scores<const F16: bool>(
+        (shape, q, ranges, keys, scale): ChunkArgs,
         scores: &mut [f32],
         ahead: &[u8],
     ) {
         let AttnShape { n_head, n_head_kv, head_dim: hd, .. } = shape;
-        assert_eq!(hd, V * 16, "head width");
-        let (group, kvd, qd, per_row) = (n_head / n_head_kv, n_head_kv * hd, n_head * hd, n_head * CHUNK);
-        let rows = run.take;
-        let scale = _mm512_set1_ps(scale);
-        let steps = rows.div_ceil(16) * n_head_kv;
-        let mut kt = [[_mm512_setzero_ps(); 16]; V];
-        for (blk, i0) in (0..rows).step_by(16).enumerate() {
-            let n = (rows - i0).min(16);
-            let p0 = j + i0;
-            for g in 0..n_head_kv {
-                let step = blk * n_head_kv + g;
-                if COLS && ranges.len() == 1 {
-                    // One row (a decode step): each dimension's vector is used once, by the
-                    // group's heads together, so it is loaded right where they use it.
-                    let range = &ranges[0];
-                    let (a, b) = (range.start.saturating_sub(p0).min(16), range.end.saturating_sub(p0).min(n));
-                    if a >= b {
+        let (group, qd) = (n_head / n_head_kv, n_head * hd);
+        let size = if F16 { 2 } else { 4 };
+        assert!(q.len() >= ranges.len() * qd, "queries");
+        assert!(scores.len() >= ranges.len() * n_head * CHUNK, "scores");
+        for k in keys {
+            // The loads below are unchecked: every vector's last element is in its bytes.
+            assert!((1..=16).contains(&k.n), "lanes");
+            assert!((k.at + (n_head_kv * hd - 1) * k.stride + k.n) * size <= k.bytes.len(), "K vector past its block");
+        }
+        let overlaps = |kg: &[KeyVec], r: &Range<usize>| {
+            let (lo, hi) = (kg[0].p0, kg[kg.len() - 1].p0 + kg[kg.len() - 1].n);
+            r.start < hi && r.end > lo
+        };
+        // Units of work (a KV head, four vectors, one tile of queries), over which the
+        // prefetch of `ahead` is spread.
+        let mut units = 0;
+        for kg in keys.chunks(4) {
+            units += (ranges.iter().filter(|r| overlaps(kg, r)).count() * group).div_ceil(QUERIES);
+        }
+        let units = units * n_head_kv;
+        let mut unit = 0;
+        let mut run = |kg: &[KeyVec], g: usize, tile: &[(usize, usize)], scores: &mut [f32]| {
+            let fetch = (ahead, unit, units);
+            let args = (kg, g, hd, q, qd, ranges, scale, fetch);
+            match tile.len() {
+                1 => scores_tile::<1, F16>(args, tile, scores),
+                2 => scores_tile::<2, F16>(args, tile, scores),
+                3 => scores_tile::<3, F16>(args, tile, scores),
+                4 => scores_tile::<4, F16>(args, tile, scores),
+                5 => scores_tile::<5, F16>(args, tile, scores),
+                _ => scores_tile::<QUERIES, F16>(args, tile, scores),
+            }
+            unit += 1;
+        };
+        for g in 0..n_head_kv {
+            for kg in keys.chunks(4) {
+                let mut tile = [(0, 0); QUERIES];
+                let mut nq = 0;
+                for (r, range) in ranges.iter().enumerate() {
+                    if !overlaps(kg, range) {
                         continue;
                     }
-                    let at = g * hd * run.bt + run.slot + i0;
-                    // The next run's lines a few at a time along the dimensions.
-                    let ahead = (ahead, 8 * step, 8 * steps);
-                    let store = |h: usize, s: __m512, out: &mut [f32]| {
-                        let s = _mm512_mul_ps(s, scale);
-                        let s = match a {
-                            0 => s,
-                            _ => _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(a as i32), iota()), s),
-                        };
-                        let dst = &mut out[h * CHUNK + p0 + a - range.start..][..b - a];
-                        // SAFETY: the mask writes only the first `b - a` lanes, which `dst` holds.
-                        unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), ((1u32 << (b - a)) - 1) as u16, s) };
-                    };
-                    let mut h = g * group;
-                    while h < (g + 1) * group {
-                        match (g + 1) * group - h {
-                            1 => {
-                                let [s0] = head_scores_cols::<1, F16>(keys, at, run.bt, n, q, h, hd, ahead);
-                                store(h, s0, scores);
-                                h += 1;
-                            }
-                            2 | 4 => {
-                                let [s0, s1] = head_scores_cols::<2, F16>(keys, at, run.bt, n, q, h, hd, ahead);
-                                store(h, s0, scores);
-                                store(h + 1, s1, scores);
-                                h += 2;
-                            }
-                            _ => {
-                                let [s0, s1, s2] = head_scores_cols::<3, F16>(keys, at, run.bt, n, q, h, hd, ahead);
-                                store(h, s0, scores);
-                                store(h + 1, s1, scores);
-                                store(h + 2, s2, scores);
-                                h += 3;
-                            }
+                    for h in g * group..(g + 1) * group {
+                        tile[nq] = (r, h);
+                        nq += 1;
+                        if nq == QUERIES {
+                            run(kg, g, &tile, scores);
+                            nq = 0;
                         }
                     }
+                }
+                if nq > 0 {
+                    run(kg, g, &tile[..nq], scores);
+                }
+            }
+        }
+    }
+
+    /// What [`scores_tile`] needs besides its queries: up to four K vectors, their KV head,
+    /// the head width, the queries, their stride, the rows' ranges, the scale, and the
+    /// prefetch (`ahead`, this unit, units).
+    type TileArgs<'a> =
+        (&'a [KeyVec<'a>], usize, usize, &'a [f32], usize, &'a [Range<usize>], f32, (&'a [u8], usize, usize));
+
+    /// The scores of `Q` (row, head) queries against up to four K vectors of KV head `g`,
+    /// each stored over the row's range only (see [`chunk_scores`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    #[inline]
+    fn scores_tile<const Q: usize, const F16: bool>(
+        (kg, g, hd, q, qd, ranges, scale, (ahead, unit, units)): TileArgs,
+        tile: &[(usize, usize)],
+        scores: &mut [f32],
+    ) {
+        let size = if F16 { 2 } else { 4 };
+        assert!(tile.len() == Q && (1..=4).contains(&kg.len()), "tile shape");
+        // Missing vectors load nothing (mask 0) from the first one's address.
+        let base: [*const u8; 4] = std::array::from_fn(|p| {
+            let k = &kg[p.min(kg.len() - 1)];
+            k.bytes[(k.at + g * hd * k.stride) * size..].as_ptr()
+        });
+        let step: [usize; 4] = std::array::from_fn(|p| kg[p.min(kg.len() - 1)].stride * size);
+        let mask: [u16; 4] = std::array::from_fn(|p| if p < kg.len() { ((1u32 << kg[p].n) - 1) as u16 } else { 0 });
+        let qs: [*const f32; Q] = std::array::from_fn(|i| q[tile[i].0 * qd + tile[i].1 * hd..][..hd].as_ptr());
+        // This unit's share of `ahead`'s lines, a few every eight dimensions.
+        let lines = ahead.len().div_ceil(64);
+        let (mut line, end) = (lines * unit / units.max(1), lines * (unit + 1) / units.max(1));
+        let per_step = (end - line).div_ceil((hd / 8).max(1));
+        let mut acc = [[_mm512_setzero_ps(); 4]; Q];
+        assert!(hd.is_multiple_of(8), "head width");
+        for d0 in (0..hd).step_by(8) {
+            for l in line..(line + per_step).min(end) {
+                // `l < lines`: the address is in bounds (a prefetch never faults anyway).
+                _mm_prefetch::<_MM_HINT_T0>(ahead[l * 64..].as_ptr().cast());
+            }
+            line += per_step;
+            for d in d0..d0 + 8 {
+                // SAFETY: `chunk_scores` checked that dimension `d < hd` of KV head `g` of
+                // each vector (its first `n` lanes, the mask) lies inside its bytes (a zero
+                // mask reads nothing), and each query holds `hd` values.
+                unsafe {
+                    let k: [__m512; 4] = std::array::from_fn(|p| {
+                        let at = base[p].add(d * step[p]);
+                        if F16 {
+                            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask[p], at.cast()))
+                        } else {
+                            _mm512_maskz_loadu_ps(mask[p], at.cast())
+                        }
+                    });
+                    for i in 0..Q {
+                        let b = _mm512_set1_ps(*qs[i].add(d));
+                        for p in 0..4 {
+                            acc[i][p] = _mm512_fmadd_ps(b, k[p], acc[i][p]);
+                        }
+                    }
+                }
+            }
+        }
+        let scale = _mm512_set1_ps(scale);
+        for (acc, &(r, h)) in acc.iter().zip(tile) {
+            let range = &ranges[r];
+            for (a, k) in acc.iter().zip(kg) {
+                // This vector's lanes `lo..hi` are positions of the row's range.
+                let (lo, hi) = (range.start.saturating_sub(k.p0).min(16), range.end.saturating_sub(k.p0).min(k.n));
+                if lo >= hi {
                     continue;
                 }
-                super::prefetch_part(ahead, step, steps);
-                if COLS {
-                    let mask = ((1u32 << n) - 1) as u16;
-                    for (d, k) in kt.as_flattened_mut().iter_mut().enumerate() {
-                        let at = (g * hd + d) * run.bt + run.slot + i0;
-                        *k = load_lanes::<F16>(keys, at, n, mask);
-                    }
-                } else {
-                    let f32s: &[f32] = bytemuck::cast_slice(keys);
-                    for (v, kt) in kt.iter_mut().enumerate() {
-                        let mut r = [_mm512_setzero_ps(); 16];
-                        for (i, r) in r.iter_mut().enumerate().take(n) {
-                            *r = load(f32s, (i0 + i) * kvd + g * hd + 16 * v);
-                        }
-                        *kt = transpose16(&r);
-                    }
-                }
-                let kt: &[__m512] = kt.as_flattened();
-                for (r, range) in ranges.iter().enumerate() {
-                    // This block's lanes `a..b` are positions of the row's range.
-                    let (a, b) = (range.start.saturating_sub(p0).min(16), range.end.saturating_sub(p0).min(n));
-                    if a >= b {
-                        continue;
-                    }
-                    let (qr, out) = (&q[r * qd..][..qd], &mut scores[r * per_row..][..per_row]);
-                    let store = |h: usize, s: __m512, out: &mut [f32]| {
-                        let s = _mm512_mul_ps(s, scale);
-                        // Lane `a` first; lanes past the range are masked off.
-                        let s = match a {
-                            0 => s,
-                            _ => _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(a as i32), iota()), s),
-                        };
-                        let dst = &mut out[h * CHUNK + p0 + a - range.start..][..b - a];
-                        // SAFETY: the mask writes only the first `b - a` lanes, which `dst` holds.
-                        unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), ((1u32 << (b - a)) - 1) as u16, s) };
-                    };
-                    let mut h = g * group;
-                    while h < (g + 1) * group {
-                        match (g + 1) * group - h {
-                            1 => {
-                                let [s0] = head_scores::<1>(kt, qr, h, hd);
-                                store(h, s0, out);
-                                h += 1;
-                            }
-                            2 | 4 => {
-                                let [s0, s1] = head_scores::<2>(kt, qr, h, hd);
-                                store(h, s0, out);
-                                store(h + 1, s1, out);
-                                h += 2;
-                            }
-                            _ => {
-                                let [s0, s1, s2] = head_scores::<3>(kt, qr, h, hd);
-                                store(h, s0, out);
-                                store(h + 1, s1, out);
-                                store(h + 2, s2, out);
-                                h += 3;
-                            }
-                        }
-                    }
-                }
+                let s = _mm512_mul_ps(*a, scale);
+                // Lane `lo` first; lanes past the range are masked off.
+                let s = match lo {
+                    0 => s,
+                    _ => _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(lo as i32), iota()), s),
+                };
+                let dst = &mut scores[(r * qd / hd + h) * CHUNK + k.p0 + lo - range.start..][..hi - lo];
+                // SAFETY: the mask writes only the first `hi - lo` lanes, which `dst` holds.
+                unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), ((1u32 << (hi - lo)) - 1) as u16, s) };
             }
         }
     }
 
-    /// `n` elements from element `at` of `bytes` (f32, or f16 when `F16`, widened exactly)
-    /// in the first `n` lanes (`mask`), zeros in the rest.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    #[inline]
-    fn load_lanes<const F16: bool>(bytes: &[u8], at: usize, n: usize, mask: u16) -> __m512 {
-        let size = if F16 { 2 } else { 4 };
-        let b = &bytes[at * size..(at + n) * size];
-        // SAFETY: the mask reads only the first `n` elements, which `b` holds.
-        unsafe {
-            if F16 {
-                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, b.as_ptr().cast()))
-            } else {
-                _mm512_maskz_loadu_ps(mask, b.as_ptr().cast())
-            }
-        }
-    }
-
-    /// [`head_scores`] reading each dimension's vector straight from K stored by dimension
-    /// (`n` positions from element `at`, dimensions `bt` elements apart).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
-    fn head_scores_cols<const H: usize, const F16: bool>(
-        keys: &[u8],
-        at: usize,
-        bt: usize,
-        n: usize,
-        q: &[f32],
-        h: usize,
-        hd: usize,
-        (ahead, step, steps): (&[u8], usize, usize),
-    ) -> [__m512; H] {
-        let q = &q[h * hd..(h + H) * hd];
-        let mask = ((1u32 << n) - 1) as u16;
-        let mut acc = [[_mm512_setzero_ps(); 4]; H];
-        for d in 0..hd / 4 {
-            if d % (hd / 32) == 0 {
-                super::prefetch_part(ahead, step + d / (hd / 32), steps);
-            }
-            let mut k = [_mm512_setzero_ps(); 4];
-            for (c, k) in k.iter_mut().enumerate() {
-                *k = load_lanes::<F16>(keys, at + (4 * d + c) * bt, n, mask);
-            }
-            for (hh, acc) in acc.iter_mut().enumerate() {
-                let qd = &q[hh * hd + 4 * d..][..4];
-                for c in 0..4 {
-                    acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(qd[c]), k[c], acc[c]);
+    /// Transposes `rows` (positions by `kvd` values) into `kt` (`[kvd][CHUNK]`) at column
+    /// `col`, sixteen positions and dimensions at a time ([`transpose16`]).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn transpose_rows(rows: &[f32], kvd: usize, kt: &mut [f32], col: usize) {
+        let take = rows.len() / kvd;
+        assert!(kvd.is_multiple_of(16) && col + take <= CHUNK && kt.len() >= kvd * CHUNK, "transpose shape");
+        for i0 in (0..take).step_by(16) {
+            let n = (take - i0).min(16);
+            for d0 in (0..kvd).step_by(16) {
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (i, r) in r.iter_mut().enumerate().take(n) {
+                    *r = load(rows, (i0 + i) * kvd + d0);
+                }
+                for (c, v) in transpose16(&r).iter().enumerate() {
+                    let dst = &mut kt[(d0 + c) * CHUNK + col + i0..][..n];
+                    // SAFETY: the mask writes only the first `n` lanes, which `dst` holds.
+                    unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), ((1u32 << n) - 1) as u16, *v) };
                 }
             }
         }
-        let mut out = [_mm512_setzero_ps(); H];
-        for (o, [s0, s1, s2, s3]) in out.iter_mut().zip(acc) {
-            *o = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
-        }
-        out
     }
 
     /// Lanes 0, 1, …, 15.
@@ -603,30 +644,6 @@ mod zmm {
     #[inline]
     fn iota() -> __m512i {
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)
-    }
-
-    /// The unscaled scores of heads `h..h + H` (whose queries are at `h·hd` of `q`) against
-    /// the positions' vectors `kt` (one per dimension): see [`scores_rows`].
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn head_scores<const H: usize>(kt: &[__m512], q: &[f32], h: usize, hd: usize) -> [__m512; H] {
-        let q = &q[h * hd..(h + H) * hd];
-        let kt = &kt[..hd];
-        let mut acc = [[_mm512_setzero_ps(); 4]; H];
-        // Four dimensions per step, so each running sum has a fixed register.
-        for (d, k) in kt.chunks_exact(4).enumerate() {
-            for (hh, acc) in acc.iter_mut().enumerate() {
-                let qd = &q[hh * hd + 4 * d..][..4];
-                for c in 0..4 {
-                    acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(qd[c]), k[c], acc[c]);
-                }
-            }
-        }
-        let mut out = [_mm512_setzero_ps(); H];
-        for (o, [s0, s1, s2, s3]) in out.iter_mut().zip(acc) {
-            *o = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
-        }
-        out
     }
 
     /// See [`super::Arith::values`]; `head_dim == V * 16`, `vals` the bytes of the rows.
@@ -680,8 +697,11 @@ mod zmm {
     ) {
         let size = if F16 { 2 } else { 4 };
         let sums = &mut part[h * stride..(h + H) * stride];
-        // The heads' parts of the next run's lines, spread over the rows.
-        let every = rows.div_ceil(H).max(1);
+        // The heads' parts of the next run's lines (parts `h..h + H` of `parts`), spread
+        // over the rows (no division in the loop).
+        let lines = ahead.len().div_ceil(64);
+        let (mut line, end) = (lines * h / parts.max(1), (lines * (h + H) / parts.max(1)).min(lines));
+        let per_row = (end.saturating_sub(line)).div_ceil(rows.max(1));
         let mut acc = [[_mm512_setzero_ps(); V]; H];
         for (k, acc) in acc.iter_mut().enumerate() {
             for (v, a) in acc.iter_mut().enumerate() {
@@ -692,9 +712,11 @@ mod zmm {
         assert!(weights.len() >= (H - 1) * CHUNK + rows, "scores of {H} heads");
         let vals = &vals[..rows * kvd * size];
         for i in 0..rows {
-            if i % every == 0 {
-                super::prefetch_part(ahead, h + i / every, parts);
+            for l in line..(line + per_row).min(end) {
+                // `l < lines`: the address is in bounds (a prefetch never faults anyway).
+                _mm_prefetch::<_MM_HINT_T0>(ahead[l * 64..].as_ptr().cast());
             }
+            line += per_row;
             let mut w = [_mm512_setzero_ps(); H];
             for (k, w) in w.iter_mut().enumerate() {
                 *w = _mm512_set1_ps(weights[k * CHUNK + i]);
@@ -726,24 +748,14 @@ mod zmm {
 /// `[m, s, Σ exp(score − m)·v]`.
 #[inline(always)]
 fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f32]) {
-    let TileJob { shape, layer, q, ranges, blocks, kv } = *job;
+    let TileJob { shape, layer, ranges, blocks, kv, .. } = *job;
     let n_head = shape.n_head;
     let (plen, per_row) = (shape.partial_len(), n_head * CHUNK);
-    let scale = shape.scale;
     let start = ranges.iter().map(|r| r.start).min().unwrap_or(0);
     let end = ranges.iter().map(|r| r.end).max().unwrap_or(0);
-    let ChunkScratch { scores, rows } = scratch;
+    let ChunkScratch { scores, rows, kt } = scratch;
     scores.resize(ranges.len() * per_row, 0.0);
-    let mut j = start;
-    while j < end {
-        let (keys, take) = key_segment::<A>(kv, blocks, layer, j..end, rows);
-        let ahead = match j + take < end {
-            true => upcoming(kv, blocks, layer, j + take, false),
-            false => upcoming(kv, blocks, layer, start, true),
-        };
-        A::scores_rows(shape, q, ranges, keys, j, scale, scores, ahead);
-        j += take;
-    }
+    A::chunk_scores(job, (start, end), rows, kt, scores);
     for (r, range) in ranges.iter().enumerate() {
         let (sc, p) = (&mut scores[r * per_row..][..per_row], &mut parts[r * plen..][..plen]);
         softmax::<A>(shape, 0..n_head, range.len(), sc, p);
