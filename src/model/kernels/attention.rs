@@ -12,11 +12,11 @@
 //! For heads of 64, 128 or 256 values the AVX-512 build swaps in intrinsics for the two
 //! inner loops (`Zmm`). There scores are a small GEMM: the arena stores f32/f16 K by
 //! dimension ([`KvArena::keys_by_dimension`]), so one vector holds one dimension of sixteen
-//! positions and each query head gets sixteen scores with one FMA per dimension, the
-//! vector loaded once for every head of its group and, in a prefill tile, every row (q8_0
-//! rows are dequantized and transposed once per tile instead). No score is summed across
-//! lanes, and its order of additions is the same whether K came by dimension or by row,
-//! alone or in a tile. The weighted sum of values loads each V row once for up to three
+//! positions, and four such vectors (a chunk's 64 positions, across blocks) meet up to six
+//! (row, head) queries with 24 FMAs per dimension (q8_0 rows are dequantized and
+//! transposed once per chunk instead). Each score is one running sum over the dimensions
+//! in order, as `gemm`'s microkernels sum: no sum across lanes, and the same bits whether
+//! K came by dimension or by row, alone or in a tile. The weighted sum of values loads each V row once for up to three
 //! heads of a group. f16 is read as stored (`vcvtph2ps` in the load). The other builds
 //! read K by dimension too, with positions in the lanes and each score summed as the
 //! row-by-row dot product sums it (q8_0 rows keep that dot product). `exp` is a
@@ -257,9 +257,10 @@ impl Arith for Separate {
     }
 }
 
-/// AVX-512 with heads of `V` × 16 values, reading f32 or f16 as stored: scores sixteen
-/// positions at a time from K by dimension (see `zmm::scores_rows`); up to three heads'
-/// running sums of values stay in registers while a block's V rows pass.
+/// AVX-512 with heads of `V` × 16 values, reading f32 or f16 as stored: scores a whole
+/// chunk from K by dimension, 64 positions against six queries at a time (see
+/// `zmm::chunk_scores`); up to three heads' running sums of values stay in registers while
+/// a block's V rows pass.
 #[cfg(target_arch = "x86_64")]
 struct Zmm<const V: usize>;
 
