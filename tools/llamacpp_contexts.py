@@ -5,8 +5,9 @@ Runs in the peer venv (llama-cpp-python; ../shared/peer/setup.sh builds it), nev
 dependency of Starling. ../shared/peer/llamacpp_bench.py takes --prompt-tokens N too, but
 its text runs out near 4,400 tokens; this script tokenizes a text long enough for any N
 and reports, per length, the same two figures as Starling's context table: prefill of an
-N-token prompt (one llama_decode call of n_batch = N), and single-stream greedy decode of
---gen-tokens tokens right after it. Each figure is the median of --reps runs.
+N-token prompt (one llama_decode call of n_batch = N, or calls of 8,192 tokens past
+that), and single-stream greedy decode of --gen-tokens tokens right after it. Each figure
+is the median of --reps runs.
 
   PEER=/root/.cache/starling-peer/venv/bin/python
   $PEER tools/llamacpp_contexts.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf \
@@ -47,8 +48,11 @@ def text(n_words):
 
 
 def measure(n):
+    # llama-cpp-python keeps n_batch × n_vocab floats of logits: past 8,192 tokens the
+    # prompt goes in 8,192-token calls (llama.cpp splits every call into 512-token
+    # micro-batches anyway), or Gemma's 262,144-token vocabulary would need 31 GB at 32k.
     llm = Llama(model_path=a.model, n_ctx=n + a.gen_tokens + 16, n_threads=a.threads,
-                n_threads_batch=a.threads, n_batch=n, verbose=False)
+                n_threads_batch=a.threads, n_batch=min(n, 8192), verbose=False)
     ids = llm.tokenize(text(2 * n).encode(), add_bos=False)[:n]
     assert len(ids) == n, f"text gave {len(ids)} tokens, wanted {n}"
     nv = llm.n_vocab()

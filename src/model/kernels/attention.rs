@@ -503,13 +503,11 @@ mod zmm {
         let mut run = |kg: &[KeyVec], g: usize, tile: &[(usize, usize)], scores: &mut [f32]| {
             let fetch = (ahead, unit, units);
             let args = (kg, g, hd, q, qd, ranges, scale, fetch);
-            match tile.len() {
-                1 => scores_tile::<1, F16>(args, tile, scores),
-                2 => scores_tile::<2, F16>(args, tile, scores),
-                3 => scores_tile::<3, F16>(args, tile, scores),
-                4 => scores_tile::<4, F16>(args, tile, scores),
-                5 => scores_tile::<5, F16>(args, tile, scores),
-                _ => scores_tile::<QUERIES, F16>(args, tile, scores),
+            match kg.len() {
+                1 => scores_tiles::<1, F16>(args, tile, scores),
+                2 => scores_tiles::<2, F16>(args, tile, scores),
+                3 => scores_tiles::<3, F16>(args, tile, scores),
+                _ => scores_tiles::<4, F16>(args, tile, scores),
             }
             unit += 1;
         };
@@ -543,30 +541,41 @@ mod zmm {
     type TileArgs<'a> =
         (&'a [KeyVec<'a>], usize, usize, &'a [f32], usize, &'a [Range<usize>], f32, (&'a [u8], usize, usize));
 
-    /// The scores of `Q` (row, head) queries against up to four K vectors of KV head `g`,
-    /// each stored over the row's range only (see [`chunk_scores`]).
+    /// [`scores_tile`] for `P` K vectors and however many queries `tile` holds.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     #[inline]
-    fn scores_tile<const Q: usize, const F16: bool>(
+    fn scores_tiles<const P: usize, const F16: bool>(args: TileArgs, tile: &[(usize, usize)], scores: &mut [f32]) {
+        match tile.len() {
+            1 => scores_tile::<1, P, F16>(args, tile, scores),
+            2 => scores_tile::<2, P, F16>(args, tile, scores),
+            3 => scores_tile::<3, P, F16>(args, tile, scores),
+            4 => scores_tile::<4, P, F16>(args, tile, scores),
+            5 => scores_tile::<5, P, F16>(args, tile, scores),
+            _ => scores_tile::<QUERIES, P, F16>(args, tile, scores),
+        }
+    }
+
+    /// The scores of `Q` (row, head) queries against `P` (at most four) K vectors of KV
+    /// head `g`, each stored over the row's range only (see [`chunk_scores`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    #[inline]
+    fn scores_tile<const Q: usize, const P: usize, const F16: bool>(
         (kg, g, hd, q, qd, ranges, scale, (ahead, unit, units)): TileArgs,
         tile: &[(usize, usize)],
         scores: &mut [f32],
     ) {
         let size = if F16 { 2 } else { 4 };
-        assert!(tile.len() == Q && (1..=4).contains(&kg.len()), "tile shape");
-        // Missing vectors load nothing (mask 0) from the first one's address.
-        let base: [*const u8; 4] = std::array::from_fn(|p| {
-            let k = &kg[p.min(kg.len() - 1)];
-            k.bytes[(k.at + g * hd * k.stride) * size..].as_ptr()
-        });
-        let step: [usize; 4] = std::array::from_fn(|p| kg[p.min(kg.len() - 1)].stride * size);
-        let mask: [u16; 4] = std::array::from_fn(|p| if p < kg.len() { ((1u32 << kg[p].n) - 1) as u16 } else { 0 });
+        assert!(tile.len() == Q && kg.len() == P && P <= 4, "tile shape");
+        let base: [*const u8; P] =
+            std::array::from_fn(|p| kg[p].bytes[(kg[p].at + g * hd * kg[p].stride) * size..].as_ptr());
+        let step: [usize; P] = std::array::from_fn(|p| kg[p].stride * size);
+        let mask: [u16; P] = std::array::from_fn(|p| ((1u32 << kg[p].n) - 1) as u16);
         let qs: [*const f32; Q] = std::array::from_fn(|i| q[tile[i].0 * qd + tile[i].1 * hd..][..hd].as_ptr());
         // This unit's share of `ahead`'s lines, a few every eight dimensions.
         let lines = ahead.len().div_ceil(64);
         let (mut line, end) = (lines * unit / units.max(1), lines * (unit + 1) / units.max(1));
         let per_step = (end - line).div_ceil((hd / 8).max(1));
-        let mut acc = [[_mm512_setzero_ps(); 4]; Q];
+        let mut acc = [[_mm512_setzero_ps(); P]; Q];
         assert!(hd.is_multiple_of(8), "head width");
         for d0 in (0..hd).step_by(8) {
             for l in line..(line + per_step).min(end) {
@@ -576,10 +585,10 @@ mod zmm {
             line += per_step;
             for d in d0..d0 + 8 {
                 // SAFETY: `chunk_scores` checked that dimension `d < hd` of KV head `g` of
-                // each vector (its first `n` lanes, the mask) lies inside its bytes (a zero
-                // mask reads nothing), and each query holds `hd` values.
+                // each vector (its first `n` lanes, the mask) lies inside its bytes, and
+                // each query holds `hd` values.
                 unsafe {
-                    let k: [__m512; 4] = std::array::from_fn(|p| {
+                    let k: [__m512; P] = std::array::from_fn(|p| {
                         let at = base[p].add(d * step[p]);
                         if F16 {
                             _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask[p], at.cast()))
@@ -589,7 +598,7 @@ mod zmm {
                     });
                     for i in 0..Q {
                         let b = _mm512_set1_ps(*qs[i].add(d));
-                        for p in 0..4 {
+                        for p in 0..P {
                             acc[i][p] = _mm512_fmadd_ps(b, k[p], acc[i][p]);
                         }
                     }
