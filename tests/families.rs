@@ -14,10 +14,15 @@ use starling::model::kernels::Kernels;
 use starling::model::transformer::{LogitsWanted, SeqChunk, Transformer};
 
 fn load_tiny(arch: &'static str, kernels: Kernels) -> Transformer {
+    load_spec(&TinyModelSpec::family(arch), kernels)
+}
+
+/// The tiny model `spec` describes, written to a temporary file and loaded on 2 threads.
+fn load_spec(spec: &TinyModelSpec, kernels: Kernels) -> Transformer {
     let dir = std::env::temp_dir().join(format!("starling-families-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("tiny-{arch}.gguf"));
-    std::fs::write(&path, tiny_model(&TinyModelSpec::family(arch))).unwrap();
+    let path = dir.join(format!("tiny-{}-{}.gguf", spec.arch, spec.n_ctx));
+    std::fs::write(&path, tiny_model(spec)).unwrap();
     Transformer::from_file(GgufFile::open(&path).unwrap(), 2, kernels).unwrap()
 }
 
@@ -25,14 +30,28 @@ fn load_tiny(arch: &'static str, kernels: Kernels) -> Transformer {
 /// the rest decoded one token at a time (so both paths, and the KV cache across calls, are
 /// exercised).
 fn logits_by_steps(model: &Transformer, ids: &[u32], split: usize) -> Vec<Vec<f32>> {
-    let layout = model.kv_layout(4);
+    let ends = std::iter::once(split.max(1)).chain(split.max(1) + 1..=ids.len());
+    logits_over_chunks(model, ids, ends, 4, |_| true).into_iter().map(|(_, row)| row).collect()
+}
+
+/// `(position, logits)` for each position of `ids` that `keep`s, running `ids` as chunks
+/// ending at each of `ends` (ascending, the last `ids.len()`) over a KV cache of
+/// `block_tokens`-position blocks.
+fn logits_over_chunks(
+    model: &Transformer,
+    ids: &[u32],
+    ends: impl IntoIterator<Item = usize>,
+    block_tokens: usize,
+    keep: impl Fn(usize) -> bool,
+) -> Vec<(usize, Vec<f32>)> {
+    let layout = model.kv_layout(block_tokens);
     let mut arena = KvArena::new(layout, (layout.blocks_for(ids.len()) * layout.block_bytes()) as u64).unwrap();
     let mut table = BlockTable::default();
     table.reserve(&mut arena, ids.len()).unwrap();
     let n_vocab = model.desc.n_vocab;
     let mut rows = Vec::new();
     let mut start = 0;
-    for end in std::iter::once(split.max(1)).chain(split.max(1) + 1..=ids.len()) {
+    for end in ends {
         let chunk = SeqChunk {
             tokens: ids[start..end].to_vec(),
             start_pos: start,
@@ -41,7 +60,8 @@ fn logits_by_steps(model: &Transformer, ids: &[u32], split: usize) -> Vec<Vec<f3
         };
         let mut out = Vec::new();
         model.forward(&[chunk], &mut arena, &mut out).unwrap();
-        rows.extend(out.chunks_exact(n_vocab).map(<[f32]>::to_vec));
+        let kept = out.chunks_exact(n_vocab).enumerate().filter(|&(i, _)| keep(start + i));
+        rows.extend(kept.map(|(i, row)| (start + i, row.to_vec())));
         start = end;
     }
     rows
@@ -102,37 +122,11 @@ fn long_context_families_match_llama_cpp_deep_into_a_32k_window() {
         let ids: Vec<u32> = fx["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let wanted: Vec<usize> =
             fx["positions"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-        let dir = std::env::temp_dir().join(format!("starling-families-long-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join(format!("tiny-{arch}-32k.gguf"));
-        std::fs::write(&file, tiny_model(&TinyModelSpec::long_context(arch))).unwrap();
-        let model = Transformer::from_file(GgufFile::open(&file).unwrap(), 2, Kernels::detect()).unwrap();
+        let model = load_spec(&TinyModelSpec::long_context(arch), Kernels::detect());
         assert_eq!(model.desc.n_ctx_train, 32_768, "{arch}");
-        let layout = model.kv_layout(16);
-        let mut arena = KvArena::new(layout, (layout.blocks_for(ids.len()) * layout.block_bytes()) as u64).unwrap();
-        let mut table = BlockTable::default();
-        table.reserve(&mut arena, ids.len()).unwrap();
-        let n_vocab = model.desc.n_vocab;
-        let mut rows: Vec<(usize, Vec<f32>)> = Vec::new();
         // Prefill chunks up to the last token, which is decoded alone.
         let ends = (CHUNK..ids.len() - 1).step_by(CHUNK).chain([ids.len() - 1, ids.len()]);
-        let mut start = 0;
-        for end in ends {
-            let chunk = SeqChunk {
-                tokens: ids[start..end].to_vec(),
-                start_pos: start,
-                blocks: table.blocks.clone(),
-                logits: LogitsWanted::All,
-            };
-            let mut out = Vec::new();
-            model.forward(&[chunk], &mut arena, &mut out).unwrap();
-            for (i, row) in out.chunks_exact(n_vocab).enumerate() {
-                if wanted.contains(&(start + i)) {
-                    rows.push((start + i, row.to_vec()));
-                }
-            }
-            start = end;
-        }
+        let rows = logits_over_chunks(&model, &ids, ends, 16, |p| wanted.contains(&p));
         assert_eq!(rows.len(), wanted.len(), "{arch}");
         let mut worst = 0.0f64;
         for ((pos, ours), want) in rows.iter().zip(fx["logits"].as_array().unwrap()) {
