@@ -136,11 +136,10 @@ trait Arith: Sized {
         job: &TileJob,
         (start, end): (usize, usize),
         rows: &mut Vec<f32>,
-        kt: &mut Vec<f32>,
+        _kt: &mut Vec<f32>,
         scores: &mut [f32],
     ) {
         let TileJob { shape, layer, q, ranges, blocks, kv } = *job;
-        let _ = kt;
         let mut j = start;
         while j < end {
             let (keys, take) = key_segment::<Self>(kv, blocks, layer, j..end, rows);
@@ -297,10 +296,7 @@ impl<const V: usize> Arith for Zmm<V> {
         let mut f16 = false;
         if kv.keys_by_dimension() {
             // Each block run as stored, sixteen positions per vector.
-            let mut j = start;
-            while j < end {
-                let (b, slot) = (j / bt, j % bt);
-                let take = (bt - slot).min(end - j);
+            for (j, b, slot, take) in block_runs(bt, start..end) {
                 let block = kv.keys(blocks[b], layer);
                 f16 = matches!(block, KvRows::F16(_));
                 for i0 in (0..take).step_by(16) {
@@ -308,21 +304,16 @@ impl<const V: usize> Arith for Zmm<V> {
                     keys[n] = zmm::KeyVec { bytes: block.bytes(), at, stride: bt, n: len, p0: j + i0 };
                     n += 1;
                 }
-                j += take;
             }
         } else {
             // q8_0 rows: each run dequantized, then transposed into `[kv_dim][CHUNK]`.
             kt.resize(kvd * CHUNK, 0.0);
-            let mut j = start;
-            while j < end {
-                let (b, slot) = (j / bt, j % bt);
-                let take = (bt - slot).min(end - j);
+            for (j, b, slot, take) in block_runs(bt, start..end) {
                 let block = kv.keys(blocks[b], layer);
                 rows.resize(take * kvd, 0.0);
                 Self::widen_q8_0(block.slice(slot * kvd..(slot + take) * kvd).bytes(), rows);
                 // SAFETY: as below.
                 unsafe { zmm::transpose_rows(rows, kvd, kt, j - start) };
-                j += take;
             }
             for i0 in (0..end - start).step_by(16) {
                 let len = (end - start - i0).min(16);
@@ -882,6 +873,21 @@ fn key_segment<'a, A: Arith>(
         }
         _ => (Keys::Columns { block, bt, slot, take }, take),
     }
+}
+
+/// The runs of `range` that share a block of `bt` positions, in order: `(first position,
+/// block index in the table, slot in the block, positions)`.
+#[inline(always)]
+fn block_runs(bt: usize, range: Range<usize>) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    let mut j = range.start;
+    std::iter::from_fn(move || {
+        (j < range.end).then(|| {
+            let (b, slot) = (j / bt, j % bt);
+            let take = (bt - slot).min(range.end - j);
+            j += take;
+            (j - take, b, slot, take)
+        })
+    })
 }
 
 /// The stored K (or V) rows of `pos`'s block from `pos` on, as bytes: what the next
