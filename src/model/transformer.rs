@@ -14,6 +14,8 @@
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
@@ -365,10 +367,11 @@ impl Transformer {
     pub fn forward(&self, batch: &[SeqChunk], kv: &mut KvArena, logits: &mut Vec<f32>) -> Result<(), ModelError> {
         self.check_batch(batch, kv)?;
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        // One pool entry for the whole pass: the forks inside (per matmul, or per layer for a
-        // batch split by sequence) start from a pool thread.
+        // One pool entry for the whole pass, its other threads kept polling for work: the
+        // forks inside (per matmul and attention, or per layer for a batch split by
+        // sequence) start from a pool thread and are picked up within a microsecond.
         let s: &mut Scratch = &mut guard;
-        self.pool.install(|| self.run(batch, kv, s, logits));
+        hot_install(&self.pool, || self.run(batch, kv, s, logits));
         Ok(())
     }
 
@@ -778,6 +781,63 @@ fn sequence_groups(batch: &[SeqChunk], threads: usize, groups: &mut Vec<Range<us
     split
 }
 
+/// How long a hot pool thread spins without finding work before it yields its core on
+/// each further poll: longer than a forward pass's gaps between forks, short enough that
+/// another process that wants the core still gets it.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// `pool.install(f)` with the pool's other threads kept hot while `f` runs: each polls for
+/// the jobs `f` forks (`rayon::yield_now`) instead of going to sleep between them. A
+/// rayon thread that finds no work for a few tens of microseconds parks, and on this
+/// class of machine (virtual CPUs) waking it costs 15–20 µs, against 2–3 µs for a fork
+/// it picks up while awake; a decode step forks about 270 times (each matmul and each
+/// layer's attention), so parked threads cost a fifth to a quarter of a short-context
+/// step. The pollers stop when `f` returns or unwinds. Scheduling only: every job is
+/// the same computation wherever it runs, so results keep their bits.
+fn hot_install<R: Send>(pool: &rayon::ThreadPool, f: impl FnOnce() -> R + Send) -> R {
+    let done = AtomicBool::new(false);
+    pool.install(|| with_pollers(pool.current_num_threads() - 1, &done, rayon::current_thread_index(), f))
+}
+
+/// Runs `f` on this pool thread beside `n` pollers, forked with `rayon::join` (no heap
+/// job, so a decode step still allocates nothing); sets `done` however `f` ends, so a
+/// panic unwinds through the joins instead of leaving them waiting on the pollers.
+fn with_pollers<R: Send>(n: usize, done: &AtomicBool, owner: Option<usize>, f: impl FnOnce() -> R + Send) -> R {
+    if n == 0 {
+        let _end = SetOnDrop(done);
+        return f();
+    }
+    rayon::join(|| with_pollers(n - 1, done, owner, f), || poll_until(done, owner)).0
+}
+
+/// A hot pool thread's loop (see [`hot_install`]): runs whatever job the pool has until
+/// `done`. Returns at once on the thread that runs `f` (`owner`), which can pick up a
+/// poller still queued while it waits inside one of its own forks.
+fn poll_until(done: &AtomicBool, owner: Option<usize>) {
+    if rayon::current_thread_index() == owner {
+        return;
+    }
+    let mut last = Instant::now();
+    while !done.load(Ordering::Acquire) {
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            last = Instant::now();
+        } else if last.elapsed() < SPIN {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// Runs `f` on every attention item and its run of `parts` (from its offset to the next
 /// item's; `base` is the first item's offset), halving the list with `rayon::join`.
 fn each_item<F>(items: &[(usize, usize, usize)], parts: &mut [f32], base: usize, f: &F)
@@ -884,5 +944,80 @@ mod tests {
         let mut mixed = vec![30];
         mixed.extend([1; 15]);
         assert_eq!(groups_of(&batch(&mixed), 2), None);
+    }
+
+    fn test_pool(name: &'static str) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new().num_threads(2).thread_name(move |i| format!("{name}-{i}")).build().unwrap()
+    }
+
+    /// Scheduler state (`R`, `S`, …) of each of this process's threads named `name-*`,
+    /// by name, from `/proc/self/task/*/stat`.
+    #[cfg(target_os = "linux")]
+    fn thread_states(name: &str) -> Vec<(String, char)> {
+        let mut states = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.starts_with(&format!("{name}-")) {
+                let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                // The state follows the parenthesised name.
+                if let Some(state) = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next()) {
+                    states.push((comm.trim_end().to_string(), state));
+                }
+            }
+        }
+        states.sort();
+        states
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_hot_pool_keeps_its_other_thread_running_while_the_pass_runs_and_lets_it_sleep_after() {
+        let pool = test_pool("hot-pool");
+        let all_asleep = || {
+            // A parked rayon thread sleeps in a futex; one in its last rounds before that
+            // may still show as running on a busy machine, so allow it a few seconds.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while thread_states("hot-pool").iter().any(|(_, state)| *state != 'S') && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            thread_states("hot-pool")
+        };
+        let sleeping = [("hot-pool-0".to_string(), 'S'), ("hot-pool-1".to_string(), 'S')];
+        pool.broadcast(|_| ());
+        assert_eq!(all_asleep(), sleeping, "an idle pool sleeps");
+        let (other, sum) = hot_install(&pool, || {
+            let me = format!("hot-pool-{}", rayon::current_thread_index().unwrap());
+            let other = || thread_states("hot-pool").into_iter().find(|(name, _)| *name != me).map(|(_, s)| s);
+            // Past the point where a plain pool thread would have parked, the other thread
+            // still runs (checked for up to five seconds: the poller may start late).
+            std::thread::sleep(Duration::from_millis(50));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while other() != Some('R') && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Forks still run, and return their results.
+            let (a, b) = rayon::join(|| 2, || 3);
+            (other(), a + b)
+        });
+        assert_eq!(sum, 5);
+        assert_eq!(other, Some('R'), "the other pool thread polls for work");
+        assert_eq!(all_asleep(), sleeping, "the poller stops with the pass");
+    }
+
+    #[test]
+    fn a_panic_in_a_hot_pass_reaches_the_caller_instead_of_leaving_the_pollers_waiting() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = test_pool("hot-panic");
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                hot_install(&pool, || -> usize { panic!("inside the pass") })
+            }));
+            // The pool still works afterwards.
+            let after = hot_install(&pool, || rayon::join(|| 1, || 2));
+            tx.send((caught.is_err(), after)).unwrap();
+        });
+        let (panicked, after) = rx.recv_timeout(Duration::from_secs(20)).expect("hot_install returned");
+        assert!(panicked, "the panic propagates");
+        assert_eq!(after, (1, 2));
     }
 }
