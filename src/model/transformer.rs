@@ -369,7 +369,7 @@ impl Transformer {
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         // One pool entry for the whole pass, its other threads kept polling for work: the
         // forks inside (per matmul and attention, or per layer for a batch split by
-        // sequence) start from a pool thread and are picked up within a microsecond.
+        // sequence) start from a pool thread and are picked up by an awake one.
         let s: &mut Scratch = &mut guard;
         hot_install(&self.pool, || self.run(batch, kv, s, logits));
         Ok(())
@@ -789,10 +789,10 @@ const SPIN: Duration = Duration::from_micros(200);
 /// `pool.install(f)` with the pool's other threads kept hot while `f` runs: each polls for
 /// the jobs `f` forks (`rayon::yield_now`) instead of going to sleep between them. A
 /// rayon thread that finds no work for a few tens of microseconds parks, and on this
-/// class of machine (virtual CPUs) waking it costs 15–20 µs, against 2–3 µs for a fork
-/// it picks up while awake; a decode step forks about 270 times (each matmul and each
-/// layer's attention), so parked threads cost a fifth to a quarter of a short-context
-/// step. The pollers stop when `f` returns or unwinds. Scheduling only: every job is
+/// class of machine (virtual CPUs) a fork then cost about 18 µs against 2–3 µs for one
+/// it picks up while awake; a decode step forks in every layer (each matmul above the
+/// serial threshold, the attention), so parked threads cost 7–14% of a short-context
+/// step (paired runs). The pollers stop when `f` returns or unwinds. Scheduling only: every job is
 /// the same computation wherever it runs, so results keep their bits.
 fn hot_install<R: Send>(pool: &rayon::ThreadPool, f: impl FnOnce() -> R + Send) -> R {
     let done = AtomicBool::new(false);

@@ -16,11 +16,11 @@
 //! (row, head) queries with 24 FMAs per dimension (q8_0 rows are dequantized and
 //! transposed once per chunk instead). Each score is one running sum over the dimensions
 //! in order, as `gemm`'s microkernels sum: no sum across lanes, and the same bits whether
-//! K came by dimension or by row, alone or in a tile. The weighted sum of values loads each V row once for up to three
-//! heads of a group. f16 is read as stored (`vcvtph2ps` in the load). The other builds
-//! read K by dimension too, with positions in the lanes and each score summed as the
-//! row-by-row dot product sums it (q8_0 rows keep that dot product). `exp` is a
-//! polynomial the vectorizer can inline (relative error under 5e-7).
+//! K came by dimension or by row, alone or in a tile. The weighted sum of values loads
+//! each V row once for up to three heads of a group. f16 is read as stored (`vcvtph2ps`
+//! in the load). The other builds read K by dimension too, with positions in the lanes
+//! and each score summed as the row-by-row dot product sums it (q8_0 rows keep that dot
+//! product). `exp` is a polynomial the vectorizer can inline (relative error under 5e-7).
 //!
 //! A long context's decode step streams every cached K and V row from memory once (190 MB
 //! of f32 at 4,096 positions of SmolLM2), in runs of one block's rows. The body prefetches
