@@ -9,18 +9,21 @@
 //!
 //! One body is compiled three times: for AVX-512, for AVX2 (both with FMA, so LLVM
 //! vectorizes the 16-lane loops to full width) and portable (separate multiply and add).
-//! For heads of 64, 128 or 256 values the AVX-512 build swaps in intrinsics for the two
-//! inner loops (`Zmm`). There scores are a small GEMM: the arena stores f32/f16 K by
+//! For heads of 64, 128 or 256 values the AVX-512 build swaps in intrinsics for the inner
+//! loops (`Zmm`). There scores are a small GEMM: the arena stores f32/f16 K by
 //! dimension ([`KvArena::keys_by_dimension`]), so one vector holds one dimension of sixteen
 //! positions, and four such vectors (a chunk's 64 positions, across blocks) meet up to six
 //! (row, head) queries with 24 FMAs per dimension (q8_0 rows are dequantized and
 //! transposed once per chunk instead). Each score is one running sum over the dimensions
 //! in order, as `gemm`'s microkernels sum: no sum across lanes, and the same bits whether
 //! K came by dimension or by row, alone or in a tile. The weighted sum of values loads
-//! each V row once for up to three heads of a group. f16 is read as stored (`vcvtph2ps`
-//! in the load). The other builds read K by dimension too, with positions in the lanes
-//! and each score summed as the row-by-row dot product sums it (q8_0 rows keep that dot
-//! product). `exp` is a polynomial the vectorizer can inline (relative error under 5e-7).
+//! each V row once for up to three heads of a group and two rows of a tile that see the
+//! same positions (up to 24 vectors of running sums, as the scores keep). f16 is read
+//! as stored (`vcvtph2ps` in the load). A head's softmax over its chunk runs sixteen
+//! lanes at a time (`vscalefps` applies the exponent). The other builds read K by
+//! dimension too, with positions in the lanes and each score summed as the row-by-row dot
+//! product sums it (q8_0 rows keep that dot product). `exp` is a polynomial the vectorizer
+//! can inline (relative error under 5e-7).
 //!
 //! A long context's decode step streams every cached K and V row from memory once (190 MB
 //! of f32 at 4,096 positions of SmolLM2), in runs of one block's rows. The body prefetches
@@ -218,6 +221,13 @@ trait Arith: Sized {
         }
     }
 
+    /// Each head's `n` scores (at `h·CHUNK` of `scores`) become `exp(score − m)`, and its
+    /// partial in `part` starts as `[m, Σ exp(score − m), 0…]`.
+    #[inline(always)]
+    fn softmax(shape: AttnShape, n: usize, scores: &mut [f32], part: &mut [f32]) {
+        softmax::<Self>(shape, 0..shape.n_head, n, scores, part)
+    }
+
     /// `acc_h += scores[h·CHUNK + jj0 + i] · v_i` for every head and V row `i` of `vals`,
     /// where `acc_h` is `part[h·(hd+2) + 2..][..hd]`; prefetches `ahead` along the way.
     #[inline(always)]
@@ -236,6 +246,23 @@ trait Arith: Sized {
                 }
             }
         }
+    }
+
+    /// [`Arith::values`] for two rows over the same V rows with the same score offset
+    /// (`scores[i]`, `parts[i]` per row): by default one after the other. Each row's sums
+    /// are exactly what it gets alone either way.
+    #[inline(always)]
+    fn values_pair(
+        shape: AttnShape,
+        vals: KvRows,
+        scores: [&[f32]; 2],
+        jj0: usize,
+        parts: [&mut [f32]; 2],
+        ahead: &[u8],
+    ) {
+        let [a, b] = parts;
+        Self::values(shape, vals, scores[0], jj0, a, ahead);
+        Self::values(shape, vals, scores[1], jj0, b, &[]);
     }
 }
 
@@ -333,6 +360,12 @@ impl<const V: usize> Arith for Zmm<V> {
         }
     }
 
+    #[inline(always)]
+    fn softmax(shape: AttnShape, n: usize, scores: &mut [f32], part: &mut [f32]) {
+        // SAFETY: as for `scores` below.
+        unsafe { zmm::softmax(shape, n, scores, part) }
+    }
+
     fn scores(_: AttnShape, _: &[f32], _: KvRows, _: f32, _: usize, _: &mut [f32], _: &[u8]) {
         unreachable!("Zmm scores whole chunks (chunk_scores)")
     }
@@ -344,6 +377,36 @@ impl<const V: usize> Arith for Zmm<V> {
             match vals {
                 KvRows::F32(v) => zmm::values::<V, false>(shape, bytemuck::cast_slice(v), scores, jj0, part, ahead),
                 KvRows::F16(v) => zmm::values::<V, true>(shape, bytemuck::cast_slice(v), scores, jj0, part, ahead),
+                KvRows::Q8_0(_) => unreachable!("tile_body widens q8_0 rows"),
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn values_pair(
+        shape: AttnShape,
+        vals: KvRows,
+        scores: [&[f32]; 2],
+        jj0: usize,
+        parts: [&mut [f32]; 2],
+        ahead: &[u8],
+    ) {
+        // Two rows' sums of up to three heads fill at most 24 registers; 256-wide heads
+        // (sixteen per head and row) go one row at a time.
+        if V > 8 {
+            let [a, b] = parts;
+            Self::values(shape, vals, scores[0], jj0, a, ahead);
+            return Self::values(shape, vals, scores[1], jj0, b, &[]);
+        }
+        // SAFETY: as above.
+        unsafe {
+            match vals {
+                KvRows::F32(v) => {
+                    zmm::values_pair::<V, false>(shape, bytemuck::cast_slice(v), scores, jj0, parts, ahead)
+                }
+                KvRows::F16(v) => {
+                    zmm::values_pair::<V, true>(shape, bytemuck::cast_slice(v), scores, jj0, parts, ahead)
+                }
                 KvRows::Q8_0(_) => unreachable!("tile_body widens q8_0 rows"),
             }
         }
@@ -640,6 +703,66 @@ mod zmm {
         }
     }
 
+    /// `e^x` in each lane, for `x ≤ 0` (0 below −87), as [`super::exp`] computes it but
+    /// with the power of two applied by `vscalefps`: `2^n · p(r)`, `x = n·ln 2 + r`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) fn exp16(x: __m512) -> __m512 {
+        let xc = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            xc,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_359_4), xc);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let e = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
+        // Lanes below −87 (or −∞) give 0; NaN stays NaN.
+        let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(-87.0));
+        _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(e, n))
+    }
+
+    /// See [`super::Arith::softmax`]: per head, the largest of its `n` scores (sixteen
+    /// lanes at a time, lanes past `n` masked), `exp(score − m)` by [`exp16`], and their
+    /// sum: the vectors added in order, then the lanes in `_mm512_reduce_add_ps`'s fixed
+    /// order. The bits depend only on the head's scores.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn softmax(shape: AttnShape, n: usize, scores: &mut [f32], part: &mut [f32]) {
+        let stride = shape.head_dim + 2;
+        assert!((1..=CHUNK).contains(&n), "scores per head");
+        assert!(scores.len() >= shape.n_head * CHUNK && part.len() >= shape.n_head * stride, "softmax buffers");
+        const V: usize = CHUNK / 16;
+        let masks: [u16; V] = std::array::from_fn(|i| ((1u32 << n.saturating_sub(16 * i).min(16)) - 1) as u16);
+        let low = _mm512_set1_ps(f32::NEG_INFINITY);
+        for h in 0..shape.n_head {
+            let sc = &mut scores[h * CHUNK..][..CHUNK];
+            // SAFETY: `sc` holds CHUNK values; the masked loads and stores touch only lanes
+            // below `n ≤ CHUNK`.
+            unsafe {
+                let x: [__m512; V] =
+                    std::array::from_fn(|i| _mm512_mask_loadu_ps(low, masks[i], sc.as_ptr().add(16 * i)));
+                let top = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
+                let m = _mm512_reduce_max_ps(top);
+                let mv = _mm512_set1_ps(m);
+                let mut sum = _mm512_setzero_ps();
+                for (i, &x) in x.iter().enumerate() {
+                    if masks[i] != 0 {
+                        let e = exp16(_mm512_sub_ps(x, mv));
+                        _mm512_mask_storeu_ps(sc.as_mut_ptr().add(16 * i), masks[i], e);
+                        sum = _mm512_add_ps(sum, e);
+                    }
+                }
+                let p = &mut part[h * stride..][..stride];
+                p[0] = m;
+                p[1] = _mm512_reduce_add_ps(sum);
+                p[2..].fill(0.0);
+            }
+        }
+    }
+
     /// Lanes 0, 1, …, 15.
     #[target_feature(enable = "avx512f")]
     #[inline]
@@ -676,6 +799,103 @@ mod zmm {
                 _ => values_heads::<V, F16, 1>(vals, kvd, off, rows, h, stride, scores, jj0, part, (ahead, n_head)),
             }
             h += take;
+        }
+    }
+
+    /// See [`super::Arith::values_pair`]: each V row is loaded once for both rows and up
+    /// to three heads of a group (one for 128-wide heads); `head_dim == V * 16`, V ≤ 8.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub(super) fn values_pair<const V: usize, const F16: bool>(
+        shape: AttnShape,
+        vals: &[u8],
+        scores: [&[f32]; 2],
+        jj0: usize,
+        parts: [&mut [f32]; 2],
+        ahead: &[u8],
+    ) {
+        let AttnShape { n_head, head_dim: hd, .. } = shape;
+        assert!(hd == V * 16 && V <= 8, "head width");
+        let (group, kvd, stride) = (n_head / shape.n_head_kv, shape.n_head_kv * hd, hd + 2);
+        let size = if F16 { 2 } else { 4 };
+        let rows = vals.len() / size / kvd;
+        let [pa, pb] = parts;
+        let mut h = 0;
+        while h < n_head {
+            let in_group = (h / group + 1) * group;
+            let take = (in_group - h).min(if V > 4 { 1 } else { 3 });
+            let off = (h / group) * hd;
+            let args = (vals, kvd, off, rows, h, stride, jj0);
+            let (pa, pb) = (&mut *pa, &mut *pb);
+            match take {
+                3 => values_heads2::<V, F16, 3>(args, scores, [pa, pb], (ahead, n_head)),
+                2 => values_heads2::<V, F16, 2>(args, scores, [pa, pb], (ahead, n_head)),
+                _ => values_heads2::<V, F16, 1>(args, scores, [pa, pb], (ahead, n_head)),
+            }
+            h += take;
+        }
+    }
+
+    /// [`values_pair`] for the `H` heads from `h` (V rows at element `off` of each
+    /// `kvd`-wide row): the same sums as [`values_heads`] gives each row, in the same order.
+    #[target_feature(enable = "avx512f,f16c")]
+    #[inline]
+    fn values_heads2<const V: usize, const F16: bool, const H: usize>(
+        (vals, kvd, off, rows, h, stride, jj0): (&[u8], usize, usize, usize, usize, usize, usize),
+        scores: [&[f32]; 2],
+        parts: [&mut [f32]; 2],
+        (ahead, heads): (&[u8], usize),
+    ) {
+        let size = if F16 { 2 } else { 4 };
+        let [pa, pb] = parts;
+        let sums = [&mut pa[h * stride..(h + H) * stride], &mut pb[h * stride..(h + H) * stride]];
+        let lines = ahead.len().div_ceil(64);
+        let (mut line, end) = (lines * h / heads.max(1), (lines * (h + H) / heads.max(1)).min(lines));
+        let per_row = (end.saturating_sub(line)).div_ceil(rows.max(1));
+        let mut acc = [[[_mm512_setzero_ps(); V]; H]; 2];
+        for (acc, sums) in acc.iter_mut().zip(&sums) {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                for (v, a) in acc.iter_mut().enumerate() {
+                    *a = load(sums, k * stride + 2 + 16 * v);
+                }
+            }
+        }
+        let weights = [&scores[0][h * CHUNK + jj0..], &scores[1][h * CHUNK + jj0..]];
+        for w in weights {
+            assert!(w.len() >= (H - 1) * CHUNK + rows, "scores of {H} heads");
+        }
+        let vals = &vals[..rows * kvd * size];
+        for i in 0..rows {
+            for l in line..(line + per_row).min(end) {
+                // `l < lines`: the address is in bounds (a prefetch never faults anyway).
+                _mm_prefetch::<_MM_HINT_T0>(ahead[l * 64..].as_ptr().cast());
+            }
+            line += per_row;
+            let mut w = [[_mm512_setzero_ps(); H]; 2];
+            for (w, weights) in w.iter_mut().zip(&weights) {
+                for (k, w) in w.iter_mut().enumerate() {
+                    *w = _mm512_set1_ps(weights[k * CHUNK + i]);
+                }
+            }
+            let at = (i * kvd + off) * size;
+            let row = &vals[at..at + V * 16 * size];
+            for v in 0..V {
+                let x = load_kv::<F16>(row, 16 * v);
+                for (acc, w) in acc.iter_mut().zip(&w) {
+                    for (a, w) in acc.iter_mut().zip(w) {
+                        a[v] = _mm512_fmadd_ps(*w, x, a[v]);
+                    }
+                }
+            }
+        }
+        for (acc, sums) in acc.iter().zip(sums) {
+            for (k, a) in acc.iter().enumerate() {
+                for (v, a) in a.iter().enumerate() {
+                    let at = k * stride + 2 + 16 * v;
+                    let dst: &mut [f32; 16] = (&mut sums[at..at + 16]).try_into().expect("16 values");
+                    // SAFETY: `dst` is 16 writable f32s; the store is unaligned.
+                    unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), *a) };
+                }
+            }
         }
     }
 
@@ -759,7 +979,7 @@ fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f
     A::chunk_scores(job, (start, end), rows, kt, scores);
     for (r, range) in ranges.iter().enumerate() {
         let (sc, p) = (&mut scores[r * per_row..][..per_row], &mut parts[r * plen..][..plen]);
-        softmax::<A>(shape, 0..n_head, range.len(), sc, p);
+        A::softmax(shape, range.len(), sc, p);
     }
     let mut j = start;
     while j < end {
@@ -771,14 +991,34 @@ fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f
         } else {
             &[]
         };
-        for (r, range) in ranges.iter().enumerate() {
-            let (lo, hi) = (j.max(range.start), (j + take).min(range.end));
-            if lo < hi {
-                let vals = vals.slice((lo - j) * kv.layout().kv_dim..(hi - j) * kv.layout().kv_dim);
-                let sc = &scores[r * per_row..(r + 1) * per_row];
-                A::values(shape, vals, sc, lo - range.start, &mut parts[r * plen..(r + 1) * plen], ahead);
-                ahead = &[];
+        let seen = |r: usize| (j.max(ranges[r].start), (j + take).min(ranges[r].end));
+        let mut r = 0;
+        while r < ranges.len() {
+            let (lo, hi) = seen(r);
+            if lo >= hi {
+                r += 1;
+                continue;
             }
+            let vals = vals.slice((lo - j) * kv.layout().kv_dim..(hi - j) * kv.layout().kv_dim);
+            let jj0 = lo - ranges[r].start;
+            // Two rows that see the same V rows with the same score offset share each load.
+            if r + 1 < ranges.len() && seen(r + 1) == (lo, hi) && ranges[r + 1].start == ranges[r].start {
+                let sc = [&scores[r * per_row..(r + 1) * per_row], &scores[(r + 1) * per_row..(r + 2) * per_row]];
+                let (a, b) = parts[r * plen..(r + 2) * plen].split_at_mut(plen);
+                A::values_pair(shape, vals, sc, jj0, [a, b], ahead);
+                r += 2;
+            } else {
+                A::values(
+                    shape,
+                    vals,
+                    &scores[r * per_row..(r + 1) * per_row],
+                    jj0,
+                    &mut parts[r * plen..(r + 1) * plen],
+                    ahead,
+                );
+                r += 1;
+            }
+            ahead = &[];
         }
         j += take;
     }
@@ -1099,6 +1339,26 @@ pub fn merge(shape: AttnShape, parts: &[f32], out: &mut [f32]) {
 /// [`merge`] of partials that lie `step` floats apart in `parts` (a row of a tile: its
 /// chunks are one tile's width apart), the first at 0.
 pub fn merge_strided(shape: AttnShape, parts: &[f32], step: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: avx512f was detected just above.
+        return unsafe { merge_avx512(shape, parts, step, out) };
+    }
+    merge_body(shape, parts, step, out)
+}
+
+/// [`merge_body`] with its loops sixteen lanes wide: the same operations (separate
+/// multiplies and adds, the polynomial `exp`), so the same bits as everywhere else.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn merge_avx512(shape: AttnShape, parts: &[f32], step: usize, out: &mut [f32]) {
+    merge_body(shape, parts, step, out)
+}
+
+/// See [`merge_strided`]: per head, the chunks' largest `m`, then each chunk weighted by
+/// `exp(m_c − m)` in order.
+#[inline(always)]
+fn merge_body(shape: AttnShape, parts: &[f32], step: usize, out: &mut [f32]) {
     let (hd, stride) = (shape.head_dim, shape.head_dim + 2);
     let plen = shape.partial_len();
     let n = (parts.len() + step - plen) / step;
@@ -1113,7 +1373,7 @@ pub fn merge_strided(shape: AttnShape, parts: &[f32], step: usize, out: &mut [f3
         let mut total = 0.0f32;
         for p in parts() {
             let (m, s, acc) = head(p, h, stride);
-            let w = (m - top).exp();
+            let w = exp::<Separate>(m - top);
             total += s * w;
             for (oi, a) in o.iter_mut().zip(acc) {
                 *oi += a * w;
@@ -1168,6 +1428,32 @@ mod tests {
         assert!(worst < 5e-7, "worst relative error {worst:e}");
         assert_eq!(exp::<Fused>(-200.0), 0.0);
         assert_eq!(exp::<Fused>(0.0), 1.0);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sixteen_lane_exp_is_within_a_few_ulp_of_std() {
+        use std::arch::x86_64::*;
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let xs: Vec<f32> = (0..=87_007).map(|i| -(i as f32) / 1000.0).chain([-200.0, f32::NEG_INFINITY]).collect();
+        let mut got = vec![f32::NAN; xs.len().next_multiple_of(16)];
+        for (x, o) in xs.chunks(16).zip(got.chunks_mut(16)) {
+            let mut lanes = [0.0f32; 16];
+            lanes[..x.len()].copy_from_slice(x);
+            // SAFETY: avx512f was detected above; loads and stores are of 16 floats.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), zmm::exp16(_mm512_loadu_ps(lanes.as_ptr()))) };
+        }
+        let mut worst = 0.0f64;
+        for (&x, &g) in xs.iter().zip(&got) {
+            match x >= -87.0 {
+                true => worst = worst.max(((g as f64 - (x as f64).exp()) / (x as f64).exp()).abs()),
+                false => assert_eq!(g, 0.0, "exp({x})"),
+            }
+        }
+        assert!(worst < 5e-7, "worst relative error {worst:e}");
+        assert_eq!(got[0], 1.0);
     }
 
     #[test]
