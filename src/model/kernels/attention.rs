@@ -372,14 +372,7 @@ impl<const V: usize> Arith for Zmm<V> {
 
     #[inline(always)]
     fn values(shape: AttnShape, vals: KvRows, scores: &[f32], jj0: usize, part: &mut [f32], ahead: &[u8]) {
-        // SAFETY: as above.
-        unsafe {
-            match vals {
-                KvRows::F32(v) => zmm::values::<V, false>(shape, bytemuck::cast_slice(v), scores, jj0, part, ahead),
-                KvRows::F16(v) => zmm::values::<V, true>(shape, bytemuck::cast_slice(v), scores, jj0, part, ahead),
-                KvRows::Q8_0(_) => unreachable!("tile_body widens q8_0 rows"),
-            }
-        }
+        Self::values_rows::<1>(shape, vals, [scores], jj0, [part], ahead)
     }
 
     #[inline(always)]
@@ -391,22 +384,33 @@ impl<const V: usize> Arith for Zmm<V> {
         parts: [&mut [f32]; 2],
         ahead: &[u8],
     ) {
-        // Two rows' sums of up to three heads fill at most 24 registers; 256-wide heads
-        // (sixteen per head and row) go one row at a time.
+        // Two rows' sums of a 256-wide head alone fill all 32 registers: one row at a time.
         if V > 8 {
             let [a, b] = parts;
             Self::values(shape, vals, scores[0], jj0, a, ahead);
             return Self::values(shape, vals, scores[1], jj0, b, &[]);
         }
-        // SAFETY: as above.
+        Self::values_rows::<2>(shape, vals, scores, jj0, parts, ahead)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<const V: usize> Zmm<V> {
+    /// [`Arith::values`] for `R` rows over the same V rows with the same score offset.
+    #[inline(always)]
+    fn values_rows<const R: usize>(
+        shape: AttnShape,
+        vals: KvRows,
+        scores: [&[f32]; R],
+        jj0: usize,
+        parts: [&mut [f32]; R],
+        ahead: &[u8],
+    ) {
+        // SAFETY: as for `chunk_scores` above.
         unsafe {
             match vals {
-                KvRows::F32(v) => {
-                    zmm::values_pair::<V, false>(shape, bytemuck::cast_slice(v), scores, jj0, parts, ahead)
-                }
-                KvRows::F16(v) => {
-                    zmm::values_pair::<V, true>(shape, bytemuck::cast_slice(v), scores, jj0, parts, ahead)
-                }
+                KvRows::F32(v) => zmm::values::<V, false, R>(shape, bytemuck::cast_slice(v), scores, jj0, parts, ahead),
+                KvRows::F16(v) => zmm::values::<V, true, R>(shape, bytemuck::cast_slice(v), scores, jj0, parts, ahead),
                 KvRows::Q8_0(_) => unreachable!("tile_body widens q8_0 rows"),
             }
         }
@@ -770,88 +774,61 @@ mod zmm {
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)
     }
 
-    /// See [`super::Arith::values`]; `head_dim == V * 16`, `vals` the bytes of the rows.
+    /// See [`super::Arith::values`], for `R` rows (one, or two of a tile that see the same
+    /// positions; `scores[r]`, `parts[r]` per row) over the rows `vals` (their bytes);
+    /// `head_dim == V * 16`.
     #[target_feature(enable = "avx512f,f16c")]
-    pub(super) fn values<const V: usize, const F16: bool>(
+    pub(super) fn values<const V: usize, const F16: bool, const R: usize>(
         shape: AttnShape,
         vals: &[u8],
-        scores: &[f32],
+        scores: [&[f32]; R],
         jj0: usize,
-        part: &mut [f32],
+        mut parts: [&mut [f32]; R],
         ahead: &[u8],
     ) {
         let AttnShape { n_head, head_dim: hd, .. } = shape;
         assert_eq!(hd, V * 16, "head width");
+        // Heads of one group at a time, as many as keep the rows' running sums in 24 of the
+        // 32 registers (at most three): three 64-wide heads of two rows, one 128-wide, …
+        let most = (24 / (R * V)).min(3);
+        assert!(most >= 1, "{R} rows of {hd}-wide heads");
         let (group, kvd, stride) = (n_head / shape.n_head_kv, shape.n_head_kv * hd, hd + 2);
         let size = if F16 { 2 } else { 4 };
         let rows = vals.len() / size / kvd;
         let mut h = 0;
         while h < n_head {
-            // Up to three heads of one group at a time (one for 256-wide heads, whose sums
-            // fill sixteen registers): each V row is loaded once for all of them (each
-            // head's sums still add the rows in order: the same bits).
-            let in_group = (h / group + 1) * group;
-            let take = (in_group - h).min(if V >= 16 { 1 } else { 3 });
-            let off = (h / group) * hd;
+            // Each V row is loaded once for all of them (each head's sums still add the rows
+            // in order: the same bits as one head and one row at a time).
+            let take = ((h / group + 1) * group - h).min(most);
+            let at = (vals, kvd, (h / group) * hd, rows, h, stride, jj0);
+            let parts = parts.each_mut().map(|p| &mut **p);
             match take {
-                3 => values_heads::<V, F16, 3>(vals, kvd, off, rows, h, stride, scores, jj0, part, (ahead, n_head)),
-                2 => values_heads::<V, F16, 2>(vals, kvd, off, rows, h, stride, scores, jj0, part, (ahead, n_head)),
-                _ => values_heads::<V, F16, 1>(vals, kvd, off, rows, h, stride, scores, jj0, part, (ahead, n_head)),
+                3 => values_heads::<V, F16, R, 3>(at, scores, parts, (ahead, n_head)),
+                2 => values_heads::<V, F16, R, 2>(at, scores, parts, (ahead, n_head)),
+                _ => values_heads::<V, F16, R, 1>(at, scores, parts, (ahead, n_head)),
             }
             h += take;
         }
     }
 
-    /// See [`super::Arith::values_pair`]: each V row is loaded once for both rows and up
-    /// to three heads of a group (one for 128-wide heads); `head_dim == V * 16`, V ≤ 8.
-    #[target_feature(enable = "avx512f,f16c")]
-    pub(super) fn values_pair<const V: usize, const F16: bool>(
-        shape: AttnShape,
-        vals: &[u8],
-        scores: [&[f32]; 2],
-        jj0: usize,
-        parts: [&mut [f32]; 2],
-        ahead: &[u8],
-    ) {
-        let AttnShape { n_head, head_dim: hd, .. } = shape;
-        assert!(hd == V * 16 && V <= 8, "head width");
-        let (group, kvd, stride) = (n_head / shape.n_head_kv, shape.n_head_kv * hd, hd + 2);
-        let size = if F16 { 2 } else { 4 };
-        let rows = vals.len() / size / kvd;
-        let [pa, pb] = parts;
-        let mut h = 0;
-        while h < n_head {
-            let in_group = (h / group + 1) * group;
-            let take = (in_group - h).min(if V > 4 { 1 } else { 3 });
-            let off = (h / group) * hd;
-            let args = (vals, kvd, off, rows, h, stride, jj0);
-            let (pa, pb) = (&mut *pa, &mut *pb);
-            match take {
-                3 => values_heads2::<V, F16, 3>(args, scores, [pa, pb], (ahead, n_head)),
-                2 => values_heads2::<V, F16, 2>(args, scores, [pa, pb], (ahead, n_head)),
-                _ => values_heads2::<V, F16, 1>(args, scores, [pa, pb], (ahead, n_head)),
-            }
-            h += take;
-        }
-    }
-
-    /// [`values_pair`] for the `H` heads from `h` (V rows at element `off` of each
-    /// `kvd`-wide row): the same sums as [`values_heads`] gives each row, in the same order.
+    /// [`values`] for the `H` heads from `h` (V rows at element `off` of each `kvd`-wide
+    /// row, `rows` of them) and each of the `R` rows' scores and partials.
     #[target_feature(enable = "avx512f,f16c")]
     #[inline]
-    fn values_heads2<const V: usize, const F16: bool, const H: usize>(
+    fn values_heads<const V: usize, const F16: bool, const R: usize, const H: usize>(
         (vals, kvd, off, rows, h, stride, jj0): (&[u8], usize, usize, usize, usize, usize, usize),
-        scores: [&[f32]; 2],
-        parts: [&mut [f32]; 2],
+        scores: [&[f32]; R],
+        parts: [&mut [f32]; R],
         (ahead, heads): (&[u8], usize),
     ) {
         let size = if F16 { 2 } else { 4 };
-        let [pa, pb] = parts;
-        let sums = [&mut pa[h * stride..(h + H) * stride], &mut pb[h * stride..(h + H) * stride]];
+        let mut sums = parts.map(|p| &mut p[h * stride..(h + H) * stride]);
+        // The heads' parts of the next run's lines (parts `h..h + H` of `heads`), spread
+        // over the rows (no division in the loop).
         let lines = ahead.len().div_ceil(64);
         let (mut line, end) = (lines * h / heads.max(1), (lines * (h + H) / heads.max(1)).min(lines));
         let per_row = (end.saturating_sub(line)).div_ceil(rows.max(1));
-        let mut acc = [[[_mm512_setzero_ps(); V]; H]; 2];
+        let mut acc = [[[_mm512_setzero_ps(); V]; H]; R];
         for (acc, sums) in acc.iter_mut().zip(&sums) {
             for (k, acc) in acc.iter_mut().enumerate() {
                 for (v, a) in acc.iter_mut().enumerate() {
@@ -859,7 +836,7 @@ mod zmm {
                 }
             }
         }
-        let weights = [&scores[0][h * CHUNK + jj0..], &scores[1][h * CHUNK + jj0..]];
+        let weights = scores.map(|s| &s[h * CHUNK + jj0..]);
         for w in weights {
             assert!(w.len() >= (H - 1) * CHUNK + rows, "scores of {H} heads");
         }
@@ -870,7 +847,7 @@ mod zmm {
                 _mm_prefetch::<_MM_HINT_T0>(ahead[l * 64..].as_ptr().cast());
             }
             line += per_row;
-            let mut w = [[_mm512_setzero_ps(); H]; 2];
+            let mut w = [[_mm512_setzero_ps(); H]; R];
             for (w, weights) in w.iter_mut().zip(&weights) {
                 for (k, w) in w.iter_mut().enumerate() {
                     *w = _mm512_set1_ps(weights[k * CHUNK + i]);
@@ -887,7 +864,7 @@ mod zmm {
                 }
             }
         }
-        for (acc, sums) in acc.iter().zip(sums) {
+        for (acc, sums) in acc.iter().zip(&mut sums) {
             for (k, a) in acc.iter().enumerate() {
                 for (v, a) in a.iter().enumerate() {
                     let at = k * stride + 2 + 16 * v;
@@ -895,68 +872,6 @@ mod zmm {
                     // SAFETY: `dst` is 16 writable f32s; the store is unaligned.
                     unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), *a) };
                 }
-            }
-        }
-    }
-
-    /// [`values`] for the `H` heads from `h`, which share the V rows at element `off` of
-    /// each `kvd`-wide row.
-    #[target_feature(enable = "avx512f,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    fn values_heads<const V: usize, const F16: bool, const H: usize>(
-        vals: &[u8],
-        kvd: usize,
-        off: usize,
-        rows: usize,
-        h: usize,
-        stride: usize,
-        scores: &[f32],
-        jj0: usize,
-        part: &mut [f32],
-        (ahead, parts): (&[u8], usize),
-    ) {
-        let size = if F16 { 2 } else { 4 };
-        let sums = &mut part[h * stride..(h + H) * stride];
-        // The heads' parts of the next run's lines (parts `h..h + H` of `parts`), spread
-        // over the rows (no division in the loop).
-        let lines = ahead.len().div_ceil(64);
-        let (mut line, end) = (lines * h / parts.max(1), (lines * (h + H) / parts.max(1)).min(lines));
-        let per_row = (end.saturating_sub(line)).div_ceil(rows.max(1));
-        let mut acc = [[_mm512_setzero_ps(); V]; H];
-        for (k, acc) in acc.iter_mut().enumerate() {
-            for (v, a) in acc.iter_mut().enumerate() {
-                *a = load(sums, k * stride + 2 + 16 * v);
-            }
-        }
-        let weights = &scores[h * CHUNK + jj0..];
-        assert!(weights.len() >= (H - 1) * CHUNK + rows, "scores of {H} heads");
-        let vals = &vals[..rows * kvd * size];
-        for i in 0..rows {
-            for l in line..(line + per_row).min(end) {
-                // `l < lines`: the address is in bounds (a prefetch never faults anyway).
-                _mm_prefetch::<_MM_HINT_T0>(ahead[l * 64..].as_ptr().cast());
-            }
-            line += per_row;
-            let mut w = [_mm512_setzero_ps(); H];
-            for (k, w) in w.iter_mut().enumerate() {
-                *w = _mm512_set1_ps(weights[k * CHUNK + i]);
-            }
-            let at = (i * kvd + off) * size;
-            let row = &vals[at..at + V * 16 * size];
-            for v in 0..V {
-                let x = load_kv::<F16>(row, 16 * v);
-                for (a, w) in acc.iter_mut().zip(&w) {
-                    a[v] = _mm512_fmadd_ps(*w, x, a[v]);
-                }
-            }
-        }
-        for (k, a) in acc.iter().enumerate() {
-            for (v, a) in a.iter().enumerate() {
-                let at = k * stride + 2 + 16 * v;
-                let dst: &mut [f32; 16] = (&mut sums[at..at + 16]).try_into().expect("16 values");
-                // SAFETY: `dst` is 16 writable f32s; the store is unaligned.
-                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), *a) };
             }
         }
     }
