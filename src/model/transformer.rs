@@ -14,7 +14,7 @@
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -371,7 +371,7 @@ impl Transformer {
         // forks inside (per matmul and attention, or per layer for a batch split by
         // sequence) start from a pool thread and are picked up by an awake one.
         let s: &mut Scratch = &mut guard;
-        hot_install(&self.pool, || self.run(batch, kv, s, logits));
+        hot_install(&self.pool, &PASSES, || self.run(batch, kv, s, logits));
         Ok(())
     }
 
@@ -786,39 +786,59 @@ fn sequence_groups(batch: &[SeqChunk], threads: usize, groups: &mut Vec<Range<us
 /// another process that wants the core still gets it.
 const SPIN: Duration = Duration::from_micros(200);
 
+/// Forward passes running in this process, over every model's pool (see [`hot_install`]).
+static PASSES: AtomicUsize = AtomicUsize::new(0);
+
 /// `pool.install(f)` with the pool's other threads kept hot while `f` runs: each polls for
 /// the jobs `f` forks (`rayon::yield_now`) instead of going to sleep between them. A
 /// rayon thread that finds no work for a few tens of microseconds parks, and on this
 /// class of machine (virtual CPUs) a fork then cost about 18 µs against 2–3 µs for one
 /// it picks up while awake; a decode step forks in every layer (each matmul above the
 /// serial threshold, the attention), so parked threads cost 7–14% of a short-context
-/// step (paired runs). The pollers stop when `f` returns or unwinds. Scheduling only: every job is
-/// the same computation wherever it runs, so results keep their bits.
-fn hot_install<R: Send>(pool: &rayon::ThreadPool, f: impl FnOnce() -> R + Send) -> R {
+/// step (paired runs). The pollers stop when `f` returns or unwinds, and as soon as
+/// another pass is counted in `passes` (another model's, on the same cores): two passes'
+/// pollers would spin on cores the other pass's threads need, so then the pools sleep
+/// between forks as plain rayon pools do. Scheduling only: every job is the same
+/// computation wherever it runs, so results keep their bits.
+fn hot_install<R: Send>(pool: &rayon::ThreadPool, passes: &AtomicUsize, f: impl FnOnce() -> R + Send) -> R {
+    let _counted = Counted::new(passes);
     let done = AtomicBool::new(false);
-    pool.install(|| with_pollers(pool.current_num_threads() - 1, &done, rayon::current_thread_index(), f))
+    let hot = Hot { done: &done, passes, owner: None };
+    pool.install(|| {
+        with_pollers(pool.current_num_threads() - 1, Hot { owner: rayon::current_thread_index(), ..hot }, f)
+    })
+}
+
+/// What a pass's pollers watch: its end, the passes in flight, and the pool thread that
+/// runs the pass itself.
+#[derive(Clone, Copy)]
+struct Hot<'a> {
+    done: &'a AtomicBool,
+    passes: &'a AtomicUsize,
+    owner: Option<usize>,
 }
 
 /// Runs `f` on this pool thread beside `n` pollers, forked with `rayon::join` (no heap
 /// job, so a decode step still allocates nothing); sets `done` however `f` ends, so a
 /// panic unwinds through the joins instead of leaving them waiting on the pollers.
-fn with_pollers<R: Send>(n: usize, done: &AtomicBool, owner: Option<usize>, f: impl FnOnce() -> R + Send) -> R {
+fn with_pollers<R: Send>(n: usize, hot: Hot, f: impl FnOnce() -> R + Send) -> R {
     if n == 0 {
-        let _end = SetOnDrop(done);
+        let _end = SetOnDrop(hot.done);
         return f();
     }
-    rayon::join(|| with_pollers(n - 1, done, owner, f), || poll_until(done, owner)).0
+    rayon::join(|| with_pollers(n - 1, hot, f), || poll_until(hot)).0
 }
 
 /// A hot pool thread's loop (see [`hot_install`]): runs whatever job the pool has until
-/// `done`. Returns at once on the thread that runs `f` (`owner`), which can pick up a
-/// poller still queued while it waits inside one of its own forks.
-fn poll_until(done: &AtomicBool, owner: Option<usize>) {
-    if rayon::current_thread_index() == owner {
+/// the pass is done or shares the machine with another pass. Returns at once on the
+/// thread that runs the pass (`owner`), which can pick up a poller still queued while it
+/// waits inside one of its own forks.
+fn poll_until(hot: Hot) {
+    if rayon::current_thread_index() == hot.owner {
         return;
     }
     let mut last = Instant::now();
-    while !done.load(Ordering::Acquire) {
+    while !hot.done.load(Ordering::Acquire) && hot.passes.load(Ordering::Relaxed) <= 1 {
         if rayon::yield_now() == Some(rayon::Yield::Executed) {
             last = Instant::now();
         } else if last.elapsed() < SPIN {
@@ -826,6 +846,22 @@ fn poll_until(done: &AtomicBool, owner: Option<usize>) {
         } else {
             std::thread::yield_now();
         }
+    }
+}
+
+/// One count in a pass counter while alive.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(passes: &'a AtomicUsize) -> Self {
+        passes.fetch_add(1, Ordering::Relaxed);
+        Counted(passes)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -985,7 +1021,7 @@ mod tests {
         let sleeping = [("hot-pool-0".to_string(), 'S'), ("hot-pool-1".to_string(), 'S')];
         pool.broadcast(|_| ());
         assert_eq!(all_asleep(), sleeping, "an idle pool sleeps");
-        let (other, sum) = hot_install(&pool, || {
+        let (other, sum) = hot_install(&pool, &AtomicUsize::new(0), || {
             let me = format!("hot-pool-{}", rayon::current_thread_index().unwrap());
             let other = || thread_states("hot-pool").into_iter().find(|(name, _)| *name != me).map(|(_, s)| s);
             // Past the point where a plain pool thread would have parked, the other thread
@@ -1004,20 +1040,67 @@ mod tests {
         assert_eq!(all_asleep(), sleeping, "the poller stops with the pass");
     }
 
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_hot_pass_lets_its_pollers_sleep_while_another_pass_shares_the_machine() {
+        let (pool_a, pool_b, passes) = (test_pool("hot-two-a"), test_pool("hot-two-b"), AtomicUsize::new(0));
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let (started, started_rx) = std::sync::mpsc::channel();
+        let (finish, finish_rx) = std::sync::mpsc::channel::<()>();
+        // The state the other thread of pool a reaches within five seconds, if it does.
+        let other_reaches = |me: &str, want: char| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let other = thread_states("hot-two-a").into_iter().find(|(name, _)| name != me).map(|(_, s)| s);
+                if other == Some(want) || Instant::now() > deadline {
+                    return other;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let passes = &passes;
+        let (alone, shared, b) = std::thread::scope(|scope| {
+            let b = scope.spawn(move || {
+                go_rx.recv_timeout(Duration::from_secs(20)).expect("go");
+                hot_install(&pool_b, passes, move || {
+                    started.send(()).unwrap();
+                    finish_rx.recv_timeout(Duration::from_secs(20)).expect("finish");
+                    rayon::join(|| 1, || 2)
+                })
+            });
+            let (alone, shared) = hot_install(&pool_a, passes, move || {
+                let me = format!("hot-two-a-{}", rayon::current_thread_index().unwrap());
+                std::thread::sleep(Duration::from_millis(50));
+                let alone = other_reaches(&me, 'R');
+                go.send(()).unwrap();
+                started_rx.recv_timeout(Duration::from_secs(20)).expect("the second pass started");
+                let shared = other_reaches(&me, 'S');
+                finish.send(()).unwrap();
+                (alone, shared)
+            });
+            (alone, shared, b.join().unwrap())
+        });
+        assert_eq!(alone, Some('R'), "alone, the pass keeps its other thread polling");
+        assert_eq!(shared, Some('S'), "beside another pass, its other thread sleeps");
+        assert_eq!(b, (1, 2));
+        assert_eq!(passes.load(Ordering::Relaxed), 0, "both passes ended");
+    }
+
     #[test]
     fn a_panic_in_a_hot_pass_reaches_the_caller_instead_of_leaving_the_pollers_waiting() {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let pool = test_pool("hot-panic");
+            let (pool, passes) = (test_pool("hot-panic"), AtomicUsize::new(0));
             let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                hot_install(&pool, || -> usize { panic!("inside the pass") })
+                hot_install(&pool, &passes, || -> usize { panic!("inside the pass") })
             }));
             // The pool still works afterwards.
-            let after = hot_install(&pool, || rayon::join(|| 1, || 2));
-            tx.send((caught.is_err(), after)).unwrap();
+            let after = hot_install(&pool, &passes, || rayon::join(|| 1, || 2));
+            tx.send((caught.is_err(), after, passes.load(Ordering::Relaxed))).unwrap();
         });
-        let (panicked, after) = rx.recv_timeout(Duration::from_secs(20)).expect("hot_install returned");
+        let (panicked, after, left) = rx.recv_timeout(Duration::from_secs(20)).expect("hot_install returned");
         assert!(panicked, "the panic propagates");
         assert_eq!(after, (1, 2));
+        assert_eq!(left, 0, "a pass that panicked is no longer counted");
     }
 }
