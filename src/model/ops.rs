@@ -6,11 +6,11 @@
 use crate::kv::arena::{BlockId, KvArena};
 use crate::model::desc::RopeStyle;
 use crate::model::kernels::Kernels;
-use crate::model::kernels::attention::{AttnShape, ChunkScratch, Span, TileJob, merge};
+use crate::model::kernels::attention::{AttnShape, ChunkScratch, Span, TileJob};
 
 /// Attention for one query row over the positions `span` covers, on this thread: its
-/// chunks in order, then [`merge`]. The forward pass runs the same chunks spread over its
-/// pool, with the same result.
+/// chunks in order, then [`Kernels::merge_strided`]. The forward pass runs the same chunks
+/// spread over its pool, with the same result.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_row(
     kernels: Kernels,
@@ -30,7 +30,7 @@ pub fn attend_row(
         let job = TileJob { shape, layer, q, ranges: std::slice::from_ref(&range), blocks, kv };
         kernels.attend_tile(&job, &mut scratch.chunk, part);
     }
-    merge(shape, &scratch.parts, out);
+    kernels.merge_strided(shape, &scratch.parts, shape.partial_len(), out);
 }
 
 /// Buffers of [`attend_row`].

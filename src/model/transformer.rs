@@ -23,7 +23,7 @@ use super::arch::describe;
 use super::desc::{Activation, ArchDesc, RopeFactors};
 use super::ggml_type::GgmlType;
 use super::gguf::{GgufError, GgufFile, TensorInfo};
-use super::kernels::attention::{AttnShape, CHUNK, ChunkScratch, Span, TileJob, merge_strided};
+use super::kernels::attention::{AttnShape, CHUNK, ChunkScratch, Span, TileJob};
 use super::kernels::{Kernels, MatmulScratch, QMatrix};
 use super::ops::{
     AttnScratch, attend_row, gelu_tanh, rms_norm, rms_norm_in_place, rms_norm_rows, rope, rope_angles, silu,
@@ -691,7 +691,7 @@ impl Transformer {
         self.pool.install(|| {
             s.attn[rows.start * d..rows.end * d].par_chunks_mut(d).enumerate().for_each(|(r, out)| {
                 let ((first, step), n) = (firsts[r], span(r).chunks());
-                merge_strided(shape, &parts[first..first + (n - 1) * step + plen], step, out);
+                kernels.merge_strided(shape, &parts[first..first + (n - 1) * step + plen], step, out);
             });
         });
     }
@@ -803,9 +803,9 @@ static PASSES: AtomicUsize = AtomicUsize::new(0);
 fn hot_install<R: Send>(pool: &rayon::ThreadPool, passes: &AtomicUsize, f: impl FnOnce() -> R + Send) -> R {
     let _counted = Counted::new(passes);
     let done = AtomicBool::new(false);
-    let hot = Hot { done: &done, passes, owner: None };
     pool.install(|| {
-        with_pollers(pool.current_num_threads() - 1, Hot { owner: rayon::current_thread_index(), ..hot }, f)
+        let hot = Hot { done: &done, passes, owner: rayon::current_thread_index() };
+        with_pollers(pool.current_num_threads() - 1, hot, f)
     })
 }
 

@@ -1,8 +1,9 @@
 //! Attention of query rows over the KV arena, in chunks of [`CHUNK`] positions.
 //!
 //! A chunk gives, per head, its largest score `m`, the sum `s` of `exp(score − m)` and the
-//! unnormalised weighted sum of values `Σ exp(score − m)·v`. [`merge`] combines a row's
-//! chunks in position order into the softmax-weighted output. Chunk boundaries are fixed
+//! unnormalised weighted sum of values `Σ exp(score − m)·v`. `Kernels::merge_strided`
+//! combines a row's chunks in position order into the softmax-weighted output (the same
+//! bits from every kernel set's build of the merge). Chunk boundaries are fixed
 //! multiples of [`CHUNK`] from position 0, so what a row computes depends only on its own
 //! query and cache, never on how chunks were spread over threads or what else is in the
 //! batch; the chunks of one long row can run on both cores.
@@ -225,7 +226,16 @@ trait Arith: Sized {
     /// partial in `part` starts as `[m, Σ exp(score − m), 0…]`.
     #[inline(always)]
     fn softmax(shape: AttnShape, n: usize, scores: &mut [f32], part: &mut [f32]) {
-        softmax::<Self>(shape, 0..shape.n_head, n, scores, part)
+        let stride = shape.head_dim + 2;
+        for h in 0..shape.n_head {
+            let sc = &mut scores[h * CHUNK..][..n];
+            let m = max(sc);
+            let s = exp_sub_sum::<Self>(sc, m);
+            let p = &mut part[h * stride..][..stride];
+            p[0] = m;
+            p[1] = s;
+            p[2..].fill(0.0);
+        }
     }
 
     /// `acc_h += scores[h·CHUNK + jj0 + i] · v_i` for every head and V row `i` of `vals`,
@@ -384,12 +394,6 @@ impl<const V: usize> Arith for Zmm<V> {
         parts: [&mut [f32]; 2],
         ahead: &[u8],
     ) {
-        // Two rows' sums of a 256-wide head alone fill all 32 registers: one row at a time.
-        if V > 8 {
-            let [a, b] = parts;
-            Self::values(shape, vals, scores[0], jj0, a, ahead);
-            return Self::values(shape, vals, scores[1], jj0, b, &[]);
-        }
         Self::values_rows::<2>(shape, vals, scores, jj0, parts, ahead)
     }
 }
@@ -791,7 +795,13 @@ mod zmm {
         // Heads of one group at a time, as many as keep the rows' running sums in 24 of the
         // 32 registers (at most three): three 64-wide heads of two rows, one 128-wide, …
         let most = (24 / (R * V)).min(3);
-        assert!(most >= 1, "{R} rows of {hd}-wide heads");
+        if most == 0 {
+            // Two rows of a 256-wide head would fill all 32 registers: one row at a time.
+            for (r, (scores, part)) in scores.into_iter().zip(parts).enumerate() {
+                values::<V, F16, 1>(shape, vals, [scores], jj0, [part], if r == 0 { ahead } else { &[] });
+            }
+            return;
+        }
         let (group, kvd, stride) = (n_head / shape.n_head_kv, shape.n_head_kv * hd, hd + 2);
         let size = if F16 { 2 } else { 4 };
         let rows = vals.len() / size / kvd;
@@ -936,22 +946,6 @@ fn tile_body<A: Arith>(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [f
             ahead = &[];
         }
         j += take;
-    }
-}
-
-/// Each head of `heads`: its `n` scores (at `h·CHUNK` of `scores`) become `exp(score − m)`,
-/// and its partial in `part` starts as `[m, Σ exp(score − m), 0…]`.
-#[inline(always)]
-fn softmax<A: Arith>(shape: AttnShape, heads: Range<usize>, n: usize, scores: &mut [f32], part: &mut [f32]) {
-    let stride = shape.head_dim + 2;
-    for h in heads {
-        let sc = &mut scores[h * CHUNK..][..n];
-        let m = max(sc);
-        let s = exp_sub_sum::<A>(sc, m);
-        let p = &mut part[h * stride..][..stride];
-        p[0] = m;
-        p[1] = s;
-        p[2..].fill(0.0);
     }
 }
 
@@ -1246,31 +1240,29 @@ pub(super) fn tile_avx2(job: &TileJob, scratch: &mut ChunkScratch, parts: &mut [
 }
 
 /// Combines a row's chunk partials (`parts`: chunks in position order, each
-/// [`AttnShape::partial_len`] floats) into the attention output `out` (`n_head × head_dim`).
-pub fn merge(shape: AttnShape, parts: &[f32], out: &mut [f32]) {
-    merge_strided(shape, parts, shape.partial_len(), out)
-}
-
-/// [`merge`] of partials that lie `step` floats apart in `parts` (a row of a tile: its
-/// chunks are one tile's width apart), the first at 0.
-pub fn merge_strided(shape: AttnShape, parts: &[f32], step: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: avx512f was detected just above.
-        return unsafe { merge_avx512(shape, parts, step, out) };
-    }
+/// [`AttnShape::partial_len`] floats, the first at 0 and each `step` floats after the one
+/// before: a row of a tile has its chunks one tile's width apart) into the attention output
+/// `out` (`n_head × head_dim`): what `Kernels::merge_strided` computes, portable.
+pub(super) fn merge_portable(shape: AttnShape, parts: &[f32], step: usize, out: &mut [f32]) {
     merge_body(shape, parts, step, out)
 }
 
-/// [`merge_body`] with its loops sixteen lanes wide: the same operations (separate
-/// multiplies and adds, the polynomial `exp`), so the same bits as everywhere else.
+/// [`merge_portable`] with its loops sixteen lanes wide: the same operations (separate
+/// multiplies and adds, the polynomial `exp`), so the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn merge_avx512(shape: AttnShape, parts: &[f32], step: usize, out: &mut [f32]) {
+pub(super) fn merge_avx512(shape: AttnShape, parts: &[f32], step: usize, out: &mut [f32]) {
     merge_body(shape, parts, step, out)
 }
 
-/// See [`merge_strided`]: per head, the chunks' largest `m`, then each chunk weighted by
+/// [`merge_portable`] eight lanes wide (same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2")]
+pub(super) fn merge_avx2(shape: AttnShape, parts: &[f32], step: usize, out: &mut [f32]) {
+    merge_body(shape, parts, step, out)
+}
+
+/// See [`merge_portable`]: per head, the chunks' largest `m`, then each chunk weighted by
 /// `exp(m_c − m)` in order.
 #[inline(always)]
 fn merge_body(shape: AttnShape, parts: &[f32], step: usize, out: &mut [f32]) {
@@ -1369,6 +1361,48 @@ mod tests {
         }
         assert!(worst < 5e-7, "worst relative error {worst:e}");
         assert_eq!(got[0], 1.0);
+    }
+
+    /// The wider builds of the merge run the same operations: the same bits as portable.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_build_of_the_merge_gives_the_portable_bits() {
+        let shape = AttnShape::new(9, 3, 64);
+        let (plen, chunks, step) = (shape.partial_len(), 37, 3 * shape.partial_len());
+        // Partials a tile row would hold: per head `[m, s, acc…]`, the row's chunks `step` apart.
+        let mut x = 0x2545_f491u32;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as f32 / u32::MAX as f32 * 8.0 - 4.0
+        };
+        let mut parts = vec![0.0f32; (chunks - 1) * step + plen];
+        for c in 0..chunks {
+            for h in 0..shape.n_head {
+                let p = &mut parts[c * step + h * (shape.head_dim + 2)..][..shape.head_dim + 2];
+                p.iter_mut().for_each(|v| *v = next());
+                p[1] = p[1].abs() + 1.0;
+            }
+        }
+        let mut want = vec![f32::NAN; shape.n_head * shape.head_dim];
+        merge_portable(shape, &parts, step, &mut want);
+        assert!(want.iter().all(|v| v.is_finite()), "a finite output");
+        type Build = unsafe fn(AttnShape, &[f32], usize, &mut [f32]);
+        let builds: [(&str, bool, Build); 2] = [
+            ("avx512", std::is_x86_feature_detected!("avx512f"), merge_avx512),
+            ("avx2", std::is_x86_feature_detected!("avx2"), merge_avx2),
+        ];
+        for (name, present, build) in builds {
+            if !present {
+                continue;
+            }
+            let mut got = vec![f32::NAN; want.len()];
+            // SAFETY: the build's features were detected just above.
+            unsafe { build(shape, &parts, step, &mut got) };
+            let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{name} merge differs from portable");
+        }
     }
 
     #[test]

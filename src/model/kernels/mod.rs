@@ -316,6 +316,25 @@ impl Kernels {
         }
     }
 
+    /// A row's attention output `out` (`n_head × head_dim`) from its chunk partials, in
+    /// position order, each [`attention::AttnShape::partial_len`] floats and `step` floats
+    /// after the one before (a row of a tile has its chunks one tile's width apart). Every
+    /// set computes the same bits; the wider ones only run the lane loops wider.
+    ///
+    /// # Panics
+    /// If `parts` or `out` do not fit the shape.
+    pub fn merge_strided(&self, shape: attention::AttnShape, parts: &[f32], step: usize, out: &mut [f32]) {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `available()` builds the AVX-512 sets only after detecting avx512f.
+            Isa::Avx512 | Isa::Avx512Vnni => unsafe { attention::merge_avx512(shape, parts, step, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `available()` builds `Avx2` and `AvxVnni` only after detecting avx2.
+            Isa::Avx2 | Isa::AvxVnni { .. } => unsafe { attention::merge_avx2(shape, parts, step, out) },
+            _ => attention::merge_portable(shape, parts, step, out),
+        }
+    }
+
     /// `y[i*rows + r] = Σ_c x[i*cols + c] · W[r][c]` for `i in 0..n` (`y = x · Wᵀ`), on `pool`.
     /// Uses and grows `scratch` (no allocation once warmed up).
     ///
