@@ -139,7 +139,9 @@ fn check_against_reference(k: Kernels, w: &QMatrix, x: &[f32], y: &[f32]) {
     let (t, cols) = (w.ggml_type, w.cols);
     let mut acts = QuantActs::default();
     for (i, xi) in x.chunks(cols).enumerate() {
-        acts.quantize(xi, cols);
+        if k.quantizes_activations(t) {
+            acts.quantize(xi, cols);
+        }
         for r in 0..w.rows {
             // f32 activations: only float rounding separates the fast paths from the exact dot.
             let got = y[i * w.rows + r];
@@ -497,21 +499,36 @@ fn kv_q8_0_is_the_kernels_q8_0() {
     }
 }
 
-/// Float weights run the portable code compiled wide on AVX2 and AVX-512 CPUs: the same
-/// operations in the same order, so every set gives the same bits.
+/// Float weights (F32, F16, BF16) take their own SIMD kernels on every SIMD set: rows of
+/// whole vectors and rows with a ragged tail (37, 100, 643 values), one to eleven x rows,
+/// against the f32 dot, and each row's bits the same alone as in any batch or thread split.
 #[test]
-fn wide_compiled_portable_kernels_give_the_portable_bits() {
+fn float_kernels_match_the_reference_and_keep_their_bits_in_any_batch() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let p = pool(2);
+    let pools = [pool(1), pool(2)];
     for t in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
-        let (rows, cols, n) = (19, cols_for(t, 2), 11);
-        let data = reference::quantize_row(t, &values(&mut rng, rows * cols, 1.0));
-        let w = QMatrix::new(t, rows, cols, &data).unwrap();
-        let x = values(&mut rng, n * cols, 3.0);
-        let want = matmul(Kernels::portable(), &w, &x, n, &p);
-        for k in Kernels::available() {
-            let got = matmul(k, &w, &x, n, &p);
-            assert!(got.iter().zip(&want).all(|(a, b)| same_bits(*a, *b)), "{t} {}", k.name());
+        for cols in [16, 37, 100, 576, 643] {
+            let rows = 19;
+            let data = reference::quantize_row(t, &values(&mut rng, rows * cols, 1.0));
+            let w = QMatrix::new(t, rows, cols, &data).unwrap();
+            let n = 11;
+            let x = values(&mut rng, n * cols, 3.0);
+            for k in Kernels::available() {
+                let alone: Vec<Vec<f32>> = x.chunks(cols).map(|xi| matmul(k, &w, xi, 1, &pools[0])).collect();
+                for p in &pools {
+                    for m in [1, 3, 8, 11] {
+                        let y = matmul(k, &w, &x[..m * cols], m, p);
+                        check_against_reference(k, &w, &x[..m * cols], &y);
+                        for (i, yi) in y.chunks(rows).enumerate() {
+                            assert!(
+                                yi.iter().zip(&alone[i]).all(|(a, b)| same_bits(*a, *b)),
+                                "{t} {} cols {cols}: x row {i} of {m}",
+                                k.name()
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 }

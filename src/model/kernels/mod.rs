@@ -21,6 +21,8 @@
 #![allow(unsafe_code)]
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod dense;
 mod formats;
 mod lanes;
 #[cfg(target_arch = "x86_64")]
@@ -473,8 +475,11 @@ impl Kernels {
         let group = (ROW_GROUP_BYTES.saturating_sub(tile_bytes).max(4096) / w.row_bytes().max(1)).max(1);
         // One pass of x rows reuses nothing from L1: then the whole range is one call, so the
         // VNNI kernel's prefetch of its next tile runs across it.
-        let group =
-            if xs.len() <= tile { rows.len().max(1) } else { group.next_multiple_of(self.row_tile(w.ggml_type)) };
+        let group = if xs.len() <= tile || w.ggml_type.block_elems() == 1 {
+            rows.len().max(1)
+        } else {
+            group.next_multiple_of(self.row_tile(w.ggml_type))
+        };
         for g0 in rows.clone().step_by(group) {
             let g1 = (g0 + group).min(rows.end);
             for i0 in xs.clone().step_by(tile) {
@@ -521,6 +526,29 @@ impl Kernels {
             if formats::with_format(t, run).is_some() {
                 return;
             }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.isa != Isa::Portable && t.block_elems() == 1 && cols > 0 {
+            use formats::{BF16, F16, F32};
+            let (start, rb) = (rows.start, w.row_bytes());
+            let (data, count, xs) = (&w.data[start * rb..rows.end * rb], rows.len(), &x[..nx]);
+            let emit = |k: usize, v: &[f32]| emit(start + k, v);
+            let wide = matches!(self.isa, Isa::Avx512 | Isa::Avx512Vnni);
+            // SAFETY: `available()` builds `Avx512` and `Avx512Vnni` only after detecting
+            // avx512f/bw/vl, avx2, fma and f16c, and every other SIMD set after avx2, fma and
+            // f16c: the features of `dense::avx512` and `dense::avx2`.
+            unsafe {
+                match (t, wide) {
+                    (GgmlType::F32, true) => dense::avx512::<F32>(data, cols, count, xs, emit),
+                    (GgmlType::F16, true) => dense::avx512::<F16>(data, cols, count, xs, emit),
+                    (GgmlType::BF16, true) => dense::avx512::<BF16>(data, cols, count, xs, emit),
+                    (GgmlType::F32, false) => dense::avx2::<F32>(data, cols, count, xs, emit),
+                    (GgmlType::F16, false) => dense::avx2::<F16>(data, cols, count, xs, emit),
+                    (GgmlType::BF16, false) => dense::avx2::<BF16>(data, cols, count, xs, emit),
+                    _ => unreachable!("{t} has one value a block"),
+                }
+            }
+            return;
         }
         let mut out = [0.0f32; X_TILE];
         for r in rows {
