@@ -226,7 +226,18 @@ unsafe fn dense_rj<W: Wide, F: DenseFormat, const RJ: usize, const J: usize>(
         // of a weight row (`rows` holds `count` rows of `cols`) and of an x row (`cols` or
         // more values); the CPU runs `W`'s set by the caller's contract.
         let mut acc = [[unsafe { W::zero() }; J]; RJ];
+        // The next group's rows, spread over this group's steps, into L2: with several x
+        // rows a group takes long enough that the hardware prefetcher falls behind.
+        let next = &rows[((r0 + RJ).min(count) * row_bytes)..((r0 + 2 * RJ).min(count) * row_bytes)];
+        let lines = next.len().div_ceil(64);
+        // (A lone x row streams fast enough for the hardware alone: prefetching measured
+        // slower there.)
+        let per_step = if J > 1 { lines.div_ceil(steps.max(1)) } else { 0 };
         for s in 0..steps {
+            for line in (s * per_step).min(lines)..((s + 1) * per_step).min(lines) {
+                // SAFETY: `line * 64 < next.len()`, so the address is inside `next`.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(next.as_ptr().add(line * 64).cast()) };
+            }
             let wv: [W::V; RJ] = std::array::from_fn(|r| unsafe { F::load::<W>(w[r].add(s * W::L * vb)) });
             for j in 0..J {
                 let xv = unsafe { W::load_f32(xs[j].as_ptr().add(s * W::L)) };
