@@ -155,7 +155,8 @@ impl Wide for W256 {
 }
 
 /// `W[r] · x` for each of the `count` rows of `row_bytes` in `rows` (format `F`, `cols`
-/// values a row) and each x row of `xs`, handed to `emit` with the row's index.
+/// values a row) and each x row of `xs`, handed to `emit` with the row's index; `prefetch`: the
+/// weights stream from memory (see below).
 ///
 /// # Panics
 /// If `rows` is shorter than `count` rows of `cols` values, or an x row is shorter than
@@ -169,13 +170,14 @@ pub(crate) unsafe fn dense<W: Wide, F: DenseFormat>(
     cols: usize,
     count: usize,
     xs: &[&[f32]],
+    prefetch: bool,
     emit: impl FnMut(usize, &[f32]),
 ) {
     // Weight rows per step by x rows, so that their running lanes fit 24 registers.
     macro_rules! run {
         ($j:literal, $r:literal) => {
             // SAFETY: the caller's contract.
-            unsafe { dense_rj::<W, F, $r, $j>(rows, cols, count, xs.try_into().expect("x rows"), emit) }
+            unsafe { dense_rj::<W, F, $r, $j>(rows, cols, count, xs.try_into().expect("x rows"), prefetch, emit) }
         };
     }
     match xs.len() {
@@ -202,6 +204,7 @@ unsafe fn dense_rj<W: Wide, F: DenseFormat, const RJ: usize, const J: usize>(
     cols: usize,
     count: usize,
     xs: &[&[f32]; J],
+    prefetch: bool,
     mut emit: impl FnMut(usize, &[f32]),
 ) {
     const { assert!(RJ <= R) };
@@ -226,13 +229,14 @@ unsafe fn dense_rj<W: Wide, F: DenseFormat, const RJ: usize, const J: usize>(
         // of a weight row (`rows` holds `count` rows of `cols`) and of an x row (`cols` or
         // more values); the CPU runs `W`'s set by the caller's contract.
         let mut acc = [[unsafe { W::zero() }; J]; RJ];
-        // The next group's rows, spread over this group's steps, into L2: with several x
-        // rows a group takes long enough that the hardware prefetcher falls behind.
+        // With `prefetch` (weights streaming from memory), the next group's rows, spread over
+        // this group's steps, into L2: with several x rows a group takes long enough that the
+        // hardware prefetcher falls behind. A lone x row streams fast enough for the hardware
+        // alone, and weights already in L2 (many x tiles over one row group) gain nothing:
+        // both measured slower with it.
         let next = &rows[((r0 + RJ).min(count) * row_bytes)..((r0 + 2 * RJ).min(count) * row_bytes)];
         let lines = next.len().div_ceil(64);
-        // (A lone x row streams fast enough for the hardware alone: prefetching measured
-        // slower there.)
-        let per_step = if J > 1 { lines.div_ceil(steps.max(1)) } else { 0 };
+        let per_step = if prefetch && J > 1 { lines.div_ceil(steps.max(1)) } else { 0 };
         for s in 0..steps {
             for line in (s * per_step).min(lines)..((s + 1) * per_step).min(lines) {
                 // SAFETY: `line * 64 < next.len()`, so the address is inside `next`.
@@ -283,10 +287,11 @@ pub(crate) unsafe fn avx512<F: DenseFormat>(
     cols: usize,
     count: usize,
     xs: &[&[f32]],
+    prefetch: bool,
     emit: impl FnMut(usize, &[f32]),
 ) {
     // SAFETY: the caller's contract.
-    unsafe { dense::<W512, F>(rows, cols, count, xs, emit) }
+    unsafe { dense::<W512, F>(rows, cols, count, xs, prefetch, emit) }
 }
 
 /// The float kernels on AVX2.
@@ -302,8 +307,9 @@ pub(crate) unsafe fn avx2<F: DenseFormat>(
     cols: usize,
     count: usize,
     xs: &[&[f32]],
+    prefetch: bool,
     emit: impl FnMut(usize, &[f32]),
 ) {
     // SAFETY: the caller's contract.
-    unsafe { dense::<W256, F>(rows, cols, count, xs, emit) }
+    unsafe { dense::<W256, F>(rows, cols, count, xs, prefetch, emit) }
 }

@@ -493,19 +493,21 @@ impl Kernels {
                         unsafe { *out.get_unchecked_mut(base + j * at.x_stride) = v };
                     }
                 };
-                self.tile(w, acts, g0..g1, i0..(i0 + tile).min(xs.end), &mut emit);
+                self.tile(w, acts, g0..g1, i0..(i0 + tile).min(xs.end), xs.len() <= tile, &mut emit);
             }
         }
     }
 
     /// `W[r] · x[i]` for every `r` of `rows` and `i` of `xs` (at most [`X_TILE`]), handed row by
-    /// row to `emit(r, values)`.
+    /// row to `emit(r, values)`. `one_pass`: these x rows are the only ones to meet these
+    /// weight rows, so the weights come from memory rather than from cache.
     fn tile<E: FnMut(usize, &[f32])>(
         &self,
         w: &QMatrix,
         acts: Acts,
         rows: std::ops::Range<usize>,
         xs: std::ops::Range<usize>,
+        one_pass: bool,
         emit: &mut E,
     ) {
         let (t, cols, nx) = (w.ggml_type, w.cols, xs.len());
@@ -539,12 +541,12 @@ impl Kernels {
             // f16c: the features of `dense::avx512` and `dense::avx2`.
             unsafe {
                 match (t, wide) {
-                    (GgmlType::F32, true) => dense::avx512::<F32>(data, cols, count, xs, emit),
-                    (GgmlType::F16, true) => dense::avx512::<F16>(data, cols, count, xs, emit),
-                    (GgmlType::BF16, true) => dense::avx512::<BF16>(data, cols, count, xs, emit),
-                    (GgmlType::F32, false) => dense::avx2::<F32>(data, cols, count, xs, emit),
-                    (GgmlType::F16, false) => dense::avx2::<F16>(data, cols, count, xs, emit),
-                    (GgmlType::BF16, false) => dense::avx2::<BF16>(data, cols, count, xs, emit),
+                    (GgmlType::F32, true) => dense::avx512::<F32>(data, cols, count, xs, one_pass, emit),
+                    (GgmlType::F16, true) => dense::avx512::<F16>(data, cols, count, xs, one_pass, emit),
+                    (GgmlType::BF16, true) => dense::avx512::<BF16>(data, cols, count, xs, one_pass, emit),
+                    (GgmlType::F32, false) => dense::avx2::<F32>(data, cols, count, xs, one_pass, emit),
+                    (GgmlType::F16, false) => dense::avx2::<F16>(data, cols, count, xs, one_pass, emit),
+                    (GgmlType::BF16, false) => dense::avx2::<BF16>(data, cols, count, xs, one_pass, emit),
                     _ => unreachable!("{t} has one value a block"),
                 }
             }
