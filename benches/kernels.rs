@@ -92,6 +92,61 @@ fn bench_matmul_serial(c: &mut Criterion) {
     }
 }
 
+/// Float weights on one thread: the default kernels on F32 and F16 rows against `gemm` on
+/// the same f32 weights (its best case: no conversion), from one x row to a prefill's 512
+/// (the figures in ARCHITECTURE, "Float weights").
+#[allow(unsafe_code)] // gemm's entry point takes raw pointers and strides.
+fn bench_dense_vs_gemm(c: &mut Criterion) {
+    let mut group = c.benchmark_group("dense_vs_gemm");
+    group.sample_size(10).measurement_time(Duration::from_secs(1)).warm_up_time(Duration::from_millis(300));
+    let (rows, cols) = (1536, 576);
+    let kernels = Kernels::detect();
+    let wf = values(rows * cols, 1);
+    for n in [1, 8, 16, 64, 512] {
+        let x = values(n * cols, 2);
+        let mut y = vec![0.0; n * rows];
+        group.throughput(Throughput::Elements((2 * rows * cols * n) as u64));
+        for t in [GgmlType::F32, GgmlType::F16] {
+            let data = reference::quantize_row(t, &wf);
+            let w = QMatrix::new(t, rows, cols, &data).expect("matrix");
+            let mut scratch = MatmulScratch::default();
+            group.bench_function(format!("{}/{t}/{rows}x{cols}/n{n}", kernels.name()), |b| {
+                b.iter(|| kernels.matmul_serial(&w, black_box(&x), n, &mut y, &mut scratch))
+            });
+        }
+        group.bench_function(format!("gemm/F32/{rows}x{cols}/n{n}"), |b| {
+            b.iter(|| {
+                // SAFETY: `y` holds n x rows rows, `x` n x cols, `wf` rows x cols, with the
+                // strides given (y and x row-major, wf read as its transpose).
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        rows,
+                        cols,
+                        y.as_mut_ptr(),
+                        1,
+                        rows as isize,
+                        false,
+                        black_box(&x).as_ptr(),
+                        1,
+                        cols as isize,
+                        wf.as_ptr(),
+                        cols as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Every weight type on every kernel set, at three shapes of the models' (rows x cols; the
 /// 256-value K-quant and IQ4_XS blocks need rows of whole blocks, so they take the 2048- and
 /// 1536-wide down projections where the 32-value types take 640 and 576): a lone x row
@@ -359,6 +414,7 @@ criterion_group!(
     benches,
     bench_matmul,
     bench_matmul_serial,
+    bench_dense_vs_gemm,
     bench_matmul_by_type,
     bench_dequantize,
     bench_row_ops,
