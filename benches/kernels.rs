@@ -2,7 +2,8 @@
 //! and Gemma 3 270M's (n_embd 640, FFN 2048).
 //!
 //! Matmul per kernel set at the model's shapes, and for every weight type on every set
-//! (`matmul_type`), dequantization, RMSNorm, RoPE, attention over the KV arena, and sampling.
+//! (`matmul_type`), float weights against `gemm` (`dense_vs_gemm`), dequantization, RMSNorm,
+//! RoPE, attention over the KV arena, and sampling.
 //! Throughput is in FLOP (two per weight and x row), so criterion's `Gelem/s` reads GFLOP/s.
 //!
 //! `cargo bench -j2 --bench kernels` (add a filter such as `matmul/` or
