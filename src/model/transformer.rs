@@ -25,9 +25,7 @@ use super::ggml_type::GgmlType;
 use super::gguf::{GgufError, GgufFile, TensorInfo};
 use super::kernels::attention::{AttnShape, CHUNK, ChunkScratch, Span, TileJob};
 use super::kernels::{Kernels, MatmulScratch, QMatrix};
-use super::ops::{
-    AttnScratch, attend_row, gelu_tanh, rms_norm, rms_norm_in_place, rms_norm_rows, rope, rope_angles, silu,
-};
+use super::ops::{AttnScratch, attend_row, rms_norm, rms_norm_in_place, rms_norm_rows, rope, rope_angles, silu};
 use crate::kv::arena::{BlockId, KvArena, KvLayout};
 use crate::types::TokenId;
 
@@ -707,7 +705,7 @@ impl Transformer {
         self.matmul(&layer.w_up, &s.h, t, &mut s.up, &mut s.matmul, ex);
         match self.desc.activation {
             Activation::Silu => s.gate.iter_mut().zip(&s.up).for_each(|(g, u)| *g = silu(*g) * u),
-            Activation::GeluTanh => s.gate.iter_mut().zip(&s.up).for_each(|(g, u)| *g = gelu_tanh(*g) * u),
+            Activation::GeluTanh => self.kernels.gelu_tanh_mul(&mut s.gate, &s.up),
         }
         self.matmul(&layer.w_down, &s.gate, t, &mut s.h, &mut s.matmul, ex);
         if let Some(w) = &layer.post_ffn_norm {

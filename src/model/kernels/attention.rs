@@ -1187,6 +1187,12 @@ fn exp_sub_sum<A: Arith>(x: &mut [f32], m: f32) -> f32 {
     s
 }
 
+/// [`exp`] with separate multiplies and adds, so the same bits in every build (`x ≤ 0`).
+#[inline(always)]
+pub(super) fn exp_separate(x: f32) -> f32 {
+    exp::<Separate>(x)
+}
+
 /// `e^x` for `x ≤ 0` (0 below −87, where f32 would go subnormal): `2^n · p(r)` with
 /// `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, and Cephes' degree-6 polynomial for `p`.
 #[inline(always)]

@@ -20,6 +20,7 @@
 //! what it computes for one `(r, i)`.
 #![allow(unsafe_code)]
 
+mod act;
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod dense;
@@ -238,6 +239,25 @@ impl Kernels {
     /// these kernels, instead of keeping them f32: on the VNNI sets, for every block format.
     pub fn quantizes_activations(&self, t: GgmlType) -> bool {
         matches!(self.isa, Isa::AvxVnni { .. } | Isa::Avx512Vnni) && t.block_elems() > 1 && t.has_kernels()
+    }
+
+    /// `gate_i ← gelu_tanh(gate_i) · up_i` (GELU's tanh approximation, as Gemma's FFN
+    /// uses it): the same bits on every kernel set.
+    ///
+    /// # Panics
+    /// If `gate` and `up` differ in length.
+    pub fn gelu_tanh_mul(&self, gate: &mut [f32], up: &[f32]) {
+        assert_eq!(gate.len(), up.len(), "gate and up lengths");
+        #[cfg(target_arch = "x86_64")]
+        match self.isa {
+            // SAFETY: `available()` builds these sets only after detecting the features the
+            // wide builds enable (avx512f/bw/vl, avx2, fma, f16c; or avx2, fma, f16c).
+            Isa::Avx512 | Isa::Avx512Vnni => return unsafe { act::gelu_tanh_mul_avx512(gate, up) },
+            // SAFETY: as above.
+            Isa::Avx2 | Isa::AvxVnni { .. } => return unsafe { act::gelu_tanh_mul_avx2(gate, up) },
+            Isa::Portable => {}
+        }
+        act::gelu_tanh_mul(gate, up)
     }
 
     /// Weight rows one kernel call handles together (a tile, one per lane), so row ranges are
