@@ -106,9 +106,3 @@ pub fn rope(style: RopeStyle, x: &mut [f32], cos: &[f32], sin: &[f32]) {
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
-
-/// GELU, tanh approximation: `x/2 · (1 + tanh(sqrt(2/π) · (x + 0.044715 x³)))`.
-pub fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
-}

@@ -494,7 +494,9 @@ impl Kernels {
         let tile_bytes = tile * w.cols * x_bytes;
         let group = (ROW_GROUP_BYTES.saturating_sub(tile_bytes).max(4096) / w.row_bytes().max(1)).max(1);
         // One pass of x rows reuses nothing from L1: then the whole range is one call, so the
-        // VNNI kernel's prefetch of its next tile runs across it.
+        // VNNI kernel's prefetch of its next tile runs across it. Float rows are always one
+        // group: their kernel reuses the x tile, not the weights, and L1 groups of about
+        // eight rows measured a third slower at 16 x rows (perf-log, "floats").
         let group = if xs.len() <= tile || w.ggml_type.block_elems() == 1 {
             rows.len().max(1)
         } else {
@@ -572,27 +574,12 @@ impl Kernels {
             }
             return;
         }
+        // The portable set, and rows of no values on any set.
         let mut out = [0.0f32; X_TILE];
         for r in rows {
-            self.portable_tile(t, w.row(r), &x[..nx], &mut out[..nx]);
+            portable::tile(t, w.row(r), &x[..nx], &mut out[..nx]);
             emit(r, &out[..nx]);
         }
-    }
-
-    /// The portable kernels for one row, compiled wide for the float types where that
-    /// measured faster (criterion, 768x768: F32 4-8x, F16 and BF16 2-3x).
-    fn portable_tile(&self, t: GgmlType, row: &[u8], xs: &[&[f32]], out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        match self.isa {
-            // SAFETY: `available()` builds `Avx512` and `Avx512Vnni` only after detecting
-            // avx512f/bw/vl, avx2, fma and f16c, the features `tile_avx512` enables.
-            Isa::Avx512 | Isa::Avx512Vnni => return unsafe { portable::tile_avx512(t, row, xs, out) },
-            // SAFETY: `available()` builds `Avx2` and `AvxVnni` only after detecting avx2, fma
-            // and f16c.
-            Isa::Avx2 | Isa::AvxVnni { .. } => return unsafe { portable::tile_avx2(t, row, xs, out) },
-            Isa::Portable => {}
-        }
-        portable::tile(t, row, xs, out)
     }
 }
 

@@ -23,21 +23,6 @@ pub(crate) fn tile(t: GgmlType, row: &[u8], xs: &[&[f32]], out: &mut [f32]) {
     }
 }
 
-/// [`tile`] compiled for AVX-512: the same operations in the same order (no fused
-/// multiply-add is introduced), so the same bits, with the lane loops 16 wide.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx,avx2,fma,f16c")]
-pub(crate) fn tile_avx512(t: GgmlType, row: &[u8], xs: &[&[f32]], out: &mut [f32]) {
-    tile(t, row, xs, out)
-}
-
-/// [`tile`] compiled for AVX2 (same bits, 8-wide lane loops).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,avx2,fma,f16c")]
-pub(crate) fn tile_avx2(t: GgmlType, row: &[u8], xs: &[&[f32]], out: &mut [f32]) {
-    tile(t, row, xs, out)
-}
-
 /// [`dot_quantized`] for the format of a type.
 struct Dot<'a>(&'a [u8], &'a [f32]);
 
