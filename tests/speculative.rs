@@ -432,5 +432,11 @@ fn the_speculative_bench_measures_a_small_workload() {
     for set in [&f.grounded_single, &f.open_single, &f.grounded_batch, &f.open_batch] {
         assert!(set.off_tok_s > 0.0 && set.on_tok_s > 0.0 && (set.speedup - set.on_tok_s / set.off_tok_s).abs() < 1e-9);
     }
+    // The prompt-lookup ceiling: never below plain decoding; above it where the grounded
+    // outputs copied their prompts (they kept drafts); given for single streams only.
+    assert!(f.tasks.iter().all(|t| t.ceiling.is_finite() && t.ceiling >= 1.0), "{:?}", f.tasks);
+    assert!(f.tasks.iter().any(|t| t.grounded && t.accepted > 0 && t.ceiling > 1.0), "{:?}", f.tasks);
+    assert!(f.grounded_single.ceiling.is_some_and(|c| c > 1.0) && f.open_single.ceiling.is_some_and(|c| c >= 1.0));
+    assert!(f.grounded_batch.ceiling.is_none() && f.open_batch.ceiling.is_none());
     assert!(phases.iter().any(|p| p.contains("4 grounded sequences")), "{phases:?}");
 }

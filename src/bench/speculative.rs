@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::common::{BenchError, BenchSettings, Step, median};
 use crate::config::{Config, Format};
 use crate::engine::load::{LoadedModel, start_model_observed};
+use crate::engine::speculate::lookup_ceiling;
 use crate::gateway::service::validate_sampling;
 use crate::gateway::template::ChatMessage;
 use crate::gateway::template::sandbox::RenderJob;
@@ -135,6 +136,9 @@ pub struct TaskFigure {
     /// Draft tokens run, and those accepted (in one run with speculation on).
     pub drafted: u64,
     pub accepted: u64,
+    /// The most any prompt-lookup drafter could gain on this output at the measured step
+    /// costs (`speculate::lookup_ceiling`): plain decode time over the oracle's.
+    pub ceiling: f64,
 }
 
 /// Decode throughput of a set, off and on.
@@ -146,6 +150,9 @@ pub struct SetFigure {
     pub speedup: f64,
     /// Accepted over drafted tokens with speculation on.
     pub acceptance: f64,
+    /// Single stream: the prompt-lookup ceiling over the set's outputs (their plain decode
+    /// time over the oracle's, each summed); none for the batches.
+    pub ceiling: Option<f64>,
 }
 
 /// One request's outcome: its tokens and when its first token and its end arrived.
@@ -332,6 +339,11 @@ pub fn measure_workload(
     // bench falls on both alike.
     let benches = [Bench::start(settings, false, w)?, Bench::start(settings, true, w)?];
     let prompts: Vec<String> = w.tasks.iter().map(|(_, _, user)| benches[0].prompt(user)).collect::<Result<_, _>>()?;
+    let tokenizer = &benches[0].loaded.tokenizer;
+    let prompt_ids: Vec<Vec<TokenId>> = prompts
+        .iter()
+        .map(|p| tokenizer.encode_prompt(p, true).map_err(|e| BenchError::Engine(format!("tokenizing a task: {e}"))))
+        .collect::<Result<_, _>>()?;
     for rep in 1..=reps {
         observe(Step { phase: "speculative: each task alone, off then on", rep, reps });
         let mut outcomes: [Vec<Outcome>; 2] = [vec![], vec![]];
@@ -391,6 +403,18 @@ pub fn measure_workload(
                 .collect(),
         )
     };
+    // The oracle's times for each task's output (plain, best), at the measured step costs.
+    let step_ms: Vec<f64> = verify_ms.iter().map(|(_, ms)| *ms).collect();
+    let oracle: Vec<(f64, f64)> = prompt_ids
+        .iter()
+        .zip(&single[0][0])
+        .map(|(prompt, outcome)| lookup_ceiling(prompt, &outcome.tokens, &step_ms))
+        .collect();
+    let ratio = |(plain, best): (f64, f64)| if best > 0.0 { plain / best } else { 1.0 };
+    let set_ceiling = |grounded: bool| {
+        let sum = w.tasks.iter().zip(&oracle).filter(|((_, g, _), _)| *g == grounded).map(|(_, o)| *o);
+        Some(ratio(sum.fold((0.0, 0.0), |(p, b), (tp, tb)| (p + tp, b + tb))))
+    };
     let tasks: Vec<TaskFigure> = w
         .tasks
         .iter()
@@ -403,6 +427,7 @@ pub fn measure_workload(
             on_tok_s: task_rate(1, i),
             drafted: per_task_counts[i].0,
             accepted: per_task_counts[i].1,
+            ceiling: ratio(oracle[i]),
         })
         .collect();
     let acceptance = |grounded: bool| {
@@ -410,20 +435,21 @@ pub fn measure_workload(
             tasks.iter().filter(|t| t.grounded == grounded).fold((0, 0), |(d, a), t| (d + t.drafted, a + t.accepted));
         if d == 0 { 0.0 } else { a as f64 / d as f64 }
     };
-    let figure = |off: f64, on: f64, acceptance: f64| SetFigure {
+    let figure = |off: f64, on: f64, acceptance: f64, ceiling: Option<f64>| SetFigure {
         off_tok_s: off,
         on_tok_s: on,
         speedup: if off > 0.0 { on / off } else { 0.0 },
         acceptance,
+        ceiling,
     };
     Ok(SpeculativeFigures {
         verify_ms,
         max_tokens: w.max_tokens,
         batch: w.batch,
-        grounded_single: figure(set_rate(0, true), set_rate(1, true), acceptance(true)),
-        open_single: figure(set_rate(0, false), set_rate(1, false), acceptance(false)),
-        grounded_batch: figure(median(batch[0].clone()), median(batch[1].clone()), acceptance(true)),
-        open_batch: figure(median(open_batch[0].clone()), median(open_batch[1].clone()), acceptance(false)),
+        grounded_single: figure(set_rate(0, true), set_rate(1, true), acceptance(true), set_ceiling(true)),
+        open_single: figure(set_rate(0, false), set_rate(1, false), acceptance(false), set_ceiling(false)),
+        grounded_batch: figure(median(batch[0].clone()), median(batch[1].clone()), acceptance(true), None),
+        open_batch: figure(median(open_batch[0].clone()), median(open_batch[1].clone()), acceptance(false), None),
         tasks,
     })
 }
@@ -435,8 +461,8 @@ pub fn write_table(f: &mut std::fmt::Formatter<'_>, s: &SpeculativeFigures) -> s
     writeln!(f, "  step ms by positions verified: {}", steps.join(", "))?;
     writeln!(
         f,
-        "  {:<16} {:>6} {:>9} {:>9} {:>8} {:>9}",
-        "task", "tokens", "off tok/s", "on tok/s", "speedup", "accepted"
+        "  {:<16} {:>6} {:>9} {:>9} {:>8} {:>9} {:>8}",
+        "task", "tokens", "off tok/s", "on tok/s", "speedup", "accepted", "ceiling"
     )?;
     for t in &s.tasks {
         let accepted = format!("{}/{}", t.accepted, t.drafted);
@@ -444,8 +470,8 @@ pub fn write_table(f: &mut std::fmt::Formatter<'_>, s: &SpeculativeFigures) -> s
         let name = format!("{}{}", t.name, if t.grounded { "" } else { " (open)" });
         writeln!(
             f,
-            "  {name:<16} {:>6} {:>9.1} {:>9.1} {speedup:>7.2}x {accepted:>9}",
-            t.tokens, t.off_tok_s, t.on_tok_s
+            "  {name:<16} {:>6} {:>9.1} {:>9.1} {speedup:>7.2}x {accepted:>9} {:>7.2}x",
+            t.tokens, t.off_tok_s, t.on_tok_s, t.ceiling
         )?;
     }
     for (name, set) in [
@@ -454,14 +480,19 @@ pub fn write_table(f: &mut std::fmt::Formatter<'_>, s: &SpeculativeFigures) -> s
         (&*format!("grounded, {} sequences", s.batch), &s.grounded_batch),
         (&*format!("open-ended, {} sequences", s.batch), &s.open_batch),
     ] {
+        let ceiling = set.ceiling.map(|c| format!(", ceiling {c:.2}x")).unwrap_or_default();
         writeln!(
             f,
-            "  {name:<30} {:>8.1} -> {:>8.1} tok/s  {:.2}x  (acceptance {:.0}%)",
+            "  {name:<30} {:>8.1} -> {:>8.1} tok/s  {:.2}x  (acceptance {:.0}%{ceiling})",
             set.off_tok_s,
             set.on_tok_s,
             set.speedup,
             set.acceptance * 100.0
         )?;
     }
-    writeln!(f, "  every request gave the same tokens with and without speculation")
+    writeln!(f, "  every request gave the same tokens with and without speculation")?;
+    writeln!(
+        f,
+        "  ceiling: the most any prompt-lookup drafter could gain on these outputs, knowing them in advance, at these step costs"
+    )
 }

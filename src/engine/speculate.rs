@@ -167,6 +167,40 @@ pub fn lookup(ids: &[TokenId], min_match: usize) -> Option<usize> {
     best.map(|(_, from)| from)
 }
 
+/// The best any prompt-lookup drafter could do for one output, knowing it in advance.
+///
+/// `out` is what plain decoding generated after `prompt` (its first token comes from the
+/// prompt's pass), and `step_ms[k]` what a decode step of `k + 1` positions costs (one
+/// token and `k` draft tokens; at most `step_ms.len() - 1` of them). Drafts are copies of
+/// earlier tokens of `prompt` and `out`, as [`lookup`]'s are; an oracle drafts at each
+/// step the longest copy that the output then continues with, and is free to draft less
+/// where a shorter step pays better. Returns plain decoding's time for `out[1..]` and the
+/// oracle's least time, so `plain / best` bounds what such drafting can gain on `out`
+/// whatever it looks up, at these step costs.
+pub fn lookup_ceiling(prompt: &[TokenId], out: &[TokenId], step_ms: &[f64]) -> (f64, f64) {
+    let (n, max_draft) = (out.len(), step_ms.len().saturating_sub(1));
+    if n < 2 || step_ms.is_empty() {
+        return (0.0, 0.0);
+    }
+    let all: Vec<TokenId> = prompt.iter().chain(out).copied().collect();
+    // The longest copy at `i`: how many of `out[i..]` (at most `max_draft`) equal the tokens
+    // from some earlier start, all inside the `prompt.len() + i` tokens known there.
+    let copy = |i: usize| {
+        let known = prompt.len() + i;
+        let longest = max_draft.min(n - i);
+        (0..known)
+            .map(|j| (0..longest).take_while(|&l| j + l < known && all[j + l] == out[i + l]).count())
+            .max()
+            .unwrap_or(0)
+    };
+    // best[i]: the least time from `out[..i]` known to the end.
+    let mut best = vec![0.0f64; n + 1];
+    for i in (1..n).rev() {
+        best[i] = (0..=copy(i)).map(|k| step_ms[k] + best[(i + k + 1).min(n)]).fold(f64::INFINITY, f64::min);
+    }
+    ((n - 1) as f64 * step_ms[0], best[1])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,5 +289,28 @@ mod tests {
         let silent = (0..500).take_while(|_| d.propose(&ids, 64, 1) == 0).count();
         assert!((10..100).contains(&silent), "{silent} steps without a draft");
         assert_eq!(d.draft().len(), 1);
+    }
+
+    #[test]
+    fn the_lookup_ceiling_drafts_only_copies_that_pay() {
+        // A step of k + 1 positions costs 1 + k/2.
+        let steps: Vec<f64> = (0..9).map(|k| 1.0 + 0.5 * k as f64).collect();
+        // Nothing in the output repeats what came before: every step makes one token.
+        assert_eq!(lookup_ceiling(&[1, 2], &[3, 4, 5, 6], &steps), (3.0, 3.0));
+        // The output copies the prompt: after its first token, one step of 1 + 7 drafted
+        // positions makes the remaining 8 tokens (cost 4.5, against 8 plain steps).
+        let prompt: Vec<TokenId> = (10..19).collect();
+        assert_eq!(lookup_ceiling(&prompt, &prompt, &steps), (8.0, 4.5));
+        // Drafts are at most 8 tokens: a 20-token copy takes steps of 9 and 9, then one of 2.
+        let prompt: Vec<TokenId> = (10..31).collect();
+        assert_eq!(lookup_ceiling(&prompt, &prompt, &steps), (20.0, 5.0 + 5.0 + 1.5));
+        // A copy is only of tokens known before the step: in "7 8 7 8 7 8" the 8 is new
+        // (a plain step), then "7 8" is copied (a step of 3 positions makes 7 8 7) and a
+        // plain step makes the last 8.
+        assert_eq!(lookup_ceiling(&[1], &[7, 8, 7, 8, 7, 8], &steps), (5.0, 1.0 + 2.0 + 1.0));
+        // Where a position costs more than a plain step, the oracle does not draft.
+        let dear: Vec<f64> = (0..9).map(|k| 1.0 + 2.0 * k as f64).collect();
+        assert_eq!(lookup_ceiling(&prompt, &prompt, &dear), (20.0, 20.0));
+        assert_eq!(lookup_ceiling(&prompt, &[5], &steps), (0.0, 0.0));
     }
 }
