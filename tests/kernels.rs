@@ -209,6 +209,47 @@ fn matmul(k: Kernels, w: &QMatrix, x: &[f32], n: usize, p: &ThreadPool) -> Vec<f
     y
 }
 
+/// Matrices that read the same x rows (q, k and v; gate and up) share one quantization of
+/// them: each output keeps the bits of its own matmul, whether the types read x alike or
+/// not (floats beside block formats), in the pool or on the calling thread.
+#[test]
+fn matrices_sharing_x_give_each_matrix_its_own_bits() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let p = pool(2);
+    let cols = 512;
+    let groups: [&[(GgmlType, usize)]; 3] = [
+        &[(GgmlType::Q4_0, 40), (GgmlType::Q8_0, 17), (GgmlType::Q4K, 33)],
+        &[(GgmlType::Q4_1, 24), (GgmlType::F16, 9), (GgmlType::Q6K, 16)],
+        &[(GgmlType::Q5_0, 0), (GgmlType::BF16, 5)],
+    ];
+    for group in groups {
+        let data: Vec<Vec<u8>> =
+            group.iter().map(|&(t, rows)| reference::quantize_row(t, &values(&mut rng, rows * cols, 1.0))).collect();
+        let ws: Vec<QMatrix> =
+            group.iter().zip(&data).map(|(&(t, rows), d)| QMatrix::new(t, rows, cols, d).unwrap()).collect();
+        for n in [1, 3, 17] {
+            let x = values(&mut rng, n * cols, 2.0);
+            for k in Kernels::available() {
+                let alone: Vec<Vec<f32>> = ws.iter().map(|w| matmul(k, w, &x, n, &p)).collect();
+                for in_pool in [Some(&p), None] {
+                    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; n * w.rows]).collect();
+                    let mut ys: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                    k.try_matmul_shared(&ws, &x, n, &mut ys, &mut MatmulScratch::default(), in_pool).unwrap();
+                    for ((w, got), want) in ws.iter().zip(&outs).zip(&alone) {
+                        let same = got.iter().zip(want).all(|(&a, &b)| same_bits(a, b));
+                        assert!(same, "{} {} n={n} pool={}", w.ggml_type, k.name(), in_pool.is_some());
+                    }
+                }
+            }
+        }
+    }
+    // A bad length is named, as for one matmul.
+    let (k, w) = (Kernels::detect(), QMatrix::new(GgmlType::Q4_1, 2, 32, &[0; 40]).unwrap());
+    let (mut a, mut b) = ([0.0; 2], [0.0; 3]);
+    let err = k.try_matmul_shared(&[w, w], &[0.0; 32], 1, &mut [&mut a, &mut b], &mut MatmulScratch::default(), None);
+    assert_eq!(err.unwrap_err(), KernelError::OutputLength { n: 1, rows: 2, expected: 2, actual: 3 });
+}
+
 #[test]
 fn rows_of_no_values_give_zeros_on_every_kernel_set() {
     let p = pool(2);

@@ -524,9 +524,7 @@ impl Transformer {
         resize(&mut s.q, t * qd);
         resize(&mut s.k, t * kvd);
         resize(&mut s.v, t * kvd);
-        self.matmul(&layer.wq, &s.h, t, &mut s.q, &mut s.matmul, ex);
-        self.matmul(&layer.wk, &s.h, t, &mut s.k, &mut s.matmul, ex);
-        self.matmul(&layer.wv, &s.h, t, &mut s.v, &mut s.matmul, ex);
+        self.matmuls([&layer.wq, &layer.wk, &layer.wv], &s.h, t, [&mut s.q, &mut s.k, &mut s.v], &mut s.matmul, ex);
         add_bias(&mut s.q, layer.bq.as_deref());
         add_bias(&mut s.k, layer.bk.as_deref());
         add_bias(&mut s.v, layer.bv.as_deref());
@@ -701,8 +699,7 @@ impl Transformer {
         rms_norm_rows(&s.x, &layer.ffn_norm, eps, &mut s.h);
         resize(&mut s.gate, t * ff);
         resize(&mut s.up, t * ff);
-        self.matmul(&layer.w_gate, &s.h, t, &mut s.gate, &mut s.matmul, ex);
-        self.matmul(&layer.w_up, &s.h, t, &mut s.up, &mut s.matmul, ex);
+        self.matmuls([&layer.w_gate, &layer.w_up], &s.h, t, [&mut s.gate, &mut s.up], &mut s.matmul, ex);
         match self.desc.activation {
             Activation::Silu => s.gate.iter_mut().zip(&s.up).for_each(|(g, u)| *g = silu(*g) * u),
             Activation::GeluTanh => self.kernels.gelu_tanh_mul(&mut s.gate, &s.up),
@@ -738,6 +735,30 @@ impl Transformer {
             if let Some(cap) = self.desc.logit_softcap {
                 out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
             }
+        }
+    }
+
+    /// [`Transformer::matmul`] for matrices that read the same x rows: the kernels prepare
+    /// (quantize) them once for all.
+    fn matmuls<const N: usize>(
+        &self,
+        ms: [&MatrixRef; N],
+        x: &[f32],
+        n: usize,
+        ys: [&mut [f32]; N],
+        scratch: &mut MatmulScratch,
+        ex: Exec,
+    ) {
+        let ws = ms.map(|m| self.qmatrix(m));
+        let mut rows = ms.iter().map(|m| m.rows);
+        let mut ys = ys.map(|y| &mut y[..n * rows.next().expect("one per matrix")]);
+        let x = &x[..n * ms[0].cols];
+        let pool = match ex {
+            Exec::Pool => Some(&self.pool),
+            Exec::Serial => None,
+        };
+        if let Err(e) = self.kernels.try_matmul_shared(&ws, x, n, &mut ys, scratch, pool) {
+            panic!("matmul: {e}");
         }
     }
 

@@ -392,6 +392,57 @@ impl Kernels {
         }
         let MatmulScratch { out, acts } = scratch;
         let x = self.acts(w, x, acts);
+        self.split(w, x, n, y, out, pool);
+        Ok(())
+    }
+
+    /// `y_i = x · W_iᵀ` for each matrix of `ws` (in the pool when `pool` is given, else on
+    /// this thread), quantizing `x` once for all of them when they read it the same way
+    /// (same width, all quantized or none): the same bits as one [`Kernels::try_matmul`]
+    /// per matrix, without quantizing the same rows again for each.
+    pub fn try_matmul_shared(
+        &self,
+        ws: &[QMatrix],
+        x: &[f32],
+        n: usize,
+        ys: &mut [&mut [f32]],
+        scratch: &mut MatmulScratch,
+        pool: Option<&rayon::ThreadPool>,
+    ) -> Result<(), KernelError> {
+        assert_eq!(ws.len(), ys.len(), "one output per matrix");
+        for (w, y) in ws.iter().zip(ys.iter()) {
+            check_lengths(w, x.len(), n, y.len())?;
+        }
+        let Some(first) = ws.first() else { return Ok(()) };
+        let shared = ws.iter().all(|w| {
+            w.cols == first.cols
+                && self.quantizes_activations(w.ggml_type) == self.quantizes_activations(first.ggml_type)
+        });
+        if !shared {
+            for (w, y) in ws.iter().zip(ys.iter_mut()) {
+                match pool {
+                    Some(pool) => self.try_matmul(w, x, n, y, scratch, pool)?,
+                    None => self.matmul_serial(w, x, n, y, scratch),
+                }
+            }
+            return Ok(());
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let MatmulScratch { out, acts } = scratch;
+        let x = self.acts(first, x, acts);
+        for (w, y) in ws.iter().zip(ys.iter_mut()).filter(|(w, _)| w.rows > 0) {
+            match pool {
+                Some(pool) => self.split(w, x, n, y, out, pool),
+                None => self.compute(w, x, 0..w.rows, 0..n, y, Layout { row_stride: 1, x_stride: w.rows }),
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Kernels::try_matmul`]'s work on the pool once `x` is prepared (lengths checked).
+    fn split(&self, w: &QMatrix, x: Acts, n: usize, y: &mut [f32], out: &mut Vec<f32>, pool: &rayon::ThreadPool) {
         let threads = pool.current_num_threads().max(1);
         if n >= 8 * threads {
             self.split_x_rows(w, x, n, y, threads, pool);
@@ -406,7 +457,6 @@ impl Kernels {
                 }
             }
         }
-        Ok(())
     }
 
     /// [`Kernels::matmul`] on the calling thread alone: for callers that already keep every
