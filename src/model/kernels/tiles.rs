@@ -46,7 +46,7 @@ pub(crate) struct IntDot<D>(pub D);
 
 impl<V: Lanes, D: Dpbusd<V>> Dot<V> for IntDot<D> {
     type Row<'a> = QRow<'a>;
-    /// On 16 lanes: 7–9% faster on the legacy formats at 8 x rows, the K-quants unchanged
+    /// On 16 lanes: 5–8% faster on Q4_0, Q4_1 and Q8_0 at 8 x rows, the K-quants unchanged
     /// (one thread, 1,536 rows). On 8 lanes 4–7% slower (16 registers), so not there; nor
     /// for the f32 products, which it did not speed up.
     const DECODE_AHEAD: bool = V::L >= 16;
