@@ -738,8 +738,8 @@ impl Transformer {
         }
     }
 
-    /// [`Transformer::matmul`] for matrices that read the same x rows: the kernels prepare
-    /// (quantize) them once for all.
+    /// `y_i = x · W_iᵀ` for matrices that read the same `n` x rows, in the pool or on this
+    /// thread (`ex`): the kernels prepare (quantize) the rows once for all.
     fn matmuls<const N: usize>(
         &self,
         ms: [&MatrixRef; N],
@@ -763,12 +763,7 @@ impl Transformer {
     }
 
     fn matmul(&self, m: &MatrixRef, x: &[f32], n: usize, y: &mut [f32], scratch: &mut MatmulScratch, ex: Exec) {
-        let w = self.qmatrix(m);
-        let (x, y) = (&x[..n * m.cols], &mut y[..n * m.rows]);
-        match ex {
-            Exec::Pool => self.kernels.matmul(&w, x, n, y, scratch, &self.pool),
-            Exec::Serial => self.kernels.matmul_serial(&w, x, n, y, scratch),
-        }
+        self.matmuls([m], x, n, [y], scratch, ex);
     }
 }
 

@@ -271,14 +271,18 @@ impl Kernels {
         }
     }
 
-    /// The x rows as the kernels for `w` read them, quantizing into `acts` where they must.
-    fn acts<'a>(&self, w: &QMatrix, x: &'a [f32], acts: &'a mut QuantActs) -> Acts<'a> {
+    /// The x rows as the kernels for `w` read them, quantizing into `acts` where they must,
+    /// unless `acts` already holds them (`held`, which this sets once it has quantized them).
+    fn acts<'a>(&self, w: &QMatrix, x: &'a [f32], acts: &'a mut QuantActs, held: &mut bool) -> Acts<'a> {
         let quantized = (self.quantizes_activations(w.ggml_type) && w.cols > 0).then(|| {
-            match self.isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `available()` builds `Avx512Vnni` only after detecting avx512f.
-                Isa::Avx512Vnni => unsafe { acts.quantize_avx512(x, w.cols) },
-                _ => acts.quantize(x, w.cols),
+            if !*held {
+                match self.isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `available()` builds `Avx512Vnni` only after detecting avx512f.
+                    Isa::Avx512Vnni => unsafe { acts.quantize_avx512(x, w.cols) },
+                    _ => acts.quantize(x, w.cols),
+                }
+                *held = true;
             }
             &*acts
         });
@@ -386,20 +390,14 @@ impl Kernels {
         scratch: &mut MatmulScratch,
         pool: &rayon::ThreadPool,
     ) -> Result<(), KernelError> {
-        check_lengths(w, x.len(), n, y.len())?;
-        if n == 0 || w.rows == 0 {
-            return Ok(());
-        }
-        let MatmulScratch { out, acts } = scratch;
-        let x = self.acts(w, x, acts);
-        self.split(w, x, n, y, out, pool);
-        Ok(())
+        self.try_matmul_shared(std::slice::from_ref(w), x, n, &mut [y], scratch, Some(pool))
     }
 
     /// `y_i = x · W_iᵀ` for each matrix of `ws` (in the pool when `pool` is given, else on
-    /// this thread), quantizing `x` once for all of them when they read it the same way
-    /// (same width, all quantized or none): the same bits as one [`Kernels::try_matmul`]
-    /// per matrix, without quantizing the same rows again for each.
+    /// this thread): the same bits as one [`Kernels::try_matmul`] per matrix, but the x rows
+    /// are quantized once for all the matrices whose kernels read them quantized (q, k and v;
+    /// gate and up), not again for each. (Every matrix is `x.len() / n` wide, so one
+    /// quantization fits them all.)
     pub fn try_matmul_shared(
         &self,
         ws: &[QMatrix],
@@ -413,26 +411,12 @@ impl Kernels {
         for (w, y) in ws.iter().zip(ys.iter()) {
             check_lengths(w, x.len(), n, y.len())?;
         }
-        let Some(first) = ws.first() else { return Ok(()) };
-        let shared = ws.iter().all(|w| {
-            w.cols == first.cols
-                && self.quantizes_activations(w.ggml_type) == self.quantizes_activations(first.ggml_type)
-        });
-        if !shared {
-            for (w, y) in ws.iter().zip(ys.iter_mut()) {
-                match pool {
-                    Some(pool) => self.try_matmul(w, x, n, y, scratch, pool)?,
-                    None => self.matmul_serial(w, x, n, y, scratch),
-                }
-            }
-            return Ok(());
-        }
         if n == 0 {
             return Ok(());
         }
-        let MatmulScratch { out, acts } = scratch;
-        let x = self.acts(first, x, acts);
+        let (MatmulScratch { out, acts }, mut held) = (scratch, false);
         for (w, y) in ws.iter().zip(ys.iter_mut()).filter(|(w, _)| w.rows > 0) {
+            let x = self.acts(w, x, acts, &mut held);
             match pool {
                 Some(pool) => self.split(w, x, n, y, out, pool),
                 None => self.compute(w, x, 0..w.rows, 0..n, y, Layout { row_stride: 1, x_stride: w.rows }),
@@ -441,7 +425,7 @@ impl Kernels {
         Ok(())
     }
 
-    /// [`Kernels::try_matmul`]'s work on the pool once `x` is prepared (lengths checked).
+    /// One matmul's work on the pool once `x` is prepared (lengths checked).
     fn split(&self, w: &QMatrix, x: Acts, n: usize, y: &mut [f32], out: &mut Vec<f32>, pool: &rayon::ThreadPool) {
         let threads = pool.current_num_threads().max(1);
         if n >= 8 * threads {
@@ -465,12 +449,8 @@ impl Kernels {
     /// # Panics
     /// If `x` or `y` have the wrong length, as [`Kernels::matmul`].
     pub fn matmul_serial(&self, w: &QMatrix, x: &[f32], n: usize, y: &mut [f32], scratch: &mut MatmulScratch) {
-        if let Err(e) = check_lengths(w, x.len(), n, y.len()) {
+        if let Err(e) = self.try_matmul_shared(std::slice::from_ref(w), x, n, &mut [y], scratch, None) {
             panic!("matmul: {e}");
-        }
-        if n > 0 && w.rows > 0 {
-            let x = self.acts(w, x, &mut scratch.acts);
-            self.compute(w, x, 0..w.rows, 0..n, y, Layout { row_stride: 1, x_stride: w.rows });
         }
     }
 

@@ -211,17 +211,16 @@ pub(crate) fn tiles<V: Lanes, D: Dot<V>, F: Format>(
         // into L1 queued behind each other (perf-log, "The VNNI kernel set").
         let next_rows = &rows[(t0 + live) * row_bytes..(t0 + live + V::L).min(count) * row_bytes];
         let lines = next_rows.len().div_ceil(64);
-        let per_block = lines.div_ceil(blocks.div_ceil(2).max(1));
+        let prefetch = Prefetch { rows: next_rows, lines, per_block: lines.div_ceil(blocks.div_ceil(2).max(1)) };
+        let total = blocks * units;
         if D::DECODE_AHEAD {
             // Each unit is decoded one step ahead of its products, so its loads and
             // shuffles overlap the previous unit's products rather than wait in front of
             // them. Units are numbered along the row (`units` per block); the two buffers
             // alternate, two units per turn so that each keeps its place on the stack.
-            let total = blocks * units;
             let [a, b] = &mut pair;
             tile.seek(0);
             F::lanes(&tile, 0, a);
-            let prefetch = Prefetch { rows: next_rows, lines, per_block };
             for j in (0..total).step_by(2) {
                 unit_step::<V, D, F>(isa, dot, &mut tile, j, total, prefetch, a, b, xs, &mut acc);
                 if j + 1 < total {
@@ -230,19 +229,14 @@ pub(crate) fn tiles<V: Lanes, D: Dot<V>, F: Format>(
             }
         } else {
             let unit = &mut pair[0];
-            for blk in 0..blocks {
-                for line in (blk * per_block).min(lines)..((blk + 1) * per_block).min(lines) {
-                    // SAFETY: `line * 64 < next_rows.len()`, so the address is inside it.
-                    unsafe { _mm_prefetch::<_MM_HINT_T1>(next_rows.as_ptr().add(line * 64).cast()) };
+            for j in 0..total {
+                let (blk, u) = (j / units, j % units);
+                if u == 0 {
+                    prefetch.block(blk);
+                    tile.seek(blk * F::BYTES);
                 }
-                tile.seek(blk * F::BYTES);
-                for u in 0..units {
-                    F::lanes(&tile, u, unit);
-                    for k in 0..F::UNIT / QK {
-                        let b = (blk * F::ELEMS + u * F::UNIT) / QK + k;
-                        dot.block::<F>(isa, unit, k, b, xs, &mut acc[..xs.len()]);
-                    }
-                }
+                F::lanes(&tile, u, unit);
+                products::<V, D, F>(isa, dot, unit, j, xs, &mut acc);
             }
         }
         let mut out = [[0.0f32; 16]; MAX_X];
@@ -267,6 +261,34 @@ struct Prefetch<'a> {
     per_block: usize,
 }
 
+impl Prefetch<'_> {
+    /// Block `blk`'s share of the lines.
+    #[inline(always)]
+    fn block(self, blk: usize) {
+        let Prefetch { rows, lines, per_block } = self;
+        for line in (blk * per_block).min(lines)..((blk + 1) * per_block).min(lines) {
+            // SAFETY: `line * 64 < rows.len()`, so the address is inside `rows`.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(rows.as_ptr().add(line * 64).cast()) };
+        }
+    }
+}
+
+/// Unit `j`'s products (`F::ELEMS / F::UNIT` units per block) for every x row into `acc`.
+#[inline(always)]
+fn products<V: Lanes, D: Dot<V>, F: Format>(
+    isa: V::Isa,
+    dot: D,
+    unit: &Unit<V>,
+    j: usize,
+    xs: &[D::Row<'_>],
+    acc: &mut [V::F; MAX_X],
+) {
+    for k in 0..F::UNIT / QK {
+        let b = j * F::UNIT / QK + k;
+        dot.block::<F>(isa, unit, k, b, xs, &mut acc[..xs.len()]);
+    }
+}
+
 /// Unit `j` of the tile's row (`F::ELEMS / F::UNIT` per block, `total` in all): decodes
 /// unit `j + 1` into `next`, then adds unit `j`'s products (`cur`) for every x row.
 #[allow(clippy::too_many_arguments)]
@@ -284,22 +306,14 @@ fn unit_step<V: Lanes, D: Dot<V>, F: Format>(
     acc: &mut [V::F; MAX_X],
 ) {
     let units = F::ELEMS / F::UNIT;
-    let (blk, u) = (j / units, j % units);
-    if u == 0 {
-        let Prefetch { rows, lines, per_block } = prefetch;
-        for line in (blk * per_block).min(lines)..((blk + 1) * per_block).min(lines) {
-            // SAFETY: `line * 64 < rows.len()`, so the address is inside `rows`.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(rows.as_ptr().add(line * 64).cast()) };
-        }
+    if j.is_multiple_of(units) {
+        prefetch.block(j / units);
     }
     if j + 1 < total {
         tile.seek((j + 1) / units * F::BYTES);
         F::lanes(tile, (j + 1) % units, next);
     }
-    for k in 0..F::UNIT / QK {
-        let b = (blk * F::ELEMS + u * F::UNIT) / QK + k;
-        dot.block::<F>(isa, cur, k, b, xs, &mut acc[..xs.len()]);
-    }
+    products::<V, D, F>(isa, dot, cur, j, xs, acc);
 }
 
 /// The `avx512-vnni` kernels.
