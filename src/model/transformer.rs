@@ -152,7 +152,11 @@ struct LayerWeights {
     window: Option<usize>,
 }
 
-/// Reusable buffers for one forward call (grown, never shrunk).
+/// Rows of a forward call up to which its scratch buffers are kept for the next call.
+const KEEP_SCRATCH_ROWS: usize = 64;
+
+/// Reusable buffers for one forward call: grown as a call needs, and dropped after a call
+/// of more than [`KEEP_SCRATCH_ROWS`] rows (see [`Transformer::forward`]).
 #[derive(Default)]
 struct Scratch {
     x: Vec<f32>,
@@ -207,6 +211,9 @@ pub struct Transformer {
     kernels: Kernels,
     pool: rayon::ThreadPool,
     scratch: Mutex<Scratch>,
+    /// What the pooled pass's attention partials held at the end of the last call, in bytes
+    /// (see [`Self::attention_scratch_bytes`]).
+    attn_parts_bytes: AtomicUsize,
 }
 
 impl Transformer {
@@ -309,6 +316,7 @@ impl Transformer {
             kernels,
             pool,
             scratch: Mutex::new(Scratch::default()),
+            attn_parts_bytes: AtomicUsize::new(0),
         })
     }
 
@@ -324,12 +332,12 @@ impl Transformer {
         self.pool.current_num_threads()
     }
 
-    /// Bytes the attention partials of the pooled forward pass hold (their capacity): at
-    /// most `MAX_ATTN_CHUNKS` (4,096) chunks' worth however long the batch's rows are. (A
-    /// batch split by sequence holds one row's partials per thread instead.)
+    /// Bytes the attention partials of the pooled forward pass held (their capacity) when
+    /// the last call ended: at most `MAX_ATTN_CHUNKS` (4,096) chunks' worth however long the
+    /// batch's rows are. (A batch split by sequence holds one row's partials per thread
+    /// instead.)
     pub fn attention_scratch_bytes(&self) -> usize {
-        let s = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        s.attn_parts.capacity() * std::mem::size_of::<f32>()
+        self.attn_parts_bytes.load(Ordering::Relaxed)
     }
 
     /// The largest [`Self::attention_scratch_bytes`] can grow to.
@@ -370,6 +378,13 @@ impl Transformer {
         // sequence) start from a pool thread and are picked up by an awake one.
         let s: &mut Scratch = &mut guard;
         hot_install(&self.pool, &PASSES, || self.run(batch, kv, s, logits));
+        self.attn_parts_bytes.store(s.attn_parts.capacity() * std::mem::size_of::<f32>(), Ordering::Relaxed);
+        // A prompt's buffers are tens of KB per row (Gemma 3 270M: about 35 KB): kept, a
+        // 512-row prefill would hold 18 MB for the decode steps after it, and beside the
+        // split path's per-group buffers, twice that. Decode-sized calls keep theirs.
+        if batch.iter().map(|c| c.tokens.len()).sum::<usize>() > KEEP_SCRATCH_ROWS {
+            *s = Scratch::default();
+        }
         Ok(())
     }
 
@@ -967,6 +982,39 @@ fn tensor<'a>(file: &'a GgufFile, name: &str) -> Result<&'a TensorInfo, ModelErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv::arena::BlockTable;
+    use crate::model::gguf_writer::{TinyLlamaSpec, tiny_llama_f32};
+
+    /// A forward of more rows than [`KEEP_SCRATCH_ROWS`] drops its buffers when it ends, one
+    /// of at most that many keeps them for the next call; the logits are the same bits either
+    /// way.
+    #[test]
+    fn scratch_is_kept_after_decode_sized_calls_and_dropped_after_prompts() {
+        let path = std::env::temp_dir().join(format!("starling-scratch-unit-{}.gguf", std::process::id()));
+        std::fs::write(&path, tiny_llama_f32(&TinyLlamaSpec::default())).unwrap();
+        let model = Transformer::load(&path, 2);
+        std::fs::remove_file(&path).unwrap();
+        let model = model.unwrap();
+        let layout = model.kv_layout(16);
+        let mut arena = KvArena::new(layout, (layout.block_bytes() * 32) as u64).unwrap();
+        let mut run = |n: usize| {
+            let tokens: Vec<TokenId> = (0..n as TokenId).map(|i| (i * 7) % 200).collect();
+            let mut table = BlockTable::default();
+            table.reserve(&mut arena, n).unwrap();
+            let chunk = SeqChunk { tokens, start_pos: 0, blocks: table.blocks, logits: LogitsWanted::Last };
+            let mut logits = Vec::new();
+            model.forward(&[chunk], &mut arena, &mut logits).unwrap();
+            let held = model.scratch.lock().unwrap().x.capacity();
+            (logits, held)
+        };
+        let (prompt, held) = run(KEEP_SCRATCH_ROWS + 1);
+        assert_eq!(held, 0, "a prompt's buffers are dropped");
+        let (_, held) = run(KEEP_SCRATCH_ROWS);
+        assert!(held >= KEEP_SCRATCH_ROWS * model.desc.n_embd, "a decode-sized call keeps its buffers ({held})");
+        let (again, held) = run(KEEP_SCRATCH_ROWS + 1);
+        assert_eq!(held, 0);
+        assert!(again == prompt, "the prompt's logits changed after a call that kept its scratch");
+    }
 
     fn batch(rows: &[usize]) -> Vec<SeqChunk> {
         let chunk =
