@@ -228,7 +228,7 @@ fn family_specific_metadata_is_checked() {
         err_of(describe_edited("gemma3", |m, _| set(m, "gemma3.attention.sliding_window", GgufValue::U32(100_000))));
     assert!(e.to_string().contains("gemma3.attention.sliding_window") && e.to_string().contains("100000"), "{e}");
     // A per-layer pattern of the wrong length; one of the right length is used as given.
-    let flags = |n: usize| GgufValue::Array((0..n).map(|i| GgufValue::Bool(i != 0)).collect());
+    let flags = |n: usize| GgufValue::array((0..n).map(|i| GgufValue::Bool(i != 0)).collect());
     let e = err_of(describe_edited("gemma3", |m, _| set(m, "gemma3.attention.sliding_window_pattern", flags(5))));
     assert!(e.to_string().contains("sliding_window_pattern"), "{e}");
     let d = describe_edited("gemma3", |m, _| set(m, "gemma3.attention.sliding_window_pattern", flags(3))).unwrap();

@@ -174,13 +174,13 @@ fn vocab_metadata() -> impl Strategy<Value = Vec<(String, GgufValue)>> {
                 scores.resize(n, -1.0);
                 ids.iter_mut().for_each(|(_, id)| *id %= n as u32);
             }
-            let strings = |v: Vec<String>| GgufValue::Array(v.into_iter().map(GgufValue::String).collect());
+            let strings = |v: Vec<String>| GgufValue::array(v.into_iter().map(GgufValue::String).collect());
             let mut kv = vec![("tokenizer.ggml.model".to_owned(), GgufValue::String(model))];
             let optional = [
                 ("tokenizer.ggml.pre", GgufValue::String(pre)),
                 ("tokenizer.ggml.tokens", strings(tokens)),
-                ("tokenizer.ggml.token_type", GgufValue::Array(types)),
-                ("tokenizer.ggml.scores", GgufValue::Array(scores.into_iter().map(GgufValue::F32).collect())),
+                ("tokenizer.ggml.token_type", GgufValue::array(types)),
+                ("tokenizer.ggml.scores", GgufValue::array(scores.into_iter().map(GgufValue::F32).collect())),
                 ("tokenizer.ggml.merges", strings(merges)),
             ];
             for (bit, (k, v)) in optional.into_iter().enumerate() {

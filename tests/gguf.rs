@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use starling::model::arch::describe as validate_llama;
 use starling::model::desc::{Activation, ArchDesc, ArchError, LayerDesc, LayerRope, RopeFactors, RopeStyle};
 use starling::model::ggml_type::GgmlType;
-use starling::model::gguf::{GgufError, GgufFile, GgufHeader, GgufValue, parse_header};
+use starling::model::gguf::{GgufArray, GgufError, GgufFile, GgufHeader, GgufValue, parse_header};
 use starling::model::gguf_writer::{
     GgufLayout, GgufWriter, TINY_BASE_VOCAB, TINY_EOS_ID, TinyLlamaSpec, f32_bytes, tiny_llama, tiny_llama_f32,
 };
@@ -21,7 +21,7 @@ fn model_path() -> PathBuf {
 fn small_file() -> (Vec<u8>, GgufLayout) {
     let mut w = GgufWriter::new(3);
     w.metadata("general.name", GgufValue::String("small".into()))
-        .metadata("list", GgufValue::Array(vec![GgufValue::U16(1), GgufValue::U16(2)]))
+        .metadata("list", GgufValue::array(vec![GgufValue::U16(1), GgufValue::U16(2)]))
         .tensor("a", &[4, 2], GgmlType::F32, f32_bytes(&[0.5; 8]))
         .tensor("b", &[3], GgmlType::F32, f32_bytes(&[1.0, 2.0, 3.0]));
     w.to_bytes_with_layout()
@@ -320,10 +320,51 @@ fn every_value_type() -> Vec<(&'static str, GgufValue)> {
         ("u64", GgufValue::U64(u64::MAX)),
         ("i64", GgufValue::I64(i64::MIN)),
         ("f64", GgufValue::F64(std::f64::consts::PI)),
-        ("array.empty", GgufValue::Array(vec![])),
-        ("array.str", GgufValue::Array(vec![GgufValue::String("a".into()), GgufValue::String("bc".into())])),
-        ("array.f64", GgufValue::Array(vec![GgufValue::F64(1.0), GgufValue::F64(-2.5)])),
+        ("array.empty", GgufValue::array(vec![])),
+        ("array.str", GgufValue::array(vec![GgufValue::String("a".into()), GgufValue::String("bc".into())])),
+        ("array.f64", GgufValue::array(vec![GgufValue::F64(1.0), GgufValue::F64(-2.5)])),
+        ("array.u8", GgufValue::array(vec![GgufValue::U8(0), GgufValue::U8(255)])),
+        ("array.i8", GgufValue::array(vec![GgufValue::I8(-128), GgufValue::I8(7)])),
+        ("array.u16", GgufValue::array(vec![GgufValue::U16(65535), GgufValue::U16(1)])),
+        ("array.i16", GgufValue::array(vec![GgufValue::I16(-32768), GgufValue::I16(2)])),
+        ("array.u32", GgufValue::array(vec![GgufValue::U32(u32::MAX), GgufValue::U32(3)])),
+        ("array.i32", GgufValue::array(vec![GgufValue::I32(i32::MIN), GgufValue::I32(4)])),
+        ("array.f32", GgufValue::array(vec![GgufValue::F32(-0.0), GgufValue::F32(1e-30)])),
+        ("array.bool", GgufValue::array(vec![GgufValue::Bool(true), GgufValue::Bool(false)])),
+        ("array.u64", GgufValue::array(vec![GgufValue::U64(u64::MAX), GgufValue::U64(5)])),
+        ("array.i64", GgufValue::array(vec![GgufValue::I64(i64::MIN), GgufValue::I64(6)])),
+        ("array.str.empty", GgufValue::array(vec![GgufValue::String(String::new()), GgufValue::String("é".into())])),
     ]
+}
+
+/// Parsed arrays keep one typed vector per array: every element reads back as the value it
+/// was written as, strings from one shared buffer; a list of mixed types is no GGUF array.
+#[test]
+fn arrays_are_typed_and_their_elements_read_back() {
+    let mut w = GgufWriter::new(3);
+    for (k, v) in every_value_type() {
+        w.metadata(k, v);
+    }
+    let h = parse_header(&w.to_bytes()).expect("valid");
+    for (k, v) in every_value_type() {
+        let GgufValue::Array(want) = v else { continue };
+        let got = h.get_array(k).expect(k);
+        assert_eq!(got.elem_type_id(), want.elem_type_id(), "{k}");
+        let items: Vec<GgufValue> = got.values().collect();
+        assert_eq!(items.len(), want.len(), "{k}");
+        for (i, item) in items.iter().enumerate() {
+            assert_eq!(Some(item), want.get(i).as_ref(), "{k}[{i}]");
+            assert_eq!(item.type_name(), got.elem_type_name(), "{k}[{i}]");
+        }
+        assert_eq!(got.get(got.len()), None, "{k}: past the end");
+    }
+    let strs = h.get_str_array("array.str.empty").expect("strings");
+    assert_eq!(strs.iter().collect::<Vec<_>>(), ["", "é"]);
+    assert_eq!((strs.get(1), strs.get(2)), (Some("é"), None));
+    let err = h.get_str_array("array.f64").expect_err("not strings");
+    assert!(matches!(err, GgufError::WrongType { found: "f64", .. }), "{err:?}");
+    assert_eq!(GgufArray::from_values(vec![GgufValue::U8(1), GgufValue::I8(1)]), None);
+    assert_eq!(GgufArray::from_values(vec![]).map(|a| a.elem_type_name()), Some("u8"));
 }
 
 #[test]
@@ -341,9 +382,9 @@ fn every_metadata_value_type_round_trips() {
 
 #[test]
 fn arrays_of_arrays_round_trip_and_depth_is_bounded() {
-    let inner = |n: u32| GgufValue::Array((0..n).map(GgufValue::U32).collect());
-    let nested = GgufValue::Array(vec![inner(2), inner(0), inner(3)]);
-    let deeper = GgufValue::Array(vec![GgufValue::Array(vec![nested.clone()])]);
+    let inner = |n: u32| GgufValue::array((0..n).map(GgufValue::U32).collect());
+    let nested = GgufValue::array(vec![inner(2), inner(0), inner(3)]);
+    let deeper = GgufValue::array(vec![GgufValue::array(vec![nested.clone()])]);
     let mut w = GgufWriter::new(3);
     w.metadata("nested", nested.clone()).metadata("deeper", deeper.clone());
     let h = parse_header(&w.to_bytes()).expect("valid");
@@ -352,7 +393,7 @@ fn arrays_of_arrays_round_trip_and_depth_is_bounded() {
 
     let mut v = GgufValue::U8(1);
     for _ in 0..20 {
-        v = GgufValue::Array(vec![v]);
+        v = GgufValue::array(vec![v]);
     }
     let mut w = GgufWriter::new(3);
     w.metadata("abyss", v);
@@ -476,11 +517,11 @@ fn tiny_llama_is_deterministic_per_seed_and_carries_a_gpt2_vocab() {
     assert_eq!(h.get_str("tokenizer.ggml.pre").ok(), Some("default"));
     let tokens = h.get_str_array("tokenizer.ggml.tokens").expect("tokens");
     assert_eq!(tokens.len(), TINY_BASE_VOCAB + 5);
-    assert_eq!((tokens[32], tokens[b'a' as usize]), ("Ġ", "a"));
-    assert_eq!(tokens[TINY_EOS_ID as usize], "<|endoftext|>");
+    assert_eq!((&tokens[32], &tokens[b'a' as usize]), ("Ġ", "a"));
+    assert_eq!(&tokens[TINY_EOS_ID as usize], "<|endoftext|>");
     assert_eq!(h.get_u32("tokenizer.ggml.eos_token_id").ok(), Some(TINY_EOS_ID));
     assert_eq!(h.get_array("tokenizer.ggml.token_type").map(|t| t.len()).ok(), Some(tokens.len()));
-    assert_eq!(h.get_str_array("tokenizer.ggml.merges").expect("merges")[0], "Ġ t");
+    assert_eq!(&h.get_str_array("tokenizer.ggml.merges").expect("merges")[0], "Ġ t");
     let hp = validate_llama(&h).expect("valid");
     assert_eq!(hp.n_vocab, TINY_BASE_VOCAB + 5);
 }

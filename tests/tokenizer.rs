@@ -316,7 +316,7 @@ fn header(kv: Vec<(&str, GgufValue)>) -> GgufHeader {
 }
 
 fn strs(v: &[&str]) -> GgufValue {
-    GgufValue::Array(v.iter().map(|s| GgufValue::String((*s).to_owned())).collect())
+    GgufValue::array(v.iter().map(|s| GgufValue::String((*s).to_owned())).collect())
 }
 
 fn s(v: &str) -> GgufValue {
@@ -348,9 +348,9 @@ fn spm_typed(pieces: &[(&str, f32, i32)], byte_fallback: bool, extra: Vec<(&str,
     }
     let mut kv = vec![
         ("tokenizer.ggml.model", s("llama")),
-        ("tokenizer.ggml.tokens", GgufValue::Array(tokens.into_iter().map(GgufValue::String).collect())),
-        ("tokenizer.ggml.token_type", GgufValue::Array(types.into_iter().map(GgufValue::I32).collect())),
-        ("tokenizer.ggml.scores", GgufValue::Array(scores.into_iter().map(GgufValue::F32).collect())),
+        ("tokenizer.ggml.tokens", GgufValue::array(tokens.into_iter().map(GgufValue::String).collect())),
+        ("tokenizer.ggml.token_type", GgufValue::array(types.into_iter().map(GgufValue::I32).collect())),
+        ("tokenizer.ggml.scores", GgufValue::array(scores.into_iter().map(GgufValue::F32).collect())),
         ("tokenizer.ggml.unknown_token_id", GgufValue::U32(0)),
         ("tokenizer.ggml.bos_token_id", GgufValue::U32(1)),
         ("tokenizer.ggml.eos_token_id", GgufValue::U32(2)),
@@ -551,8 +551,8 @@ fn spm_special_ids_default_as_in_llama_cpp() {
     let tok = GgufTokenizer::from_gguf(&header(vec![
         ("tokenizer.ggml.model", s("llama")),
         ("tokenizer.ggml.tokens", strs(&tokens)),
-        ("tokenizer.ggml.token_type", GgufValue::Array([3, 3, 3, 1, 1, 1].map(GgufValue::I32).to_vec())),
-        ("tokenizer.ggml.scores", GgufValue::Array([0.0, 0.0, 0.0, -1.0, -2.0, -1.0].map(GgufValue::F32).to_vec())),
+        ("tokenizer.ggml.token_type", GgufValue::array([3, 3, 3, 1, 1, 1].map(GgufValue::I32).to_vec())),
+        ("tokenizer.ggml.scores", GgufValue::array([0.0, 0.0, 0.0, -1.0, -2.0, -1.0].map(GgufValue::F32).to_vec())),
     ]))
     .unwrap();
     assert_eq!((tok.bos_id(), tok.eos_id(), tok.unk_id()), (Some(1), Some(2), Some(0)));
@@ -566,7 +566,7 @@ fn bert(tokens: &[&str], extra: Vec<(&str, GgufValue)>) -> GgufTokenizer {
     let mut kv = vec![
         ("tokenizer.ggml.model", s("bert")),
         ("tokenizer.ggml.tokens", strs(tokens)),
-        ("tokenizer.ggml.token_type", GgufValue::Array(types)),
+        ("tokenizer.ggml.token_type", GgufValue::array(types)),
         ("tokenizer.ggml.unknown_token_id", GgufValue::U32(1)),
         ("tokenizer.ggml.cls_token_id", GgufValue::U32(2)),
         ("tokenizer.ggml.seperator_token_id", GgufValue::U32(3)),
@@ -619,7 +619,7 @@ fn byte_level(pre: &str) -> Result<GgufTokenizer, TokenizerError> {
     GgufTokenizer::from_gguf(&header(vec![
         ("tokenizer.ggml.model", s("gpt2")),
         ("tokenizer.ggml.pre", s(pre)),
-        ("tokenizer.ggml.tokens", GgufValue::Array(tokens.into_iter().map(GgufValue::String).collect())),
+        ("tokenizer.ggml.tokens", GgufValue::array(tokens.into_iter().map(GgufValue::String).collect())),
         ("tokenizer.ggml.merges", merges),
     ]))
 }
@@ -668,7 +668,7 @@ fn bad_metadata_is_a_clear_load_error() {
     assert!(matches!(err(base("t5")), TokenizerError::UnsupportedModel(m) if m == "t5"));
     assert!(matches!(err(base("llama")), TokenizerError::MissingScores));
     let mut kv = base("gpt2");
-    kv.push(("tokenizer.ggml.token_type", GgufValue::Array(vec![GgufValue::I32(1)])));
+    kv.push(("tokenizer.ggml.token_type", GgufValue::array(vec![GgufValue::I32(1)])));
     assert!(matches!(err(kv), TokenizerError::LengthMismatch { found: 1, expected: 2, .. }));
     let mut kv = base("gpt2");
     kv.push(("tokenizer.ggml.eos_token_id", GgufValue::U32(7)));

@@ -131,7 +131,7 @@ fn read_shared(h: &GgufHeader, family: &'static Family) -> Result<ArchDesc, Arch
 fn per_layer_size(h: &GgufHeader, key: &str, n_layer: usize) -> Result<usize, ArchError> {
     match h.get(key) {
         Some(GgufValue::Array(items)) => {
-            let values: Vec<u64> = items.iter().filter_map(GgufValue::as_u64).collect();
+            let values: Vec<u64> = items.values().filter_map(|v| v.as_u64()).collect();
             let first = values.first().copied().unwrap_or(0);
             if values.len() != n_layer || items.len() != n_layer || first == 0 || values.iter().any(|&v| v != first) {
                 return Err(bad(key, format!("one positive integer, or {n_layer} equal ones"), "per-layer values"));

@@ -18,11 +18,13 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 /// Deepest nesting of arrays accepted (arrays of arrays are legal, unbounded depth is not).
 const MAX_ARRAY_DEPTH: usize = 8;
 const MAX_DIMS: u32 = 4;
-/// Most metadata values (array elements included) a file may hold. A parsed value takes
-/// 32 bytes however small it is on disk, so this caps the header's memory at 128 MiB plus
-/// the file's own string bytes. The largest real vocabularies (262k tokens with scores and
-/// types, or 152k tokens with 151k merges) use under a million.
+/// Most metadata values (array elements included) a file may hold. A parsed array element
+/// takes at most 64 bytes however small it is on disk (an array nested in an array; a number
+/// takes its own size, a string 8 bytes beside its text), so this caps the header's memory
+/// at 256 MiB plus the file's own string bytes. The largest real vocabularies (262k tokens
+/// with scores and types, or 152k tokens with 151k merges) use under a million.
 pub const MAX_METADATA_VALUES: u64 = 4 << 20;
+const _: () = assert!(std::mem::size_of::<GgufArray>() <= 64);
 
 /// Why a GGUF file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +71,10 @@ pub enum GgufError {
     WrongType { key: String, expected: &'static str, found: &'static str },
 }
 
+/// GGUF's value type names, indexed by the type's number in the file.
+const TYPE_NAMES: [&str; 13] =
+    ["u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string", "array", "u64", "i64", "f64"];
+
 /// One metadata value, in any of GGUF's value types.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GgufValue {
@@ -81,30 +87,220 @@ pub enum GgufValue {
     F32(f32),
     Bool(bool),
     String(String),
-    Array(Vec<GgufValue>),
+    Array(GgufArray),
     U64(u64),
     I64(i64),
     F64(f64),
 }
 
+/// A metadata array: GGUF gives an array one element type, so its elements are held in one
+/// vector of that type. A 262,144-token vocabulary's texts, scores and types take their own
+/// bytes (about 5 MB) rather than a 32-byte value per element and an allocation per text
+/// (over 30 MB).
+#[derive(Clone, Debug, PartialEq)]
+pub enum GgufArray {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    F32(Vec<f32>),
+    Bool(Vec<bool>),
+    String(StrList),
+    Array(Vec<GgufArray>),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F64(Vec<f64>),
+}
+
+/// Strings in one buffer: the texts back to back and where each ends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StrList {
+    text: String,
+    ends: Vec<usize>,
+}
+
+impl StrList {
+    /// An empty list with room for `n` strings.
+    pub fn with_capacity(n: usize) -> Self {
+        StrList { text: String::new(), ends: Vec::with_capacity(n) }
+    }
+
+    pub fn push(&mut self, s: &str) {
+        self.text.push_str(s);
+        self.ends.push(self.text.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// String `i`, if there is one.
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(&self.text[start..end])
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        (0..self.len()).map(|i| &self[i])
+    }
+}
+
+impl std::ops::Index<usize> for StrList {
+    type Output = str;
+
+    fn index(&self, i: usize) -> &str {
+        self.get(i).unwrap_or_else(|| panic!("string {i} of a list of {}", self.len()))
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for StrList {
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Self {
+        let mut list = StrList::default();
+        iter.into_iter().for_each(|s| list.push(s.as_ref()));
+        list
+    }
+}
+
+/// `$m!` applied to every variant of [`GgufArray`] but strings and arrays, with the
+/// matching [`GgufValue`] variant.
+macro_rules! scalar_arrays {
+    ($m:ident) => {
+        $m!(U8, I8, U16, I16, U32, I32, F32, Bool, U64, I64, F64)
+    };
+}
+
+impl GgufArray {
+    pub fn len(&self) -> usize {
+        macro_rules! len {
+            ($($v:ident),*) => {
+                match self {
+                    $(GgufArray::$v(items) => items.len(),)*
+                    GgufArray::String(items) => items.len(),
+                    GgufArray::Array(items) => items.len(),
+                }
+            };
+        }
+        scalar_arrays!(len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// GGUF's number for the element type.
+    pub fn elem_type_id(&self) -> u32 {
+        match self {
+            GgufArray::U8(_) => 0,
+            GgufArray::I8(_) => 1,
+            GgufArray::U16(_) => 2,
+            GgufArray::I16(_) => 3,
+            GgufArray::U32(_) => 4,
+            GgufArray::I32(_) => 5,
+            GgufArray::F32(_) => 6,
+            GgufArray::Bool(_) => 7,
+            GgufArray::String(_) => 8,
+            GgufArray::Array(_) => 9,
+            GgufArray::U64(_) => 10,
+            GgufArray::I64(_) => 11,
+            GgufArray::F64(_) => 12,
+        }
+    }
+
+    /// GGUF's name for the element type (`u32`, `string`, ...).
+    pub fn elem_type_name(&self) -> &'static str {
+        TYPE_NAMES[self.elem_type_id() as usize]
+    }
+
+    /// Element `i` as a value of its own (a string or nested array is copied).
+    pub fn get(&self, i: usize) -> Option<GgufValue> {
+        macro_rules! get {
+            ($($v:ident),*) => {
+                match self {
+                    $(GgufArray::$v(items) => items.get(i).copied().map(GgufValue::$v),)*
+                    GgufArray::String(items) => items.get(i).map(|s| GgufValue::String(s.to_owned())),
+                    GgufArray::Array(items) => items.get(i).cloned().map(GgufValue::Array),
+                }
+            };
+        }
+        scalar_arrays!(get)
+    }
+
+    /// Every element as a value of its own, in order.
+    pub fn values(&self) -> impl Iterator<Item = GgufValue> + '_ {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
+
+    /// The strings, if the elements are strings.
+    pub fn as_strs(&self) -> Option<&StrList> {
+        match self {
+            GgufArray::String(items) => Some(items),
+            _ => None,
+        }
+    }
+
+    /// The array of `items`, which must all have one type (an empty list is an array of
+    /// `u8`); `None` when their types differ.
+    pub fn from_values(items: Vec<GgufValue>) -> Option<Self> {
+        let first = items.first().map_or(0, GgufValue::type_id);
+        if items.iter().any(|v| v.type_id() != first) {
+            return None;
+        }
+        macro_rules! collect {
+            ($($v:ident),*) => {
+                match items.first() {
+                    None => GgufArray::U8(Vec::new()),
+                    $(Some(GgufValue::$v(_)) => GgufArray::$v(
+                        items.into_iter().filter_map(|v| if let GgufValue::$v(x) = v { Some(x) } else { None }).collect(),
+                    ),)*
+                    Some(GgufValue::String(_)) => GgufArray::String(items.iter().filter_map(GgufValue::as_str).collect()),
+                    Some(GgufValue::Array(_)) => GgufArray::Array(
+                        items.into_iter().filter_map(|v| if let GgufValue::Array(x) = v { Some(x) } else { None }).collect(),
+                    ),
+                }
+            };
+        }
+        Some(scalar_arrays!(collect))
+    }
+}
+
 impl GgufValue {
+    /// An array of `items`, which must all have one type.
+    ///
+    /// # Panics
+    /// When the items' types differ (GGUF arrays hold one element type).
+    pub fn array(items: Vec<GgufValue>) -> GgufValue {
+        GgufValue::Array(GgufArray::from_values(items).expect("a GGUF array holds one element type"))
+    }
+
+    /// GGUF's number for this value's type.
+    pub fn type_id(&self) -> u32 {
+        match self {
+            GgufValue::U8(_) => 0,
+            GgufValue::I8(_) => 1,
+            GgufValue::U16(_) => 2,
+            GgufValue::I16(_) => 3,
+            GgufValue::U32(_) => 4,
+            GgufValue::I32(_) => 5,
+            GgufValue::F32(_) => 6,
+            GgufValue::Bool(_) => 7,
+            GgufValue::String(_) => 8,
+            GgufValue::Array(_) => 9,
+            GgufValue::U64(_) => 10,
+            GgufValue::I64(_) => 11,
+            GgufValue::F64(_) => 12,
+        }
+    }
+
     /// GGUF's name for this value's type (`u32`, `string`, `array`, ...).
     pub fn type_name(&self) -> &'static str {
-        match self {
-            GgufValue::U8(_) => "u8",
-            GgufValue::I8(_) => "i8",
-            GgufValue::U16(_) => "u16",
-            GgufValue::I16(_) => "i16",
-            GgufValue::U32(_) => "u32",
-            GgufValue::I32(_) => "i32",
-            GgufValue::F32(_) => "f32",
-            GgufValue::Bool(_) => "bool",
-            GgufValue::String(_) => "string",
-            GgufValue::Array(_) => "array",
-            GgufValue::U64(_) => "u64",
-            GgufValue::I64(_) => "i64",
-            GgufValue::F64(_) => "f64",
-        }
+        TYPE_NAMES[self.type_id() as usize]
     }
 
     /// Any integer value that is non-negative.
@@ -159,7 +355,7 @@ impl GgufValue {
     }
 
     /// The items if the value is an array.
-    pub fn as_array(&self) -> Option<&[GgufValue]> {
+    pub fn as_array(&self) -> Option<&GgufArray> {
         match self {
             GgufValue::Array(v) => Some(v),
             _ => None,
@@ -243,14 +439,19 @@ impl GgufHeader {
     }
 
     /// `key` as an array of any element type.
-    pub fn get_array(&self, key: &str) -> Result<&[GgufValue], GgufError> {
+    pub fn get_array(&self, key: &str) -> Result<&GgufArray, GgufError> {
         let v = self.require(key)?;
         v.as_array().ok_or_else(|| Self::wrong(key, "array", v))
     }
 
-    /// An array whose every element is a string.
-    pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>, GgufError> {
-        self.get_array(key)?.iter().map(|v| v.as_str().ok_or_else(|| Self::wrong(key, "array of string", v))).collect()
+    /// An array of strings.
+    pub fn get_str_array(&self, key: &str) -> Result<&StrList, GgufError> {
+        let a = self.get_array(key)?;
+        a.as_strs().ok_or_else(|| GgufError::WrongType {
+            key: key.to_owned(),
+            expected: "array of string",
+            found: a.elem_type_name(),
+        })
     }
 
     /// The info of tensor `name`, if present.
@@ -460,10 +661,14 @@ impl<'a> Reader<'a> {
     }
 
     fn string(&mut self, what: &'static str) -> Result<String, GgufError> {
+        self.str(what).map(str::to_owned)
+    }
+
+    fn str(&mut self, what: &'static str) -> Result<&'a str, GgufError> {
         let len = self.u64(what)?;
         let offset = self.pos as u64;
         let raw = self.take(len, what)?;
-        String::from_utf8(raw.to_vec()).map_err(|_| GgufError::BadUtf8 { what, offset })
+        std::str::from_utf8(raw).map_err(|_| GgufError::BadUtf8 { what, offset })
     }
 
     fn value(&mut self, key: &str, type_id: u32, offset: u64, depth: usize) -> Result<GgufValue, GgufError> {
@@ -481,43 +686,82 @@ impl<'a> Reader<'a> {
             6 => GgufValue::F32(f32::from_le_bytes(self.array("f32 value")?)),
             7 => GgufValue::Bool(self.array::<1>("bool value")?[0] != 0),
             8 => GgufValue::String(self.string("string value")?),
-            9 => {
-                if depth >= MAX_ARRAY_DEPTH {
-                    return Err(GgufError::TooDeep { key: key.to_owned(), offset });
-                }
-                let elem_offset = self.pos as u64;
-                let elem_type = self.u32("array element type")?;
-                let len_offset = self.pos as u64;
-                let len = self.u64("array length")?;
-                let min = match elem_type {
-                    0 | 1 | 7 => 1,
-                    2 | 3 => 2,
-                    4..=6 => 4,
-                    10..=12 => 8,
-                    8 => 8,
-                    9 => 12,
-                    _ => {
-                        return Err(GgufError::UnknownValueType {
-                            key: key.to_owned(),
-                            type_id: elem_type,
-                            offset: elem_offset,
-                        });
-                    }
-                };
-                self.check_count(len, min, "array element", len_offset)?;
-                if self.values.saturating_add(len) > MAX_METADATA_VALUES {
-                    return Err(GgufError::MetadataTooLarge { offset: len_offset });
-                }
-                let mut items = Vec::with_capacity(len as usize);
-                for _ in 0..len {
-                    items.push(self.value(key, elem_type, elem_offset, depth + 1)?);
-                }
-                GgufValue::Array(items)
-            }
+            9 => GgufValue::Array(self.array_value(key, offset, depth)?),
             10 => GgufValue::U64(u64::from_le_bytes(self.array("u64 value")?)),
             11 => GgufValue::I64(i64::from_le_bytes(self.array("i64 value")?)),
             12 => GgufValue::F64(f64::from_le_bytes(self.array("f64 value")?)),
             _ => return Err(GgufError::UnknownValueType { key: key.to_owned(), type_id, offset }),
+        })
+    }
+
+    /// An array value at nesting `depth` (0 for a key's own value); `offset` is where the
+    /// value starts, for errors.
+    fn array_value(&mut self, key: &str, offset: u64, depth: usize) -> Result<GgufArray, GgufError> {
+        if depth >= MAX_ARRAY_DEPTH {
+            return Err(GgufError::TooDeep { key: key.to_owned(), offset });
+        }
+        let elem_offset = self.pos as u64;
+        let elem_type = self.u32("array element type")?;
+        let len_offset = self.pos as u64;
+        let len = self.u64("array length")?;
+        let size = match elem_type {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            8 => 8,
+            9 => 12,
+            _ => {
+                return Err(GgufError::UnknownValueType {
+                    key: key.to_owned(),
+                    type_id: elem_type,
+                    offset: elem_offset,
+                });
+            }
+        };
+        self.check_count(len, size, "array element", len_offset)?;
+        self.values = self.values.saturating_add(len);
+        if self.values > MAX_METADATA_VALUES {
+            return Err(GgufError::MetadataTooLarge { offset: len_offset });
+        }
+        let n = len as usize;
+        // Fixed-size elements: check_count has made sure all `n` are there.
+        macro_rules! fixed {
+            ($v:ident, $t:ty, $what:literal) => {{
+                let raw = self.take(len * size, $what)?;
+                GgufArray::$v(
+                    raw.chunks_exact(size as usize)
+                        .map(|c| <$t>::from_le_bytes(c.try_into().expect("element size")))
+                        .collect(),
+                )
+            }};
+        }
+        Ok(match elem_type {
+            0 => fixed!(U8, u8, "u8 value"),
+            1 => fixed!(I8, i8, "i8 value"),
+            2 => fixed!(U16, u16, "u16 value"),
+            3 => fixed!(I16, i16, "i16 value"),
+            4 => fixed!(U32, u32, "u32 value"),
+            5 => fixed!(I32, i32, "i32 value"),
+            6 => fixed!(F32, f32, "f32 value"),
+            7 => GgufArray::Bool(self.take(len, "bool value")?.iter().map(|&b| b != 0).collect()),
+            8 => {
+                let mut items = StrList::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.str("string value")?);
+                }
+                GgufArray::String(items)
+            }
+            9 => {
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.array_value(key, elem_offset, depth + 1)?);
+                }
+                GgufArray::Array(items)
+            }
+            10 => fixed!(U64, u64, "u64 value"),
+            11 => fixed!(I64, i64, "i64 value"),
+            _ => fixed!(F64, f64, "f64 value"),
         })
     }
 }

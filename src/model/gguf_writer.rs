@@ -154,7 +154,7 @@ impl GgufWriter {
             let key_at = out.len();
             put_str(&mut out, key);
             let type_at = out.len();
-            put_u32(&mut out, value_type_id(value));
+            put_u32(&mut out, value.type_id());
             let value_at = out.len();
             put_value(&mut out, value);
             kv_layout.push(KvLayout { key: (*key).to_owned(), key_at, type_at, value_at });
@@ -213,25 +213,6 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// GGUF's number for a value's type.
-pub fn value_type_id(v: &GgufValue) -> u32 {
-    match v {
-        GgufValue::U8(_) => 0,
-        GgufValue::I8(_) => 1,
-        GgufValue::U16(_) => 2,
-        GgufValue::I16(_) => 3,
-        GgufValue::U32(_) => 4,
-        GgufValue::I32(_) => 5,
-        GgufValue::F32(_) => 6,
-        GgufValue::Bool(_) => 7,
-        GgufValue::String(_) => 8,
-        GgufValue::Array(_) => 9,
-        GgufValue::U64(_) => 10,
-        GgufValue::I64(_) => 11,
-        GgufValue::F64(_) => 12,
-    }
-}
-
 fn put_value(out: &mut Vec<u8>, v: &GgufValue) {
     match v {
         GgufValue::U8(x) => out.push(*x),
@@ -244,9 +225,9 @@ fn put_value(out: &mut Vec<u8>, v: &GgufValue) {
         GgufValue::Bool(x) => out.push(u8::from(*x)),
         GgufValue::String(s) => put_str(out, s),
         GgufValue::Array(items) => {
-            put_u32(out, items.first().map_or(0, value_type_id));
+            put_u32(out, items.elem_type_id());
             put_u64(out, items.len() as u64);
-            items.iter().for_each(|item| put_value(out, item));
+            items.values().for_each(|item| put_value(out, &item));
         }
         GgufValue::U64(x) => put_u64(out, *x),
         GgufValue::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
@@ -371,7 +352,7 @@ fn tiny_llama_metadata(w: &mut GgufWriter, spec: &TinyLlamaSpec) {
     let u32v = |x: usize| GgufValue::U32(u32::try_from(x).unwrap_or(u32::MAX));
     let head_dim = spec.n_embd.checked_div(spec.n_head).unwrap_or(0);
     let (tokens, types) = tiny_vocab(spec.n_vocab);
-    let strings = |v: Vec<String>| GgufValue::Array(v.into_iter().map(GgufValue::String).collect());
+    let strings = |v: Vec<String>| GgufValue::array(v.into_iter().map(GgufValue::String).collect());
     let merges = TINY_MERGES.iter().map(|m| m.to_string()).collect();
     w.metadata("general.architecture", GgufValue::String("llama".into()))
         .metadata("general.name", GgufValue::String("starling-tiny-llama".into()))
@@ -388,7 +369,7 @@ fn tiny_llama_metadata(w: &mut GgufWriter, spec: &TinyLlamaSpec) {
         .metadata("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
         .metadata("tokenizer.ggml.pre", GgufValue::String("default".into()))
         .metadata("tokenizer.ggml.tokens", strings(tokens))
-        .metadata("tokenizer.ggml.token_type", GgufValue::Array(types.into_iter().map(GgufValue::I32).collect()))
+        .metadata("tokenizer.ggml.token_type", GgufValue::array(types.into_iter().map(GgufValue::I32).collect()))
         .metadata("tokenizer.ggml.merges", strings(merges))
         .metadata("tokenizer.ggml.bos_token_id", GgufValue::U32(TINY_EOS_ID))
         .metadata("tokenizer.ggml.eos_token_id", GgufValue::U32(TINY_EOS_ID))
@@ -587,7 +568,7 @@ fn tiny_model_metadata(w: &mut GgufWriter, spec: &TinyModelSpec) {
     let u32v = |x: usize| GgufValue::U32(u32::try_from(x).unwrap_or(u32::MAX));
     let key = |k: &str| format!("{}.{k}", spec.arch);
     let (tokens, types) = tiny_vocab(TINY_BASE_VOCAB);
-    let strings = |v: Vec<String>| GgufValue::Array(v.into_iter().map(GgufValue::String).collect());
+    let strings = |v: Vec<String>| GgufValue::array(v.into_iter().map(GgufValue::String).collect());
     let merges = TINY_MERGES.iter().map(|m| m.to_string()).collect();
     w.metadata("general.architecture", GgufValue::String(spec.arch.into()))
         .metadata("general.name", GgufValue::String(format!("starling-tiny-{}", spec.arch.replace('3', "-three"))))
@@ -620,7 +601,7 @@ fn tiny_model_metadata(w: &mut GgufWriter, spec: &TinyModelSpec) {
     w.metadata("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
         .metadata("tokenizer.ggml.pre", GgufValue::String("default".into()))
         .metadata("tokenizer.ggml.tokens", strings(tokens))
-        .metadata("tokenizer.ggml.token_type", GgufValue::Array(types.into_iter().map(GgufValue::I32).collect()))
+        .metadata("tokenizer.ggml.token_type", GgufValue::array(types.into_iter().map(GgufValue::I32).collect()))
         .metadata("tokenizer.ggml.merges", strings(merges))
         .metadata("tokenizer.ggml.bos_token_id", GgufValue::U32(TINY_EOS_ID))
         .metadata("tokenizer.ggml.eos_token_id", GgufValue::U32(TINY_EOS_ID))

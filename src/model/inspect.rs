@@ -115,14 +115,11 @@ pub fn inspect(file: &GgufFile) -> InspectReport {
 
 fn summarise(key: &str, v: &GgufValue) -> MetadataEntry {
     let (value_type, len) = match v {
-        GgufValue::Array(items) => {
-            let elem = items.first().map_or("u8", GgufValue::type_name);
-            (format!("array<{elem}>"), Some(items.len()))
-        }
+        GgufValue::Array(items) => (format!("array<{}>", items.elem_type_name()), Some(items.len())),
         _ => (v.type_name().to_owned(), None),
     };
     let value = match v {
-        GgufValue::Array(items) => Value::Array(items.iter().take(ARRAY_PREVIEW).map(preview).collect()),
+        GgufValue::Array(items) => Value::Array(items.values().take(ARRAY_PREVIEW).map(|v| preview(&v)).collect()),
         _ => preview(v),
     };
     MetadataEntry { key: key.to_owned(), value_type, len, value }
@@ -135,10 +132,7 @@ fn preview(v: &GgufValue) -> Value {
         GgufValue::Bool(b) => Value::Bool(*b),
         GgufValue::F32(x) => serde_json::Number::from_f64(f64::from(*x)).map_or(Value::Null, Value::Number),
         GgufValue::F64(x) => serde_json::Number::from_f64(*x).map_or(Value::Null, Value::Number),
-        GgufValue::Array(items) => {
-            let elem = items.first().map_or("u8", GgufValue::type_name);
-            Value::String(format!("array<{elem}>[{}]", items.len()))
-        }
+        GgufValue::Array(items) => Value::String(format!("array<{}>[{}]", items.elem_type_name(), items.len())),
         other => other.as_i64().map(Value::from).or_else(|| other.as_u64().map(Value::from)).unwrap_or(Value::Null),
     }
 }
@@ -256,12 +250,12 @@ mod tests {
 
     #[test]
     fn arrays_are_summarised_by_type_length_and_first_items() {
-        let v = GgufValue::Array((0..100u32).map(GgufValue::U32).collect());
+        let v = GgufValue::array((0..100u32).map(GgufValue::U32).collect());
         let m = summarise("k", &v);
         assert_eq!(m.value_type, "array<u32>");
         assert_eq!(m.len, Some(100));
         assert_eq!(m.value, serde_json::json!([0, 1, 2, 3, 4]));
-        let nested = GgufValue::Array(vec![GgufValue::Array(vec![GgufValue::I8(-1); 3])]);
+        let nested = GgufValue::array(vec![GgufValue::array(vec![GgufValue::I8(-1); 3])]);
         assert_eq!(summarise("n", &nested).value, serde_json::json!(["array<i8>[3]"]));
     }
 }

@@ -143,7 +143,7 @@ fn detect(spec: &VocabSpec, attrs: &mut [Attrs], key: Option<TokenId>, names: &[
     if key.is_some() {
         return key;
     }
-    let id = spec.tokens.iter().position(|t| names.contains(&t.as_str()))?;
+    let id = spec.tokens.iter().position(|t| names.contains(&t))?;
     attrs[id].insert(Attrs::CONTROL);
     Some(id as TokenId)
 }
@@ -161,14 +161,14 @@ pub(crate) fn derive(spec: &VocabSpec) -> Derived {
     let fim_rep = detect(spec, &mut attrs, ids.fim_rep, FIM_REP);
     let fim_sep = detect(spec, &mut attrs, ids.fim_sep, FIM_SEP);
     // Control tokens named `unused…` are unused (and stay control).
-    for (a, t) in attrs.iter_mut().zip(&spec.tokens) {
+    for (a, t) in attrs.iter_mut().zip(spec.tokens.iter()) {
         if a.any(Attrs::CONTROL) && t.contains("unused") {
             a.insert(Attrs::UNUSED);
         }
     }
     let mut eog: Vec<TokenId> = [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
-    for (id, (a, t)) in attrs.iter_mut().zip(&spec.tokens).enumerate() {
-        if EOG.contains(&t.as_str()) {
+    for (id, (a, t)) in attrs.iter_mut().zip(spec.tokens.iter()).enumerate() {
+        if EOG.contains(&t) {
             eog.push(id as TokenId);
             a.insert(Attrs::CONTROL);
         }
@@ -186,7 +186,7 @@ pub(crate) fn derive(spec: &VocabSpec) -> Derived {
 /// llama.cpp's two EOG exceptions: `<|end|>` does not end generation next to `<|return|>` and
 /// `<|call|>` (or `<|calls|>` and `<|flush|>`); `</s>` does not next to `<|tool_response>`.
 fn drop_quirks(spec: &VocabSpec, attrs: &mut [Attrs], eog: &mut Vec<TokenId>) {
-    let find = |eog: &[TokenId], name: &str| eog.iter().copied().find(|&id| spec.tokens[id as usize] == name);
+    let find = |eog: &[TokenId], name: &str| eog.iter().copied().find(|&id| &spec.tokens[id as usize] == name);
     let has = |eog: &[TokenId], name: &str| find(eog, name).is_some();
     if let Some(end) = find(eog, "<|end|>") {
         let call = has(eog, "<|call|>") || has(eog, "<|calls|>");
@@ -212,11 +212,11 @@ fn is_phi3(name: &str) -> bool {
 /// `<s>` and `<|endoftext|>`. So the `\n` after `<|user|>` in a chat prompt is not tokenized.
 fn phi3_rstrip(spec: &VocabSpec, attrs: &mut [Attrs]) {
     let special = Attrs::CONTROL | Attrs::USER_DEFINED | Attrs::UNKNOWN;
-    for (a, t) in attrs.iter_mut().zip(&spec.tokens) {
+    for (a, t) in attrs.iter_mut().zip(spec.tokens.iter()) {
         if a.any(special) || t == "</s>" {
             a.insert(Attrs::RSTRIP);
         }
-        if matches!(t.as_str(), "<unk>" | "<s>" | "<|endoftext|>") {
+        if matches!(t, "<unk>" | "<s>" | "<|endoftext|>") {
             a.remove(Attrs::RSTRIP);
         }
     }

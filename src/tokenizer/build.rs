@@ -42,7 +42,7 @@ fn build_err(e: impl std::fmt::Display) -> TokenizerError {
 pub(crate) fn byte_bpe(spec: &VocabSpec) -> Result<Tokenizer, TokenizerError> {
     let pre = spec.pre.as_deref().unwrap_or("default");
     let (splits, ignore_merges) = pre_splits(pre).ok_or_else(|| TokenizerError::UnknownPre(pre.to_owned()))?;
-    let vocab = vocab_map(spec.tokens.iter().map(String::as_str));
+    let vocab = vocab_map(spec.tokens.iter());
     let merges = spec
         .merges
         .iter()
@@ -101,12 +101,12 @@ pub(crate) fn wordpiece(spec: &VocabSpec) -> Result<Tokenizer, TokenizerError> {
                 Some(word_start) => word_start.to_owned(),
                 None => format!("##{t}"),
             },
-            _ => t.clone(),
+            _ => t.to_owned(),
         };
         vocab.entry(text).or_insert(id as u32);
     }
     let unk_id = spec.ids.unk.ok_or(TokenizerError::MissingUnknown)?;
-    let unk = spec.tokens[unk_id as usize].clone();
+    let unk = spec.tokens[unk_id as usize].to_owned();
     let model = WordPiece::builder()
         .vocab(vocab)
         .unk_token(unk)

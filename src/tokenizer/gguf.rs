@@ -2,6 +2,9 @@
 //! tokens, BOS/EOS rules, end-of-generation set and chat template the file declares.
 
 use std::path::Path;
+use std::sync::Arc;
+
+use crate::model::gguf::StrList;
 
 use super::attrs::{self, Attrs};
 use super::build;
@@ -36,7 +39,7 @@ enum TextModel {
 pub struct GgufTokenizer {
     kind: VocabKind,
     model: TextModel,
-    tokens: Vec<String>,
+    tokens: Arc<StrList>,
     attrs: Vec<Attrs>,
     bytes: TokenBytes,
     specials: SpecialMatcher,
@@ -87,7 +90,7 @@ impl GgufTokenizer {
                 .enumerate()
                 .filter(|(_, (_, a))| a.any(matchable))
                 .map(|(id, (t, a))| Special {
-                    text: t.clone(),
+                    text: t.to_owned(),
                     id: id as TokenId,
                     needs_parse_special: a.any(Attrs::CONTROL | Attrs::UNKNOWN),
                     lstrip: a.any(Attrs::LSTRIP),
@@ -187,7 +190,7 @@ impl GgufTokenizer {
         let mut ids = Vec::new();
         let mut offsets = Vec::new();
         self.encode_into(text, parse_special, &mut ids, Some(&mut offsets))?;
-        let pieces = ids.iter().map(|&id| self.tokens[id as usize].clone()).collect();
+        let pieces = ids.iter().map(|&id| self.tokens[id as usize].to_owned()).collect();
         Ok(Encoding { ids, offsets, pieces })
     }
 

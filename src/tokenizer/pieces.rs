@@ -41,7 +41,7 @@ pub(crate) struct TokenBytes {
 impl TokenBytes {
     pub fn build(spec: &VocabSpec, style: PieceStyle) -> Self {
         let inverse = byte_level_inverse();
-        let mut buf = Vec::with_capacity(spec.tokens.iter().map(String::len).sum());
+        let mut buf = Vec::with_capacity(spec.tokens.iter().map(str::len).sum());
         let mut ends = Vec::with_capacity(spec.tokens.len());
         for (text, kind) in spec.tokens.iter().zip(&spec.kinds) {
             push_token(&mut buf, text, *kind, spec.kind, &inverse, style);

@@ -11,8 +11,13 @@
 //! per character of text.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+use std::hash::BuildHasher;
+use std::sync::Arc;
 
+use hashbrown::HashTable;
+
+use crate::model::gguf::StrList;
 use crate::types::TokenId;
 
 use super::error::TokenizerError;
@@ -23,13 +28,39 @@ const SPACE: char = '\u{2581}';
 /// No neighbour.
 const NONE: u32 = u32::MAX;
 
-type Map = HashMap<Box<str>, TokenId, foldhash::fast::RandomState>;
+/// Token text to id over the vocabulary's own text list: 4 bytes a token plus the table's
+/// control bytes, where a map of owned strings took about 80 (Gemma 3's 262,144 tokens: 2.6
+/// MB against 21 MB). A repeated text keeps its first id; empty texts are left out.
+#[derive(Debug)]
+struct TextIds {
+    texts: Arc<StrList>,
+    table: HashTable<TokenId>,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl TextIds {
+    fn new(texts: Arc<StrList>) -> Self {
+        let hasher = foldhash::fast::RandomState::default();
+        let mut table = HashTable::with_capacity(texts.len());
+        for (id, t) in texts.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
+            let hash = hasher.hash_one(t);
+            if table.find(hash, |&i: &TokenId| &texts[i as usize] == t).is_none() {
+                table.insert_unique(hash, id as TokenId, |&i| hasher.hash_one(&texts[i as usize]));
+            }
+        }
+        TextIds { texts, table, hasher }
+    }
+
+    fn get(&self, text: &str) -> Option<TokenId> {
+        self.table.find(self.hasher.hash_one(text), |&i| &self.texts[i as usize] == text).copied()
+    }
+}
 
 /// A SentencePiece vocabulary ready to encode. Immutable; per-call state lives in [`Scratch`].
 #[derive(Debug)]
 pub(crate) struct Spm {
     /// Token text to id; a repeated text keeps its first id, empty texts are left out.
-    ids: Map,
+    ids: TextIds,
     /// Merge priority of each id (higher first).
     scores: Vec<f32>,
     /// The ids a byte is spelled with when its character is not a token: `<0xHH>`, else the
@@ -104,16 +135,13 @@ impl Spm {
                 }
             })
             .collect();
-        let mut ids = Map::with_capacity_and_hasher(spec.tokens.len(), Default::default());
-        for (id, t) in spec.tokens.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
-            ids.entry(t.as_str().into()).or_insert(id as TokenId);
-        }
+        let ids = TextIds::new(Arc::clone(&spec.tokens));
         let mut bytes = Box::new([None; 256]);
         for (b, slot) in bytes.iter_mut().enumerate() {
             let hex = format!("<0x{b:02X}>");
             // llama.cpp looks the byte up as a C string: NUL is the empty string, never a token.
             let ascii = (1..0x80).contains(&b).then(|| char::from(b as u8).to_string());
-            *slot = ids.get(hex.as_str()).or_else(|| ascii.and_then(|a| ids.get(a.as_str()))).copied();
+            *slot = ids.get(&hex).or_else(|| ascii.and_then(|a| ids.get(&a)));
         }
         Ok(Spm { ids, scores, bytes, unk: spec.ids.unk, add_space_prefix: spec.add_space_prefix })
     }
@@ -188,7 +216,7 @@ impl Spm {
         let (l, r) = (symbols[left as usize], symbols[right as usize]);
         let size = l.len + r.len;
         let joined = &text[l.start as usize..(l.start + size) as usize];
-        if let Some(&id) = self.ids.get(joined) {
+        if let Some(id) = self.ids.get(joined) {
             queue.push(Bigram { score: self.scores[id as usize], left, right, size });
         }
     }
@@ -221,7 +249,7 @@ impl Spm {
                 }
             }
             let range = (base + start, base + cursor);
-            if let Some(&id) = self.ids.get(piece) {
+            if let Some(id) = self.ids.get(piece) {
                 ids.push(id);
                 if let Some(o) = offsets.as_deref_mut() {
                     o.push(range);

@@ -1,6 +1,8 @@
 //! The tokenizer metadata of a GGUF file, read once into plain owned values.
 
-use crate::model::gguf::{GgufHeader, GgufValue};
+use std::sync::Arc;
+
+use crate::model::gguf::{GgufHeader, GgufValue, StrList};
 use crate::types::TokenId;
 
 use super::error::TokenizerError;
@@ -44,7 +46,7 @@ impl TokenKind {
 pub(crate) struct VocabSpec {
     pub kind: VocabKind,
     pub pre: Option<String>,
-    pub tokens: Vec<String>,
+    pub tokens: Arc<StrList>,
     pub kinds: Vec<TokenKind>,
     pub scores: Option<Vec<f32>>,
     pub merges: Vec<String>,
@@ -94,7 +96,7 @@ impl VocabSpec {
             "bert" => VocabKind::WordPiece,
             other => return Err(TokenizerError::UnsupportedModel(other.to_owned())),
         };
-        let tokens: Vec<String> = h.get_str_array("tokenizer.ggml.tokens")?.into_iter().map(str::to_owned).collect();
+        let tokens = Arc::new(h.get_str_array("tokenizer.ggml.tokens")?.clone());
         let n = tokens.len();
         if n == 0 || u32::try_from(n).is_err() {
             return Err(TokenizerError::BadVocabSize(n));
@@ -102,7 +104,7 @@ impl VocabSpec {
         let kinds = read_kinds(h, n)?;
         let scores = read_scores(h, n)?;
         let merges = match h.get("tokenizer.ggml.merges") {
-            Some(_) => h.get_str_array("tokenizer.ggml.merges")?.into_iter().map(str::to_owned).collect(),
+            Some(_) => h.get_str_array("tokenizer.ggml.merges")?.iter().map(str::to_owned).collect(),
             None => Vec::new(),
         };
         let id = |key: &'static str| read_id(h, key, n);
@@ -176,7 +178,7 @@ fn read_kinds(h: &GgufHeader, n: usize) -> Result<Vec<TokenKind>, TokenizerError
     if arr.len() != n {
         return Err(TokenizerError::LengthMismatch { key: KEY, found: arr.len(), expected: n });
     }
-    arr.iter()
+    arr.values()
         .map(|v| {
             v.as_i64().map(TokenKind::from_code).ok_or(TokenizerError::BadValue { key: KEY, expected: "integers" })
         })
@@ -193,7 +195,7 @@ fn read_scores(h: &GgufHeader, n: usize) -> Result<Option<Vec<f32>>, TokenizerEr
         return Err(TokenizerError::LengthMismatch { key: KEY, found: arr.len(), expected: n });
     }
     let scores = arr
-        .iter()
+        .values()
         .map(|v| v.as_f64().map(|x| x as f32).ok_or(TokenizerError::BadValue { key: KEY, expected: "floats" }))
         .collect::<Result<Vec<f32>, _>>()?;
     Ok(Some(scores))

@@ -66,9 +66,9 @@ fn sliding_layers(h: &GgufHeader, n_layer: usize) -> Result<Vec<bool>, ArchError
                 return Err(bad(key, format!("{n_layer} flags (one per layer)"), format!("{} flags", flags.len())));
             }
             flags
-                .iter()
+                .values()
                 .map(|f| match f {
-                    GgufValue::Bool(b) => Ok(*b),
+                    GgufValue::Bool(b) => Ok(b),
                     other => Err(bad(key, "booleans", other.type_name())),
                 })
                 .collect()
