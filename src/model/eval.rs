@@ -1,6 +1,7 @@
 //! Whole-sequence evaluation helpers over a private KV arena: last-position logits and
 //! perplexity. Used by the CLI and the correctness tests against the golden references.
 
+use super::kernels;
 use super::transformer::{LogitsWanted, ModelError, SeqChunk, Transformer};
 use crate::kv::arena::{BlockTable, KvArena};
 use crate::types::TokenId;
@@ -105,7 +106,7 @@ pub fn greedy(
     Ok(out)
 }
 
-/// Index of the largest value (the first one on ties).
+/// Index of the largest value (the first one on ties); see [`kernels::argmax`].
 pub fn argmax(row: &[f32]) -> usize {
-    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0
+    kernels::argmax(row)
 }

@@ -164,6 +164,18 @@ const X_TILE: usize = 8;
 /// L1 bytes a pass over a group of weight rows may fill: the x tile plus the group.
 const ROW_GROUP_BYTES: usize = 28 * 1024;
 
+/// Index of the largest value of `row`: the first on ties, NaN never chosen, 0 when no value
+/// is above −∞. Compiled for AVX-512 where the CPU has it; it only compares, so every CPU
+/// gives the same answer.
+pub fn argmax(row: &[f32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, the one feature the function is compiled for.
+        return unsafe { act::argmax_avx512(row) };
+    }
+    act::argmax_lanes(row)
+}
+
 impl Kernels {
     /// The default kernels for this CPU: the best set it runs (`avx512-vnni` where present).
     /// Another set is chosen with `STARLING_KERNELS` ([`Kernels::from_env`]).
