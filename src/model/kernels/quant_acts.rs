@@ -58,7 +58,8 @@ impl QuantActs {
     /// # Panics
     /// If `cols` is not a whole number of blocks or `x` not a whole number of rows.
     pub fn quantize(&mut self, x: &[f32], cols: usize) {
-        self.quantize_with(x, cols, quantize_block);
+        self.size_for(x, cols);
+        fill(self.parts(x), quantize_block);
     }
 
     /// [`QuantActs::quantize`] with AVX-512 (the same bits).
@@ -68,11 +69,43 @@ impl QuantActs {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn quantize_avx512(&mut self, x: &[f32], cols: usize) {
-        self.quantize_with(x, cols, |x, q| quantize_block_avx512(x, q));
+        self.size_for(x, cols);
+        // SAFETY: the caller's promise.
+        unsafe { fill_avx512(self.parts(x)) };
     }
 
-    #[inline(always)]
-    fn quantize_with(&mut self, x: &[f32], cols: usize, block: impl Fn(&[f32; QK], &mut [i16; QK]) -> BlockSums) {
+    /// [`QuantActs::quantize`] (with AVX-512 when `avx512`) in `tasks` runs of rows on the
+    /// current rayon pool: each block is quantized by the same code wherever it runs, so the
+    /// same bits.
+    ///
+    /// # Safety
+    /// With `avx512`, the CPU must have avx512f.
+    pub unsafe fn quantize_par(&mut self, x: &[f32], cols: usize, avx512: bool, tasks: usize) {
+        use rayon::prelude::*;
+        self.size_for(x, cols);
+        let rows = x.len() / cols;
+        let per = rows.div_ceil(tasks.max(1)).max(1);
+        let (bpr, n) = (cols / QK, per * cols);
+        let parts = x
+            .par_chunks(n)
+            .zip(self.q.par_chunks_mut(n))
+            .zip(self.planes.par_chunks_mut(2 * n))
+            .zip(self.d.par_chunks_mut(per * bpr))
+            .zip(self.s.par_chunks_mut(per * bpr))
+            .zip(self.s16.par_chunks_mut(2 * per * bpr));
+        parts.for_each(|(((((x, q), planes), d), s), s16)| {
+            let part = Parts { x, q, planes, d, s, s16 };
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: the caller's promise.
+                return unsafe { fill_avx512(part) };
+            }
+            fill(part, quantize_block);
+        });
+    }
+
+    /// Sizes the buffers for `x` in rows of `cols`.
+    fn size_for(&mut self, x: &[f32], cols: usize) {
         assert!(cols.is_multiple_of(QK) && cols > 0, "{cols} columns is not whole blocks of {QK}");
         assert!(x.len().is_multiple_of(cols), "{} values is not whole rows of {cols}", x.len());
         let blocks = x.len() / QK;
@@ -82,18 +115,11 @@ impl QuantActs {
         self.d.resize(blocks, 0.0);
         self.s.resize(blocks, 0.0);
         self.s16.resize(2 * blocks, 0.0);
-        let sums = self.d.iter_mut().zip(&mut self.s).zip(self.s16.chunks_exact_mut(2));
-        let parts = x.chunks_exact(QK).zip(self.q.chunks_exact_mut(QK)).zip(self.planes.chunks_exact_mut(2 * QK));
-        for (((x, q), planes), ((d, s), s16)) in parts.zip(sums) {
-            let q: &mut [i16; QK] = q.try_into().expect("a block");
-            let sums = block(x.try_into().expect("a block"), q);
-            (*d, *s) = (sums.d, sums.s);
-            s16.copy_from_slice(&sums.s16);
-            let (hi, lo) = planes.split_at_mut(QK);
-            for ((h, l), &v) in hi.iter_mut().zip(lo).zip(q.iter()) {
-                [*l, *h] = (v as u16 ^ 0x8000).to_le_bytes();
-            }
-        }
+    }
+
+    /// Every buffer, to be filled from `x`.
+    fn parts<'a>(&'a mut self, x: &'a [f32]) -> Parts<'a> {
+        Parts { x, q: &mut self.q, planes: &mut self.planes, d: &mut self.d, s: &mut self.s, s16: &mut self.s16 }
     }
 
     /// Row `i` of the last [`QuantActs::quantize`].
@@ -107,6 +133,43 @@ impl QuantActs {
             s16: &self.s16[2 * i * bpr..2 * (i + 1) * bpr],
         }
     }
+}
+
+/// Some whole blocks of x and the buffers they quantize into.
+struct Parts<'a> {
+    x: &'a [f32],
+    q: &'a mut [i16],
+    planes: &'a mut [u8],
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+    s16: &'a mut [f32],
+}
+
+/// Quantizes each block of `p.x` with `block` into the other buffers of `p`.
+#[inline(always)]
+fn fill(p: Parts, block: impl Fn(&[f32; QK], &mut [i16; QK]) -> BlockSums) {
+    let sums = p.d.iter_mut().zip(p.s.iter_mut()).zip(p.s16.chunks_exact_mut(2));
+    let parts = p.x.chunks_exact(QK).zip(p.q.chunks_exact_mut(QK)).zip(p.planes.chunks_exact_mut(2 * QK));
+    for (((x, q), planes), ((d, s), s16)) in parts.zip(sums) {
+        let q: &mut [i16; QK] = q.try_into().expect("a block");
+        let sums = block(x.try_into().expect("a block"), q);
+        (*d, *s) = (sums.d, sums.s);
+        s16.copy_from_slice(&sums.s16);
+        let (hi, lo) = planes.split_at_mut(QK);
+        for ((h, l), &v) in hi.iter_mut().zip(lo).zip(q.iter()) {
+            [*l, *h] = (v as u16 ^ 0x8000).to_le_bytes();
+        }
+    }
+}
+
+/// [`fill`] with the AVX-512 block quantizer.
+///
+/// # Safety
+/// The CPU must have avx512f.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fill_avx512(p: Parts) {
+    fill(p, |x, q| quantize_block_avx512(x, q));
 }
 
 /// One block: fills `q` and returns its sums. A block holding a NaN or an infinity gets
@@ -283,6 +346,33 @@ mod tests {
         assert!(a.d[1] == 0.0 && a.d[3].is_nan() && a.d[6].is_nan() && a.d[8].is_nan());
         assert_eq!((a.d[9], a.s[9]), (0.0, 0.0));
         assert_eq!(&a.q[320..324], &[32767, -14, -14, -12]); // -14.5 → -14, -13.5 → -14, -12.5 → -12
+    }
+
+    /// Rows quantized in runs on a pool (any number of runs, rows not a multiple of it, a
+    /// buffer left longer by an earlier call) are the bits of one run on this thread.
+    #[test]
+    fn rows_quantized_in_runs_on_a_pool_give_the_bits_of_one_run() {
+        let cols = 32 * 3;
+        let x: Vec<f32> = (0..cols * 37).map(|i| ((i * 7919 % 1013) as f32 - 500.0) * 0.0173).collect();
+        let mut one = QuantActs::default();
+        one.quantize(&x, cols);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let wide = cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx512f");
+        for avx512 in [false, wide] {
+            for tasks in [1, 2, 3, 5, 36, 37, 64] {
+                let mut runs = QuantActs::default();
+                runs.quantize(&vec![1.0; cols * 50], cols);
+                // SAFETY: `avx512` only where the CPU has avx512f.
+                pool.install(|| unsafe { runs.quantize_par(&x, cols, avx512, tasks) });
+                assert_eq!(runs.q, one.q, "{tasks} runs");
+                assert_eq!(runs.planes, one.planes, "{tasks} runs");
+                assert_eq!(
+                    (bits(&runs.d), bits(&runs.s), bits(&runs.s16)),
+                    (bits(&one.d), bits(&one.s), bits(&one.s16))
+                );
+            }
+        }
     }
 
     #[test]
