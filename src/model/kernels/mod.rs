@@ -158,9 +158,17 @@ struct Layout {
 
 /// Below this many weight bytes × x rows, a matmul runs on the calling thread.
 const SERIAL_BYTES: usize = 32 * 1024;
-/// Most x rows per kernel call (each weight block is decoded once for this many rows): eight
-/// for the tile kernels, and for the float types on AVX-512 (four elsewhere).
-const X_TILE: usize = 8;
+/// Most x rows per kernel call (each weight block is decoded once for this many rows): 16
+/// for the 16-lane (AVX-512) tile kernels, 8 for the 8-lane ones, and for the float types
+/// [`DENSE_X_TILE`] on AVX-512 (four elsewhere). Against 8, 16 rows a call made one-thread
+/// 1,536-row matmuls of 16 to 128 x rows 8–19% faster on both AVX-512 sets (Q4_0, Q5_0,
+/// Q4_K, Q6_K, Q8_0) and one x row about 3% slower (docs/perf-log.md). The 8-lane sets keep
+/// 8: `avx-vnni` was within 3% either way at 128 rows, and their 16 registers cannot hold 16
+/// accumulators.
+const X_TILE: usize = 16;
+/// [`X_TILE`] for the float kernels on AVX-512: their x tile stays in L1 (16 rows measured
+/// 3–5% slower on F16).
+const DENSE_X_TILE: usize = 8;
 /// L1 bytes a pass over a group of weight rows may fill: the x tile plus the group.
 const ROW_GROUP_BYTES: usize = 28 * 1024;
 
@@ -530,8 +538,9 @@ impl Kernels {
     /// most 20 KB, else four.
     fn x_tile(&self, w: &QMatrix) -> usize {
         match self.isa {
-            _ if self.row_tile(w.ggml_type) > 1 => X_TILE,
-            Isa::Avx512 | Isa::Avx512Vnni if X_TILE * w.cols * 4 <= 20 * 1024 => X_TILE,
+            _ if self.row_tile(w.ggml_type) >= 16 => X_TILE,
+            _ if self.row_tile(w.ggml_type) > 1 => 8,
+            Isa::Avx512 | Isa::Avx512Vnni if DENSE_X_TILE * w.cols * 4 <= 20 * 1024 => DENSE_X_TILE,
             _ => 4,
         }
     }
