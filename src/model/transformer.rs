@@ -343,13 +343,27 @@ impl Transformer {
     /// while the other waits (about 8% of a Q4_0 prefill profile together with activation
     /// quantization).
     fn row_runs<A: Send, B: Sync>(&self, ex: Exec, t: usize, a: &mut [A], b: &[B], f: impl Fn(&mut [A], &[B]) + Sync) {
-        let threads = self.threads();
-        if ex == Exec::Serial || t < PAR_ROWS || threads < 2 || t == 0 {
-            return f(a, b);
+        match self.run_rows(ex, t) {
+            None => f(a, b),
+            Some(per) => {
+                let (a_run, b_run) = (per * (a.len() / t), per * (b.len() / t));
+                a.par_chunks_mut(a_run.max(1)).zip(b.par_chunks(b_run.max(1))).for_each(|(a, b)| f(a, b));
+            }
         }
-        let per = t.div_ceil(threads);
-        let (a_run, b_run) = (per * (a.len() / t), per * (b.len() / t));
-        a.par_chunks_mut(a_run.max(1)).zip(b.par_chunks(b_run.max(1))).for_each(|(a, b)| f(a, b));
+    }
+
+    /// [`Self::row_runs`] over `a` alone.
+    fn rows_in_place<A: Send>(&self, ex: Exec, t: usize, a: &mut [A], f: impl Fn(&mut [A]) + Sync) {
+        match self.run_rows(ex, t) {
+            None => f(a),
+            Some(per) => a.par_chunks_mut((per * (a.len() / t)).max(1)).for_each(&f),
+        }
+    }
+
+    /// Rows a run of [`Self::row_runs`] takes, or `None` to run all `t` here.
+    fn run_rows(&self, ex: Exec, t: usize) -> Option<usize> {
+        let threads = self.threads();
+        (ex == Exec::Pool && t >= PAR_ROWS && threads >= 2).then(|| t.div_ceil(threads))
     }
 
     /// Bytes the attention partials of the pooled forward pass held (their capacity) when
@@ -565,17 +579,28 @@ impl Transformer {
         add_bias(&mut s.k, layer.bk.as_deref());
         add_bias(&mut s.v, layer.bv.as_deref());
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            rms_norm_in_place(&mut s.q, qn, desc.rms_eps);
-            rms_norm_in_place(&mut s.k, kn, desc.rms_eps);
+            self.rows_in_place(ex, t, &mut s.q, |q| rms_norm_in_place(q, qn, eps));
+            self.rows_in_place(ex, t, &mut s.k, |k| rms_norm_in_place(k, kn, eps));
         }
         let pairs = desc.rope_dim / 2;
         let (cos, sin) = (&s.rope_cos[layer.rope], &s.rope_sin[layer.rope]);
-        for r in 0..t {
-            let (cos, sin) = (&cos[r * pairs..(r + 1) * pairs], &sin[r * pairs..(r + 1) * pairs]);
-            for head in
-                s.q[r * qd..(r + 1) * qd].chunks_exact_mut(hd).chain(s.k[r * kvd..(r + 1) * kvd].chunks_exact_mut(hd))
-            {
-                rope(desc.rope_style, head, cos, sin);
+        // Rows `r0..` of q and k, rotated.
+        let rotate = |r0: usize, q: &mut [f32], k: &mut [f32]| {
+            for (i, (q, k)) in q.chunks_exact_mut(qd).zip(k.chunks_exact_mut(kvd)).enumerate() {
+                let r = r0 + i;
+                let (cos, sin) = (&cos[r * pairs..(r + 1) * pairs], &sin[r * pairs..(r + 1) * pairs]);
+                for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
+                    rope(desc.rope_style, head, cos, sin);
+                }
+            }
+        };
+        match self.run_rows(ex, t) {
+            None => rotate(0, &mut s.q, &mut s.k),
+            Some(per) => {
+                s.q.par_chunks_mut(per * qd)
+                    .zip(s.k.par_chunks_mut(per * kvd))
+                    .enumerate()
+                    .for_each(|(c, (q, k))| rotate(c * per, q, k))
             }
         }
     }
@@ -620,7 +645,8 @@ impl Transformer {
         self.matmul(&layer.wo, &s.attn, t, &mut s.h, &mut s.matmul, ex);
         add_bias(&mut s.h, layer.bo.as_deref());
         if let Some(w) = &layer.post_attn_norm {
-            rms_norm_in_place(&mut s.h, w, self.desc.rms_eps);
+            let eps = self.desc.rms_eps;
+            self.rows_in_place(ex, t, &mut s.h, |h| rms_norm_in_place(h, w, eps));
         }
         self.row_runs(ex, t, &mut s.x, &s.h, add_rows);
     }
@@ -744,7 +770,7 @@ impl Transformer {
         }
         self.matmul(&layer.w_down, &s.gate, t, &mut s.h, &mut s.matmul, ex);
         if let Some(w) = &layer.post_ffn_norm {
-            rms_norm_in_place(&mut s.h, w, eps);
+            self.rows_in_place(ex, t, &mut s.h, |h| rms_norm_in_place(h, w, eps));
         }
         self.row_runs(ex, t, &mut s.x, &s.h, add_rows);
     }
