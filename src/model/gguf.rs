@@ -75,6 +75,28 @@ pub enum GgufError {
 const TYPE_NAMES: [&str; 13] =
     ["u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string", "array", "u64", "i64", "f64"];
 
+/// GGUF's number for the type of `$v`, a [`GgufValue`] or [`GgufArray`] (`$enum`): both
+/// name their variants after the types.
+macro_rules! type_id {
+    ($enum:ident, $v:expr) => {
+        match $v {
+            $enum::U8(_) => 0,
+            $enum::I8(_) => 1,
+            $enum::U16(_) => 2,
+            $enum::I16(_) => 3,
+            $enum::U32(_) => 4,
+            $enum::I32(_) => 5,
+            $enum::F32(_) => 6,
+            $enum::Bool(_) => 7,
+            $enum::String(_) => 8,
+            $enum::Array(_) => 9,
+            $enum::U64(_) => 10,
+            $enum::I64(_) => 11,
+            $enum::F64(_) => 12,
+        }
+    };
+}
+
 /// One metadata value, in any of GGUF's value types.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GgufValue {
@@ -196,21 +218,7 @@ impl GgufArray {
 
     /// GGUF's number for the element type.
     pub fn elem_type_id(&self) -> u32 {
-        match self {
-            GgufArray::U8(_) => 0,
-            GgufArray::I8(_) => 1,
-            GgufArray::U16(_) => 2,
-            GgufArray::I16(_) => 3,
-            GgufArray::U32(_) => 4,
-            GgufArray::I32(_) => 5,
-            GgufArray::F32(_) => 6,
-            GgufArray::Bool(_) => 7,
-            GgufArray::String(_) => 8,
-            GgufArray::Array(_) => 9,
-            GgufArray::U64(_) => 10,
-            GgufArray::I64(_) => 11,
-            GgufArray::F64(_) => 12,
-        }
+        type_id!(GgufArray, self)
     }
 
     /// GGUF's name for the element type (`u32`, `string`, ...).
@@ -281,21 +289,7 @@ impl GgufValue {
 
     /// GGUF's number for this value's type.
     pub fn type_id(&self) -> u32 {
-        match self {
-            GgufValue::U8(_) => 0,
-            GgufValue::I8(_) => 1,
-            GgufValue::U16(_) => 2,
-            GgufValue::I16(_) => 3,
-            GgufValue::U32(_) => 4,
-            GgufValue::I32(_) => 5,
-            GgufValue::F32(_) => 6,
-            GgufValue::Bool(_) => 7,
-            GgufValue::String(_) => 8,
-            GgufValue::Array(_) => 9,
-            GgufValue::U64(_) => 10,
-            GgufValue::I64(_) => 11,
-            GgufValue::F64(_) => 12,
-        }
+        type_id!(GgufValue, self)
     }
 
     /// GGUF's name for this value's type (`u32`, `string`, `array`, ...).

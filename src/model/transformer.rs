@@ -967,7 +967,6 @@ where
     }
 }
 
-/// Sets a scratch buffer to exactly `n` values (keeps its capacity when shrinking).
 /// `x += h`, value by value.
 fn add_rows(x: &mut [f32], h: &[f32]) {
     for (x, o) in x.iter_mut().zip(h) {
@@ -975,6 +974,7 @@ fn add_rows(x: &mut [f32], h: &[f32]) {
     }
 }
 
+/// Sets a scratch buffer to exactly `n` values (keeps its capacity when shrinking).
 fn resize(v: &mut Vec<f32>, n: usize) {
     v.resize(n, 0.0);
 }
@@ -1039,15 +1039,21 @@ mod tests {
     use crate::kv::arena::BlockTable;
     use crate::model::gguf_writer::{TinyLlamaSpec, tiny_llama_f32};
 
+    /// The default tiny llama (f32 weights) loaded with `threads` threads, once per count.
+    fn tiny(name: &str, threads: &[usize]) -> Vec<Transformer> {
+        let path = std::env::temp_dir().join(format!("starling-{name}-unit-{}.gguf", std::process::id()));
+        std::fs::write(&path, tiny_llama_f32(&TinyLlamaSpec::default())).unwrap();
+        let models: Vec<_> = threads.iter().map(|&t| Transformer::load(&path, t)).collect();
+        std::fs::remove_file(&path).unwrap();
+        models.into_iter().map(Result::unwrap).collect()
+    }
+
     /// A prompt long enough for its row-wise steps to run in runs over the pool gives every
     /// row the logits it gets on one thread, and decoded one row per call.
     #[test]
     fn rows_in_runs_over_the_pool_give_the_bits_of_one_thread() {
-        let path = std::env::temp_dir().join(format!("starling-row-runs-unit-{}.gguf", std::process::id()));
-        std::fs::write(&path, tiny_llama_f32(&TinyLlamaSpec::default())).unwrap();
-        let models = [Transformer::load(&path, 2), Transformer::load(&path, 1)];
-        std::fs::remove_file(&path).unwrap();
-        let [pooled, single] = models.map(Result::unwrap);
+        let mut models = tiny("row-runs", &[2, 1]);
+        let (pooled, single) = (models.remove(0), models.remove(0));
         let n = PAR_ROWS + 9;
         let tokens: Vec<TokenId> = (0..n as TokenId).map(|i| (i * 11) % 200).collect();
         let logits = |model: &Transformer, step: usize| {
@@ -1080,11 +1086,7 @@ mod tests {
     /// way.
     #[test]
     fn scratch_is_kept_after_decode_sized_calls_and_dropped_after_prompts() {
-        let path = std::env::temp_dir().join(format!("starling-scratch-unit-{}.gguf", std::process::id()));
-        std::fs::write(&path, tiny_llama_f32(&TinyLlamaSpec::default())).unwrap();
-        let model = Transformer::load(&path, 2);
-        std::fs::remove_file(&path).unwrap();
-        let model = model.unwrap();
+        let model = tiny("scratch", &[2]).remove(0);
         let layout = model.kv_layout(16);
         let mut arena = KvArena::new(layout, (layout.block_bytes() * 32) as u64).unwrap();
         let mut run = |n: usize| {

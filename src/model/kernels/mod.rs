@@ -161,16 +161,22 @@ const SERIAL_BYTES: usize = 32 * 1024;
 /// Most x rows per kernel call (each weight block is decoded once for this many rows): 16
 /// for the 16-lane (AVX-512) tile kernels, 8 for the 8-lane ones, and for the float types
 /// [`DENSE_X_TILE`] on AVX-512 (four elsewhere). Against 8, 16 rows a call made one-thread
-/// 1,536-row matmuls of 16 to 128 x rows 8–19% faster on both AVX-512 sets (Q4_0, Q5_0,
-/// Q4_K, Q6_K, Q8_0) and one x row about 3% slower (docs/perf-log.md). The 8-lane sets keep
-/// 8: `avx-vnni` was within 3% either way at 128 rows, and their 16 registers cannot hold 16
-/// accumulators.
+/// 1,536-row matmuls of 16 to 128 x rows 8–22% faster on both AVX-512 sets (Q4_0, Q5_0,
+/// Q4_K, Q6_K, Q8_0), one and eight x rows unchanged (docs/perf-log.md). The 8-lane sets
+/// keep 8: `avx-vnni` was within 3% either way at 128 rows, and their 16 registers cannot
+/// hold 16 accumulators.
 const X_TILE: usize = 16;
 /// [`X_TILE`] for the float kernels on AVX-512: their x tile stays in L1 (16 rows measured
 /// 3–5% slower on F16).
 const DENSE_X_TILE: usize = 8;
 /// L1 bytes a pass over a group of weight rows may fill: the x tile plus the group.
 const ROW_GROUP_BYTES: usize = 28 * 1024;
+
+/// Whether a pooled matmul of `n` x rows gives each of `threads` threads its own x rows (a
+/// prompt) rather than its own weight rows.
+fn splits_by_x_rows(n: usize, threads: usize) -> bool {
+    n >= 8 * threads
+}
 
 /// Index of the largest value of `row`: the first on ties, NaN never chosen, 0 when no value
 /// is above −∞. Compiled for AVX-512 where the CPU has it; it only compares, so every CPU
@@ -310,7 +316,7 @@ impl Kernels {
                 let threads = pool.map_or(1, |p| p.current_num_threads());
                 match pool {
                     // SAFETY: `available()` builds `Avx512Vnni` only after detecting avx512f.
-                    Some(pool) if threads > 1 && x.len() / w.cols >= 8 * threads => {
+                    Some(pool) if threads > 1 && splits_by_x_rows(x.len() / w.cols, threads) => {
                         pool.install(|| unsafe { acts.quantize_par(x, w.cols, avx512, threads) })
                     }
                     #[cfg(target_arch = "x86_64")]
@@ -464,7 +470,7 @@ impl Kernels {
     /// One matmul's work on the pool once `x` is prepared (lengths checked).
     fn split(&self, w: &QMatrix, x: Acts, n: usize, y: &mut [f32], out: &mut Vec<f32>, pool: &rayon::ThreadPool) {
         let threads = pool.current_num_threads().max(1);
-        if n >= 8 * threads {
+        if splits_by_x_rows(n, threads) {
             self.split_x_rows(w, x, n, y, threads, pool);
         } else if n == 1 {
             self.split_w_rows(w, x, n, y, threads, pool);
@@ -532,10 +538,10 @@ impl Kernels {
         });
     }
 
-    /// X rows per kernel call for `w`: eight for the tile kernels (every block format on a
-    /// SIMD set; eight f32 rows measured 40% faster than four on both f32 sets, 1,024-wide
-    /// rows, one thread); for float weights, eight f32 rows on AVX-512 while they take at
-    /// most 20 KB, else four.
+    /// X rows per kernel call for `w`: [`X_TILE`] for the 16-lane tile kernels and eight for
+    /// the 8-lane ones (every block format on a SIMD set; eight f32 rows measured 40% faster
+    /// than four on both f32 sets, 1,024-wide rows, one thread); for float weights,
+    /// [`DENSE_X_TILE`] f32 rows on AVX-512 while they take at most 20 KB, else four.
     fn x_tile(&self, w: &QMatrix) -> usize {
         match self.isa {
             _ if self.row_tile(w.ggml_type) >= 16 => X_TILE,
