@@ -810,3 +810,34 @@ fn gelu_tanh_matches_the_formula_and_every_set_gives_the_same_bits() {
         }
     }
 }
+
+/// SiLU times `up` on every kernel set: within 2e-6 (relative) of the formula in f64, and
+/// the same bits on every set.
+#[test]
+fn silu_matches_the_formula_and_every_set_gives_the_same_bits() {
+    let mut rng = ChaCha8Rng::seed_from_u64(18);
+    let mut gate = values(&mut rng, 4099, 12.0);
+    gate.extend([0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 100.0, -100.0, 1e30, -1e30, f32::INFINITY, f32::NEG_INFINITY]);
+    let up = values(&mut rng, gate.len(), 2.0);
+    let exact = |x: f32, u: f32| {
+        let x = x as f64;
+        if x == f64::NEG_INFINITY {
+            return -0.0 * u;
+        }
+        (x / (1.0 + (-x).exp()) * u as f64) as f32
+    };
+    let mut first: Option<Vec<f32>> = None;
+    for k in Kernels::available() {
+        let mut got = gate.clone();
+        k.silu_mul(&mut got, &up);
+        for (i, a) in got.iter().enumerate() {
+            let b = exact(gate[i], up[i]);
+            let ok = if b.is_finite() { (a - b).abs() <= 2e-6 * b.abs().max(1e-3) } else { same_bits(*a, b) };
+            assert!(ok, "{} x={} up={}: {a} vs {b}", k.name(), gate[i], up[i]);
+        }
+        match &first {
+            None => first = Some(got),
+            Some(f) => assert!(f.iter().zip(&got).all(|(a, b)| same_bits(*a, *b)), "{} bits", k.name()),
+        }
+    }
+}

@@ -101,8 +101,3 @@ pub fn rope(style: RopeStyle, x: &mut [f32], cos: &[f32], sin: &[f32]) {
         }
     }
 }
-
-/// `x · sigmoid(x)`.
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}

@@ -25,7 +25,7 @@ use super::ggml_type::GgmlType;
 use super::gguf::{GgufError, GgufFile, TensorInfo};
 use super::kernels::attention::{AttnShape, CHUNK, ChunkScratch, Span, TileJob};
 use super::kernels::{Kernels, MatmulScratch, QMatrix};
-use super::ops::{AttnScratch, attend_row, rms_norm, rms_norm_in_place, rms_norm_rows, rope, rope_angles, silu};
+use super::ops::{AttnScratch, attend_row, rms_norm, rms_norm_in_place, rms_norm_rows, rope, rope_angles};
 use crate::kv::arena::{BlockId, KvArena, KvLayout};
 use crate::types::TokenId;
 
@@ -443,7 +443,7 @@ impl Transformer {
             self.attention_out(li, layer, batch, kv, s, Exec::Pool);
             self.ffn_block(layer, s, Exec::Pool);
         }
-        self.output_logits(batch, s, logits, Exec::Pool);
+        self.output_logits(batch, s, logits);
     }
 
     /// The batch split by sequence (`groups`): each pool thread runs its sequences through
@@ -481,28 +481,13 @@ impl Transformer {
                 }
             });
         }
-        self.pool.install(|| self.group_logits(batch, gs, groups, logits));
-    }
-
-    /// Each group's output logits into its own run of `logits`, the groups in parallel: the
-    /// slice is halved with the groups (one `join` per level), so nothing is allocated.
-    fn group_logits(&self, batch: &[SeqChunk], gs: &mut [Scratch], groups: &[Range<usize>], logits: &mut [f32]) {
-        debug_assert_eq!(gs.len(), groups.len(), "one scratch per group");
-        if groups.is_empty() {
-            return;
+        let wanted: usize = batch.iter().map(|c| c.logit_rows().len()).sum();
+        resize(&mut s.h, wanted * self.desc.n_embd);
+        let mut n = 0;
+        for (g, seqs) in gs.iter().zip(groups) {
+            n += self.final_rows(&batch[seqs.clone()], &g.x, &mut s.h[n * self.desc.n_embd..]);
         }
-        if let ([g], [seqs]) = (&mut *gs, groups) {
-            return self.output_logits(&batch[seqs.clone()], g, logits, Exec::Serial);
-        }
-        let mid = groups.len() / 2;
-        let rows: usize =
-            groups[..mid].iter().flat_map(|seqs| &batch[seqs.clone()]).map(|c| c.logit_rows().len()).sum();
-        let (out_a, out_b) = logits.split_at_mut(rows * self.desc.n_vocab);
-        let (gs_a, gs_b) = gs.split_at_mut(mid);
-        rayon::join(
-            || self.group_logits(batch, gs_a, &groups[..mid], out_a),
-            || self.group_logits(batch, gs_b, &groups[mid..], out_b),
-        );
+        self.head(&s.h[..n * self.desc.n_embd], n, logits, &mut s.matmul);
     }
 
     /// Runs `f` on every group's scratch and sequence range, one pool task per group.
@@ -761,9 +746,7 @@ impl Transformer {
         resize(&mut s.up, t * ff);
         self.matmuls([&layer.w_gate, &layer.w_up], &s.h, t, [&mut s.gate, &mut s.up], &mut s.matmul, ex);
         match self.desc.activation {
-            Activation::Silu => self.row_runs(ex, t, &mut s.gate, &s.up, |gate, up| {
-                gate.iter_mut().zip(up).for_each(|(g, u)| *g = silu(*g) * u)
-            }),
+            Activation::Silu => self.row_runs(ex, t, &mut s.gate, &s.up, |gate, up| self.kernels.silu_mul(gate, up)),
             Activation::GeluTanh => {
                 self.row_runs(ex, t, &mut s.gate, &s.up, |gate, up| self.kernels.gelu_tanh_mul(gate, up))
             }
@@ -777,26 +760,39 @@ impl Transformer {
 
     /// Final norm and output head for the rows of `batch` (the sequences whose rows `s`
     /// holds) that want logits, in batch order, into `out`.
-    fn output_logits(&self, batch: &[SeqChunk], s: &mut Scratch, out: &mut [f32], ex: Exec) {
+    fn output_logits(&self, batch: &[SeqChunk], s: &mut Scratch, out: &mut [f32]) {
+        let n = self.final_rows(batch, &s.x, &mut s.h);
+        self.head(&s.h[..n * self.desc.n_embd], n, out, &mut s.matmul);
+    }
+
+    /// The output norm of each row of `x` that `batch` wants logits for, into the rows of
+    /// `h` in order; returns how many.
+    fn final_rows(&self, batch: &[SeqChunk], x: &[f32], h: &mut [f32]) -> usize {
         let d = self.desc.n_embd;
         let (mut n, mut r) = (0, 0);
         for c in batch {
             for i in c.logit_rows() {
-                let row = &s.x[(r + i) * d..(r + i + 1) * d];
-                rms_norm(row, &self.output_norm, self.desc.rms_eps, &mut s.h[n * d..(n + 1) * d]);
+                let row = &x[(r + i) * d..(r + i + 1) * d];
+                rms_norm(row, &self.output_norm, self.desc.rms_eps, &mut h[n * d..(n + 1) * d]);
                 n += 1;
             }
             r += c.tokens.len();
         }
-        if n > 0 {
-            let h = std::mem::take(&mut s.h);
-            self.matmul(&self.output, &h[..n * d], n, out, &mut s.matmul, ex);
-            s.h = h;
-            let out = &mut out[..n * self.desc.n_vocab];
-            add_bias(out, self.output_bias.as_deref());
-            if let Some(cap) = self.desc.logit_softcap {
-                out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
-            }
+        n
+    }
+
+    /// Logits of the `n` normed rows `h` into `out`, over the pool: one pass over the output
+    /// matrix for every row of the step, also when the layers ran split by sequence (there
+    /// each group's own pass streamed the whole matrix again, and Gemma 3's is 178 MB).
+    fn head(&self, h: &[f32], n: usize, out: &mut [f32], scratch: &mut MatmulScratch) {
+        if n == 0 {
+            return;
+        }
+        self.matmul(&self.output, h, n, out, scratch, Exec::Pool);
+        let out = &mut out[..n * self.desc.n_vocab];
+        add_bias(out, self.output_bias.as_deref());
+        if let Some(cap) = self.desc.logit_softcap {
+            out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
         }
     }
 

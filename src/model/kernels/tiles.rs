@@ -177,7 +177,9 @@ fn dequantize4<V: Lanes, F: Format>(unit: &Unit<V>, k: usize, u: usize) -> [V::F
 }
 
 /// `W[r] · x` for each of the `count` rows of `row_bytes` in `rows` (format `F`) and each x
-/// row in `xs` (at most [`MAX_X`]), handed to `emit` with the row's index.
+/// row in `xs` (at most [`MAX_X`]), a tile at a time: `emit(r0, live, out)` with `out[i][j]`
+/// the result of row `r0 + j` (`j < live`) and x row `i`, so that each x row's results of a
+/// tile are one contiguous run.
 ///
 /// # Panics
 /// If `rows` is shorter than `count` rows, a row is not whole blocks, there are more than
@@ -190,7 +192,7 @@ pub(crate) fn tiles<V: Lanes, D: Dot<V>, F: Format>(
     row_bytes: usize,
     count: usize,
     xs: &[D::Row<'_>],
-    emit: impl FnMut(usize, &[f32]),
+    emit: impl FnMut(usize, usize, &[[f32; 16]]),
 ) {
     // Accumulators for up to 8 rows, or for 16: one x row (decode) measured 7% slower with
     // room for 16.
@@ -210,7 +212,7 @@ fn tiles_n<V: Lanes, D: Dot<V>, F: Format, const N: usize>(
     row_bytes: usize,
     count: usize,
     xs: &[D::Row<'_>],
-    mut emit: impl FnMut(usize, &[f32]),
+    mut emit: impl FnMut(usize, usize, &[[f32; 16]]),
 ) {
     let blocks = row_bytes / F::BYTES;
     assert_eq!(blocks * F::BYTES, row_bytes, "a row of {row_bytes} bytes is not whole {} blocks", F::TYPE);
@@ -263,13 +265,7 @@ fn tiles_n<V: Lanes, D: Dot<V>, F: Format, const N: usize>(
         for (o, a) in out.iter_mut().zip(&acc).take(xs.len()) {
             a.store(o);
         }
-        let mut vals = [0.0f32; N];
-        for lane in 0..live {
-            for (v, o) in vals.iter_mut().zip(&out) {
-                *v = o[lane];
-            }
-            emit(t0 + lane, &vals[..xs.len()]);
-        }
+        emit(t0, live, &out[..xs.len()]);
     }
 }
 
@@ -348,7 +344,7 @@ pub(crate) fn avx512_vnni<F: Format>(
     row_bytes: usize,
     count: usize,
     xs: &[QRow],
-    emit: impl FnMut(usize, &[f32]),
+    emit: impl FnMut(usize, usize, &[[f32; 16]]),
 ) {
     tiles::<Z, _, F>(isa, IntDot(vnni), rows, row_bytes, count, xs, emit);
 }
@@ -365,7 +361,7 @@ pub(crate) fn avx_vnni<F: Format, D: Dpbusd<Y>>(
     row_bytes: usize,
     count: usize,
     xs: &[QRow],
-    emit: impl FnMut(usize, &[f32]),
+    emit: impl FnMut(usize, usize, &[[f32; 16]]),
 ) {
     tiles::<Y, _, F>(isa, IntDot(vnni), rows, row_bytes, count, xs, emit);
 }
@@ -381,7 +377,7 @@ pub(crate) fn avx512_f32<F: Format>(
     row_bytes: usize,
     count: usize,
     xs: &[&[f32]],
-    emit: impl FnMut(usize, &[f32]),
+    emit: impl FnMut(usize, usize, &[[f32; 16]]),
 ) {
     tiles::<Z, _, F>(isa, F32Dot, rows, row_bytes, count, xs, emit);
 }
@@ -397,7 +393,7 @@ pub(crate) fn avx2_f32<F: Format>(
     row_bytes: usize,
     count: usize,
     xs: &[&[f32]],
-    emit: impl FnMut(usize, &[f32]),
+    emit: impl FnMut(usize, usize, &[[f32; 16]]),
 ) {
     tiles::<Y, _, F>(isa, F32Dot, rows, row_bytes, count, xs, emit);
 }
