@@ -781,26 +781,25 @@ fn requantized_smollm2_logprob_gap_per_type() {
     let _ = std::fs::remove_file(&path);
 }
 
-/// Gemma's FFN activation runs vectorised with the polynomial `exp`: within 2e-6 (relative,
-/// or absolute below 1e-3) of the formula in f64 over ±12 and at the extremes, and the same
-/// bits on every kernel set, so a model's logits do not depend on the CPU's vector width.
-#[test]
-fn gelu_tanh_matches_the_formula_and_every_set_gives_the_same_bits() {
-    let mut rng = ChaCha8Rng::seed_from_u64(17);
+/// `apply` (a gated FFN activation, `gate ← act(gate) · up`) on every kernel set, over ±12
+/// and the `extremes`: within 2e-6 (relative, or absolute below 1e-3) of `exact` in f64,
+/// and the same bits on every set, so a model's logits do not depend on the vector width.
+fn check_activation(
+    seed: u64,
+    extremes: &[f32],
+    exact: impl Fn(f64) -> f64,
+    apply: impl Fn(&Kernels, &mut [f32], &[f32]),
+) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut gate = values(&mut rng, 4099, 12.0);
-    gate.extend([0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 1e30, -1e30, f32::INFINITY, f32::NEG_INFINITY]);
+    gate.extend(extremes);
     let up = values(&mut rng, gate.len(), 2.0);
-    let exact = |x: f32, u: f32| {
-        let x = x as f64;
-        let y = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
-        (0.5 * x * (1.0 + y.tanh()) * u as f64) as f32
-    };
     let mut first: Option<Vec<f32>> = None;
     for k in Kernels::available() {
         let mut got = gate.clone();
-        k.gelu_tanh_mul(&mut got, &up);
+        apply(&k, &mut got, &up);
         for (i, a) in got.iter().enumerate() {
-            let b = exact(gate[i], up[i]);
+            let b = (exact(gate[i] as f64) * up[i] as f64) as f32;
             let ok = if b.is_finite() { (a - b).abs() <= 2e-6 * b.abs().max(1e-3) } else { same_bits(*a, b) };
             assert!(ok, "{} x={} up={}: {a} vs {b}", k.name(), gate[i], up[i]);
         }
@@ -811,33 +810,22 @@ fn gelu_tanh_matches_the_formula_and_every_set_gives_the_same_bits() {
     }
 }
 
-/// SiLU times `up` on every kernel set: within 2e-6 (relative) of the formula in f64, and
-/// the same bits on every set.
+/// Gemma's FFN activation runs vectorised with the polynomial `exp` ([`check_activation`]).
+#[test]
+fn gelu_tanh_matches_the_formula_and_every_set_gives_the_same_bits() {
+    let extremes = [0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 1e30, -1e30, f32::INFINITY, f32::NEG_INFINITY];
+    let exact = |x: f64| {
+        let y = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+        0.5 * x * (1.0 + y.tanh())
+    };
+    check_activation(17, &extremes, exact, |k, gate, up| k.gelu_tanh_mul(gate, up));
+}
+
+/// SwiGLU's SiLU, likewise ([`check_activation`]); −∞ gives the limit, −0.
 #[test]
 fn silu_matches_the_formula_and_every_set_gives_the_same_bits() {
-    let mut rng = ChaCha8Rng::seed_from_u64(18);
-    let mut gate = values(&mut rng, 4099, 12.0);
-    gate.extend([0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 100.0, -100.0, 1e30, -1e30, f32::INFINITY, f32::NEG_INFINITY]);
-    let up = values(&mut rng, gate.len(), 2.0);
-    let exact = |x: f32, u: f32| {
-        let x = x as f64;
-        if x == f64::NEG_INFINITY {
-            return -0.0 * u;
-        }
-        (x / (1.0 + (-x).exp()) * u as f64) as f32
-    };
-    let mut first: Option<Vec<f32>> = None;
-    for k in Kernels::available() {
-        let mut got = gate.clone();
-        k.silu_mul(&mut got, &up);
-        for (i, a) in got.iter().enumerate() {
-            let b = exact(gate[i], up[i]);
-            let ok = if b.is_finite() { (a - b).abs() <= 2e-6 * b.abs().max(1e-3) } else { same_bits(*a, b) };
-            assert!(ok, "{} x={} up={}: {a} vs {b}", k.name(), gate[i], up[i]);
-        }
-        match &first {
-            None => first = Some(got),
-            Some(f) => assert!(f.iter().zip(&got).all(|(a, b)| same_bits(*a, *b)), "{} bits", k.name()),
-        }
-    }
+    let extremes =
+        [0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 100.0, -100.0, 1e30, -1e30, f32::INFINITY, f32::NEG_INFINITY];
+    let exact = |x: f64| if x == f64::NEG_INFINITY { -0.0 } else { x / (1.0 + (-x).exp()) };
+    check_activation(18, &extremes, exact, |k, gate, up| k.silu_mul(gate, up));
 }
