@@ -481,8 +481,8 @@ impl Transformer {
                 }
             });
         }
-        let wanted: usize = batch.iter().map(|c| c.logit_rows().len()).sum();
-        resize(&mut s.h, wanted * self.desc.n_embd);
+        // `run` sized `logits` for every wanted row.
+        resize(&mut s.h, logits.len() / self.desc.n_vocab * self.desc.n_embd);
         let mut n = 0;
         for (g, seqs) in gs.iter().zip(groups) {
             n += self.final_rows(&batch[seqs.clone()], &g.x, &mut s.h[n * self.desc.n_embd..]);
